@@ -1,0 +1,15 @@
+"""Data formats and loaders: passages, QA sets, DPR training JSON, BEIR, and the embedded benchmark."""
+
+from .beir import BeirDataset, load_beir
+from .fetch import EmbeddedData, FetchError, default_cache_dir, fetch_embedded
+from .passages import Corpus, Passage, iter_passages_jsonl, iter_passages_tsv, load_corpus, split_article, split_articles, write_passages_tsv
+from .qa import QA, QASet, load_qa, write_qa_tsv
+from .summaries import load_wiki_summaries
+from .training import TrainRecord, iter_train_records, write_train_records
+
+__all__ = [
+    "QA", "BeirDataset", "Corpus", "EmbeddedData", "FetchError", "Passage", "QASet", "TrainRecord",
+    "default_cache_dir", "fetch_embedded", "iter_passages_jsonl", "iter_passages_tsv", "iter_train_records",
+    "load_beir", "load_corpus", "load_qa", "load_wiki_summaries", "split_article", "split_articles",
+    "write_passages_tsv", "write_qa_tsv", "write_train_records",
+]  # fmt: skip

@@ -1,0 +1,77 @@
+"""BEIR datasets: ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` in one directory.
+
+* ``corpus.jsonl``: ``{"_id", "title", "text"}`` per line.
+* ``queries.jsonl``: ``{"_id", "text"}`` per line.
+* ``qrels/<split>.tsv``: header ``query-id<TAB>corpus-id<TAB>score``, then one judgement per line.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from .passages import Corpus, iter_jsonl, iter_passages_jsonl
+
+
+@dataclass
+class BeirDataset:
+    """A BEIR split: the corpus, the judged queries (id -> text) and graded qrels."""
+
+    corpus: Corpus
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def read_queries_jsonl(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{"_id", "text"}`` lines to ``{query_id: text}``."""
+    out: dict[str, str] = {}
+    for lineno, obj in iter_jsonl(path):
+        qid, text = obj.get("_id", obj.get("id")), obj.get("text")
+        if qid is None:
+            raise InputError(path, "missing query id", line=lineno, field="_id")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(path, "missing or empty query text", line=lineno, field="text")
+        out[str(qid)] = text
+    return out
+
+
+def read_qrels_tsv(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
+    """BEIR qrels (``query-id, corpus-id, score``, header optional) to ``{qid: {docid: grade}}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "is not a file")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        for row in reader:
+            if not row or row == [""]:
+                continue
+            if reader.line_num == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
+                continue
+            if len(row) != 3:
+                raise InputError(path, f"expected 3 columns (query-id, corpus-id, score), found {len(row)}", line=reader.line_num)
+            try:
+                grade = int(float(row[2]))
+            except ValueError:
+                raise InputError(path, f"score {row[2]!r} is not a number", line=reader.line_num, field="score") from None
+            qrels.setdefault(row[0], {})[row[1]] = grade
+    if not qrels:
+        raise InputError(path, "no judgements found (empty file?)")
+    return qrels
+
+
+def load_beir(directory: str | os.PathLike[str], split: str = "test") -> BeirDataset:
+    """Load a BEIR dataset directory; only queries with judgements in ``split`` are kept."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise InputError(d, "not a directory (expected a BEIR dataset with corpus.jsonl)")
+    corpus = Corpus.from_passages(iter_passages_jsonl(d / "corpus.jsonl"), d / "corpus.jsonl")
+    queries = read_queries_jsonl(d / "queries.jsonl")
+    qrels = read_qrels_tsv(d / "qrels" / f"{split}.tsv")
+    missing = sorted(set(qrels) - set(queries))
+    if missing:
+        raise InputError(d / "qrels" / f"{split}.tsv", f"query ids {missing[:5]} not in queries.jsonl", field="query-id")
+    return BeirDataset(corpus, {q: queries[q] for q in qrels}, qrels)

@@ -1,0 +1,151 @@
+"""DPR's retriever training JSON (``biencoder-nq-train.json`` and what ``densepr data build-train`` writes).
+
+The file is one JSON array of records::
+
+    {"dataset": "...", "question": "...", "answers": ["..."],
+     "positive_ctxs":      [{"title": "...", "text": "...", "passage_id": "...", "score": ...}],
+     "negative_ctxs":      [...],   # random passages
+     "hard_negative_ctxs": [...]}   # BM25 passages without an answer
+
+The official files are several GB, so records are streamed with ijson (C backend) and
+never held all at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ijson
+
+from ..errors import InputError
+from ..fileio import atomic_write
+from .passages import Passage
+
+RECORD_FIELDS = {"dataset", "question", "answers", "positive_ctxs", "negative_ctxs", "hard_negative_ctxs", "id", "qid"}
+CTX_FIELDS = {"title", "text", "passage_id", "id", "psg_id", "score", "title_score", "has_answer"}
+CTX_LISTS = ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs")
+
+
+@dataclass
+class TrainRecord:
+    """One training question with its positive, random-negative and hard-negative passages."""
+
+    question: str
+    answers: list[str]
+    positive_ctxs: list[Passage]
+    negative_ctxs: list[Passage] = field(default_factory=list)
+    hard_negative_ctxs: list[Passage] = field(default_factory=list)
+    dataset: str = ""
+
+    def to_json(self) -> dict:
+        def ctx(p: Passage) -> dict:
+            return {"title": p.title, "text": p.text, "passage_id": p.id}
+
+        return {
+            "dataset": self.dataset,
+            "question": self.question,
+            "answers": self.answers,
+            **{name: [ctx(p) for p in getattr(self, name)] for name in CTX_LISTS},
+        }
+
+
+def _ctx(obj: object, path: Path, rec: int, where: str) -> Passage:
+    if not isinstance(obj, dict):
+        raise InputError(path, f"{where}: expected an object, found {type(obj).__name__}", line=rec, unit="record")
+    unknown = set(obj) - CTX_FIELDS
+    if unknown:
+        raise InputError(path, f"{where}: unknown field(s) {sorted(unknown)}", line=rec, unit="record")
+    text, title = obj.get("text"), obj.get("title", "")
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(path, f"{where}: missing or empty 'text'", line=rec, unit="record", field="text")
+    if not isinstance(title, str):
+        raise InputError(path, f"{where}: 'title' must be a string", line=rec, unit="record", field="title")
+    pid = obj.get("passage_id", obj.get("id", obj.get("psg_id", "")))
+    return Passage(str(pid), title, text)
+
+
+def parse_record(obj: object, path: Path, rec: int) -> TrainRecord:
+    """Validate one raw record; raises :class:`InputError` naming the record number and field."""
+    if not isinstance(obj, dict):
+        raise InputError(path, f"expected an object, found {type(obj).__name__}", line=rec, unit="record")
+    unknown = set(obj) - RECORD_FIELDS
+    if unknown:
+        raise InputError(path, f"unknown field(s) {sorted(unknown)}", line=rec, unit="record")
+    q = obj.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise InputError(path, "missing or empty question", line=rec, unit="record", field="question")
+    answers = obj.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise InputError(path, "answers must be a list of strings", line=rec, unit="record", field="answers")
+    lists = {}
+    for name in CTX_LISTS:
+        value = obj.get(name, [])
+        if not isinstance(value, list):
+            raise InputError(path, f"expected a list, found {type(value).__name__}", line=rec, unit="record", field=name)
+        lists[name] = [_ctx(c, path, rec, f"{name}[{i}]") for i, c in enumerate(value)]
+    if not lists["positive_ctxs"]:
+        raise InputError(path, "no positive passage", line=rec, unit="record", field="positive_ctxs")
+    return TrainRecord(q, list(answers), dataset=str(obj.get("dataset", "")), **lists)
+
+
+def iter_train_records(
+    path: str | os.PathLike[str], skip_bad: bool = False, stats: dict | None = None
+) -> Iterator[TrainRecord]:
+    """Stream and validate the records of a DPR retriever JSON file.
+
+    Args:
+        path: the JSON array file.
+        skip_bad: skip (and count) invalid records instead of raising on the first one.
+        stats: if given, filled with ``{"read": n, "skipped": m}`` as the stream advances.
+
+    Raises:
+        InputError: a malformed file, or an invalid record when ``skip_bad`` is false.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "is not a file")
+    stats = stats if stats is not None else {}
+    stats.update(read=0, skipped=0)
+    rec = 0
+    with open(path, "rb") as fh:
+        bom = fh.read(3) == b"\xef\xbb\xbf"
+        fh.seek(3 if bom else 0)
+        head = fh.read(64).lstrip()
+        if not head:
+            raise InputError(path, "empty file, expected a JSON array of records")
+        if not head.startswith(b"["):
+            raise InputError(path, "expected a JSON array of records (first character '[')")
+        fh.seek(3 if bom else 0)
+        try:
+            for obj in ijson.items(fh, "item", use_float=True):
+                rec += 1
+                try:
+                    record = parse_record(obj, path, rec)
+                except InputError:
+                    if not skip_bad:
+                        raise
+                    stats["skipped"] += 1
+                    continue
+                stats["read"] += 1
+                yield record
+        except ijson.JSONError as e:
+            raise InputError(path, f"invalid JSON after record {rec}: {str(e).splitlines()[0]}", line=rec + 1, unit="record") from None
+        except UnicodeDecodeError as e:
+            raise InputError(path, f"not UTF-8 text ({e.reason})", line=rec + 1, unit="record") from None
+
+
+def write_train_records(records: Iterable[TrainRecord], path: str | os.PathLike[str]) -> int:
+    """Write records as a DPR retriever JSON array, streaming and atomically. Returns the count."""
+    n = 0
+    with atomic_write(path) as fh:
+        fh.write("[")
+        for r in records:
+            fh.write(",\n" if n else "\n")
+            fh.write(json.dumps(r.to_json(), ensure_ascii=False))
+            n += 1
+        fh.write("\n]\n")
+    return n

@@ -1,0 +1,296 @@
+"""Loaders and writers of every format, on small files written here; bad input names file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from densepr.data import (
+    QA,
+    Corpus,
+    Passage,
+    QASet,
+    TrainRecord,
+    iter_passages_tsv,
+    iter_train_records,
+    load_beir,
+    load_corpus,
+    load_qa,
+    load_wiki_summaries,
+    split_article,
+    split_articles,
+    write_passages_tsv,
+    write_qa_tsv,
+    write_train_records,
+)
+from densepr.errors import InputError
+
+
+# --- DPR passages TSV -------------------------------------------------------------------------------
+def test_passages_tsv_round_trip_with_awkward_text(tmp_path):
+    awkward = [
+        Passage("1", "Aaron", 'Aaron ( or ; "Ahärôn") is a prophet'),
+        Passage("2", "Tabs\tand quotes", "a\ttab, a \"quote\" and a\nnewline"),
+        Passage("wiki:3", "", "no title"),
+    ]
+    path = tmp_path / "p.tsv"
+    assert write_passages_tsv(awkward, path) == 3
+    assert path.read_text(encoding="utf-8").startswith("id\ttext\ttitle\n")
+    assert list(iter_passages_tsv(path)) == awkward
+
+
+def test_passages_tsv_reads_dpr_file_as_published(tmp_path):
+    # psgs_w100.tsv: header, CSV-quoted text with doubled quotes; CRLF and a BOM are tolerated.
+    raw = 'id\ttext\ttitle\r\n1\t"Aaron Aaron ( or ; ""Ahärôn"") is a prophet"\tAaron\r\n2\tplain text\tSecond\r\n'
+    path = tmp_path / "psgs.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + raw.encode("utf-8"))
+    got = list(iter_passages_tsv(path))
+    assert got == [Passage("1", "Aaron", 'Aaron Aaron ( or ; "Ahärôn") is a prophet'), Passage("2", "Second", "plain text")]
+
+
+def test_passages_tsv_header_is_optional(tmp_path):
+    path = tmp_path / "p.tsv"
+    path.write_text("7\tsome text\tA title\n", encoding="utf-8")
+    assert list(iter_passages_tsv(path)) == [Passage("7", "A title", "some text")]
+
+
+@pytest.mark.parametrize(
+    "body, line, needle",
+    [
+        ("id\ttext\ttitle\n1\tok\tT\n2\tmissing title\n", 3, "expected 3 tab-separated columns"),
+        ("id\ttext\ttitle\n\tno id\tT\n", 2, "field 'id'"),
+        ("1\tok\tT\n2\ta\tb\tc\n", 2, "found 4"),
+    ],
+)
+def test_passages_tsv_malformed_line_is_located(tmp_path, body, line, needle):
+    path = tmp_path / "bad.tsv"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        list(iter_passages_tsv(path))
+    assert f"bad.tsv, line {line}" in str(e.value) and needle in str(e.value)
+
+
+def test_passages_tsv_not_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes("1\tcaf\xe9\tT\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        list(iter_passages_tsv(path))
+    with pytest.raises(InputError, match="file not found"):
+        list(iter_passages_tsv(tmp_path / "nope.tsv"))
+    with pytest.raises(InputError, match="is a directory"):
+        list(iter_passages_tsv(tmp_path))
+
+
+def test_duplicate_passage_ids_are_refused(tmp_path):
+    path = tmp_path / "dup.tsv"
+    path.write_text("1\ta\tA\n2\tb\tB\n1\tc\tC\n", encoding="utf-8")
+    with pytest.raises(InputError, match="duplicate passage id '1'"):
+        load_corpus(path)
+
+
+def test_jsonl_passages_and_corpus_rows(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"_id": "d1", "title": "T1", "text": "one"}\n\n{"id": 2, "text": "two"}\n', encoding="utf-8")
+    corpus = load_corpus(path)
+    assert corpus.ids == ["d1", "2"] and corpus.titles == ["T1", ""] and corpus.row("2") == 1
+    path.write_text('{"id": "x", "text": 5}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"line 1: field 'text'"):
+        load_corpus(path)
+    path.write_text('{"id": "x", "text": "a"}\n{"id": "y", "text": "b"\n', encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: invalid JSON"):
+        load_corpus(path)
+
+
+def test_corpus_fingerprint_tracks_ids():
+    a = Corpus.from_passages([Passage("1", "t", "x"), Passage("2", "t", "y")])
+    b = Corpus.from_passages([Passage("1", "t", "changed text"), Passage("2", "t", "y")])
+    c = Corpus.from_passages([Passage("2", "t", "y"), Passage("1", "t", "x")])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+# --- the 100-word splitter --------------------------------------------------------------------------
+def test_split_article_into_disjoint_100_word_passages():
+    words = [f"w{i}" for i in range(250)]
+    parts = split_article("Title", " ".join(words))
+    assert [len(p.split()) for _, p in parts] == [100, 100, 50]
+    assert all(t == "Title" for t, _ in parts)
+    assert " ".join(p for _, p in parts).split() == words
+    assert split_article("Empty", "   ") == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=5), st.text(max_size=300)), max_size=5), st.integers(1, 20))
+def test_splitter_never_drops_or_repeats_words(articles, n):
+    passages = list(split_articles(articles, n, first_id=1))
+    assert [p.id for p in passages] == [str(i) for i in range(1, len(passages) + 1)]
+    assert all(1 <= len(p.text.split()) <= n for p in passages)
+    assert [w for p in passages for w in p.text.split()] == [w for _, t in articles for w in t.split()]
+
+
+# --- QA sets ----------------------------------------------------------------------------------------
+def test_qa_tsv_python_and_json_lists_and_csv_quoting(tmp_path):
+    path = tmp_path / "trivia-test.qa.csv"
+    lines = [
+        "who sings does he love me with reba\t['Linda Davis']",
+        "how many\t[\"581 ( second edition )\", \"581\"]",
+        '"""Who was the target of the failed """"Bomb Plot"""" of 1944?"""\t"[\'Hitler\', ""Hitler\'s health""]"',
+    ]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    qas = load_qa(path)
+    assert qas.match == "string" and len(qas) == 3
+    assert qas.items[0] == QA("who sings does he love me with reba", ("Linda Davis",))
+    assert qas.items[1].answers == ("581 ( second edition )", "581")
+    # DPR reads these with csv.reader once, so the inner quotes stay doubled-then-single as here.
+    assert qas.items[2].question == '"Who was the target of the failed ""Bomb Plot"" of 1944?"'
+    assert qas.items[2].answers == ("Hitler", "Hitler's health")
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("question only", "found one column"),
+        ("q\tnot a list", "cannot parse"),
+        ("q\t[]", "non-empty list"),
+        ("q\t['ok', 3]", "is not a string"),
+        ("q\t{'a': 1}", "found dict"),
+        ("\t['a']", "empty question"),
+    ],
+)
+def test_qa_tsv_bad_lines(tmp_path, line, needle):
+    path = tmp_path / "qa.tsv"
+    path.write_text(f"fine question\t['fine']\n{line}\n", encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        load_qa(path)
+    assert "qa.tsv, line 2" in str(e.value) and needle in str(e.value)
+
+
+def test_qa_jsonl_and_curated_regex(tmp_path):
+    path = tmp_path / "topics.dpr.curated.test.txt"
+    path.write_text('{"question": "How tall is Mount McKinley?", "answer": ["20,?310\\\\s*feet|6,194 m"]}\n', encoding="utf-8")
+    qas = load_qa(path)
+    assert qas.match == "regex" and qas.items[0].answers == ("20,?310\\s*feet|6,194 m",)
+    path.write_text('{"question": "q", "answers": ["a"]}\n{"question": "q2"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: field 'answer'"):
+        load_qa(path)
+
+
+def test_qa_limit_empty_and_round_trip(tmp_path, qa_tsv):
+    assert len(load_qa(qa_tsv, limit=2)) == 2
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no questions"):
+        load_qa(empty)
+    qas = load_qa(qa_tsv)
+    write_qa_tsv(qas, tmp_path / "copy.tsv")
+    assert load_qa(tmp_path / "copy.tsv").items == qas.items
+
+
+# --- DPR retriever training JSON --------------------------------------------------------------------
+def _record(i: int) -> TrainRecord:
+    return TrainRecord(
+        question=f"question {i}?",
+        answers=[f"answer {i}"],
+        positive_ctxs=[Passage(str(i), f"T{i}", f"text with answer {i}")],
+        negative_ctxs=[Passage("r", "R", "random")],
+        hard_negative_ctxs=[Passage(f"h{i}", "H", "bm25 but wrong"), Passage(f"g{i}", "G", "also wrong")],
+        dataset="test",
+    )
+
+
+def test_train_json_round_trip_streams(tmp_path):
+    path = tmp_path / "train.json"
+    assert write_train_records((_record(i) for i in range(50)), path) == 50
+    back = list(iter_train_records(path))
+    assert back == [_record(i) for i in range(50)]
+
+
+def test_train_json_accepts_official_dpr_fields(tmp_path):
+    rec = {"dataset": "nq_train_psgs_w100", "question": "big question", "answers": ["x"],
+           "positive_ctxs": [{"title": "T", "text": "x here", "score": 1000, "title_score": 1, "passage_id": "11828866"}],
+           "negative_ctxs": [], "hard_negative_ctxs": [{"title": "H", "text": "no", "score": 13.2, "title_score": 0, "passage_id": "5"}]}  # fmt: skip
+    path = tmp_path / "biencoder-nq-train.json"
+    path.write_text(json.dumps([rec]), encoding="utf-8")
+    (r,) = iter_train_records(path)
+    assert r.positive_ctxs == [Passage("11828866", "T", "x here")] and r.hard_negative_ctxs[0].id == "5"
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"question": "q", "answers": ["a"], "positive_ctxs": []}, "field 'positive_ctxs': no positive passage"),
+        ({"question": "q", "answers": ["a"], "positive_ctxs": [{"title": "t", "text": ""}]}, "missing or empty 'text'"),
+        ({"question": "q", "answers": ["a"], "positive_ctxs": [{"text": "x"}], "extra": 1}, "unknown field(s) ['extra']"),
+        ({"question": "", "answers": ["a"], "positive_ctxs": [{"text": "x"}]}, "field 'question'"),
+        ({"question": "q", "answers": "a", "positive_ctxs": [{"text": "x"}]}, "field 'answers'"),
+    ],
+)
+def test_train_json_bad_records_name_the_record(tmp_path, bad, needle):
+    good = _record(0).to_json()
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([good, bad, good]), encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        list(iter_train_records(path))
+    assert "t.json, record 2" in str(e.value) and needle in str(e.value)
+    stats: dict = {}
+    assert len(list(iter_train_records(path, skip_bad=True, stats=stats))) == 2
+    assert stats == {"read": 2, "skipped": 1}
+
+
+def test_train_json_truncated_or_not_an_array(tmp_path):
+    path = tmp_path / "t.json"
+    text = json.dumps([_record(0).to_json(), _record(1).to_json()])
+    path.write_text(text[: len(text) - 40], encoding="utf-8")
+    with pytest.raises(InputError, match="record 2: invalid JSON"):
+        list(iter_train_records(path))
+    path.write_text('{"question": "q"}', encoding="utf-8")
+    with pytest.raises(InputError, match="expected a JSON array"):
+        list(iter_train_records(path))
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(InputError, match="empty file"):
+        list(iter_train_records(path))
+
+
+# --- BEIR ---------------------------------------------------------------------------------------------
+def test_beir_loader(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text(
+        '{"_id": "d1", "title": "A", "text": "alpha"}\n{"_id": "d2", "title": "B", "text": "beta"}\n', encoding="utf-8"
+    )
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "what is alpha"}\n{"_id": "q2", "text": "unjudged"}\n', encoding="utf-8")
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n", encoding="utf-8")
+    ds = load_beir(tmp_path)
+    assert len(ds.corpus) == 2 and ds.queries == {"q1": "what is alpha"} and ds.qrels == {"q1": {"d1": 1}}
+    (tmp_path / "qrels" / "test.tsv").write_text("q1\td1\tmany\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 1: field 'score'"):
+        load_beir(tmp_path)
+
+
+# --- the embedded Wikipedia summaries ---------------------------------------------------------------
+def test_wiki_summaries_become_sorted_flattened_passages(tmp_path):
+    path = tmp_path / "summaries.json"
+    data = {
+        "Zebra": {"title": "Zebra", "extract": "Zebras are\nstriped.", "description": "", "topic": "Animals"},
+        "Aardvark": {"title": "Aardvark", "extract": "An aardvark  digs.", "description": "", "topic": "Animals"},
+        "Empty": {"title": "Empty", "extract": "  ", "description": "", "topic": ""},
+    }
+    path.write_text(json.dumps(data), encoding="utf-8")
+    corpus = load_wiki_summaries(path)
+    assert list(corpus) == [Passage("1", "Aardvark", "An aardvark digs."), Passage("2", "Zebra", "Zebras are striped.")]
+    path.write_text(json.dumps({"X": {"title": "X"}}), encoding="utf-8")
+    with pytest.raises(InputError, match="entry 'X'"):
+        load_wiki_summaries(path)
+
+
+@pytest.mark.data
+def test_embedded_sets_load_with_their_documented_sizes(embedded):
+    sizes = {"nq-dev": 8757, "nq-test": 3610, "trivia-dev": 8837, "trivia-test": 11313, "wq-test": 2032,
+             "curated-test": 694, "squad-test": 10570}  # fmt: skip
+    for name, n in sizes.items():
+        qas = embedded.load_qa(name)
+        assert len(qas) == n and qas.match == ("regex" if name == "curated-test" else "string")
+    assert len(load_wiki_summaries(embedded.summaries)) == 10033
+    assert isinstance(QASet, type)
