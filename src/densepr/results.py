@@ -1,0 +1,140 @@
+"""Retrieval results in memory and on disk: DPR's result JSON and TREC run files.
+
+* DPR result JSON (what DPR's ``dense_retriever.py`` writes and its reader trains on)::
+
+    [{"question": "...", "answers": ["..."],
+      "ctxs": [{"id": "...", "title": "...", "text": "...", "score": 81.2, "has_answer": true}, ...]}, ...]
+
+* TREC run: ``qid Q0 docid rank score tag`` per line; for DPR's QA sets the qid is the
+  question's 0-based line number (as in Pyserini's ``topics.dpr.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ijson
+import numpy as np
+
+from .data.passages import Corpus
+from .errors import InputError
+from .fileio import atomic_write
+
+
+@dataclass
+class SearchResult:
+    """Top-k lists for a batch of queries: ``rows[i, j]`` is a corpus row (``-1`` = no more hits)."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def top(self, k: int) -> SearchResult:
+        return SearchResult(self.rows[:, :k], self.scores[:, :k])
+
+    def select(self, index: np.ndarray | slice) -> SearchResult:
+        return SearchResult(self.rows[index], self.scores[index])
+
+
+def write_dpr_results(
+    path: str | os.PathLike[str],
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    result: SearchResult,
+    corpus: Corpus,
+    has_answer: np.ndarray | None = None,
+) -> None:
+    """Write DPR's result JSON, streaming and atomically (``has_answer`` omitted when not given)."""
+    with atomic_write(path) as fh:
+        fh.write("[")
+        for i, q in enumerate(questions):
+            ctxs = []
+            for j, row in enumerate(result.rows[i]):
+                if row < 0:
+                    break
+                ctx = {"id": corpus.ids[row], "title": corpus.titles[row], "text": corpus.texts[row],
+                       "score": float(result.scores[i, j])}  # fmt: skip
+                if has_answer is not None:
+                    ctx["has_answer"] = bool(has_answer[i, j])
+                ctxs.append(ctx)
+            fh.write(",\n" if i else "\n")
+            fh.write(json.dumps({"question": q, "answers": list(answers[i]), "ctxs": ctxs}, ensure_ascii=False))
+        fh.write("\n]\n")
+
+
+@dataclass
+class DprResult:
+    """One question of a DPR result file."""
+
+    question: str
+    answers: list[str]
+    ctxs: list[dict]
+
+
+def iter_dpr_results(path: str | os.PathLike[str]) -> Iterator[DprResult]:
+    """Stream a DPR result JSON file (any size), validating each record."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "is not a file")
+    n = 0
+    with open(path, "rb") as fh:
+        try:
+            for n, obj in enumerate(ijson.items(fh, "item", use_float=True), 1):
+                if not isinstance(obj, dict):
+                    raise InputError(path, "expected an object", line=n, unit="record")
+                q, ans, ctxs = obj.get("question"), obj.get("answers"), obj.get("ctxs")
+                if not isinstance(q, str):
+                    raise InputError(path, "missing question", line=n, unit="record", field="question")
+                if not isinstance(ans, list):
+                    raise InputError(path, "answers must be a list", line=n, unit="record", field="answers")
+                if not isinstance(ctxs, list):
+                    raise InputError(path, "missing 'ctxs' (the retrieved passages)", line=n, unit="record", field="ctxs")
+                for j, c in enumerate(ctxs):
+                    if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+                        raise InputError(path, f"ctxs[{j}] has no text", line=n, unit="record", field="ctxs")
+                yield DprResult(q, ans, ctxs)
+        except ijson.JSONError as e:
+            raise InputError(path, f"invalid JSON: {str(e).splitlines()[0]}", line=n + 1, unit="record") from None
+    if n == 0:
+        raise InputError(path, "no results (empty array?)")
+
+
+def write_trec_run(
+    path: str | os.PathLike[str], qids: Sequence[str], result: SearchResult, corpus_ids: Sequence[str], tag: str = "densepr"
+) -> None:
+    """Write a TREC run file (``qid Q0 docid rank score tag``), atomically."""
+    with atomic_write(path) as fh:
+        for i, qid in enumerate(qids):
+            for j, row in enumerate(result.rows[i]):
+                if row < 0:
+                    break
+                fh.write(f"{qid} Q0 {corpus_ids[row]} {j + 1} {result.scores[i, j]:.6f} {tag}\n")
+
+
+def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, float]]]:
+    """Read a TREC run: ``{qid: [(docid, score), ...]}`` ordered by score, best first."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "is not a file")
+    run: dict[str, list[tuple[str, float]]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise InputError(path, f"expected 6 columns (qid Q0 docid rank score tag), found {len(parts)}", line=lineno)
+            try:
+                score = float(parts[4])
+            except ValueError:
+                raise InputError(path, f"score {parts[4]!r} is not a number", line=lineno, field="score") from None
+            run.setdefault(parts[0], []).append((parts[2], score))
+    for hits in run.values():
+        hits.sort(key=lambda h: -h[1])
+    return run
