@@ -1,0 +1,270 @@
+"""DPR's dual encoder: E_Q for questions, E_P for passages, sim(q, p) = E_Q(q) . E_P(p).
+
+Each tower is any Hugging Face BERT-family directory (bert-base-uncased, facebook/dpr-*,
+all-MiniLM-L6-v2, ...). Passages are encoded as the pair ``title [SEP] text`` with
+token_type_ids all 0, exactly as DPR's ``BiEncoder`` feeds them; questions as plain text.
+
+Pooling is a setting stored with the model in ``densepr_encoder.json``:
+
+* ``cls``: the [CLS] vector (DPR). For ``facebook/dpr-*`` checkpoints it is their
+  ``pooler_output`` (the [CLS] vector, projected when the checkpoint has a projection).
+* ``mean``: attention-masked mean of the last hidden states (what sentence-transformers
+  models such as all-MiniLM-L6-v2 were trained with), optionally L2-normalised.
+
+Without that file the setting is read from sentence-transformers' own files
+(``modules.json``, ``1_Pooling/config.json``) when present, else DPR's ``cls``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DenseprError
+from .fileio import write_json
+
+CONFIG_NAME = "densepr_encoder.json"
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class EncoderConfig:
+    """How a tower turns hidden states into one vector. Stored beside the weights."""
+
+    pooling: str = "cls"
+    normalize: bool = False
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise DenseprError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> EncoderConfig:
+        """densepr's file, else sentence-transformers' pooling files, else DPR's defaults."""
+        path = Path(path)
+        own = path / CONFIG_NAME
+        if own.is_file():
+            data = json.loads(own.read_text(encoding="utf-8"))
+            return cls(**{k: data[k] for k in ("pooling", "normalize", "max_length") if k in data})
+        st_pool = path / "1_Pooling" / "config.json"
+        if st_pool.is_file():
+            pool = json.loads(st_pool.read_text(encoding="utf-8"))
+            modules = json.loads((path / "modules.json").read_text(encoding="utf-8")) if (path / "modules.json").is_file() else []
+            st_cfg = path / "sentence_bert_config.json"
+            max_len = json.loads(st_cfg.read_text(encoding="utf-8")).get("max_seq_length", 256) if st_cfg.is_file() else 256
+            return cls(
+                pooling="cls" if pool.get("pooling_mode_cls_token") else "mean",
+                normalize=any(m.get("type", "").endswith("Normalize") for m in modules),
+                max_length=int(max_len),
+            )
+        return cls()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_json(Path(path) / CONFIG_NAME, asdict(self))
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder(nn.Module):
+    """One tower: tokenizer + transformer + pooling.
+
+    Args:
+        model: a Hugging Face encoder (``BertModel``, ``DPRQuestionEncoder``, ...).
+        tokenizer: its tokenizer.
+        config: pooling settings.
+        name: where it was loaded from (recorded in index manifests).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig, name: str = "") -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        # DPR checkpoints expose the [CLS] vector (plus optional projection) as pooler_output.
+        self._dpr = getattr(model.config, "model_type", "") == "dpr"
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], config: EncoderConfig | None = None, device: str | torch.device | None = None
+    ) -> Encoder:
+        """Load a Hugging Face model directory (safetensors weights; remote code is never run)."""
+        import transformers
+
+        _quiet_transformers()
+        path = Path(path)
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DenseprError(
+                f"{path}: not a Hugging Face model directory (no config.json); "
+                "give a directory with config.json, weights and tokenizer files"
+            )
+        try:
+            hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+            model_cls = transformers.AutoModel
+            if hf_config.model_type == "dpr":
+                # AutoModel maps every "dpr" config to DPRQuestionEncoder, which would load a
+                # context encoder's weights under the wrong names: pick the class by architecture.
+                arch = (hf_config.architectures or ["DPRQuestionEncoder"])[0]
+                if arch not in ("DPRQuestionEncoder", "DPRContextEncoder"):
+                    raise DenseprError(f"{path}: {arch} is not a DPR question or context encoder")
+                model_cls = getattr(transformers, arch)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            model, info = model_cls.from_pretrained(
+                path, config=hf_config, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise DenseprError(f"{path}: cannot load the encoder: {str(e).splitlines()[0]}") from None
+        # A pooler head absent from sentence-transformers checkpoints is harmless (unused);
+        # any other missing weight means the checkpoint does not match the model.
+        missing = [k for k in info.get("missing_keys", []) if ".pooler." not in f".{k}"]
+        if missing:
+            raise DenseprError(
+                f"{path}: the weights do not match the model in config.json "
+                f"({len(missing)} missing, e.g. {missing[0]!r}); wrong or corrupt checkpoint"
+            )
+        if len(tokenizer) > model.config.vocab_size:
+            raise DenseprError(
+                f"{path}: tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
+                "the tokenizer does not belong to this model"
+            )
+        enc = cls(model, tokenizer, config or EncoderConfig.from_dir(path), name=str(path.resolve()))
+        return enc.to(device or default_device()).eval()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write weights (safetensors), tokenizer and ``densepr_encoder.json``: loadable by ``AutoModel``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        self.config.save(path)
+
+    @property
+    def dim(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids and mask -> [batch, dim] vectors (token_type_ids left at 0)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self._dpr:
+            vec = out.pooler_output
+        elif self.config.pooling == "cls":
+            vec = out.last_hidden_state[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            vec = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(vec, p=2, dim=-1) if self.config.normalize else vec
+
+    # -- tokenisation ---------------------------------------------------------------------
+    def tokenize_questions(self, questions: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(questions), truncation=True, max_length=self.config.max_length)["input_ids"]
+
+    def tokenize_passages(self, titles: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
+        """``[CLS] title [SEP] text [SEP]`` ids (truncated longest-first, as DPR's tensorizer)."""
+        return self.tokenizer(list(titles), list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad a batch to its longest member and move it to the encoder's device."""
+        batch = self.tokenizer.pad({"input_ids": list(ids)}, padding=True, return_tensors="pt")
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_ids(
+        self, ids: Sequence[Sequence[int]], batch_size: int = 64, progress: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """Encode tokenised inputs in length-sorted batches; returns float32 ``[n, dim]`` in input order.
+
+        Sorting by length means each batch is padded only to its own longest member; the
+        longest batch comes first, so running out of memory happens at once, not at the end.
+        """
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        use_amp = self.device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        for start in range(0, len(ids), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.collate([ids[i] for i in idx])
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                vec = self(**batch)
+            out[idx] = vec.float().cpu().numpy()
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def encode_questions(self, questions: Sequence[str], batch_size: int = 128, **kw) -> np.ndarray:
+        """Question vectors, float32 ``[n, dim]``."""
+        return self.encode_ids(self.tokenize_questions(questions), batch_size, **kw)
+
+    def encode_passages(self, titles: Sequence[str], texts: Sequence[str], batch_size: int = 64, **kw) -> np.ndarray:
+        """Passage vectors (``title [SEP] text``), float32 ``[n, dim]``."""
+        return self.encode_ids(self.tokenize_passages(titles, texts), batch_size, **kw)
+
+
+class BiEncoder(nn.Module):
+    """DPR's dual encoder (Karpukhin et al., 2020, Section 3): the whole model on one screen.
+
+    Args:
+        question: E_Q.
+        passage: E_P; ``None`` shares E_Q's weights (the paper's single-encoder variant).
+    """
+
+    def __init__(self, question: Encoder, passage: Encoder | None = None) -> None:
+        super().__init__()
+        self.question = question
+        self.passage = passage if passage is not None else question
+
+    def encode_query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.question(input_ids, attention_mask)
+
+    def encode_passage(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.passage(input_ids, attention_mask)
+
+    @staticmethod
+    def similarity(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Dot product of every question with every passage: [nq, d] x [np, d] -> [nq, np]."""
+        return q @ p.T
+
+    @classmethod
+    def loss(cls, q: torch.Tensor, p: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """NLL of each question's positive among *all* passages of the batch (Eq. 2).
+
+        ``p`` holds every question's positive and hard negatives, so each passage is a
+        negative for every other question (in-batch negatives); ``positive[i]`` is the row
+        of question i's positive in ``p``.
+        """
+        return F.cross_entropy(cls.similarity(q, p).float(), positive)
+
+
+def load_biencoder(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> tuple[Encoder, Encoder]:
+    """Load ``(question_encoder, passage_encoder)`` from a checkpoint directory.
+
+    A directory with ``question_encoder/`` and ``passage_encoder/`` (what ``densepr train``
+    writes) gives two towers; a plain model directory is used for both.
+    """
+    path = Path(path)
+    if (path / "question_encoder").is_dir() and (path / "passage_encoder").is_dir():
+        return Encoder.load(path / "question_encoder", device=device), Encoder.load(path / "passage_encoder", device=device)
+    enc = Encoder.load(path, device=device)
+    return enc, enc
