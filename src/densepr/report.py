@@ -1,0 +1,94 @@
+"""Result tables (markdown, rich) and top-k accuracy plots (like DPR's Figure 1)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .fileio import atomic_write
+
+KS = (1, 5, 20, 100)
+
+
+def markdown_table(results: dict, ks: Sequence[int] = KS, names: dict[str, str] | None = None) -> str:
+    """Markdown table of top-k accuracy (%), all questions and the answerable subset.
+
+    Args:
+        results: ``{dataset: {"n_all": N, "n_answerable": M, "methods": {method: accuracy_report}}}``.
+        names: display names of methods.
+    """
+    names = names or {}
+    head = ["dataset", "method", *[f"top-{k}" for k in ks], *[f"ans. top-{k}" for k in ks]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (2 * len(ks))) + "|"]
+    for ds, entry in results.items():
+        label = f"{ds} ({entry['n_all']} q, {entry['n_answerable']} answerable)"
+        for i, (method, rep) in enumerate(entry["methods"].items()):
+            cells = [label if i == 0 else "", names.get(method, method)]
+            cells += [f"{rep['all'][f'top{k}']:.1f}" for k in ks]
+            cells += [f"{rep['answerable'][f'top{k}']:.1f}" for k in ks]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(results: dict, ks: Sequence[int] = KS, names: dict[str, str] | None = None, title: str = ""):
+    """The same table for the terminal."""
+    from rich.table import Table
+
+    names = names or {}
+    table = Table(title=title or None, show_lines=False)
+    table.add_column("dataset")
+    table.add_column("method")
+    for k in ks:
+        table.add_column(f"top-{k}", justify="right")
+    for k in ks:
+        table.add_column(f"ans. top-{k}", justify="right", style="cyan")
+    for ds, entry in results.items():
+        for i, (method, rep) in enumerate(entry["methods"].items()):
+            label = f"{ds}\n{entry['n_all']} q, {entry['n_answerable']} answerable" if i == 0 else ""
+            table.add_row(label, names.get(method, method), *[f"{rep['all'][f'top{k}']:.1f}" for k in ks],
+                          *[f"{rep['answerable'][f'top{k}']:.1f}" for k in ks], end_section=i == len(entry["methods"]) - 1)  # fmt: skip
+    return table
+
+
+def plot_topk(curves: dict, path: str | os.PathLike[str], names: dict[str, str] | None = None, title: str = "") -> None:
+    """Top-k accuracy against k (1..100), one panel per dataset, all questions above and the
+    answerable subset below. Written atomically as PNG.
+
+    Args:
+        curves: ``{dataset: {method: {"all": [acc@1..K], "answerable": [...]}}}`` in percent.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = names or {}
+    datasets = list(curves)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(3.6 * len(datasets), 6.4), squeeze=False, sharex=True)
+    for col, ds in enumerate(datasets):
+        for row, subset in enumerate(("all", "answerable")):
+            ax = axes[row][col]
+            for method, c in curves[ds].items():
+                y = np.asarray(c[subset])
+                ax.plot(np.arange(1, len(y) + 1), y, label=names.get(method, method), linewidth=1.6)
+            ax.set_xscale("log")
+            ax.set_xticks([1, 5, 20, 100])
+            ax.set_xticklabels(["1", "5", "20", "100"])
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{ds} ({subset})", fontsize=10)
+            if col == 0:
+                ax.set_ylabel("top-k accuracy (%)")
+            if row == 1:
+                ax.set_xlabel("k")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())

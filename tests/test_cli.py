@@ -1,0 +1,97 @@
+"""The command line end to end on small files, and how it reports bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from densepr.cli import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_stage_by_stage_pipeline(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in zip(corpus.titles, corpus.texts)), encoding="utf-8")
+    idx = tmp_path / "index"
+    steps = [
+        ("data", "split", str(articles), str(idx / "passages.tsv"), "--words", "100"),
+        ("index", "bm25", str(idx / "passages.tsv"), str(idx / "bm25")),
+        ("encode", str(idx / "passages.tsv"), str(tmp_path / "emb"), "--encoder", str(tiny_bert), "--shard-size", "5", "--device", "cpu"),
+        ("index", "dense", str(tmp_path / "emb"), str(idx / "dense")),
+    ]
+    outputs = []
+    for step in steps:
+        code, out, err = run(capsys, *step)
+        assert code == 0, err
+        outputs.append(out)
+    assert "12 passages" in outputs[0] and "in 3 shard(s)" in outputs[2]
+
+    code, out, err = run(capsys, "retrieve", "--qa", str(qa_tsv), "--index", str(idx), "--mode", "bm25", "-k", "5",
+                         "-o", str(tmp_path / "res.json"), "--trec", str(tmp_path / "res.trec"))  # fmt: skip
+    assert code == 0, err
+    results = json.loads((tmp_path / "res.json").read_text())
+    assert results[0]["question"] == "who got the first nobel prize in physics"
+    assert results[0]["ctxs"][0]["title"] == "Wilhelm Röntgen" and results[0]["ctxs"][0]["has_answer"] is True
+    assert {"id", "title", "text", "score", "has_answer"} == set(results[0]["ctxs"][0])
+
+    # evaluate the JSON, then the TREC run: both ways give the same top-1
+    code, out_json, err = run(capsys, "evaluate", str(tmp_path / "res.json"), "--ks", "1,5")
+    assert code == 0, err
+    code, out_trec, err = run(capsys, "evaluate", str(tmp_path / "res.trec"), "--qa", str(qa_tsv), "--index", str(idx), "--ks", "1,5")
+    assert code == 0, err
+    top1 = sum(bool(r["ctxs"]) and r["ctxs"][0]["has_answer"] for r in results) / len(results) * 100
+    assert f"top-1 {top1:.2f}" in out_json
+    assert f"{top1:.1f}" in out_trec and "answerable" in out_trec
+
+    code, out, err = run(capsys, "search", "who created python", "--index", str(idx), "-k", "2", "--mode", "hybrid")
+    assert code == 0, err
+    assert "#1" in out and "#2" in out
+
+
+def test_bad_input_gets_one_line_and_exit_1(tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("id\ttext\ttitle\n1\tfine\tT\n2\tno title here\n", encoding="utf-8")
+    code, out, err = run(capsys, "index", "bm25", str(bad), str(tmp_path / "bm25"))
+    assert code == 1
+    assert "bad.tsv, line 3: expected 3 tab-separated columns" in err
+    assert "Traceback" not in err and not (tmp_path / "bm25" / "manifest.json").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    from densepr.errors import InputError
+
+    with pytest.raises(InputError):
+        main(["--debug", "index", "bm25", str(tmp_path / "missing.tsv"), str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("search", "q", "--index", "{tmp}/nowhere"), "not an index directory"),
+        (("encode", "{tmp}/p.tsv", "{tmp}/emb", "--encoder", "{tmp}"), "not a Hugging Face model directory"),
+        (("retrieve", "--qa", "{tmp}/none.tsv", "-o", "{tmp}/o.json", "--index", "{tmp}"), "none.tsv: file not found"),
+        (("evaluate", "{tmp}/run.trec"), "needs --qa"),
+        (("evaluate", "{tmp}/r.json", "--ks", "a,b"), "--ks must be comma-separated integers"),
+    ],
+)
+def test_errors_name_what_is_wrong(tmp_path, capsys, args, needle):
+    (tmp_path / "p.tsv").write_text("1\tt\tT\n", encoding="utf-8")
+    (tmp_path / "run.trec").write_text("0 Q0 1 1 1.0 t\n", encoding="utf-8")
+    (tmp_path / "r.json").write_text("[]", encoding="utf-8")
+    code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 1 and needle in err and "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run(capsys, "search")
+    assert code == 2 and "Missing argument" in err
