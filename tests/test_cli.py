@@ -95,3 +95,38 @@ def test_errors_name_what_is_wrong(tmp_path, capsys, args, needle):
 def test_usage_errors_exit_2(capsys):
     code, _, err = run(capsys, "search")
     assert code == 2 and "Missing argument" in err
+
+
+def test_beir_style_queries_qrels_and_hybrid_tuning(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
+    from densepr.bm25 import BM25Index
+    from densepr.data import write_passages_tsv
+    from densepr.embeddings import encode_corpus
+    from densepr.encoder import Encoder
+    from densepr.index import DenseIndex
+
+    idx = tmp_path / "index"
+    write_passages_tsv(corpus, idx / "passages.tsv")
+    BM25Index.build(corpus).save(idx / "bm25")
+    encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, tmp_path / "emb")
+    DenseIndex.build(tmp_path / "emb").save(idx / "dense")
+
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "who created python"}\n{"_id": "q2", "text": "mozart birthplace"}\n')
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\t8\t1\nq2\t12\t1\n")
+    code, out, err = run(capsys, "retrieve", "--queries", str(tmp_path / "queries.jsonl"), "--index", str(idx), "--mode", "bm25",
+                         "--trec", str(tmp_path / "run.trec"))  # fmt: skip
+    assert code == 0, err
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert lines[0].split()[:4] == ["q1", "Q0", "8", "1"]  # passage 8 is Python
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run.trec"), "--qrels", str(tmp_path / "qrels.tsv"))
+    assert code == 0, err
+    assert "2 judged queries (2 in the run)" in out and "mrr_10 1.0000" in out  # both relevant passages ranked first
+
+    code, out, err = run(capsys, "tune-hybrid", "--qa", str(qa_tsv), "--index", str(idx), "-k", "1", "--device", "cpu")
+    assert code == 0, err
+    tuned = json.loads((idx / "hybrid.json").read_text())
+    assert tuned["grid"][str(tuned["lambda"])] == max(tuned["grid"].values()) and tuned["tuned_on"] == ["qa.tsv"]
+
+    code, _, err = run(capsys, "retrieve", "--queries", str(tmp_path / "queries.jsonl"), "--qa", str(qa_tsv), "--index", str(idx), "-o", "x")
+    assert code == 1 and "exactly one of --qa" in err
+    code, _, err = run(capsys, "retrieve", "--qa", str(qa_tsv), "--index", str(idx))
+    assert code == 1 and "give --output" in err

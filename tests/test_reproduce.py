@@ -12,8 +12,8 @@ from densepr.embeddings import encode_corpus
 from densepr.encoder import Encoder
 from densepr.evaluate import AnswerMatcher, topk_curve
 from densepr.index import DenseIndex
-from densepr.reproduce import ReproduceConfig, check_against, load_expected, tune_lambda, uses_defaults
-from densepr.retrieve import Retriever, fuse_hybrid
+from densepr.reproduce import ReproduceConfig, check_against, load_expected, uses_defaults
+from densepr.retrieve import Retriever, fuse_hybrid, tune_lambda
 
 
 def _summary(top20: float) -> dict:

@@ -159,47 +159,84 @@ def _load_qa(spec: str, limit: int | None, regex: bool | None, cache_dir: Path |
     return load_qa(spec, match=match, limit=limit)
 
 
-QaArg = Annotated[str, typer.Option("--qa", help="QA file (DPR TSV or JSON lines) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")]
 RegexOpt = Annotated[Optional[bool], typer.Option("--regex/--no-regex", help="Answers are regexes (default: yes for CuratedTREC files).")]
 
 
 @app.command("retrieve")
 def retrieve(
-    qa: QaArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="DPR result JSON to write.")],
+    qa: Annotated[Optional[str], typer.Option("--qa", help="QA file (DPR TSV or JSON lines) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="Instead of --qa: queries without answers (BEIR queries.jsonl or qid<TAB>text).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="DPR result JSON to write.")] = None,
+    trec: Annotated[Optional[Path], typer.Option(help="TREC run file to write.")] = None,
     index: Annotated[Path, typer.Option(help="Index directory (passages.tsv, bm25/, dense/).")] = DEFAULT_INDEX,
     mode: Annotated[str, typer.Option(help="bm25, dense, hybrid or rrf.")] = "hybrid",
     k: Annotated[int, typer.Option("--k", "-k", help="Passages per question.")] = 100,
-    trec: Annotated[Optional[Path], typer.Option(help="Also write a TREC run file.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     hybrid_lambda: Annotated[Optional[float], typer.Option("--lambda", help="Hybrid weight of BM25 (default: tuned value in the index, else 1.1).")] = None,
     regex: RegexOpt = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Retrieve top-k passages for a QA set; write DPR's result JSON (with has_answer) and optionally a TREC run."""
+    """Retrieve top-k passages; write DPR's result JSON (with has_answer for QA sets) and/or a TREC run."""
+    from .data import read_queries
     from .evaluate import AnswerMatcher, accuracy_report
     from .results import write_dpr_results, write_trec_run
     from .retrieve import Retriever
 
+    if (qa is None) == (queries is None):
+        raise DenseprError("give exactly one of --qa (questions with answers) or --queries")
+    if output is None and trec is None:
+        raise DenseprError("give --output (DPR result JSON) and/or --trec (TREC run)")
     if k <= 0:
         raise DenseprError("--k must be positive")
-    qas = _load_qa(qa, limit, regex, cache_dir)
+    if qa is not None:
+        qas = _load_qa(qa, limit, regex, cache_dir)
+        qids, texts, answers = [str(i) for i in range(len(qas))], qas.questions, [q.answers for q in qas.items]
+    else:
+        qmap = read_queries(queries)
+        qids = list(qmap)[:limit] if limit else list(qmap)
+        texts, answers = [qmap[q] for q in qids], [[] for _ in qids]
     r = Retriever.load(index, device=device, hybrid_lambda=hybrid_lambda)
-    res = r.retrieve(qas.questions, k, mode, show_progress=True)
-    hits = AnswerMatcher(r.corpus.texts).hits(res.rows, qas)
-    write_dpr_results(output, qas.questions, [q.answers for q in qas.items], res, r.corpus, hits)
+    res = r.retrieve(texts, k, mode, show_progress=True)
+    hits = AnswerMatcher(r.corpus.texts).hits(res.rows, qas) if qa is not None else None
+    if output:
+        write_dpr_results(output, texts, answers, res, r.corpus, hits)
     if trec:
-        write_trec_run(trec, [str(i) for i in range(len(qas))], res, r.corpus.ids, tag=f"densepr-{mode}")
-    rep = accuracy_report(hits, ks=[x for x in (1, 5, 20, 100) if x <= k])
-    out.print(f"{len(qas)} questions, mode {mode}: " + ", ".join(f"{m} {v:.1f}" for m, v in rep["all"].items() if m != "n"))
-    out.print(f"results written to {output}" + (f" and {trec}" if trec else ""))
+        write_trec_run(trec, qids, res, r.corpus.ids, tag=f"densepr-{mode}")
+    if hits is not None:
+        rep = accuracy_report(hits, ks=[x for x in (1, 5, 20, 100) if x <= k])
+        out.print(f"{len(qids)} questions, mode {mode}: " + ", ".join(f"{m} {v:.1f}" for m, v in rep["all"].items() if m != "n"))
+    out.print(f"results for {len(qids)} queries written to " + " and ".join(str(p) for p in (output, trec) if p))
+
+
+@app.command("tune-hybrid")
+def tune_hybrid(
+    qa: Annotated[list[str], typer.Option("--qa", help="Dev QA set(s) to tune on (repeat the option); never a test set.")],
+    index: Annotated[Path, typer.Option(help="Index directory with bm25/ and dense/; hybrid.json is written there.")] = DEFAULT_INDEX,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions of each set.")] = 1000,
+    k: Annotated[int, typer.Option("--k", "-k", help="Tune top-k accuracy at this k.")] = 20,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Choose the hybrid weight lambda (dense + lambda * BM25) on dev questions; saves it for retrieval."""
+    from .evaluate import AnswerMatcher
+    from .fileio import write_json
+    from .retrieve import Retriever, tune_lambda
+
+    sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
+    r = Retriever.load(index, device=device)
+    best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k)
+    write_json(index / "hybrid.json", {"lambda": best, "tuned_on": [s.name for s in sets], "questions_per_set": limit,
+                                       "metric": f"top-{k} accuracy", "grid": grid})  # fmt: skip
+    out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda=1.1: {grid['1.1']:.2f}%)")
+    out.print(f"saved to {index / 'hybrid.json'}")
 
 
 @app.command("evaluate")
 def evaluate(
-    results: Annotated[Path, typer.Argument(help="DPR result JSON, or a TREC run with --qa and --index.")],
+    results: Annotated[Path, typer.Argument(help="DPR result JSON, or a TREC run with --qa and --index, or with --qrels.")],
     qa: Annotated[Optional[str], typer.Option("--qa", help="For a TREC run: the QA file or embedded set it answers.")] = None,
+    qrels: Annotated[Optional[Path], typer.Option(help="For a TREC run: relevance judgements (BEIR qrels TSV or TREC qrels); reports nDCG@10, recall@20/100, MRR@10.")] = None,
     index: Annotated[Optional[Path], typer.Option(help="Index directory whose passages.tsv gives passage texts, and the answerable subset.")] = None,
     regex: RegexOpt = None,
     ks: Annotated[str, typer.Option(help="Comma-separated k values to report.")] = "1,5,20,100",
@@ -220,6 +257,16 @@ def evaluate(
         raise DenseprError(f"--ks must be comma-separated integers, got {ks!r}") from None
     if not k_list or k_list[0] <= 0:
         raise DenseprError("--ks values must be positive")
+    if qrels is not None:
+        from .data import read_qrels_tsv
+        from .evaluate import qrels_metrics
+
+        run = {q: dict(docs) for q, docs in read_trec_run(results).items()}
+        judged = read_qrels_tsv(qrels)
+        metrics = qrels_metrics(run, judged)
+        out.print(f"{results.name}: {len(judged)} judged queries ({sum(q in run for q in judged)} in the run)")
+        out.print("  " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+        return
     corpus = load_corpus(index / "passages.tsv") if index else None
     if results.suffix == ".json":
         recs = list(iter_dpr_results(results))

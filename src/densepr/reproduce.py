@@ -36,10 +36,8 @@ from .fileio import read_json, write_json
 from .index import DenseIndex
 from .report import markdown_table, plot_topk
 from .results import write_dpr_results, write_trec_run
-from .retrieve import PAPER_LAMBDA, HybridCandidates, Retriever, fuse_rrf
+from .retrieve import PAPER_LAMBDA, HybridCandidates, Retriever, fuse_rrf, tune_lambda
 
-LAMBDA_GRID = (0.0, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3,
-               0.5, 0.7, 1.0, 1.1, 1.5, 2.0, 3.0, 5.0, 10.0)  # fmt: skip
 METHOD_NAMES = {"bm25": "BM25", "dense": "dense", "hybrid": "hybrid (tuned λ)", "hybrid-1.1": "hybrid (λ=1.1)", "rrf": "RRF"}
 PROFILES = {
     # name: (questions per test set, dev questions per tuning set); None = all
@@ -144,22 +142,6 @@ class Stages:
 
 def _sets(data: EmbeddedData, names: Sequence[str], limit: int | None) -> list[QASet]:
     return [data.load_qa(n, limit=limit) for n in names]
-
-
-def tune_lambda(
-    retriever: Retriever, matcher: AnswerMatcher, dev_sets: Sequence[QASet], grid: Sequence[float] = LAMBDA_GRID, k: int = 20
-) -> tuple[float, dict[str, float]]:
-    """Pick the hybrid lambda with the best mean top-k accuracy over ``dev_sets`` (DPR tuned on dev)."""
-    cands = []
-    for qas in dev_sets:
-        both = retriever.retrieve_all(qas.questions, retriever.depth, ["bm25", "dense"])
-        cands.append((qas, HybridCandidates(both["dense"], both["bm25"])))
-    scores = {}
-    for lam in grid:
-        accs = [topk_curve(matcher.hits(c.rank(lam, k).rows, qas), k)[-1] for qas, c in cands]
-        scores[str(lam)] = round(100 * float(np.mean(accs)), 2)
-    best = max(grid, key=lambda lam: (scores[str(lam)], -lam))
-    return best, scores
 
 
 def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress: bool = False) -> dict:

@@ -1,6 +1,6 @@
 """Data formats and loaders: passages, QA sets, DPR training JSON, BEIR, and the embedded benchmark."""
 
-from .beir import BeirDataset, load_beir
+from .beir import BeirDataset, load_beir, read_qrels_tsv, read_queries
 from .fetch import EmbeddedData, FetchError, default_cache_dir, fetch_embedded
 from .passages import Corpus, Passage, iter_passages_jsonl, iter_passages_tsv, load_corpus, split_article, split_articles, write_passages_tsv
 from .qa import QA, QASet, load_qa, write_qa_tsv
@@ -10,6 +10,6 @@ from .training import TrainRecord, iter_train_records, write_train_records
 __all__ = [
     "QA", "BeirDataset", "Corpus", "EmbeddedData", "FetchError", "Passage", "QASet", "TrainRecord",
     "default_cache_dir", "fetch_embedded", "iter_passages_jsonl", "iter_passages_tsv", "iter_train_records",
-    "load_beir", "load_corpus", "load_qa", "load_wiki_summaries", "split_article", "split_articles",
+    "load_beir", "load_corpus", "read_qrels_tsv", "read_queries", "load_qa", "load_wiki_summaries", "split_article", "split_articles",
     "write_passages_tsv", "write_qa_tsv", "write_train_records",
 ]  # fmt: skip

@@ -38,8 +38,30 @@ def read_queries_jsonl(path: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
+def read_queries(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Queries from BEIR's ``queries.jsonl`` or a TSV of ``qid<TAB>text`` (Anserini's topics layout)."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        return read_queries_jsonl(path)
+    if not path.is_file():
+        raise InputError(path, "file not found" if not path.exists() else "is not a file")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 2 or not parts[1].strip():
+                raise InputError(path, "expected qid<TAB>query text", line=lineno)
+            out[parts[0]] = parts[1]
+    if not out:
+        raise InputError(path, "no queries found (empty file?)")
+    return out
+
+
 def read_qrels_tsv(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
-    """BEIR qrels (``query-id, corpus-id, score``, header optional) to ``{qid: {docid: grade}}``."""
+    """Qrels to ``{qid: {docid: grade}}``: BEIR's TSV (``query-id, corpus-id, score``, header
+    optional) or TREC's whitespace-separated ``qid iteration docid grade``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
@@ -51,6 +73,8 @@ def read_qrels_tsv(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
                 continue
             if reader.line_num == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
                 continue
+            if len(row) == 1 and len(row[0].split()) == 4:  # TREC: qid 0 docid grade
+                row = [row[0].split()[i] for i in (0, 2, 3)]
             if len(row) != 3:
                 raise InputError(path, f"expected 3 columns (query-id, corpus-id, score), found {len(row)}", line=reader.line_num)
             try:
