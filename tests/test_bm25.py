@@ -7,21 +7,50 @@ import math
 import numpy as np
 import pytest
 
-from densepr.bm25 import BM25Index, LuceneAnalyzer
+from densepr.bm25 import BM25Index, LuceneAnalyzer, lucene_length
 from densepr.data import Corpus, Passage
 from densepr.errors import DenseprError, MismatchError
 
 
 def test_analyzer_mimics_lucene_english():
     a = LuceneAnalyzer()
-    # "U.S." is one token "u.s" (UAX#29 keeps letter.letter), which Porter stems to "u.".
+    # "U.S." is one UAX#29 token "u.s", which Porter stems to "u."; stopwords go.
     assert a("The cats are running in the U.S.") == ["cat", "run", "u."]
     assert a("Röntgen's rays") == ["röntgen", "rai"]  # possessive dropped, Porter stem
-    assert a("3,000 state-of-the-art") == ["3,000", "state", "art"]  # digits keep their comma; stopwords go
+    assert a("3,000 state-of-the-art foo_bar ___ 1.5x") == ["3,000", "state", "art", "foo_bar", "1.5x"]
+    assert a("日本語") == ["日", "本", "語"]  # one token per ideograph
+    # Lucene's Porter (Martin Porter's C version), not Snowball's: short words, -logi, -bli.
+    assert a("us vs technology possibly assembly") == ["us", "vs", "technolog", "possibl", "assembl"]
+    assert a("İzmir") == ["izmir"]  # lower-cased per code point, as Java does
     assert LuceneAnalyzer(stemmer=None)("Running dogs") == ["running", "dogs"]
 
 
-def lucene_bm25(query: list[str], docs: list[list[str]], k1=0.9, b=0.4) -> np.ndarray:
+def smallfloat_length(n: int) -> int:
+    """Lucene 8 SmallFloat.intToByte4 then byte4ToInt, transcribed."""
+
+    def long_to_int4(i: int) -> int:
+        bits = i.bit_length()
+        if bits < 4:
+            return i
+        shift = bits - 4
+        return ((i >> shift) & 0x07) | ((shift + 1) << 3)
+
+    def int4_to_long(i: int) -> int:
+        bits, shift = i & 0x07, (i >> 3) - 1
+        return bits if shift == -1 else (bits | 0x08) << shift
+
+    free = 255 - long_to_int4(2**31 - 1)
+    byte = n if n < free else free + long_to_int4(n - free)
+    return byte if byte < free else free + int4_to_long(byte - free)
+
+
+def test_document_lengths_are_rounded_like_lucene():
+    ns = np.arange(0, 20000)
+    np.testing.assert_array_equal(lucene_length(ns), [smallfloat_length(int(n)) for n in ns])
+    assert smallfloat_length(108) == 104 and smallfloat_length(23) == 23
+
+
+def lucene_bm25(query: list[str], docs: list[list[str]], k1=0.9, b=0.4, lossy=True) -> np.ndarray:
     """Lucene 8's BM25Similarity, written out."""
     n = len(docs)
     avgdl = sum(map(len, docs)) / n
@@ -33,17 +62,22 @@ def lucene_bm25(query: list[str], docs: list[list[str]], k1=0.9, b=0.4) -> np.nd
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
         for i, d in enumerate(docs):
             tf = d.count(t)
+            dl = smallfloat_length(len(d)) if lossy else len(d)
             if tf:
-                scores[i] += idf * tf / (tf + k1 * (1 - b + b * len(d) / avgdl))
+                scores[i] += idf * tf / (tf + k1 * (1 - b + b * dl / avgdl))
     return scores
 
 
-def test_scores_equal_lucene_formula(corpus):
-    index = BM25Index.build(corpus)
+@pytest.mark.parametrize("lengths", ["lucene", "exact"])
+def test_scores_equal_lucene_formula(corpus, lengths):
+    long_texts = [" ".join(["river ocean physics"] * 20), " ".join(f"word{i} prime" for i in range(54))]  # 60 and 108 terms
+    corpus = Corpus.from_passages([*corpus, *(Passage(f"long{i}", "Long", t) for i, t in enumerate(long_texts))])
+    index = BM25Index.build(corpus, lengths=lengths)
     a = LuceneAnalyzer()
     docs = [a(f"{t} {x}") for t, x in zip(corpus.titles, corpus.texts)]
+    assert max(map(len, docs)) > 24  # so that rounding matters
     for q in ["first nobel prize physics", "great lakes ocean river", "prime number number greater", "zzz unknown"]:
-        expected = lucene_bm25(a(q), docs)
+        expected = lucene_bm25(a(q), docs, lossy=lengths == "lucene")
         res = index.search([q], k=len(corpus))
         got = np.zeros(len(corpus))
         valid = res.rows[0] >= 0

