@@ -64,18 +64,21 @@ def _vocab() -> list[str]:
     return specials + sorted(w for w in words if w) + [c for c in chars] + ["##" + c for c in string.ascii_lowercase + string.digits]
 
 
-def make_tiny_bert(path: Path, seed: int = 0, hidden: int = 32, pooling: str | None = None, normalize: bool = False) -> Path:
+def make_tiny_bert(
+    path: Path, seed: int = 0, hidden: int = 32, pooling: str | None = None, normalize: bool = False, dropout: float = 0.1
+) -> Path:
     """Write a random 2-layer BERT with a real WordPiece tokenizer (safetensors) to ``path``."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(dict.fromkeys(_vocab())) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # transformers 5 ignores vocab_file= here; the vocabulary must be passed as a dict.
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(_vocab()))}, do_lower_case=True)
+    assert len(tok) > 100
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=128)  # fmt: skip
+                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)  # fmt: skip
     BertModel(cfg).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     if pooling:
