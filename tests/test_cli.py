@@ -130,3 +130,33 @@ def test_beir_style_queries_qrels_and_hybrid_tuning(tmp_path, capsys, corpus, qa
     assert code == 1 and "exactly one of --qa" in err
     code, _, err = run(capsys, "retrieve", "--qa", str(qa_tsv), "--index", str(idx))
     assert code == 1 and "give --output" in err
+
+
+def test_build_train_then_train(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
+    from densepr.bm25 import BM25Index
+    from densepr.data import iter_train_records, load_qa, write_passages_tsv
+
+    idx = tmp_path / "index"
+    write_passages_tsv(corpus, idx / "passages.tsv")
+    BM25Index.build(corpus).save(idx / "bm25")
+    many = tmp_path / "qa-dev.tsv"  # 24 questions: the six, four times over
+    many.write_text(qa_tsv.read_text() * 4, encoding="utf-8")
+    code, out, err = run(capsys, "data", "build-train", "--qa", str(many), "--index", str(idx), "-o", str(tmp_path / "train.json"),
+                         "--val-output", str(tmp_path / "val.json"), "--val-fraction", "0.25", "--depth", "12", "--hard-negatives", "2")  # fmt: skip
+    assert code == 0, err
+    stats = json.loads((tmp_path / "train.stats.json").read_text())
+    assert stats["train"]["questions"] == {"qa-dev.tsv": 18} and stats["validation"]["questions"] == {"qa-dev.tsv-heldout": 6}
+    assert stats["train"]["kept"]["qa-dev.tsv"] + stats["train"]["dropped_no_positive_in_bm25_top"]["qa-dev.tsv"] == 18
+    assert len(list(iter_train_records(tmp_path / "train.json"))) == stats["train"]["records"] > 0
+    assert len(load_qa(tmp_path / "val.qa.tsv")) == 6
+    assert "train: " in out and "had no answer in BM25's top 12" in out
+
+    code, out, err = run(capsys, "train", "--train", str(tmp_path / "train.json"), "--dev", str(tmp_path / "val.json"), "--init", str(tiny_bert),
+                         "-o", str(tmp_path / "run"), "--batch-size", "4", "--epochs", "1", "--grad-cache-chunk", "3", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "run" / "best" / "question_encoder" / "model.safetensors").is_file()
+    assert "trained" in out
+
+    (tmp_path / "nq-test.tsv").write_text(qa_tsv.read_text(), encoding="utf-8")
+    code, _, err = run(capsys, "data", "build-train", "--qa", str(tmp_path / "nq-test.tsv"), "--index", str(idx), "-o", str(tmp_path / "x.json"))
+    assert code == 1 and "refusing to build training data from test set" in err

@@ -94,6 +94,57 @@ def data_split(
     out.print(f"wrote {n} passages of up to {words} words to {output}")
 
 
+@data_app.command("build-train")
+def data_build_train(
+    qa: Annotated[list[str], typer.Option("--qa", help="QA set(s) to mine (repeat): files or embedded names such as nq-dev, trivia-dev.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="DPR retriever JSON to write (training part).")],
+    index: Annotated[Path, typer.Option(help="Index directory with passages.tsv and bm25/.")] = DEFAULT_INDEX,
+    val_output: Annotated[Optional[Path], typer.Option(help="DPR retriever JSON for the held-out validation slice.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of each set's questions held out for validation.")] = 0.1,
+    depth: Annotated[int, typer.Option(help="BM25 passages looked at per question (the paper: 100).")] = 100,
+    hard_negatives: Annotated[int, typer.Option(help="Answerless BM25 passages kept per question.")] = 30,
+    random_negatives: Annotated[int, typer.Option(help="Random answerless passages per question.")] = 10,
+    seed: int = 0,
+    allow_test: Annotated[bool, typer.Option("--allow-test", help="Permit mining a *test* set (never do this for reported results).")] = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Mine DPR training data: BM25's best answer-bearing passage is the positive, its answerless
+    passages the hard negatives; questions without a positive are dropped (DPR Section 5.2)."""
+    from .bm25 import BM25Index
+    from .data import load_corpus, write_qa_tsv, write_train_records
+    from .data.qa import QASet
+    from .fileio import write_json
+    from .mining import MiningStats, mine, split_holdout
+
+    sets = [_load_qa(q, None, None, cache_dir) for q in qa]
+    tests = [s.name for s in sets if "test" in s.name.lower()]
+    if tests and not allow_test:
+        raise DenseprError(f"refusing to build training data from test set(s) {', '.join(tests)}; train on dev/train sets (or --allow-test)")
+    if not 0 <= val_fraction < 1:
+        raise DenseprError("--val-fraction must be in [0, 1)")
+    corpus = load_corpus(index / "passages.tsv")
+    bm25 = BM25Index.load(index / "bm25", corpus=corpus)
+    splits = [split_holdout(s, val_fraction, seed) for s in sets]
+    kw = dict(depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed)
+    train_stats, val_stats = MiningStats(), MiningStats()
+    n_train = write_train_records(mine([t for t, _ in splits], corpus, bm25, stats=train_stats, **kw), output)
+    report = {"train": {"file": str(output), "records": n_train, **train_stats.as_dict()}, "config": {**kw, "val_fraction": val_fraction, "sets": qa}}
+    if val_output and val_fraction > 0:
+        n_val = write_train_records(mine([v for _, v in splits], corpus, bm25, stats=val_stats, **kw), val_output)
+        held = QASet("heldout", [q for _, v in splits for q in v.items], "string")
+        if any(v.match != "string" for _, v in splits):
+            raise DenseprError("held-out questions of regex-matched sets cannot be pooled; mine them separately")
+        write_qa_tsv(held, val_output.with_suffix(".qa.tsv"))
+        report["validation"] = {"file": str(val_output), "records": n_val, "qa_file": str(val_output.with_suffix(".qa.tsv")),
+                                **val_stats.as_dict()}  # fmt: skip
+    write_json(output.with_suffix(".stats.json"), report)
+    for part in ("train", "validation"):
+        if part in report:
+            r = report[part]
+            per = ", ".join(f"{n}: {r['kept'][n]}/{r['questions'][n]}" for n in r["questions"])
+            out.print(f"{part}: {r['records']} questions kept ({per}; the rest had no answer in BM25's top {depth}) -> {r['file']}")
+
+
 # -- indexes ------------------------------------------------------------------------------------
 @index_app.command("bm25")
 def index_bm25(
@@ -303,6 +354,52 @@ def evaluate(
         out.print(rich_table(table, k_list))
 
 
+@app.command("train")
+def train_cmd(
+    train_file: Annotated[Path, typer.Option("--train", help="DPR retriever JSON (what `data build-train` writes, or biencoder-*.json).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (checkpoint/, best/, metrics.jsonl).")],
+    dev_file: Annotated[Optional[Path], typer.Option("--dev", help="Held-out DPR retriever JSON for validation each epoch.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Initial model directory or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,
+    shared: Annotated[bool, typer.Option("--shared", help="One encoder for questions and passages.")] = False,
+    pooling: Annotated[Optional[str], typer.Option(help="cls or mean (default: the model's own).")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors (DPR: no, raw dot product).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Questions per step over all processes.")] = 128,
+    hard_negatives: Annotated[int, typer.Option(help="BM25 hard negatives per question (0 = in-batch negatives only).")] = 1,
+    random_negatives: int = 0,
+    epochs: int = 2,
+    lr: float = 2e-5,
+    warmup_steps: int = 100,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 2.0,
+    max_length: Annotated[int, typer.Option(help="Tokens per question or passage.")] = 256,
+    grad_cache_chunk: Annotated[int, typer.Option(help="Gradient caching with chunks of this many sequences (0 = off).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = 50,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
+    seed: int = 12345,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to <output>/tensorboard.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) invalid training records instead of stopping.")] = False,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Train a DPR bi-encoder: NLL of the positive against in-batch and hard negatives.
+    Several processes: `torchrun --nproc-per-node N -m densepr train ...`."""
+    from .data import EmbeddedData
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        train_file=str(train_file), output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
+        dev_file=str(dev_file) if dev_file else None, shared=shared, pooling=pooling, normalize=normalize,
+        max_length=max_length, batch_size=batch_size, hard_negatives=hard_negatives, random_negatives=random_negatives,
+        epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        seed=seed, grad_cache_chunk=grad_cache_chunk, save_every=save_every, max_steps=max_steps,
+        tensorboard=tensorboard, skip_bad=skip_bad,
+    )  # fmt: skip
+    result = train(cfg, resume=resume, device=device, log=_log)
+    best = output / ("best" if (output / "best").is_dir() else "final")
+    out.print(f"trained {result.get('step')} steps; encoders in {best} (question_encoder/, passage_encoder/)")
+
+
 @app.command("search")
 def search(
     question: Annotated[str, typer.Argument(help="The question.")],
@@ -334,6 +431,7 @@ def reproduce(
     write_expected: Annotated[Optional[Path], typer.Option(help="Record this run's figures as the expected ones in this file.")] = None,
     tolerance: Annotated[float, typer.Option(help="With --write-expected: allowed difference in points.")] = 0.5,
     save_dpr_json: Annotated[bool, typer.Option(help="Also write DPR result JSON per test set and method (large).")] = False,
+    tune_on: Annotated[Optional[list[str]], typer.Option("--tune-on", help="Sets to tune the hybrid lambda on (repeat; names or QA files; default nq-dev, trivia-dev). Use held-out questions for a model trained on dev.")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -345,6 +443,8 @@ def reproduce(
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device)  # fmt: skip
+    if tune_on:
+        cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)
     out.print(rich_table(summary["results"], names=METHOD_NAMES, title=f"top-k accuracy (%), profile {profile}"))
     if write_expected:

@@ -26,7 +26,7 @@ import numpy as np
 from .bm25 import BM25Index
 from .data.fetch import EmbeddedData, fetch_embedded
 from .data.passages import Corpus, load_corpus, write_passages_tsv
-from .data.qa import QASet
+from .data.qa import QASet, load_qa
 from .data.summaries import load_wiki_summaries
 from .embeddings import Embeddings, encode_corpus
 from .encoder import Encoder, load_biencoder
@@ -141,7 +141,8 @@ class Stages:
 
 
 def _sets(data: EmbeddedData, names: Sequence[str], limit: int | None) -> list[QASet]:
-    return [data.load_qa(n, limit=limit) for n in names]
+    """Embedded sets by name, or QA files by path (e.g. a held-out slice written by build-train)."""
+    return [data.load_qa(n, limit=limit) if n in data.QA_SETS else load_qa(n, limit=limit) for n in names]
 
 
 def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress: bool = False) -> dict:
@@ -208,7 +209,8 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     }  # fmt: skip
     write_json(out / "results.json", summary)
     write_json(out / "curves.json", curves, indent=None)
-    title = f"densepr on the embedded benchmark ({len(corpus)} Wikipedia summaries; dense = {Path(q_enc.name).name}, zero-shot)"
+    dense_name = "all-MiniLM-L6-v2, zero-shot" if cfg.encoder is None else str(cfg.encoder)
+    title = f"densepr on the embedded benchmark ({len(corpus)} Wikipedia summaries; dense = {dense_name})"
     (out / "results.md").write_text(f"# {title}\n\nhybrid λ = {best} (tuned on dev)\n\n" + markdown_table(results, names=METHOD_NAMES), encoding="utf-8")
     plot_topk(curves, out / "topk.png", METHOD_NAMES, title)
     log(f"done in {total}s: {out / 'results.md'}, {out / 'topk.png'}, {out / 'results.json'}")
