@@ -25,8 +25,9 @@ reproduce: $(STAMP)
 smoke: $(STAMP)
 	$(VENV)/bin/densepr reproduce --profile smoke --output runs/smoke
 
-## Unit and integration tests (tests needing the fetched data skip, saying why, until `densepr data fetch`).
+## Lint, then unit and integration tests (tests needing the fetched data skip, saying why, until `densepr data fetch`).
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 ## Also the slow tests.

@@ -152,7 +152,7 @@ def main() -> None:
     for col in ("stage", "densepr", "reference", "ratio"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     e, b, f = results["encoding"], results["bm25"], results["faiss_exact"]
-    table.add_row("encode passages/s (batch %d)" % e["batch_size"], f"{e['densepr_passages_per_s']:.1f}",
+    table.add_row(f"encode passages/s (batch {e['batch_size']})", f"{e['densepr_passages_per_s']:.1f}",
                   f"{e['sentence_transformers_passages_per_s']:.1f} (sentence-transformers)", f"{e['ratio']:.2f}x")
     table.add_row("BM25 queries/s (top-100)", f"{b['densepr_queries_per_s']:.0f}", f"{b['rank_bm25_queries_per_s']:.1f} (rank_bm25)", f"{b['ratio']:.0f}x")
     for batch in (1, 256):

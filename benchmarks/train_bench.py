@@ -12,10 +12,11 @@ as ``title [SEP] text``, dot-product similarity with scale 1, AdamW. Configurati
 * ``st-cached-mnrl``: its ``CachedMultipleNegativesRankingLoss`` (mini-batch ``--chunk``).
 
 Each runs in a fresh process (so peak memory is its own): one warm-up step, then ``--steps``
-timed steps; questions/s is B over the median step time. Prints a table and writes
-``benchmarks/results/train-speed.json``.
+timed steps; questions/s is B over the median step time. A configuration the kernel kills
+for lack of memory is recorded as such. Prints a table and writes
+``benchmarks/results/train-speed-b<batch>.json``.
 
-    python benchmarks/train_bench.py [--batch-size 128] [--steps 2] [--chunk 32]
+    python benchmarks/train_bench.py [--batch-size 128] [--steps 2] [--chunk 8]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "train-speed.json"
+RESULTS = Path(__file__).parent / "results" / "train-speed-b{batch}.json"
 CONFIGS = ("densepr", "densepr-gradcache", "st-mnrl", "st-cached-mnrl")
 
 
@@ -81,7 +82,8 @@ def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
             times.append(time.perf_counter() - t0)
             losses.append(loss)
     else:
-        from sentence_transformers import SentenceTransformer, losses as st_losses, models, util
+        from sentence_transformers import SentenceTransformer, models, util
+        from sentence_transformers import losses as st_losses
 
         word = models.Transformer(str(model_dir), max_seq_length=256)
         model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device="cpu")
@@ -107,13 +109,18 @@ def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # fmt: skip
 
 
+def _mem_gib() -> int:
+    with open("/proc/meminfo") as fh:
+        return round(int(fh.readline().split()[1]) / 2**20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=8, help="gradient-cache chunk / CachedMNRL mini-batch")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/train-speed-b<batch>.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = ap.parse_args()
     if args.one:
@@ -126,11 +133,16 @@ def main() -> None:
     for config in args.configs:  # one fresh process each: peak memory is that configuration's
         cmd = [sys.executable, __file__, "--one", config, "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--chunk", str(args.chunk)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
+        if proc.returncode < 0 or proc.returncode == 137:
+            # Killed by a signal: on this machine that is the kernel's out-of-memory killer.
+            sig = -proc.returncode if proc.returncode < 0 else 9
+            rows.append({"config": config, "batch_size": args.batch_size, "error": f"killed by signal {sig} (out of memory: the machine has {_mem_gib()} GiB)"})
+        elif proc.returncode != 0:
             raise SystemExit(f"{config} failed:\n{(proc.stderr + proc.stdout)[-2000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    by = {r["config"]: r for r in rows}
+    by = {r["config"]: r for r in rows if "error" not in r}
     ratios = {}
     if "densepr" in by and "st-mnrl" in by:
         ratios["densepr_vs_st_mnrl"] = round(by["densepr"]["questions_per_s"] / by["st-mnrl"]["questions_per_s"], 3)
@@ -147,11 +159,15 @@ def main() -> None:
     for col in ("configuration", "s/step", "questions/s", "peak RSS (GiB)", "first loss"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for r in rows:
-        table.add_row(r["config"], f"{r['step_s']:.1f}", f"{r['questions_per_s']:.2f}", f"{r['peak_rss_gib']:.2f}", f"{r['first_loss']:.4f}")
+        if "error" in r:
+            table.add_row(r["config"], "-", "-", r["error"], "-")
+        else:
+            table.add_row(r["config"], f"{r['step_s']:.1f}", f"{r['questions_per_s']:.2f}", f"{r['peak_rss_gib']:.2f}", f"{r['first_loss']:.4f}")
     Console(width=140).print(table)
     print("ratios:", ratios)
-    write_json(args.output, result)
-    print(f"wrote {args.output}")
+    output = args.output or Path(str(RESULTS).format(batch=args.batch_size))
+    write_json(output, result)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from densepr.data import QA, QASet
 from densepr.evaluate import AnswerMatcher, accuracy_report, has_answer, simple_tokenize, topk_curve
 
-
 # --- the oracle: DPR's dpr/data/qa_validation.py + dpr/utils/tokenizers.py, loop for loop ---------
 _DPR_RE = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE + regex.UNICODE + regex.MULTILINE)
 

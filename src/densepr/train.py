@@ -44,7 +44,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .data.passages import Passage
-from .data.training import TrainRecord, iter_train_records
+from .data.training import iter_train_records
 from .encoder import BiEncoder, Encoder, EncoderConfig
 from .errors import DenseprError
 from .evaluate import has_answer

@@ -2,7 +2,16 @@
 
 from .beir import BeirDataset, load_beir, read_qrels_tsv, read_queries
 from .fetch import EmbeddedData, FetchError, default_cache_dir, fetch_embedded
-from .passages import Corpus, Passage, iter_passages_jsonl, iter_passages_tsv, load_corpus, split_article, split_articles, write_passages_tsv
+from .passages import (
+    Corpus,
+    Passage,
+    iter_passages_jsonl,
+    iter_passages_tsv,
+    load_corpus,
+    split_article,
+    split_articles,
+    write_passages_tsv,
+)
 from .qa import QA, QASet, load_qa, write_qa_tsv
 from .summaries import load_wiki_summaries
 from .training import TrainRecord, iter_train_records, write_train_records

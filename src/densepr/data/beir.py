@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .passages import Corpus, iter_jsonl, iter_passages_jsonl
+from .passages import Corpus, iter_jsonl, iter_passages_jsonl, iter_tsv_rows
 
 
 @dataclass
@@ -63,25 +62,19 @@ def read_qrels_tsv(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
     """Qrels to ``{qid: {docid: grade}}``: BEIR's TSV (``query-id, corpus-id, score``, header
     optional) or TREC's whitespace-separated ``qid iteration docid grade``."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found" if not path.exists() else "is not a file")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t")
-        for row in reader:
-            if not row or row == [""]:
-                continue
-            if reader.line_num == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(row) == 1 and len(row[0].split()) == 4:  # TREC: qid 0 docid grade
-                row = [row[0].split()[i] for i in (0, 2, 3)]
-            if len(row) != 3:
-                raise InputError(path, f"expected 3 columns (query-id, corpus-id, score), found {len(row)}", line=reader.line_num)
-            try:
-                grade = int(float(row[2]))
-            except ValueError:
-                raise InputError(path, f"score {row[2]!r} is not a number", line=reader.line_num, field="score") from None
-            qrels.setdefault(row[0], {})[row[1]] = grade
+    for lineno, row in iter_tsv_rows(path):
+        if lineno == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(row) == 1 and len(row[0].split()) == 4:  # TREC: qid 0 docid grade
+            row = [row[0].split()[i] for i in (0, 2, 3)]
+        if len(row) != 3:
+            raise InputError(path, f"expected 3 columns (query-id, corpus-id, score), found {len(row)}", line=lineno)
+        try:
+            grade = int(float(row[2]))
+        except ValueError:
+            raise InputError(path, f"score {row[2]!r} is not a number", line=lineno, field="score") from None
+        qrels.setdefault(row[0], {})[row[1]] = grade
     if not qrels:
         raise InputError(path, "no judgements found (empty file?)")
     return qrels

@@ -106,18 +106,17 @@ def _check_text(path: Path) -> None:
         raise InputError(path, "is a directory, expected a file")
 
 
-def iter_passages_tsv(path: str | os.PathLike[str]) -> Iterator[Passage]:
-    """Stream passages from a DPR passages TSV (``id, text, title``; header optional).
+def iter_tsv_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[str]]]:
+    """``(line_number, fields)`` of each non-blank row of a tab-separated, CSV-quoted file.
 
-    Raises:
-        InputError: naming the line and column of a malformed row.
+    Read as DPR reads its files (``csv.reader(delimiter="\\t")``); a BOM and CRLF line ends are
+    tolerated. Undecodable bytes and broken quoting raise :class:`InputError` with the line.
     """
     path = Path(path)
     _check_text(path)
     # utf-8-sig: tolerate a BOM; newline="": let csv handle quoted newlines and CRLF.
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t")
-        first = True
         while True:
             try:
                 row = next(reader)
@@ -126,21 +125,26 @@ def iter_passages_tsv(path: str | os.PathLike[str]) -> Iterator[Passage]:
             except UnicodeDecodeError as e:
                 raise InputError(path, f"not UTF-8 text ({e.reason})", line=reader.line_num + 1) from None
             except csv.Error as e:
-                raise InputError(path, f"unreadable TSV row ({e}); is a quote left open?", line=reader.line_num) from None
-            if first:
-                first = False
-                if [c.strip().lower() for c in row] == TSV_HEADER:
-                    continue
-            if not row or row == [""]:
-                continue
-            if len(row) != 3:
-                raise InputError(
-                    path, f"expected 3 tab-separated columns (id, text, title), found {len(row)}", line=reader.line_num
-                )
-            pid, text, title = row
-            if not pid.strip():
-                raise InputError(path, "empty passage id", line=reader.line_num, field="id")
-            yield Passage(pid, title, text)
+                raise InputError(path, f"unreadable row ({e}); is a quote left open?", line=reader.line_num) from None
+            if row and row != [""]:
+                yield reader.line_num, row
+
+
+def iter_passages_tsv(path: str | os.PathLike[str]) -> Iterator[Passage]:
+    """Stream passages from a DPR passages TSV (``id, text, title``; header optional).
+
+    Raises:
+        InputError: naming the line and column of a malformed row.
+    """
+    for n, (lineno, row) in enumerate(iter_tsv_rows(path)):
+        if n == 0 and [c.strip().lower() for c in row] == TSV_HEADER:
+            continue
+        if len(row) != 3:
+            raise InputError(path, f"expected 3 tab-separated columns (id, text, title), found {len(row)}", line=lineno)
+        pid, text, title = row
+        if not pid.strip():
+            raise InputError(path, "empty passage id", line=lineno, field="id")
+        yield Passage(pid, title, text)
 
 
 def write_passages_tsv(passages: Iterable[Passage], path: str | os.PathLike[str]) -> int:

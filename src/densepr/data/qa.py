@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import atomic_write
-from .passages import iter_jsonl
+from .passages import iter_jsonl, iter_tsv_rows
 
 
 @dataclass(frozen=True)
@@ -76,26 +76,14 @@ def _parse_answer_list(raw: str, path: Path, lineno: int) -> tuple[str, ...]:
 def iter_qa_tsv(path: str | os.PathLike[str]) -> Iterator[QA]:
     """Stream a DPR QA TSV/CSV file (see module docstring)."""
     path = Path(path)
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t")
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except UnicodeDecodeError as e:
-                raise InputError(path, f"not UTF-8 text ({e.reason})", line=reader.line_num + 1) from None
-            except csv.Error as e:
-                raise InputError(path, f"unreadable row ({e})", line=reader.line_num) from None
-            if not row or row == [""]:
-                continue
-            if len(row) < 2:
-                raise InputError(path, "expected question<TAB>answers, found one column", line=reader.line_num)
-            if len(row) > 3:  # DPR files may carry a third id column; more is a broken line.
-                raise InputError(path, f"expected 2 tab-separated columns, found {len(row)}", line=reader.line_num)
-            if not row[0].strip():
-                raise InputError(path, "empty question", line=reader.line_num, field="question")
-            yield QA(row[0], _parse_answer_list(row[1], path, reader.line_num))
+    for lineno, row in iter_tsv_rows(path):
+        if len(row) < 2:
+            raise InputError(path, "expected question<TAB>answers, found one column", line=lineno)
+        if len(row) > 3:  # DPR files may carry a third id column; more is a broken line.
+            raise InputError(path, f"expected 2 tab-separated columns, found {len(row)}", line=lineno)
+        if not row[0].strip():
+            raise InputError(path, "empty question", line=lineno, field="question")
+        yield QA(row[0], _parse_answer_list(row[1], path, lineno))
 
 
 def iter_qa_jsonl(path: str | os.PathLike[str]) -> Iterator[QA]:
