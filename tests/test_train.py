@@ -323,3 +323,16 @@ def test_length_sorted_chunks_round_trip(tiny_bert):
     lengths = torch.cat([c["attention_mask"].sum(1) for c in parts])
     assert lengths.tolist() == sorted(lengths.tolist(), reverse=True)  # longest first
     assert lengths[inverse].tolist() == batch["attention_mask"].sum(1).tolist()  # inverse restores the order
+
+
+def test_tensorboard_log_is_optional(tmp_path, train_file, tiny_bert):
+    cfg = TrainConfig(train_file=str(train_file), output_dir=str(tmp_path / "tb"), init=str(tiny_bert), batch_size=4, epochs=1,
+                      max_steps=1, tensorboard=True)  # fmt: skip
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(DenseprError, match="needs the tensorboard package"):
+            train(cfg, device="cpu", show_progress=False)
+        return
+    train(cfg, device="cpu", show_progress=False)
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
