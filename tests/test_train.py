@@ -250,8 +250,9 @@ def test_checkpoints_are_hugging_face_and_safe(tmp_path, train_file, tiny_bert):
         enc = Encoder.load(d / "passage_encoder", device="cpu")
         assert enc.config == EncoderConfig("cls", False, 256)
     assert json.loads((out / "best" / "validation.json").read_text())["questions"] == 6
-    kinds = {json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()}
-    assert kinds == {"train", "validation"}
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {e["kind"] for e in entries} == {"train", "validation"}
+    assert [e["step"] for e in entries if e["kind"] == "validation"] == [0, 3]  # before training, and after the epoch
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.old"))
 

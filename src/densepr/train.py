@@ -534,6 +534,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
     log(f"{len(examples)} training questions, {steps_per_epoch} steps/epoch of {cfg.batch_size} questions "
         f"x (1 + {cfg.hard_negatives} hard + {cfg.random_negatives} random) passages, {d.world} process(es)"
         + (f", gradient cache chunks of {cfg.grad_cache_chunk}" if cfg.grad_cache_chunk else ""))  # fmt: skip
+    if dev_examples and d.main and state["step"] == 0:  # where training starts from, for comparison
+        start_val = validate(model, dev_examples, cfg.val_hard_negatives)
+        record({"kind": "validation", "step": 0, "epoch": 0, **start_val})
+        log(f"validation before training: average rank {start_val['avg_rank']} of {start_val['pool']}, "
+            + ", ".join(f"top-{k} {start_val[f'top{k}']:.1f}" for k in (1, 5, 20)))  # fmt: skip
     with progress_bar(total, "train", show_progress and d.main, unit="step") as advance:
         advance(state["step"])
         while state["step"] < total and state["epoch"] < cfg.epochs:
