@@ -108,7 +108,7 @@ def bench_faiss(data: EmbeddedData, index_dir: Path | None, gflops: float) -> di
 
         flat = faiss.IndexFlatIP(384)
         flat.add(vecs)
-        index = DenseIndex(flat, [str(i) for i in range(len(vecs))], {"type": "flat"})
+        index = DenseIndex.from_faiss(flat, [str(i) for i in range(len(vecs))])
         source = "random 10033 x 384"
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((4096, index.dim)).astype(np.float32)

@@ -26,7 +26,7 @@ def test_stage_by_stage_pipeline(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
     steps = [
         ("data", "split", str(articles), str(idx / "passages.tsv"), "--words", "100"),
         ("index", "bm25", str(idx / "passages.tsv"), str(idx / "bm25")),
-        ("encode", str(idx / "passages.tsv"), str(tmp_path / "emb"), "--encoder", str(tiny_bert), "--shard-size", "5", "--device", "cpu"),
+        ("encode", str(idx / "passages.tsv"), str(tmp_path / "emb"), "--encoder", str(tiny_bert), "--part-size", "5", "--device", "cpu"),
         ("index", "dense", str(tmp_path / "emb"), str(idx / "dense")),
     ]
     outputs = []
@@ -34,7 +34,7 @@ def test_stage_by_stage_pipeline(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
         code, out, err = run(capsys, *step)
         assert code == 0, err
         outputs.append(out)
-    assert "12 passages" in outputs[0] and "in 3 shard(s)" in outputs[2]
+    assert "12 passages" in outputs[0] and "in 3 part(s)" in outputs[2]
 
     code, out, err = run(capsys, "retrieve", "--qa", str(qa_tsv), "--index", str(idx), "--mode", "bm25", "-k", "5",
                          "-o", str(tmp_path / "res.json"), "--trec", str(tmp_path / "res.trec"))  # fmt: skip
@@ -160,3 +160,22 @@ def test_build_train_then_train(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
     (tmp_path / "nq-test.tsv").write_text(qa_tsv.read_text(), encoding="utf-8")
     code, _, err = run(capsys, "data", "build-train", "--qa", str(tmp_path / "nq-test.tsv"), "--index", str(idx), "-o", str(tmp_path / "x.json"))
     assert code == 1 and "refusing to build training data from test set" in err
+
+
+def test_sharded_encode_index_types_and_plan(tmp_path, capsys, corpus, tiny_bert):
+    from densepr.data import write_passages_tsv
+
+    write_passages_tsv(corpus, tmp_path / "p.tsv")
+    for i in range(3):
+        code, out, err = run(capsys, "encode", str(tmp_path / "p.tsv"), str(tmp_path / "emb"), "--encoder", str(tiny_bert),
+                             "--part-size", "2", "--shard-id", str(i), "--num-shards", "3", "--device", "cpu")  # fmt: skip
+        assert code == 0, err
+    assert "other shards still to finish" not in out and "in 6 part(s)" in out
+    code, out, err = run(capsys, "index", "dense", str(tmp_path / "emb"), str(tmp_path / "hnsw"), "--type", "hnsw", "--num-shards", "2")
+    assert code == 0, err
+    assert "hnsw index of 12 x 32 vectors in 2 shards" in out
+    code, out, err = run(capsys, "index", "dense", str(tmp_path / "emb"), str(tmp_path / "bad"), "--type", "annoy")
+    assert code == 1 and "unknown index type 'annoy'" in err
+    code, out, err = run(capsys, "index", "plan", "--num-passages", "21015324", "--dim", "768")
+    assert code == 0, err
+    assert "21,015,324 passages x 768 dims" in out and "60.1 GiB" in out  # 21M x 768 x 4 bytes, flat

@@ -19,19 +19,19 @@ def encoder(tiny_bert):
     return Encoder.load(tiny_bert, device="cpu")
 
 
-def test_shards_hold_every_passage_once_in_order(tmp_path, corpus, encoder):
-    m = encode_corpus(encoder, corpus, tmp_path / "emb", shard_size=5, batch_size=4)
-    assert [s["count"] for s in m["shards"]] == [5, 5, 2] and m["count"] == len(corpus)
+def test_parts_hold_every_passage_once_in_order(tmp_path, corpus, encoder):
+    m = encode_corpus(encoder, corpus, tmp_path / "emb", part_size=5, batch_size=4)
+    assert [s["count"] for s in m["parts"]] == [5, 5, 2] and m["count"] == len(corpus)
     emb = Embeddings.open(tmp_path / "emb", corpus)
-    ids, vecs = zip(*emb.shards())
+    ids, vecs = zip(*emb.parts())
     assert [i for part in ids for i in part] == corpus.ids
     full = np.concatenate(vecs)
     np.testing.assert_allclose(full, encoder.encode_passages(corpus.titles, corpus.texts), rtol=1e-4, atol=1e-5)
 
 
-def test_encoding_resumes_from_the_first_missing_shard(tmp_path, corpus, encoder):
+def test_encoding_resumes_from_the_first_missing_part(tmp_path, corpus, encoder):
     out = tmp_path / "emb"
-    encode_corpus(encoder, corpus, out, shard_size=5)
+    encode_corpus(encoder, corpus, out, part_size=5)
     before = np.load(out / "part-00001.npy")
     (out / "part-00001.npy").unlink()
     (out / "manifest.json").unlink()
@@ -39,33 +39,33 @@ def test_encoding_resumes_from_the_first_missing_shard(tmp_path, corpus, encoder
     original = encoder.encode_passages
     encoder.encode_passages = lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
     try:
-        encode_corpus(encoder, corpus, out, shard_size=5)
+        encode_corpus(encoder, corpus, out, part_size=5)
     finally:
         del encoder.encode_passages
-    assert calls == [5]  # only the missing shard was encoded again
+    assert calls == [5]  # only the missing part was encoded again
     np.testing.assert_allclose(np.load(out / "part-00001.npy"), before, rtol=1e-5)
     assert Embeddings.open(out).manifest["count"] == len(corpus)
 
 
 def test_resuming_with_another_encoder_is_refused(tmp_path, corpus, encoder):
-    encode_corpus(encoder, corpus, tmp_path / "emb", shard_size=5)
+    encode_corpus(encoder, corpus, tmp_path / "emb", part_size=5)
     other = Encoder.load(make_tiny_bert(tmp_path / "other", seed=7, pooling="cls"), device="cpu")
     with pytest.raises(MismatchError, match="another encoder"):
-        encode_corpus(other, corpus, tmp_path / "emb", shard_size=5)
+        encode_corpus(other, corpus, tmp_path / "emb", part_size=5)
 
 
 def test_float16_storage(tmp_path, corpus, encoder):
     encode_corpus(encoder, corpus, tmp_path / "emb16", dtype="float16")
-    (_, vecs), = Embeddings.open(tmp_path / "emb16").shards()
+    (_, vecs), = Embeddings.open(tmp_path / "emb16").parts()
     assert vecs.dtype == np.float16
 
 
 def test_flat_index_is_exact_inner_product(tmp_path, corpus, encoder):
-    encode_corpus(encoder, corpus, tmp_path / "emb", shard_size=4)
+    encode_corpus(encoder, corpus, tmp_path / "emb", part_size=4)
     index = DenseIndex.build(tmp_path / "emb")
     index.save(tmp_path / "idx")
     loaded = DenseIndex.load(tmp_path / "idx", corpus=corpus)
-    p = np.concatenate([v for _, v in Embeddings.open(tmp_path / "emb").shards()])
+    p = np.concatenate([v for _, v in Embeddings.open(tmp_path / "emb").parts()])
     q = encoder.encode_questions(["who created python", "great lakes", "mozart"])
     res = loaded.search(q, k=5)
     brute = q @ p.T
@@ -110,3 +110,145 @@ def test_interrupted_write_leaves_nothing_under_the_final_name(tmp_path):
             fh.write("garbage")
             raise RuntimeError("killed")
     assert target.read_text() == "{}"  # the previous complete file survives
+
+
+# -- sharded encoding -----------------------------------------------------------------------------
+def test_three_shards_encode_every_passage_exactly_once(tmp_path, corpus, encoder):
+    single = encode_corpus(encoder, corpus, tmp_path / "one", part_size=2)
+    results = [encode_corpus(encoder, corpus, tmp_path / "three", part_size=2, shard_id=i, num_shards=3) for i in (2, 0, 1)]
+    assert results[0] is None and results[1] is None  # not complete until the last shard ran
+    assert results[2]["count"] == single["count"] == len(corpus)
+    a, b = Embeddings.open(tmp_path / "one"), Embeddings.open(tmp_path / "three")
+    ids_a = [i for ids, _ in a.parts() for i in ids]
+    ids_b = [i for ids, _ in b.parts() for i in ids]
+    assert ids_b == ids_a == corpus.ids  # none dropped, none doubled, corpus order
+    np.testing.assert_allclose(np.concatenate([v for _, v in b.parts()]), np.concatenate([v for _, v in a.parts()]), rtol=1e-5, atol=1e-6)
+    from densepr.embeddings import shard_parts
+
+    assert [list(shard_parts(6, i, 3)) for i in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert sorted(p for i in range(4) for p in shard_parts(10, i, 4)) == list(range(10))
+
+
+# -- index types ----------------------------------------------------------------------------------
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((20, dim)).astype(np.float32) * 3
+    return (centers[rng.integers(0, 20, n)] + rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32)
+
+
+def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700):
+    """An embeddings directory holding ``vecs`` (as encode_corpus writes it), without a model."""
+    from densepr.fileio import save_npy, write_ids, write_json, write_manifest
+
+    d = tmp_path / "emb"
+    d.mkdir()
+    parts, files = [], []
+    for i in range(0, len(vecs), part):
+        save_npy(d / f"part-{i // part:05d}.npy", vecs[i : i + part])
+        write_ids(d / f"part-{i // part:05d}.ids", [f"p{j}" for j in range(i, min(len(vecs), i + part))])
+        parts.append({"vectors": f"part-{i // part:05d}.npy", "ids": f"part-{i // part:05d}.ids", "count": len(vecs[i : i + part])})
+        files += [parts[-1]["vectors"], parts[-1]["ids"]]
+    write_json(d / "encoding.json", {})
+    write_manifest(d, "embeddings", files, dim=vecs.shape[1], count=len(vecs), dtype="float32",
+                   encoder={"path": "synthetic", "weights_id": "x"}, question_encoder="synthetic", parts=parts)  # fmt: skip
+    return d
+
+
+def _recall(res, exact, k):
+    return np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(res.rows, exact.rows)])
+
+
+@pytest.mark.parametrize(
+    "index_type, params, min_recall",
+    [
+        ("flat-fp16", {}, 0.99),
+        ("flat-sq8", {}, 0.9),
+        ("hnsw", {"hnsw_m": 16, "ef_construction": 80, "ef_search": 128}, 0.95),
+        ("ivf-flat", {"nlist": 16, "nprobe": 16}, 0.999),  # every cell visited: exact
+        ("ivf-pq", {"nlist": 16, "nprobe": 16, "pq_m": 16}, 0.5),
+        ("opq-pq", {"nlist": 16, "nprobe": 16, "pq_m": 16}, 0.5),
+    ],
+)
+def test_index_types_against_exact_search(tmp_path, index_type, params, min_recall):
+    from densepr.index import IndexParams
+
+    vecs, queries = _clustered(3000, 32), _clustered(40, 32, seed=9)
+    emb = _embeddings_dir(tmp_path, vecs)
+    exact = DenseIndex.build(emb).search(queries, 20)
+    index = DenseIndex.build(emb, index_type, IndexParams(train_size=3000, **params))
+    index.save(tmp_path / "idx")
+    loaded = DenseIndex.load(tmp_path / "idx")
+    res = loaded.search(queries, 20)
+    assert _recall(res, exact, 20) >= min_recall
+    assert loaded.manifest["type"] == index_type and loaded.manifest["params"]["train_size"] == 3000
+    if index_type in ("hnsw", "ivf-flat"):  # float vectors kept: scores are the true inner products
+        valid = res.rows >= 0
+        true = np.einsum("qd,qkd->qk", queries, vecs[np.where(valid, res.rows, 0)])
+        np.testing.assert_allclose(res.scores[valid], true[valid], rtol=1e-3, atol=1e-2)
+
+
+def test_sharded_index_ranks_exactly_like_one_index(tmp_path):
+    vecs, queries = _clustered(2000, 16), _clustered(30, 16, seed=5)
+    emb = _embeddings_dir(tmp_path, vecs)
+    one = DenseIndex.build(emb).search(queries, 50)
+    three = DenseIndex.build(emb, num_shards=3)
+    three.save(tmp_path / "sharded")
+    assert sorted(p.name for p in (tmp_path / "sharded").glob("index-*.faiss")) == [f"index-0000{i}.faiss" for i in range(3)]
+    for mmap in (False, True):
+        res = DenseIndex.load(tmp_path / "sharded", mmap=mmap).search(queries, 50)
+        np.testing.assert_array_equal(res.rows, one.rows)
+        np.testing.assert_allclose(res.scores, one.scores, rtol=1e-6)
+    # HNSW shards share one norm bound, so their recovered inner products compare across shards.
+    h1 = DenseIndex.build(emb, "hnsw").search(queries, 10)
+    h3 = DenseIndex.build(emb, "hnsw", num_shards=3).search(queries, 10)
+    assert _recall(h3, one, 10) >= 0.95 and _recall(h1, one, 10) >= 0.95
+
+
+def test_torch_exact_path_equals_faiss(tmp_path):
+    vecs, queries = _clustered(1000, 16), _clustered(10, 16, seed=3)
+    index = DenseIndex.build(_embeddings_dir(tmp_path, vecs))
+    ref = index.search(queries, 10)
+    index.use_torch("cpu", "float32")
+    got = index.search(queries, 10)
+    np.testing.assert_array_equal(got.rows, ref.rows)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5)
+    sc, ix = index._search_torch(queries, 10, block=64)  # many blocks, running top-k merged
+    np.testing.assert_array_equal(ix, ref.rows)
+    np.testing.assert_allclose(sc, ref.scores, rtol=1e-5)
+
+
+def test_combining_index_directories_checks_they_belong_together(tmp_path, corpus, encoder):
+    encode_corpus(encoder, corpus, tmp_path / "emb")
+    whole = DenseIndex.build(tmp_path / "emb")
+    half = DenseIndex.from_faiss(whole.shards[0].index, whole.ids, encoder=whole.manifest["encoder"])
+    both = DenseIndex.combine([half, half])
+    assert len(both) == 2 * len(corpus)
+    other = DenseIndex.from_faiss(whole.shards[0].index, whole.ids, encoder={"path": "other", "weights_id": "zz"})
+    with pytest.raises(MismatchError, match="different passage encoders"):
+        DenseIndex.combine([half, other])
+
+
+def test_plan_counts_bytes():
+    from densepr.index import plan
+
+    rows = {r["type"]: r for r in plan(21_015_324, 768)}
+    assert rows["flat"]["ram_bytes"] == 21_015_324 * 768 * 4  # the 65 GB DPR's users know
+    assert rows["flat-fp16"]["bytes_per_passage"] == 1536 and rows["flat-sq8"]["bytes_per_passage"] == 768
+    assert rows["ivf-pq"]["bytes_per_passage"] == 768 // 4 + 8 and rows["ivf-pq"]["ram_bytes"] < rows["flat"]["ram_bytes"] / 15
+
+
+def test_interrupted_index_save_leaves_no_file(tmp_path, monkeypatch):
+    import faiss
+
+    index = DenseIndex.build(_embeddings_dir(tmp_path, _clustered(200, 8)))
+
+    def broken(idx, path):
+        with open(path, "wb") as fh:
+            fh.write(b"half an index")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(faiss, "write_index", broken)
+    with pytest.raises(RuntimeError):
+        index.save(tmp_path / "idx")
+    assert not (tmp_path / "idx" / "index.faiss").exists() and not (tmp_path / "idx" / "manifest.json").exists()
+    assert not list((tmp_path / "idx").glob("*.tmp"))

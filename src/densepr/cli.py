@@ -166,14 +166,56 @@ def index_bm25(
 def index_dense(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings directory written by `densepr encode`.")],
     output: Annotated[Path, typer.Argument(help="Index directory to write.")],
-    type: Annotated[str, typer.Option("--type", help="Index type: flat (exact inner product).")] = "flat",
+    type: Annotated[str, typer.Option("--type", help="flat, flat-fp16, flat-sq8, hnsw, ivf-flat, ivf-pq or opq-pq.")] = "flat",
+    num_shards: Annotated[int, typer.Option(help="Split the index into this many files (searched together).")] = 1,
+    hnsw_m: Annotated[int, typer.Option(help="hnsw: neighbours per node.")] = 32,
+    ef_construction: Annotated[int, typer.Option(help="hnsw: build-time search width.")] = 200,
+    ef_search: Annotated[int, typer.Option(help="hnsw: query-time search width.")] = 256,
+    nlist: Annotated[Optional[int], typer.Option(help="ivf-*: k-means cells (default ~4 sqrt(N)).")] = None,
+    nprobe: Annotated[int, typer.Option(help="ivf-*: cells visited per query.")] = 64,
+    pq_m: Annotated[Optional[int], typer.Option(help="ivf-pq/opq-pq: bytes per vector (default dim/4).")] = None,
+    train_size: Annotated[int, typer.Option(help="Vectors sampled to train quantisers.")] = 100_000,
 ) -> None:
-    """Build a FAISS index from passage embedding shards."""
-    from .index import DenseIndex
+    """Build a FAISS index from passage embeddings (exact, compressed or approximate)."""
+    from .index import DenseIndex, IndexParams
 
-    index = DenseIndex.build(embeddings, type, show_progress=True)
+    params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
+                         pq_m=pq_m, train_size=train_size)  # fmt: skip
+    index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True)
     index.save(output)
-    out.print(f"{type} index of {len(index)} x {index.dim} vectors written to {output}")
+    shards = f" in {num_shards} shards" if num_shards > 1 else ""
+    out.print(f"{type} index of {len(index)} x {index.dim} vectors{shards} written to {output}")
+
+
+@index_app.command("plan")
+def index_plan(
+    num_passages: Annotated[int, typer.Option(help="Passages to index (DPR's Wikipedia: 21015324).")] = 21_015_324,
+    dim: Annotated[int, typer.Option(help="Vector dimension (BERT-base: 768).")] = 768,
+    hnsw_m: int = 32,
+    pq_m: Annotated[Optional[int], typer.Option(help="PQ bytes per vector (default dim/4).")] = None,
+) -> None:
+    """Memory and disk for each index type at a given scale, with the accuracy cost measured here."""
+    from rich.table import Table
+
+    from .index import plan
+
+    rows = plan(num_passages, dim, hnsw_m=hnsw_m, pq_m=pq_m)
+    table = Table(title=f"{num_passages:,} passages x {dim} dims")
+    for col in ("type", "bytes/passage", "RAM", "disk", "recall@100 vs exact", "top-20 change (points)", "measured on"):
+        table.add_column(col, justify="left" if col in ("type", "measured on") else "right")
+    for r in rows:
+        cost = r.get("measured") or {}
+        table.add_row(r["type"], f"{r['bytes_per_passage']:,.0f}", _gib(r["ram_bytes"]), _gib(r["disk_bytes"]),
+                      _fmt(cost.get("recall_at_100")), _fmt(cost.get("top20_change"), signed=True), cost.get("source", "not measured"))  # fmt: skip
+    out.print(table)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    return "-" if x is None else (f"{x:+.2f}" if signed else f"{x:.3f}")
 
 
 @app.command("encode")
@@ -182,21 +224,39 @@ def encode(
     output: Annotated[Path, typer.Argument(help="Embeddings directory to write (resumes if present).")],
     encoder: Annotated[Optional[Path], typer.Option(help="Model directory, or a checkpoint with question_encoder/ and passage_encoder/ (default: embedded all-MiniLM-L6-v2).")] = None,
     batch_size: int = 64,
-    shard_size: Annotated[int, typer.Option(help="Passages per .npy shard (the unit of resumption).")] = 100_000,
+    part_size: Annotated[int, typer.Option(help="Passages per .npy part file (the unit of resumption).")] = 100_000,
     dtype: Annotated[str, typer.Option(help="float32 or float16 storage.")] = "float32",
+    shard_id: Annotated[Optional[int], typer.Option(help="Encode only this shard of the parts (0-based); under torchrun: the rank.")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="How many shards the parts are split into; under torchrun: the world size.")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Encode passages as `title [SEP] text` into .npy shards plus ids."""
+    """Encode passages as `title [SEP] text` into .npy parts plus ids; several processes can share
+    the work (`--shard-id I --num-shards N`, or `torchrun --nproc-per-node K -m densepr encode ...`)."""
+    import os
+
+    import torch
+
     from .data import EmbeddedData, load_corpus
     from .embeddings import encode_corpus
     from .encoder import load_biencoder
 
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and shard_id is None and num_shards is None:
+        shard_id, num_shards = rank, world  # one shard per torchrun process
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if device in (None, "cpu"):
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    shard_id, num_shards = shard_id or 0, num_shards or 1
     q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
     corpus = load_corpus(passages)
-    m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, shard_size=shard_size,
-                      batch_size=batch_size, dtype=dtype, show_progress=True)  # fmt: skip
-    out.print(f"{m['count']} passage vectors ({m['dim']}-d, {dtype}) in {len(m['shards'])} shard(s) written to {output}")
+    m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, part_size=part_size, batch_size=batch_size,
+                      dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=rank == 0 or world == 1)  # fmt: skip
+    if m is None:
+        out.print(f"shard {shard_id + 1}/{num_shards} encoded into {output}; other shards still to finish")
+    else:
+        out.print(f"{m['count']} passage vectors ({m['dim']}-d, {dtype}) in {len(m['parts'])} part(s) written to {output}")
 
 
 # -- retrieval and evaluation -----------------------------------------------------------------

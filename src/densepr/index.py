@@ -1,18 +1,35 @@
 """The dense index: passage vectors in FAISS, searched by inner product (DPR's sim = E_Q(q) . E_P(p)).
 
+Index types (``densepr index dense --type``), all scoring by inner product:
+
+=============  ==========================================================================
+``flat``       exact, float32 vectors (``IndexFlatIP``)
+``flat-fp16``  exact search over float16-stored vectors (``IndexScalarQuantizer`` fp16)
+``flat-sq8``   8-bit scalar-quantised vectors (trained on a sample for each dimension's range)
+``hnsw``       HNSW graph over vectors made L2-searchable by DPR's transform: each passage gets
+               an extra coordinate ``sqrt(phi - |p|^2)`` (phi = the largest squared norm) and
+               each question a 0, so the L2 order equals the inner-product order
+``ivf-flat``   inverted file (k-means cells, ``nprobe`` visited), float32 vectors
+``ivf-pq``     inverted file + product quantisation (``pq_m`` bytes per vector)
+``opq-pq``     the same after an OPQ rotation
+=============  ==========================================================================
+
 Layout of a dense index directory::
 
-    index.faiss      # FAISS's own file format (never pickle)
-    ids.txt          # passage id of each index row, one per line
-    manifest.json    # index type, metric, dim, count, both encoders, corpus; sizes and sha256
+    index.faiss | index-00000.faiss ...  # FAISS's own files, one per shard (never pickle)
+    ids.txt                              # passage id of each row, in shard order
+    manifest.json                        # type, parameters, dim, count, shards, both encoders,
+                                         # corpus, phi (hnsw); sizes and sha256
 
-``flat`` is exact search (``IndexFlatIP``); approximate and compressed types come with the
-scale-out work and share this layout.
+A sharded index (``--num-shards``) is searched shard by shard and the lists merged, which
+gives exactly the ranking one index over all rows would give.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
@@ -26,70 +43,244 @@ from .progress import progress_bar
 from .results import SearchResult
 
 KIND = "dense-index"
-INDEX_TYPES = ("flat",)
+INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "hnsw", "ivf-flat", "ivf-pq", "opq-pq")
+TRAINED = ("flat-sq8", "ivf-flat", "ivf-pq", "opq-pq")
 
 
+@dataclass
+class IndexParams:
+    """Build and search parameters (recorded in the manifest; search ones can be changed at load)."""
+
+    hnsw_m: int = 32  # graph neighbours per node
+    ef_construction: int = 200
+    ef_search: int = 256
+    nlist: int | None = None  # IVF cells; default ~ 4 sqrt(N)
+    nprobe: int = 64
+    pq_m: int | None = None  # PQ bytes per vector; default dim / 4
+    train_size: int = 100_000  # vectors sampled for k-means / quantiser training
+    seed: int = 1234
+
+    def resolved(self, n: int, dim: int) -> IndexParams:
+        out = IndexParams(**asdict(self))
+        if out.nlist is None:
+            out.nlist = max(1, min(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))), n // 39 or 1))
+        if out.pq_m is None:
+            out.pq_m = max(1, dim // 4)
+        if dim % out.pq_m:
+            raise DenseprError(f"pq_m={out.pq_m} must divide the dimension {dim}")
+        return out
+
+
+def _factory(index_type: str, dim: int, p: IndexParams) -> faiss.Index:
+    ip = faiss.METRIC_INNER_PRODUCT
+    if index_type == "flat":
+        return faiss.IndexFlatIP(dim)
+    if index_type == "flat-fp16":
+        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip)
+    if index_type == "flat-sq8":
+        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
+    if index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim + 1, p.hnsw_m)  # L2 over transformed vectors (DPR's)
+        index.hnsw.efConstruction = p.ef_construction
+        return index
+    if index_type == "ivf-flat":
+        return faiss.index_factory(dim, f"IVF{p.nlist},Flat", ip)
+    if index_type == "ivf-pq":
+        return faiss.index_factory(dim, f"IVF{p.nlist},PQ{p.pq_m}", ip)
+    if index_type == "opq-pq":
+        return faiss.index_factory(dim, f"OPQ{p.pq_m},IVF{p.nlist},PQ{p.pq_m}", ip)
+    raise DenseprError(f"unknown index type {index_type!r}; available: {', '.join(INDEX_TYPES)}")
+
+
+def _set_search_params(index: faiss.Index, index_type: str, p: IndexParams, k: int) -> None:
+    if index_type == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = max(p.ef_search, k)
+    elif index_type in ("ivf-flat", "ivf-pq", "opq-pq"):
+        faiss.extract_index_ivf(index).nprobe = p.nprobe
+
+
+def hnsw_augment(x: np.ndarray, phi: float) -> np.ndarray:
+    """DPR's inner-product-to-L2 transform of passage vectors: append ``sqrt(phi - |x|^2)``."""
+    norms = (x.astype(np.float64) ** 2).sum(1)
+    extra = np.sqrt(np.maximum(phi - norms, 0.0)).astype(np.float32)
+    return np.hstack([x, extra[:, None]])
+
+
+def _train_sample(emb: Embeddings, size: int, seed: int) -> np.ndarray:
+    """A uniform sample of up to ``size`` vectors, read shard by shard (memory-mapped)."""
+    n = len(emb)
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+    out, start = [], 0
+    for _, vecs in emb.parts():
+        local = pick[(pick >= start) & (pick < start + len(vecs))] - start
+        out.append(np.asarray(vecs[local], dtype=np.float32))
+        start += len(vecs)
+    return np.concatenate(out)
+
+
+@dataclass
+class _Shard:
+    index: faiss.Index
+    start: int  # first global row
+    file: str = ""
+
+
+@dataclass
 class DenseIndex:
-    """A FAISS inner-product index over passage vectors, with the ids of its rows.
+    """Passage vectors in one or more FAISS shards, with the ids of their rows.
 
     Args:
-        index: the FAISS index.
-        ids: passage id of each row.
-        manifest: metadata (encoders, corpus, type).
+        shards: the FAISS indexes, each holding a contiguous range of rows.
+        ids: passage id of each row (all shards).
+        manifest: metadata (type, parameters, encoders, corpus, phi for hnsw).
     """
 
-    def __init__(self, index: faiss.Index, ids: list[str], manifest: dict) -> None:
-        if index.ntotal != len(ids):
-            raise MismatchError(f"index holds {index.ntotal} vectors but {len(ids)} ids")
-        self.index, self.ids, self.manifest = index, ids, manifest
-        self._rows: np.ndarray | None = None  # index row -> corpus row, once bound to a corpus
+    shards: list[_Shard]
+    ids: list[str]
+    manifest: dict
+    _rows: np.ndarray | None = field(default=None, repr=False)  # index row -> corpus row once bound
+    _torch: object | None = field(default=None, repr=False)  # torch tensor of vectors (GPU path)
+    _gpu_res: object | None = field(default=None, repr=False)  # FAISS GPU resources, kept alive
+
+    def __post_init__(self) -> None:
+        total = sum(s.index.ntotal for s in self.shards)
+        if total != len(self.ids):
+            raise MismatchError(f"index holds {total} vectors but {len(self.ids)} ids")
+
+    @property
+    def index_type(self) -> str:
+        return self.manifest.get("type", "flat")
+
+    @property
+    def params(self) -> IndexParams:
+        return IndexParams(**self.manifest.get("params", {}))
 
     @property
     def dim(self) -> int:
-        return int(self.index.d)
+        return int(self.manifest["dim"])
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return len(self.ids)
 
     @classmethod
-    def build(cls, embeddings: Embeddings | str | os.PathLike[str], index_type: str = "flat", show_progress: bool = False) -> DenseIndex:
-        """Build an exact inner-product index from an embeddings directory, shard by shard."""
+    def from_faiss(cls, index: faiss.Index, ids: list[str], index_type: str = "flat", **manifest) -> DenseIndex:
+        """Wrap an existing FAISS index (one shard)."""
+        return cls([_Shard(index, 0)], ids, {"type": index_type, "dim": index.d, "count": len(ids), **manifest})
+
+    @classmethod
+    def combine(cls, parts: list[DenseIndex]) -> DenseIndex:
+        """Search several index directories (e.g. built on different machines) as one index.
+
+        Raises:
+            MismatchError: they were built by different encoders, with other types or dimensions.
+        """
+        first = parts[0].manifest
+        for other in parts[1:]:
+            m = other.manifest
+            for key in ("dim", "type"):
+                if m.get(key) != first.get(key):
+                    raise MismatchError(f"index shards differ in {key}: {first.get(key)!r} vs {m.get(key)!r}")
+            if m.get("encoder", {}).get("weights_id") != first.get("encoder", {}).get("weights_id"):
+                raise MismatchError(
+                    f"index shards were built by different passage encoders ({first.get('encoder', {}).get('path')} vs "
+                    f"{m.get('encoder', {}).get('path')}); their scores are not comparable"
+                )
+            if first.get("type") == "hnsw" and m.get("phi") != first.get("phi"):
+                raise MismatchError("hnsw shards were built with different norm bounds (phi); build them together")
+        shards, ids, offset = [], [], 0
+        for part in parts:
+            shards += [_Shard(s.index, offset + s.start, s.file) for s in part.shards]
+            ids += part.ids
+            offset += len(part)
+        manifest = {**first, "count": len(ids)}
+        manifest.pop("corpus", None)  # each part covers a slice of the corpus
+        return cls(shards, ids, manifest)
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        embeddings: Embeddings | str | os.PathLike[str],
+        index_type: str = "flat",
+        params: IndexParams | None = None,
+        num_shards: int = 1,
+        show_progress: bool = False,
+    ) -> DenseIndex:
+        """Build an index from an embeddings directory, adding one embeddings shard at a time.
+
+        Trained types learn their quantiser on a sample (``params.train_size`` vectors); with
+        several index shards, every shard starts from the same trained, empty index.
+        """
         if index_type not in INDEX_TYPES:
             raise DenseprError(f"unknown index type {index_type!r}; available: {', '.join(INDEX_TYPES)}")
         emb = embeddings if isinstance(embeddings, Embeddings) else Embeddings.open(embeddings)
-        index = faiss.IndexFlatIP(emb.dim)
+        n, dim = len(emb), emb.dim
+        if num_shards < 1 or num_shards > max(n, 1):
+            raise DenseprError(f"--num-shards must be between 1 and the {n} vectors")
+        p = (params or IndexParams()).resolved(n, dim)
+        phi = None
+        if index_type == "hnsw":  # first pass: the largest squared norm, for DPR's transform
+            phi = max(float((np.asarray(v, dtype=np.float64) ** 2).sum(1).max()) for _, v in emb.parts())
+        empty = _factory(index_type, dim, p)
+        if index_type in TRAINED:
+            sample = _train_sample(emb, p.train_size if index_type == "flat-sq8" else max(p.train_size, 39 * (p.nlist or 1)), p.seed)
+            if index_type != "flat-sq8" and len(sample) < (p.nlist or 1):
+                raise DenseprError(f"{len(sample)} vectors cannot train {p.nlist} IVF cells; lower --nlist")
+            empty.train(sample)
+        bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
+        shards = [_Shard(faiss.clone_index(empty) if num_shards > 1 else empty, int(bounds[i])) for i in range(num_shards)]
         ids: list[str] = []
-        with progress_bar(len(emb), "index passages", show_progress, unit="vec") as advance:
-            for shard_ids, vecs in emb.shards():
-                index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+        row = 0
+        with progress_bar(n, f"index passages ({index_type})", show_progress, unit="vec") as advance:
+            for shard_ids, vecs in emb.parts():
+                vecs = np.asarray(vecs, dtype=np.float32)
+                for s in range(num_shards):  # an embeddings shard may straddle index shards
+                    lo, hi = max(bounds[s], row), min(bounds[s + 1], row + len(vecs))
+                    if lo < hi:
+                        part = np.ascontiguousarray(vecs[lo - row : hi - row])
+                        shards[s].index.add(hnsw_augment(part, phi) if phi is not None else part)
                 ids += shard_ids
-                advance(len(shard_ids))
+                row += len(vecs)
+                advance(len(vecs))
         meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
-        return cls(index, ids, {"type": index_type, "metric": "inner_product", "dim": emb.dim, "count": len(ids), **meta})
+        manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta}
+        if phi is not None:
+            manifest["phi"] = phi
+        return cls(shards, ids, manifest)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``index.faiss``, ``ids.txt`` and the manifest, each atomically."""
+        """Write each shard, ``ids.txt`` and, last, the manifest (each file atomically)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").unlink(missing_ok=True)
-        with atomic_path(d / "index.faiss") as tmp:
-            faiss.write_index(self.index, tmp)
+        entries = []
+        for i, s in enumerate(self.shards):
+            s.file = "index.faiss" if len(self.shards) == 1 else f"index-{i:05d}.faiss"
+            with atomic_path(d / s.file) as tmp:
+                faiss.write_index(s.index, tmp)
+            entries.append({"file": s.file, "start": s.start, "count": int(s.index.ntotal)})
         write_ids(d / "ids.txt", self.ids)
-        meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files")}
-        self.manifest = write_manifest(d, KIND, ["index.faiss", "ids.txt"], **meta)
+        meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files", "shards")}
+        self.manifest = write_manifest(d, KIND, [e["file"] for e in entries] + ["ids.txt"], **meta, shards=entries)
 
+    # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], corpus: Corpus | None = None) -> DenseIndex:
-        """Load an index; checks file sizes, and binds row numbers to ``corpus`` when given."""
+    def load(cls, directory: str | os.PathLike[str], corpus: Corpus | None = None, mmap: bool = False, **search: int) -> DenseIndex:
+        """Load an index (all shards); checks sizes, and binds rows to ``corpus`` when given.
+
+        Args:
+            mmap: map shard files instead of reading them (flat, sq and IVF types).
+            search: override search parameters (``ef_search``, ``nprobe``).
+        """
         d = Path(directory)
         manifest = read_manifest(d, KIND)
-        try:
-            index = faiss.read_index(str(d / "index.faiss"))
-        except RuntimeError as e:
-            raise DenseprError(f"{d / 'index.faiss'}: FAISS cannot read it ({str(e).splitlines()[-1]}); rebuild the index") from None
-        if index.d != manifest["dim"]:
-            raise MismatchError(f"{d}: index dimension {index.d} differs from the manifest's {manifest['dim']}")
-        out = cls(index, read_ids(d / "ids.txt"), manifest)
+        entries = manifest.get("shards") or [{"file": "index.faiss", "start": 0, "count": manifest["count"]}]
+        if search:
+            manifest["params"] = {**manifest.get("params", {}), **search}
+        shards = []
+        for e in entries:
+            shards.append(_Shard(_read_faiss(d / e["file"], manifest, mmap), int(e["start"]), e["file"]))
+        out = cls(shards, read_ids(d / "ids.txt"), manifest)
         if corpus is not None:
             out.bind(corpus)
         return out
@@ -101,6 +292,33 @@ class DenseIndex:
             self._rows = np.fromiter((corpus.row(i) for i in self.ids), dtype=np.int64, count=len(self.ids))
         except KeyError as e:
             raise MismatchError(f"dense index passage id {e.args[0]!r} is not in the corpus") from None
+
+    # -- searching -----------------------------------------------------------------------------
+    def use_torch(self, device: str = "cuda", dtype: str = "float16") -> None:
+        """Search the exact index with a torch matrix product + top-k on ``device`` (the GPU path
+        when FAISS has no GPU build); vectors are copied there in ``dtype``."""
+        import torch
+
+        if self.index_type not in ("flat", "flat-fp16"):
+            raise DenseprError(f"the torch search path is exact search; index type {self.index_type} is not")
+        vecs = np.concatenate([s.index.reconstruct_n(0, s.index.ntotal) for s in self.shards])
+        self._torch = torch.as_tensor(vecs).to(device=device, dtype=getattr(torch, dtype))
+
+    def to_device(self, device: str) -> str:
+        """Search on a GPU: FAISS's GPU index when this FAISS has one, else (exact types) the torch
+        matmul + top-k path in float16. Returns which path was taken ("cpu" when none applies)."""
+        if not str(device).startswith("cuda"):
+            return "cpu"
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and self.index_type != "hnsw":
+            gpu = int(str(device).split(":")[1]) if ":" in str(device) else 0
+            self._gpu_res = faiss.StandardGpuResources()
+            for s in self.shards:
+                s.index = faiss.index_cpu_to_gpu(self._gpu_res, gpu, s.index)
+            return "faiss-gpu"
+        if self.index_type in ("flat", "flat-fp16"):
+            self.use_torch(device, "float16")
+            return "torch"
+        return "cpu"
 
     def search(self, queries: np.ndarray, k: int = 100, batch_size: int = 1024) -> SearchResult:
         """Top-k by inner product for ``[n, dim]`` query vectors; rows are corpus rows once bound.
@@ -118,10 +336,102 @@ class DenseIndex:
         scores = np.zeros((len(queries), k), dtype=np.float32)
         k_eff = min(k, len(self))
         for start in range(0, len(queries), batch_size):
-            sc, ix = self.index.search(queries[start : start + batch_size], k_eff)
-            rows[start : start + len(ix), :k_eff] = ix
-            scores[start : start + len(ix), :k_eff] = sc
+            q = queries[start : start + batch_size]
+            sc, ix = self._search_torch(q, k_eff) if self._torch is not None else self._search_shards(q, k_eff)
+            rows[start : start + len(q), :k_eff] = ix
+            scores[start : start + len(q), :k_eff] = sc
         if self._rows is not None:
             valid = rows >= 0
             rows[valid] = self._rows[rows[valid]]
         return SearchResult(rows, scores)
+
+    def _search_shards(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        p = self.params
+        qq = np.hstack([q, np.zeros((len(q), 1), dtype=np.float32)]) if self.index_type == "hnsw" else q
+        all_sc, all_ix = [], []
+        for s in self.shards:
+            _set_search_params(s.index, self.index_type, p, k)
+            sc, ix = s.index.search(qq, min(k, s.index.ntotal))
+            if self.index_type == "hnsw":  # |q - x'|^2 = |q|^2 + phi - 2 q.x  =>  q.x back from L2
+                sc = np.where(ix >= 0, ((q.astype(np.float64) ** 2).sum(1, keepdims=True) + self.manifest["phi"] - sc) / 2, -np.inf)
+            all_sc.append(np.where(ix >= 0, sc, -np.inf))
+            all_ix.append(np.where(ix >= 0, ix + s.start, -1))
+        if len(self.shards) == 1:
+            return all_sc[0], all_ix[0]
+        # Merge the shards' lists: the k best overall, as one index over all rows would rank them.
+        sc, ix = np.hstack(all_sc), np.hstack(all_ix)
+        order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sc, order, 1), np.take_along_axis(ix, order, 1)
+
+    def _search_torch(self, q: np.ndarray, k: int, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k as one matrix product per block of passages, keeping a running top-k, so
+        the [queries x passages] score matrix never exists whole."""
+        import torch
+
+        vecs = self._torch
+        qt = torch.as_tensor(q).to(device=vecs.device, dtype=vecs.dtype)
+        best_sc = torch.full((len(q), 0), -torch.inf, device=vecs.device)
+        best_ix = torch.zeros((len(q), 0), dtype=torch.long, device=vecs.device)
+        for start in range(0, len(vecs), block):
+            sc = (qt @ vecs[start : start + block].T).float()
+            sc, ix = torch.topk(sc, min(k, sc.shape[1]), dim=1)
+            best_sc, order = torch.topk(torch.cat([best_sc, sc], 1), min(k, best_sc.shape[1] + sc.shape[1]), dim=1)
+            best_ix = torch.gather(torch.cat([best_ix, ix + start], 1), 1, order)
+        return best_sc.cpu().numpy(), best_ix.cpu().numpy()
+
+
+def _read_faiss(path: Path, manifest: dict, mmap: bool) -> faiss.Index:
+    flags = 0
+    if mmap and manifest.get("type", "flat") != "hnsw":
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as e:
+        raise DenseprError(f"{path}: FAISS cannot read it ({str(e).splitlines()[-1]}); rebuild the index") from None
+    expected = manifest["dim"] + (1 if manifest.get("type") == "hnsw" else 0)
+    if index.d != expected:
+        raise MismatchError(f"{path}: index dimension {index.d} differs from the manifest's {manifest['dim']}")
+    return index
+
+
+# -- planning ----------------------------------------------------------------------------------
+COSTS_RESOURCE = "index-costs.json"
+
+
+def bytes_per_vector(index_type: str, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> float:
+    """Bytes each passage costs in an index of ``index_type`` (vectors, codes, graph links, ids)."""
+    pq_m = pq_m or max(1, dim // 4)
+    return {
+        "flat": 4 * dim,
+        "flat-fp16": 2 * dim,
+        "flat-sq8": dim,
+        # float32 vector (+1 coordinate for the transform), 2M level-0 links of 4 bytes, upper levels ~1/M of that
+        "hnsw": 4 * (dim + 1) + 8 * hnsw_m * (1 + 1 / hnsw_m) + 4,
+        "ivf-flat": 4 * dim + 8,  # + the 64-bit id stored in its inverted list
+        "ivf-pq": pq_m + 8,
+        "opq-pq": pq_m + 8,
+    }[index_type]
+
+
+def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> list[dict]:
+    """Per index type: bytes per passage, total RAM and disk, and the accuracy cost measured by
+    ``benchmarks/index_bench.py`` (packaged as ``resources/index-costs.json``)."""
+    import json
+    from importlib import resources
+
+    try:
+        costs = json.loads(resources.files("densepr").joinpath("resources", COSTS_RESOURCE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        costs = {}
+    p = IndexParams(hnsw_m=hnsw_m, pq_m=pq_m).resolved(num_passages, dim)
+    rows = []
+    for t in INDEX_TYPES:
+        per = bytes_per_vector(t, dim, hnsw_m, p.pq_m)
+        fixed = 0.0
+        if t.startswith("ivf") or t == "opq-pq":
+            fixed += 4 * dim * (p.nlist or 1)  # centroids
+        if t == "opq-pq":
+            fixed += 4 * dim * dim  # rotation
+        total = per * num_passages + fixed
+        rows.append({"type": t, "bytes_per_passage": per, "ram_bytes": total, "disk_bytes": total, "measured": costs.get(t)})
+    return rows

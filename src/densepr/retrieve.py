@@ -154,7 +154,7 @@ class Retriever:
     @classmethod
     def load(
         cls, directory: str | os.PathLike[str], question_encoder: str | os.PathLike[str] | None = None,
-        device: str | None = None, hybrid_lambda: float | None = None,
+        device: str | None = None, hybrid_lambda: float | None = None, mmap: bool = False,
     ) -> Retriever:  # fmt: skip
         """Load an index directory (see module docstring); the parts present decide the modes."""
         d = Path(directory)
@@ -164,8 +164,9 @@ class Retriever:
         bm25 = BM25Index.load(d / "bm25", corpus=corpus) if (d / "bm25").is_dir() else None
         dense = encoder = None
         if (d / "dense").is_dir():
-            dense = DenseIndex.load(d / "dense", corpus=corpus)
+            dense = DenseIndex.load(d / "dense", corpus=corpus, mmap=mmap)
             encoder = Encoder.load(question_encoder or dense.manifest["question_encoder"], device=device)
+            dense.to_device(str(encoder.device))  # exact search on the GPU when there is one
         if hybrid_lambda is None:
             hybrid_lambda = read_json(d / "hybrid.json")["lambda"] if (d / "hybrid.json").is_file() else PAPER_LAMBDA
         if bm25 is None and dense is None:

@@ -1,0 +1,266 @@
+"""Cost and accuracy of every dense index type, side by side in one run.
+
+For each type (flat, flat-fp16, flat-sq8, hnsw, ivf-flat, ivf-pq, opq-pq), in a fresh process
+(so its peak memory is its own): build time, peak RSS, index size on disk, queries/s at
+batch 1 and batch 256 (top-100), and recall@100 against exact search. Exact search is also
+reported as a fraction of this machine's float32 matrix-multiply rate, measured in the same run,
+for FAISS's ``IndexFlatIP`` and for the torch matmul + top-k path.
+
+Two data sets:
+
+* ``synthetic``: N vectors of D dims with low intrinsic dimension (a 64-d Gaussian latent
+  mixed into D dims by a fixed random matrix, plus small isotropic noise), queries from the
+  same distribution. Pure isotropic Gaussians would have no neighbours worth finding.
+* ``embedded``: the real passage vectors of the embedded benchmark (``densepr reproduce``'s
+  ``runs/embedded``), with NQ-test questions; also top-20 accuracy (DPR's ``has_answer``) on
+  all five test sets for each type, against exact search.
+
+    python benchmarks/index_bench.py synthetic [--n 1000000] [--dim 768]
+    python benchmarks/index_bench.py embedded [--index-dir runs/embedded]
+
+Writes ``benchmarks/results/index-<dataset>.json`` (and, for ``embedded``, the measured costs the
+memory planner ``densepr index plan`` shows: ``src/densepr/resources/index-costs.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+TYPES = ("flat", "flat-fp16", "flat-sq8", "hnsw", "ivf-flat", "ivf-pq", "opq-pq")
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def write_synthetic(directory: Path, n: int, dim: int, n_queries: int, seed: int = 0, part: int = 100_000) -> np.ndarray:
+    """An embeddings directory of ``n`` synthetic vectors; returns ``n_queries`` query vectors."""
+    from densepr.fileio import save_npy, write_ids, write_json, write_manifest
+
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((64, dim)).astype(np.float32) / 8
+
+    def draw(m: int) -> np.ndarray:
+        return (rng.standard_normal((m, 64)).astype(np.float32) @ mix + 0.05 * rng.standard_normal((m, dim)).astype(np.float32)).astype(np.float32)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    parts, files = [], []
+    for i, start in enumerate(range(0, n, part)):
+        m = min(part, n - start)
+        save_npy(directory / f"part-{i:05d}.npy", draw(m))
+        write_ids(directory / f"part-{i:05d}.ids", [str(j) for j in range(start, start + m)])
+        parts.append({"vectors": f"part-{i:05d}.npy", "ids": f"part-{i:05d}.ids", "count": m})
+        files += [parts[-1]["vectors"], parts[-1]["ids"]]
+    write_json(directory / "encoding.json", {"synthetic": True, "seed": seed})
+    write_manifest(directory, "embeddings", files, dim=dim, count=n, dtype="float32",
+                   encoder={"path": "synthetic", "weights_id": f"synthetic-{seed}"}, question_encoder="synthetic", parts=parts)  # fmt: skip
+    return draw(n_queries)
+
+
+def time_search(index, queries: np.ndarray, batch: int, n: int, k: int = 100) -> tuple[float, object]:
+    q = queries[:n]
+    index.search(q[: min(batch, len(q))], k, batch_size=batch)  # warm-up
+    t0 = time.perf_counter()
+    res = index.search(q, k, batch_size=batch)
+    return n / (time.perf_counter() - t0), res
+
+
+def run_type(args: argparse.Namespace) -> dict:
+    """Build, save, reload and time one index type (runs in its own process)."""
+    from densepr.index import DenseIndex, IndexParams
+
+    work = Path(args.work)
+    queries = np.load(work / "queries.npy")
+    params = IndexParams(**json.loads(args.params))
+    t0 = time.perf_counter()
+    index = DenseIndex.build(work / "emb", args.one, params)
+    build_s = time.perf_counter() - t0
+    out = work / f"idx-{args.one}"
+    index.save(out)
+    disk = sum(f.stat().st_size for f in out.glob("*.faiss"))
+    del index
+    index = DenseIndex.load(out)
+    qps1, _ = time_search(index, queries, 1, min(args.batch1_queries, len(queries)))
+    qps256, res = time_search(index, queries, 256, len(queries))
+    row = {"type": args.one, "build_s": round(build_s, 1), "disk_bytes": disk, "bytes_per_vector": round(disk / len(index), 1),
+           "queries_per_s_batch1": round(qps1, 1), "queries_per_s_batch256": round(qps256, 1),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "params": index.manifest["params"]}  # fmt: skip
+    np.save(work / f"rows-{args.one}.npy", res.rows)
+    if args.one == "flat":  # the torch exact path, and the GEMM ceiling, on the same index
+        gflops = matmul_gflops()
+        flops = 2 * len(index) * index.dim
+        row["machine_gemm_gflops"] = round(gflops, 1)
+        row["faiss_fraction_of_gemm_batch256"] = round(qps256 * flops / 1e9 / gflops, 3)
+        index.use_torch("cpu", "float32")
+        tq, tres = time_search(index, queries, 256, len(queries))
+        row["torch_queries_per_s_batch256"] = round(tq, 1)
+        row["torch_fraction_of_gemm_batch256"] = round(tq * flops / 1e9 / gflops, 3)
+        row["torch_equals_faiss"] = bool((tres.rows == res.rows).mean() > 0.999)
+    shutil.rmtree(out)
+    return row
+
+
+def recall(rows: np.ndarray, exact: np.ndarray, k: int = 100) -> float:
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(rows, exact)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", choices=("synthetic", "embedded"), nargs="?")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--queries", type=int, default=2048)
+    ap.add_argument("--batch1-queries", type=int, default=200)
+    ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    ap.add_argument("--index-dir", type=Path, default=Path("runs/embedded"))
+    ap.add_argument("--params", default="{}", help="IndexParams as JSON (e.g. '{\"nprobe\": 128}')")
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_type(args)))
+        return
+    if args.dataset is None:
+        ap.error("choose a dataset: synthetic or embedded")
+    from densepr.reproduce import machine_info
+
+    work = Path(tempfile.mkdtemp(prefix="densepr-index-bench-"))
+    try:
+        if args.dataset == "synthetic":
+            queries = write_synthetic(work / "emb", args.n, args.dim, args.queries)
+            label = f"synthetic {args.n:,} x {args.dim}"
+        else:
+            queries, label = embedded_queries(args.index_dir, work, args.queries)
+        np.save(work / "queries.npy", queries)
+        rows = []
+        for t in ["flat"] + [t for t in args.types if t != "flat"]:
+            cmd = [sys.executable, __file__, "--work", str(work), "--one", t, "--params", args.params, "--batch1-queries", str(args.batch1_queries)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append({"type": t, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+        exact = np.load(work / "rows-flat.npy")
+        flat = rows[0]
+        for r in rows:
+            if "error" in r:
+                continue
+            r["recall_at_100"] = round(recall(np.load(work / f"rows-{r['type']}.npy"), exact), 4)
+            r["memory_vs_flat"] = round(r["disk_bytes"] / flat["disk_bytes"], 4)
+            r["batch1_speedup_vs_flat"] = round(r["queries_per_s_batch1"] / flat["queries_per_s_batch1"], 2)
+        result = {"command": "python benchmarks/index_bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+                  "machine": machine_info(), "data": label, "queries": len(queries), "k": 100, "rows": rows}  # fmt: skip
+        if args.dataset == "embedded":
+            result["top20"] = embedded_accuracy(args.index_dir, work, [r["type"] for r in rows if "error" not in r], json.loads(args.params))
+        print_table(result)
+        from densepr.fileio import write_json
+
+        name = f"index-{args.dataset}" + (f"-{args.n // 1000}k-{args.dim}" if args.dataset == "synthetic" else "") + ".json"
+        write_json(RESULTS / name, result)
+        print(f"wrote {RESULTS / name}")
+        if args.dataset == "embedded":
+            write_costs(result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def embedded_queries(index_dir: Path, work: Path, n: int) -> tuple[np.ndarray, str]:
+    from densepr.data import EmbeddedData
+    from densepr.encoder import Encoder
+    from densepr.index import DenseIndex
+
+    emb_dir = index_dir / "embeddings"
+    if not (emb_dir / "manifest.json").is_file():
+        raise SystemExit(f"{emb_dir}: no embeddings; run `densepr reproduce` first")
+    shutil.copytree(emb_dir, work / "emb")
+    manifest = DenseIndex.load(index_dir / "dense").manifest
+    enc = Encoder.load(manifest["question_encoder"], device="cpu")
+    qs = EmbeddedData().load_qa("nq-test").questions[:n]
+    return enc.encode_questions(qs), f"embedded benchmark passages ({manifest['count']:,} x {manifest['dim']}), NQ-test questions"
+
+
+def embedded_accuracy(index_dir: Path, work: Path, types: list[str], params: dict) -> dict:
+    """Top-20 accuracy (all questions) on every test set for each index type; exact first."""
+    from densepr.data import EmbeddedData, load_corpus
+    from densepr.encoder import Encoder
+    from densepr.evaluate import AnswerMatcher, topk_curve
+    from densepr.index import DenseIndex, IndexParams
+
+    data = EmbeddedData()
+    corpus = load_corpus(index_dir / "passages.tsv")
+    matcher = AnswerMatcher(corpus.texts)
+    enc = Encoder.load(DenseIndex.load(index_dir / "dense").manifest["question_encoder"], device="cpu")
+    sets = {name: data.load_qa(name) for name in data.TEST_SETS}
+    qvecs = {name: enc.encode_questions(qas.questions) for name, qas in sets.items()}
+    out: dict[str, dict] = {}
+    for t in types:
+        index = DenseIndex.build(work / "emb", t, IndexParams(**params))
+        index.bind(corpus)
+        out[t] = {name: round(100 * float(topk_curve(matcher.hits(index.search(qvecs[name], 20).rows, qas), 20)[-1]), 2)
+                  for name, qas in sets.items()}  # fmt: skip
+    for t in types:
+        out[t]["change_vs_exact"] = {name: round(out[t][name] - out["flat"][name], 2) for name in sets}
+    return out
+
+
+def write_costs(result: dict) -> None:
+    """The measured accuracy costs the memory planner shows."""
+    from densepr.fileio import write_json
+
+    costs = {}
+    for r in result["rows"]:
+        if "error" in r:
+            continue
+        change = result["top20"][r["type"]]["change_vs_exact"]
+        costs[r["type"]] = {"recall_at_100": r["recall_at_100"], "top20_change": min(change.values()),
+                            "source": f"{result['data']}, {result['date']} (worst of 5 test sets)"}  # fmt: skip
+    path = Path(__file__).parents[1] / "src" / "densepr" / "resources" / "index-costs.json"
+    write_json(path, costs)
+    print(f"wrote {path}")
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['data']}: {result['queries']} queries, top-100 ({result['machine']['cpu']}, {result['machine']['cores']} cores)")
+    for col in ("type", "build s", "bytes/vec", "mem vs flat", "peak RSS GiB", "q/s b=1", "q/s b=256", "b=1 vs flat", "recall@100"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for r in result["rows"]:
+        if "error" in r:
+            table.add_row(r["type"], r["error"])
+            continue
+        table.add_row(r["type"], f"{r['build_s']:.1f}", f"{r['bytes_per_vector']:.0f}", f"{r['memory_vs_flat']:.3f}", f"{r['peak_rss_gib']:.2f}",
+                      f"{r['queries_per_s_batch1']:.0f}", f"{r['queries_per_s_batch256']:.0f}", f"{r['batch1_speedup_vs_flat']:.1f}x",
+                      f"{r['recall_at_100']:.4f}")  # fmt: skip
+    Console(width=160).print(table)
+    f = result["rows"][0]
+    if "machine_gemm_gflops" in f:
+        print(f"exact search at batch 256: FAISS {f['faiss_fraction_of_gemm_batch256']:.2f} of the machine's GEMM "
+              f"({f['machine_gemm_gflops']:.0f} GFLOP/s), torch matmul+top-k {f['torch_fraction_of_gemm_batch256']:.2f}")
+    if "top20" in result:
+        for t, accs in result["top20"].items():
+            print(t, {k: v for k, v in accs.items() if k != "change_vs_exact"}, "change:", accs["change_vs_exact"])
+
+
+if __name__ == "__main__":
+    main()
