@@ -217,6 +217,41 @@ def test_torch_exact_path_equals_faiss(tmp_path):
     np.testing.assert_allclose(sc, ref.scores, rtol=1e-5)
 
 
+def test_batched_flat_search_equals_faiss_own(tmp_path):
+    vecs, queries = _clustered(3000, 24), _clustered(64, 24, seed=4)
+    index = DenseIndex.build(_embeddings_dir(tmp_path, vecs), num_shards=2)
+    ref_sc, ref_ix = index._search_shards(queries, 30)  # FAISS IndexFlatIP per shard, merged
+    got = index.search(queries, 30)  # 64 queries: the batched GEMM over FAISS's storage
+    np.testing.assert_array_equal(got.rows, ref_ix)
+    np.testing.assert_allclose(got.scores, ref_sc, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_index_reranks_from_the_vectors_on_disk(tmp_path):
+    from densepr.index import IndexParams
+
+    vecs, queries = _clustered(3000, 32), _clustered(40, 32, seed=9)
+    emb = _embeddings_dir(tmp_path, vecs)
+    exact = DenseIndex.build(emb).search(queries, 20)
+    DenseIndex.build(emb, "ivf-pq", IndexParams(nlist=16, nprobe=16, pq_m=4, train_size=3000)).save(tmp_path / "pq")
+    plain = DenseIndex.load(tmp_path / "pq").search(queries, 20)
+    reranked_index = DenseIndex.load(tmp_path / "pq", rerank=10)
+    reranked = reranked_index.search(queries, 20)
+    assert _recall(reranked, exact, 20) > max(_recall(plain, exact, 20) + 0.1, 0.9)
+    true = np.einsum("qd,qkd->qk", queries, vecs[reranked.rows])  # scores are exact inner products
+    np.testing.assert_allclose(reranked.scores, true, rtol=1e-5, atol=1e-5)
+    assert (np.diff(reranked.scores, axis=1) <= 0).all()
+    index = DenseIndex.load(tmp_path / "pq")
+    index.set_search(rerank=10)  # switched on after loading: the recorded embeddings are mapped
+    np.testing.assert_array_equal(index.search(queries, 20).rows, reranked.rows)
+    with pytest.raises(DenseprError, match="not search parameters: pq_m"):
+        index.set_search(pq_m=8)
+    with pytest.raises(DenseprError, match="needs the embeddings directory"):
+        DenseIndex.load(tmp_path / "pq", rerank=4, vectors=tmp_path / "nowhere")
+    other = _embeddings_dir(tmp_path / "o", vecs[:100]) if (tmp_path / "o").mkdir() is None else None
+    with pytest.raises(MismatchError, match="do not match"):
+        DenseIndex.load(tmp_path / "pq", rerank=4, vectors=other)
+
+
 def test_combining_index_directories_checks_they_belong_together(tmp_path, corpus, encoder):
     encode_corpus(encoder, corpus, tmp_path / "emb")
     whole = DenseIndex.build(tmp_path / "emb")

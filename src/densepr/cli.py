@@ -174,13 +174,14 @@ def index_dense(
     nlist: Annotated[Optional[int], typer.Option(help="ivf-*: k-means cells (default ~4 sqrt(N)).")] = None,
     nprobe: Annotated[int, typer.Option(help="ivf-*: cells visited per query.")] = 64,
     pq_m: Annotated[Optional[int], typer.Option(help="ivf-pq/opq-pq: bytes per vector (default dim/4).")] = None,
+    rerank: Annotated[int, typer.Option(help="Compressed types: re-score the top k x RERANK exactly from the embeddings on disk (0 = off).")] = 0,
     train_size: Annotated[int, typer.Option(help="Vectors sampled to train quantisers.")] = 100_000,
 ) -> None:
     """Build a FAISS index from passage embeddings (exact, compressed or approximate)."""
     from .index import DenseIndex, IndexParams
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
-                         pq_m=pq_m, train_size=train_size)  # fmt: skip
+                         pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip
     index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True)
     index.save(output)
     shards = f" in {num_shards} shards" if num_shards > 1 else ""

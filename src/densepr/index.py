@@ -57,6 +57,7 @@ class IndexParams:
     nlist: int | None = None  # IVF cells; default ~ 4 sqrt(N)
     nprobe: int = 64
     pq_m: int | None = None  # PQ bytes per vector; default dim / 4
+    rerank: int = 0  # >1: fetch k x rerank candidates, re-score them exactly from the on-disk vectors
     train_size: int = 100_000  # vectors sampled for k-means / quantiser training
     seed: int = 1234
 
@@ -141,6 +142,7 @@ class DenseIndex:
     _rows: np.ndarray | None = field(default=None, repr=False)  # index row -> corpus row once bound
     _torch: object | None = field(default=None, repr=False)  # torch tensor of vectors (GPU path)
     _gpu_res: object | None = field(default=None, repr=False)  # FAISS GPU resources, kept alive
+    _exact: list | None = field(default=None, repr=False)  # [(first row, memory-mapped part)] for re-ranking
 
     def __post_init__(self) -> None:
         total = sum(s.index.ntotal for s in self.shards)
@@ -243,7 +245,8 @@ class DenseIndex:
                 row += len(vecs)
                 advance(len(vecs))
         meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
-        manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta}
+        manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta,
+                    "embeddings": str(emb.directory.resolve())}  # fmt: skip
         if phi is not None:
             manifest["phi"] = phi
         return cls(shards, ids, manifest)
@@ -265,12 +268,20 @@ class DenseIndex:
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], corpus: Corpus | None = None, mmap: bool = False, **search: int) -> DenseIndex:
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        corpus: Corpus | None = None,
+        mmap: bool = False,
+        vectors: str | os.PathLike[str] | None = None,
+        **search: int,
+    ) -> DenseIndex:
         """Load an index (all shards); checks sizes, and binds rows to ``corpus`` when given.
 
         Args:
             mmap: map shard files instead of reading them (flat, sq and IVF types).
-            search: override search parameters (``ef_search``, ``nprobe``).
+            vectors: embeddings directory for re-ranking (default: the one recorded at build).
+            search: override search parameters (``ef_search``, ``nprobe``, ``rerank``).
         """
         d = Path(directory)
         manifest = read_manifest(d, KIND)
@@ -283,7 +294,61 @@ class DenseIndex:
         out = cls(shards, read_ids(d / "ids.txt"), manifest)
         if corpus is not None:
             out.bind(corpus)
+        if out.params.rerank > 1:
+            out.attach_vectors(vectors or manifest.get("embeddings") or "")
         return out
+
+    def set_search(self, **search: int) -> None:
+        """Change search parameters (``ef_search``, ``nprobe``, ``rerank``) of a loaded index."""
+        unknown = set(search) - {"ef_search", "nprobe", "rerank"}
+        if unknown:
+            raise DenseprError(f"not search parameters: {', '.join(sorted(unknown))}")
+        self.manifest["params"] = {**self.manifest.get("params", {}), **search}
+        if self.params.rerank > 1 and self._exact is None:
+            self.attach_vectors(self.manifest.get("embeddings") or "")
+
+    def attach_vectors(self, embeddings: str | os.PathLike[str]) -> None:
+        """Memory-map the exact passage vectors this index was built from, for re-ranking.
+
+        Compressed indexes (``ivf-pq``, ``opq-pq``) keep only codes in RAM; with ``rerank`` R > 1,
+        a search takes the k x R best by the codes and re-scores them with the exact vectors read
+        from disk (k x R rows per query), so RAM stays at the codes' size.
+
+        Raises:
+            MismatchError: the directory holds other vectors (count, dimension or encoder differ).
+        """
+        from .embeddings import Embeddings
+
+        if not embeddings or not (Path(embeddings) / "manifest.json").is_file():
+            raise DenseprError(f"re-ranking needs the embeddings directory this index was built from; {str(embeddings)!r} "
+                               "is not one (pass vectors=... / --vectors, or rebuild with rerank 0)")  # fmt: skip
+        emb = Embeddings.open(embeddings)
+        mine, theirs = self.manifest.get("encoder", {}).get("weights_id"), emb.manifest.get("encoder", {}).get("weights_id")
+        if len(emb) != len(self) or emb.dim != self.dim or mine != theirs:
+            raise MismatchError(f"{embeddings}: {len(emb)} x {emb.dim} vectors (encoder {theirs}) do not match the index's "
+                                f"{len(self)} x {self.dim} (encoder {mine})")  # fmt: skip
+        parts, start = [], 0
+        for _, vecs in emb.parts():
+            parts.append((start, vecs))
+            start += len(vecs)
+        self._exact = parts
+
+    def _rescore(self, q: np.ndarray, ix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of each query with its candidate rows, top ``k`` of them."""
+        valid = ix >= 0
+        flat = np.unique(ix[valid])
+        vecs = np.empty((len(flat), self.dim), dtype=np.float32)
+        for start, part in self._exact:
+            sel = (flat >= start) & (flat < start + len(part))
+            if sel.any():
+                vecs[sel] = part[flat[sel] - start]  # sorted rows: a forward pass over the file
+        pos = np.searchsorted(flat, np.where(valid, ix, flat[0] if len(flat) else 0))
+        sc = np.empty(ix.shape, dtype=np.float32)
+        for a in range(0, len(q), 32):  # [32, candidates, dim] at a time
+            sc[a : a + 32] = np.einsum("qd,qcd->qc", q[a : a + 32], vecs[pos[a : a + 32]])
+        sc[~valid] = -np.inf
+        order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sc, order, 1), np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(ix, order, 1), -1)
 
     def bind(self, corpus: Corpus) -> None:
         """Map index rows to rows of ``corpus`` so searches return corpus rows."""
@@ -337,7 +402,14 @@ class DenseIndex:
         k_eff = min(k, len(self))
         for start in range(0, len(queries), batch_size):
             q = queries[start : start + batch_size]
-            sc, ix = self._search_torch(q, k_eff) if self._torch is not None else self._search_shards(q, k_eff)
+            if self._torch is not None:
+                sc, ix = self._search_torch(q, k_eff)
+            elif self.index_type == "flat" and len(q) >= 16:
+                sc, ix = self._search_torch(q, k_eff, self._flat_views())
+            elif self._exact is not None and self.params.rerank > 1:
+                sc, ix = self._rescore(q, self._search_shards(q, min(k_eff * self.params.rerank, len(self)))[1], k_eff)
+            else:
+                sc, ix = self._search_shards(q, k_eff)
             rows[start : start + len(q), :k_eff] = ix
             scores[start : start + len(q), :k_eff] = sc
         if self._rows is not None:
@@ -363,20 +435,39 @@ class DenseIndex:
         order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sc, order, 1), np.take_along_axis(ix, order, 1)
 
-    def _search_torch(self, q: np.ndarray, k: int, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k as one matrix product per block of passages, keeping a running top-k, so
-        the [queries x passages] score matrix never exists whole."""
+    def _flat_views(self) -> list:
+        """The vectors of each flat shard as torch tensors sharing FAISS's memory (no copy)."""
         import torch
 
-        vecs = self._torch
-        qt = torch.as_tensor(q).to(device=vecs.device, dtype=vecs.dtype)
-        best_sc = torch.full((len(q), 0), -torch.inf, device=vecs.device)
-        best_ix = torch.zeros((len(q), 0), dtype=torch.long, device=vecs.device)
-        for start in range(0, len(vecs), block):
-            sc = (qt @ vecs[start : start + block].T).float()
-            sc, ix = torch.topk(sc, min(k, sc.shape[1]), dim=1)
-            best_sc, order = torch.topk(torch.cat([best_sc, sc], 1), min(k, best_sc.shape[1] + sc.shape[1]), dim=1)
-            best_ix = torch.gather(torch.cat([best_ix, ix + start], 1), 1, order)
+        views = []
+        for s in self.shards:
+            n = s.index.ntotal
+            arr = faiss.rev_swig_ptr(faiss.downcast_index(s.index).get_xb(), n * self.dim).reshape(n, self.dim)
+            views.append(torch.from_numpy(arr))
+        return views
+
+    def _search_torch(self, q: np.ndarray, k: int, views: list | None = None, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k as one matrix product per block of passages, keeping a running top-k, so
+        the [queries x passages] score matrix never exists whole.
+
+        On a CPU this is also the batched path for flat indexes (over ``views`` of FAISS's own
+        storage): one large GEMM per block runs ~3x closer to the machine's matrix-multiply rate
+        than FAISS's 1024-row blocks with a heap per query (benchmarks/index_bench.py)."""
+        import torch
+
+        parts = views if views is not None else [self._torch]
+        dev, dtype = parts[0].device, parts[0].dtype
+        qt = torch.as_tensor(q).to(device=dev, dtype=dtype)
+        best_sc = torch.full((len(q), 0), -torch.inf, device=dev)
+        best_ix = torch.zeros((len(q), 0), dtype=torch.long, device=dev)
+        offset = 0
+        for vecs in parts:  # shards in row order
+            for start in range(0, len(vecs), block):
+                sc = (qt @ vecs[start : start + block].T).float()
+                sc, ix = torch.topk(sc, min(k, sc.shape[1]), dim=1)
+                best_sc, order = torch.topk(torch.cat([best_sc, sc], 1), min(k, best_sc.shape[1] + sc.shape[1]), dim=1)
+                best_ix = torch.gather(torch.cat([best_ix, ix + offset + start], 1), 1, order)
+            offset += len(vecs)
         return best_sc.cpu().numpy(), best_ix.cpu().numpy()
 
 
