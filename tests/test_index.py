@@ -270,6 +270,8 @@ def test_plan_counts_bytes():
     assert rows["flat"]["ram_bytes"] == 21_015_324 * 768 * 4  # the 65 GB DPR's users know
     assert rows["flat-fp16"]["bytes_per_passage"] == 1536 and rows["flat-sq8"]["bytes_per_passage"] == 768
     assert rows["ivf-pq"]["bytes_per_passage"] == 768 // 4 + 8 and rows["ivf-pq"]["ram_bytes"] < rows["flat"]["ram_bytes"] / 15
+    rr = rows["ivf-pq+rerank"]  # same RAM, plus the float32 vectors on disk
+    assert rr["ram_bytes"] == rows["ivf-pq"]["ram_bytes"] and rr["disk_bytes"] == rows["ivf-pq"]["disk_bytes"] + rows["flat"]["disk_bytes"]
 
 
 def test_interrupted_index_save_leaves_no_file(tmp_path, monkeypatch):

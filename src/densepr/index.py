@@ -525,4 +525,7 @@ def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None)
             fixed += 4 * dim * dim  # rotation
         total = per * num_passages + fixed
         rows.append({"type": t, "bytes_per_passage": per, "ram_bytes": total, "disk_bytes": total, "measured": costs.get(t)})
+        if t in ("ivf-pq", "opq-pq"):  # codes in RAM; float32 vectors on disk, read k x R rows per query
+            rows.append({"type": f"{t}+rerank", "bytes_per_passage": per, "ram_bytes": total,
+                         "disk_bytes": total + 4 * dim * num_passages, "measured": costs.get(f"{t}+rerank")})  # fmt: skip
     return rows
