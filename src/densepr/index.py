@@ -100,6 +100,12 @@ def _set_search_params(index: faiss.Index, index_type: str, p: IndexParams, k: i
         faiss.extract_index_ivf(index).nprobe = p.nprobe
 
 
+# Batched exact search on a CPU: one torch GEMM + top-k per block beats FAISS's blocked BLAS + heaps on
+# small indexes (10k x 384, batch 256: 1.7x) but not on large ones (100k x 768: 0.85x; 1M x 768: 0.65x),
+# measured on the 2-core benchmark machine (README, Scale).
+TORCH_CPU_MAX = 16_000_000  # vectors x dims
+
+
 def hnsw_augment(x: np.ndarray, phi: float) -> np.ndarray:
     """DPR's inner-product-to-L2 transform of passage vectors: append ``sqrt(phi - |x|^2)``."""
     norms = (x.astype(np.float64) ** 2).sum(1)
@@ -404,7 +410,7 @@ class DenseIndex:
             q = queries[start : start + batch_size]
             if self._torch is not None:
                 sc, ix = self._search_torch(q, k_eff)
-            elif self.index_type == "flat" and len(q) >= 16:
+            elif self.index_type == "flat" and len(q) >= 16 and len(self) * self.dim <= TORCH_CPU_MAX:
                 sc, ix = self._search_torch(q, k_eff, self._flat_views())
             elif self._exact is not None and self.params.rerank > 1:
                 sc, ix = self._rescore(q, self._search_shards(q, min(k_eff * self.params.rerank, len(self)))[1], k_eff)
@@ -450,9 +456,8 @@ class DenseIndex:
         """Exact top-k as one matrix product per block of passages, keeping a running top-k, so
         the [queries x passages] score matrix never exists whole.
 
-        On a CPU this is also the batched path for flat indexes (over ``views`` of FAISS's own
-        storage): one large GEMM per block runs ~3x closer to the machine's matrix-multiply rate
-        than FAISS's 1024-row blocks with a heap per query (benchmarks/index_bench.py)."""
+        On a CPU this is also the batched path for small flat indexes (over ``views`` of FAISS's
+        own storage, see ``TORCH_CPU_MAX``)."""
         import torch
 
         parts = views if views is not None else [self._torch]
