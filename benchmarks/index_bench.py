@@ -133,6 +133,7 @@ def run_type(args: argparse.Namespace) -> list[dict]:
     disk = sum(f.stat().st_size for f in out.glob("*.faiss"))
     del index
     index = DenseIndex.load(out)
+    path = index.to_device(args.device) if args.device != "cpu" else "cpu"  # GPU: FAISS GPU or torch fp16 (exact types)
     rows = []
     for setting in SWEEPS.get(args.one, [{}]):
         index.set_search(**setting)
@@ -142,9 +143,9 @@ def run_type(args: argparse.Namespace) -> list[dict]:
         rows.append({"type": args.one, "setting": setting, "label": name, "build_s": round(build_s, 1), "disk_bytes": disk,
                      "bytes_per_vector": round(disk / len(index), 1), "queries_per_s_batch1": round(qps1, 1),
                      "queries_per_s_batch256": round(qps256, 1), "rss_before_build_gib": round(base, 2),
-                     "peak_rss_build_gib": round(build_peak, 2), "params": index.manifest["params"]})  # fmt: skip
+                     "peak_rss_build_gib": round(build_peak, 2), "search_path": path, "params": index.manifest["params"]})  # fmt: skip
         np.save(work / f"rows-{name}.npy", res.rows)
-    if args.one == "flat":  # FAISS's own flat search, the copy-to-torch path, and the GEMM ceiling
+    if args.one == "flat" and path == "cpu":  # FAISS's own flat search, the copy-to-torch path, and the GEMM ceiling
         row = rows[0]
         gflops = matmul_gflops()
         flops = 2 * len(index) * index.dim
@@ -179,6 +180,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     ap.add_argument("--index-dir", type=Path, default=Path("runs/embedded"))
     ap.add_argument("--params", default="{}", help="IndexParams as JSON (e.g. '{\"nprobe\": 128}')")
+    ap.add_argument("--device", default="cpu", help="search device, e.g. cuda (exact types on the GPU)")
     ap.add_argument("--tag", default="", help="suffix of the result file name (e.g. for other --params)")
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -200,7 +202,7 @@ def main() -> None:
         np.save(work / "queries.npy", queries)
         rows = []
         for t in ["flat"] + [t for t in args.types if t != "flat"]:
-            cmd = [sys.executable, __file__, "--work", str(work), "--one", t, "--params", args.params, "--batch1-queries", str(args.batch1_queries)]
+            cmd = [sys.executable, __file__, "--work", str(work), "--one", t, "--params", args.params, "--batch1-queries", str(args.batch1_queries), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 got = [{"type": t, "label": t, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"}]
