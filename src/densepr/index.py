@@ -113,16 +113,22 @@ def hnsw_augment(x: np.ndarray, phi: float) -> np.ndarray:
     return np.hstack([x, extra[:, None]])
 
 
+def _take_rows(parts, rows: np.ndarray) -> np.ndarray:
+    """float32 vectors of the sorted global ``rows``, from ``parts`` (arrays in row order, e.g.
+    memory-mapped files): one forward pass, reading only those rows."""
+    out, start = [], 0
+    for vecs in parts:
+        local = rows[(rows >= start) & (rows < start + len(vecs))] - start
+        out.append(np.asarray(vecs[local], dtype=np.float32))
+        start += len(vecs)
+    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
+
+
 def _train_sample(emb: Embeddings, size: int, seed: int) -> np.ndarray:
     """A uniform sample of up to ``size`` vectors, read shard by shard (memory-mapped)."""
     n = len(emb)
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    out, start = [], 0
-    for _, vecs in emb.parts():
-        local = pick[(pick >= start) & (pick < start + len(vecs))] - start
-        out.append(np.asarray(vecs[local], dtype=np.float32))
-        start += len(vecs)
-    return np.concatenate(out)
+    return _take_rows((vecs for _, vecs in emb.parts()), pick)
 
 
 @dataclass
@@ -148,7 +154,7 @@ class DenseIndex:
     _rows: np.ndarray | None = field(default=None, repr=False)  # index row -> corpus row once bound
     _torch: object | None = field(default=None, repr=False)  # torch tensor of vectors (GPU path)
     _gpu_res: object | None = field(default=None, repr=False)  # FAISS GPU resources, kept alive
-    _exact: list | None = field(default=None, repr=False)  # [(first row, memory-mapped part)] for re-ranking
+    _exact: list | None = field(default=None, repr=False)  # memory-mapped embedding parts, for re-ranking
 
     def __post_init__(self) -> None:
         total = sum(s.index.ntotal for s in self.shards)
@@ -333,21 +339,13 @@ class DenseIndex:
         if len(emb) != len(self) or emb.dim != self.dim or mine != theirs:
             raise MismatchError(f"{embeddings}: {len(emb)} x {emb.dim} vectors (encoder {theirs}) do not match the index's "
                                 f"{len(self)} x {self.dim} (encoder {mine})")  # fmt: skip
-        parts, start = [], 0
-        for _, vecs in emb.parts():
-            parts.append((start, vecs))
-            start += len(vecs)
-        self._exact = parts
+        self._exact = [vecs for _, vecs in emb.parts()]
 
     def _rescore(self, q: np.ndarray, ix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of each query with its candidate rows, top ``k`` of them."""
         valid = ix >= 0
         flat = np.unique(ix[valid])
-        vecs = np.empty((len(flat), self.dim), dtype=np.float32)
-        for start, part in self._exact:
-            sel = (flat >= start) & (flat < start + len(part))
-            if sel.any():
-                vecs[sel] = part[flat[sel] - start]  # sorted rows: a forward pass over the file
+        vecs = _take_rows(self._exact, flat)
         pos = np.searchsorted(flat, np.where(valid, ix, flat[0] if len(flat) else 0))
         sc = np.empty(ix.shape, dtype=np.float32)
         for a in range(0, len(q), 32):  # [32, candidates, dim] at a time
