@@ -527,6 +527,154 @@ def reproduce(
         out.print(f"[green]regression check passed[/green]: every figure within the committed tolerance (profile {profile})")
 
 
+# -- reader and end-to-end QA -------------------------------------------------------------------
+@app.command("train-reader")
+def train_reader_cmd(
+    train_files: Annotated[list[Path], typer.Option("--train", help="DPR result JSON with ctxs and has_answer (`densepr retrieve -o`); repeat for several.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (checkpoint/, best/, metrics.jsonl).")],
+    dev_file: Annotated[Optional[Path], typer.Option("--dev", help="DPR result JSON of held-out questions: EM each epoch, best kept, top-k tuned.")] = None,
+    holdout: Annotated[Optional[list[Path]], typer.Option("--holdout", help="QA file(s) whose questions are never trained on (e.g. the --dev questions).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="BERT-family model directory or DPRReader checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,
+    passages: Annotated[int, typer.Option(help="M: passages per question per step, 1 positive + M-1 negatives (the paper: 24).")] = 24,
+    batch_size: Annotated[int, typer.Option(help="Questions per step.")] = 16,
+    epochs: int = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate (DPR: 1e-5).")] = 1e-5,
+    warmup_steps: int = 0,
+    max_length: Annotated[int, typer.Option(help="Tokens per window (question + title + text).")] = 256,
+    max_answer_length: Annotated[int, typer.Option(help="Longest answer span in tokens.")] = 10,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout (default: the model's own, BERT 0.1).")] = None,
+    depth: Annotated[int, typer.Option(help="Retrieved passages looked at per question for positives and negatives.")] = 100,
+    regex: Annotated[bool, typer.Option("--regex", help="Answers are regexes (CuratedTREC).")] = False,
+    dev_limit: Annotated[Optional[int], typer.Option(help="Validate on the first N dev questions.")] = 500,
+    eval_every: Annotated[int, typer.Option(help="Also validate every N steps (0: once per epoch).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = 50,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
+    max_questions: Annotated[Optional[int], typer.Option(help="Train on the first N usable questions only.")] = None,
+    seed: int = 12345,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Train DPR's extractive reader (passage selection + answer span) on retrieval results."""
+    from .data import EmbeddedData
+    from .train_reader import ReaderTrainConfig, train_reader
+
+    cfg = ReaderTrainConfig(
+        train_files=[str(f) for f in train_files], output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
+        dev_file=str(dev_file) if dev_file else None, holdout=[str(h) for h in holdout or []],
+        match="regex" if regex else "string", passages=passages, depth=depth, batch_size=batch_size, epochs=epochs, lr=lr,
+        warmup_steps=warmup_steps, seed=seed, max_length=max_length, max_answer_length=max_answer_length,
+        dropout=dropout, save_every=save_every, eval_every=eval_every, dev_limit=dev_limit, max_steps=max_steps, max_questions=max_questions,
+    )  # fmt: skip
+    result = train_reader(cfg, resume=resume, device=device, log=_log)
+    best = output / ("best" if (output / "best").is_dir() else "final")
+    em = f", validation EM {result['em']:.1f} at top-{result['best_k']}" if "em" in result else ""
+    out.print(f"trained {result.get('step')} steps{em}; reader in {best}")
+
+
+def _default_reader(reader: Optional[Path]) -> Path:
+    if reader is not None:
+        return reader
+    for cand in (Path("runs/reader/best"), Path("runs/reader/final")):
+        if cand.is_dir():
+            return cand
+    raise DenseprError("no reader: give --reader DIR (a `densepr train-reader` output's best/ or a DPRReader checkpoint)")
+
+
+@app.command("answer")
+def answer_cmd(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: Annotated[Path, typer.Option(help="Index directory.")] = DEFAULT_INDEX,
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: runs/reader/best).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Passages to read (default: the reader's tuned top-k).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="bm25, dense, hybrid or rrf (default: hybrid when both indexes exist).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Answer a question: retrieve, read, print the answer and its passage with the span highlighted."""
+    import json
+
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from .pipeline import Pipeline
+
+    if k is not None and k <= 0:
+        raise DenseprError("--k must be positive")
+    if not question.strip():
+        raise DenseprError("empty question")
+    p = Pipeline.load(index, _default_reader(reader), device=device, k=k, mode=mode)
+    a = p.answer(question)
+    if as_json:
+        out.print_json(json.dumps({**a.as_dict(), "passages": [h.__dict__ for h in a.passages[:5]]}, ensure_ascii=False))
+        return
+    if not a.found:
+        out.print(f"no answer (read {len(a.passages)} passages, mode {a.mode})")
+        raise typer.Exit(2)
+    h = a.passage
+    body = Text(h.text[: a.start]) + Text(h.text[a.start : a.end], style="bold black on yellow") + Text(h.text[a.end :])
+    out.print(f"[bold]{a.text}[/bold]  [dim](span score {a.score:.2f}, passage score {a.passage_score:.2f}, "
+              f"read top-{a.k} {a.mode})[/dim]", highlight=False)  # fmt: skip
+    out.print(Panel(body, title=f"#{h.rank}  {h.title}  [dim](id {h.id})[/dim]", title_align="left"))
+
+
+@app.command("evaluate-qa")
+def evaluate_qa_cmd(
+    qa: Annotated[list[str], typer.Option("--qa", help="QA set(s) (repeat): embedded names (nq-test, ...) or files.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for qa-results.json, .md and qa-em.png.")],
+    index: Annotated[Path, typer.Option(help="Index directory with bm25/ and dense/.")] = DEFAULT_INDEX,
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: runs/reader/best).")] = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated retrieval modes.")] = "bm25,dense,hybrid",
+    ks: Annotated[str, typer.Option(help="Comma-separated numbers of passages read.")] = "1,5,10,20,50",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions of each set.")] = None,
+    gold: Annotated[bool, typer.Option("--gold/--no-gold", help="Also the reader's upper bound: EM given an answer-bearing passage.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Windows per reader batch.")] = 64,
+    regex: RegexOpt = None,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
+    from .evaluate import AnswerMatcher
+    from .fileio import write_json
+    from .pipeline import evaluate_qa
+    from .progress import progress_bar
+    from .reader import Reader
+    from .report import plot_qa, qa_markdown
+    from .retrieve import Retriever
+
+    try:
+        k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
+    except ValueError:
+        raise DenseprError(f"--ks {ks!r}: expected comma-separated positive integers") from None
+    if not k_list or k_list[0] <= 0:
+        raise DenseprError(f"--ks {ks!r}: expected comma-separated positive integers")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    r = Retriever.load(index, device=device)
+    for m in mode_list:
+        r._need(m)
+    rd = Reader.load(_default_reader(reader), device)
+    matcher = AnswerMatcher(r.corpus.texts)
+    results = {"reader": rd.name, "index": str(index), "ks": k_list, "modes": mode_list, "limit": limit, "sets": {}}
+    for spec in qa:
+        qas = _load_qa(spec, limit, regex, cache_dir)
+        with progress_bar(None, f"read {qas.name}", True, unit="window") as advance:
+            res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance)
+        results["sets"][qas.name] = res
+        best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
+        _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s; best EM "
+             + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "qa-results.json", results)
+    md = qa_markdown(results)
+    from .fileio import atomic_write
+
+    with atomic_write(output / "qa-results.md") as fh:
+        fh.write(md)
+    plot_qa(results, output / "qa-em.png")
+    out.print(md)
+    out.print(f"written to {output}/qa-results.json, qa-results.md, qa-em.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors print one line; ``--debug`` shows tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)

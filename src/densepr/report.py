@@ -92,3 +92,63 @@ def plot_topk(curves: dict, path: str | os.PathLike[str], names: dict[str, str] 
     plt.close(fig)
     with atomic_write(path, "wb") as fh:
         fh.write(buf.getvalue())
+
+
+# -- end-to-end QA ---------------------------------------------------------------------------------
+def qa_markdown(results: dict) -> str:
+    """Markdown tables of end-to-end EM (and F1, retrieval top-k) per set, mode and k.
+
+    Args:
+        results: what ``densepr evaluate-qa`` writes to ``qa-results.json``.
+    """
+    ks = results["ks"]
+    head = ["dataset", "retrieval", *[f"EM@{k}" for k in ks], *[f"ans. EM@{k}" for k in ks], *[f"F1@{k}" for k in ks],
+            *[f"top-{k}" for k in ks]]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (4 * len(ks))) + "|"]
+    for name, res in results["sets"].items():
+        label = f"{name} ({res['n_all']} q, {res['n_answerable']} answerable)"
+        for i, (mode, entry) in enumerate(res["modes"].items()):
+            row = [entry["k"][str(k)] for k in ks]
+            cells = [label if i == 0 else "", mode, *[f"{r['em']:.1f}" for r in row], *[f"{r['em_answerable']:.1f}" for r in row],
+                     *[f"{r['f1']:.1f}" for r in row], *[f"{r['retrieval_topk']:.1f}" for r in row]]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    gold = {n: r["gold"] for n, r in results["sets"].items() if "gold" in r}
+    if gold:
+        out += "\nReader upper bound (EM / F1 reading only the best-ranked answer-bearing passage):\n\n"
+        out += "| dataset | questions with such a passage | EM | F1 |\n|---|---:|---:|---:|\n"
+        out += "".join(f"| {n} | {g['questions']} | {g['em']:.1f} | {g['f1']:.1f} |\n" for n, g in gold.items())
+    return out
+
+
+def plot_qa(results: dict, path: str | os.PathLike[str]) -> None:
+    """End-to-end EM against the number of passages read, one panel per set (cf. DPR's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets, ks = list(results["sets"]), results["ks"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
+    for col, name in enumerate(sets):
+        ax = axes[0][col]
+        res = results["sets"][name]
+        for mode, entry in res["modes"].items():
+            ax.plot(ks, [entry["k"][str(k)]["em"] for k in ks], marker="o", label=mode, linewidth=1.6)
+        if "gold" in res:
+            ax.axhline(res["gold"]["em"], color="grey", linestyle="--", linewidth=1, label="gold passage")
+        ax.set_xscale("log")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.grid(alpha=0.3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("passages read (k)")
+        if col == 0:
+            ax.set_ylabel("exact match (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())

@@ -250,7 +250,7 @@ def chunks(inputs: dict[str, torch.Tensor], size: int) -> tuple[list[dict[str, t
     return out, torch.argsort(order)
 
 
-def _amp(device: torch.device):
+def amp(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -271,7 +271,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
     piece = chunk or FORWARD_CHUNK.get(device.type, 64)
     (q_chunks, q_inv), (p_chunks, p_inv) = chunks(q_in, piece), chunks(p_in, piece)
     if chunk <= 0:
-        with _amp(device):
+        with amp(device):
             q = torch.cat([model.encode_query(**c) for c in q_chunks]).float()[q_inv]
             p = torch.cat([model.encode_passage(**c) for c in p_chunks]).float()[p_inv]
         Q, P, pos, _, _ = global_batch(q, p, positive, d)
@@ -284,7 +284,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
         for encode, parts in ((model.encode_query, q_chunks), (model.encode_passage, p_chunks)):
             for c in parts:
                 states.append(RandState(device))
-                with _amp(device):
+                with amp(device):
                     reps.append(encode(**c).float())
     nq = len(q_chunks)
     q, p = torch.cat(reps[:nq])[q_inv], torch.cat(reps[nq:])[p_inv]
@@ -301,7 +301,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
     # 3) replay each chunk with a graph and the same dropout, and push the cached gradient through.
     encoders = [model.encode_query] * nq + [model.encode_passage] * len(p_chunks)
     for encode, c, state, g in zip(encoders, q_chunks + p_chunks, states, grads):
-        with state.replay(), _amp(device):
+        with state.replay(), amp(device):
             rep = encode(**c).float()
         rep.backward(g)
     return float(loss.detach()), acc
@@ -317,14 +317,14 @@ def _params(model: BiEncoder) -> list[torch.nn.Parameter]:
     return out
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for i, st in sd["state"].items() for k, v in st.items()}  # fmt: skip
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("state."):
@@ -352,7 +352,7 @@ def save_checkpoint(directory: Path, model: BiEncoder, opt, sched, state: dict) 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_encoders(model, tmp)
-    tensors, meta = _optimizer_tensors(opt)
+    tensors, meta = optimizer_tensors(opt)
     tensors["rng.cpu"] = torch.get_rng_state()
     dev = model.question.device
     if dev.type == "cuda":
@@ -411,7 +411,7 @@ def validate(model: BiEncoder, examples: Sequence[Example], hard: int, ks: Seque
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def _linear_schedule(opt, warmup: int, total: int):
+def linear_schedule(opt, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
@@ -483,7 +483,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
     no_decay = [p for p in params if p.ndim <= 1]  # biases and LayerNorm, as usual for BERT
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, eps=cfg.adam_eps)  # fmt: skip
-    sched = _linear_schedule(opt, cfg.warmup_steps, total)
+    sched = linear_schedule(opt, cfg.warmup_steps, total)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_avg_rank": None, "world": d.world}
     if ckpt is not None:
         st = read_json(ckpt / "trainer_state.json")
@@ -491,7 +491,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
             raise DenseprError(f"{ckpt} was written by {st.get('world')} process(es); resume with the same number")
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         try:
-            _load_optimizer(opt, {k: v.to(dev) if k.startswith("state.") else v for k, v in tensors.items()}, st["optimizer"])
+            load_optimizer(opt, {k: v.to(dev) if k.startswith("state.") else v for k, v in tensors.items()}, st["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise DenseprError(f"cannot load checkpoint {ckpt}: its optimizer state does not match the model ({e})") from None
         sched.load_state_dict({**sched.state_dict(), **st["scheduler"]})

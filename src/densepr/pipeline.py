@@ -1,0 +1,177 @@
+"""Open-domain QA end to end: retrieve top-k passages, read them, return the answer span.
+
+:class:`Pipeline` joins a :class:`~densepr.retrieve.Retriever` and a
+:class:`~densepr.reader.Reader`. :func:`evaluate_qa` measures exact match (and F1) as in
+the paper's Table 4 / Figure 3: for each retrieval mode it reads each question's top
+``max(ks)`` passages once and derives the answer for every smaller k from the same readings
+(DPR's answer for top-k depends only on the first k passages), sharing readings of passages
+that several modes retrieved.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .data.qa import QASet
+from .errors import DenseprError
+from .evaluate import AnswerMatcher, exact_match, f1_score
+from .reader import Reader, Reading, best_reading
+from .retrieve import Hit, Retriever
+
+
+@dataclass
+class Answer:
+    """The reader's answer to one question.
+
+    ``found`` is False (and ``text`` empty) when nothing could be read: no passage was
+    retrieved, or none had any text. ``start``/``end`` are character offsets into
+    ``passage.text``.
+    """
+
+    question: str
+    text: str
+    found: bool
+    score: float | None = None  # span score: start + end logit
+    passage_score: float | None = None  # the passage's selection logit
+    passage: Hit | None = None
+    start: int = -1
+    end: int = -1
+    passages: list[Hit] = field(default_factory=list)  # everything that was read, in retrieval order
+    mode: str = ""
+    k: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _answer(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int) -> Answer:
+    b = best_reading(readings, k)
+    if b is None:
+        return Answer(question, "", False, passages=hits, mode=mode, k=k)
+    r = readings[b]
+    return Answer(question, r.text, True, r.span_score, r.relevance, hits[b], r.start, r.end, hits, mode, k)
+
+
+class Pipeline:
+    """Retriever + reader.
+
+    Args:
+        retriever: finds passages.
+        reader: reads them.
+        k: passages read per question (default: the reader's validation-tuned ``top_k``).
+        mode: retrieval mode (default: hybrid when both indexes exist).
+    """
+
+    def __init__(self, retriever: Retriever, reader: Reader, k: int | None = None, mode: str | None = None) -> None:
+        self.retriever, self.reader = retriever, reader
+        self.k = k or reader.config.top_k
+        self.mode = mode or ("hybrid" if "hybrid" in retriever.modes else retriever.modes[0])
+        if self.k <= 0:
+            raise DenseprError("k must be positive")
+
+    @classmethod
+    def load(cls, index: str | os.PathLike[str], reader: str | os.PathLike[str], device: str | None = None,
+             k: int | None = None, mode: str | None = None) -> Pipeline:  # fmt: skip
+        return cls(Retriever.load(index, device=device), Reader.load(reader, device), k, mode)
+
+    def answer(self, question: str, k: int | None = None, mode: str | None = None) -> Answer:
+        """Answer one question (see :class:`Answer`)."""
+        return self.answer_many([question], k, mode)[0]
+
+    def answer_many(self, questions: Sequence[str], k: int | None = None, mode: str | None = None,
+                    batch_size: int = 64) -> list[Answer]:  # fmt: skip
+        """Answer a batch: one retrieval call, then all passages read in shared batches."""
+        k, mode = k or self.k, mode or self.mode
+        if k <= 0:
+            raise DenseprError("k must be positive")
+        for q in questions:
+            self.reader.question_ids(q)  # empty / over-long questions fail before any work
+        res = self.retriever.retrieve(list(questions), k, mode)
+        c = self.retriever.corpus
+        hits = [[Hit(c.ids[r], c.titles[r], c.texts[r], float(s), j + 1) for j, (r, s) in enumerate(zip(res.rows[i], res.scores[i])) if r >= 0]
+                for i in range(len(questions))]  # fmt: skip
+        readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size)
+        return [_answer(q, hs, rd, mode, k) for q, hs, rd in zip(questions, hits, readings)]
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+QA_KS = (1, 5, 10, 20, 50)
+
+
+def _score(preds: Sequence[str], qas: QASet, idx: np.ndarray) -> tuple[float, float]:
+    if len(idx) == 0:
+        return 0.0, 0.0
+    em = np.mean([exact_match(preds[i], qas.items[i].answers, qas.match) for i in idx])
+    f1 = np.mean([f1_score(preds[i], qas.items[i].answers, qas.match) for i in idx])
+    return round(100 * float(em), 2), round(100 * float(f1), 2)
+
+
+def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = ("bm25", "dense", "hybrid"),
+                ks: Sequence[int] = QA_KS, matcher: AnswerMatcher | None = None, gold: bool = True,
+                batch_size: int = 64, progress=None) -> dict:  # fmt: skip
+    """End-to-end EM/F1 of one QA set for several retrieval modes and k.
+
+    Returns ``{"n_all", "n_answerable", "modes": {mode: {"k": {k: {"em", "f1", "em_answerable",
+    "f1_answerable", "retrieval_topk"}}}}, "gold": {...}, "seconds"}``. ``gold`` is the reader's
+    upper bound: EM when it reads only the best-ranked answer-bearing passage (first found in the
+    modes' top-100 lists), over the questions that have one.
+    """
+    t0 = time.perf_counter()
+    ks = sorted(set(ks))
+    kmax = max(ks)
+    matcher = matcher or AnswerMatcher(retriever.corpus.texts)
+    questions = qas.questions
+    depth = max(kmax, 100) if gold else kmax
+    runs = retriever.retrieve_all(questions, depth, list(modes))
+    hits = {m: matcher.hits(runs[m].rows, qas) for m in modes}
+    answerable = np.flatnonzero(matcher.answerable(qas))
+    # Read each question's union of passages once.
+    rows_per_q: list[list[int]] = []
+    gold_row = np.full(len(qas), -1)
+    for i in range(len(qas)):
+        seen: dict[int, None] = {}
+        for m in modes:
+            for r in runs[m].rows[i, :kmax]:
+                if r >= 0:
+                    seen.setdefault(int(r))
+        if gold:
+            for m in modes:
+                h = np.flatnonzero(hits[m][i])
+                if len(h):
+                    gold_row[i] = int(runs[m].rows[i, h[0]])
+                    seen.setdefault(int(gold_row[i]))
+                    break
+        rows_per_q.append(list(seen))
+    c = retriever.corpus
+    readings = reader.read(questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], batch_size, progress)
+    lookup = [dict(zip(rows, rd)) for rows, rd in zip(rows_per_q, readings)]
+    everyone = np.arange(len(qas))
+    out: dict = {"n_all": len(qas), "n_answerable": int(len(answerable)), "modes": {}}
+    for m in modes:
+        per_k = {}
+        for k in ks:
+            preds = []
+            for i in range(len(qas)):
+                rd = [lookup[i][int(r)] for r in runs[m].rows[i, :k] if r >= 0]
+                b = best_reading(rd)
+                preds.append(rd[b].text if b is not None else "")
+            em, f1 = _score(preds, qas, everyone)
+            em_a, f1_a = _score(preds, qas, answerable)
+            top = hits[m][:, :k].any(1)
+            per_k[str(k)] = {"em": em, "f1": f1, "em_answerable": em_a, "f1_answerable": f1_a,
+                             "retrieval_topk": round(100 * float(top.mean()), 2),
+                             "retrieval_topk_answerable": round(100 * float(top[answerable].mean()), 2) if len(answerable) else 0.0}  # fmt: skip
+        out["modes"][m] = {"k": per_k}
+    if gold:
+        with_gold = np.flatnonzero(gold_row >= 0)
+        preds = [lookup[i][int(gold_row[i])].text if gold_row[i] >= 0 else "" for i in range(len(qas))]
+        em, f1 = _score(preds, qas, with_gold)
+        out["gold"] = {"questions": int(len(with_gold)), "em": em, "f1": f1}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["passages_read"] = int(sum(len(r) for r in rows_per_q))
+    return out

@@ -1,0 +1,364 @@
+"""DPR's extractive reader (Karpukhin et al., 2020, Section 6.1): pick a passage, then a span in it.
+
+Each of a question's passages is read as ``[CLS] question [SEP] title [SEP] text [SEP]``
+(token_type_ids all 0) by one BERT-family encoder with two heads, exactly Hugging Face's
+:class:`transformers.DPRReader` (so ``facebook/dpr-reader-*`` checkpoints load as they are):
+
+* ``qa_classifier`` on [CLS]: the passage-selection (relevance) logit;
+* ``qa_outputs`` on every token: span start and end logits. A span's score is
+  ``start[i] + end[j]`` with ``i <= j < i + max_answer_length`` (default 10 tokens), taken
+  only inside the passage text (never the question or the title), then widened to whole words.
+
+Inference follows DPR: the answer for top-k passages is the best span of the passage with
+the highest selection logit among the first k. A passage longer than the window is read in
+overlapping windows (stride ``stride`` tokens); it scores as its best window.
+
+Training loss (DPR ``reader.py``): for each question, M passages (the positive first) ->
+cross-entropy of the positive's selection logit among the M, plus the marginal
+log-likelihood of all occurrences of any answer in the positive passage,
+``-log sum_(s,e) P_start(s) P_end(e)``.
+
+Saved as a Hugging Face ``DPRReader`` directory (config.json, model.safetensors, tokenizer)
+plus ``densepr_reader.json`` with the window settings and the top-k tuned on validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import _quiet_transformers, default_device
+from .errors import DenseprError
+from .fileio import write_json
+
+CONFIG_NAME = "densepr_reader.json"
+MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
+MIN_TEXT_TOKENS = 16  # a window must hold at least this much passage text
+
+
+@dataclass
+class ReaderConfig:
+    """Window and span settings, stored beside the weights."""
+
+    max_length: int = 256  # tokens per window (DPR: 350)
+    stride: int = 64  # tokens shared by consecutive windows of a long passage
+    max_answer_length: int = 10  # span cap in tokens (DPR's default)
+    top_k: int = 20  # passages read per question unless told otherwise (tuned on validation)
+    tuned: dict = field(default_factory=dict)  # how top_k was chosen (EM per k on validation)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> ReaderConfig:
+        f = Path(path) / CONFIG_NAME
+        if not f.is_file():
+            return cls()
+        data = json.loads(f.read_text(encoding="utf-8"))
+        return cls(**{k: data[k] for k in asdict(cls()) if k in data})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_json(Path(path) / CONFIG_NAME, asdict(self))
+
+
+@dataclass
+class Tokenized:
+    """One passage's text tokens, their character offsets and word numbers (for whole-word spans)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    words: list[int]
+
+
+@dataclass
+class Window:
+    """One encoder input: ``[CLS] q [SEP] title [SEP] text[first:first+n] [SEP]``."""
+
+    ids: list[int]
+    passage: int  # which of the question's passages
+    text_start: int  # position of the first text token in ``ids``
+    first: int  # index of that token among the passage's text tokens
+    n: int  # text tokens in this window
+
+
+@dataclass
+class Reading:
+    """What the reader made of one passage: its selection logit and its best span."""
+
+    relevance: float
+    span_score: float = float("-inf")
+    start: int = -1  # character offsets into the passage text; -1: the text has no tokens
+    end: int = -1
+    text: str = ""
+
+    @property
+    def has_span(self) -> bool:
+        return self.start >= 0
+
+
+def best_reading(readings: Sequence[Reading], k: int | None = None) -> int | None:
+    """DPR's choice among the first ``k`` readings: the highest selection logit that has a span."""
+    best = None
+    for i, r in enumerate(readings[:k] if k else readings):
+        if r.has_span and (best is None or r.relevance > readings[best].relevance):
+            best = i
+    return best
+
+
+class Reader(nn.Module):
+    """The DPR reader: a :class:`transformers.DPRReader` plus its tokenizer and window settings."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: ReaderConfig, name: str = "") -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        if not getattr(tokenizer, "is_fast", False):
+            raise DenseprError(f"{name}: the reader needs a fast tokenizer (tokenizer.json) for character offsets")
+
+    # -- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
+             config: ReaderConfig | None = None) -> Reader:  # fmt: skip
+        """Load a reader: a ``DPRReader`` directory, or a BERT-family encoder (new, untrained heads).
+
+        Weights are read from safetensors only; remote code is never run.
+        """
+        import transformers
+
+        _quiet_transformers()
+        path = Path(path)
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DenseprError(f"{path}: not a Hugging Face model directory (no config.json)")
+        try:
+            hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            if hf.model_type == "dpr":
+                if "DPRReader" not in (hf.architectures or []):
+                    raise DenseprError(f"{path}: a DPR checkpoint but not a reader ({', '.join(hf.architectures or ['?'])})")
+                model, info = transformers.DPRReader.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+                if info.get("missing_keys"):
+                    raise DenseprError(f"{path}: reader weights missing ({info['missing_keys'][0]!r}, ...); corrupt checkpoint")
+            elif hf.model_type == "bert":
+                model = cls._from_bert(path, hf)
+            else:
+                raise DenseprError(f"{path}: model type {hf.model_type!r}; the reader starts from a BERT encoder or a DPRReader checkpoint")
+        except (OSError, ValueError, KeyError) as e:
+            raise DenseprError(f"{path}: cannot load the reader: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # transformers: weight shapes differ from config.json
+            raise DenseprError(f"{path}: the weights do not match config.json (wrong or corrupt checkpoint): "
+                               f"{str(e).splitlines()[0]}") from None
+        vocab = model.config.vocab_size
+        if len(tokenizer) > vocab:
+            raise DenseprError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
+                               "the tokenizer does not belong to this checkpoint")  # fmt: skip
+        cfg = config or ReaderConfig.from_dir(path)
+        if cfg.max_length > model.config.max_position_embeddings:
+            raise DenseprError(f"max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions")
+        return cls(model, tokenizer, cfg, name=str(path.resolve())).to(device or default_device()).eval()
+
+    @staticmethod
+    def _from_bert(path: Path, hf) -> nn.Module:
+        import transformers
+
+        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+                "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")  # fmt: skip
+        cfg = transformers.DPRConfig(**{k: getattr(hf, k) for k in keys if hasattr(hf, k)})
+        cfg.architectures = ["DPRReader"]
+        model = transformers.DPRReader(cfg)
+        bert = transformers.BertModel.from_pretrained(path, use_safetensors=True, add_pooling_layer=False)
+        missing, unexpected = model.span_predictor.encoder.bert_model.load_state_dict(bert.state_dict(), strict=False)
+        if missing:
+            raise DenseprError(f"{path}: BERT weights do not fit the reader ({missing[0]!r} missing)")
+        return model
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a ``DPRReader`` directory (safetensors) + tokenizer + ``densepr_reader.json``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        self.config.save(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- the model ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[n, L] ids and mask -> start logits [n, L], end logits [n, L], selection logits [n]."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return out.start_logits, out.end_logits, out.relevance_logits
+
+    @staticmethod
+    def loss(start: torch.Tensor, end: torch.Tensor, relevance: torch.Tensor, text_mask: torch.Tensor,
+             passage_mask: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """DPR's reader loss for N questions x M passages (passage 0 of each question is the positive).
+
+        Args:
+            start, end: [N*M, L] logits; relevance: [N*M]; text_mask: [N*M, L] True on passage-text tokens;
+            passage_mask: [N, M] True for real (not padding) passages; spans: per question, the
+            (start, end) token positions of every answer occurrence in its positive window.
+        Returns:
+            (selection loss, span loss), each averaged over the questions.
+        """
+        n, m = passage_mask.shape
+        sel = relevance.view(n, m).masked_fill(~passage_mask, float("-inf"))
+        selection = F.cross_entropy(sel, torch.zeros(n, dtype=torch.long, device=sel.device))
+        pos = torch.arange(n, device=start.device) * m
+        lp_start = start[pos].masked_fill(~text_mask[pos], float("-inf")).log_softmax(-1)
+        lp_end = end[pos].masked_fill(~text_mask[pos], float("-inf")).log_softmax(-1)
+        span_terms = []
+        for q, sp in enumerate(spans):
+            s = torch.tensor([a for a, _ in sp], device=start.device)
+            e = torch.tensor([b for _, b in sp], device=start.device)
+            span_terms.append(-torch.logsumexp(lp_start[q, s] + lp_end[q, e], 0))
+        return selection, torch.stack(span_terms).mean()
+
+    # -- tokenisation ------------------------------------------------------------------------
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of a question; an empty or over-long question is an error."""
+        if not isinstance(question, str) or not question.strip():
+            raise DenseprError("empty question")
+        ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        room = self.config.max_length - 4 - MIN_TEXT_TOKENS
+        if len(ids) > room:
+            raise DenseprError(f"question is {len(ids)} tokens; with windows of {self.config.max_length} tokens "
+                               f"the reader takes at most {room} (shorten it or raise max_length)")  # fmt: skip
+        return ids
+
+    def tokenize_texts(self, texts: Sequence[str]) -> list[Tokenized]:
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        return [Tokenized(enc["input_ids"][i], [tuple(o) for o in enc["offset_mapping"][i]],
+                          [w if w is not None else -1 for w in enc.word_ids(i)]) for i in range(len(texts))]  # fmt: skip
+
+    def windows(self, q_ids: list[int], title_ids: list[int], text: Tokenized, passage: int) -> list[Window]:
+        """Cut one passage into windows that each hold the question and title (DPR's input layout)."""
+        tok = self.tokenizer
+        prefix = [tok.cls_token_id, *q_ids, tok.sep_token_id, *title_ids[:MAX_TITLE_TOKENS], tok.sep_token_id]
+        room = self.config.max_length - len(prefix) - 1
+        if room < MIN_TEXT_TOKENS:  # a long title: shorten it rather than refuse
+            prefix = [tok.cls_token_id, *q_ids, tok.sep_token_id, tok.sep_token_id]
+            room = self.config.max_length - len(prefix) - 1
+        out, first, n_text = [], 0, len(text.ids)
+        step = max(1, room - self.config.stride)
+        while True:
+            part = text.ids[first : first + room]
+            out.append(Window([*prefix, *part, tok.sep_token_id], passage, len(prefix), first, len(part)))
+            if first + room >= n_text:
+                return out
+            first += step
+
+    def collate(self, windows: Sequence[Window]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Pad windows to the longest; also a mask of passage-text positions."""
+        width = max(len(w.ids) for w in windows)
+        ids = torch.full((len(windows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(windows), width), dtype=torch.long)
+        text = torch.zeros((len(windows), width), dtype=torch.bool)
+        for i, w in enumerate(windows):
+            ids[i, : len(w.ids)] = torch.tensor(w.ids)
+            att[i, : len(w.ids)] = 1
+            text[i, w.text_start : w.text_start + w.n] = True
+        dev = self.device
+        return {"input_ids": ids.to(dev), "attention_mask": att.to(dev)}, text.to(dev)
+
+    # -- inference ---------------------------------------------------------------------------
+    def _best_span(self, start: np.ndarray, end: np.ndarray) -> tuple[float, int, int]:
+        """Best (score, i, j) with i <= j < i + max_answer_length over one window's text logits."""
+        n, cap = len(start), self.config.max_answer_length
+        best = (float("-inf"), -1, -1)
+        for length in range(min(cap, n)):
+            cand = start[: n - length] + end[length:]
+            i = int(cand.argmax())
+            if cand[i] > best[0]:
+                best = (float(cand[i]), i, i + length)
+        return best
+
+    @torch.inference_mode()
+    def read(self, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]], batch_size: int = 64,
+             progress=None) -> list[list[Reading]]:  # fmt: skip
+        """Read each question's passages ``(title, text)``; returns one :class:`Reading` per passage.
+
+        All windows of all questions are batched together, longest first (each batch is
+        padded only to its own longest window).
+        """
+        if len(questions) != len(passages):
+            raise DenseprError(f"{len(questions)} questions but {len(passages)} passage lists")
+        q_ids = [self.question_ids(q) for q in questions]
+        flat = [(qi, pi, t, x) for qi, ps in enumerate(passages) for pi, (t, x) in enumerate(ps)]
+        titles = self.tokenizer([f[2] for f in flat], add_special_tokens=False)["input_ids"] if flat else []
+        texts = self.tokenize_texts([f[3] for f in flat]) if flat else []
+        wins: list[tuple[int, Window]] = []
+        for j, (qi, _, _, _) in enumerate(flat):
+            wins += [(j, w) for w in self.windows(q_ids[qi], titles[j], texts[j], j)]
+        readings = [Reading(float("-inf")) for _ in flat]
+        order = sorted(range(len(wins)), key=lambda i: -len(wins[i][1].ids))
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        for b in range(0, len(order), batch_size):
+            batch = [wins[i] for i in order[b : b + batch_size]]
+            inputs, _ = self.collate([w for _, w in batch])
+            with amp:
+                start, end, rel = self(**inputs)
+            start, end, rel = start.float().cpu().numpy(), end.float().cpu().numpy(), rel.float().cpu().numpy()
+            for r, (j, w) in enumerate(batch):
+                cur = readings[j]
+                cur.relevance = max(cur.relevance, float(rel[r]))
+                if w.n == 0:
+                    continue
+                s, i0, i1 = self._best_span(start[r, w.text_start : w.text_start + w.n], end[r, w.text_start : w.text_start + w.n])
+                if s > cur.span_score:
+                    tok = texts[j]
+                    a, z = w.first + i0, w.first + i1
+                    while a > 0 and tok.words[a - 1] == tok.words[a] >= 0:  # widen to whole words (DPR)
+                        a -= 1
+                    while z + 1 < len(tok.words) and tok.words[z + 1] == tok.words[z] >= 0:
+                        z += 1
+                    cur.span_score, cur.start, cur.end = s, tok.offsets[a][0], tok.offsets[z][1]
+                    cur.text = flat[j][3][cur.start : cur.end]
+            if progress:
+                progress(len(batch))
+        out: list[list[Reading]] = [[] for _ in questions]
+        for (qi, _, _, _), r in zip(flat, readings):
+            out[qi].append(r)
+        return out
+
+
+# -- distant supervision -----------------------------------------------------------------------
+def find_answer_spans(reader: Reader, text: Tokenized, passage_text: str, answers: Sequence[str],
+                      match: str = "string") -> list[tuple[int, int]]:  # fmt: skip
+    """Every occurrence of any answer in a passage, as (first, last) text-token indices.
+
+    ``string`` answers: the answer's word-piece ids as a contiguous subsequence of the
+    passage's (DPR's ``_find_answer_positions``; the tokenizer lower-cases and strips accents
+    as DPR's ``has_answer`` normalises). ``regex`` answers (CuratedTREC): each match of the
+    pattern in the text, mapped to the tokens it covers.
+    """
+    spans: set[tuple[int, int]] = set()
+    if match == "regex":
+        for a in answers:
+            try:
+                pat = re.compile(a, flags=re.IGNORECASE | re.UNICODE | re.MULTILINE)
+            except (re.error, OverflowError, RecursionError):
+                continue
+            for m in pat.finditer(passage_text):
+                if m.end() <= m.start():
+                    continue
+                toks = [i for i, (s, e) in enumerate(text.offsets) if s < m.end() and e > m.start()]
+                if toks:
+                    spans.add((toks[0], toks[-1]))
+        return sorted(spans)
+    ids = text.ids
+    for a in answers:
+        a_ids = reader.tokenizer(a, add_special_tokens=False)["input_ids"]
+        k = len(a_ids)
+        if k == 0:
+            continue
+        for i in range(len(ids) - k + 1):
+            if ids[i] == a_ids[0] and ids[i : i + k] == a_ids:
+                spans.add((i, i + k - 1))
+    return sorted(spans)

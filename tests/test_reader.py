@@ -1,0 +1,313 @@
+"""The DPR reader: distant supervision, windows, span decoding, loss, training, resume, pipeline, EM/F1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from densepr.bm25 import BM25Index
+from densepr.errors import DenseprError, InputError
+from densepr.evaluate import AnswerMatcher, exact_match, f1_score, has_answer
+from densepr.pipeline import Pipeline, evaluate_qa
+from densepr.reader import Reader, ReaderConfig, Reading, best_reading, find_answer_spans
+from densepr.retrieve import Retriever
+from densepr.train_reader import ReaderTrainConfig, build_batch, load_reader_examples, train_reader
+
+from .conftest import PASSAGES, QUESTIONS, make_tiny_bert
+
+SMALL = ReaderConfig(max_length=96, stride=16, max_answer_length=10, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def reader_dir(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("reader-init"), seed=3, dropout=0.0)
+
+
+@pytest.fixture
+def reader(reader_dir) -> Reader:
+    return Reader.load(reader_dir, "cpu", SMALL)
+
+
+def _dpr_results(path: Path, questions=QUESTIONS, ctxs_per_q: int = 12) -> Path:
+    """A DPR result file: every question retrieves all passages, rotated so positives vary in rank."""
+    recs = []
+    for i, (q, answers) in enumerate(questions):
+        order = [(i + j) % len(PASSAGES) for j in range(ctxs_per_q)]
+        recs.append({"question": q, "answers": answers, "ctxs": [
+            {"id": str(j), "title": PASSAGES[j][0], "text": PASSAGES[j][1], "score": float(-r),
+             "has_answer": has_answer(answers, PASSAGES[j][1])} for r, j in enumerate(order)]})  # fmt: skip
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    return path
+
+
+# -- answer normalisation and EM / F1 ------------------------------------------------------------
+def test_exact_match_and_f1_follow_squad_normalisation():
+    assert exact_match("The Saint Lawrence River.", ["Saint Lawrence River"])
+    assert exact_match("  saint   LAWRENCE river ", ["the Saint Lawrence River"])
+    assert not exact_match("Lawrence River", ["Saint Lawrence River"])
+    assert exact_match("Röntgen", ["Ro\u0308ntgen"])  # NFC vs NFD spellings
+    assert f1_score("Lawrence River", ["Saint Lawrence River"]) == pytest.approx(0.8)
+    assert f1_score("", ["x"]) == 0.0 and not exact_match("", ["x"])
+    # CuratedTREC: DrQA's regex rule (match at the start, case-insensitive); F1 falls back to EM
+    assert exact_match("1969", [r"19[0-9]{2}"], "regex") and not exact_match("in 1969", [r"19[0-9]{2}"], "regex")
+    assert f1_score("1969", [r"19[0-9]{2}"], "regex") == 1.0
+    assert not exact_match("x", ["(unclosed"], "regex")
+
+
+# -- distant supervision and windows ---------------------------------------------------------------
+def test_answer_spans_by_token_match_and_regex(reader):
+    text = "python is a programming language; python was created by guido van rossum in 1991."
+    tok = reader.tokenize_texts([text])[0]
+    spans = find_answer_spans(reader, tok, text, ["Python", "Guido van Rossum"])
+    pieces = {text[tok.offsets[a][0] : tok.offsets[b][1]] for a, b in spans}
+    assert pieces == {"python", "guido van rossum"} and len(spans) == 3  # both occurrences of "python"
+    assert find_answer_spans(reader, tok, text, ["Monty"]) == []
+    r = find_answer_spans(reader, tok, text, [r"19\d\d", "(bad"], "regex")
+    assert [text[tok.offsets[a][0] : tok.offsets[b][1]] for a, b in r] == ["1991"]
+
+
+def test_long_passages_are_windowed_with_overlap(reader):
+    text = " ".join(PASSAGES[k % 12][1] for k in range(8))  # ~170 tokens, more than one window of 96
+    tok = reader.tokenize_texts([text])[0]
+    q = reader.question_ids("who created python")
+    title = reader.tokenizer("Python", add_special_tokens=False)["input_ids"]
+    wins = reader.windows(q, title, tok, 0)
+    assert len(wins) >= 2
+    covered = set()
+    for w in wins:
+        assert len(w.ids) <= SMALL.max_length
+        assert w.ids[: len(q) + 1] == [reader.tokenizer.cls_token_id, *q]
+        assert w.ids[w.text_start : w.text_start + w.n] == tok.ids[w.first : w.first + w.n]
+        covered |= set(range(w.first, w.first + w.n))
+    assert covered == set(range(len(tok.ids)))
+    assert all(b.first < a.first + a.n for a, b in zip(wins, wins[1:]))  # consecutive windows overlap
+
+
+def test_bad_questions_and_mismatched_checkpoints(tmp_path, reader):
+    with pytest.raises(DenseprError, match="empty question"):
+        reader.question_ids("   ")
+    with pytest.raises(DenseprError, match="question is .* tokens"):
+        reader.question_ids("python " * 200)
+    with pytest.raises(DenseprError, match="exceeds the model's 128 positions"):
+        Reader.load(reader.name, "cpu", ReaderConfig(max_length=512))
+    # a tokenizer from a bigger vocabulary than the model
+    d = make_tiny_bert(tmp_path / "m", seed=1)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] = 50
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DenseprError):
+        Reader.load(d, "cpu", SMALL)
+    with pytest.raises(DenseprError, match="not a Hugging Face model directory"):
+        Reader.load(tmp_path, "cpu")
+
+
+# -- decoding --------------------------------------------------------------------------------------
+def test_best_span_obeys_the_length_cap(reader):
+    start = np.full(14, -10.0)
+    start[1] = 5.0
+    end = np.zeros_like(start)
+    end[13], end[3] = 9.0, 2.0  # 1..13 is 13 tokens long: over the cap of 10
+    score, i, j = reader._best_span(start, end)
+    assert (i, j) == (1, 3) and score == 7.0
+    reader.config.max_answer_length = 13
+    assert reader._best_span(start, end)[1:] == (1, 13)
+
+
+def test_best_reading_is_the_top_selection_score_among_the_first_k():
+    rd = [Reading(1.0, 3.0, 0, 2, "ab"), Reading(5.0, 1.0, 0, 1, "a"), Reading(9.0)]  # the last has no span
+    assert best_reading(rd, 1) == 0 and best_reading(rd, 2) == 1 and best_reading(rd) == 1
+    assert best_reading([], 5) is None and best_reading([Reading(1.0)]) is None
+
+
+def test_reading_gives_offsets_into_the_text_and_does_not_depend_on_batching(reader):
+    qs = [q for q, _ in QUESTIONS[:3]]
+    ps = [[(t, x) for t, x in PASSAGES[i : i + 4]] for i in range(3)]
+    ps[1].append(("Empty", ""))  # a passage without text: read, but has no span
+    a = reader.read(qs, ps, batch_size=64)
+    b = reader.read(qs, ps, batch_size=1)
+    assert [len(x) for x in a] == [4, 5, 4]
+    for ra, rb, plist in zip(a, b, ps):
+        for x, y, (_, text) in zip(ra, rb, plist):
+            assert x.relevance == pytest.approx(y.relevance, abs=1e-4) and (x.start, x.end) == (y.start, y.end)
+            if text:
+                assert x.has_span and text[x.start : x.end] == x.text and x.text.strip() == x.text
+                assert x.start == 0 or not text[x.start - 1].isalnum()  # widened to whole words
+                assert x.end == len(text) or not text[x.end].isalnum()
+            else:
+                assert not x.has_span
+    assert reader.read(["who created python"], [[]]) == [[]]
+
+
+# -- the loss --------------------------------------------------------------------------------------
+def test_loss_is_selection_ce_plus_marginal_span_likelihood():
+    torch.manual_seed(0)
+    n, m, seq = 2, 3, 7
+    start, end, rel = torch.randn(n * m, seq), torch.randn(n * m, seq), torch.randn(n * m)
+    text = torch.zeros(n * m, seq, dtype=torch.bool)
+    text[:, 2:6] = True
+    pmask = torch.tensor([[True, True, True], [True, True, False]])
+    spans = [[(2, 3), (4, 4)], [(3, 5)]]
+    sel, span = Reader.loss(start, end, rel, text, pmask, spans)
+    exp_sel = (-torch.log_softmax(rel.view(n, m)[0], 0)[0] - torch.log_softmax(rel.view(n, m)[1, :2], 0)[0]) / 2
+    assert float(sel) == pytest.approx(float(exp_sel), rel=1e-5)
+    terms = []
+    for q, sp in enumerate(spans):
+        ps = torch.softmax(start[q * m, 2:6], 0)
+        pe = torch.softmax(end[q * m, 2:6], 0)
+        terms.append(-torch.log(sum(ps[a - 2] * pe[b - 2] for a, b in sp)))
+    assert float(span) == pytest.approx(float(sum(terms) / 2), rel=1e-5)
+
+
+# -- training --------------------------------------------------------------------------------------
+def _cfg(tmp_path, train, reader_dir, **kw) -> ReaderTrainConfig:
+    base = dict(train_files=[str(train)], output_dir=str(tmp_path / "run"), init=str(reader_dir), dev_file=str(train),
+                passages=4, batch_size=2, epochs=3, lr=1e-3, max_length=96, save_every=2, dev_limit=None, depth=12)  # fmt: skip
+    return ReaderTrainConfig(**{**base, **kw})
+
+
+def test_training_examples_positives_negatives_and_batches(tmp_path, reader, reader_dir):
+    train = _dpr_results(tmp_path / "r.json")
+    held = tmp_path / "held.tsv"
+    held.write_text(f"{QUESTIONS[0][0]}\t{QUESTIONS[0][1]!r}\n", encoding="utf-8")
+    cfg = _cfg(tmp_path, train, reader_dir, holdout=[str(held)])
+    ex, stats = load_reader_examples(cfg, reader)
+    # question 0 is held out, the Mars question has no answer anywhere: 4 remain
+    assert stats["held_out"] == 1 and stats["no_positive"] == 1 and len(ex) == 4
+    for e in ex:
+        assert all(has_answer(e.answers, t) for _, t in e.positives) and not any(has_answer(e.answers, t) for _, t in e.negatives)
+    windows, mask, spans = build_batch(reader, ex, [0, 1], 0, cfg)
+    assert len(windows) == 8 and mask.all()
+    for q in range(2):
+        w = windows[q * 4]
+        for a, b in spans[q]:
+            piece = reader.tokenizer.decode(w.ids[a : b + 1])
+            assert has_answer(ex[q].answers, piece)
+    # fewer negatives than M - 1: padding passages are masked out
+    windows, mask, _ = build_batch(reader, ex, [0], 0, _cfg(tmp_path, train, reader_dir, passages=20))
+    assert len(windows) == 20 and mask.sum() == 1 + len(ex[0].negatives)
+
+
+def test_reader_training_learns_and_resumes_to_the_same_weights(tmp_path, reader_dir):
+    train = _dpr_results(tmp_path / "r.json")
+    kw = dict(epochs=30, batch_size=5, lr=1e-2)
+    full = train_reader(_cfg(tmp_path / "a", train, reader_dir, **kw), device="cpu", show_progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if m["kind"] == "train"]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    assert full["em"] >= 50.0  # it learned to answer its own training questions
+    best = tmp_path / "a/run/best"
+    assert (best / "model.safetensors").is_file() and json.loads((best / "densepr_reader.json").read_text())["top_k"] in (1, 5, 10, 20, 50)
+    assert not list((tmp_path / "a").rglob("*.bin")) and not list((tmp_path / "a").rglob("*.pt"))
+    import transformers
+
+    assert isinstance(transformers.DPRReader.from_pretrained(best), transformers.DPRReader)
+
+    cfg = _cfg(tmp_path / "b", train, reader_dir, **kw)
+    assert train_reader(cfg, device="cpu", show_progress=False, stop_after=5) == {"stopped_at": 5}
+    with pytest.raises(DenseprError, match="already holds a run"):
+        train_reader(cfg, device="cpu", show_progress=False)
+    with pytest.raises(DenseprError, match="different configuration"):
+        train_reader(_cfg(tmp_path / "b", train, reader_dir, **{**kw, "lr": 0.5}), resume=True, device="cpu", show_progress=False)
+    train_reader(cfg, resume=True, device="cpu", show_progress=False)
+    a = load_file(str(tmp_path / "a/run/checkpoint/reader/model.safetensors"))
+    b = load_file(str(tmp_path / "b/run/checkpoint/reader/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_retrieval_files_without_passages_are_refused(tmp_path, reader_dir):
+    empty = tmp_path / "e.json"
+    empty.write_text(json.dumps([{"question": q, "answers": a, "ctxs": []} for q, a in QUESTIONS]), encoding="utf-8")
+    with pytest.raises(InputError, match="ctxs"):
+        train_reader(_cfg(tmp_path, empty, reader_dir), device="cpu", show_progress=False)
+    missing = tmp_path / "m.json"
+    missing.write_text(json.dumps([{"question": "q", "answers": ["a"]}]), encoding="utf-8")
+    with pytest.raises(InputError, match="record 1.*ctxs"):
+        train_reader(_cfg(tmp_path, missing, reader_dir), device="cpu", show_progress=False)
+
+
+# -- pipeline and end-to-end evaluation ------------------------------------------------------------
+@pytest.fixture
+def retriever(corpus) -> Retriever:
+    return Retriever(corpus, bm25=BM25Index.build(corpus))
+
+
+def test_pipeline_answers_from_the_top_passages(retriever, reader):
+    p = Pipeline(retriever, reader, k=3, mode="bm25")
+    a = p.answer("who created python")
+    assert a.found and 1 <= len(a.passages) <= 3 and a.passage in a.passages  # BM25: only passages sharing a term
+    assert a.passage.text[a.start : a.end] == a.text and a.mode == "bm25" and a.k == 3
+    many = p.answer_many(["who created python", "when did apollo 11 land on the moon"])
+    assert many[0].text == a.text and many[0].passage.id == a.passage.id
+    with pytest.raises(DenseprError, match="empty question"):
+        p.answer_many(["who created python", ""])
+    # nothing retrieved: an explicit "no answer", not an exception
+    none = p.answer("zzzz qqqq")
+    assert not none.found and none.text == "" and none.passage is None and none.passages == []
+
+
+def test_evaluate_qa_reads_once_and_equals_reading_each_k_separately(retriever, reader, corpus):
+    from densepr.data.qa import QA, QASet
+
+    qas = QASet("tiny", [QA(q, tuple(a)) for q, a in QUESTIONS])
+    res = evaluate_qa(retriever, reader, qas, modes=["bm25"], ks=[1, 3, 5], matcher=AnswerMatcher(corpus.texts))
+    assert res["n_all"] == 6 and res["n_answerable"] == 5 and res["gold"]["questions"] == 5
+    pipe = Pipeline(retriever, reader, mode="bm25")
+    for k in (1, 3, 5):
+        preds = [a.text for a in pipe.answer_many(qas.questions, k=k)]
+        em = 100 * np.mean([exact_match(p, a) for p, (_, a) in zip(preds, QUESTIONS)])
+        assert res["modes"]["bm25"]["k"][str(k)]["em"] == pytest.approx(round(em, 2))
+        assert res["modes"]["bm25"]["k"][str(k)]["em_answerable"] >= res["modes"]["bm25"]["k"][str(k)]["em"]
+
+
+# -- command line ----------------------------------------------------------------------------------
+def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv, qa_tsv, reader_dir):
+    import shutil
+
+    from .test_cli import run
+
+    idx = tmp_path / "index"
+    idx.mkdir()
+    shutil.copy(passages_tsv, idx / "passages.tsv")
+    assert run(capsys, "index", "bm25", str(idx / "passages.tsv"), str(idx / "bm25"))[0] == 0
+    res = tmp_path / "res.json"
+    code, _, err = run(capsys, "retrieve", "--qa", str(qa_tsv), "--index", str(idx), "--mode", "bm25", "-k", "12", "-o", str(res))
+    assert code == 0, err
+    code, out, err = run(capsys, "train-reader", "--train", str(res), "--dev", str(res), "-o", str(tmp_path / "run"), "--init", str(reader_dir),
+                         "--passages", "4", "--batch-size", "2", "--epochs", "2", "--max-length", "96", "--lr", "1e-3", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    assert "reader in" in out and (tmp_path / "run/best/model.safetensors").is_file()
+    reader = str(tmp_path / "run/best")
+
+    code, out, err = run(capsys, "answer", "who created python", "--index", str(idx), "--reader", reader, "-k", "3", "--device", "cpu")
+    assert code == 0, err
+    assert "read top-3 bm25" in out
+    code, out, err = run(capsys, "answer", "who created python", "--index", str(idx), "--reader", reader, "--json", "--device", "cpu")
+    a = json.loads(out)
+    assert code == 0 and a["found"] and a["passage"]["text"][a["start"] : a["end"]] == a["text"]
+    code, out, _ = run(capsys, "answer", "zzzz qqqq", "--index", str(idx), "--reader", reader, "--device", "cpu")
+    assert code == 2 and "no answer" in out
+
+    code, out, err = run(capsys, "evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
+                         "--ks", "1,3", "-o", str(tmp_path / "qa"), "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    results = json.loads((tmp_path / "qa/qa-results.json").read_text())
+    entry = results["sets"]["qa"]
+    assert set(entry["modes"]["bm25"]["k"]) == {"1", "3"} and entry["n_all"] == 6 and "gold" in entry
+    assert "EM@1" in (tmp_path / "qa/qa-results.md").read_text() and (tmp_path / "qa/qa-em.png").stat().st_size > 1000
+
+    bad = [
+        (("answer", "  ", "--index", str(idx), "--reader", reader), "empty question"),
+        (("answer", "who " * 300, "--index", str(idx), "--reader", reader, "--device", "cpu"), "question is"),
+        (("evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--ks", "0", "-o", str(tmp_path / "x")), "--ks"),
+        (("evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "dense", "-o", str(tmp_path / "x")), "needs"),
+        (("train-reader", "--train", str(tmp_path / "nope.json"), "-o", str(tmp_path / "r2"), "--init", str(reader_dir), "--max-length", "96"), "nope.json"),
+        (("answer", "who created python", "--index", str(idx), "--reader", str(tmp_path)), "not a Hugging Face model directory"),
+    ]
+    for args, message in bad:
+        code, _, err = run(capsys, *args)
+        assert code == 1 and message in err and "Traceback" not in err, (args, err)
