@@ -97,3 +97,20 @@ def embedded() -> EmbeddedData:
     if not data.available:
         pytest.skip(f"embedded benchmark not fetched in {data.root}: run `densepr data fetch`")
     return data
+
+
+@pytest.fixture
+def index_dir(tmp_path: Path, corpus: Corpus, tiny_bert: Path) -> Path:
+    """An index directory over the test corpus: passages.tsv, bm25/ and a flat dense/ from tiny_bert."""
+    from densepr.bm25 import BM25Index
+    from densepr.data import write_passages_tsv
+    from densepr.embeddings import encode_corpus
+    from densepr.encoder import Encoder
+    from densepr.index import DenseIndex
+
+    d = tmp_path / "index"
+    write_passages_tsv(corpus, d / "passages.tsv")
+    BM25Index.build(corpus).save(d / "bm25")
+    encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, tmp_path / "emb")
+    DenseIndex.build(tmp_path / "emb").save(d / "dense")
+    return d

@@ -7,13 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from densepr.bm25 import BM25Index
-from densepr.data import write_passages_tsv
-from densepr.embeddings import encode_corpus
 from densepr.encoder import Encoder
 from densepr.errors import DenseprError
 from densepr.fileio import write_json
-from densepr.index import DenseIndex
 from densepr.results import SearchResult, read_trec_run, write_dpr_results, write_trec_run
 from densepr.retrieve import Retriever, fuse_hybrid, fuse_rrf
 
@@ -73,17 +69,6 @@ def test_rrf():
     order = sorted(expected, key=lambda r: (-expected[r], r))
     assert fused.rows[0].tolist() == order
     np.testing.assert_allclose(fused.scores[0], [expected[r] for r in order], rtol=1e-6)
-
-
-@pytest.fixture
-def index_dir(tmp_path, corpus, tiny_bert):
-    d = tmp_path / "index"
-    write_passages_tsv(corpus, d / "passages.tsv")
-    BM25Index.build(corpus).save(d / "bm25")
-    enc = Encoder.load(tiny_bert, device="cpu")
-    encode_corpus(enc, corpus, tmp_path / "emb")
-    DenseIndex.build(tmp_path / "emb").save(d / "dense")
-    return d
 
 
 def test_retriever_over_an_index_directory(index_dir, corpus):

@@ -675,6 +675,41 @@ def evaluate_qa_cmd(
     out.print(f"written to {output}/qa-results.json, qa-results.md, qa-em.png")
 
 
+@app.command("serve")
+def serve_cmd(
+    index: Annotated[Path, typer.Option(help="Index directory (passages.tsv, bm25/, dense/).")] = DEFAULT_INDEX,
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory: enables POST /answer and answers on the page.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (default loopback only; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_question_chars: int = 1000,
+    max_k: int = 100,
+    max_questions: Annotated[int, typer.Option(help="Questions per /search request.")] = 64,
+    max_body_bytes: int = 256 * 1024,
+    timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 30.0,
+    max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 2.0,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
+    try:
+        from .serve import Limits, Service, create_app, serve
+    except ImportError:
+        raise DenseprError("`densepr serve` needs the serve extra: pip install 'densepr[serve]'") from None
+    from .reader import Reader
+    from .retrieve import Retriever
+
+    for name, v in (("--max-question-chars", max_question_chars), ("--max-k", max_k), ("--max-questions", max_questions),
+                    ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout)):  # fmt: skip
+        if v <= 0:
+            raise DenseprError(f"{name} must be positive")
+    limits = Limits(max_question_chars, max_k, max_questions, max_body_bytes, timeout, max_batch, max_wait_ms)
+    r = Retriever.load(index, device=device)
+    rd = Reader.load(reader, device) if reader else None
+    app_ = create_app(Service(r, rd, limits))
+    _log(f"serving {len(r.corpus)} passages ({', '.join(r.modes)}{', reader' if rd else ''}) on http://{host}:{port}/  (API docs: /docs)")
+    serve(app_, host, port)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors print one line; ``--debug`` shows tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)
