@@ -121,7 +121,7 @@ def run_type(args: argparse.Namespace) -> list[dict]:
     from densepr.index import DenseIndex, IndexParams
 
     work = Path(args.work)
-    queries = np.load(work / "queries.npy")
+    queries = np.load(work / "queries.npy", allow_pickle=False)
     base = rss_gib()  # interpreter, libraries and queries
     params = IndexParams(**json.loads(args.params))
     t0 = time.perf_counter()
@@ -211,12 +211,12 @@ def main() -> None:
             for r in got:
                 print(json.dumps(r), flush=True)
             rows += got
-        exact = np.load(work / "rows-flat.npy")
+        exact = np.load(work / "rows-flat.npy", allow_pickle=False)
         flat = rows[0]
         for r in rows:
             if "error" in r:
                 continue
-            r["recall_at_100"] = round(recall(np.load(work / f"rows-{r['label']}.npy"), exact), 4)
+            r["recall_at_100"] = round(recall(np.load(work / f"rows-{r['label']}.npy", allow_pickle=False), exact), 4)
             r["memory_vs_flat"] = round(r["disk_bytes"] / flat["disk_bytes"], 4)
             r["batch1_speedup_vs_flat"] = round(r["queries_per_s_batch1"] / flat["queries_per_s_batch1"], 2)
         result = {"command": "python benchmarks/index_bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),

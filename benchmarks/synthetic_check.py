@@ -56,7 +56,7 @@ def main() -> None:
     for clusters in (0, 1000):
         with tempfile.TemporaryDirectory() as d:
             q = ib.write_synthetic(Path(d) / "e", 10_000, emb.shape[1], 200, clusters=clusters)
-            x = np.concatenate([np.load(f) for f in sorted((Path(d) / "e").glob("part-*.npy"))])
+            x = np.concatenate([np.load(f, allow_pickle=False) for f in sorted((Path(d) / "e").glob("part-*.npy"))])
         rows[f"synthetic, {clusters} clusters" if clusters else "synthetic, one Gaussian"] = hnsw_recall(x, q)
     for name, r in rows.items():
         print(f"{name:60s} recall@100 efSearch 128: {r['recall_at_100_ef128']:.3f}  512: {r['recall_at_100_ef512']:.3f}")

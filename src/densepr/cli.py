@@ -710,6 +710,29 @@ def serve_cmd(
     serve(app_, host, port)
 
 
+@app.command("verify")
+def verify_cmd(
+    directory: Annotated[Path, typer.Argument(help="A directory: every manifest.json under it is checked.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Check sizes only (catches truncation), not sha256.")] = False,
+) -> None:
+    """Check every artefact under a directory against its manifest (sizes and sha256)."""
+    from .fileio import verify_tree
+
+    results = verify_tree(directory, "size" if quick else "sha256")
+    if not results:
+        raise DenseprError(f"{directory}: no manifest.json found; nothing densepr wrote is here")
+    bad = 0
+    for d, kind, problem in results:
+        if problem is None:
+            out.print(f"[green]ok[/green]      {kind:<14} {d}", highlight=False)
+        else:
+            bad += 1
+            out.print(f"[red]FAILED[/red]  {kind:<14} {problem}", highlight=False)
+    out.print(f"{len(results) - bad} of {len(results)} artefacts verified ({'sizes' if quick else 'sizes and sha256'})")
+    if bad:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors print one line; ``--debug`` shows tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)

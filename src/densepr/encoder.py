@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DenseprError
-from .fileio import write_json
+from .fileio import check_dir_manifest, write_dir_manifest, write_json
 
 CONFIG_NAME = "densepr_encoder.json"
 POOLINGS = ("cls", "mean")
@@ -113,6 +113,7 @@ class Encoder(nn.Module):
                 f"{path}: not a Hugging Face model directory (no config.json); "
                 "give a directory with config.json, weights and tokenizer files"
             )
+        check_dir_manifest(path, ("encoder",))  # a truncated or altered file is refused here, clearly
         try:
             hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
             model_cls = transformers.AutoModel
@@ -152,6 +153,7 @@ class Encoder(nn.Module):
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         self.config.save(path)
+        write_dir_manifest(path, "encoder", name=self.name)
 
     @property
     def dim(self) -> int:

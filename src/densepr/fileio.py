@@ -82,7 +82,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a BOM is tolerated
             return json.load(fh)
     except UnicodeDecodeError as e:
         raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -166,3 +166,40 @@ def read_manifest(directory: str | os.PathLike[str], kind: str, verify: str = "s
         if verify == "sha256" and sha256_file(fpath) != entry["sha256"]:
             raise DenseprError(f"{fpath}: sha256 differs from {mpath}: file altered or corrupt; rebuild it")
     return manifest
+
+
+def write_dir_manifest(directory: str | os.PathLike[str], kind: str, **meta: Any) -> dict[str, Any]:
+    """A manifest of every file now in ``directory`` (recursively, except manifests of its own)."""
+    directory = Path(directory)
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+                   and not p.name.endswith(".tmp"))  # fmt: skip
+    return write_manifest(directory, kind, files, **meta)
+
+
+def check_dir_manifest(directory: str | os.PathLike[str], kinds: tuple[str, ...], verify: str = "sha256") -> dict[str, Any] | None:
+    """Check ``directory``'s manifest when it has one (directories from elsewhere may not); None when absent."""
+    mpath = Path(directory) / MANIFEST
+    if not mpath.is_file():
+        return None
+    kind = read_json(mpath).get("kind") if isinstance(read_json(mpath), dict) else None
+    if kind not in kinds:
+        raise DenseprError(f"{mpath}: expected a {' or '.join(kinds)} manifest, found kind {kind!r}")
+    return read_manifest(directory, kind, verify)
+
+
+def verify_tree(root: str | os.PathLike[str], verify: str = "sha256") -> list[tuple[Path, str, str | None]]:
+    """Check every manifest under ``root``: ``[(directory, kind, None or the problem), ...]``."""
+    root = Path(root)
+    if not root.exists():
+        raise DenseprError(f"{root}: no such file or directory")
+    out: list[tuple[Path, str, str | None]] = []
+    for mpath in sorted(root.rglob(MANIFEST)) if root.is_dir() else []:
+        kind = "?"
+        try:
+            data = read_json(mpath)
+            kind = str(data.get("kind", "?")) if isinstance(data, dict) else "?"
+            read_manifest(mpath.parent, kind, verify)
+            out.append((mpath.parent, kind, None))
+        except DenseprError as e:
+            out.append((mpath.parent, kind, str(e)))
+    return out

@@ -38,7 +38,7 @@ from torch import nn
 
 from .encoder import _quiet_transformers, default_device
 from .errors import DenseprError
-from .fileio import write_json
+from .fileio import check_dir_manifest, write_dir_manifest, write_json
 
 CONFIG_NAME = "densepr_reader.json"
 MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
@@ -134,6 +134,7 @@ class Reader(nn.Module):
         path = Path(path)
         if not path.is_dir() or not (path / "config.json").is_file():
             raise DenseprError(f"{path}: not a Hugging Face model directory (no config.json)")
+        check_dir_manifest(path, ("reader",))
         try:
             hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -184,6 +185,7 @@ class Reader(nn.Module):
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         self.config.save(path)
+        write_dir_manifest(path, "reader")
 
     @property
     def device(self) -> torch.device:

@@ -84,6 +84,8 @@ def iter_dpr_results(path: str | os.PathLike[str]) -> Iterator[DprResult]:
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
     n = 0
     with open(path, "rb") as fh:
+        if fh.read(3) != b"\xef\xbb\xbf":  # tolerate a BOM
+            fh.seek(0)
         try:
             for n, obj in enumerate(ijson.items(fh, "item", use_float=True), 1):
                 if not isinstance(obj, dict):
@@ -123,8 +125,12 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, flo
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
     run: dict[str, list[tuple[str, float]]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
             parts = line.split()
             if not parts:
                 continue
@@ -135,6 +141,8 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, flo
             except ValueError:
                 raise InputError(path, f"score {parts[4]!r} is not a number", line=lineno, field="score") from None
             run.setdefault(parts[0], []).append((parts[2], score))
+    if not run:
+        raise InputError(path, "no results found (empty file?)")
     for hits in run.values():
         hits.sort(key=lambda h: -h[1])
     return run

@@ -48,7 +48,7 @@ from .data.training import iter_train_records
 from .encoder import BiEncoder, Encoder, EncoderConfig
 from .errors import DenseprError
 from .evaluate import has_answer
-from .fileio import atomic_path, read_json, write_json
+from .fileio import atomic_path, check_dir_manifest, read_json, write_dir_manifest, write_json
 from .progress import console, progress_bar
 
 
@@ -361,6 +361,7 @@ def save_checkpoint(directory: Path, model: BiEncoder, opt, sched, state: dict) 
         save_file(tensors, path)
     sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
     write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": sched_state})
+    write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
@@ -374,6 +375,7 @@ def find_checkpoint(output_dir: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):
         c = output_dir / name
         if (c / "trainer_state.json").is_file() and (c / "optimizer.safetensors").is_file():
+            check_dir_manifest(c, ("checkpoint",))  # refuse a truncated or altered checkpoint, clearly
             return c
     return None
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DenseprError, InputError
 from .evaluate import exact_match, f1_score, has_answer
-from .fileio import atomic_path, read_json, write_json
+from .fileio import atomic_path, read_json, write_dir_manifest, write_json
 from .progress import console, progress_bar
 from .reader import Reader, Window, best_reading, find_answer_spans
 from .results import iter_dpr_results
@@ -205,6 +205,7 @@ def save_checkpoint(directory: Path, reader: Reader, opt, sched, state: dict) ->
     with atomic_path(tmp / "optimizer.safetensors") as path:
         save_file(tensors, path)
     write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}})
+    write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():

@@ -45,8 +45,12 @@ def read_queries(path: str | os.PathLike[str]) -> dict[str, str]:
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
             if not line.strip():
                 continue
             parts = line.rstrip("\r\n").split("\t")

@@ -202,10 +202,14 @@ def load_corpus(path: str | os.PathLike[str]) -> Corpus:
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".jsonl", ".json"):
-        return Corpus.from_passages(iter_passages_jsonl(path), path)
-    if suffix in (".tsv", ".csv", ".txt"):
-        return Corpus.from_passages(iter_passages_tsv(path), path)
-    raise InputError(path, f"unknown passage file type {suffix!r}: expected .tsv (DPR layout) or .jsonl")
+        corpus = Corpus.from_passages(iter_passages_jsonl(path), path)
+    elif suffix in (".tsv", ".csv", ".txt"):
+        corpus = Corpus.from_passages(iter_passages_tsv(path), path)
+    else:
+        raise InputError(path, f"unknown passage file type {suffix!r}: expected .tsv (DPR layout) or .jsonl")
+    if len(corpus) == 0:
+        raise InputError(path, "no passages found (empty file?)")
+    return corpus
 
 
 def split_article(title: str, text: str, words: int = 100) -> list[tuple[str, str]]:

@@ -1,0 +1,146 @@
+"""The bad-input catalogue: every loader x every kind of bad (or merely awkward) file.
+
+Each case writes a small file, runs one loader on it, and records the outcome: ``accepted``
+(with a check that the content was read right: a BOM or CRLF line ends are not errors) or
+``error`` (an :class:`~densepr.errors.InputError` whose message names the file and, where
+there is one, the line and field). ``tests/test_bad_input.py`` asserts every outcome;
+``python -m tests.bad_inputs`` writes the table to ``benchmarks/results/bad-inputs.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from densepr.data import load_corpus, load_qa
+from densepr.data.beir import read_qrels_tsv, read_queries
+from densepr.data.training import iter_train_records
+from densepr.errors import InputError
+from densepr.fileio import read_json
+from densepr.results import iter_dpr_results, read_trec_run
+
+HUGE = "x" * 200_000  # one 200 kB field on one line
+
+
+def _ctx(**kw) -> dict:
+    return {"title": "T", "text": "some text", **kw}
+
+
+def _train(**kw) -> dict:
+    return {"question": "q?", "answers": ["a"], "positive_ctxs": [_ctx()], "negative_ctxs": [], "hard_negative_ctxs": [], **kw}
+
+
+def _res(**kw) -> dict:
+    return {"question": "q?", "answers": ["a"], "ctxs": [_ctx(id="1", score=1.0)], **kw}
+
+
+# component: (file name, loader returning something countable, good content)
+LOADERS: dict[str, tuple[str, Callable[[Path], object], bytes]] = {
+    "passages TSV": ("p.tsv", lambda p: load_corpus(p), b"id\ttext\ttitle\n1\tfirst text\tA\n2\tsecond text\tB\n"),
+    "passages JSONL": ("p.jsonl", lambda p: load_corpus(p), b'{"id": "1", "title": "A", "text": "first text"}\n{"id": "2", "title": "B", "text": "second text"}\n'),
+    "QA TSV (DPR)": ("qa.tsv", lambda p: load_qa(p), b"who is a?\t['x', 'y']\nwho is b?\t[\"z\"]\n"),
+    "QA JSONL": ("qa.jsonl", lambda p: load_qa(p), b'{"question": "who is a?", "answer": ["x"]}\n{"question": "who is b?", "answer": ["z"]}\n'),
+    "training JSON": ("train.json", lambda p: list(iter_train_records(p)), json.dumps([_train(), _train(question="r?")]).encode()),
+    "retrieval JSON": ("res.json", lambda p: list(iter_dpr_results(p)), json.dumps([_res(), _res(question="r?")]).encode()),
+    "TREC run": ("run.trec", lambda p: read_trec_run(p), b"0 Q0 1 1 2.5 t\n1 Q0 2 1 1.5 t\n"),
+    "queries TSV": ("q.tsv", lambda p: read_queries(p), b"q1\tfirst query\nq2\tsecond query\n"),
+    "qrels TSV": ("qrels.tsv", lambda p: read_qrels_tsv(p), b"query-id\tcorpus-id\tscore\nq1\t1\t1\nq2\t2\t1\n"),
+    "JSON config": ("config.json", lambda p: read_json(p), b'{"a": 1, "b": [1, 2]}'),
+}
+
+# component -> {kind: content}; kinds every loader gets are added below
+SPECIFIC: dict[str, dict[str, bytes]] = {
+    "passages TSV": {"malformed line": b"1\tonly two\n", "missing field": b"\ttext\ttitle\n", "duplicate passage ids": b"1\ta\tA\n1\tb\tB\n",
+                     "huge single line": f"1\t{HUGE}\tT\n".encode(), "unclosed quote": b'1\t"open quote\tT\n2\tb\tB\n'},  # fmt: skip
+    "passages JSONL": {"malformed line": b'{"id": "1", "text": \n', "missing field": b'{"id": "1", "title": "A"}\n', "wrong type": b'{"id": "1", "text": 5}\n',
+                       "duplicate passage ids": b'{"id": "1", "text": "a"}\n{"id": "1", "text": "b"}\n', "not an object": b"[1, 2]\n",
+                       "huge single line": json.dumps({"id": "1", "text": HUGE}).encode() + b"\n"},  # fmt: skip
+    "QA TSV (DPR)": {"malformed line": b"who?\n", "answers not a list": b"who?\t'x'\n", "wrong type": b"who?\t[1, 2]\n", "empty answer list": b"who?\t[]\n",
+                     "unparsable answers": b"who?\t['x'\n", "huge single line": f"who?\t['{HUGE}']\n".encode()},  # fmt: skip
+    "QA JSONL": {"malformed line": b'{"question": "q", \n', "missing field": b'{"question": "who?"}\n', "answers not a list": b'{"question": "who?", "answer": "x"}\n',
+                 "wrong type": b'{"question": 5, "answer": ["x"]}\n', "huge single line": json.dumps({"question": "q?", "answer": [HUGE]}).encode() + b"\n"},  # fmt: skip
+    "training JSON": {"malformed line": b'[{"question": "q", ', "missing field": json.dumps([{"question": "q"}]).encode(),
+                      "answers not a list": json.dumps([_train(answers="a")]).encode(), "wrong type": json.dumps([_train(positive_ctxs=[{"text": 5}])]).encode(),
+                      "not an array": b'{"question": "q"}', "huge single line": json.dumps([_train(question=HUGE)]).encode()},  # fmt: skip
+    "retrieval JSON": {"malformed line": b'[{"question": "q", ', "missing field": json.dumps([{"question": "q", "answers": ["a"]}]).encode(),
+                       "answers not a list": json.dumps([_res(answers="a")]).encode(), "wrong type": json.dumps([_res(ctxs=[{"text": 1}])]).encode(),
+                       "huge single line": json.dumps([_res(question=HUGE)]).encode()},  # fmt: skip
+    "TREC run": {"malformed line": b"0 Q0 1\n", "wrong type": b"0 Q0 1 1 high t\n", "huge single line": f"0 Q0 {HUGE} 1 1.0 t\n".encode()},
+    "queries TSV": {"malformed line": b"q1 no tab\n", "missing field": b"q1\t\n", "huge single line": f"q1\t{HUGE}\n".encode()},
+    "qrels TSV": {"malformed line": b"q1\t1\n", "wrong type": b"q1\t1\thigh\n", "huge single line": f"q1\t{HUGE}\t1\n".encode()},
+    "JSON config": {"malformed line": b'{"a": 1,', "huge single line": json.dumps({"a": HUGE}).encode()},
+}
+
+# Kinds whose correct outcome is acceptance (the content is fine, only the bytes are awkward).
+ACCEPTED = {"BOM", "CRLF line ends", "huge single line"}
+
+
+@dataclass
+class Case:
+    component: str
+    kind: str
+    content: bytes | None  # None: the special paths
+    expect: str  # "accepted" or "error"
+
+
+def cases() -> list[Case]:
+    out = []
+    for comp, (_, _, good) in LOADERS.items():
+        generic = {"empty file": b"", "non-UTF-8 bytes": good[:-1] + b"\xff" + good[-1:], "BOM": b"\xef\xbb\xbf" + good,
+                   "CRLF line ends": good.replace(b"\n", b"\r\n")}  # fmt: skip
+        for kind, content in {**generic, **SPECIFIC.get(comp, {})}.items():
+            out.append(Case(comp, kind, content, "accepted" if kind in ACCEPTED else "error"))
+        out.append(Case(comp, "path does not exist", None, "error"))
+        out.append(Case(comp, "path is a directory", None, "error"))
+    return out
+
+
+def run_case(case: Case, tmp: Path) -> tuple[str, str]:
+    """Run one case in directory ``tmp``; returns (outcome, message or what was read)."""
+    name, loader, good = LOADERS[case.component]
+    path = tmp / name
+    if case.kind == "path is a directory":
+        path.mkdir()
+    elif case.content is not None:
+        path.write_bytes(case.content)
+    try:
+        result = loader(path)
+    except InputError as e:
+        return "error", str(e)
+    except Exception as e:  # anything else is a bug: the catalogue reports it as such
+        return "crash", f"{type(e).__name__}: {e}"
+    n = len(result) if hasattr(result, "__len__") else 1
+    return "accepted", f"read {n} item(s)"
+
+
+def table(rows: list[tuple[Case, str, str]]) -> str:
+    lines = ["| component | bad input | expected | outcome | message |", "|---|---|---|---|---|"]
+    for c, outcome, msg in rows:
+        msg = msg.replace("|", "\\|")
+        if len(msg) > 160:
+            msg = msg[:157] + "..."
+        lines.append(f"| {c.component} | {c.kind} | {c.expect} | {outcome} | {msg} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import re
+    import tempfile
+
+    rows = []
+    for i, c in enumerate(cases()):
+        with tempfile.TemporaryDirectory() as d:
+            outcome, msg = run_case(c, Path(d))
+            rows.append((c, outcome, re.sub(r"/tmp/[^/ ]+/", "", msg)))  # messages without the temp dir
+    ok = sum(outcome == c.expect for c, outcome, _ in rows)
+    out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bad-inputs.md"
+    head = (f"# Bad-input catalogue\n\n`python -m tests.bad_inputs` (the same cases as `tests/test_bad_input.py`): "
+            f"{len(rows)} cases, {ok} with the expected outcome.\n\n")  # fmt: skip
+    out.write_text(head + table(rows), encoding="utf-8")
+    print(f"{ok}/{len(rows)} as expected; written to {out}")
+
+
+if __name__ == "__main__":
+    main()
