@@ -130,7 +130,7 @@ def main() -> None:
     import tempfile
 
     rows = []
-    for i, c in enumerate(cases()):
+    for c in cases():
         with tempfile.TemporaryDirectory() as d:
             outcome, msg = run_case(c, Path(d))
             rows.append((c, outcome, re.sub(r"/tmp/[^/ ]+/", "", msg)))  # messages without the temp dir
