@@ -176,14 +176,20 @@ def index_dense(
     pq_m: Annotated[Optional[int], typer.Option(help="ivf-pq/opq-pq: bytes per vector (default dim/4).")] = None,
     rerank: Annotated[int, typer.Option(help="Compressed types: re-score the top k x RERANK exactly from the embeddings on disk (0 = off).")] = 0,
     train_size: Annotated[int, typer.Option(help="Vectors sampled to train quantisers.")] = 100_000,
+    checkpoint_seconds: Annotated[float, typer.Option(help="Save build progress at most this often (a killed build resumes from it).")] = 300.0,
 ) -> None:
-    """Build a FAISS index from passage embeddings (exact, compressed or approximate)."""
+    """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
+    import shutil
+
     from .index import DenseIndex, IndexParams
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
                          pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip
-    index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True)
+    work = output.with_name(output.name + ".building")  # resumable: a killed build continues from here
+    index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True, work_dir=work,
+                             checkpoint_seconds=checkpoint_seconds)  # fmt: skip
     index.save(output)
+    shutil.rmtree(work, ignore_errors=True)
     shards = f" in {num_shards} shards" if num_shards > 1 else ""
     out.print(f"{type} index of {len(index)} x {index.dim} vectors{shards} written to {output}")
 

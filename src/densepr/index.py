@@ -27,8 +27,11 @@ gives exactly the ranking one index over all rows would give.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +41,7 @@ import numpy as np
 from .data.passages import Corpus, check_corpus
 from .embeddings import Embeddings
 from .errors import DenseprError, MismatchError
-from .fileio import atomic_path, read_ids, read_manifest, write_ids, write_manifest
+from .fileio import atomic_path, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
 from .progress import progress_bar
 from .results import SearchResult
 
@@ -138,6 +141,54 @@ class _Shard:
     file: str = ""
 
 
+class _BuildState:
+    """A resumable build's work directory: ``trained.faiss``, ``shard-*.faiss``, ``ids.txt``, ``progress.json``.
+
+    ``progress.json`` is written last, so the files it names are complete; ``key`` (type,
+    parameters, embeddings files) must match, else the directory is from another build and
+    is cleared.
+    """
+
+    def __init__(self, directory: Path, key: dict) -> None:
+        self.dir, self.key = directory, json.loads(json.dumps(key))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "build.json"
+        if not meta.is_file() or read_json(meta) != self.key:
+            shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+            write_json(meta, self.key)
+
+    def load_trained(self) -> faiss.Index | None:
+        f = self.dir / "trained.faiss"
+        return faiss.read_index(str(f)) if f.is_file() else None
+
+    def save_trained(self, index: faiss.Index) -> None:
+        with atomic_path(self.dir / "trained.faiss") as tmp:
+            faiss.write_index(index, tmp)
+
+    def save_progress(self, indexes: list[faiss.Index], parts: int, rows: int, ids: list[str]) -> None:
+        files = []
+        for i, ix in enumerate(indexes):
+            files.append(f"shard-{i:05d}-{parts}.faiss")  # a new name per save: the last complete one stays valid
+            with atomic_path(self.dir / files[-1]) as tmp:
+                faiss.write_index(ix, tmp)
+        write_ids(self.dir / f"ids-{parts}.txt", ids)
+        old = read_json(self.dir / "progress.json") if (self.dir / "progress.json").is_file() else None
+        write_json(self.dir / "progress.json", {"parts": parts, "rows": rows, "files": files, "ids": f"ids-{parts}.txt"})
+        if old:  # the previous save is no longer needed
+            for name in [*old["files"], old["ids"]]:
+                (self.dir / name).unlink(missing_ok=True)
+
+    def load_progress(self, num_shards: int) -> tuple[list[faiss.Index], int, int, list[str]] | None:
+        f = self.dir / "progress.json"
+        if not f.is_file():
+            return None
+        st = read_json(f)
+        if len(st["files"]) != num_shards:
+            return None
+        return [faiss.read_index(str(self.dir / x)) for x in st["files"]], st["parts"], st["rows"], read_ids(self.dir / st["ids"])
+
+
 @dataclass
 class DenseIndex:
     """Passage vectors in one or more FAISS shards, with the ids of their rows.
@@ -219,11 +270,18 @@ class DenseIndex:
         params: IndexParams | None = None,
         num_shards: int = 1,
         show_progress: bool = False,
+        work_dir: str | os.PathLike[str] | None = None,
+        checkpoint_seconds: float = 300.0,
     ) -> DenseIndex:
-        """Build an index from an embeddings directory, adding one embeddings shard at a time.
+        """Build an index from an embeddings directory, adding one embeddings part at a time.
 
         Trained types learn their quantiser on a sample (``params.train_size`` vectors); with
         several index shards, every shard starts from the same trained, empty index.
+
+        With ``work_dir``, the build is resumable: the trained quantiser and then, at most every
+        ``checkpoint_seconds``, the shards filled so far are saved there (FAISS files + a JSON
+        progress record, each atomically); a rerun with the same inputs continues after the
+        last saved embeddings part and gives the same index.
         """
         if index_type not in INDEX_TYPES:
             raise DenseprError(f"unknown index type {index_type!r}; available: {', '.join(INDEX_TYPES)}")
@@ -235,18 +293,32 @@ class DenseIndex:
         phi = None
         if index_type == "hnsw":  # first pass: the largest squared norm, for DPR's transform
             phi = max(float((np.asarray(v, dtype=np.float64) ** 2).sum(1).max()) for _, v in emb.parts())
-        empty = _factory(index_type, dim, p)
-        if index_type in TRAINED:
-            sample = _train_sample(emb, p.train_size if index_type == "flat-sq8" else max(p.train_size, 39 * (p.nlist or 1)), p.seed)
-            if index_type != "flat-sq8" and len(sample) < (p.nlist or 1):
-                raise DenseprError(f"{len(sample)} vectors cannot train {p.nlist} IVF cells; lower --nlist")
-            empty.train(sample)
+        work = _BuildState(Path(work_dir), {"type": index_type, "params": asdict(p), "shards": num_shards, "count": n, "dim": dim,
+                           "embeddings": emb.manifest.get("files", {})}) if work_dir is not None else None  # fmt: skip
+        empty = work.load_trained() if work is not None else None
+        if empty is None:
+            empty = _factory(index_type, dim, p)
+            if index_type in TRAINED:
+                sample = _train_sample(emb, p.train_size if index_type == "flat-sq8" else max(p.train_size, 39 * (p.nlist or 1)), p.seed)
+                if index_type != "flat-sq8" and len(sample) < (p.nlist or 1):
+                    raise DenseprError(f"{len(sample)} vectors cannot train {p.nlist} IVF cells; lower --nlist")
+                empty.train(sample)
+            if work is not None:
+                work.save_trained(empty)
         bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
         shards = [_Shard(faiss.clone_index(empty) if num_shards > 1 else empty, int(bounds[i])) for i in range(num_shards)]
         ids: list[str] = []
-        row = 0
+        row = done = 0
+        if work is not None and (resumed := work.load_progress(num_shards)) is not None:
+            indexes, done, row, ids = resumed
+            for s, ix in zip(shards, indexes):
+                s.index = ix
+        last_save = time.monotonic()
         with progress_bar(n, f"index passages ({index_type})", show_progress, unit="vec") as advance:
-            for shard_ids, vecs in emb.parts():
+            advance(row)
+            for part_no, (shard_ids, vecs) in enumerate(emb.parts()):
+                if part_no < done:
+                    continue
                 vecs = np.asarray(vecs, dtype=np.float32)
                 for s in range(num_shards):  # an embeddings shard may straddle index shards
                     lo, hi = max(bounds[s], row), min(bounds[s + 1], row + len(vecs))
@@ -256,6 +328,9 @@ class DenseIndex:
                 ids += shard_ids
                 row += len(vecs)
                 advance(len(vecs))
+                if work is not None and time.monotonic() - last_save >= checkpoint_seconds:
+                    work.save_progress([s.index for s in shards], part_no + 1, row, ids)
+                    last_save = time.monotonic()
         meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
         manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta,
                     "embeddings": str(emb.directory.resolve())}  # fmt: skip
