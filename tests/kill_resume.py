@@ -177,7 +177,7 @@ def scenario_train_reader(tmp: Path, init: Path) -> dict:
     r = densepr("train-reader", "-o", str(out), *common, "--resume")
     same = r.returncode == 0 and _same_safetensors(ref / "checkpoint/reader/model.safetensors", out / "checkpoint/reader/model.safetensors")
     return {"job": "densepr train-reader (40 steps)", "unit": "checkpoint every 3 steps", "killed_mid_run": killed,
-            "done_at_kill": f"checkpoint at step {done} of 60", "nothing_corrupt": clean, "same_result": same}  # fmt: skip
+            "done_at_kill": f"checkpoint at step {done} of 40", "nothing_corrupt": clean, "same_result": same}  # fmt: skip
 
 
 def main() -> None:
