@@ -296,7 +296,7 @@ def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv,
                          "--ks", "1,3", "-o", str(tmp_path / "qa"), "--device", "cpu")  # fmt: skip
     assert code == 0, err
     results = json.loads((tmp_path / "qa/qa-results.json").read_text())
-    entry = results["sets"]["qa"]
+    entry = results["sets"]["qa.tsv"]
     assert set(entry["modes"]["bm25"]["k"]) == {"1", "3"} and entry["n_all"] == 6 and "gold" in entry
     assert "EM@1" in (tmp_path / "qa/qa-results.md").read_text() and (tmp_path / "qa/qa-em.png").stat().st_size > 1000
 

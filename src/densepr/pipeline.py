@@ -101,6 +101,7 @@ class Pipeline:
 
 # -- evaluation ------------------------------------------------------------------------------------
 QA_KS = (1, 5, 10, 20, 50)
+GOLD_ORDER = ("hybrid", "dense", "rrf", "bm25")
 
 
 def _score(preds: Sequence[str], qas: QASet, idx: np.ndarray) -> tuple[float, float]:
@@ -118,8 +119,8 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
 
     Returns ``{"n_all", "n_answerable", "modes": {mode: {"k": {k: {"em", "f1", "em_answerable",
     "f1_answerable", "retrieval_topk"}}}}, "gold": {...}, "seconds"}``. ``gold`` is the reader's
-    upper bound: EM when it reads only the best-ranked answer-bearing passage (first found in the
-    modes' top-100 lists), over the questions that have one.
+    upper bound: EM when it reads only the best-ranked answer-bearing passage (the first in the top-100
+    of hybrid, else dense, else BM25), over the questions that have one.
     """
     t0 = time.perf_counter()
     ks = sorted(set(ks))
@@ -139,8 +140,8 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
             for r in runs[m].rows[i, :kmax]:
                 if r >= 0:
                     seen.setdefault(int(r))
-        if gold:
-            for m in modes:
+        if gold:  # the best-ranked answer-bearing passage, looked for in the strongest lists first
+            for m in sorted(modes, key=lambda m: GOLD_ORDER.index(m) if m in GOLD_ORDER else len(GOLD_ORDER)):
                 h = np.flatnonzero(hits[m][i])
                 if len(h):
                     gold_row[i] = int(runs[m].rows[i, h[0]])
