@@ -20,6 +20,8 @@ _EXPORTS = {
     "BM25Index": "bm25", "DenseIndex": "index", "Encoder": "encoder", "BiEncoder": "encoder",
     "EncoderConfig": "encoder", "encode_corpus": "embeddings", "has_answer": "evaluate",
     "AnswerMatcher": "evaluate", "accuracy_report": "evaluate", "DenseprError": "errors",
+    "Reader": "reader", "Pipeline": "pipeline", "Answer": "pipeline", "evaluate_qa": "pipeline",
+    "exact_match": "evaluate", "f1_score": "evaluate",
 }  # fmt: skip
 
 
