@@ -616,12 +616,23 @@ def answer_cmd(
         return
     if not a.found:
         out.print(f"no answer (read {len(a.passages)} passages, mode {a.mode})")
-        raise typer.Exit(2)
+        return
     h = a.passage
     body = Text(h.text[: a.start]) + Text(h.text[a.start : a.end], style="bold black on yellow") + Text(h.text[a.end :])
     out.print(f"[bold]{a.text}[/bold]  [dim](span score {a.score:.2f}, passage score {a.passage_score:.2f}, "
               f"read top-{a.k} {a.mode})[/dim]", highlight=False)  # fmt: skip
     out.print(Panel(body, title=f"#{h.rank}  {h.title}  [dim](id {h.id})[/dim]", title_align="left"))
+
+
+def _write_qa(output: Path, results: dict) -> None:
+    from .fileio import atomic_write, write_json
+    from .report import plot_qa, qa_markdown
+
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "qa-results.json", results)
+    with atomic_write(output / "qa-results.md") as fh:
+        fh.write(qa_markdown(results))
+    plot_qa(results, output / "qa-em.png")
 
 
 @app.command("evaluate-qa")
@@ -641,11 +652,10 @@ def evaluate_qa_cmd(
 ) -> None:
     """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
     from .evaluate import AnswerMatcher
-    from .fileio import write_json
     from .pipeline import evaluate_qa
     from .progress import progress_bar
     from .reader import Reader
-    from .report import plot_qa, qa_markdown
+    from .report import qa_markdown
     from .retrieve import Retriever
 
     try:
@@ -669,15 +679,8 @@ def evaluate_qa_cmd(
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s; best EM "
              + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "qa-results.json", results)
-    md = qa_markdown(results)
-    from .fileio import atomic_write
-
-    with atomic_write(output / "qa-results.md") as fh:
-        fh.write(md)
-    plot_qa(results, output / "qa-em.png")
-    out.print(md)
+        _write_qa(output, results)  # after every set: a long run keeps what it finished
+    out.print(qa_markdown(results))
     out.print(f"written to {output}/qa-results.json, qa-results.md, qa-em.png")
 
 
