@@ -47,7 +47,10 @@ def run_and_kill(args: list[str], ready: Callable[[], bool], timeout: float = 12
 
 def verify_ok(directory: Path) -> bool:
     r = densepr("verify", str(directory))
-    return r.returncode == 0 or "no manifest.json found" in r.stderr
+    if r.returncode != 0 and "no manifest.json found" not in r.stderr:
+        print(r.stdout, r.stderr)
+        return False
+    return True
 
 
 # -- inputs ----------------------------------------------------------------------------------------

@@ -203,3 +203,16 @@ def verify_tree(root: str | os.PathLike[str], verify: str = "sha256") -> list[tu
         except DenseprError as e:
             out.append((mpath.parent, kind, str(e)))
     return out
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a directory artefact, its manifests first: if this is interrupted, what is left
+    has no manifest, so nothing trusts (or verifies) a half-deleted artefact."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for m in path.rglob(MANIFEST):
+        m.unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

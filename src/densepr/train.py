@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from .data.training import iter_train_records
 from .encoder import BiEncoder, Encoder, EncoderConfig
 from .errors import DenseprError
 from .evaluate import has_answer
-from .fileio import atomic_path, check_dir_manifest, read_json, write_dir_manifest, write_json
+from .fileio import atomic_path, check_dir_manifest, read_json, remove_tree, write_dir_manifest, write_json
 from .progress import console, progress_bar
 
 
@@ -350,7 +349,7 @@ def save_encoders(model: BiEncoder, directory: Path) -> None:
 def save_checkpoint(directory: Path, model: BiEncoder, opt, sched, state: dict) -> None:
     """Write a complete checkpoint beside ``directory``, then swap it in (never a half checkpoint)."""
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     save_encoders(model, tmp)
     tensors, meta = optimizer_tensors(opt)
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -363,11 +362,11 @@ def save_checkpoint(directory: Path, model: BiEncoder, opt, sched, state: dict) 
     write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": sched_state})
     write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
 
 
 def find_checkpoint(output_dir: Path) -> Path | None:
@@ -585,15 +584,15 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
                 if state["best_avg_rank"] is None or last_val["avg_rank"] < state["best_avg_rank"]:
                     state["best_avg_rank"] = last_val["avg_rank"]
                     tmp = out / "best.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    remove_tree(tmp)
                     save_encoders(model, tmp)
                     write_json(tmp / "validation.json", {**last_val, "step": state["step"], "epoch": state["epoch"]})
-                    shutil.rmtree(out / "best", ignore_errors=True)
+                    remove_tree(out / "best")
                     tmp.rename(out / "best")
                     log(f"new best (average rank {last_val['avg_rank']}) saved to {out / 'best'}")
             checkpoint()
     if d.main and not dev_examples:
-        shutil.rmtree(out / "final", ignore_errors=True)
+        remove_tree(out / "final")
         save_encoders(model, out / "final")
     if writer is not None:
         writer.close()

@@ -18,7 +18,6 @@ Output directory (like the retriever's)::
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DenseprError, InputError
 from .evaluate import exact_match, f1_score, has_answer
-from .fileio import atomic_path, read_json, write_dir_manifest, write_json
+from .fileio import atomic_path, read_json, remove_tree, write_dir_manifest, write_json
 from .progress import console, progress_bar
 from .reader import Reader, Window, best_reading, find_answer_spans
 from .results import iter_dpr_results
@@ -196,7 +195,7 @@ def validate(reader: Reader, dev_file: str, limit: int | None, ks: Sequence[int]
 def save_checkpoint(directory: Path, reader: Reader, opt, sched, state: dict) -> None:
     """Write a complete checkpoint beside ``directory``, then swap it in."""
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     reader.save(tmp / "reader")
     tensors, meta = optimizer_tensors(opt)
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -207,11 +206,11 @@ def save_checkpoint(directory: Path, reader: Reader, opt, sched, state: dict) ->
     write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}})
     write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_tree(old)
 
 
 def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | None = None, show_progress: bool = True,
@@ -293,13 +292,13 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         if state["best_em"] is None or last_val["em"] > state["best_em"]:
             state["best_em"] = last_val["em"]
             tmp = out / "best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
             reader.config.top_k = int(last_val["best_k"])
             reader.config.tuned = {"on": cfg.dev_file, "questions": last_val["questions"], "step": state["step"],
                                    **{f"em@{k}": last_val[f"em@{k}"] for k in EVAL_KS}}  # fmt: skip
             reader.save(tmp)
             write_json(tmp / "validation.json", {**last_val, "step": state["step"]})
-            shutil.rmtree(out / "best", ignore_errors=True)
+            remove_tree(out / "best")
             tmp.rename(out / "best")
             log(f"new best (EM {last_val['em']:.1f} at top-{last_val['best_k']}) saved to {out / 'best'}")
 
@@ -348,7 +347,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
             run_validation()
             save_checkpoint(out / "checkpoint", reader, opt, sched, state)
     if not cfg.dev_file:
-        shutil.rmtree(out / "final", ignore_errors=True)
+        remove_tree(out / "final")
         reader.save(out / "final")
     return {"step": state["step"], **last_val}
 
