@@ -20,7 +20,7 @@ from pathlib import Path
 import ijson
 import numpy as np
 
-from .data.passages import Corpus
+from .data.passages import Corpus, iter_lines
 from .errors import InputError
 from .fileio import atomic_write
 
@@ -125,22 +125,17 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, flo
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
     run: dict[str, list[tuple[str, float]]] = {}
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise InputError(path, f"expected 6 columns (qid Q0 docid rank score tag), found {len(parts)}", line=lineno)
-            try:
-                score = float(parts[4])
-            except ValueError:
-                raise InputError(path, f"score {parts[4]!r} is not a number", line=lineno, field="score") from None
-            run.setdefault(parts[0], []).append((parts[2], score))
+    for lineno, line in iter_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise InputError(path, f"expected 6 columns (qid Q0 docid rank score tag), found {len(parts)}", line=lineno)
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise InputError(path, f"score {parts[4]!r} is not a number", line=lineno, field="score") from None
+        run.setdefault(parts[0], []).append((parts[2], score))
     if not run:
         raise InputError(path, "no results found (empty file?)")
     for hits in run.values():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .passages import Corpus, iter_jsonl, iter_passages_jsonl, iter_tsv_rows
+from .passages import Corpus, iter_jsonl, iter_lines, iter_passages_jsonl, iter_tsv_rows
 
 
 @dataclass
@@ -42,21 +42,14 @@ def read_queries(path: str | os.PathLike[str]) -> dict[str, str]:
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
         return read_queries_jsonl(path)
-    if not path.is_file():
-        raise InputError(path, "file not found" if not path.exists() else "is not a file")
     out: dict[str, str] = {}
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != 2 or not parts[1].strip():
-                raise InputError(path, "expected qid<TAB>query text", line=lineno)
-            out[parts[0]] = parts[1]
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 2 or not parts[1].strip():
+            raise InputError(path, "expected qid<TAB>query text", line=lineno)
+        out[parts[0]] = parts[1]
     if not out:
         raise InputError(path, "no queries found (empty file?)")
     return out

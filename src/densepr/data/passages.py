@@ -176,25 +176,31 @@ def iter_passages_jsonl(path: str | os.PathLike[str]) -> Iterator[Passage]:
         yield Passage(str(pid), title, text)
 
 
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file."""
+def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of each line of a UTF-8 file (a BOM tolerated); bad bytes raise a located error."""
     path = Path(path)
     _check_text(path)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError(path, f"expected a JSON object, found {type(obj).__name__}", line=lineno)
-            yield lineno, obj
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file."""
+    path = Path(path)
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=lineno) from None
+        if not isinstance(obj, dict):
+            raise InputError(path, f"expected a JSON object, found {type(obj).__name__}", line=lineno)
+        yield lineno, obj
 
 
 def load_corpus(path: str | os.PathLike[str]) -> Corpus:
