@@ -13,6 +13,17 @@ from .fileio import atomic_write
 KS = (1, 5, 20, 100)
 
 
+def _save_png(fig, path: str | os.PathLike[str]) -> None:
+    """Render a matplotlib figure to PNG and write it atomically."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
 def markdown_table(results: dict, ks: Sequence[int] = KS, names: dict[str, str] | None = None) -> str:
     """Markdown table of top-k accuracy (%), all questions and the answerable subset.
 
@@ -87,11 +98,7 @@ def plot_topk(curves: dict, path: str | os.PathLike[str], names: dict[str, str] 
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    _save_png(fig, path)
 
 
 # -- end-to-end QA ---------------------------------------------------------------------------------
@@ -147,8 +154,4 @@ def plot_qa(results: dict, path: str | os.PathLike[str]) -> None:
             ax.set_ylabel("exact match (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    _save_png(fig, path)
