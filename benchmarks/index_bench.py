@@ -118,7 +118,7 @@ def run_type(args: argparse.Namespace) -> list[dict]:
     """Build, save, reload and time one index type at each search setting (in its own process)."""
     import faiss
 
-    from densepr.index import DenseIndex, IndexParams
+    from densepr.index.dense import DenseIndex, IndexParams
 
     work = Path(args.work)
     queries = np.load(work / "queries.npy", allow_pickle=False)
@@ -237,8 +237,8 @@ def main() -> None:
 
 def embedded_queries(index_dir: Path, work: Path, n: int) -> tuple[np.ndarray, str]:
     from densepr.data import EmbeddedData
-    from densepr.encoder import Encoder
-    from densepr.index import DenseIndex
+    from densepr.index.dense import DenseIndex
+    from densepr.models.encoder import Encoder
 
     emb_dir = index_dir / "embeddings"
     if not (emb_dir / "manifest.json").is_file():
@@ -253,9 +253,10 @@ def embedded_queries(index_dir: Path, work: Path, n: int) -> tuple[np.ndarray, s
 def embedded_accuracy(index_dir: Path, work: Path, rows: list[dict], params: dict) -> dict:
     """Top-20 accuracy (all questions) on every test set for each index type and search setting."""
     from densepr.data import EmbeddedData, load_corpus
-    from densepr.encoder import Encoder
-    from densepr.evaluate import AnswerMatcher, topk_curve
-    from densepr.index import DenseIndex, IndexParams
+    from densepr.evaluate.answers import AnswerMatcher
+    from densepr.evaluate.topk import topk_curve
+    from densepr.index.dense import DenseIndex, IndexParams
+    from densepr.models.encoder import Encoder
 
     data = EmbeddedData()
     corpus = load_corpus(index_dir / "passages.tsv")

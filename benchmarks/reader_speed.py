@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from densepr.bm25 import BM25Index
 from densepr.data import EmbeddedData, load_corpus
 from densepr.fileio import write_json
-from densepr.reader import Reader
+from densepr.models.reader import Reader
 from densepr.reproduce import machine_info
+from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results"
 

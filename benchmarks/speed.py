@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densepr.bm25 import BM25Index
 from densepr.data import EmbeddedData, load_wiki_summaries
-from densepr.encoder import Encoder
 from densepr.fileio import write_json
-from densepr.index import DenseIndex
+from densepr.index.dense import DenseIndex
+from densepr.models.encoder import Encoder
 from densepr.reproduce import machine_info
+from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results" / "speed.json"
 

@@ -23,7 +23,7 @@ import numpy as np
 
 
 def hnsw_recall(x: np.ndarray, q: np.ndarray) -> dict:
-    from densepr.index import hnsw_augment
+    from densepr.index.dense import hnsw_augment
 
     flat = faiss.IndexFlatIP(x.shape[1])
     flat.add(x)
@@ -46,8 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--embeddings", type=Path, default=Path("runs/ft-hn/embeddings"))
     args = ap.parse_args()
-    from densepr.embeddings import Embeddings
     from densepr.fileio import write_json
+    from densepr.index.embeddings import Embeddings
 
     faiss.omp_set_num_threads(1)
     emb = np.concatenate([np.asarray(v, dtype=np.float32) for _, v in Embeddings.open(args.embeddings).parts()])

@@ -5,7 +5,7 @@ one shared encoder so both sides do the same work) on the same batches: B questi
 the embedded NQ-dev, each with its BM25-mined positive and one BM25 hard negative, passages
 as ``title [SEP] text``, dot-product similarity with scale 1, AdamW. Configurations:
 
-* ``densepr``: :func:`densepr.train.loss_and_backward`, the whole batch in one graph;
+* ``densepr``: :func:`densepr.train.retriever.loss_and_backward`, the whole batch in one graph;
 * ``densepr-gradcache``: the same with gradient caching (chunks of ``--chunk`` sequences);
 * ``st-mnrl``: sentence-transformers' ``MultipleNegativesRankingLoss(scale=1, dot_score)`` on
   (question, positive, hard negative) triplets: the same objective;
@@ -36,9 +36,9 @@ CONFIGS = ("densepr", "densepr-gradcache", "st-mnrl", "st-cached-mnrl")
 
 def make_batches(batch_size: int, steps: int) -> list[tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]]:
     """``steps`` batches of (questions, positives, hard negatives) mined from NQ-dev with BM25."""
-    from densepr.bm25 import BM25Index
     from densepr.data import EmbeddedData, load_wiki_summaries
-    from densepr.mining import mine
+    from densepr.retrieve.bm25 import BM25Index
+    from densepr.train.mining import mine
 
     data = EmbeddedData()
     corpus = load_wiki_summaries(data.summaries)
@@ -60,8 +60,9 @@ def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
     import torch
 
     from densepr.data import EmbeddedData
-    from densepr.encoder import BiEncoder, Encoder, EncoderConfig
-    from densepr.train import Dist, loss_and_backward
+    from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
+    from densepr.train.distributed import Dist
+    from densepr.train.gradcache import loss_and_backward
 
     torch.manual_seed(0)
     batches = make_batches(batch_size, steps + 1)

@@ -102,11 +102,11 @@ def embedded() -> EmbeddedData:
 @pytest.fixture
 def index_dir(tmp_path: Path, corpus: Corpus, tiny_bert: Path) -> Path:
     """An index directory over the test corpus: passages.tsv, bm25/ and a flat dense/ from tiny_bert."""
-    from densepr.bm25 import BM25Index
     from densepr.data import write_passages_tsv
-    from densepr.embeddings import encode_corpus
-    from densepr.encoder import Encoder
-    from densepr.index import DenseIndex
+    from densepr.index.dense import DenseIndex
+    from densepr.index.embeddings import encode_corpus
+    from densepr.models.encoder import Encoder
+    from densepr.retrieve.bm25 import BM25Index
 
     d = tmp_path / "index"
     write_passages_tsv(corpus, d / "passages.tsv")

@@ -68,8 +68,8 @@ def passages_tsv(path: Path, n: int) -> Path:
 def synthetic_embeddings(out: Path, n: int = 100_000, dim: int = 64, part: int = 5_000) -> Path:
     """An embeddings directory of random vectors, in densepr's layout (for index building)."""
     from densepr.data import Corpus, Passage
-    from densepr.embeddings import finalize
     from densepr.fileio import save_npy, write_ids, write_json
+    from densepr.index.embeddings import finalize
 
     corpus = Corpus.from_passages(Passage(str(i), "", "") for i in range(n))
     out.mkdir(parents=True)
@@ -91,7 +91,7 @@ def scenario_encode(tmp: Path, encoder: Path) -> dict:
     assert densepr("encode", str(tsv), str(ref), *common).returncode == 0
     killed = run_and_kill(["encode", str(tsv), str(out), *common], lambda: len(list(out.glob("part-*.npy"))) >= 3)
     done = len(list(out.glob("part-*.npy")))
-    from densepr.embeddings import _part_ok
+    from densepr.index.embeddings import _part_ok
 
     clean = not (out / "manifest.json").exists() and all(_part_ok(out, int(p.stem[5:]), 300, 32) for p in out.glob("part-*.npy"))
     r = densepr("encode", str(tsv), str(out), *common)
@@ -118,7 +118,7 @@ def scenario_index(tmp: Path) -> dict:
     done = json.loads(progress.read_text())["parts"] if progress.is_file() else 0
     clean = not (out / "manifest.json").exists() and not (out / "index.faiss").exists()
     r = densepr("index", "dense", str(emb), str(out), *common)
-    from densepr.index import DenseIndex
+    from densepr.index.dense import DenseIndex
 
     same = False
     if r.returncode == 0:

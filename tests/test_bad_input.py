@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from densepr.evaluate import answer_tokens, has_answer, simple_tokenize
+from densepr.evaluate.answers import answer_tokens, has_answer, simple_tokenize
 
 from .bad_inputs import LOADERS, Case, cases, run_case
 from .test_cli import run

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from densepr.bm25 import BM25Index, LuceneAnalyzer, lucene_length
 from densepr.data import Corpus, Passage
 from densepr.errors import DenseprError, MismatchError
+from densepr.retrieve.bm25 import BM25Index, LuceneAnalyzer, lucene_length
 
 
 def test_analyzer_mimics_lucene_english():

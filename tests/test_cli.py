@@ -98,11 +98,11 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_beir_style_queries_qrels_and_hybrid_tuning(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
-    from densepr.bm25 import BM25Index
     from densepr.data import write_passages_tsv
-    from densepr.embeddings import encode_corpus
-    from densepr.encoder import Encoder
-    from densepr.index import DenseIndex
+    from densepr.index.dense import DenseIndex
+    from densepr.index.embeddings import encode_corpus
+    from densepr.models.encoder import Encoder
+    from densepr.retrieve.bm25 import BM25Index
 
     idx = tmp_path / "index"
     write_passages_tsv(corpus, idx / "passages.tsv")
@@ -133,8 +133,8 @@ def test_beir_style_queries_qrels_and_hybrid_tuning(tmp_path, capsys, corpus, qa
 
 
 def test_build_train_then_train(tmp_path, capsys, corpus, qa_tsv, tiny_bert):
-    from densepr.bm25 import BM25Index
     from densepr.data import iter_train_records, load_qa, write_passages_tsv
+    from densepr.retrieve.bm25 import BM25Index
 
     idx = tmp_path / "index"
     write_passages_tsv(corpus, idx / "passages.tsv")

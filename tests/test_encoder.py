@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from densepr.encoder import BiEncoder, Encoder, EncoderConfig, load_biencoder
 from densepr.errors import DenseprError
+from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig, load_biencoder
 
 from .conftest import PASSAGES, make_tiny_bert
 

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from densepr.data import QA, QASet
-from densepr.evaluate import AnswerMatcher, accuracy_report, has_answer, simple_tokenize, topk_curve
+from densepr.evaluate.answers import AnswerMatcher, has_answer, simple_tokenize
+from densepr.evaluate.topk import accuracy_report, topk_curve
 
 # --- the oracle: DPR's dpr/data/qa_validation.py + dpr/utils/tokenizers.py, loop for loop ---------
 _DPR_RE = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE + regex.UNICODE + regex.MULTILINE)
@@ -155,7 +156,7 @@ def test_topk_curve_and_report():
 
 
 def test_qrels_metrics_match_hand_computation():
-    from densepr.evaluate import qrels_metrics
+    from densepr.evaluate.qrels import qrels_metrics
 
     qrels = {"q1": {"d1": 1, "d3": 1}, "q2": {"d9": 2}}
     run = {"q1": {"d2": 3.0, "d1": 2.0, "d3": 1.0}, "q2": {"d5": 1.0}}

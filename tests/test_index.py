@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from densepr.embeddings import Embeddings, encode_corpus
-from densepr.encoder import Encoder
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import atomic_write
-from densepr.index import DenseIndex
+from densepr.index.dense import DenseIndex
+from densepr.index.embeddings import Embeddings, encode_corpus
+from densepr.models.encoder import Encoder
 
 from .conftest import make_tiny_bert
 
@@ -123,7 +123,7 @@ def test_three_shards_encode_every_passage_exactly_once(tmp_path, corpus, encode
     ids_b = [i for ids, _ in b.parts() for i in ids]
     assert ids_b == ids_a == corpus.ids  # none dropped, none doubled, corpus order
     np.testing.assert_allclose(np.concatenate([v for _, v in b.parts()]), np.concatenate([v for _, v in a.parts()]), rtol=1e-5, atol=1e-6)
-    from densepr.embeddings import shard_parts
+    from densepr.index.embeddings import shard_parts
 
     assert [list(shard_parts(6, i, 3)) for i in range(3)] == [[0, 1], [2, 3], [4, 5]]
     assert sorted(p for i in range(4) for p in shard_parts(10, i, 4)) == list(range(10))
@@ -170,7 +170,7 @@ def _recall(res, exact, k):
     ],
 )
 def test_index_types_against_exact_search(tmp_path, index_type, params, min_recall):
-    from densepr.index import IndexParams
+    from densepr.index.dense import IndexParams
 
     vecs, queries = _clustered(3000, 32), _clustered(40, 32, seed=9)
     emb = _embeddings_dir(tmp_path, vecs)
@@ -227,7 +227,7 @@ def test_batched_flat_search_equals_faiss_own(tmp_path):
 
 
 def test_compressed_index_reranks_from_the_vectors_on_disk(tmp_path):
-    from densepr.index import IndexParams
+    from densepr.index.dense import IndexParams
 
     vecs, queries = _clustered(3000, 32), _clustered(40, 32, seed=9)
     emb = _embeddings_dir(tmp_path, vecs)
@@ -264,7 +264,7 @@ def test_combining_index_directories_checks_they_belong_together(tmp_path, corpu
 
 
 def test_plan_counts_bytes():
-    from densepr.index import plan
+    from densepr.index.dense import plan
 
     rows = {r["type"]: r for r in plan(21_015_324, 768)}
     assert rows["flat"]["ram_bytes"] == 21_015_324 * 768 * 4  # the 65 GB DPR's users know

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from densepr.bm25 import BM25Index
-from densepr.encoder import Encoder
 from densepr.errors import DenseprError
-from densepr.index import DenseIndex
-from densepr.reader import Reader, ReaderConfig
+from densepr.index.dense import DenseIndex
+from densepr.models.encoder import Encoder
+from densepr.models.reader import Reader, ReaderConfig
+from densepr.retrieve.bm25 import BM25Index
 
 from .conftest import make_tiny_bert
 from .test_cli import run

@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from densepr.bm25 import BM25Index
 from densepr.errors import DenseprError, InputError
-from densepr.evaluate import AnswerMatcher, exact_match, f1_score, has_answer
+from densepr.evaluate.answers import AnswerMatcher, has_answer
+from densepr.evaluate.qa import exact_match, f1_score
+from densepr.models.reader import Reader, ReaderConfig, Reading, best_reading, find_answer_spans
 from densepr.pipeline import Pipeline, evaluate_qa
-from densepr.reader import Reader, ReaderConfig, Reading, best_reading, find_answer_spans
-from densepr.retrieve import Retriever
-from densepr.train_reader import ReaderTrainConfig, build_batch, load_reader_examples, train_reader
+from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.retriever import Retriever
+from densepr.train.reader import ReaderTrainConfig, build_batch, load_reader_examples, train_reader
 
 from .conftest import PASSAGES, QUESTIONS, make_tiny_bert
 

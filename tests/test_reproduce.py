@@ -6,14 +6,17 @@ import copy
 
 import numpy as np
 
-from densepr.bm25 import BM25Index
 from densepr.data import load_qa
-from densepr.embeddings import encode_corpus
-from densepr.encoder import Encoder
-from densepr.evaluate import AnswerMatcher, topk_curve
-from densepr.index import DenseIndex
+from densepr.evaluate.answers import AnswerMatcher
+from densepr.evaluate.topk import topk_curve
+from densepr.evaluate.tuning import tune_lambda
+from densepr.index.dense import DenseIndex
+from densepr.index.embeddings import encode_corpus
+from densepr.models.encoder import Encoder
 from densepr.reproduce import ReproduceConfig, check_against, load_expected, uses_defaults
-from densepr.retrieve import Retriever, fuse_hybrid, tune_lambda
+from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.fusion import fuse_hybrid
+from densepr.retrieve.retriever import Retriever
 
 
 def _summary(top20: float) -> dict:

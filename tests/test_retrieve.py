@@ -7,11 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from densepr.encoder import Encoder
+from densepr.data.runs import read_trec_run, write_dpr_results, write_trec_run
 from densepr.errors import DenseprError
 from densepr.fileio import write_json
-from densepr.results import SearchResult, read_trec_run, write_dpr_results, write_trec_run
-from densepr.retrieve import Retriever, fuse_hybrid, fuse_rrf
+from densepr.models.encoder import Encoder
+from densepr.ranking import SearchResult
+from densepr.retrieve.fusion import fuse_hybrid, fuse_rrf
+from densepr.retrieve.retriever import Retriever
 
 
 def pyserini_hybrid(dense: dict, sparse: dict, alpha: float, k: int) -> list[tuple[int, float]]:
@@ -105,7 +107,7 @@ def test_retriever_errors(index_dir, tmp_path, corpus):
 
 
 def test_result_files_round_trip(tmp_path, corpus):
-    from densepr.results import iter_dpr_results
+    from densepr.data.runs import iter_dpr_results
 
     res = SearchResult(np.array([[3, 1, -1], [0, -1, -1]]), np.array([[2.5, 1.0, 0], [7.0, 0, 0]], dtype=np.float32))
     write_trec_run(tmp_path / "run.trec", ["q0", "q1"], res, corpus.ids, tag="t")

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from densepr.reader import Reader, ReaderConfig  # noqa: E402
-from densepr.retrieve import Retriever  # noqa: E402
-from densepr.serve import Limits, Service, create_app  # noqa: E402
+from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
+from densepr.retrieve.retriever import Retriever  # noqa: E402
+from densepr.serve.app import Limits, Service, create_app  # noqa: E402
 
 from .conftest import make_tiny_bert  # noqa: E402
 
@@ -215,9 +215,9 @@ def test_page_with_an_embedded_benchmark_question(embedded, tmp_path):
     """The real corpus (BM25 over the ~10k Wikipedia summaries) and a real NQ test question, typed into the page."""
     import uvicorn
 
-    from densepr.bm25 import BM25Index
     from densepr.data import load_wiki_summaries
-    from densepr.evaluate import has_answer
+    from densepr.evaluate.answers import has_answer
+    from densepr.retrieve.bm25 import BM25Index
 
     exe, sync_api = _chromium()
     corpus = load_wiki_summaries(embedded.summaries)

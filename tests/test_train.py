@@ -12,13 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from densepr.bm25 import BM25Index
 from densepr.data import Passage, QASet, TrainRecord, load_qa, write_train_records
-from densepr.encoder import BiEncoder, Encoder, EncoderConfig
 from densepr.errors import DenseprError
-from densepr.evaluate import has_answer
-from densepr.mining import MiningStats, mine, split_holdout
-from densepr.train import Dist, TrainConfig, chunks, load_examples, loss_and_backward, train, validate
+from densepr.evaluate.answers import has_answer
+from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
+from densepr.retrieve.bm25 import BM25Index
+from densepr.train.distributed import Dist
+from densepr.train.gradcache import chunks, loss_and_backward
+from densepr.train.mining import MiningStats, mine, split_holdout
+from densepr.train.retriever import TrainConfig, load_examples, train, validate
 
 from .conftest import PASSAGES, make_tiny_bert
 
@@ -59,7 +61,7 @@ def _batch(model: BiEncoder, n: int = 4):
 
 
 def load_examples_from(records):
-    from densepr.train import Example
+    from densepr.train.retriever import Example
 
     return [Example(r.question, r.answers, r.positive_ctxs, r.hard_negative_ctxs, r.negative_ctxs) for r in records]
 
@@ -134,7 +136,8 @@ def _worker(rank: int, world: int, port: int, cfg_json: str) -> None:
 
 
 def _grad_step(model: BiEncoder, ids: list[int], d: Dist, chunk: int) -> tuple[float, dict[str, torch.Tensor]]:
-    from densepr.train import _params, build_batch, sum_gradients
+    from densepr.train.distributed import sum_gradients
+    from densepr.train.retriever import _params, build_batch
 
     cfg = TrainConfig(train_file="", output_dir="", init="", hard_negatives=1, random_negatives=1)
     qs, ps, pos = build_batch(load_examples_from(_records(12)), ids, 0, cfg)

@@ -16,12 +16,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Retriever": "retrieve", "Hit": "retrieve", "fuse_hybrid": "retrieve", "fuse_rrf": "retrieve",
-    "BM25Index": "bm25", "DenseIndex": "index", "Encoder": "encoder", "BiEncoder": "encoder",
-    "EncoderConfig": "encoder", "encode_corpus": "embeddings", "has_answer": "evaluate",
-    "AnswerMatcher": "evaluate", "accuracy_report": "evaluate", "DenseprError": "errors",
-    "Reader": "reader", "Pipeline": "pipeline", "Answer": "pipeline", "evaluate_qa": "pipeline",
-    "exact_match": "evaluate", "f1_score": "evaluate",
+    "Retriever": "retrieve.retriever", "Hit": "ranking", "Mode": "retrieve.modes",
+    "fuse_hybrid": "retrieve.fusion", "fuse_rrf": "retrieve.fusion",
+    "BM25Index": "retrieve.bm25", "DenseIndex": "index.dense", "SearchResult": "ranking",
+    "Encoder": "models.encoder", "BiEncoder": "models.encoder", "EncoderConfig": "models.encoder",
+    "encode_corpus": "index.embeddings", "has_answer": "evaluate.answers", "AnswerMatcher": "evaluate.answers",
+    "accuracy_report": "evaluate.topk", "exact_match": "evaluate.qa", "f1_score": "evaluate.qa",
+    "DenseprError": "errors", "Reader": "models.reader",
+    "Pipeline": "pipeline", "Answer": "pipeline", "evaluate_qa": "pipeline",
 }  # fmt: skip
 
 

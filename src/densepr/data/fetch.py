@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DenseprError
-from ..fileio import atomic_write, read_json, sha256_file, write_json
-from .qa import QASet, load_qa
+from densepr.data.qa import QASet, load_qa
+from densepr.errors import DenseprError
+from densepr.fileio import atomic_write, read_json, sha256_file, write_json
 
 CACHE_ENV = "DENSEPR_CACHE"
 

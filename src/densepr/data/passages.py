@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError, MismatchError
-from ..fileio import atomic_write
+from densepr.errors import InputError, MismatchError
+from densepr.fileio import atomic_write
 
 # psgs_w100.tsv lines are < 10 KB; anything near this is a broken quote swallowing the file.
 MAX_FIELD_BYTES = 16 * 1024 * 1024

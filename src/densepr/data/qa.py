@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
-from ..fileio import atomic_write
-from .passages import iter_jsonl, iter_tsv_rows
+from densepr.data.passages import iter_jsonl, iter_tsv_rows
+from densepr.errors import InputError
+from densepr.fileio import atomic_write
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
-from ..errors import InputError
-from ..fileio import read_json
-from .passages import Corpus, Passage
+from densepr.data.passages import Corpus, Passage
+from densepr.errors import InputError
+from densepr.fileio import read_json
 
 
 def load_wiki_summaries(path: str | os.PathLike[str]) -> Corpus:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import ijson
 
-from ..errors import InputError
-from ..fileio import atomic_write
-from .passages import Passage
+from densepr.data.passages import Passage
+from densepr.errors import InputError
+from densepr.fileio import atomic_write
 
 RECORD_FIELDS = {"dataset", "question", "answers", "positive_ctxs", "negative_ctxs", "hard_negative_ctxs", "id", "qid"}
 CTX_FIELDS = {"title", "text", "passage_id", "id", "psg_id", "score", "title_score", "has_answer"}

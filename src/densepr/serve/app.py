@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import DenseprError
+from densepr.errors import DenseprError
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Service:
         return out
 
     def _answer_batch(self, key: tuple[str, int], items: list[str]) -> list:
-        from .pipeline import Pipeline
+        from densepr.pipeline import Pipeline
 
         mode, k = key
         return Pipeline(self.retriever, self.reader, k, mode).answer_many(items)
@@ -268,7 +268,7 @@ def create_app(service: Service):
             raise LimitError(408, "timeout_s", f"request took longer than the {lim.timeout_s} s limit") from None
 
     def _hits(rows, scores, answers: Sequence[str] | None) -> list[dict]:
-        from .evaluate import has_answer
+        from densepr.evaluate.answers import has_answer
 
         c = service.retriever.corpus
         out = []

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DenseprError
-from .fileio import check_dir_manifest, write_dir_manifest, write_json
+from densepr.errors import DenseprError
+from densepr.fileio import write_json
+from densepr.models.hf import autocast, check_model_dir, check_vocab, default_device, load_errors, quiet_transformers, save_model_dir
 
 CONFIG_NAME = "densepr_encoder.json"
 POOLINGS = ("cls", "mean")
@@ -72,17 +73,6 @@ class EncoderConfig:
         write_json(Path(path) / CONFIG_NAME, asdict(self))
 
 
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Encoder(nn.Module):
     """One tower: tokenizer + transformer + pooling.
 
@@ -106,15 +96,9 @@ class Encoder(nn.Module):
         """Load a Hugging Face model directory (safetensors weights; remote code is never run)."""
         import transformers
 
-        _quiet_transformers()
-        path = Path(path)
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise DenseprError(
-                f"{path}: not a Hugging Face model directory (no config.json); "
-                "give a directory with config.json, weights and tokenizer files"
-            )
-        check_dir_manifest(path, ("encoder",))  # a truncated or altered file is refused here, clearly
-        try:
+        quiet_transformers()
+        path = check_model_dir(path, "encoder")
+        with load_errors(path, "encoder"):
             hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
             model_cls = transformers.AutoModel
             if hf_config.model_type == "dpr":
@@ -128,8 +112,6 @@ class Encoder(nn.Module):
             model, info = model_cls.from_pretrained(
                 path, config=hf_config, trust_remote_code=False, use_safetensors=True, output_loading_info=True
             )
-        except (OSError, ValueError, KeyError) as e:
-            raise DenseprError(f"{path}: cannot load the encoder: {str(e).splitlines()[0]}") from None
         # A pooler head absent from sentence-transformers checkpoints is harmless (unused);
         # any other missing weight means the checkpoint does not match the model.
         missing = [k for k in info.get("missing_keys", []) if ".pooler." not in f".{k}"]
@@ -138,22 +120,13 @@ class Encoder(nn.Module):
                 f"{path}: the weights do not match the model in config.json "
                 f"({len(missing)} missing, e.g. {missing[0]!r}); wrong or corrupt checkpoint"
             )
-        if len(tokenizer) > model.config.vocab_size:
-            raise DenseprError(
-                f"{path}: tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; "
-                "the tokenizer does not belong to this model"
-            )
+        check_vocab(path, tokenizer, model)
         enc = cls(model, tokenizer, config or EncoderConfig.from_dir(path), name=str(path.resolve()))
         return enc.to(device or default_device()).eval()
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write weights (safetensors), tokenizer and ``densepr_encoder.json``: loadable by ``AutoModel``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        self.config.save(path)
-        write_dir_manifest(path, "encoder", name=self.name)
+        save_model_dir(path, self.model, self.tokenizer, self.config.save, "encoder", name=self.name)
 
     @property
     def dim(self) -> int:
@@ -201,12 +174,10 @@ class Encoder(nn.Module):
         """
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(ids), self.dim), dtype=np.float32)
-        use_amp = self.device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         for start in range(0, len(ids), batch_size):
             idx = order[start : start + batch_size]
             batch = self.collate([ids[i] for i in idx])
-            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast(self.device):
                 vec = self(**batch)
             out[idx] = vec.float().cpu().numpy()
             if progress is not None:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.passages import Corpus, check_corpus
-from .encoder import Encoder
-from .errors import DenseprError, MismatchError
-from .fileio import read_ids, read_json, read_manifest, save_npy, write_ids, write_json, write_manifest
-from .progress import progress_bar
+from densepr.data.passages import Corpus, check_corpus
+from densepr.errors import DenseprError, MismatchError
+from densepr.fileio import read_ids, read_json, read_manifest, save_npy, write_ids, write_json, write_manifest
+from densepr.models.encoder import Encoder
+from densepr.progress import progress_bar
 
 KIND = "embeddings"
 

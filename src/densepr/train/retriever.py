@@ -3,7 +3,7 @@
 Each step takes B questions; each brings its positive passage and ``hard_negatives`` BM25
 passages without the answer. Every passage of the batch is a negative for every other
 question, and the loss is the NLL of each question's positive among all of them
-(:meth:`densepr.encoder.BiEncoder.loss`).
+(:meth:`densepr.models.encoder.BiEncoder.loss`).
 
 * **Gradient caching** (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under
   Memory Limited Setup"): embed the whole batch without a graph, compute the loss and its
@@ -29,26 +29,28 @@ Output directory::
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from .data.passages import Passage
-from .data.training import iter_train_records
-from .encoder import BiEncoder, Encoder, EncoderConfig
-from .errors import DenseprError
-from .evaluate import has_answer
-from .fileio import atomic_path, check_dir_manifest, read_json, remove_tree, write_dir_manifest, write_json
-from .progress import console, progress_bar
+from densepr.data.passages import Passage
+from densepr.data.training import iter_train_records
+from densepr.errors import DenseprError
+from densepr.evaluate.answers import has_answer
+from densepr.fileio import remove_tree, write_json
+from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
+from densepr.progress import console, progress_bar
+from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
+from densepr.train.distributed import Dist, sum_gradients
+from densepr.train.gradcache import loss_and_backward
+from densepr.train.optim import adamw, linear_schedule
 
 
 @dataclass
@@ -133,177 +135,20 @@ def build_batch(examples: Sequence[Example], ids: Sequence[int], epoch: int, cfg
     return questions, passages, positive
 
 
-# -- processes -------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    """This process's place among ``world`` processes (world 1: no torch.distributed)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> Dist:
-        """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...), if any."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
 
 
-def _gather_rows(x: torch.Tensor, d: Dist) -> tuple[torch.Tensor, list[int]]:
-    """All-gather a [n_r, ...] tensor whose n_r may differ per process; returns the concatenation
-    (no gradient) and every process's row count."""
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(d.world)]
-    dist.all_gather(sizes, n)
-    sizes_i = [int(s) for s in sizes]
-    pad = torch.zeros((max(sizes_i), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    pad[: len(x)] = x
-    parts = [torch.zeros_like(pad) for _ in range(d.world)]
-    dist.all_gather(parts, pad.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes_i)]), sizes_i
 
 
-def global_batch(q: torch.Tensor, p: torch.Tensor, positive: torch.Tensor, d: Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, slice]:
-    """Questions and passages of all processes, this process's slices kept differentiable.
-
-    Returns ``(Q, P, positive, my_q_rows, my_p_rows)`` where ``positive`` indexes ``P``
-    (each process's positions shifted by the passages of the processes before it).
-    """
-    if d.world == 1:
-        return q, p, positive, slice(0, len(q)), slice(0, len(p))
-    q_all, q_sizes = _gather_rows(q.detach(), d)
-    p_all, p_sizes = _gather_rows(p.detach(), d)
-    pos_all, _ = _gather_rows(positive, d)
-    q_off, p_off = sum(q_sizes[: d.rank]), sum(p_sizes[: d.rank])
-    mine_q, mine_p = slice(q_off, q_off + len(q)), slice(p_off, p_off + len(p))
-    # Put the local, differentiable embeddings back in place of their gathered copies.
-    q_all = torch.cat([q_all[:q_off], q, q_all[mine_q.stop :]])
-    p_all = torch.cat([p_all[:p_off], p, p_all[mine_p.stop :]])
-    shift = torch.repeat_interleave(torch.tensor(np.cumsum([0, *p_sizes[:-1]]), device=q.device), torch.tensor(q_sizes, device=q.device))
-    return q_all, p_all, pos_all + shift, mine_q, mine_p
 
 
-def sum_gradients(params: Sequence[torch.nn.Parameter], d: Dist) -> None:
-    """Sum gradients over processes: each holds the global loss's gradient through its own slice."""
-    if d.world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
-# -- one optimisation step ---------------------------------------------------------------------------
-class RandState:
-    """The RNG state at a point, to replay a forward pass with the same dropout masks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.device = device
-
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        devices = [self.device] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):  # the global RNG is untouched afterwards
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
 
 
-# Sequences per forward piece when no gradient cache is asked for. Measured on the 2-core CPU
-# (all-MiniLM-L6-v2, train mode, length-sorted): 12.0 passages/s fwd+bwd at 8, 6.5 at 32,
-# 2.3 at 128; GPUs want larger pieces.
-FORWARD_CHUNK = {"cpu": 8, "cuda": 64}
 
 
-def chunks(inputs: dict[str, torch.Tensor], size: int) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    """Split a padded batch into chunks of similar length, each trimmed to its longest sequence.
-
-    Sorting by length first means little padding per chunk: in train mode, BERT's attention
-    dropout costs grow with the square of the padded length (3-4x faster here on CPU).
-
-    Returns:
-        The chunks (in length order) and ``inverse``: ``torch.cat(outputs)[inverse]`` puts the
-        per-sequence outputs back in the batch's order.
-    """
-    lengths = inputs["attention_mask"].sum(1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    size = size if size > 0 else len(order)
-    out = []
-    for s in range(0, len(order), size):
-        idx = order[s : s + size]
-        width = int(lengths[idx].max())
-        out.append({k: v[idx, :width] for k, v in inputs.items()})
-    return out, torch.argsort(order)
 
 
-def amp(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.Tensor, d: Dist, chunk: int = 0) -> tuple[float, float]:
-    """Forward, loss over the global batch, backward into the local parameters' ``.grad``.
-
-    Args:
-        chunk: 0 for a plain step (one graph for the whole batch, built in length-sorted
-            pieces); >0 for gradient caching with chunks of this many sequences.
-
-    Returns:
-        ``(loss, in-batch accuracy)``: the accuracy is the fraction of questions whose positive
-        scores highest in the batch (DPR's "correct predictions ratio", not top-k accuracy).
-    """
-    device = q_in["input_ids"].device
-    piece = chunk or FORWARD_CHUNK.get(device.type, 64)
-    (q_chunks, q_inv), (p_chunks, p_inv) = chunks(q_in, piece), chunks(p_in, piece)
-    if chunk <= 0:
-        with amp(device):
-            q = torch.cat([model.encode_query(**c) for c in q_chunks]).float()[q_inv]
-            p = torch.cat([model.encode_passage(**c) for c in p_chunks]).float()[p_inv]
-        Q, P, pos, _, _ = global_batch(q, p, positive, d)
-        loss = BiEncoder.loss(Q, P, pos)
-        loss.backward()
-        return float(loss.detach()), float((BiEncoder.similarity(Q.detach(), P.detach()).argmax(1) == pos).float().mean())
-    # Gradient caching: 1) embed every chunk without a graph, remembering its RNG state.
-    states, reps = [], []
-    with torch.no_grad():
-        for encode, parts in ((model.encode_query, q_chunks), (model.encode_passage, p_chunks)):
-            for c in parts:
-                states.append(RandState(device))
-                with amp(device):
-                    reps.append(encode(**c).float())
-    nq = len(q_chunks)
-    q, p = torch.cat(reps[:nq])[q_inv], torch.cat(reps[nq:])[p_inv]
-    # 2) the loss on the embeddings alone, and its gradient with respect to them.
-    Q, P, pos, mine_q, mine_p = global_batch(q, p, positive, d)
-    Q, P = Q.detach().requires_grad_(), P.detach().requires_grad_()
-    loss = BiEncoder.loss(Q, P, pos)
-    loss.backward()
-    acc = float((BiEncoder.similarity(Q.detach(), P.detach()).argmax(1) == pos).float().mean())
-    # Back to chunk order: row i of a chunk is sequence order[i], i.e. where inverse points.
-    q_order, p_order = torch.argsort(q_inv), torch.argsort(p_inv)
-    grads = list(torch.split(Q.grad[mine_q][q_order], [len(c["input_ids"]) for c in q_chunks]))
-    grads += list(torch.split(P.grad[mine_p][p_order], [len(c["input_ids"]) for c in p_chunks]))
-    # 3) replay each chunk with a graph and the same dropout, and push the cached gradient through.
-    encoders = [model.encode_query] * nq + [model.encode_passage] * len(p_chunks)
-    for encode, c, state, g in zip(encoders, q_chunks + p_chunks, states, grads):
-        with state.replay(), amp(device):
-            rep = encode(**c).float()
-        rep.backward(g)
-    return float(loss.detach()), acc
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -316,29 +161,8 @@ def _params(model: BiEncoder) -> list[torch.nn.Parameter]:
     return out
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-               for i, st in sd["state"].items() for k, v in st.items()}  # fmt: skip
-    return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("state."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, st in state.items():  # load_state_dict checks counts, not shapes
-        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in st.values()):
-            raise ValueError(f"parameter {i}: saved state of shape {next(iter(st.values())).shape}, model has "
-                             f"{tuple(params[i].shape) if i < len(params) else 'no such parameter'}")  # fmt: skip
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_encoders(model: BiEncoder, directory: Path) -> None:
@@ -346,37 +170,8 @@ def save_encoders(model: BiEncoder, directory: Path) -> None:
     model.passage.save(directory / "passage_encoder")
 
 
-def save_checkpoint(directory: Path, model: BiEncoder, opt, sched, state: dict) -> None:
-    """Write a complete checkpoint beside ``directory``, then swap it in (never a half checkpoint)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    remove_tree(tmp)
-    save_encoders(model, tmp)
-    tensors, meta = optimizer_tensors(opt)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    dev = model.question.device
-    if dev.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
-    with atomic_path(tmp / "optimizer.safetensors") as path:
-        save_file(tensors, path)
-    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": sched_state})
-    write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
-    old = directory.with_name(directory.name + ".old")
-    remove_tree(old)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    remove_tree(old)
 
 
-def find_checkpoint(output_dir: Path) -> Path | None:
-    """The last complete checkpoint (also one left as ``.old`` by a crash mid-swap)."""
-    for name in ("checkpoint", "checkpoint.old"):
-        c = output_dir / name
-        if (c / "trainer_state.json").is_file() and (c / "optimizer.safetensors").is_file():
-            check_dir_manifest(c, ("checkpoint",))  # refuse a truncated or altered checkpoint, clearly
-            return c
-    return None
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -411,14 +206,6 @@ def validate(model: BiEncoder, examples: Sequence[Example], hard: int, ks: Seque
             **{f"top{k}": round(100 * float((first < k).mean()), 2) for k in ks}}  # fmt: skip
 
 
-# -- the loop --------------------------------------------------------------------------------------
-def linear_schedule(opt, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> BiEncoder:
@@ -461,17 +248,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
         raise DenseprError(f"{cfg.train_file}: {len(examples)} questions, fewer than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
 
-    ckpt = find_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise DenseprError(f"{out}: no checkpoint to resume from")
-    if ckpt is None and d.main and (out / "checkpoint").exists():
-        raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")
-    if ckpt is not None:
-        saved = read_json(out / "config.json")
-        mine = json.loads(json.dumps(asdict(cfg)))
-        diff = sorted(k for k in mine if k not in ("max_steps",) and saved.get(k) != mine[k])
-        if diff:
-            raise DenseprError(f"{out}: --resume with a different configuration ({', '.join(diff)}); use the same options")
+    ckpt = start_run(out, cfg, resume, d.main)
 
     torch.manual_seed(cfg.seed)
     try:
@@ -480,25 +257,13 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
         raise DenseprError(f"cannot load {'checkpoint ' + str(ckpt) if ckpt else 'the initial model'}: {e}") from None
     model.train()
     params = _params(model)
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # biases and LayerNorm, as usual for BERT
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, eps=cfg.adam_eps)  # fmt: skip
+    opt = adamw(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
     sched = linear_schedule(opt, cfg.warmup_steps, total)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_avg_rank": None, "world": d.world}
     if ckpt is not None:
-        st = read_json(ckpt / "trainer_state.json")
-        if st.get("world") != d.world:
-            raise DenseprError(f"{ckpt} was written by {st.get('world')} process(es); resume with the same number")
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        try:
-            load_optimizer(opt, {k: v.to(dev) if k.startswith("state.") else v for k, v in tensors.items()}, st["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise DenseprError(f"cannot load checkpoint {ckpt}: its optimizer state does not match the model ({e})") from None
-        sched.load_state_dict({**sched.state_dict(), **st["scheduler"]})
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and dev.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+        st = restore(ckpt, opt, sched, state, dev)
+        if st["world"] != d.world:
+            raise DenseprError(f"{ckpt} was written by {st['world']} process(es); resume with the same number")
         state = {k: st[k] for k in state}
         log(f"resumed from {ckpt} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     elif d.main:
@@ -517,8 +282,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
     def record(entry: dict) -> None:
         if not d.main:
             return
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        append_metrics(out, entry)
         if writer is not None:
             for k, v in entry.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -526,7 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
 
     def checkpoint() -> None:
         if d.main:
-            save_checkpoint(out / "checkpoint", model, opt, sched, state)
+            save_checkpoint(out / "checkpoint", partial(save_encoders, model), opt, sched, state, dev)
         if d.world > 1:
             dist.barrier()
 
@@ -583,12 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
                     + ", ".join(f"top-{k} {last_val[f'top{k}']:.1f}" for k in (1, 5, 20)))  # fmt: skip
                 if state["best_avg_rank"] is None or last_val["avg_rank"] < state["best_avg_rank"]:
                     state["best_avg_rank"] = last_val["avg_rank"]
-                    tmp = out / "best.tmp"
-                    remove_tree(tmp)
-                    save_encoders(model, tmp)
-                    write_json(tmp / "validation.json", {**last_val, "step": state["step"], "epoch": state["epoch"]})
-                    remove_tree(out / "best")
-                    tmp.rename(out / "best")
+                    save_best(out, partial(save_encoders, model), {**last_val, "step": state["step"], "epoch": state["epoch"]})
                     log(f"new best (average rank {last_val['avg_rank']}) saved to {out / 'best'}")
             checkpoint()
     if d.main and not dev_examples:

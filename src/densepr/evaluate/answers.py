@@ -1,4 +1,4 @@
-"""DPR's evaluation: ``has_answer`` exactly as the reference code, top-k accuracy, and qrels metrics.
+"""DPR's ``has_answer``, exactly as the reference code: does a passage contain a gold answer?
 
 A retrieved passage is a hit when its *text* (never its title) contains a gold answer
 (``dpr/data/qa_validation.py``, also Pyserini's ``evaluate_dpr_retrieval.py``):
@@ -9,7 +9,7 @@ A retrieved passage is a hit when its *text* (never its title) contains a gold a
 * ``regex`` match (CuratedTREC): NFD-normalise, then ``re.search`` each answer pattern with
   IGNORECASE | UNICODE | MULTILINE; a pattern that does not compile never matches.
 
-Top-k accuracy is the fraction of questions with at least one hit among the first k passages.
+Top-k accuracy over these hits is in :mod:`densepr.evaluate.topk`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 import regex
 
-from .data.qa import QASet
+from densepr.data.qa import QASet
 
 # DrQA's SimpleTokenizer, as vendored by DPR (dpr/utils/tokenizers.py).
 _ALPHA_NUM = r"[\p{L}\p{N}\p{M}]+"
@@ -234,111 +234,3 @@ class AnswerMatcher:
             if not len(cand):
                 return False
         return any(joined_answer in self._passage_tokens(int(r)) for r in cand)
-
-
-def first_hit_rank(hits: np.ndarray, none: int | None = None) -> np.ndarray:
-    """0-based rank of the first hit per question; ``none`` (default: the list length) when no hit."""
-    any_hit = hits.any(axis=1)
-    return np.where(any_hit, hits.argmax(axis=1), hits.shape[1] if none is None else none)
-
-
-def topk_curve(hits: np.ndarray, max_k: int | None = None) -> np.ndarray:
-    """Top-k accuracy for k = 1..max_k (index k-1), as fractions in [0, 1].
-
-    Lists shorter than ``max_k`` count as misses beyond their end.
-    """
-    max_k = max_k or hits.shape[1]
-    if len(hits) == 0:
-        return np.zeros(max_k)
-    first = first_hit_rank(hits[:, :max_k], none=max_k)
-    counts = np.bincount(first, minlength=max_k + 1)[:max_k]
-    return np.cumsum(counts) / len(hits)
-
-
-def accuracy_report(hits: np.ndarray, answerable: np.ndarray | None = None, ks: Sequence[int] = (1, 5, 20, 100)) -> dict:
-    """Top-k accuracy (percent) on all questions and on the answerable subset.
-
-    Returns:
-        ``{"all": {"n": N, "top1": .., "top5": ..}, "answerable": {...}}`` with accuracies in
-        percent, rounded to 2 decimals; ``answerable`` is omitted when no mask is given.
-    """
-    def one(h: np.ndarray) -> dict:
-        curve = topk_curve(h, max(ks))
-        return {"n": int(len(h)), **{f"top{k}": round(100 * float(curve[k - 1]), 2) for k in ks}}
-
-    out = {"all": one(hits)}
-    if answerable is not None:
-        out["answerable"] = one(hits[answerable])
-    return out
-
-
-def qrels_metrics(
-    run: dict[str, dict[str, float]],
-    qrels: dict[str, dict[str, int]],
-    metrics: Sequence[str] = ("ndcg_cut_10", "recall_20", "recall_100", "mrr_10"),
-) -> dict[str, float]:
-    """Mean trec_eval metrics (via pytrec_eval) over the judged queries; ``mrr_10`` is MRR@10.
-
-    Queries judged but absent from the run score 0, as trec_eval's ``-c`` does.
-    """
-    import pytrec_eval
-
-    def cut(r: dict[str, float], k: int) -> dict[str, float]:
-        return dict(sorted(r.items(), key=lambda kv: -kv[1])[:k])
-
-    out: dict[str, float] = {}
-    plain = [m for m in metrics if m != "mrr_10"]
-    full_run = {q: run.get(q, {}) for q in qrels}
-    if plain:
-        measures = {m.rsplit("_", 1)[0] if m.rsplit("_", 1)[-1].isdigit() else m for m in plain}
-        per_q = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(full_run)
-        for m in plain:
-            out[m] = float(np.mean([per_q.get(q, {}).get(m, 0.0) for q in qrels]))
-    if "mrr_10" in metrics:
-        per_q = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate({q: cut(r, 10) for q, r in full_run.items()})
-        out["mrr_10"] = float(np.mean([per_q.get(q, {}).get("recip_rank", 0.0) for q in qrels]))
-    return out
-
-
-# -- end-to-end QA: exact match and F1 ---------------------------------------------------------
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation (as DPR's ``exact_match_score``): lower-case, drop
-    punctuation and the articles a/an/the, collapse white space. Unicode is NFD-normalised first."""
-    import string
-
-    text = normalize(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answers: Sequence[str], match: str = "string") -> bool:
-    """DPR's EM: the normalised prediction equals a normalised answer. For regex answers
-    (CuratedTREC), DrQA's rule: the pattern matches at the start of the prediction."""
-    if match == "regex":
-        for a in answers:
-            c = _compile(a)
-            if c is not None and c.match(normalize(prediction)) is not None:
-                return True
-        return False
-    p = normalize_answer(prediction)
-    return any(p == normalize_answer(a) for a in answers)
-
-
-def f1_score(prediction: str, answers: Sequence[str], match: str = "string") -> float:
-    """SQuAD token F1 against the best answer (for regex answers F1 is defined as EM)."""
-    if match == "regex":
-        return float(exact_match(prediction, answers, match))
-    from collections import Counter
-
-    pred = normalize_answer(prediction).split()
-    best = 0.0
-    for a in answers:
-        gold = normalize_answer(a).split()
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if common:
-            precision, recall = common / len(pred), common / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall))
-        elif not pred and not gold:
-            best = max(best, 1.0)
-    return best

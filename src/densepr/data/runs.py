@@ -20,26 +20,10 @@ from pathlib import Path
 import ijson
 import numpy as np
 
-from .data.passages import Corpus, iter_lines
-from .errors import InputError
-from .fileio import atomic_write
-
-
-@dataclass
-class SearchResult:
-    """Top-k lists for a batch of queries: ``rows[i, j]`` is a corpus row (``-1`` = no more hits)."""
-
-    rows: np.ndarray
-    scores: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def top(self, k: int) -> SearchResult:
-        return SearchResult(self.rows[:, :k], self.scores[:, :k])
-
-    def select(self, index: np.ndarray | slice) -> SearchResult:
-        return SearchResult(self.rows[index], self.scores[index])
+from densepr.data.passages import Corpus, iter_lines
+from densepr.errors import InputError
+from densepr.fileio import atomic_write
+from densepr.ranking import SearchResult
 
 
 def write_dpr_results(
@@ -55,13 +39,10 @@ def write_dpr_results(
         fh.write("[")
         for i, q in enumerate(questions):
             ctxs = []
-            for j, row in enumerate(result.rows[i]):
-                if row < 0:
-                    break
-                ctx = {"id": corpus.ids[row], "title": corpus.titles[row], "text": corpus.texts[row],
-                       "score": float(result.scores[i, j])}  # fmt: skip
+            for h in result.hits(i, corpus):
+                ctx = {"id": h.id, "title": h.title, "text": h.text, "score": h.score}
                 if has_answer is not None:
-                    ctx["has_answer"] = bool(has_answer[i, j])
+                    ctx["has_answer"] = bool(has_answer[i, h.rank - 1])
                 ctxs.append(ctx)
             fh.write(",\n" if i else "\n")
             fh.write(json.dumps({"question": q, "answers": list(answers[i]), "ctxs": ctxs}, ensure_ascii=False))

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bm25 import BM25Index
-from .data.passages import Corpus
-from .data.qa import QASet
-from .data.training import TrainRecord
-from .evaluate import AnswerMatcher
+from densepr.data.passages import Corpus
+from densepr.data.qa import QASet
+from densepr.data.training import TrainRecord
+from densepr.evaluate.answers import AnswerMatcher
+from densepr.retrieve.bm25 import BM25Index
 
 
 @dataclass

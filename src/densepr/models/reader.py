@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import _quiet_transformers, default_device
-from .errors import DenseprError
-from .fileio import check_dir_manifest, write_dir_manifest, write_json
+from densepr.errors import DenseprError
+from densepr.fileio import write_json
+from densepr.models.hf import autocast, check_model_dir, check_vocab, default_device, load_errors, quiet_transformers, save_model_dir
 
 CONFIG_NAME = "densepr_reader.json"
 MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
@@ -130,12 +130,9 @@ class Reader(nn.Module):
         """
         import transformers
 
-        _quiet_transformers()
-        path = Path(path)
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise DenseprError(f"{path}: not a Hugging Face model directory (no config.json)")
-        check_dir_manifest(path, ("reader",))
-        try:
+        quiet_transformers()
+        path = check_model_dir(path, "reader")
+        with load_errors(path, "reader"):
             hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             if hf.model_type == "dpr":
@@ -148,15 +145,7 @@ class Reader(nn.Module):
                 model = cls._from_bert(path, hf)
             else:
                 raise DenseprError(f"{path}: model type {hf.model_type!r}; the reader starts from a BERT encoder or a DPRReader checkpoint")
-        except (OSError, ValueError, KeyError) as e:
-            raise DenseprError(f"{path}: cannot load the reader: {str(e).splitlines()[0]}") from None
-        except RuntimeError as e:  # transformers: weight shapes differ from config.json
-            raise DenseprError(f"{path}: the weights do not match config.json (wrong or corrupt checkpoint): "
-                               f"{str(e).splitlines()[0]}") from None
-        vocab = model.config.vocab_size
-        if len(tokenizer) > vocab:
-            raise DenseprError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
-                               "the tokenizer does not belong to this checkpoint")  # fmt: skip
+        check_vocab(path, tokenizer, model)
         cfg = config or ReaderConfig.from_dir(path)
         if cfg.max_length > model.config.max_position_embeddings:
             raise DenseprError(f"max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions")
@@ -180,12 +169,7 @@ class Reader(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``DPRReader`` directory (safetensors) + tokenizer + ``densepr_reader.json``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        self.config.save(path)
-        write_dir_manifest(path, "reader")
+        save_model_dir(path, self.model, self.tokenizer, self.config.save, "reader")
 
     @property
     def device(self) -> torch.device:
@@ -300,11 +284,10 @@ class Reader(nn.Module):
             wins += [(j, w) for w in self.windows(q_ids[qi], titles[j], texts[j], j)]
         readings = [Reading(float("-inf")) for _ in flat]
         order = sorted(range(len(wins)), key=lambda i: -len(wins[i][1].ids))
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
         for b in range(0, len(order), batch_size):
             batch = [wins[i] for i in order[b : b + batch_size]]
             inputs, _ = self.collate([w for _, w in batch])
-            with amp:
+            with autocast(self.device):
                 start, end, rel = self(**inputs)
             start, end, rel = start.float().cpu().numpy(), end.float().cpu().numpy(), rel.float().cpu().numpy()
             for r, (j, w) in enumerate(batch):

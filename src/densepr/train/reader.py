@@ -17,23 +17,25 @@ Output directory (like the retriever's)::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from .errors import DenseprError, InputError
-from .evaluate import exact_match, f1_score, has_answer
-from .fileio import atomic_path, read_json, remove_tree, write_dir_manifest, write_json
-from .progress import console, progress_bar
-from .reader import Reader, Window, best_reading, find_answer_spans
-from .results import iter_dpr_results
-from .train import amp, find_checkpoint, linear_schedule, load_optimizer, optimizer_tensors
+from densepr.data.runs import iter_dpr_results
+from densepr.errors import DenseprError, InputError
+from densepr.evaluate.answers import has_answer
+from densepr.evaluate.qa import exact_match, f1_score
+from densepr.fileio import remove_tree, write_json
+from densepr.models.hf import autocast
+from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
+from densepr.progress import console, progress_bar
+from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
+from densepr.train.optim import adamw, linear_schedule
 
 EVAL_KS = (1, 5, 10, 20, 50)
 
@@ -79,7 +81,7 @@ class ReaderExample:
 
 
 def _holdout_questions(paths: Sequence[str]) -> set[str]:
-    from .data import load_qa
+    from densepr.data import load_qa
 
     return {q.question.strip().lower() for p in paths for q in load_qa(p).items}
 
@@ -192,27 +194,6 @@ def validate(reader: Reader, dev_file: str, limit: int | None, ks: Sequence[int]
     return out
 
 
-def save_checkpoint(directory: Path, reader: Reader, opt, sched, state: dict) -> None:
-    """Write a complete checkpoint beside ``directory``, then swap it in."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    remove_tree(tmp)
-    reader.save(tmp / "reader")
-    tensors, meta = optimizer_tensors(opt)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if reader.device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(reader.device)
-    with atomic_path(tmp / "optimizer.safetensors") as path:
-        save_file(tensors, path)
-    write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}})
-    write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
-    old = directory.with_name(directory.name + ".old")
-    remove_tree(old)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    remove_tree(old)
-
-
 def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | None = None, show_progress: bool = True,
                  log: Callable[[str], None] = lambda m: console.print(f"[dim]{m}[/dim]"),
                  stop_after: int | None = None) -> dict:  # fmt: skip
@@ -220,22 +201,13 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
 
     ``stop_after``: stop, as if killed, after this many steps of this invocation (for tests).
     """
-    from .reader import ReaderConfig
+    from densepr.models.reader import ReaderConfig
 
     out = Path(cfg.output_dir)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.passages < 1 or cfg.batch_size < 1:
         raise DenseprError("--passages and --batch-size must be positive")
-    ckpt = find_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise DenseprError(f"{out}: no checkpoint to resume from")
-    if ckpt is None and (out / "checkpoint").exists():
-        raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")
-    if ckpt is not None:
-        saved, mine = read_json(out / "config.json"), json.loads(json.dumps(asdict(cfg)))
-        diff = sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
-        if diff:
-            raise DenseprError(f"{out}: --resume with a different configuration ({', '.join(diff)}); use the same options")
+    ckpt = start_run(out, cfg, resume)
     torch.manual_seed(cfg.seed)
     rcfg = ReaderConfig(max_length=cfg.max_length, max_answer_length=cfg.max_answer_length)
     src = ckpt / "reader" if ckpt else Path(cfg.init)
@@ -253,21 +225,11 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         raise DenseprError(f"{len(examples)} usable questions, fewer than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     params = [p for p in reader.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.adam_eps)  # fmt: skip
+    opt = adamw(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
     sched = linear_schedule(opt, cfg.warmup_steps, total)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_em": None}
     if ckpt is not None:
-        st = read_json(ckpt / "trainer_state.json")
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        try:
-            load_optimizer(opt, {k: v.to(dev) if k.startswith("state.") else v for k, v in tensors.items()}, st["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise DenseprError(f"cannot load checkpoint {ckpt}: its optimizer state does not match the model ({e})") from None
-        sched.load_state_dict({**sched.state_dict(), **st["scheduler"]})
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and dev.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+        st = restore(ckpt, opt, sched, state, dev)
         state = {k: st[k] for k in state}
         log(f"resumed from {ckpt} at step {state['step']}")
     else:
@@ -276,9 +238,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         write_json(out / "data.json", data_stats)
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    def record(entry: dict) -> None:
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+    record = partial(append_metrics, out)
 
     last_val: dict = {}
 
@@ -291,15 +251,10 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         log(f"validation at step {state['step']}: " + ", ".join(f"EM@{k} {last_val[f'em@{k}']:.1f}" for k in EVAL_KS))
         if state["best_em"] is None or last_val["em"] > state["best_em"]:
             state["best_em"] = last_val["em"]
-            tmp = out / "best.tmp"
-            remove_tree(tmp)
             reader.config.top_k = int(last_val["best_k"])
             reader.config.tuned = {"on": cfg.dev_file, "questions": last_val["questions"], "step": state["step"],
                                    **{f"em@{k}": last_val[f"em@{k}"] for k in EVAL_KS}}  # fmt: skip
-            reader.save(tmp)
-            write_json(tmp / "validation.json", {**last_val, "step": state["step"]})
-            remove_tree(out / "best")
-            tmp.rename(out / "best")
+            save_best(out, reader.save, {**last_val, "step": state["step"]})
             log(f"new best (EM {last_val['em']:.1f} at top-{last_val['best_k']}) saved to {out / 'best'}")
 
     log(f"{len(examples)} training questions, {steps_per_epoch} steps/epoch of {cfg.batch_size} questions x {cfg.passages} passages")
@@ -314,7 +269,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 ids = order[state["batch"] * cfg.batch_size : (state["batch"] + 1) * cfg.batch_size]
                 windows, mask, spans = build_batch(reader, examples, ids, state["epoch"], cfg)
                 inputs, text_mask = reader.collate(windows)
-                with amp(dev):
+                with autocast(dev, training=True):
                     start, end, rel = reader(**inputs)
                 sel_loss, span_loss = Reader.loss(start.float(), end.float(), rel.float(), text_mask, mask.to(dev), spans)
                 (sel_loss + span_loss).backward()
@@ -338,14 +293,14 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total:
                     run_validation()
                 if state["batch"] < steps_per_epoch and state["step"] % cfg.save_every == 0 and state["step"] < total:
-                    save_checkpoint(out / "checkpoint", reader, opt, sched, state)
+                    save_checkpoint(out / "checkpoint", lambda d: reader.save(d / "reader"), opt, sched, state, dev)
                 if stop_after is not None and done_here >= stop_after:
                     return {"stopped_at": state["step"]}
             if state["batch"] == steps_per_epoch:
                 state["epoch"] += 1
                 state["batch"] = 0
             run_validation()
-            save_checkpoint(out / "checkpoint", reader, opt, sched, state)
+            save_checkpoint(out / "checkpoint", lambda d: reader.save(d / "reader"), opt, sched, state, dev)
     if not cfg.dev_file:
         remove_tree(out / "final")
         reader.save(out / "final")

@@ -31,10 +31,10 @@ import regex
 import scipy.sparse as sp
 from bm25s.stopwords import STOPWORDS_EN
 
-from .data.passages import Corpus, check_corpus
-from .errors import DenseprError
-from .fileio import read_manifest, write_manifest
-from .results import SearchResult
+from densepr.data.passages import Corpus, check_corpus
+from densepr.errors import DenseprError
+from densepr.fileio import read_manifest, write_manifest
+from densepr.ranking import SearchResult
 
 KIND = "bm25-index"
 LUCENE_STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words)

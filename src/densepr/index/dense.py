@@ -38,12 +38,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .data.passages import Corpus, check_corpus
-from .embeddings import Embeddings
-from .errors import DenseprError, MismatchError
-from .fileio import atomic_path, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
-from .progress import progress_bar
-from .results import SearchResult
+from densepr.data.passages import Corpus, check_corpus
+from densepr.errors import DenseprError, MismatchError
+from densepr.fileio import atomic_path, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
+from densepr.index.embeddings import Embeddings
+from densepr.progress import progress_bar
+from densepr.ranking import SearchResult
 
 KIND = "dense-index"
 INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "hnsw", "ivf-flat", "ivf-pq", "opq-pq")
@@ -404,7 +404,7 @@ class DenseIndex:
         Raises:
             MismatchError: the directory holds other vectors (count, dimension or encoder differ).
         """
-        from .embeddings import Embeddings
+        from densepr.index.embeddings import Embeddings
 
         if not embeddings or not (Path(embeddings) / "manifest.json").is_file():
             raise DenseprError(f"re-ranking needs the embeddings directory this index was built from; {str(embeddings)!r} "

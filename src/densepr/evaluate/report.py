@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .fileio import atomic_write
+from densepr.fileio import atomic_write
 
 KS = (1, 5, 20, 100)
 

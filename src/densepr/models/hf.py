@@ -1,0 +1,81 @@
+"""Hugging Face checkpoints in and out, devices and mixed precision: one policy for every model.
+
+Both towers of the bi-encoder and the reader are Hugging Face model directories
+(``config.json``, safetensors weights, tokenizer files, plus densepr's own settings file and a
+``manifest.json``). Loading never runs remote code and never reads pickle; a directory with a
+manifest is checked against it first, so a truncated or altered file is refused with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from densepr.errors import DenseprError
+from densepr.fileio import check_dir_manifest, write_dir_manifest
+
+
+def quiet_transformers() -> None:
+    """No download bars or advisory warnings from transformers (we load local directories only)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, training: bool = False) -> contextlib.AbstractContextManager:
+    """The mixed-precision policy: bfloat16 on GPUs that have it; for inference float16 on
+    older GPUs (no gradients to underflow); full float32 on the CPU, where autocast is slower."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext() if training else torch.autocast("cuda", dtype=torch.float16)
+
+
+def check_model_dir(path: str | os.PathLike[str], kind: str) -> Path:
+    """``path`` as a Path, after checking it is a Hugging Face directory and matches its manifest."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DenseprError(f"{path}: not a Hugging Face model directory (no config.json); "
+                           "give a directory with config.json, weights and tokenizer files")  # fmt: skip
+    check_dir_manifest(path, (kind,))  # a truncated or altered file is refused here, clearly
+    return path
+
+
+@contextlib.contextmanager
+def load_errors(path: Path, what: str) -> Iterator[None]:
+    """Turn transformers' loading errors into one clear :class:`DenseprError` naming ``path``."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise DenseprError(f"{path}: cannot load the {what}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # transformers: weight shapes differ from config.json
+        raise DenseprError(f"{path}: the weights do not match config.json (wrong or corrupt checkpoint): "
+                           f"{str(e).splitlines()[0]}") from None  # fmt: skip
+
+
+def check_vocab(path: Path, tokenizer, model) -> None:
+    """A tokenizer with more tokens than the model's embedding table belongs to another model."""
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise DenseprError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model only {vocab}; "
+                           "the tokenizer does not belong to this model")  # fmt: skip
+
+
+def save_model_dir(path: str | os.PathLike[str], model, tokenizer, save_settings: Callable[[Path], None], kind: str, **meta) -> None:
+    """Write weights (safetensors), tokenizer, densepr's settings, then the manifest (last: complete)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    save_settings(path)
+    write_dir_manifest(path, kind, **meta)

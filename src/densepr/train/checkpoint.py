@@ -1,0 +1,133 @@
+"""Checkpoints and resuming, for both trainers (retriever and reader).
+
+A checkpoint directory holds the model directories (Hugging Face format), the optimizer state
+and RNG states (safetensors) and trainer_state.json (step, epoch, batch, scheduler); never
+pickle. It is written complete beside its final name, then swapped in, so a killed run always
+finds its last complete checkpoint and, resumed, ends with the same weights."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from densepr.errors import DenseprError
+from densepr.fileio import atomic_path, check_dir_manifest, read_json, remove_tree, write_dir_manifest, write_json
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for i, st in sd["state"].items() for k, v in st.items()}  # fmt: skip
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, st in state.items():  # load_state_dict checks counts, not shapes
+        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in st.values()):
+            raise ValueError(f"parameter {i}: saved state of shape {next(iter(st.values())).shape}, model has "
+                             f"{tuple(params[i].shape) if i < len(params) else 'no such parameter'}")  # fmt: skip
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(directory: Path, save_models: Callable[[Path], None], opt, sched, state: dict, device: torch.device) -> None:
+    """Write a complete checkpoint beside ``directory``, then swap it in (never a half checkpoint).
+
+    ``save_models(dir)`` writes the model directories; the rest is the same for every trainer.
+    """
+    tmp = directory.with_name(directory.name + ".tmp")
+    remove_tree(tmp)
+    save_models(tmp)
+    tensors, meta = optimizer_tensors(opt)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    with atomic_path(tmp / "optimizer.safetensors") as path:
+        save_file(tensors, path)
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": sched_state})
+    write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
+    _swap_in(tmp, directory)
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    old = directory.with_name(directory.name + ".old")
+    remove_tree(old)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    remove_tree(old)
+
+
+def save_best(out: Path, save_models: Callable[[Path], None], validation: dict) -> None:
+    """Replace ``out/best`` with the models now, plus ``validation.json``, complete or not at all."""
+    tmp = out / "best.tmp"
+    remove_tree(tmp)
+    save_models(tmp)
+    write_json(tmp / "validation.json", validation)
+    _swap_in(tmp, out / "best")
+
+
+def start_run(out: Path, cfg: Any, resume: bool, main: bool = True) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after the checks every trainer makes.
+
+    Refuses ``--resume`` without a checkpoint, a fresh run over an existing one, and a resume
+    whose configuration differs from the saved ``config.json`` (``max_steps`` may change).
+    """
+    ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise DenseprError(f"{out}: no checkpoint to resume from")
+    if ckpt is None and main and (out / "checkpoint").exists():
+        raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")
+    if ckpt is not None:
+        saved, mine = read_json(out / "config.json"), json.loads(json.dumps(asdict(cfg)))
+        diff = sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
+        if diff:
+            raise DenseprError(f"{out}: --resume with a different configuration ({', '.join(diff)}); use the same options")
+    return ckpt
+
+
+def restore(ckpt: Path, opt, sched, state: dict, device: torch.device) -> dict:
+    """Load optimizer, scheduler and RNG states from ``ckpt``; returns the saved ``state`` keys."""
+    st = read_json(ckpt / "trainer_state.json")
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    try:
+        load_optimizer(opt, {k: v.to(device) if k.startswith("state.") else v for k, v in tensors.items()}, st["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise DenseprError(f"cannot load checkpoint {ckpt}: its optimizer state does not match the model ({e})") from None
+    sched.load_state_dict({**sched.state_dict(), **st["scheduler"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    return {k: st.get(k) for k in (*state, "world")}
+
+
+def append_metrics(out: Path, entry: dict) -> None:
+    """One JSON line in ``metrics.jsonl``."""
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def find_checkpoint(output_dir: Path) -> Path | None:
+    """The last complete checkpoint (also one left as ``.old`` by a crash mid-swap)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        c = output_dir / name
+        if (c / "trainer_state.json").is_file() and (c / "optimizer.safetensors").is_file():
+            check_dir_manifest(c, ("checkpoint",))  # refuse a truncated or altered checkpoint, clearly
+            return c
+    return None
