@@ -23,6 +23,7 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.qa import exact_match, f1_score
 from densepr.models.reader import Reader, Reading, best_reading
 from densepr.ranking import Hit
+from densepr.retrieve.modes import GOLD_ORDER, Mode
 from densepr.retrieve.retriever import Retriever
 
 
@@ -72,7 +73,7 @@ class Pipeline:
     def __init__(self, retriever: Retriever, reader: Reader, k: int | None = None, mode: str | None = None) -> None:
         self.retriever, self.reader = retriever, reader
         self.k = k or reader.config.top_k
-        self.mode = mode or ("hybrid" if "hybrid" in retriever.modes else retriever.modes[0])
+        self.mode = mode or retriever.default_mode
         if self.k <= 0:
             raise DenseprError("k must be positive")
 
@@ -101,7 +102,6 @@ class Pipeline:
 
 # -- evaluation ------------------------------------------------------------------------------------
 QA_KS = (1, 5, 10, 20, 50)
-GOLD_ORDER = ("hybrid", "dense", "rrf", "bm25")
 
 
 def _score(preds: Sequence[str], qas: QASet, idx: np.ndarray) -> tuple[float, float]:
@@ -112,7 +112,7 @@ def _score(preds: Sequence[str], qas: QASet, idx: np.ndarray) -> tuple[float, fl
     return round(100 * float(em), 2), round(100 * float(f1), 2)
 
 
-def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = ("bm25", "dense", "hybrid"),
+def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = (Mode.BM25, Mode.DENSE, Mode.HYBRID),
                 ks: Sequence[int] = QA_KS, matcher: AnswerMatcher | None = None, gold: bool = True,
                 batch_size: int = 64, progress=None) -> dict:  # fmt: skip
     """End-to-end EM/F1 of one QA set for several retrieval modes and k.

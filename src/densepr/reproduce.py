@@ -25,7 +25,7 @@ import numpy as np
 
 from densepr.data.fetch import EmbeddedData, fetch_embedded
 from densepr.data.passages import Corpus, load_corpus, write_passages_tsv
-from densepr.data.qa import QASet, load_qa
+from densepr.data.qa import QASet
 from densepr.data.runs import write_dpr_results, write_trec_run
 from densepr.data.summaries import load_wiki_summaries
 from densepr.errors import DenseprError
@@ -38,10 +38,13 @@ from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder, load_biencoder
 from densepr.retrieve.bm25 import BM25Index
-from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_rrf
+from densepr.retrieve.fusion import PAPER_LAMBDA
+from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever
 
-METHOD_NAMES = {"bm25": "BM25", "dense": "dense", "hybrid": "hybrid (tuned λ)", "hybrid-1.1": "hybrid (λ=1.1)", "rrf": "RRF"}
+# Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
+METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
+METHOD_NAMES = {**{m.value: m.label for m in Mode}, "hybrid": "hybrid (tuned λ)", f"hybrid-{PAPER_LAMBDA}": f"hybrid (λ={PAPER_LAMBDA})"}
 PROFILES = {
     # name: (questions per test set, dev questions per tuning set); None = all
     "full": (None, 1000),
@@ -145,7 +148,7 @@ class Stages:
 
 def _sets(data: EmbeddedData, names: Sequence[str], limit: int | None) -> list[QASet]:
     """Embedded sets by name, or QA files by path (e.g. a held-out slice written by build-train)."""
-    return [data.load_qa(n, limit=limit) if n in data.QA_SETS else load_qa(n, limit=limit) for n in names]
+    return [data.resolve_qa(n, limit=limit) for n in names]
 
 
 def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress: bool = False) -> dict:
@@ -170,15 +173,8 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     results, curves = {}, {}
     for qas in _sets(st.data, cfg.datasets, cfg.limit):
         t0 = time.perf_counter()
-        both = retriever.retrieve_all(qas.questions, cfg.depth, ["bm25", "dense"], show_progress=show_progress)
-        cands = HybridCandidates(both["dense"], both["bm25"])
-        runs = {
-            "bm25": both["bm25"].top(cfg.k),
-            "dense": both["dense"].top(cfg.k),
-            "hybrid": cands.rank(best, cfg.k),
-            "hybrid-1.1": cands.rank(PAPER_LAMBDA, cfg.k),
-            "rrf": fuse_rrf([both["dense"], both["bm25"]], cfg.k),
-        }
+        found = retriever.retrieve_all(qas.questions, cfg.k, tuple(Mode), show_progress, also_lambdas=(PAPER_LAMBDA,))
+        runs = {str(m): found[str(m)] for m in METHODS}
         st.timings["retrieve " + qas.name] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         answerable = matcher.answerable(qas)

@@ -281,6 +281,16 @@ class EmbeddedData:
         """Load an embedded QA set by name (``nq-test``, ``curated-test``, ...)."""
         return load_qa(self.qa_path(name), name=name, match=self.QA_SETS[name][1], limit=limit)
 
+    def resolve_qa(self, spec: str, limit: int | None = None, match: str | None = None) -> QASet:
+        """A QA set given by embedded name or by file path (an existing file of that name wins).
+
+        ``match``: ``"string"`` or ``"regex"`` to override the set's own answer matching.
+        """
+        if spec in self.QA_SETS and not Path(spec).exists():
+            qas = self.load_qa(spec, limit=limit)
+            return qas if match is None else QASet(qas.name, qas.items, match)
+        return load_qa(spec, match=match, limit=limit)
+
     def manifest(self) -> dict:
         return read_json(self._need("manifest.json"))
 

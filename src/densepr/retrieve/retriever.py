@@ -28,17 +28,8 @@ from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.ranking import Hit, SearchResult
 from densepr.retrieve.bm25 import BM25Index
-from densepr.retrieve.fusion import PAPER_LAMBDA, fuse_hybrid, fuse_rrf
-
-MODES = ("bm25", "dense", "hybrid", "rrf")
-
-
-
-
-
-
-
-
+from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_hybrid, fuse_rrf
+from densepr.retrieve.modes import Mode
 
 
 class Retriever:
@@ -96,15 +87,20 @@ class Retriever:
 
     @property
     def modes(self) -> list[str]:
-        if self.bm25 is not None and self.dense is not None:
-            return list(MODES)
-        return ["bm25"] if self.bm25 is not None else ["dense"]
+        """The modes this retriever can run (those whose indexes it holds)."""
+        have = {"bm25": self.bm25 is not None, "dense": self.dense is not None}
+        return [m.value for m in Mode if all(have[n] for n in m.needs)]
 
-    def _need(self, mode: str) -> None:
-        if mode not in MODES:
-            raise DenseprError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    @property
+    def default_mode(self) -> Mode:
+        """Hybrid when both indexes exist, else the one there is."""
+        return Mode.HYBRID if Mode.HYBRID in self.modes else Mode(self.modes[0])
+
+    def _need(self, mode: str | Mode) -> Mode:
+        mode = Mode.parse(mode)
         if mode not in self.modes:
-            raise DenseprError(f"mode {mode!r} needs {'a BM25' if mode == 'bm25' else 'both a BM25 and a dense' if mode in ('hybrid', 'rrf') else 'a dense'} index; this retriever has: {', '.join(self.modes)}")
+            raise DenseprError(f"mode {mode!r} needs {' and '.join(mode.needs)} index(es); this retriever has: {', '.join(self.modes)}")
+        return mode
 
     def encode(self, questions: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
         from densepr.progress import progress_bar
@@ -114,37 +110,43 @@ class Retriever:
             return self.question_encoder.encode_questions(questions, batch_size, progress=advance)
 
     def retrieve_all(
-        self, questions: Sequence[str], k: int = 100, modes: Sequence[str] = MODES, show_progress: bool = False
+        self, questions: Sequence[str], k: int = 100, modes: Sequence[str | Mode] = tuple(Mode), show_progress: bool = False,
+        also_lambdas: Sequence[float] = (),
     ) -> dict[str, SearchResult]:
-        """Top-k for several modes at once; BM25 and dense run once and feed the fusions."""
-        for m in modes:
-            self._need(m)
-        fused = any(m in ("hybrid", "rrf") for m in modes)
-        depth = max(k, self.depth) if fused else k
+        """Top-k for several modes at once; BM25 and dense run once and feed the fusions.
+
+        ``also_lambdas``: hybrid rankings at these lambdas too, keyed ``"hybrid-<lambda>"``
+        (reproduce reports the paper's 1.1 beside the tuned value from the same searches).
+        """
+        wanted = [self._need(m) for m in modes]
+        needed = {n for m in wanted for n in m.needs} | ({"bm25", "dense"} if also_lambdas else set())
+        depth = max(k, self.depth) if also_lambdas or any(m.fused for m in wanted) else k
+        sparse = self.bm25.search(questions, depth) if "bm25" in needed else None
+        dense = self.dense.search(self.encode(questions, show_progress=show_progress), depth) if "dense" in needed else None
         out: dict[str, SearchResult] = {}
-        sparse = self.bm25.search(questions, depth) if self.bm25 is not None and ("bm25" in modes or fused) else None
-        dense = None
-        if self.dense is not None and ("dense" in modes or fused):
-            dense = self.dense.search(self.encode(questions, show_progress=show_progress), depth)
-        if "bm25" in modes:
-            out["bm25"] = sparse.top(k)
-        if "dense" in modes:
-            out["dense"] = dense.top(k)
-        if "hybrid" in modes:
-            out["hybrid"] = fuse_hybrid(dense, sparse, self.hybrid_lambda, k)
-        if "rrf" in modes:
-            out["rrf"] = fuse_rrf([dense, sparse], k)
+        for m in wanted:
+            if m is Mode.BM25:
+                out[m.value] = sparse.top(k)
+            elif m is Mode.DENSE:
+                out[m.value] = dense.top(k)
+            elif m is Mode.HYBRID:
+                out[m.value] = fuse_hybrid(dense, sparse, self.hybrid_lambda, k)
+            elif m is Mode.RRF:
+                out[m.value] = fuse_rrf([dense, sparse], k)
+        if also_lambdas:
+            cands = HybridCandidates(dense, sparse)
+            out.update({f"hybrid-{lam}": cands.rank(lam, k) for lam in also_lambdas})
         return out
 
-    def retrieve(self, questions: Sequence[str], k: int = 100, mode: str = "hybrid", show_progress: bool = False) -> SearchResult:
+    def retrieve(self, questions: Sequence[str], k: int = 100, mode: str | Mode = Mode.HYBRID, show_progress: bool = False) -> SearchResult:
         """Top-k corpus rows and scores for a batch of questions."""
-        return self.retrieve_all(questions, k, [mode], show_progress)[mode]
+        return self.retrieve_all(questions, k, [mode], show_progress)[Mode.parse(mode).value]
 
     def search(self, question: str, k: int = 10, mode: str | None = None) -> list[Hit]:
         """The top-k passages for one question (mode: hybrid when both indexes exist)."""
         if not question or not question.strip():
             raise DenseprError("empty question")
-        mode = mode or ("hybrid" if "hybrid" in self.modes else self.modes[0])
+        mode = mode or self.default_mode
         return self.retrieve([question], k, mode).hits(0, self.corpus)
 
 
