@@ -7,16 +7,7 @@ import json
 import pytest
 
 from densepr.cli import main
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.support.cli import run
 
 
 def test_stage_by_stage_pipeline(tmp_path, capsys, corpus, qa_tsv, tiny_bert):

@@ -12,9 +12,8 @@ from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.models.reader import Reader, ReaderConfig
 from densepr.retrieve.bm25 import BM25Index
-
-from .conftest import make_tiny_bert
-from .test_cli import run
+from tests.support.cli import run
+from tests.support.tiny import make_tiny_bert
 
 
 def _truncate(path: Path, keep: int = 100) -> None:

@@ -1,12 +1,12 @@
 """Each long job, SIGKILLed part-way, resumes to exactly the uninterrupted result with nothing corrupt left
-(scenarios in tests/kill_resume.py; they start real processes)."""
+(scenarios in tests/support/kill_resume.py; they start real processes)."""
 
 from __future__ import annotations
 
 import pytest
 
-from .conftest import make_tiny_bert
-from .kill_resume import scenario_encode, scenario_index, scenario_train, scenario_train_reader
+from tests.support.kill_resume import scenario_encode, scenario_index, scenario_train, scenario_train_reader
+from tests.support.tiny import make_tiny_bert
 
 
 def _check(row: dict) -> None:

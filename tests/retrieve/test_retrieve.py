@@ -99,7 +99,7 @@ def test_retriever_errors(index_dir, tmp_path, corpus):
         only_bm25.search("q", mode="hybrid")
     with pytest.raises(DenseprError, match="not an index directory"):
         Retriever.load(tmp_path / "nowhere")
-    from .conftest import make_tiny_bert
+    from tests.support.tiny import make_tiny_bert
 
     wide = Encoder.load(make_tiny_bert(tmp_path / "wide", hidden=64, pooling="cls"), device="cpu")
     with pytest.raises(DenseprError, match="not built as a pair"):

@@ -4,7 +4,7 @@ Each case writes a small file, runs one loader on it, and records the outcome: `
 (with a check that the content was read right: a BOM or CRLF line ends are not errors) or
 ``error`` (an :class:`~densepr.errors.InputError` whose message names the file and, where
 there is one, the line and field). ``tests/test_bad_input.py`` asserts every outcome;
-``python -m tests.bad_inputs`` writes the table to ``benchmarks/results/bad-inputs.md``.
+``python -m tests.support.bad_inputs`` writes the table to ``benchmarks/results/bad-inputs.md``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
             rows.append((c, outcome, re.sub(r"/tmp/[^/ ]+/", "", msg)))  # messages without the temp dir
     ok = sum(outcome == c.expect for c, outcome, _ in rows)
     out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bad-inputs.md"
-    head = (f"# Bad-input catalogue\n\n`python -m tests.bad_inputs` (the same cases as `tests/test_bad_input.py`): "
+    head = (f"# Bad-input catalogue\n\n`python -m tests.support.bad_inputs` (the same cases as `tests/test_bad_input.py`): "
             f"{len(rows)} cases, {ok} with the expected outcome.\n\n")  # fmt: skip
     out.write_text(head + table(rows), encoding="utf-8")
     print(f"{ok}/{len(rows)} as expected; written to {out}")

@@ -10,8 +10,7 @@ from densepr.fileio import atomic_write
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder
-
-from .conftest import make_tiny_bert
+from tests.support.tiny import make_tiny_bert
 
 
 @pytest.fixture(scope="module")

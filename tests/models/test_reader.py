@@ -18,8 +18,7 @@ from densepr.pipeline import Pipeline, evaluate_qa
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.retriever import Retriever
 from densepr.train.reader import ReaderTrainConfig, build_batch, load_reader_examples, train_reader
-
-from .conftest import PASSAGES, QUESTIONS, make_tiny_bert
+from tests.support.tiny import PASSAGES, QUESTIONS, make_tiny_bert
 
 SMALL = ReaderConfig(max_length=96, stride=16, max_answer_length=10, top_k=3)
 
@@ -269,7 +268,7 @@ def test_evaluate_qa_reads_once_and_equals_reading_each_k_separately(retriever, 
 def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv, qa_tsv, reader_dir):
     import shutil
 
-    from .test_cli import run
+    from tests.support.cli import run
 
     idx = tmp_path / "index"
     idx.mkdir()

@@ -7,9 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from densepr.evaluate.answers import answer_tokens, has_answer, simple_tokenize
-
-from .bad_inputs import LOADERS, Case, cases, run_case
-from .test_cli import run
+from tests.support.bad_inputs import LOADERS, Case, cases, run_case
+from tests.support.cli import run
 
 LOCATED = {"malformed line", "missing field", "wrong type", "answers not a list", "unparsable answers", "empty answer list",
            "unclosed quote", "not an object"}  # fmt: skip

@@ -19,8 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
 from densepr.retrieve.retriever import Retriever  # noqa: E402
 from densepr.serve.app import Limits, Service, create_app  # noqa: E402
-
-from .conftest import make_tiny_bert  # noqa: E402
+from tests.support.tiny import make_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +181,7 @@ def _chromium():
 
 @pytest.mark.e2e
 def test_page_in_headless_chromium(running_server, tmp_path, request):
-    from .conftest import QUESTIONS
+    from tests.support.tiny import QUESTIONS
 
     exe, sync_api = _chromium()
     question, answers = QUESTIONS[4]  # "who created python"

@@ -10,8 +10,7 @@ import torch
 
 from densepr.errors import DenseprError
 from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig, load_biencoder
-
-from .conftest import PASSAGES, make_tiny_bert
+from tests.support.tiny import PASSAGES, make_tiny_bert
 
 
 def test_config_precedence(tmp_path, tiny_bert):

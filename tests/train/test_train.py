@@ -21,8 +21,7 @@ from densepr.train.distributed import Dist
 from densepr.train.gradcache import chunks, loss_and_backward
 from densepr.train.mining import MiningStats, mine, split_holdout
 from densepr.train.retriever import TrainConfig, load_examples, train, validate
-
-from .conftest import PASSAGES, make_tiny_bert
+from tests.support.tiny import PASSAGES, make_tiny_bert
 
 
 def _records(n: int = 12) -> list[TrainRecord]:

@@ -6,7 +6,7 @@ embeddings part added, checkpointed), ``densepr train`` and ``densepr train-read
 checkpoint). After the kill, every file under a final name must be complete (``densepr verify``
 passes on every manifest; embeddings parts load with the right shape) and the rerun must give
 exactly the uninterrupted result. ``tests/test_kill_resume.py`` asserts each scenario;
-``python -m tests.kill_resume`` writes ``benchmarks/results/kill-resume.md``.
+``python -m tests.support.kill_resume`` writes ``benchmarks/results/kill-resume.md``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def verify_ok(directory: Path) -> bool:
 
 # -- inputs ----------------------------------------------------------------------------------------
 def passages_tsv(path: Path, n: int) -> Path:
-    from .conftest import PASSAGES
+    from tests.support.tiny import PASSAGES
 
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("id\ttext\ttitle\n")
@@ -186,7 +186,7 @@ def scenario_train_reader(tmp: Path, init: Path) -> dict:
 def main() -> None:
     import tempfile
 
-    from .conftest import make_tiny_bert
+    from tests.support.tiny import make_tiny_bert
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -202,7 +202,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     lines = ["# Kill-and-resume runs", "",
-             "`python -m tests.kill_resume` (the scenarios of `tests/test_kill_resume.py`): each job is SIGKILLed part-way, "
+             "`python -m tests.support.kill_resume` (the scenarios of `tests/test_kill_resume.py`): each job is SIGKILLed part-way, "
              "then rerun; its result is compared with an uninterrupted run of the same job.", "",
              "| job | unit of resumption | killed mid-run | done at the kill | nothing corrupt under a final name | rerun = uninterrupted | seconds (3 runs) |",
              "|---|---|---|---|---|---|---:|"]  # fmt: skip
