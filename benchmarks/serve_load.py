@@ -23,10 +23,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.fileio import write_json
-from densepr.reproduce import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "serve-load.json"
 

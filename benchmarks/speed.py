@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine_info
 
 from densepr.data import EmbeddedData, load_wiki_summaries
 from densepr.fileio import write_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
-from densepr.reproduce import machine_info
 from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results" / "speed.json"

@@ -127,8 +127,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args.batch_size, args.steps, args.chunk)))
         return
+    from common import machine_info
+
     from densepr.fileio import write_json
-    from densepr.reproduce import machine_info
 
     rows = []
     for config in args.configs:  # one fresh process each: peak memory is that configuration's

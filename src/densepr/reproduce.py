@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from densepr.evaluate.tuning import tune_lambda
 from densepr.fileio import read_json, write_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
+from densepr.machine import machine_info
 from densepr.models.encoder import Encoder, load_biencoder
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
@@ -78,20 +78,6 @@ class ReproduceConfig:
         self.out_dir = Path(self.out_dir)
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}  # fmt: skip
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 class Stages:
