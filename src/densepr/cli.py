@@ -455,7 +455,8 @@ def train_cmd(
     """Train a DPR bi-encoder: NLL of the positive against in-batch and hard negatives.
     Several processes: `torchrun --nproc-per-node N -m densepr train ...`."""
     from densepr.data import EmbeddedData
-    from densepr.train.retriever import TrainConfig, train
+    from densepr.train.config import TrainConfig
+    from densepr.train.retriever import train
 
     cfg = TrainConfig(
         train_file=str(train_file), output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -566,7 +567,8 @@ def train_reader_cmd(
 ) -> None:
     """Train DPR's extractive reader (passage selection + answer span) on retrieval results."""
     from densepr.data import EmbeddedData
-    from densepr.train.reader import ReaderTrainConfig, train_reader
+    from densepr.train.config import ReaderTrainConfig
+    from densepr.train.reader import train_reader
 
     cfg = ReaderTrainConfig(
         train_files=[str(f) for f in train_files], output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),

@@ -17,7 +17,8 @@ from densepr.models.reader import Reader, ReaderConfig, Reading, best_reading, f
 from densepr.pipeline import Pipeline, evaluate_qa
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.retriever import Retriever
-from densepr.train.reader import ReaderTrainConfig, build_batch, load_reader_examples, train_reader
+from densepr.train.config import ReaderTrainConfig
+from densepr.train.reader import build_batch, load_reader_examples, train_reader
 from tests.support.tiny import PASSAGES, QUESTIONS, make_tiny_bert
 
 SMALL = ReaderConfig(max_length=96, stride=16, max_answer_length=10, top_k=3)

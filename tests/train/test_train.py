@@ -17,10 +17,11 @@ from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
 from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
 from densepr.retrieve.bm25 import BM25Index
+from densepr.train.config import TrainConfig
 from densepr.train.distributed import Dist
 from densepr.train.gradcache import chunks, loss_and_backward
 from densepr.train.mining import MiningStats, mine, split_holdout
-from densepr.train.retriever import TrainConfig, load_examples, train, validate
+from densepr.train.retriever import load_examples, train, validate
 from tests.support.tiny import PASSAGES, make_tiny_bert
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,41 +35,12 @@ from densepr.models.hf import autocast
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
-from densepr.train.optim import adamw, linear_schedule
+from densepr.train.config import ReaderTrainConfig
+from densepr.train.optim import adamw, linear_schedule, optimizer_step
 
 EVAL_KS = (1, 5, 10, 20, 50)
 
 
-@dataclass
-class ReaderTrainConfig:
-    """Everything a reader run depends on (saved as ``config.json``; a resumed run must match)."""
-
-    train_files: list[str]
-    output_dir: str
-    init: str  # a BERT-family model directory or a DPRReader checkpoint
-    dev_file: str | None = None
-    holdout: list[str] = field(default_factory=list)  # QA files whose questions must not be trained on
-    match: str = "string"  # how answers are located: string, or regex (CuratedTREC)
-    passages: int = 24  # M: passages read per question per step (the paper: 24)
-    depth: int = 100  # retrieved passages looked at per question
-    max_positives: int = 10
-    max_negatives: int = 50
-    batch_size: int = 16  # questions per step
-    epochs: int = 2
-    lr: float = 1e-5  # DPR's
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 2.0
-    adam_eps: float = 1e-8
-    seed: int = 12345
-    max_length: int = 256
-    max_answer_length: int = 10
-    dropout: float | None = None  # None: the model's own (BERT: 0.1); 0 makes CPU training ~2x faster
-    save_every: int = 50
-    eval_every: int = 0  # >0: also validate every this many steps
-    dev_limit: int | None = 500  # validation questions (the first N of the dev file)
-    max_steps: int | None = None
-    max_questions: int | None = None  # use only the first N usable training questions
 
 
 @dataclass
@@ -275,10 +246,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 (sel_loss + span_loss).backward()
                 sel_loss, span_loss = sel_loss.item(), span_loss.item()
                 loss = sel_loss + span_loss
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(params, opt, sched, cfg.max_grad_norm)
                 state["step"] += 1
                 state["batch"] += 1
                 done_here += 1

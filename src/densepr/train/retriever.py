@@ -48,41 +48,10 @@ from densepr.fileio import remove_tree, write_json
 from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
+from densepr.train.config import TrainConfig
 from densepr.train.distributed import Dist, sum_gradients
 from densepr.train.gradcache import loss_and_backward
-from densepr.train.optim import adamw, linear_schedule
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on (saved as ``config.json``; a resumed run must match it)."""
-
-    train_file: str
-    output_dir: str
-    init: str  # a Hugging Face model directory, or a checkpoint with question_encoder/ + passage_encoder/
-    dev_file: str | None = None
-    shared: bool = False  # one encoder for questions and passages
-    pooling: str | None = None  # default: the model's own setting
-    normalize: bool = False  # DPR: raw dot product
-    max_length: int = 256
-    batch_size: int = 128  # questions per step, over all processes
-    hard_negatives: int = 1
-    random_negatives: int = 0
-    epochs: int = 2
-    lr: float = 2e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    max_grad_norm: float = 2.0  # DPR's
-    adam_eps: float = 1e-8
-    seed: int = 12345
-    grad_cache_chunk: int = 0  # >0: gradient caching with chunks of this many sequences
-    save_every: int = 50  # steps between checkpoints (and at each epoch end)
-    val_hard_negatives: int = 5  # validation pool: each question's positive + this many hard negatives
-    max_steps: int | None = None  # stop after this many steps in total (for tests and smoke runs)
-    log_every: int = 1
-    tensorboard: bool = False
-    skip_bad: bool = False
-
+from densepr.train.optim import adamw, linear_schedule, optimizer_step
 
 # -- data ------------------------------------------------------------------------------------------
 POOL = 30  # hard and random negatives kept per question in memory (sampled from each epoch)
@@ -316,10 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
                 p_in = model.passage.collate(model.passage.tokenize_passages([p.title for p in passages], [p.text for p in passages]))
                 loss, acc = loss_and_backward(model, q_in, p_in, torch.tensor(positive, device=dev), d, cfg.grad_cache_chunk)
                 sum_gradients(params, d)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(params, opt, sched, cfg.max_grad_norm)
                 state["step"] += 1
                 state["batch"] += 1
                 done_here += 1

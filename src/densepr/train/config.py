@@ -1,0 +1,84 @@
+"""Training configurations: every setting a run depends on, each default defined here once.
+
+Saved as the run's ``config.json``; a resumed run must match it (``max_steps`` may change). The
+CLI's options take their defaults from these classes (:func:`default`). Torch-free, so reading a
+default does not load torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """What both trainers share: AdamW with a linear schedule, clipping, seeding, checkpoints."""
+
+    epochs: int = 2
+    lr: float = 2e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 2.0  # DPR's
+    adam_eps: float = 1e-8
+    seed: int = 12345
+    max_length: int = 256  # tokens per sequence
+    save_every: int = 50  # steps between checkpoints (and one at each epoch end)
+    max_steps: int | None = None  # stop after this many steps in total (for tests and smoke runs)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(OptimConfig):
+    """A DPR retriever run (:func:`densepr.train.retriever.train`)."""
+
+    train_file: str
+    output_dir: str
+    init: str  # a Hugging Face model directory, or a checkpoint with question_encoder/ + passage_encoder/
+    dev_file: str | None = None
+    shared: bool = False  # one encoder for questions and passages
+    pooling: str | None = None  # default: the model's own setting
+    normalize: bool = False  # DPR: raw dot product
+    batch_size: int = 128  # questions per step, over all processes
+    hard_negatives: int = 1
+    random_negatives: int = 0
+    grad_cache_chunk: int = 0  # >0: gradient caching with chunks of this many sequences
+    val_hard_negatives: int = 5  # validation pool: each question's positive + this many hard negatives
+    log_every: int = 1
+    tensorboard: bool = False
+    skip_bad: bool = False
+
+
+@dataclass(kw_only=True)
+class ReaderTrainConfig(OptimConfig):
+    """A reader run (:func:`densepr.train.reader.train_reader`)."""
+
+    train_files: list[str]
+    output_dir: str
+    init: str  # a BERT-family model directory or a DPRReader checkpoint
+    dev_file: str | None = None
+    holdout: list[str] = field(default_factory=list)  # QA files whose questions must not be trained on
+    match: str = "string"  # how answers are located: string, or regex (CuratedTREC)
+    passages: int = 24  # M: passages read per question per step (the paper: 24)
+    depth: int = 100  # retrieved passages looked at per question
+    max_positives: int = 10
+    max_negatives: int = 50
+    batch_size: int = 16  # questions per step
+    lr: float = 1e-5  # DPR's
+    warmup_steps: int = 0
+    max_answer_length: int = 10
+    dropout: float | None = None  # None: the model's own (BERT: 0.1); 0 makes CPU training ~2x faster
+    eval_every: int = 0  # >0: also validate every this many steps
+    dev_limit: int | None = 500  # validation questions (the first N of the dev file)
+    max_questions: int | None = None  # use only the first N usable training questions
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (what a CLI option falls back to)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
