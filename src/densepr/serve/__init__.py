@@ -1,0 +1,2 @@
+"""Serving over HTTP: ``densepr serve``.
+"""
