@@ -757,6 +757,13 @@ def serve_cmd(
     timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 30.0,
     max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 2.0,
+    max_queue: Annotated[int, typer.Option(help="Questions that may wait for the model; more get 503 with Retry-After.")] = 256,
+    max_answers: Annotated[int, typer.Option(help="Gold answers per question in /search 'answers'.")] = 32,
+    max_answer_chars: Annotated[int, typer.Option(help="Characters in one gold answer.")] = 500,
+    max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = 20_000,
+    read_timeout: Annotated[float, typer.Option(help="Seconds for a whole request (headers and body) to arrive; else 408 and close.")] = 10.0,
+    timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections at once; more get 503 and are closed.")] = 256,
     device: DeviceOpt = None,
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
@@ -768,15 +775,23 @@ def serve_cmd(
     from .retrieve import Retriever
 
     for name, v in (("--max-question-chars", max_question_chars), ("--max-k", max_k), ("--max-questions", max_questions),
-                    ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout)):  # fmt: skip
+                    ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout),
+                    ("--max-queue", max_queue), ("--max-answers", max_answers), ("--max-answer-chars", max_answer_chars),
+                    ("--max-answers-total-chars", max_answers_total_chars), ("--read-timeout", read_timeout),
+                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections)):  # fmt: skip
         if v <= 0:
             raise DenseprError(f"{name} must be positive")
-    limits = Limits(max_question_chars, max_k, max_questions, max_body_bytes, timeout, max_batch, max_wait_ms)
+    if max_wait_ms < 0:
+        raise DenseprError("--max-wait-ms must not be negative")
+    limits = Limits(max_question_chars=max_question_chars, max_k=max_k, max_questions=max_questions, max_body_bytes=max_body_bytes,
+                    timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
+                    max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
+                    keep_alive_s=timeout_keep_alive, max_connections=max_connections)  # fmt: skip
     r = Retriever.load(index, device=device)
     rd = Reader.load(reader, device) if reader else None
     app_ = create_app(Service(r, rd, limits))
     _log(f"serving {len(r.corpus)} passages ({', '.join(r.modes)}{', reader' if rd else ''}) on http://{host}:{port}/  (API docs: /docs)")
-    serve(app_, host, port)
+    serve(app_, host, port, limits=limits)
 
 
 @app.command("verify")
