@@ -108,11 +108,17 @@ def test_jsonl_passages_and_corpus_rows(tmp_path):
         load_corpus(path)
 
 
-def test_corpus_fingerprint_tracks_ids():
+def test_corpus_fingerprint_tracks_ids_and_content():
     a = Corpus.from_passages([Passage("1", "t", "x"), Passage("2", "t", "y")])
-    b = Corpus.from_passages([Passage("1", "t", "changed text"), Passage("2", "t", "y")])
-    c = Corpus.from_passages([Passage("2", "t", "y"), Passage("1", "t", "x")])
-    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    same = Corpus.from_passages([Passage("1", "t", "x"), Passage("2", "t", "y")])
+    edited = Corpus.from_passages([Passage("1", "t", "changed text"), Passage("2", "t", "y")])
+    shifted = Corpus.from_passages([Passage("1", "t", "y"), Passage("2", "t", "x")])  # same ids, texts moved a row
+    moved = Corpus.from_passages([Passage("1", "tx", ""), Passage("2", "t", "y")])  # characters moved between fields
+    reordered = Corpus.from_passages([Passage("2", "t", "y"), Passage("1", "t", "x")])
+    fps = [c.fingerprint() for c in (a, edited, shifted, moved, reordered)]
+    assert a.fingerprint() == same.fingerprint()
+    assert len({f["content_sha256"] for f in fps}) == 5
+    assert a.fingerprint()["ids_sha256"] == edited.fingerprint()["ids_sha256"] == shifted.fingerprint()["ids_sha256"]
 
 
 # --- the 100-word splitter --------------------------------------------------------------------------

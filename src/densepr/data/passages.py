@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from ..errors import InputError, MismatchError
 from ..fileio import atomic_write
 
@@ -57,6 +59,7 @@ class Corpus:
     titles: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     _row_of: dict[str, int] | None = field(default=None, repr=False)
+    _fingerprint: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_passages(cls, passages: Iterable[Passage], source: str | os.PathLike[str] = "<passages>") -> Corpus:
@@ -84,11 +87,14 @@ class Corpus:
         return (self[i] for i in range(len(self)))
 
     def fingerprint(self) -> dict:
-        """Count and sha256 of the ids: recorded by every index to detect a corpus mismatch."""
-        h = hashlib.sha256()
-        for pid in self.ids:
-            h.update(pid.encode("utf-8") + b"\n")
-        return {"count": len(self.ids), "ids_sha256": h.hexdigest()}
+        """Count, sha256 of the ids, and sha256 of the content (every id, title and text, in row
+        order): recorded by every index built over the corpus, so a corpus with other ids, other
+        texts or the same texts in another order is refused. Computed once (a corpus is not
+        changed once built)."""
+        key = (len(self.ids), id(self.ids), id(self.titles), id(self.texts))
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, _fingerprint(self.ids, self.titles, self.texts))
+        return dict(self._fingerprint[1])
 
     def row(self, passage_id: str) -> int:
         """Row number of a passage id (KeyError if absent)."""
@@ -97,13 +103,46 @@ class Corpus:
         return self._row_of[passage_id]
 
 
+_FP_ROWS = 1 << 14  # rows per block of the content hash (part of its definition)
+
+
+def _fingerprint(ids: list[str], titles: list[str], texts: list[str]) -> dict:
+    """See :meth:`Corpus.fingerprint`. Per block of ``_FP_ROWS`` rows and per column (ids, titles,
+    texts), the content hash takes every value's length (int64) then the values concatenated
+    (UTF-8): so no choice of texts hashes alike by moving characters between fields or rows.
+    About 0.9 s per million 270-character passages."""
+    h_ids, h_all = hashlib.sha256(), hashlib.sha256()
+    for lo in range(0, len(ids), _FP_ROWS):
+        for col in (ids, titles, texts):
+            part = col[lo : lo + _FP_ROWS]
+            h_all.update(np.fromiter(map(len, part), dtype="<i8", count=len(part)).tobytes())
+            h_all.update("".join(part).encode("utf-8", "surrogatepass"))
+        h_ids.update(("\n".join(ids[lo : lo + _FP_ROWS]) + "\n").encode("utf-8", "surrogatepass"))
+    return {"count": len(ids), "ids_sha256": h_ids.hexdigest(), "content_sha256": h_all.hexdigest()}
+
+
 def check_corpus(manifest: dict, corpus: Corpus, what: str) -> None:
-    """Refuse an index whose manifest records another corpus than ``corpus``."""
+    """Refuse an index whose manifest records another corpus than ``corpus`` (other ids, or the
+    same ids with other titles or texts); one built by an older densepr, whose fingerprint covered
+    the ids only, is refused too: it cannot show that its texts are these."""
     expected = manifest.get("corpus")
-    if expected and expected != corpus.fingerprint():
+    if not expected:
+        return
+    mine = corpus.fingerprint()
+    if expected.get("count") != mine["count"] or expected.get("ids_sha256") != mine["ids_sha256"]:
         raise MismatchError(
-            f"{what} was built over {expected['count']} passages with other ids than the "
+            f"{what} was built over {expected.get('count')} passages with other ids than the "
             f"{len(corpus)} passages given; rebuild it for this corpus"
+        )
+    if "content_sha256" not in expected:
+        raise MismatchError(
+            f"{what} was built by an older densepr that fingerprinted passage ids only, so it cannot "
+            "show that it was built over these passage texts; rebuild it"
+        )
+    if expected["content_sha256"] != mine["content_sha256"]:
+        raise MismatchError(
+            f"{what} was built over passages with the same {len(corpus)} ids but other titles or texts "
+            "(edited, or shifted between rows); rebuild it for this corpus"
         )
 
 
