@@ -205,6 +205,7 @@ def index_bm25(
     from .bm25 import BM25Index
     from .data import load_corpus
 
+    BM25Index.check_output(output)  # another artefact, or files densepr did not write: refused before the work
     corpus = load_corpus(passages)
     BM25Index.build(corpus, k1=k1, b=b).save(output)
     out.print(f"BM25 index over {len(corpus)} passages written to {output}")
@@ -235,6 +236,7 @@ def index_dense(
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
                          pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip
+    DenseIndex.check_output(output)  # another artefact, or files densepr did not write: refused before the work
     work = output.with_name(output.name + ".building")  # resumable: a killed build continues from here
     index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True, work_dir=work,
                              checkpoint_seconds=checkpoint_seconds)  # fmt: skip
@@ -797,12 +799,35 @@ def serve_cmd(
 @app.command("verify")
 def verify_cmd(
     directory: Annotated[Path, typer.Argument(help="A directory: every manifest.json under it is checked.")],
-    quick: Annotated[bool, typer.Option("--quick", help="Check sizes only (catches truncation), not sha256.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="The checks done on load (sizes, sampled sha256 of large files), not every byte.")] = False,
 ) -> None:
-    """Check every artefact under a directory against its manifest (sizes and sha256)."""
+    """Check every artefact under a directory: files against their manifest (sizes and sha256), BM25
+    arrays' ranges, dense index shards, and each index's corpus against the passages.tsv beside it."""
+    from .bm25 import KIND as BM25_KIND
+    from .bm25 import check_arrays
+    from .data import load_corpus
+    from .data.passages import check_corpus
     from .fileio import verify_tree
+    from .index import KIND as DENSE_KIND
+    from .index import check_index
 
-    results = verify_tree(directory, "size" if quick else "sha256")
+    corpora: dict[Path, object] = {}
+
+    def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
+        tsv = d.parent / "passages.tsv"
+        if manifest.get("corpus") and tsv.is_file():
+            if tsv not in corpora:
+                corpora[tsv] = load_corpus(tsv)
+            check_corpus(manifest, corpora[tsv], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
+
+    def structure(d: Path, manifest: dict) -> None:
+        if manifest["kind"] == BM25_KIND:
+            check_arrays(d, manifest, full=not quick)
+        elif manifest["kind"] == DENSE_KIND:
+            check_index(d, manifest)
+        corpus_beside(d, manifest)
+
+    results = verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys((BM25_KIND, DENSE_KIND, "embeddings"), structure))
     if not results:
         raise DenseprError(f"{directory}: no manifest.json found; nothing densepr wrote is here")
     bad = 0
@@ -812,7 +837,8 @@ def verify_cmd(
         else:
             bad += 1
             out.print(f"[red]FAILED[/red]  {kind:<14} {problem}", highlight=False)
-    out.print(f"{len(results) - bad} of {len(results)} artefacts verified ({'sizes' if quick else 'sizes and sha256'})")
+    what = "sizes and sampled sha256" if quick else "sizes and sha256"
+    out.print(f"{len(results) - bad} of {len(results)} artefacts verified ({what}; index structure and corpus)")
     if bad:
         raise typer.Exit(1)
 
