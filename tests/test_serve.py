@@ -296,6 +296,35 @@ def test_a_full_queue_answers_503_with_retry_after(index_dir):
     assert q["rejected_queue_full"] == 6 and q["queued_questions"] == 0
 
 
+def test_a_full_queue_sheds_larger_requests_for_smaller_ones(index_dir):
+    import httpx
+
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_batch=2, max_queue=4, max_wait_ms=0))
+    _slow(svc, 0.2)
+    app = create_app(svc)
+
+    def body(n: int, tag: str) -> dict:
+        return {"question": [f"who created python {tag} {j}" for j in range(n)], "mode": "bm25"}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/search", json=body(1, "first")))
+            await asyncio.sleep(0.05)  # the model is busy with it
+            big = [asyncio.ensure_future(c.post("/search", json=body(2, f"big{i}"))) for i in range(2)]  # the queue is full
+            await asyncio.sleep(0.02)
+            same = await c.post("/search", json=body(2, "same"))  # no smaller: refused
+            small = await c.post("/search", json=body(1, "small"))  # sheds one of the larger waiting requests
+            return await first, [await b for b in big], same, small
+
+    first, big, same, small = asyncio.run(go())
+    assert first.status_code == 200 and same.status_code == 503 and small.status_code == 200
+    assert sorted(b.status_code for b in big) == [200, 503]
+    shed = next(b for b in big if b.status_code == 503)
+    assert shed.json()["limit"] == "max_queue" and int(shed.headers["Retry-After"]) >= 1
+    q = svc.search_batcher.stats()
+    assert q["shed_for_smaller"] == 1 and q["rejected_queue_full"] == 1 and q["queued_questions"] == 0
+
+
 def test_answers_are_matched_off_the_event_loop_within_the_timeout(index_dir):
     """has_answer and building the response run in a worker thread, inside timeout_s: /health answers
     meanwhile, and a request at every answers limit costs little."""
@@ -632,6 +661,27 @@ def test_page_in_headless_chromium(running_server, tmp_path, request):
         browser.close()
     assert shot.stat().st_size > 5000
     print(f"screenshot: {shot}")
+
+
+@pytest.mark.e2e
+def test_page_and_docs_in_headless_chromium_request_nothing_outside_the_server(running_server):
+    exe, sync_api = _chromium()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(running_server + "/")
+        page.wait_for_selector("text=passages")
+        page.goto(running_server + "/docs")
+        page.wait_for_selector("text=/search")
+        assert page.locator("section").count() >= 3  # /search, /answer, /health rendered from /openapi.json
+        section = page.locator("section", has_text="What is loaded")
+        section.locator("summary").click()
+        section.locator("button").click()
+        page.wait_for_selector("pre:has-text('200')")
+        browser.close()
+    assert requested and all(u.startswith(running_server + "/") for u in requested), requested
 
 
 @pytest.mark.e2e

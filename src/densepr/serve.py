@@ -24,8 +24,9 @@ What a hostile or broken client can and cannot do (each property has a test):
   CPU-heavy (the model call, ``has_answer`` matching, building and serialising the response)
   runs in worker threads inside the request's ``timeout_s``, never on the event loop, so
   ``/health`` keeps answering. At most ``max_queue`` questions wait for each model; past that
-  a request gets 503 with ``Retry-After``. A request whose client disconnected, or that timed
-  out, is dropped before the model sees it.
+  a request gets 503 with ``Retry-After`` (larger waiting requests are shed first to make room
+  for a smaller one, so floods of many-question requests cannot starve single questions). A
+  request whose client disconnected, or that timed out, is dropped before the model sees it.
 * **Connections** (:func:`guarded_protocol`, used by :func:`serve`): a whole request,
   headers and body, must arrive within ``read_timeout_s`` (else 408 and close: slowloris),
   idle keep-alive connections close after ``keep_alive_s``, and at most ``max_connections``
@@ -155,8 +156,10 @@ class MicroBatcher:
     busy, new requests queue, and the next call takes up to ``max_batch`` questions at once.
 
     * At most ``max_queue`` questions wait (a request larger than that is still taken when
-      nothing waits); past it :meth:`submit` raises a 503 :class:`LimitError` whose
-      ``Retry-After`` is the estimated time to drain the queue.
+      nothing waits). When a request does not fit, the largest waiting requests that are
+      larger than it are shed to make room (so many-question requests cannot starve small
+      ones); if it still does not fit, it is refused. Shed and refused requests get a 503
+      :class:`LimitError` whose ``Retry-After`` is the estimated time to drain the queue.
     * A request whose future is already done when its batch forms (cancelled because its
       client disconnected, or timed out) is dropped: the model never sees it.
     * When a batch call raises, each request of the batch is re-run alone, so an exception
@@ -174,7 +177,9 @@ class MicroBatcher:
         self.batches = 0  # model calls
         self.items = 0  # requests served by them
         self.queued = 0  # questions waiting (submitted, not started, not abandoned)
+        self.waiting: set[_Entry] = set()  # the requests they belong to
         self.rejected = 0  # requests refused because the queue was full
+        self.shed = 0  # waiting requests answered 503 to make room for a smaller one
         self.dropped = 0  # requests abandoned (disconnected or timed out) before their batch ran
         self.isolated = 0  # batches that raised and were re-run one request at a time
         self.s_per_question = 0.0  # moving average of model time per question
@@ -187,19 +192,39 @@ class MicroBatcher:
         if e.waiting:
             e.waiting = False
             self.queued -= e.size
+            self.waiting.discard(e)
+
+    def _busy(self) -> LimitError:
+        return LimitError(503, "max_queue", f"server busy: {self.queued} questions are waiting for the {self.name} "
+                                            f"(limit {self.max_queue}); retry later",
+                          headers={"Retry-After": str(self.retry_after())})  # fmt: skip
+
+    def _admit(self, size: int) -> bool:
+        """Make room for ``size`` questions, shedding larger waiting requests, largest first."""
+        if self.max_queue is None or self.queued == 0 or self.queued + size <= self.max_queue:
+            return True
+        larger = sorted((e for e in self.waiting if e.size > size and not e.fut.done()), key=lambda e: e.size, reverse=True)
+        if self.queued - sum(e.size for e in larger) + size > self.max_queue:
+            return False  # shedding every larger request would not make room: refuse the newcomer instead
+        for e in larger:
+            if self.queued + size <= self.max_queue:
+                break
+            self._leave(e)
+            self.shed += 1
+            e.fut.set_exception(self._busy())
+        return True
 
     async def submit(self, key: Any, item: Any, size: int = 1) -> Any:
         loop = asyncio.get_running_loop()
         if self.queue is None or self.loop is not loop:  # first call, or a new event loop (test clients)
-            self.loop, self.queue, self.queued = loop, asyncio.Queue(), 0
+            self.loop, self.queue, self.queued, self.waiting = loop, asyncio.Queue(), 0, set()
             self.worker = loop.create_task(self._run())
-        if self.max_queue is not None and self.queued > 0 and self.queued + size > self.max_queue:
+        if not self._admit(size):
             self.rejected += 1
-            raise LimitError(503, "max_queue", f"server busy: {self.queued} questions are waiting for the {self.name} "
-                                               f"(limit {self.max_queue}); retry later",
-                             headers={"Retry-After": str(self.retry_after())})  # fmt: skip
+            raise self._busy()
         e = _Entry(key, item, size, loop.create_future())
         self.queued += size
+        self.waiting.add(e)
         e.fut.add_done_callback(lambda _, e=e: self._leave(e))
         self.queue.put_nowait(e)
         return await e.fut  # cancelling the awaiting task cancels e.fut: the entry is dropped
@@ -286,7 +311,7 @@ class MicroBatcher:
 
     def stats(self) -> dict:
         return {"batches": self.batches, "requests": self.items, "queued_questions": self.queued,
-                "rejected_queue_full": self.rejected, "dropped_abandoned": self.dropped, "isolated_batches": self.isolated}  # fmt: skip
+                "rejected_queue_full": self.rejected, "shed_for_smaller": self.shed, "dropped_abandoned": self.dropped, "isolated_batches": self.isolated}  # fmt: skip
 
 
 def model_name(name: str | None) -> str | None:
