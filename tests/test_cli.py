@@ -170,3 +170,155 @@ def test_sharded_encode_index_types_and_plan(tmp_path, capsys, corpus, tiny_bert
     code, out, err = run(capsys, "index", "plan", "--num-passages", "21015324", "--dim", "768")
     assert code == 0, err
     assert "21,015,324 passages x 768 dims" in out and "60.1 GiB" in out  # 21M x 768 x 4 bytes, flat
+
+
+# -- output paths: checked before any work ----------------------------------------------------------
+# Every command that writes, with {out} where its output goes; its inputs do not exist, so an error
+# about anything but {out} means the command started work before checking where it would write.
+WRITERS = [
+    ("file", ("data", "passages", "{out}", "--source", "{missing}.tsv")),
+    ("file", ("data", "split", "{missing}.jsonl", "{out}")),
+    ("file", ("data", "build-train", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}")),
+    ("file", ("data", "build-train", "--qa", "{missing}.tsv", "-o", "{tmp}/t.json", "--val-output", "{out}", "--index", "{missing}")),
+    ("file", ("retrieve", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}")),
+    ("file", ("retrieve", "--queries", "{missing}.tsv", "--trec", "{out}", "--index", "{missing}")),
+    ("file", ("reproduce", "-o", "{tmp}/repro", "--write-expected", "{out}", "--cache-dir", "{missing}")),
+    ("dir", ("data", "fetch", "--cache-dir", "{out}")),
+    ("dir", ("index", "bm25", "{missing}.tsv", "{out}")),
+    ("dir", ("index", "dense", "{missing}", "{out}")),
+    ("dir", ("encode", "{missing}.tsv", "{out}", "--encoder", "{missing}")),
+    ("dir", ("train", "--train", "{missing}.json", "-o", "{out}", "--init", "{missing}")),
+    ("dir", ("train-reader", "--train", "{missing}.json", "-o", "{out}", "--init", "{missing}")),
+    ("dir", ("evaluate-qa", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}", "--reader", "{missing}")),
+    ("dir", ("reproduce", "-o", "{out}", "--cache-dir", "{missing}")),
+]
+BAD_OUTPUTS = {"file": ["an existing directory", "under a file"], "dir": ["an existing file", "the current directory", "above the current directory", "under a file"]}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every entry point into real work fail loudly: an output check must come before all of them."""
+    import densepr.encoder
+    import densepr.train_reader
+
+    import densepr.data
+    import densepr.data.fetch
+    import densepr.index
+    import densepr.reproduce
+    import densepr.retrieve
+    import densepr.train
+
+    def started(*a, **k):
+        raise AssertionError("work started before the output path was checked")
+
+    for module, name in [(densepr.data, "load_corpus"), (densepr.data, "load_qa"), (densepr.data, "read_queries"),
+                         (densepr.data, "load_wiki_summaries"), (densepr.data.fetch, "fetch_embedded"), (densepr.encoder, "load_biencoder"),
+                         (densepr.reproduce, "run"), (densepr.train, "train"), (densepr.train_reader, "train_reader")]:  # fmt: skip
+        monkeypatch.setattr(module, name, started)
+    monkeypatch.setattr(densepr.retrieve.Retriever, "load", classmethod(started))
+    monkeypatch.setattr(densepr.index.DenseIndex, "build", classmethod(started))
+
+
+def _writer_id(cmd: tuple[str, ...]) -> str:
+    words = [w for w in cmd[: next(i for i, w in enumerate(cmd) if w.startswith(("-", "{")))]]
+    at = cmd.index("{out}")
+    return " ".join(words + ([cmd[at - 1]] if cmd[at - 1].startswith("-") else ["OUTPUT"]))
+
+
+@pytest.mark.parametrize("kind, cmd", WRITERS, ids=[_writer_id(c) for _, c in WRITERS])
+def test_every_writing_command_checks_its_output_before_the_work(tmp_path, capsys, monkeypatch, no_work, kind, cmd):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    outs = {"an existing directory": str(tmp_path / "adir"), "under a file": str(tmp_path / "afile" / "out"),
+            "an existing file": str(tmp_path / "afile"), "the current directory": ".", "above the current directory": ".."}  # fmt: skip
+    for case in BAD_OUTPUTS[kind]:
+        out = outs[case]
+        args = [a.format(out=out, tmp=tmp_path, missing=tmp_path / "missing") for a in cmd]
+        code, stdout, err = run(capsys, *args)
+        assert code == 1, (case, args, stdout, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (case, args, err)
+        assert err.startswith(f"error: {out}: "), (case, args, err)  # about the output, not a missing input
+        assert "missing" not in err, (case, args, err)
+
+
+def test_the_output_check_covers_every_writing_command():
+    """A new command (or output option) must join WRITERS: this lists every one the CLI has."""
+    import inspect
+
+    from densepr.cli import app
+
+    def walk(t, prefix=()):
+        for c in t.registered_commands:
+            yield prefix + (c.name,), c.callback
+        for g in t.registered_groups:
+            yield from walk(g.typer_instance, prefix + (g.name,))
+
+    writes = {"output", "trec", "val_output", "write_expected"}
+    found = {(" ".join(name), p) for name, cb in walk(app) for p in inspect.signature(cb).parameters if p in writes}
+    option = {"-o": "output", "--trec": "trec", "--val-output": "val_output", "--write-expected": "write_expected", "OUTPUT": "output"}
+    tested = {(" ".join(_writer_id(c).split()[:-1]), option[_writer_id(c).split()[-1]]) for _, c in WRITERS if "--cache-dir {out}" not in " ".join(c)}
+    assert found == tested
+
+
+def test_index_dense_into_the_current_directory_is_one_line(tmp_path, capsys, monkeypatch, corpus, tiny_bert):
+    from densepr.embeddings import encode_corpus
+    from densepr.encoder import Encoder
+
+    encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, tmp_path / "emb")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "emb", str(tmp_path)):  # was: ValueError traceback ('.' has an empty name); the input itself
+        code, _, err = run(capsys, "index", "dense", "emb", out)
+        assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {out}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]  # nothing written
+
+
+def test_two_outputs_on_one_path_and_tune_hybrid_output(tmp_path, capsys, no_work):
+    code, _, err = run(capsys, "retrieve", "--qa", "x.tsv", "-o", str(tmp_path / "r"), "--trec", str(tmp_path / "r"))
+    assert code == 1 and "given as two outputs" in err
+    (tmp_path / "hybrid.json").mkdir()
+    code, _, err = run(capsys, "tune-hybrid", "--qa", "x.tsv", "--index", str(tmp_path))
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'hybrid.json'}: is a directory")
+
+
+def test_unwritable_output_parent_is_refused_first(tmp_path, capsys, no_work, monkeypatch):
+    import densepr.cli
+
+    monkeypatch.setattr(densepr.cli.os, "access", lambda p, mode: False)  # as a non-root user on a read-only directory
+    code, _, err = run(capsys, "index", "bm25", "p.tsv", str(tmp_path / "new" / "bm25"))
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'new' / 'bm25'}: cannot write in {tmp_path} (permission denied or read-only)"
+
+
+def test_os_errors_name_the_file_in_one_line(tmp_path, capsys, monkeypatch, passages_tsv):
+    import errno
+    import os
+
+    import densepr.data
+
+    target = tmp_path / "out.tsv"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(densepr.data, "write_passages_tsv", full)
+    code, _, err = run(capsys, "data", "passages", str(target), "--source", str(passages_tsv))
+    assert code == 1 and err.strip() == f"error: {target}: No space left on device"
+
+    def anonymous(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(densepr.data, "write_passages_tsv", anonymous)
+    code, _, err = run(capsys, "data", "passages", str(target), "--source", str(passages_tsv))
+    assert code == 1 and err.strip() == f"error: No space left on device (errno {errno.ENOSPC})" and "Traceback" not in err
+
+
+def test_ids_that_trec_cannot_hold_are_refused_before_indexing(tmp_path, capsys):
+    # was: accepted, then `retrieve --trec` wrote 7-column lines that `evaluate` refused
+    for raw, line, what in ((b"id\ttext\ttitle\n1\tfine\tT\na b\ttext\tT\n", 3, "contains a space"),
+                            (b'1\tfine\tT\n"a\tb"\ttext\tT\n', 2, "contains a tab")):  # fmt: skip
+        (tmp_path / "p.tsv").write_bytes(raw)
+        code, _, err = run(capsys, "index", "bm25", str(tmp_path / "p.tsv"), str(tmp_path / "bm25"))
+        assert code == 1 and f"p.tsv, line {line}: field 'id': passage id" in err and what in err, err
+    assert not (tmp_path / "bm25").exists()

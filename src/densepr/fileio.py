@@ -5,16 +5,34 @@ fsync'ed, then renamed over the final name, so an interrupted run never leaves a
 half-written file under a name a later stage would trust. Directory artefacts (BM25
 index, embeddings, FAISS index) carry a ``manifest.json`` listing each file's size and
 sha256, checked when loaded.
+
+Directory artefacts are (re)built beside their final name and swapped in whole
+(:func:`atomic_dir`): the previous version's files are never rewritten, only unlinked once the
+new version is in place, so a process that has them open or memory-mapped (a running server)
+keeps reading the old version until it reloads, and a failed or disk-full build leaves the
+previous version as it was. A directory holding another artefact kind, or anything densepr did
+not write, is never overwritten.
+
+Checks on load (``read_manifest(..., verify="sample")``, the default): every file's size, then
+its sha256 if it is at most ``FULL_HASH_BYTES`` (32 MiB), else a sampled sha256 over
+``SAMPLE_BLOCKS`` blocks of 64 KiB (the first, the last and the rest evenly spaced), recorded
+in the manifest when it was written. ``densepr verify`` checks every byte (full sha256).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fnmatch
+import glob
 import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,8 +41,53 @@ import numpy as np
 from densepr.errors import DenseprError, InputError
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # 2: files above FULL_HASH_BYTES also carry a sampled sha256
+FULL_HASH_BYTES = 32 << 20  # files up to this size are fully hashed on load (~20 ms at 1.5 GB/s)
+SAMPLE_BLOCK = 1 << 16
+SAMPLE_BLOCKS = 32  # larger files: 32 blocks of 64 KiB (2 MiB read) whatever their size
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(DenseprError):
+    """The disk (or quota) filled up while writing ``path``; ``kept``: the artefact left as it was."""
+
+    def __init__(self, path: str | os.PathLike[str], error: BaseException, kept: str | os.PathLike[str] | None = None) -> None:
+        self.path, self.error = str(path), error
+        quota = getattr(error, "errno", None) == errno.EDQUOT or os.strerror(errno.EDQUOT) in str(error)
+        why = "disk quota exceeded" if quota else "no space left on device"
+        left = f"the previous {kept} is untouched" if kept else "nothing was replaced"
+        super().__init__(f"{path}: {why} while writing it; {left} (free some space and run again)")
+
+
+def is_no_space(e: BaseException, where: str | os.PathLike[str] | None = None) -> bool:
+    """An OSError ENOSPC/EDQUOT, a library's RuntimeError saying so (FAISS reports write errors
+    that way), or, with ``where``, an OSError without errno (numpy's short write: "N requested and
+    M written") while the filesystem of ``where`` has less than 1 MiB left."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in _NO_SPACE
+    if isinstance(e, RuntimeError) and any(os.strerror(n) in str(e) for n in _NO_SPACE):
+        return True
+    if isinstance(e, OSError) and where is not None:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(where)
+            return st.f_bavail * st.f_frsize < 1 << 20
+    return False
+
+
+@contextlib.contextmanager
+def no_space_names(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a disk-full error raised inside into a :class:`NoSpaceError` naming ``path``, the file
+    being written (``write()`` errors name no file; a temporary name would mean nothing)."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if not is_no_space(e, Path(path).parent):
+            raise
+        raise NoSpaceError(path, e) from e
 
 
 @contextlib.contextmanager
@@ -35,15 +98,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with no_space_names(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with no_space_names(path):
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -122,25 +187,64 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sampled_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of the file's size and ``SAMPLE_BLOCKS`` blocks of ``SAMPLE_BLOCK`` bytes at
+    fixed offsets (the first, the last and the others evenly spaced between): a check of a large
+    file that costs the same (2 MiB read) whatever its size."""
+    size = os.stat(path).st_size
+    h = hashlib.sha256(str(size).encode())
+    last = max(size - SAMPLE_BLOCK, 0)
+    offsets = sorted({round(i * last / (SAMPLE_BLOCKS - 1)) for i in range(SAMPLE_BLOCKS)})
+    with open(path, "rb") as fh:
+        for off in offsets:
+            fh.seek(off)
+            h.update(fh.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
 def write_manifest(directory: str | os.PathLike[str], kind: str, files: list[str], **meta: Any) -> dict[str, Any]:
-    """Write ``directory/manifest.json``: the artefact kind, metadata, and each file's size and sha256.
+    """Write ``directory/manifest.json``: the artefact kind, metadata, and each file's size and
+    sha256 (and, above ``FULL_HASH_BYTES``, its sampled sha256, for the check on load).
 
     The manifest is written last, so its presence means the artefact is complete.
     """
     directory = Path(directory)
-    entries = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in files}
-    manifest = {"kind": kind, "format_version": 1, **meta, "files": entries}
+    entries: dict[str, dict[str, Any]] = {}
+    for name in files:
+        size = (directory / name).stat().st_size
+        entries[name] = {"bytes": size, "sha256": sha256_file(directory / name)}
+        if size > FULL_HASH_BYTES:
+            entries[name]["sampled_sha256"] = sampled_sha256(directory / name)
+    manifest = {"kind": kind, "format_version": FORMAT_VERSION, **meta, "files": entries}
     write_json(directory / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(directory: str | os.PathLike[str], kind: str, verify: str = "size") -> dict[str, Any]:
+def check_file(fpath: Path, entry: dict[str, Any], verify: str = "sample", mpath: Path | None = None) -> None:
+    """Check one file against its manifest entry (``verify`` as in :func:`read_manifest`)."""
+    if not fpath.is_file():
+        raise DenseprError(f"{fpath}: missing" + (f" (listed in {mpath})" if mpath else ""))
+    if verify == "none":
+        return
+    size = fpath.stat().st_size
+    if size != entry["bytes"]:
+        raise DenseprError(f"{fpath}: {size} bytes, manifest says {entry['bytes']}: file truncated or altered; rebuild it")
+    full = verify == "sha256" or (verify == "sample" and size <= FULL_HASH_BYTES)
+    if full and sha256_file(fpath) != entry["sha256"]:
+        raise DenseprError(f"{fpath}: sha256 differs from {mpath or 'its manifest'}: file altered or corrupt; rebuild it")
+    if verify == "sample" and not full and "sampled_sha256" in entry and sampled_sha256(fpath) != entry["sampled_sha256"]:
+        raise DenseprError(f"{fpath}: sampled sha256 differs from {mpath or 'its manifest'}: file altered or corrupt; rebuild it")
+
+
+def read_manifest(directory: str | os.PathLike[str], kind: str, verify: str = "sample") -> dict[str, Any]:
     """Load ``directory/manifest.json`` and check the files it lists.
 
     Args:
         directory: the artefact directory.
         kind: the artefact kind expected (e.g. ``"dense-index"``); another kind is refused.
-        verify: ``"size"`` (cheap: catches truncation), ``"sha256"`` (full) or ``"none"``.
+        verify: ``"sample"`` (the check on load: every size, the sha256 of each file up to
+            ``FULL_HASH_BYTES``, the sampled sha256 of larger ones), ``"sha256"`` (every byte:
+            ``densepr verify``), ``"size"`` (catches truncation only) or ``"none"``.
 
     Raises:
         DenseprError: the directory, manifest or a listed file is missing, of the wrong kind,
@@ -157,14 +261,7 @@ def read_manifest(directory: str | os.PathLike[str], kind: str, verify: str = "s
         found = manifest.get("kind") if isinstance(manifest, dict) else None
         raise DenseprError(f"{mpath}: expected a {kind} manifest, found kind {found!r}")
     for name, entry in manifest.get("files", {}).items():
-        fpath = directory / name
-        if not fpath.is_file():
-            raise DenseprError(f"{fpath}: missing (listed in {mpath})")
-        size = fpath.stat().st_size
-        if verify != "none" and size != entry["bytes"]:
-            raise DenseprError(f"{fpath}: {size} bytes, manifest says {entry['bytes']}: file truncated or altered; rebuild it")
-        if verify == "sha256" and sha256_file(fpath) != entry["sha256"]:
-            raise DenseprError(f"{fpath}: sha256 differs from {mpath}: file altered or corrupt; rebuild it")
+        check_file(directory / name, entry, verify, mpath)
     return manifest
 
 
@@ -187,8 +284,14 @@ def check_dir_manifest(directory: str | os.PathLike[str], kinds: tuple[str, ...]
     return read_manifest(directory, kind, verify)
 
 
-def verify_tree(root: str | os.PathLike[str], verify: str = "sha256") -> list[tuple[Path, str, str | None]]:
-    """Check every manifest under ``root``: ``[(directory, kind, None or the problem), ...]``."""
+def verify_tree(
+    root: str | os.PathLike[str], verify: str = "sha256", checks: dict[str, Callable[[Path, dict], None]] | None = None
+) -> list[tuple[Path, str, str | None]]:
+    """Check every manifest under ``root``: ``[(directory, kind, None or the problem), ...]``.
+
+    ``checks`` maps an artefact kind to a further check of a directory whose files passed
+    (e.g. the ranges of a BM25 index's arrays); it raises :class:`DenseprError` on a problem.
+    """
     root = Path(root)
     if not root.exists():
         raise DenseprError(f"{root}: no such file or directory")
@@ -198,7 +301,9 @@ def verify_tree(root: str | os.PathLike[str], verify: str = "sha256") -> list[tu
         try:
             data = read_json(mpath)
             kind = str(data.get("kind", "?")) if isinstance(data, dict) else "?"
-            read_manifest(mpath.parent, kind, verify)
+            manifest = read_manifest(mpath.parent, kind, verify)
+            if checks and kind in checks:
+                checks[kind](mpath.parent, manifest)
             out.append((mpath.parent, kind, None))
         except DenseprError as e:
             out.append((mpath.parent, kind, str(e)))
@@ -213,6 +318,198 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         return
     for m in path.rglob(MANIFEST):
         m.unlink(missing_ok=True)
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- directory artefacts: built beside, swapped in whole ------------------------------------------
+def check_target(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse to (re)build a ``kind`` artefact at ``final`` unless ``final`` is absent, an empty
+    directory, a ``kind`` artefact (its manifest says so), or a directory without manifest that
+    holds only files a ``kind`` build writes (``own``: file name patterns; an interrupted build).
+
+    Raises:
+        DenseprError: ``final`` is a file, holds an artefact of another kind, or holds files
+            densepr did not write there; they are never overwritten.
+    """
+    final = Path(final)
+    if not final.exists():
+        return
+    advice = f"write the {kind} elsewhere, or delete {final} first"
+    if not final.is_dir():
+        raise DenseprError(f"{final}: is a file, not a {kind!r} directory; refusing to replace it ({advice})")
+    mpath = final / MANIFEST
+    if mpath.exists():
+        try:
+            data = read_json(mpath)
+        except DenseprError:
+            data = None
+        found = data.get("kind") if isinstance(data, dict) else None
+        if found != kind:
+            what = f"a densepr {found!r} artefact" if found else "an unreadable manifest"
+            raise DenseprError(f"{final}: holds {what} ({mpath}), not a {kind!r}; refusing to overwrite it ({advice})")
+        return
+    foreign = sorted(p.name for p in final.iterdir()
+                     if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, pat) for pat in (*own, ".*.tmp")))  # fmt: skip
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DenseprError(f"{final}: not empty and not a {kind!r} artefact densepr wrote (it holds {foreign[0]!r}{more}, "
+                           f"and no {MANIFEST}); refusing to overwrite it ({advice})")  # fmt: skip
+
+
+_HOST = socket.gethostname().replace("/", "_").replace("@", "_") or "host"
+
+
+def sibling_prefix(final: Path, what: str) -> str:
+    """Prefix of a sibling work directory of ``final``: ``.NAME.WHAT-PID@HOST-`` (then random)."""
+    return f".{final.name}.{what}-{os.getpid()}@{_HOST}-"
+
+
+def sibling_abandoned(path: Path, final: Path, what: str) -> bool:
+    """True for a sibling work directory left by a process of this host that no longer runs."""
+    rest = path.name[len(f".{final.name}.{what}-") :]
+    pid, _, host = rest.partition("@")
+    if not pid.isdigit() or host.rsplit("-", 1)[0] != _HOST:
+        return False  # another machine's (shared filesystem): not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _clean_stale(final: Path) -> None:
+    """Remove build directories of killed builds of ``final``; put back an old version a crash
+    left aside mid-swap (only the fallback swap has that window) if ``final`` is missing."""
+    for p in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
+        if sibling_abandoned(p, final, "old"):
+            if not final.exists() and (p / MANIFEST).is_file():
+                os.rename(p, final)
+            else:
+                remove_tree(p)
+    for p in final.parent.glob(f".{glob.escape(final.name)}.building-*"):
+        if sibling_abandoned(p, final, "building"):
+            remove_tree(p)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then the directories (so a swap publishes durable data)."""
+    for p in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(directory)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # kernel or filesystem without it
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def install_dir(build: str | os.PathLike[str], final: str | os.PathLike[str], kind: str) -> None:
+    """Swap the complete ``kind`` artefact ``build`` into place at ``final``, then delete the old one.
+
+    ``build`` must hold its manifest (written last by its builder). Its files are fsync'ed, then
+    the two directories are exchanged atomically (``renameat2(RENAME_EXCHANGE)``; where that is
+    unavailable, ``final`` is renamed aside and ``build`` renamed in). The old version's files
+    are then unlinked, never rewritten: a process that has them open or memory-mapped keeps
+    reading them until it reloads.
+    """
+    build, final = Path(build), Path(final)
+    mpath = build / MANIFEST
+    data = read_json(mpath) if mpath.is_file() else None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise DenseprError(f"{build}: no {kind} manifest; an incomplete build is never installed")
+    _fsync_tree(build)
+    if not final.exists():
+        os.rename(build, final)
+    elif _exchange(build, final):
+        _fsync_dir(final.parent)
+        remove_tree(build)  # now the old version
+        return
+    else:
+        aside = Path(tempfile.mkdtemp(prefix=sibling_prefix(final, "old"), dir=final.parent))
+        os.rename(final, aside)  # onto the empty directory mkdtemp made
+        try:
+            os.rename(build, final)
+        except BaseException:
+            os.rename(aside, final)
+            raise
+        _fsync_dir(final.parent)
+        remove_tree(aside)
+        return
+    _fsync_dir(final.parent)
+
+
+def _file_being_written(directory: Path) -> Path | None:
+    """Best guess at the file a library was writing (by name) into ``directory`` when it failed:
+    a ``.npy`` shorter than its header says, else the last one written (mtime, then inode)."""
+    files = [p for p in directory.rglob("*") if p.is_file()] if directory.is_dir() else []
+    for p in files:
+        if p.suffix == ".npy":
+            with contextlib.suppress(Exception), open(p, "rb") as fh:
+                fmt = np.lib.format
+                major, _ = fmt.read_magic(fh)
+                shape, _, dtype = fmt.read_array_header_1_0(fh) if major == 1 else fmt.read_array_header_2_0(fh)
+                if p.stat().st_size < fh.tell() + int(np.prod(shape)) * dtype.itemsize:
+                    return p
+    return max(files, key=lambda p: (p.stat().st_mtime_ns, p.stat().st_ino), default=None)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = ()) -> Iterator[Path]:
+    """(Re)build the directory artefact ``final`` beside it, then swap it in whole.
+
+    Yields a fresh, empty sibling directory (``.NAME.building-PID@HOST-XXXX``); the caller
+    writes the artefact's files there and, last, its manifest (:func:`write_manifest`). On
+    success it is installed at ``final`` by :func:`install_dir` (fsync, atomic swap, old version
+    deleted). On any exception, a full disk included, the build directory is deleted and
+    ``final`` is left exactly as it was (still loadable); a disk-full error becomes a
+    :class:`NoSpaceError` naming the file being written. Build directories of killed builds are
+    removed by the next build of the same artefact.
+
+    ``final`` is first checked by :func:`check_target` (``own``: names of the files this kind
+    writes): an artefact of another kind, or anything densepr did not write, is never
+    overwritten. Rebuilding needs room for both versions until the swap.
+    """
+    final = Path(final)
+    if final.is_symlink():
+        final = final.resolve()  # rebuild where the link points, keep the link
+    check_target(final, kind, own)
+    existed = final.exists()
+    with no_space_names(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(final)
+        build = Path(tempfile.mkdtemp(prefix=sibling_prefix(final, "building"), dir=final.parent))
+    try:
+        os.chmod(build, 0o777 & ~_UMASK)
+        yield build
+        install_dir(build, final, kind)
+    except BaseException as e:
+        full = isinstance(e, NoSpaceError) or is_no_space(e, build)
+        newest = _file_being_written(build) if full else None
+        remove_tree(build)
+        if full:
+            cause = e.error if isinstance(e, NoSpaceError) else e
+            named = e.path if isinstance(e, NoSpaceError) else (getattr(e, "filename", None) or newest or build)
+            with contextlib.suppress(ValueError):  # name the file by its final path, not the build directory's
+                named = final / Path(named).relative_to(build)
+            raise NoSpaceError(named, cause, final if existed else None) from cause
+        raise

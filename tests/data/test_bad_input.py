@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from densepr.evaluate.answers import answer_tokens, has_answer, simple_tokenize
-from tests.support.bad_inputs import LOADERS, Case, cases, run_case
+from tests.support.bad_inputs import LOADERS, Case, cases, needle, run_case
 from tests.support.cli import run
 
 LOCATED = {"malformed line", "missing field", "wrong type", "answers not a list", "unparsable answers", "empty answer list",
-           "unclosed quote", "not an object"}  # fmt: skip
+           "unclosed quote", "not an object", "quoted line break"}  # fmt: skip
+LOCATED_PREFIXES = ("unbalanced quote", "id with", "empty id", "over-long")
 
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: f"{c.component}: {c.kind}")
@@ -21,8 +22,10 @@ def test_catalogue(tmp_path, case: Case):
     if outcome == "error":
         name = LOADERS[case.component][0]
         assert message.startswith(str(tmp_path / name)), message  # the file comes first
-        if case.kind in LOCATED:
+        if case.kind in LOCATED or case.kind.startswith(LOCATED_PREFIXES):
             assert ", line " in message or ", record " in message, message
+        if needle(case.kind):
+            assert needle(case.kind) in message, message  # says what is wrong, not just where
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from densepr.data import (
     write_qa_tsv,
     write_train_records,
 )
+from densepr.data.passages import TSV_HEADER
 from densepr.errors import InputError
 
 
@@ -39,7 +41,9 @@ def test_passages_tsv_round_trip_with_awkward_text(tmp_path):
     path = tmp_path / "p.tsv"
     assert write_passages_tsv(awkward, path) == 3
     assert path.read_text(encoding="utf-8").startswith("id\ttext\ttitle\n")
-    assert list(iter_passages_tsv(path)) == awkward
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4  # one passage per line, as psgs_w100.tsv
+    # a line break becomes a space (tokenizers treat both alike); tabs and quotes survive
+    assert list(iter_passages_tsv(path)) == awkward[:1] + [Passage("2", "Tabs\tand quotes", 'a\ttab, a "quote" and a newline')] + awkward[2:]
 
 
 def test_passages_tsv_reads_dpr_file_as_published(tmp_path):
@@ -104,11 +108,17 @@ def test_jsonl_passages_and_corpus_rows(tmp_path):
         load_corpus(path)
 
 
-def test_corpus_fingerprint_tracks_ids():
+def test_corpus_fingerprint_tracks_ids_and_content():
     a = Corpus.from_passages([Passage("1", "t", "x"), Passage("2", "t", "y")])
-    b = Corpus.from_passages([Passage("1", "t", "changed text"), Passage("2", "t", "y")])
-    c = Corpus.from_passages([Passage("2", "t", "y"), Passage("1", "t", "x")])
-    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    same = Corpus.from_passages([Passage("1", "t", "x"), Passage("2", "t", "y")])
+    edited = Corpus.from_passages([Passage("1", "t", "changed text"), Passage("2", "t", "y")])
+    shifted = Corpus.from_passages([Passage("1", "t", "y"), Passage("2", "t", "x")])  # same ids, texts moved a row
+    moved = Corpus.from_passages([Passage("1", "tx", ""), Passage("2", "t", "y")])  # characters moved between fields
+    reordered = Corpus.from_passages([Passage("2", "t", "y"), Passage("1", "t", "x")])
+    fps = [c.fingerprint() for c in (a, edited, shifted, moved, reordered)]
+    assert a.fingerprint() == same.fingerprint()
+    assert len({f["content_sha256"] for f in fps}) == 5
+    assert a.fingerprint()["ids_sha256"] == edited.fingerprint()["ids_sha256"] == shifted.fingerprint()["ids_sha256"]
 
 
 # --- the 100-word splitter --------------------------------------------------------------------------
@@ -293,3 +303,131 @@ def test_embedded_sets_load_with_their_documented_sizes(embedded):
         assert len(qas) == n and qas.match == ("regex" if name == "curated-test" else "string")
     assert len(load_wiki_summaries(embedded.summaries)) == 10033
     assert isinstance(QASet, type)
+
+
+# --- stray quotes, ids and size limits: general properties of every loader --------------------------
+_PLAIN = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters='\t\n\r"\x00'), min_size=1, max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(st.tuples(_PLAIN, _PLAIN), min_size=2, max_size=25), data=st.data())
+def test_a_stray_quote_anywhere_is_refused_at_its_line(tmp_path_factory, texts, data):
+    """A quote opening a field (id, text or title) and not closed on its line: refused, naming that line.
+
+    csv joins lines until a later quote closes the field; before, the file loaded with fewer
+    passages and no error (20 passages read as 10)."""
+    rows = [f"{i}\t{t}\t{ti}" for i, (t, ti) in enumerate(texts, 1)]
+    # a few other lines carry quotes in the middle of a field (literal for csv) that may close the stray one
+    for j in data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=3)):
+        rows[j] = rows[j].replace("\t", '\tmid"quote ', 1)
+    at = data.draw(st.integers(0, len(rows) - 1))
+    col = data.draw(st.integers(0, 2))
+    fields = rows[at].replace('"', "").split("\t")  # no closing quote on its own line
+    fields[col] = '"' + fields[col]
+    rows[at] = "\t".join(fields)
+    path = tmp_path_factory.mktemp("quote") / "p.tsv"
+    path.write_text("id\ttext\ttitle\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        load_corpus(path)
+    assert f"p.tsv, line {at + 2}: field '{TSV_HEADER[col]}': unbalanced quote" in str(e.value)
+
+
+def test_quoted_fields_as_dpr_writes_them_still_load(tmp_path):
+    # psgs_w100.tsv quoting: quoted text with doubled quotes, tabs inside quotes, quotes mid-field
+    raw = 'id\ttext\ttitle\n1\t"He said ""hi"" twice"\t"A ""B"""\n2\t"a\ttab"\tT\n3\tmid "quote\tT\n4\t""\tempty text\n'
+    path = tmp_path / "p.tsv"
+    path.write_text(raw, encoding="utf-8")
+    assert list(iter_passages_tsv(path)) == [Passage("1", 'A "B"', 'He said "hi" twice'), Passage("2", "T", "a\ttab"),
+                                              Passage("3", "T", 'mid "quote'), Passage("4", "empty text", "")]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(pid=st.text(min_size=0, max_size=8))
+def test_every_id_a_loader_accepts_survives_a_trec_run(tmp_path_factory, pid):
+    """One rule for ids (non-empty, no whitespace or control character), in every loader; an id
+    it lets through can be written to a TREC run and read back unchanged."""
+    import numpy as np
+    from densepr.results import SearchResult, read_trec_run, write_trec_run
+
+    from densepr.data.beir import read_qrels_tsv, read_queries
+    from densepr.data.passages import id_problem
+
+    d = tmp_path_factory.mktemp("ids")
+    files = {
+        "p.jsonl": lambda p: load_corpus(p).ids[0],
+        "q.jsonl": lambda p: next(iter(read_queries(p))),
+    }
+    (d / "p.jsonl").write_text(json.dumps({"id": pid, "text": "t"}) + "\n", encoding="utf-8")
+    (d / "q.jsonl").write_text(json.dumps({"_id": pid, "text": "t"}) + "\n", encoding="utf-8")
+    if not any(c in pid for c in '"\r\n'):  # in TSV: unquoted, as a human writes them
+        (d / "p.tsv").write_text(f"{pid}\ttext\tT\n", encoding="utf-8")
+        (d / "q.tsv").write_text(f"{pid}\tquery\n", encoding="utf-8")
+        (d / "qrels.tsv").write_text(f"q1\t{pid}\t1\n", encoding="utf-8")
+        files.update({"p.tsv": lambda p: load_corpus(p).ids[0], "q.tsv": lambda p: next(iter(read_queries(p))),
+                      "qrels.tsv": lambda p: next(iter(read_qrels_tsv(p)["q1"]))})  # fmt: skip
+    for name, load in files.items():
+        try:
+            got = load(d / name)
+        except InputError as e:
+            assert id_problem(pid) is not None or "\t" in pid or pid != pid.strip(), (name, pid, str(e))
+            assert f"{name}, line 1" in str(e), str(e)
+            continue
+        assert id_problem(got) is None, (name, pid)
+        write_trec_run(d / "run.trec", [got], SearchResult(np.array([[0]]), np.array([[1.0]])), [got])
+        assert read_trec_run(d / "run.trec") == {got: [(got, 1.0)]}, (name, pid)
+    assert (id_problem(pid) is None) == (bool(pid) and not any(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in pid))
+
+
+_MEASURE = r"""
+import json, resource, sys
+from densepr.data import load_corpus, load_qa
+from densepr.data.beir import read_qrels_tsv, read_queries
+from densepr.data.training import iter_train_records
+from densepr.errors import InputError
+from densepr.results import iter_dpr_results, read_trec_run
+
+big, json_big = sys.argv[1], sys.argv[2]
+loaders = {"QA TSV": load_qa, "passages TSV": load_corpus, "passages JSONL": load_corpus, "queries TSV": read_queries,
+           "queries JSONL": read_queries, "TREC run": read_trec_run, "qrels": read_qrels_tsv,
+           "training JSON": lambda p: list(iter_train_records(p)), "retrieval JSON": lambda p: list(iter_dpr_results(p))}
+paths = {"passages TSV": big + ".tsv", "passages JSONL": big + ".jsonl", "queries JSONL": big + ".jsonl",
+         "training JSON": json_big, "retrieval JSON": json_big}
+kb = 1 if sys.platform != "darwin" else 1024
+out = {}
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak RSS only grows: each figure is the most any loader so far used
+for name, load in loaders.items():
+    try:
+        load(paths.get(name, big))
+        out[name] = "accepted"
+    except InputError as e:
+        out[name] = str(e)
+    out[name + " MiB"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / kb / 1024
+print(json.dumps(out))
+"""
+
+
+def test_a_2gb_file_without_line_breaks_is_refused_in_bounded_memory(tmp_path):
+    """Every loader reads at most MAX_RECORD_BYTES of one line or record: a 2 GB file with no line
+    break (sparse, so it costs no disk) is refused after that much, not read whole (was 4.5 GB RSS)."""
+    import subprocess
+    import sys
+
+    from densepr.data.passages import MAX_RECORD_BYTES
+
+    big = tmp_path / "big"
+    for suffix in ("", ".tsv", ".jsonl"):
+        with open(f"{big}{suffix}", "wb") as fh:
+            fh.write(b'{"_id": "1", "id": "1", "question": "q", "text": "')
+            fh.truncate(2 * 2**30)  # NUL bytes up to 2 GB: no line break anywhere
+    json_big = tmp_path / "big.json"  # one JSON record larger than the limit (real bytes: NULs are not valid JSON)
+    with open(json_big, "wb") as fh:
+        fh.write(b'[{"question": "')
+        chunk = b"x" * 2**20
+        for _ in range(MAX_RECORD_BYTES // len(chunk) + 8):
+            fh.write(chunk)
+    res = subprocess.run([sys.executable, "-c", _MEASURE, str(big), str(json_big)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for name in ("QA TSV", "passages TSV", "passages JSONL", "queries TSV", "queries JSONL", "TREC run", "qrels", "training JSON", "retrieval JSON"):
+        assert "longer than 32 MiB" in out[name] and (", line 1" in out[name] or ", record 1" in out[name]), (name, out[name])
+        assert out[name + " MiB"] < MAX_RECORD_BYTES / 2**20 * 1.5 + 16, (name, out[name + " MiB"])  # ~one record, not the file

@@ -1,13 +1,18 @@
-"""The HTTP service: endpoints, limits, bad input (listed and fuzzed), micro-batching, and the page in Chromium."""
+"""The HTTP service: endpoints, limits, bad input (listed and fuzzed), micro-batching, isolation of bad
+requests in a batch, the bounded queue, disconnects, read timeouts and the connection cap on a real
+server, a bounded overload, error shapes, and the page in Chromium."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
+import re
 import shutil
 import socket
 import threading
 import time
+from html.parser import HTMLParser
 
 import pytest
 
@@ -18,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
 from densepr.retrieve.retriever import Retriever  # noqa: E402
-from densepr.serve.app import Limits, Service, create_app  # noqa: E402
+from densepr.serve.app import Limits, Service, create_app, server_config  # noqa: E402
 from tests.support.tiny import make_tiny_bert  # noqa: E402
 
 
@@ -83,6 +88,14 @@ BAD = [
     ("answer: empty question", "/answer", {"question": ""}, 422, "question"),
     ("answer: k over the limit", "/answer", {"question": "x", "k": 99}, 422, "max_k"),
     ("answer: question over the reader's length", "/answer", {"question": "a " * 90}, 413, "max_question_tokens"),
+    ("lone surrogate in the question", "/search", b'{"question": "who \\ud800 created python"}', 422, "question"),
+    ("lone surrogate in a question list", "/search", b'{"question": ["ok", "\\udfff"]}', 422, "question"),
+    ("answer: lone surrogate", "/answer", b'{"question": "who created \\ud83d python"}', 422, "question"),
+    ("too many answers", "/search", {"question": "x", "answers": [["a"] * 33]}, 413, "max_answers"),
+    ("an answer too long", "/search", {"question": "x", "answers": [["a" * 501]]}, 413, "max_answer_chars"),
+    ("lone surrogate in an answer", "/search", b'{"question": "x", "answers": [["\\ud800"]]}', 422, "answers"),
+    ("JSON nested too deeply", "/search", b"[" * 2000 + b"]" * 2000, 400, None),
+    ("JSON nested too deeply in a field", "/search", b'{"question": ' + b"[" * 1900 + b"]" * 1900 + b"}", 400, None),
 ]
 
 
@@ -147,6 +160,447 @@ def test_fuzzed_requests_never_get_a_500(client, path, body, raw):
         assert "error" in r.json()
 
 
+# -- isolation: one request's bad input fails that request alone ---------------------------------------
+def _poison_retriever(retriever):
+    """Make retrieval raise for marked questions, the way a tokenizer raises for text it cannot take:
+    POISON-VALUE raises ValueError (an input error: 422), POISON-BUG a RuntimeError (ours: 500)."""
+    real = retriever.retrieve
+
+    def retrieve(questions, k, mode):
+        for q in questions:
+            if "POISON-VALUE" in q:
+                raise ValueError(f"cannot tokenize {q!r}")
+            if "POISON-BUG" in q:
+                raise RuntimeError("model exploded")
+        return real(questions, k, mode)
+
+    retriever.retrieve = retrieve
+
+
+def _ids(body: dict) -> list[list[str]]:
+    return [[p["id"] for p in r["passages"]] for r in body["results"]]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(["ok", "ok", "ok", "value", "bug", "surrogate", "mixed-list", "answer-ok", "answer-bad"]),
+                      min_size=2, max_size=14), mode=st.sampled_from(["dense", "bm25", "hybrid"]))  # fmt: skip
+def test_fuzzed_batches_of_valid_and_invalid_requests_fail_only_the_invalid_ones(index_dir, tiny_reader, kinds, mode):
+    """Concurrent valid and invalid requests share micro-batches (on /search and /answer); each invalid one
+    gets its own 4xx/5xx JSON error, every valid one its 200 with the results it gets when sent alone."""
+    import httpx
+
+    from tests.support.tiny import QUESTIONS
+
+    svc = Service(Retriever.load(index_dir, device="cpu"), tiny_reader, Limits(max_k=20, max_wait_ms=30))
+    _poison_retriever(svc.retriever)
+    app = create_app(svc)
+    qs = [q for q, _ in QUESTIONS]
+    rng = random.Random(len(kinds) * 31 + len(mode))
+
+    def request(kind: str, i: int) -> tuple[str, bytes, int]:
+        q = qs[i % len(qs)]
+        if kind == "ok":
+            return ("/search" if i % 3 else "/answer"), json.dumps({"question": q, "k": 3, "mode": mode}).encode(), 200
+        if kind == "value":
+            return ("/search" if i % 2 else "/answer"), json.dumps({"question": q + " POISON-VALUE", "mode": mode}).encode(), 422
+        if kind == "bug":
+            return ("/search" if i % 2 else "/answer"), json.dumps({"question": "POISON-BUG " + q, "mode": mode}).encode(), 500
+        if kind == "surrogate":  # a JSON-escaped lone surrogate: refused before it reaches a batch
+            return "/search", b'{"question": "' + q.encode() + b' \\ud800", "mode": "' + mode.encode() + b'"}', 422
+        if kind == "mixed-list":  # one poisoned question fails its whole request, and only that request
+            return "/search", json.dumps({"question": [q, "POISON-VALUE"], "k": 3, "mode": mode}).encode(), 422
+        answers = [["Guido van Rossum"]] if kind == "answer-ok" else [["x" * 600]]
+        return "/search", json.dumps({"question": q, "k": 3, "mode": mode, "answers": answers}).encode(), 200 if kind == "answer-ok" else 413
+
+    reqs = [request(kind, rng.randrange(60)) for kind in kinds]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            post = lambda path, body: c.post(path, content=body, headers={"Content-Type": "application/json"})  # noqa: E731
+            alone = [await post(p, b) if status == 200 else None for p, b, status in reqs]
+            together = await asyncio.gather(*[post(p, b) for p, b, _ in reqs])
+            return alone, together
+
+    alone, together = asyncio.run(go())
+    for (path, body, status), a, r in zip(reqs, alone, together):
+        assert r.status_code == status, (path, body[:80], r.text[:300])
+        data = r.json()
+        if status != 200:
+            assert isinstance(data["error"], str) and data["error"] and set(data) <= {"error", "limit", "detail"}
+            if status == 500:
+                assert "model exploded" not in data["error"]  # names the exception type only
+            continue
+        if path == "/answer":
+            assert data["answer"] == a.json()["answer"] and [p["id"] for p in data["passages"]] == [p["id"] for p in a.json()["passages"]]
+        else:
+            assert _ids(data) == _ids(a.json())
+            if b'"answers"' in body:
+                assert all("has_answer" in p for p in data["results"][0]["passages"])
+
+
+def test_a_tokenizer_exception_inside_a_batch_fails_only_its_request(index_dir, monkeypatch):
+    """The case as reported: a lone surrogate makes the question tokenizer raise inside a batched dense
+    retrieval. With the up-front check switched off, the batch isolation alone must contain it."""
+    import httpx
+
+    import densepr.serve.app as serve_mod
+
+    monkeypatch.setattr(serve_mod, "check_text", lambda s, field: None)  # let the bad string reach the batch
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_wait_ms=50))
+    app = create_app(svc)
+    bad = b'{"question": "who created python \\ud800", "mode": "dense", "k": 3}'
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            good = [c.post("/search", json={"question": f"who created python {i}", "mode": "dense", "k": 3}) for i in range(29)]
+            bads = [c.post("/search", content=bad, headers={"Content-Type": "application/json"})]
+            return await asyncio.gather(*good[:15], *bads, *good[15:])
+
+    rs = asyncio.run(go())
+    statuses = [r.status_code for r in rs]
+    assert statuses[15] == 422 and "error" in rs[15].json(), rs[15].text
+    assert statuses[:15] + statuses[16:] == [200] * 29, statuses
+    assert svc.search_batcher.isolated >= 1  # the bad request did share a batch, and was isolated
+
+
+# -- bounded work ------------------------------------------------------------------------------------
+def _slow(svc: Service, seconds: float) -> None:
+    real = svc.search_batcher.fn
+    svc.search_batcher.fn = lambda key, items: (time.sleep(seconds), real(key, items))[1]
+
+
+def test_a_full_queue_answers_503_with_retry_after(index_dir):
+    import httpx
+
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_batch=1, max_queue=2, max_wait_ms=0))
+    _slow(svc, 0.15)
+    app = create_app(svc)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/search", json={"question": "who created python", "mode": "bm25"}))
+            await asyncio.sleep(0.05)  # the model is busy with it
+            rs = await asyncio.gather(*[c.post("/search", json={"question": f"who created python {i}", "mode": "bm25"}) for i in range(8)])
+            return [await first, *rs], await c.post("/search", json={"question": "who created python", "mode": "bm25"})
+
+    rs, after = asyncio.run(go())
+    statuses = sorted(r.status_code for r in rs)
+    assert statuses == [200, 200, 200] + [503] * 6, statuses  # one running, two waiting, the rest refused at once
+    for r in rs:
+        if r.status_code == 503:
+            assert r.json()["limit"] == "max_queue" and r.json()["error"]
+            assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert after.status_code == 200  # the queue drained; the server serves again
+    q = TestClient(app).get("/health").json()["queues"]["search"]
+    assert q["rejected_queue_full"] == 6 and q["queued_questions"] == 0
+
+
+def test_a_full_queue_sheds_larger_requests_for_smaller_ones(index_dir):
+    import httpx
+
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_batch=2, max_queue=4, max_wait_ms=0))
+    _slow(svc, 0.2)
+    app = create_app(svc)
+
+    def body(n: int, tag: str) -> dict:
+        return {"question": [f"who created python {tag} {j}" for j in range(n)], "mode": "bm25"}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/search", json=body(1, "first")))
+            await asyncio.sleep(0.05)  # the model is busy with it
+            big = [asyncio.ensure_future(c.post("/search", json=body(2, f"big{i}"))) for i in range(2)]  # the queue is full
+            await asyncio.sleep(0.02)
+            same = await c.post("/search", json=body(2, "same"))  # no smaller: refused
+            small = await c.post("/search", json=body(1, "small"))  # sheds one of the larger waiting requests
+            return await first, [await b for b in big], same, small
+
+    first, big, same, small = asyncio.run(go())
+    assert first.status_code == 200 and same.status_code == 503 and small.status_code == 200
+    assert sorted(b.status_code for b in big) == [200, 503]
+    shed = next(b for b in big if b.status_code == 503)
+    assert shed.json()["limit"] == "max_queue" and int(shed.headers["Retry-After"]) >= 1
+    q = svc.search_batcher.stats()
+    assert q["shed_for_smaller"] == 1 and q["rejected_queue_full"] == 1 and q["queued_questions"] == 0
+
+
+def test_answers_are_matched_off_the_event_loop_within_the_timeout(index_dir):
+    """has_answer and building the response run in a worker thread, inside timeout_s: /health answers
+    meanwhile, and a request at every answers limit costs little."""
+    import httpx
+
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(timeout_s=0.5))
+    app = create_app(svc)
+    worst = {"question": ["who created python"] * 40, "k": 12, "mode": "bm25",  # at max_answers_total_chars: 40 x 500
+             "answers": [[("guido van rossum " * 30)[:500]] for _ in range(40)]}  # fmt: skip
+    t0 = time.perf_counter()
+    r = TestClient(app).post("/search", json=worst)
+    assert r.status_code == 200 and r.json()["results"][0]["passages"][0]["has_answer"] is False
+    assert time.perf_counter() - t0 < 2.0
+
+    real = svc.search_body
+    svc.search_body = lambda *a: (time.sleep(1.0), real(*a))[1]  # a slow post-processing step
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            slow = asyncio.ensure_future(c.post("/search", json={"question": "who created python", "mode": "bm25", "answers": [["Guido"]]}))
+            await asyncio.sleep(0.1)
+            t0 = time.perf_counter()
+            h = await c.get("/health")
+            return h, time.perf_counter() - t0, await slow
+
+    h, health_s, slow = asyncio.run(go())
+    assert h.status_code == 200 and health_s < 0.3  # the event loop was free while matching ran
+    assert slow.status_code == 408 and slow.json()["limit"] == "timeout_s"  # the matching is inside the timeout
+
+
+# -- error shapes, health, pages ---------------------------------------------------------------------
+def test_every_error_has_the_documented_shape(service):
+    c = TestClient(create_app(service), raise_server_exceptions=False)
+    cases = [c.get("/nope"), c.get("/search"), c.put("/health"), c.delete("/"), c.get("/redoc"),
+             c.post("/search", content=b"[" * 3000 + b"]" * 3000, headers={"Content-Type": "application/json"}),
+             c.post("/search", content=b"{}", headers={"Content-Type": "text/plain"})]  # fmt: skip
+    assert [r.status_code for r in cases][:5] == [404, 405, 405, 405, 404]
+    for r in cases:
+        assert r.status_code >= 400 and r.headers["content-type"].startswith("application/json"), (r.status_code, r.text[:200])
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
+    assert cases[1].headers.get("allow")  # 405 still says what is allowed
+
+    service.health = lambda: 1 / 0  # an unexpected exception: a 500 in the same shape, no traceback
+    r = c.get("/health")
+    assert r.status_code == 500 and r.json() == {"error": "internal server error (ZeroDivisionError)"}
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_health_shows_no_local_paths(client, service, tiny_bert):
+    h = client.get("/health").json()
+    assert h["model"] == tiny_bert.name and h["reader"] == service.reader.name.rsplit("/", 1)[-1]
+    for s in _strings(h):
+        assert "/" not in s and "\\" not in s, s
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href", "action", "srcset", "data", "poster", "integrity") and v]
+
+
+@pytest.mark.parametrize("path", ["/", "/docs"])
+def test_the_page_and_the_docs_need_nothing_from_outside_the_server(client, path):
+    r = client.get(path)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    parser = _Refs()
+    parser.feed(r.text)
+    for ref in parser.refs:
+        assert ref.startswith("/") and not ref.startswith("//"), ref
+    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", r.text, re.I), "an external URL in the page"
+    assert "@import" not in r.text
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp  # the browser itself refuses anything else
+    if path == "/docs":
+        assert "/openapi.json" in r.text
+        assert {"/search", "/answer", "/health"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+# -- a real server: disconnects, read timeouts, connection cap, overload ------------------------------
+class _Server:
+    """A real uvicorn server with :func:`server_config` (guarded protocol) in a thread, on a free port."""
+
+    def __init__(self, svc: Service) -> None:
+        import uvicorn
+
+        self.svc, self.port = svc, _free_port()
+        self.server = uvicorn.Server(server_config(create_app(svc), "127.0.0.1", self.port, svc.limits))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> _Server:
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return s
+
+    def read_all(self, s: socket.socket) -> bytes:
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def _status_and_body(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body or b"{}")
+
+
+def test_requests_of_disconnected_clients_are_dropped_before_the_model(index_dir):
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_batch=1, max_wait_ms=0))
+    _slow(svc, 0.4)
+    with _Server(svc) as srv:
+        busy = srv.connect()
+        busy.sendall(_post("/search", b'{"question": "who created python", "mode": "bm25"}'))
+        time.sleep(0.1)  # the model is busy with it
+        for i in range(12):  # ask, then hang up at once
+            s = srv.connect()
+            s.sendall(_post("/search", json.dumps({"question": f"mozart {i}", "mode": "bm25"}).encode()))
+            s.close()
+        status, _ = _status_and_body(busy.recv(65536))
+        assert status == 200
+        time.sleep(0.5)
+        stats = svc.search_batcher.stats()
+        assert stats["dropped_abandoned"] == 12 and stats["requests"] == 1, stats  # none of them was computed
+        ok = srv.connect()
+        ok.sendall(_post("/search", b'{"question": "who created python", "mode": "bm25"}'))
+        assert _status_and_body(ok.recv(65536))[0] == 200
+
+
+def test_slow_and_partial_requests_are_cut_off_by_the_read_timeout(index_dir):
+    """Slowloris: partial headers, a partial body, headers trickled byte by byte, and a silent connection
+    are all closed within read_timeout_s (408 JSON when part of a request had arrived); meanwhile the
+    server answers others."""
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(read_timeout_s=1.0, keep_alive_s=1.0, max_connections=50))
+    with _Server(svc) as srv:
+        t0 = time.perf_counter()
+        partial_head = srv.connect()
+        partial_head.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Le")
+        partial_body = srv.connect()
+        partial_body.sendall(_post("/search", b'{"question": "who created python"}')[:-10])
+        silent = srv.connect()
+        trickle = srv.connect()
+        stop = threading.Event()
+
+        def drip():
+            for b in _post("/search", b'{"question": "x"}'):
+                if stop.wait(0.2):
+                    return
+                try:
+                    trickle.send(bytes([b]))
+                except OSError:
+                    return
+
+        threading.Thread(target=drip, daemon=True).start()
+        h = srv.connect()  # an innocent client meanwhile
+        h.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert _status_and_body(srv.read_all(h))[0] == 200 and time.perf_counter() - t0 < 0.9
+
+        for s, expect in ((partial_head, 408), (partial_body, 408), (trickle, 408), (silent, None)):
+            raw = srv.read_all(s)  # returns when the server closes the connection
+            took = time.perf_counter() - t0
+            assert 0.9 < took < 3.0, took
+            if expect is None:
+                assert raw == b""
+            else:
+                status, body = _status_and_body(raw)
+                assert status == expect and body["limit"] == "read_timeout_s" and body["error"]
+        stop.set()
+
+        keep = srv.connect()  # keep-alive: a second request's partial headers are cut off too
+        keep.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert keep.recv(65536).startswith(b"HTTP/1.1 200")
+        keep.sendall(b"GET /health HTTP/1.1\r\nHo")
+        t1 = time.perf_counter()
+        status, body = _status_and_body(srv.read_all(keep))
+        assert status == 408 and time.perf_counter() - t1 < 3.0
+
+
+def test_the_connection_cap_refuses_extra_connections_with_503(index_dir):
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(read_timeout_s=1.5, max_connections=6))
+    with _Server(svc) as srv:
+        held = [srv.connect() for _ in range(5)]  # a slowloris client holds five
+        for s in held:
+            s.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.1)
+        h = srv.connect()  # the sixth still gets through
+        h.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert h.recv(65536).startswith(b"HTTP/1.1 200")
+        extra = srv.connect()  # the seventh is refused at once
+        raw = srv.read_all(extra)
+        status, body = _status_and_body(raw)
+        assert status == 503 and body["limit"] == "max_connections" and b"retry-after: 1" in raw.lower()
+        h.close()
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        ok = srv.connect()  # freed: served again
+        ok.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert ok.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_overload_is_bounded_and_health_stays_responsive(index_dir):
+    """A bounded overload on loopback: 48 clients each sending 4-question requests as fast as they can for
+    3 s at a slowed model. The time a request spends in the server (queue + model + response, its
+    took_ms) stays bounded by the queue, not by the offered load; there is no 5xx but the queue's 503s,
+    no request times out, and /health answers within 0.5 s throughout. (Latency seen by these clients
+    also holds their own CPU time: they share the process, and its GIL, with the server.)"""
+    import httpx
+
+    svc = Service(Retriever.load(index_dir, device="cpu"), None,
+                  Limits(max_batch=16, max_queue=32, max_questions=4, max_wait_ms=2, timeout_s=10))  # fmt: skip
+    _slow(svc, 0.05)  # 16 questions per 50 ms at most: ~320 questions/s offered far beyond that
+    with _Server(svc) as srv:
+        url = f"http://127.0.0.1:{srv.port}"
+        statuses: dict[int, int] = {}
+        latencies: list[float] = []
+        health: list[float] = []
+        stop = time.perf_counter() + 3.0
+
+        async def client(c: int, http) -> None:
+            i = 0
+            while time.perf_counter() < stop:
+                try:
+                    r = await http.post(url + "/search", json={"question": [f"who created python {c} {i} {j}" for j in range(4)], "mode": "bm25"})
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = -1
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == 200:
+                    latencies.append(r.json()["took_ms"] / 1000)
+                i += 1
+
+        async def poll(http) -> None:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await http.get(url + "/health")
+                assert r.status_code == 200
+                health.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.1)
+
+        async def go():
+            async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=48)) as http, httpx.AsyncClient(timeout=20) as h:
+                await asyncio.gather(poll(h), *[client(c, http) for c in range(48)])
+
+        asyncio.run(go())
+    assert statuses.get(200, 0) > 50 and statuses.get(503, 0) > 0, statuses
+    assert set(statuses) <= {200, 503}, statuses  # no innocent 5xx, no 408, no connection error
+    assert max(latencies) < 1.5, sorted(latencies)[-5:]  # ~ (max_queue / max_batch + 1) model calls, not the offered load
+    assert len(health) >= 10 and max(health) < 0.5, (len(health), max(health))
+
+
 # -- the page in a real browser --------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -159,7 +613,7 @@ def running_server(service):
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(service), "127.0.0.1", port, service.limits))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     for _ in range(100):
@@ -209,14 +663,35 @@ def test_page_in_headless_chromium(running_server, tmp_path, request):
 
 
 @pytest.mark.e2e
+def test_page_and_docs_in_headless_chromium_request_nothing_outside_the_server(running_server):
+    exe, sync_api = _chromium()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(running_server + "/")
+        page.wait_for_selector("text=passages")
+        page.goto(running_server + "/docs")
+        page.wait_for_selector("text=/search")
+        assert page.locator("section").count() >= 3  # /search, /answer, /health rendered from /openapi.json
+        section = page.locator("section", has_text="What is loaded")
+        section.locator("summary").click()
+        section.locator("button").click()
+        page.wait_for_selector("pre:has-text('200')")
+        browser.close()
+    assert requested and all(u.startswith(running_server + "/") for u in requested), requested
+
+
+@pytest.mark.e2e
 @pytest.mark.data
 def test_page_with_an_embedded_benchmark_question(embedded, tmp_path):
     """The real corpus (BM25 over the ~10k Wikipedia summaries) and a real NQ test question, typed into the page."""
     import uvicorn
+    from densepr.evaluate.answers.answers import has_answer
+    from densepr.retrieve.retriever.bm25 import BM25Index
 
     from densepr.data import load_wiki_summaries
-    from densepr.evaluate.answers import has_answer
-    from densepr.retrieve.bm25 import BM25Index
 
     exe, sync_api = _chromium()
     corpus = load_wiki_summaries(embedded.summaries)

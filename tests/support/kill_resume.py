@@ -147,8 +147,7 @@ def _checkpoint_step(run: Path) -> int:
 
 def scenario_train(tmp: Path, encoder: Path) -> dict:
     from densepr.data import write_train_records
-
-    from .test_train import _records
+    from tests.train.test_train import _records
 
     data = tmp / "train.json"
     write_train_records(_records(12), data)
@@ -167,7 +166,7 @@ def scenario_train(tmp: Path, encoder: Path) -> dict:
 
 
 def scenario_train_reader(tmp: Path, init: Path) -> dict:
-    from .test_reader import _dpr_results
+    from tests.models.test_reader import _dpr_results
 
     data = _dpr_results(tmp / "res.json")
     common = ["--train", str(data), "--init", str(init), "--passages", "4", "--batch-size", "2", "--epochs", "20", "--save-every", "3",

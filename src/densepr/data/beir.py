@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from densepr.data.passages import Corpus, iter_jsonl, iter_lines, iter_passages_jsonl, iter_tsv_rows
+from densepr.data.passages import Corpus, check_id, iter_jsonl, iter_lines, iter_passages_jsonl, iter_tsv_rows
 from densepr.errors import InputError
 
 
@@ -31,9 +31,14 @@ def read_queries_jsonl(path: str | os.PathLike[str]) -> dict[str, str]:
         qid, text = obj.get("_id", obj.get("id")), obj.get("text")
         if qid is None:
             raise InputError(path, "missing query id", line=lineno, field="_id")
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+            raise InputError(path, f"expected a string or integer, found {type(qid).__name__}", line=lineno, field="_id")
+        qid = check_id(str(qid), path, what="query id", line=lineno, field="_id")
         if not isinstance(text, str) or not text.strip():
             raise InputError(path, "missing or empty query text", line=lineno, field="text")
-        out[str(qid)] = text
+        out[qid] = text
+    if not out:
+        raise InputError(path, "no queries found (empty file?)")
     return out
 
 
@@ -49,6 +54,7 @@ def read_queries(path: str | os.PathLike[str]) -> dict[str, str]:
         parts = line.rstrip("\r\n").split("\t")
         if len(parts) != 2 or not parts[1].strip():
             raise InputError(path, "expected qid<TAB>query text", line=lineno)
+        check_id(parts[0], path, what="query id", line=lineno, field="qid")
         out[parts[0]] = parts[1]
     if not out:
         raise InputError(path, "no queries found (empty file?)")
@@ -60,7 +66,7 @@ def read_qrels_tsv(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
     optional) or TREC's whitespace-separated ``qid iteration docid grade``."""
     path = Path(path)
     qrels: dict[str, dict[str, int]] = {}
-    for lineno, row in iter_tsv_rows(path):
+    for lineno, row in iter_tsv_rows(path, ("query-id", "corpus-id", "score")):
         if lineno == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
             continue
         if len(row) == 1 and len(row[0].split()) == 4:  # TREC: qid 0 docid grade
@@ -69,8 +75,10 @@ def read_qrels_tsv(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
             raise InputError(path, f"expected 3 columns (query-id, corpus-id, score), found {len(row)}", line=lineno)
         try:
             grade = int(float(row[2]))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InputError(path, f"score {row[2]!r} is not a number", line=lineno, field="score") from None
+        check_id(row[0], path, what="query id", line=lineno, field="query-id")
+        check_id(row[1], path, what="passage id", line=lineno, field="corpus-id")
         qrels.setdefault(row[0], {})[row[1]] = grade
     if not qrels:
         raise InputError(path, "no judgements found (empty file?)")

@@ -15,16 +15,25 @@ import csv
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 from densepr.errors import InputError, MismatchError
 from densepr.fileio import atomic_write
 
-# psgs_w100.tsv lines are < 10 KB; anything near this is a broken quote swallowing the file.
-MAX_FIELD_BYTES = 16 * 1024 * 1024
-csv.field_size_limit(MAX_FIELD_BYTES)
+# The one size limit of every loader: a line of a line-based file (TSV, JSON lines, TREC, qrels),
+# a CSV record, or one element of a JSON-array file (training JSON, DPR result JSON). Files are
+# read in pieces of at most this size, so a file with no line break (or a quote or bracket left
+# open) is refused after reading this much, not read whole. psgs_w100.tsv lines are < 10 KB and a
+# DPR result record with 100 passages ~100 KB; read at call time, so it can be changed.
+MAX_RECORD_BYTES = 32 * 1024 * 1024
+MAX_FIELD_BYTES = MAX_RECORD_BYTES  # kept for compatibility: a field cannot exceed its record
+csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))
 
 TSV_HEADER = ["id", "text", "title"]
 
@@ -50,6 +59,7 @@ class Corpus:
     titles: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     _row_of: dict[str, int] | None = field(default=None, repr=False)
+    _fingerprint: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_passages(cls, passages: Iterable[Passage], source: str | os.PathLike[str] = "<passages>") -> Corpus:
@@ -57,6 +67,7 @@ class Corpus:
         corpus = cls()
         row_of: dict[str, int] = {}
         for p in passages:
+            check_id(p.id, source, line=len(corpus.ids) + 1, unit="passage")
             if p.id in row_of:
                 raise InputError(source, f"duplicate passage id {p.id!r} (first seen as passage {row_of[p.id] + 1})", field="id")
             row_of[p.id] = len(corpus.ids)
@@ -76,11 +87,14 @@ class Corpus:
         return (self[i] for i in range(len(self)))
 
     def fingerprint(self) -> dict:
-        """Count and sha256 of the ids: recorded by every index to detect a corpus mismatch."""
-        h = hashlib.sha256()
-        for pid in self.ids:
-            h.update(pid.encode("utf-8") + b"\n")
-        return {"count": len(self.ids), "ids_sha256": h.hexdigest()}
+        """Count, sha256 of the ids, and sha256 of the content (every id, title and text, in row
+        order): recorded by every index built over the corpus, so a corpus with other ids, other
+        texts or the same texts in another order is refused. Computed once (a corpus is not
+        changed once built)."""
+        key = (len(self.ids), id(self.ids), id(self.titles), id(self.texts))
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, _fingerprint(self.ids, self.titles, self.texts))
+        return dict(self._fingerprint[1])
 
     def row(self, passage_id: str) -> int:
         """Row number of a passage id (KeyError if absent)."""
@@ -89,13 +103,46 @@ class Corpus:
         return self._row_of[passage_id]
 
 
+_FP_ROWS = 1 << 14  # rows per block of the content hash (part of its definition)
+
+
+def _fingerprint(ids: list[str], titles: list[str], texts: list[str]) -> dict:
+    """See :meth:`Corpus.fingerprint`. Per block of ``_FP_ROWS`` rows and per column (ids, titles,
+    texts), the content hash takes every value's length (int64) then the values concatenated
+    (UTF-8): so no choice of texts hashes alike by moving characters between fields or rows.
+    About 0.9 s per million 270-character passages."""
+    h_ids, h_all = hashlib.sha256(), hashlib.sha256()
+    for lo in range(0, len(ids), _FP_ROWS):
+        for col in (ids, titles, texts):
+            part = col[lo : lo + _FP_ROWS]
+            h_all.update(np.fromiter(map(len, part), dtype="<i8", count=len(part)).tobytes())
+            h_all.update("".join(part).encode("utf-8", "surrogatepass"))
+        h_ids.update(("\n".join(ids[lo : lo + _FP_ROWS]) + "\n").encode("utf-8", "surrogatepass"))
+    return {"count": len(ids), "ids_sha256": h_ids.hexdigest(), "content_sha256": h_all.hexdigest()}
+
+
 def check_corpus(manifest: dict, corpus: Corpus, what: str) -> None:
-    """Refuse an index whose manifest records another corpus than ``corpus``."""
+    """Refuse an index whose manifest records another corpus than ``corpus`` (other ids, or the
+    same ids with other titles or texts); one built by an older densepr, whose fingerprint covered
+    the ids only, is refused too: it cannot show that its texts are these."""
     expected = manifest.get("corpus")
-    if expected and expected != corpus.fingerprint():
+    if not expected:
+        return
+    mine = corpus.fingerprint()
+    if expected.get("count") != mine["count"] or expected.get("ids_sha256") != mine["ids_sha256"]:
         raise MismatchError(
-            f"{what} was built over {expected['count']} passages with other ids than the "
+            f"{what} was built over {expected.get('count')} passages with other ids than the "
             f"{len(corpus)} passages given; rebuild it for this corpus"
+        )
+    if "content_sha256" not in expected:
+        raise MismatchError(
+            f"{what} was built by an older densepr that fingerprinted passage ids only, so it cannot "
+            "show that it was built over these passage texts; rebuild it"
+        )
+    if expected["content_sha256"] != mine["content_sha256"]:
+        raise MismatchError(
+            f"{what} was built over passages with the same {len(corpus)} ids but other titles or texts "
+            "(edited, or shifted between rows); rebuild it for this corpus"
         )
 
 
@@ -106,55 +153,185 @@ def _check_text(path: Path) -> None:
         raise InputError(path, "is a directory, expected a file")
 
 
-def iter_tsv_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[str]]]:
-    """``(line_number, fields)`` of each non-blank row of a tab-separated, CSV-quoted file.
+# -- ids ---------------------------------------------------------------------------------------
+_CHAR_NAMES = {" ": "a space", "\t": "a tab", "\n": "a line break", "\r": "a carriage return", "\x00": "a NUL byte"}
 
-    Read as DPR reads its files (``csv.reader(delimiter="\\t")``); a BOM and CRLF line ends are
-    tolerated. Undecodable bytes and broken quoting raise :class:`InputError` with the line.
+
+def id_problem(value: object) -> str | None:
+    """What is wrong with a passage or query id, or None: the one rule for every id densepr reads.
+
+    An id must be a non-empty string without whitespace or control characters: TREC runs and qrels
+    separate their columns by whitespace, and ids files hold one id per line.
+    """
+    if not isinstance(value, str):
+        return f"must be a string, found {type(value).__name__}"
+    if not value:
+        return "is empty"
+    if value.isprintable() and " " not in value:  # the fast path: no separator, control or format character
+        return None
+    for i, c in enumerate(value):
+        if c.isspace() or unicodedata.category(c) in ("Cc", "Cf"):
+            what = _CHAR_NAMES.get(c) or f"the character U+{ord(c):04X} ({unicodedata.name(c, 'a control character').lower()})"
+            return f"contains {what} at position {i + 1}"
+    return None  # unassigned or private-use code points: odd, but harmless in a TREC column
+
+
+def check_id(
+    value: object, path: str | os.PathLike[str], *, what: str = "passage id", line: int | None = None,
+    field: str = "id", unit: str = "line",
+) -> str:
+    """Return ``value`` if it is a valid id (see :func:`id_problem`), else raise a located :class:`InputError`."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise InputError(
+            path, f"{what} {value!r} {problem} (an id must be non-empty, with no whitespace or control "
+            "characters: TREC runs are whitespace-separated)", line=line, field=field, unit=unit,
+        )  # fmt: skip
+    return value  # type: ignore[return-value]
+
+
+# -- lines and records, read with bounded memory --------------------------------------------------
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
+
+
+def _lines(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}..{last}"
+
+
+def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of each line of a UTF-8 file (a BOM tolerated; the line end kept).
+
+    Reads at most :data:`MAX_RECORD_BYTES` per line: a longer line (a file without line breaks,
+    a binary file) is refused with its line number once that much has been read, never read whole.
+    Undecodable bytes raise a located :class:`InputError`.
     """
     path = Path(path)
     _check_text(path)
-    # utf-8-sig: tolerate a BOM; newline="": let csv handle quoted newlines and CRLF.
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t")
-        while True:
+    limit = MAX_RECORD_BYTES
+    piece = min(1 << 20, limit + 1)
+    with open(path, "rb") as fh:
+        lineno = 0
+        while raw := fh.readline(piece):
+            lineno += 1
+            if len(raw) == piece and not raw.endswith(b"\n"):  # a long line: gathered in pieces, up to the limit
+                buf = bytearray(raw)
+                while len(buf) <= limit and not buf.endswith(b"\n") and (more := fh.readline(min(piece, limit + 1 - len(buf)))):
+                    buf += more
+                raw = buf
+            if len(raw) > limit + raw.endswith(b"\n"):
+                raise InputError(path, f"line longer than {_mib(limit)}, the limit for one line; a file without line breaks, "
+                                 "or not a text file of this kind?", line=lineno)  # fmt: skip
             try:
-                row = next(reader)
-            except StopIteration:
-                return
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(path, f"not UTF-8 text ({e.reason})", line=reader.line_num + 1) from None
-            except csv.Error as e:
-                raise InputError(path, f"unreadable row ({e}); is a quote left open?", line=reader.line_num) from None
-            if row and row != [""]:
-                yield reader.line_num, row
+                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
+
+
+class RecordReader:
+    """A binary file for a streaming JSON parser (ijson) that refuses an array element over the limit.
+
+    The parser reads through :meth:`read`; the caller calls :meth:`next_record` after each element
+    it gets, and a record that has taken more than :data:`MAX_RECORD_BYTES` of input so far raises
+    a located :class:`InputError`, so one huge (or unterminated) record is never held whole.
+    """
+
+    def __init__(self, fh: BinaryIO, path: str | os.PathLike[str]) -> None:
+        self.fh, self.path, self.limit = fh, path, MAX_RECORD_BYTES
+        self.pos = self.mark = fh.tell()
+        self.record = 1
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n if n is not None and n >= 0 else 1 << 16)  # never the whole file at once
+        self.pos += len(data)
+        if self.pos - self.mark > self.limit:
+            raise InputError(self.path, f"record longer than {_mib(self.limit)}, the limit for one record; "
+                             "a bracket or quote left open?", line=self.record, unit="record")  # fmt: skip
+        return data
+
+    def next_record(self) -> None:
+        self.mark, self.record = self.pos, self.record + 1
+
+
+def iter_tsv_rows(path: str | os.PathLike[str], columns: tuple[str, ...] = ()) -> Iterator[tuple[int, list[str]]]:
+    """``(line_number, fields)`` of each non-blank row of a tab-separated, CSV-quoted file.
+
+    Read as DPR reads its files (``csv.reader(delimiter="\\t")``); a BOM and CRLF line ends are
+    tolerated. One row is one line: a field holding a line break is an unbalanced quote that
+    swallowed the lines after it (what ``csv`` does silently), refused with the line where the quote
+    opened. Undecodable bytes and over-long lines raise :class:`InputError` with the line;
+    ``columns`` names the fields in messages.
+    """
+    path = Path(path)
+    limit = MAX_RECORD_BYTES
+    if csv.field_size_limit() < limit:
+        csv.field_size_limit(limit)
+    state = {"start": 1, "chars": 0}
+
+    def feed() -> Iterator[str]:
+        for lineno, text in iter_lines(path):
+            state["chars"] += len(text)
+            if state["chars"] > limit:  # a quote left open, swallowing line after line
+                raise InputError(path, f"unbalanced quote: the field opened at line {state['start']} runs past line {lineno} "
+                                 f"(over {_mib(limit)}); close it or double it (\"\")", line=state["start"])  # fmt: skip
+            yield text
+
+    reader = csv.reader(feed(), delimiter="\t")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise InputError(path, f"unreadable row ({e}); is a quote left open?", line=state["start"]) from None
+        start, end = state["start"], reader.line_num
+        state["start"], state["chars"] = end + 1, 0
+        broken = next((i for i, f in enumerate(row) if "\n" in f or "\r" in f), None)
+        if broken is not None:
+            name = columns[broken] if broken < len(columns) else None
+            if row[-1].endswith(("\n", "\r")):  # the quote never closed: the field ran to the end of the file
+                what = "it runs to the end of the file" + (f", swallowing {_lines(start + 1, end)}" if end > start else "")
+            else:
+                what = f"it swallowed {_lines(start + 1, end)}"
+            raise InputError(path, f"unbalanced quote: the field opened at line {start} holds a line break, {what}; "
+                             "close the quote or double it (\"\")", line=start, field=name)  # fmt: skip
+        if row and row != [""]:
+            yield start, row
 
 
 def iter_passages_tsv(path: str | os.PathLike[str]) -> Iterator[Passage]:
     """Stream passages from a DPR passages TSV (``id, text, title``; header optional).
 
     Raises:
-        InputError: naming the line and column of a malformed row.
+        InputError: naming the line and column of a malformed row (wrong column count, a bad id,
+            an unbalanced quote).
     """
-    for n, (lineno, row) in enumerate(iter_tsv_rows(path)):
+    for n, (lineno, row) in enumerate(iter_tsv_rows(path, TSV_HEADER)):
         if n == 0 and [c.strip().lower() for c in row] == TSV_HEADER:
             continue
         if len(row) != 3:
             raise InputError(path, f"expected 3 tab-separated columns (id, text, title), found {len(row)}", line=lineno)
         pid, text, title = row
-        if not pid.strip():
-            raise InputError(path, "empty passage id", line=lineno, field="id")
+        check_id(pid, path, line=lineno)
         yield Passage(pid, title, text)
 
 
+def _flat(text: str) -> str:
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
 def write_passages_tsv(passages: Iterable[Passage], path: str | os.PathLike[str]) -> int:
-    """Write passages in the DPR TSV layout (with header), atomically. Returns the count."""
+    """Write passages in the DPR TSV layout (with header), atomically. Returns the count.
+
+    One passage per line, as in ``psgs_w100.tsv``: a line break inside a text or title becomes a
+    space (the tokenizers treat both alike), which is what lets the reader refuse a stray quote.
+    """
     n = 0
     with atomic_write(path) as fh:
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
         writer.writerow(TSV_HEADER)
         for p in passages:
-            writer.writerow([p.id, p.text, p.title])
+            writer.writerow([check_id(p.id, path, line=n + 1, unit="passage"), _flat(p.text), _flat(p.title)])
             n += 1
     return n
 
@@ -164,32 +341,21 @@ def iter_passages_jsonl(path: str | os.PathLike[str]) -> Iterator[Passage]:
     path = Path(path)
     for lineno, obj in iter_jsonl(path):
         pid = obj.get("id", obj.get("_id"))
-        if pid is None or (isinstance(pid, str) and not pid.strip()):
+        if pid is None:
             raise InputError(path, "missing passage id (expected 'id' or '_id')", line=lineno, field="id")
-        if not isinstance(pid, (str, int)):
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise InputError(path, f"expected a string or integer, found {type(pid).__name__}", line=lineno, field="id")
+        pid = check_id(str(pid), path, line=lineno)
         text, title = obj.get("text"), obj.get("title", "")
         if not isinstance(text, str):
             raise InputError(path, "missing or non-string passage text", line=lineno, field="text")
         if not isinstance(title, str):
             raise InputError(path, "title must be a string", line=lineno, field="title")
-        yield Passage(str(pid), title, text)
-
-
-def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
-    """``(line_number, text)`` of each line of a UTF-8 file (a BOM tolerated); bad bytes raise a located error."""
-    path = Path(path)
-    _check_text(path)
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno) from None
+        yield Passage(pid, title, text)
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file."""
+    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file (lines bounded as :func:`iter_lines`)."""
     path = Path(path)
     for lineno, line in iter_lines(path):
         if not line.strip():
@@ -198,6 +364,8 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=lineno) from None
+        except RecursionError:
+            raise InputError(path, "invalid JSON: nested too deeply", line=lineno) from None
         if not isinstance(obj, dict):
             raise InputError(path, f"expected a JSON object, found {type(obj).__name__}", line=lineno)
         yield lineno, obj

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from densepr.data.passages import iter_jsonl, iter_tsv_rows
+from densepr.data.passages import _flat, iter_jsonl, iter_tsv_rows
 from densepr.errors import InputError
 from densepr.fileio import atomic_write
 
@@ -76,7 +76,7 @@ def _parse_answer_list(raw: str, path: Path, lineno: int) -> tuple[str, ...]:
 def iter_qa_tsv(path: str | os.PathLike[str]) -> Iterator[QA]:
     """Stream a DPR QA TSV/CSV file (see module docstring)."""
     path = Path(path)
-    for lineno, row in iter_tsv_rows(path):
+    for lineno, row in iter_tsv_rows(path, ("question", "answers", "id")):
         if len(row) < 2:
             raise InputError(path, "expected question<TAB>answers, found one column", line=lineno)
         if len(row) > 3:  # DPR files may carry a third id column; more is a broken line.
@@ -138,4 +138,4 @@ def write_qa_tsv(qas: QASet, path: str | os.PathLike[str]) -> None:
     with atomic_write(path) as fh:
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
         for qa in qas.items:
-            writer.writerow([qa.question, json.dumps(list(qa.answers), ensure_ascii=False)])
+            writer.writerow([_flat(qa.question), json.dumps(list(qa.answers), ensure_ascii=False)])  # one question per line

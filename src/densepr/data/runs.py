@@ -20,7 +20,7 @@ from pathlib import Path
 import ijson
 import numpy as np
 
-from densepr.data.passages import Corpus, iter_lines
+from densepr.data.passages import Corpus, RecordReader, check_id, iter_lines
 from densepr.errors import InputError
 from densepr.fileio import atomic_write
 from densepr.ranking import SearchResult
@@ -67,8 +67,10 @@ def iter_dpr_results(path: str | os.PathLike[str]) -> Iterator[DprResult]:
     with open(path, "rb") as fh:
         if fh.read(3) != b"\xef\xbb\xbf":  # tolerate a BOM
             fh.seek(0)
+        source = RecordReader(fh, path)  # one record at a time, each at most MAX_RECORD_BYTES
         try:
-            for n, obj in enumerate(ijson.items(fh, "item", use_float=True), 1):
+            for n, obj in enumerate(ijson.items(source, "item", use_float=True), 1):
+                source.next_record()
                 if not isinstance(obj, dict):
                     raise InputError(path, "expected an object", line=n, unit="record")
                 q, ans, ctxs = obj.get("question"), obj.get("answers"), obj.get("ctxs")
@@ -116,6 +118,8 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, flo
             score = float(parts[4])
         except ValueError:
             raise InputError(path, f"score {parts[4]!r} is not a number", line=lineno, field="score") from None
+        check_id(parts[0], path, what="query id", line=lineno, field="qid")
+        check_id(parts[2], path, what="passage id", line=lineno, field="docid")
         run.setdefault(parts[0], []).append((parts[2], score))
     if not run:
         raise InputError(path, "no results found (empty file?)")

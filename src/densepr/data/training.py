@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ijson
 
-from densepr.data.passages import Passage
+from densepr.data.passages import Passage, RecordReader, check_id
 from densepr.errors import InputError
 from densepr.fileio import atomic_write
 
@@ -65,7 +65,11 @@ def _ctx(obj: object, path: Path, rec: int, where: str) -> Passage:
     if not isinstance(title, str):
         raise InputError(path, f"{where}: 'title' must be a string", line=rec, unit="record", field="title")
     pid = obj.get("passage_id", obj.get("id", obj.get("psg_id", "")))
-    return Passage(str(pid), title, text)
+    if pid not in ("", None):  # optional here; when given, the same rule as every id
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise InputError(path, f"{where}: passage id must be a string or integer", line=rec, unit="record", field="passage_id")
+        check_id(str(pid), path, what=f"{where}: passage id", line=rec, unit="record", field="passage_id")
+    return Passage("" if pid is None else str(pid), title, text)
 
 
 def parse_record(obj: object, path: Path, rec: int) -> TrainRecord:
@@ -120,9 +124,11 @@ def iter_train_records(
         if not head.startswith(b"["):
             raise InputError(path, "expected a JSON array of records (first character '[')")
         fh.seek(3 if bom else 0)
+        source = RecordReader(fh, path)  # one record at a time, each at most MAX_RECORD_BYTES
         try:
-            for obj in ijson.items(fh, "item", use_float=True):
+            for obj in ijson.items(source, "item", use_float=True):
                 rec += 1
+                source.next_record()
                 try:
                     record = parse_record(obj, path, rec)
                 except InputError:

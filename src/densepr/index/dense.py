@@ -21,6 +21,11 @@ Layout of a dense index directory::
     manifest.json                        # type, parameters, dim, count, shards, both encoders,
                                          # corpus, phi (hnsw); sizes and sha256
 
+It is written beside the old version and swapped in whole (``fileio.atomic_dir``): a server
+that has the old one loaded (or memory-mapped) keeps serving it until it reloads, and a failed
+or disk-full save leaves it as it was. On load, file checksums (sampled above 32 MiB), each
+shard's vector count and dimension, and the ids count are checked.
+
 A sharded index (``--num-shards``) is searched shard by shard and the lists merged, which
 gives exactly the ranking one index over all rows would give.
 """
@@ -40,12 +45,13 @@ import numpy as np
 
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import atomic_path, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
+from densepr.fileio import atomic_dir, atomic_path, check_target, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
 from densepr.index.embeddings import Embeddings
 from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
 
 KIND = "dense-index"
+OWN_FILES = ("*.faiss", "ids.txt")  # what a save writes: an interrupted (pre-atomic) save left only these
 INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "hnsw", "ivf-flat", "ivf-pq", "opq-pq")
 TRAINED = ("flat-sq8", "ivf-flat", "ivf-pq", "opq-pq")
 
@@ -339,19 +345,23 @@ class DenseIndex:
         return cls(shards, ids, manifest)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write each shard, ``ids.txt`` and, last, the manifest (each file atomically)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "manifest.json").unlink(missing_ok=True)
-        entries = []
-        for i, s in enumerate(self.shards):
-            s.file = "index.faiss" if len(self.shards) == 1 else f"index-{i:05d}.faiss"
-            with atomic_path(d / s.file) as tmp:
-                faiss.write_index(s.index, tmp)
-            entries.append({"file": s.file, "start": s.start, "count": int(s.index.ntotal)})
-        write_ids(d / "ids.txt", self.ids)
-        meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files", "shards")}
-        self.manifest = write_manifest(d, KIND, [e["file"] for e in entries] + ["ids.txt"], **meta, shards=entries)
+        """Write each shard, ``ids.txt`` and, last, the manifest beside ``directory``, then swap
+        them in (``fileio.atomic_dir``: a failed or disk-full save leaves the previous index as
+        it was; a directory holding anything else than a dense index is refused)."""
+        with atomic_dir(directory, KIND, OWN_FILES) as d:
+            entries = []
+            for i, s in enumerate(self.shards):
+                s.file = "index.faiss" if len(self.shards) == 1 else f"index-{i:05d}.faiss"
+                faiss.write_index(s.index, str(d / s.file))
+                entries.append({"file": s.file, "start": s.start, "count": int(s.index.ntotal)})
+            write_ids(d / "ids.txt", self.ids)
+            meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files", "shards")}
+            self.manifest = write_manifest(d, KIND, [e["file"] for e in entries] + ["ids.txt"], **meta, shards=entries)
+
+    @staticmethod
+    def check_output(directory: str | os.PathLike[str]) -> None:
+        """Refuse, before building, an output directory :meth:`save` would refuse."""
+        check_target(directory, KIND, OWN_FILES)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -363,7 +373,8 @@ class DenseIndex:
         vectors: str | os.PathLike[str] | None = None,
         **search: int,
     ) -> DenseIndex:
-        """Load an index (all shards); checks sizes, and binds rows to ``corpus`` when given.
+        """Load an index (all shards); checks the files (sizes, checksums: ``fileio.read_manifest``),
+        each shard's vector count and dimension and the ids count, and binds rows to ``corpus`` when given.
 
         Args:
             mmap: map shard files instead of reading them (flat, sq and IVF types).
@@ -377,8 +388,11 @@ class DenseIndex:
             manifest["params"] = {**manifest.get("params", {}), **search}
         shards = []
         for e in entries:
-            shards.append(_Shard(_read_faiss(d / e["file"], manifest, mmap), int(e["start"]), e["file"]))
-        out = cls(shards, read_ids(d / "ids.txt"), manifest)
+            shards.append(_Shard(_read_faiss(d / e["file"], manifest, mmap, int(e["count"])), int(e["start"]), e["file"]))
+        ids = read_ids(d / "ids.txt")
+        if len(ids) != int(manifest["count"]):
+            raise MismatchError(f"{d / 'ids.txt'}: {len(ids)} ids, the manifest says {manifest['count']}; rebuild the index")
+        out = cls(shards, ids, manifest)
         if corpus is not None:
             out.bind(corpus)
         if out.params.rerank > 1:
@@ -404,7 +418,7 @@ class DenseIndex:
         Raises:
             MismatchError: the directory holds other vectors (count, dimension or encoder differ).
         """
-        from densepr.index.embeddings import Embeddings
+        from densepr.index.dense.embeddings import Embeddings
 
         if not embeddings or not (Path(embeddings) / "manifest.json").is_file():
             raise DenseprError(f"re-ranking needs the embeddings directory this index was built from; {str(embeddings)!r} "
@@ -549,7 +563,7 @@ class DenseIndex:
         return best_sc.cpu().numpy(), best_ix.cpu().numpy()
 
 
-def _read_faiss(path: Path, manifest: dict, mmap: bool) -> faiss.Index:
+def _read_faiss(path: Path, manifest: dict, mmap: bool, count: int | None = None) -> faiss.Index:
     flags = 0
     if mmap and manifest.get("type", "flat") != "hnsw":
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
@@ -560,7 +574,18 @@ def _read_faiss(path: Path, manifest: dict, mmap: bool) -> faiss.Index:
     expected = manifest["dim"] + (1 if manifest.get("type") == "hnsw" else 0)
     if index.d != expected:
         raise MismatchError(f"{path}: index dimension {index.d} differs from the manifest's {manifest['dim']}")
+    if count is not None and index.ntotal != count:
+        raise MismatchError(f"{path}: holds {index.ntotal} vectors, the manifest says {count}; file altered or corrupt; rebuild the index")
+    metric = faiss.METRIC_L2 if manifest.get("type") == "hnsw" else faiss.METRIC_INNER_PRODUCT
+    if index.metric_type != metric:
+        raise MismatchError(f"{path}: FAISS metric {index.metric_type}, expected {metric} for a {manifest.get('type', 'flat')} index; rebuild the index")
     return index
+
+
+def check_index(directory: str | os.PathLike[str], manifest: dict) -> None:
+    """What :meth:`DenseIndex.load` checks beyond the files, without keeping the index
+    (``densepr verify``): each shard's count, dimension and metric, the ids count."""
+    DenseIndex.load(directory, mmap=True, rerank=0)
 
 
 # -- planning ----------------------------------------------------------------------------------

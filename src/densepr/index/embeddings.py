@@ -10,12 +10,23 @@ Layout of an embeddings directory::
 
 Each part is written atomically, so a killed run resumes at the first missing part, and
 several processes (``--shard-id/--num-shards`` or ``torchrun``) can fill one directory.
+
+Re-encoding over a complete embeddings directory (another encoder, corpus, part size or
+dtype; or a damaged part) never touches it: the new parts go to ``NAME.building`` beside it
+(resumable the same way, shared by the shard processes), and whichever process completes the
+last part swaps the new directory in (``fileio.install_dir``); a dense index or server reading
+the old vectors keeps them until it reloads. Encoding the same corpus with the same encoder over
+a complete directory does nothing. A directory that holds anything else than embeddings is
+refused, never overwritten.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +34,27 @@ import numpy as np
 
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import read_ids, read_json, read_manifest, save_npy, write_ids, write_json, write_manifest
+from densepr.fileio import (
+    MANIFEST,
+    check_file,
+    check_target,
+    install_dir,
+    read_ids,
+    read_json,
+    read_manifest,
+    remove_tree,
+    save_npy,
+    sibling_abandoned,
+    sibling_prefix,
+    write_ids,
+    write_json,
+    write_manifest,
+)
 from densepr.models.encoder import Encoder
 from densepr.progress import progress_bar
 
 KIND = "embeddings"
+OWN_FILES = ("encoding.json", "part-*.npy", "part-*.ids")  # what encoding writes before the manifest
 
 
 def encoder_info(encoder: Encoder) -> dict:
@@ -93,19 +120,34 @@ def encode_corpus(
         raise DenseprError(f"dtype must be float32 or float16, not {dtype!r}")
     if part_size <= 0:
         raise DenseprError("the part size must be positive")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    check_target(final, KIND, OWN_FILES)
     plan = {"encoder": encoder_info(encoder), "question_encoder": question_encoder or encoder.name,
             "corpus": corpus.fingerprint(), "part_size": part_size, "dtype": dtype}  # fmt: skip
-    if (out / "encoding.json").is_file():
-        previous = read_json(out / "encoding.json")
-        if previous != plan:
-            raise MismatchError(
-                f"{out} holds embeddings from another encoder, corpus, part size or dtype; "
-                "use a new directory (or delete this one) to re-encode"
-            )
-    else:
-        (out / "manifest.json").unlink(missing_ok=True)
+    out = final
+    if (final / MANIFEST).is_file():  # a complete directory: done already, or re-encoded beside it
+        if _plan_of(final) == plan:
+            try:
+                return read_manifest(final, KIND)
+            except DenseprError:
+                pass  # a damaged part: encode again beside it, reusing the intact parts
+        out = final.with_name(final.name + ".building")
+        for claimed in out.parent.glob(f".{glob.escape(out.name)}.installing-*"):  # its installer was killed mid-swap
+            if sibling_abandoned(claimed, out, "installing"):
+                os.rename(claimed, out) if not out.exists() else remove_tree(claimed)
+        check_target(out, KIND, OWN_FILES)
+        if (out / "encoding.json").is_file() and _plan_of(out) != plan:
+            remove_tree(out)  # an abandoned re-encode with other settings
+        out.mkdir(parents=True, exist_ok=True)
+        if _plan_of(final) == plan:
+            _reuse_parts(final, out, read_json(final / MANIFEST))
+    elif (final / "encoding.json").is_file() and _plan_of(final) != plan:
+        raise MismatchError(
+            f"{final} holds an unfinished encoding with another encoder, corpus, part size or dtype; "
+            "finish it with the same settings, or use a new directory (or delete this one)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "encoding.json").is_file():
         write_json(out / "encoding.json", plan)
     n_parts = max(1, -(-len(corpus) // part_size))
     mine = shard_parts(n_parts, shard_id, num_shards)
@@ -121,7 +163,58 @@ def encode_corpus(
                 save_npy(out / npy, vecs.astype(dtype))  # written last: its presence marks the part done
             else:
                 advance(hi - lo)
-    return finalize(out, corpus, encoder.dim)
+    manifest = finalize(out, corpus, encoder.dim)
+    if manifest is None or out == final:
+        return manifest
+    return _install(out, final, plan)
+
+
+def _plan_of(directory: Path) -> dict | None:
+    try:
+        return read_json(directory / "encoding.json")
+    except DenseprError:
+        return None
+
+
+def _reuse_parts(old: Path, new: Path, manifest: dict) -> None:
+    """Hard-link (else copy) into ``new`` the parts of ``old`` whose files match its manifest
+    (sha256): parts are never rewritten in place, so sharing their files is safe."""
+    entries = manifest.get("files", {})
+    for part in manifest.get("parts", []):
+        names = (part["ids"], part["vectors"])  # the .npy last: its presence marks the part done
+        try:
+            for name in names:
+                check_file(old / name, entries[name], "sha256")
+        except (DenseprError, KeyError):
+            continue
+        for name in names:
+            (new / name).unlink(missing_ok=True)
+            try:
+                os.link(old / name, new / name)
+            except OSError:
+                shutil.copyfile(old / name, new / name)
+
+
+def _install(build: Path, final: Path, plan: dict, wait_s: float = 60.0) -> dict | None:
+    """Swap the completed ``build`` in at ``final``. With several shard processes, only the one
+    that claims ``build`` (renames it) installs it; the others wait for it to appear."""
+    claimed = build.with_name(sibling_prefix(build, "installing") + "x")
+    try:
+        os.rename(build, claimed)
+    except FileNotFoundError:  # another process is installing it
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if _plan_of(final) == plan and (final / MANIFEST).is_file():
+                return read_manifest(final, KIND)
+            time.sleep(0.2)
+        return None
+    try:
+        install_dir(claimed, final, KIND)
+    except BaseException:
+        if claimed.exists() and not build.exists():
+            os.rename(claimed, build)  # not installed: leave it resumable
+        raise
+    return read_manifest(final, KIND, "none")
 
 
 def finalize(out: Path, corpus: Corpus, dim: int) -> dict | None:

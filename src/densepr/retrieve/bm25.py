@@ -15,7 +15,9 @@
 
 On disk an index is bm25s's files (``*.index.npy`` sparse matrix, loadable memory-mapped,
 ``vocab.index.json``, ``params.index.json``) plus densepr's ``manifest.json`` (parameters,
-analyzer, corpus fingerprint, file sizes and checksums).
+analyzer, corpus fingerprint, file sizes and checksums). It is rebuilt beside the old one and
+swapped in whole (``fileio.atomic_dir``), so a server that memory-maps the old files keeps
+working; on load the files' checksums (sampled above 32 MiB) and the arrays' ranges are checked.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 
 import bm25s
 import numpy as np
@@ -33,10 +34,11 @@ from bm25s.stopwords import STOPWORDS_EN
 
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError
-from densepr.fileio import read_manifest, write_manifest
+from densepr.fileio import FULL_HASH_BYTES, atomic_dir, check_target, read_manifest, write_manifest
 from densepr.ranking import SearchResult
 
 KIND = "bm25-index"
+OWN_FILES = ("*.index.npy", "*.index.json")  # what bm25s writes: an interrupted (pre-atomic) build left only these
 LUCENE_STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words)
 assert len(LUCENE_STOPWORDS) == 33
 
@@ -161,24 +163,37 @@ class BM25Index:
         return cls(model, analyzer, manifest)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write bm25s's files and the manifest (last, so a complete index is one with a manifest)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "manifest.json").unlink(missing_ok=True)
-        self.model.save(directory, show_progress=False)
-        files = sorted(p.name for p in directory.iterdir() if p.name.endswith(".index.npy") or p.name.endswith(".index.json"))
-        meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files")}
-        self.manifest = write_manifest(directory, KIND, files, **meta)
+        """Write bm25s's files and the manifest beside ``directory``, then swap them in
+        (``fileio.atomic_dir``: a failed or disk-full save leaves the previous index as it was;
+        a directory holding anything else than a BM25 index is refused)."""
+        with atomic_dir(directory, KIND, OWN_FILES) as tmp:
+            self.model.save(tmp, show_progress=False)
+            files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".index.npy") or p.name.endswith(".index.json"))
+            meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files")}
+            self.manifest = write_manifest(tmp, KIND, files, **meta)
+
+    @staticmethod
+    def check_output(directory: str | os.PathLike[str]) -> None:
+        """Refuse, before building, an output directory :meth:`save` would refuse."""
+        check_target(directory, KIND, OWN_FILES)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], mmap: bool = True, corpus: Corpus | None = None) -> BM25Index:
-        """Load an index (memory-mapped by default); checks sizes and, if given, the corpus."""
+        """Load an index (memory-mapped by default).
+
+        Checks: the files' sizes and checksums (``fileio.read_manifest``), the arrays' shapes and
+        ranges (:func:`check_arrays`; arrays above 32 MiB on samples) and, if given, the corpus.
+        """
         manifest = read_manifest(directory, KIND)
         if manifest.get("analyzer") != LuceneAnalyzer.name:
             raise DenseprError(f"{directory}: built with analyzer {manifest.get('analyzer')!r}, this densepr uses {LuceneAnalyzer.name!r}; rebuild the index")
         if corpus is not None:
             check_corpus(manifest, corpus, f"BM25 index {directory}")
-        model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
+        try:
+            model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            raise DenseprError(f"{directory}: bm25s cannot read it ({e}); rebuild the index") from None
+        check_arrays(directory, manifest, model)
         return cls(model, LuceneAnalyzer(manifest.get("stemmer")), manifest)
 
     def search(self, queries: Sequence[str], k: int = 100, batch_size: int = 4096) -> SearchResult:
@@ -194,3 +209,61 @@ class BM25Index:
             rows[start : start + len(toks), :k_eff] = np.where(matched, docs, -1)
             scores[start : start + len(toks), :k_eff] = np.where(matched, sc, 0.0)
         return SearchResult(rows, scores)
+
+
+def _chunks(n: int, full: bool, size: int = 1 << 20, samples: int = 16):
+    """Slices covering ``range(n)`` in chunks (``full``), or ``samples`` evenly spaced ones (first and last included)."""
+    if full or n <= size * samples:
+        return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    step = (n - size) / (samples - 1)
+    return [slice(round(i * step), round(i * step) + size) for i in range(samples)]
+
+
+def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s.BM25 | None = None, full: bool | None = None) -> None:
+    """Check a BM25 index's sparse matrix: shapes, ``indptr`` starting at 0, non-decreasing and
+    ending at the number of entries, document indices within the corpus, scores finite and
+    non-negative, vocabulary ids within the matrix.
+
+    Arrays up to 32 MiB (``fileio.FULL_HASH_BYTES``) are checked whole on load; larger ones on
+    16 evenly spaced slices of 1M entries, so loading stays cheap; ``full=True`` (``densepr
+    verify``) checks every entry.
+
+    Raises:
+        DenseprError: naming the array and what is wrong; the index must be rebuilt.
+    """
+    if model is None:
+        model = bm25s.BM25.load(str(directory), mmap=True, show_progress=False, verbosity=0)
+    scores = model.scores
+    data, indices, indptr = scores["data"], scores["indices"], scores["indptr"]
+    n_docs = int(manifest.get("corpus", {}).get("count", scores.get("num_docs") or 0))
+    n_vocab = len(model.vocab_dict)
+
+    def bad(what: str) -> DenseprError:
+        return DenseprError(f"{directory}: BM25 index arrays are inconsistent ({what}); file altered or corrupt; rebuild it")
+
+    if data.ndim != 1 or indices.ndim != 1 or indptr.ndim != 1 or len(data) != len(indices):
+        raise bad(f"data {data.shape}, indices {indices.shape}, indptr {indptr.shape}")
+    if int(scores.get("num_docs") or n_docs) != n_docs:
+        raise bad(f"{scores.get('num_docs')} documents, the manifest's corpus has {n_docs}")
+    if len(indptr) != n_vocab + 1:
+        raise bad(f"indptr has {len(indptr)} entries for a vocabulary of {n_vocab} terms")
+    if n_vocab and not 0 <= min(model.vocab_dict.values()) <= max(model.vocab_dict.values()) < n_vocab:
+        raise bad("vocabulary ids outside the matrix")
+    if len(indptr) and (int(indptr[0]) != 0 or int(indptr[-1]) != len(indices)):
+        raise bad(f"indptr runs from {int(indptr[0])} to {int(indptr[-1])}, the matrix has {len(indices)} entries")
+    for name, arr in (("indptr", indptr), ("indices", indices), ("data", data)):
+        whole = full if full is not None else arr.nbytes <= FULL_HASH_BYTES
+        for sl in _chunks(len(arr), whole):
+            x = np.asarray(arr[sl])
+            if not len(x):
+                continue
+            if name == "indptr":
+                prev = np.asarray(indptr[sl.start - 1 : sl.start]) if sl.start else np.zeros(1, dtype=x.dtype)
+                if (np.diff(np.concatenate([prev, x])) < 0).any():
+                    raise bad(f"indptr decreases near entry {sl.start + int(np.argmax(np.diff(np.concatenate([prev, x])) < 0))}")
+                if x.max() > len(indices):
+                    raise bad(f"indptr value {int(x.max())} beyond the {len(indices)} entries")
+            elif name == "indices" and (x.min() < 0 or x.max() >= n_docs):
+                raise bad(f"document index {int(x.min() if x.min() < 0 else x.max())} outside 0..{n_docs - 1}")
+            elif name == "data" and not (np.isfinite(x).all() and (x >= 0).all()):
+                raise bad("a score is negative, infinite or NaN")
