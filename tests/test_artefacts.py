@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from densepr.embeddings import Embeddings, encode_corpus
-from densepr.encoder import Encoder
 
 from densepr import fileio
 from densepr.data import Corpus, Passage, write_passages_tsv
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import MANIFEST, NoSpaceError
 from densepr.index.dense import DenseIndex
+from densepr.index.embeddings import Embeddings, encode_corpus
+from densepr.models.encoder import Encoder
 from densepr.retrieve.bm25 import BM25Index
 from tests.support.cli import run
 from tests.support.tiny import PASSAGES, make_tiny_bert

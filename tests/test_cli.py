@@ -198,25 +198,24 @@ BAD_OUTPUTS = {"file": ["an existing directory", "under a file"], "dir": ["an ex
 @pytest.fixture
 def no_work(monkeypatch):
     """Make every entry point into real work fail loudly: an output check must come before all of them."""
-    import densepr.encoder
-    import densepr.train_reader
-
     import densepr.data
     import densepr.data.fetch
-    import densepr.index
+    import densepr.index.dense
+    import densepr.models.encoder
     import densepr.reproduce
-    import densepr.retrieve
-    import densepr.train
+    import densepr.retrieve.retriever
+    import densepr.train.reader
+    import densepr.train.retriever
 
     def started(*a, **k):
         raise AssertionError("work started before the output path was checked")
 
     for module, name in [(densepr.data, "load_corpus"), (densepr.data, "load_qa"), (densepr.data, "read_queries"),
-                         (densepr.data, "load_wiki_summaries"), (densepr.data.fetch, "fetch_embedded"), (densepr.encoder, "load_biencoder"),
-                         (densepr.reproduce, "run"), (densepr.train, "train"), (densepr.train_reader, "train_reader")]:  # fmt: skip
+                         (densepr.data, "load_wiki_summaries"), (densepr.data.fetch, "fetch_embedded"), (densepr.models.encoder, "load_biencoder"),
+                         (densepr.reproduce, "run"), (densepr.train.retriever, "train"), (densepr.train.reader, "train_reader")]:  # fmt: skip
         monkeypatch.setattr(module, name, started)
-    monkeypatch.setattr(densepr.retrieve.Retriever, "load", classmethod(started))
-    monkeypatch.setattr(densepr.index.DenseIndex, "build", classmethod(started))
+    monkeypatch.setattr(densepr.retrieve.retriever.Retriever, "load", classmethod(started))
+    monkeypatch.setattr(densepr.index.dense.DenseIndex, "build", classmethod(started))
 
 
 def _writer_id(cmd: tuple[str, ...]) -> str:
@@ -263,8 +262,8 @@ def test_the_output_check_covers_every_writing_command():
 
 
 def test_index_dense_into_the_current_directory_is_one_line(tmp_path, capsys, monkeypatch, corpus, tiny_bert):
-    from densepr.embeddings import encode_corpus
-    from densepr.encoder import Encoder
+    from densepr.index.embeddings import encode_corpus
+    from densepr.models.encoder import Encoder
 
     encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, tmp_path / "emb")
     monkeypatch.chdir(tmp_path)

@@ -232,7 +232,7 @@ def index_dense(
     _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
     import shutil
 
-    from densepr.index.dense.dense import DenseIndex, IndexParams
+    from densepr.index.dense import DenseIndex, IndexParams
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
                          pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip
@@ -256,7 +256,7 @@ def index_plan(
     """Memory and disk for each index type at a given scale, with the accuracy cost measured here."""
     from rich.table import Table
 
-    from densepr.index.dense.dense import plan
+    from densepr.index.dense import plan
 
     rows = plan(num_passages, dim, hnsw_m=hnsw_m, pq_m=pq_m)
     table = Table(title=f"{num_passages:,} passages x {dim} dims")
@@ -298,7 +298,7 @@ def encode(
     import torch
 
     from densepr.data import EmbeddedData, load_corpus
-    from densepr.index.dense.embeddings import encode_corpus
+    from densepr.index.embeddings import encode_corpus
     from densepr.models.encoder import load_biencoder
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -425,9 +425,9 @@ def evaluate(
 
     from densepr.data import QA, QASet, load_corpus
     from densepr.data.runs import iter_dpr_results, read_trec_run
-    from densepr.evaluate.answers.answers import AnswerMatcher, has_answer
-    from densepr.evaluate.answers.report import rich_table
-    from densepr.evaluate.answers.topk import accuracy_report
+    from densepr.evaluate.answers import AnswerMatcher, has_answer
+    from densepr.evaluate.report import rich_table
+    from densepr.evaluate.topk import accuracy_report
 
     try:
         k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
@@ -437,7 +437,7 @@ def evaluate(
         raise DenseprError("--ks values must be positive")
     if qrels is not None:
         from densepr.data import read_qrels_tsv
-        from densepr.evaluate.answers.qrels import qrels_metrics
+        from densepr.evaluate.qrels import qrels_metrics
 
         run = {q: dict(docs) for q, docs in read_trec_run(results).items()}
         judged = read_qrels_tsv(qrels)
@@ -513,7 +513,8 @@ def train_cmd(
     Several processes: `torchrun --nproc-per-node N -m densepr train ...`."""
     _check_output(output, "dir", "run directory", inputs=(init, train_file, dev_file))
     from densepr.data import EmbeddedData
-    from densepr.train.trainer import TrainConfig, train
+    from densepr.train.config import TrainConfig
+    from densepr.train.retriever import train
 
     cfg = TrainConfig(
         train_file=str(train_file), output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -539,7 +540,7 @@ def search(
     """Print the top passages for one question."""
     from rich.panel import Panel
 
-    from densepr.retrieve.retriever.retriever import Retriever
+    from densepr.retrieve.retriever import Retriever
 
     if k <= 0:
         raise DenseprError("--k must be positive")
@@ -627,7 +628,8 @@ def train_reader_cmd(
     """Train DPR's extractive reader (passage selection + answer span) on retrieval results."""
     _check_output(output, "dir", "run directory", inputs=(init, dev_file, *train_files))
     from densepr.data import EmbeddedData
-    from densepr.train.reader_trainer import ReaderTrainConfig, train_reader
+    from densepr.train.config import ReaderTrainConfig
+    from densepr.train.reader import train_reader
 
     cfg = ReaderTrainConfig(
         train_files=[str(f) for f in train_files], output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
@@ -689,7 +691,7 @@ def answer_cmd(
 
 
 def _write_qa(output: Path, results: dict) -> None:
-    from densepr.evaluate.answers.report import plot_qa, qa_markdown
+    from densepr.evaluate.report import plot_qa, qa_markdown
     from densepr.fileio import atomic_write, write_json
 
     output.mkdir(parents=True, exist_ok=True)
@@ -773,11 +775,11 @@ def serve_cmd(
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
     try:
-        from densepr.serve.app.app import Limits, Service, create_app, serve
+        from densepr.serve.app import Limits, Service, create_app, serve
     except ImportError:
         raise DenseprError("`densepr serve` needs the serve extra: pip install 'densepr[serve]'") from None
     from densepr.models.reader import Reader
-    from densepr.retrieve.retriever.retriever import Retriever
+    from densepr.retrieve.retriever import Retriever
 
     for name, v in (("--max-question-chars", max_question_chars), ("--max-k", max_k), ("--max-questions", max_questions),
                     ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout),

@@ -347,10 +347,11 @@ def test_every_id_a_loader_accepts_survives_a_trec_run(tmp_path_factory, pid):
     """One rule for ids (non-empty, no whitespace or control character), in every loader; an id
     it lets through can be written to a TREC run and read back unchanged."""
     import numpy as np
-    from densepr.results import SearchResult, read_trec_run, write_trec_run
 
     from densepr.data.beir import read_qrels_tsv, read_queries
     from densepr.data.passages import id_problem
+    from densepr.data.runs import read_trec_run, write_trec_run
+    from densepr.ranking import SearchResult
 
     d = tmp_path_factory.mktemp("ids")
     files = {
@@ -384,7 +385,7 @@ from densepr.data import load_corpus, load_qa
 from densepr.data.beir import read_qrels_tsv, read_queries
 from densepr.data.training import iter_train_records
 from densepr.errors import InputError
-from densepr.results import iter_dpr_results, read_trec_run
+from densepr.data.runs import iter_dpr_results, read_trec_run
 
 big, json_big = sys.argv[1], sys.argv[2]
 loaders = {"QA TSV": load_qa, "passages TSV": load_corpus, "passages JSONL": load_corpus, "queries TSV": read_queries,

@@ -688,10 +688,10 @@ def test_page_and_docs_in_headless_chromium_request_nothing_outside_the_server(r
 def test_page_with_an_embedded_benchmark_question(embedded, tmp_path):
     """The real corpus (BM25 over the ~10k Wikipedia summaries) and a real NQ test question, typed into the page."""
     import uvicorn
-    from densepr.evaluate.answers.answers import has_answer
-    from densepr.retrieve.retriever.bm25 import BM25Index
 
     from densepr.data import load_wiki_summaries
+    from densepr.evaluate.answers import has_answer
+    from densepr.retrieve.bm25 import BM25Index
 
     exe, sync_api = _chromium()
     corpus = load_wiki_summaries(embedded.summaries)

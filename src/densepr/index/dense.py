@@ -418,7 +418,7 @@ class DenseIndex:
         Raises:
             MismatchError: the directory holds other vectors (count, dimension or encoder differ).
         """
-        from densepr.index.dense.embeddings import Embeddings
+        from densepr.index.embeddings import Embeddings
 
         if not embeddings or not (Path(embeddings) / "manifest.json").is_file():
             raise DenseprError(f"re-ranking needs the embeddings directory this index was built from; {str(embeddings)!r} "

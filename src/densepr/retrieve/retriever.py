@@ -99,7 +99,8 @@ class Retriever:
     def _need(self, mode: str | Mode) -> Mode:
         mode = Mode.parse(mode)
         if mode not in self.modes:
-            raise DenseprError(f"mode {mode!r} needs {' and '.join(mode.needs)} index(es); this retriever has: {', '.join(self.modes)}")
+            need = " and ".join({"bm25": "a BM25", "dense": "a dense"}[n] for n in mode.needs)
+            raise DenseprError(f"mode '{mode}' needs {'both ' if mode.fused else ''}{need} index; this retriever has: {', '.join(self.modes)}")
         return mode
 
     def encode(self, questions: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
