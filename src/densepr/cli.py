@@ -322,13 +322,9 @@ def encode(
 
 # -- retrieval and evaluation -----------------------------------------------------------------
 def _load_qa(spec: str, limit: int | None, regex: bool | None, cache_dir: Path | None):
-    from densepr.data import EmbeddedData, load_qa
+    from densepr.data import EmbeddedData
 
-    match = None if regex is None else ("regex" if regex else "string")
-    if spec in EmbeddedData.QA_SETS and not Path(spec).exists():
-        qas = EmbeddedData(cache_dir).load_qa(spec, limit=limit)
-        return qas if match is None else type(qas)(qas.name, qas.items, match)
-    return load_qa(spec, match=match, limit=limit)
+    return EmbeddedData(cache_dir).resolve_qa(spec, limit, None if regex is None else ("regex" if regex else "string"))
 
 
 RegexOpt = Annotated[Optional[bool], typer.Option("--regex/--no-regex", help="Answers are regexes (default: yes for CuratedTREC files).")]
