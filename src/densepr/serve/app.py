@@ -28,9 +28,10 @@ What a hostile or broken client can and cannot do (each property has a test):
   for a smaller one, so floods of many-question requests cannot starve single questions). A
   request whose client disconnected, or that timed out, is dropped before the model sees it.
 * **Connections** (:func:`guarded_protocol`, used by :func:`serve`): a whole request,
-  headers and body, must arrive within ``read_timeout_s`` (else 408 and close: slowloris),
-  idle keep-alive connections close after ``keep_alive_s``, and at most ``max_connections``
-  are open at once (more get a 503 and are closed at once).
+  headers and body, must arrive within ``read_timeout_s`` (else 408 and close: slowloris), a
+  client that stops reading its response for as long is cut off, idle keep-alive connections
+  close after ``keep_alive_s``, and at most ``max_connections`` are open at once (more get a
+  503 and are closed at once).
 * **One error shape.** Every error, whatever raised it (limits, validation, malformed or
   too-deeply nested JSON, 404, 405, 500), is JSON ``{"error": message}``, plus ``"limit": name``
   when a limit was hit and ``"detail"`` for validation errors.
@@ -74,7 +75,7 @@ class Limits:
     max_answers: int = 32  # gold answers per question in /search "answers"
     max_answer_chars: int = 500  # characters in one gold answer
     max_answers_total_chars: int = 20_000  # characters in all the gold answers of one request
-    read_timeout_s: float = 10.0  # a whole request (headers and body) must arrive within this
+    read_timeout_s: float = 10.0  # a whole request (headers and body) must arrive within this; a stalled reader is cut off after it
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 256  # open connections; more are answered 503 and closed
 
@@ -286,7 +287,7 @@ class MicroBatcher:
             while not self.queue.empty():
                 pending.append(self.queue.get_nowait())
             live = [e for e in pending if not e.fut.done()]
-            self.dropped += len(pending) - len(live)  # client gone or timed out: never computed
+            self.dropped += sum(e.fut.cancelled() for e in pending)  # client gone or timed out: never computed
             if not live:
                 pending = []
                 continue
@@ -651,6 +652,9 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
       ``read_timeout_s``; otherwise the server answers 408 ``{"error": ...,
       "limit": "read_timeout_s"}`` (when part of a request had arrived) and closes the
       connection. While a request is being computed no timer runs (``timeout_s`` bounds it).
+    * **Write timeout.** A client that stops reading its response (the send buffer stays full)
+      for ``read_timeout_s`` has its connection aborted, freeing the buffered response and
+      the task waiting to send more; otherwise such a connection, and its memory, is held for ever.
     * **Connection cap.** A connection opened while ``max_connections`` are open is answered
       503 ``{"error": ..., "limit": "max_connections"}`` with ``Retry-After: 1`` and closed
       at once, before anything is read from it.
@@ -662,6 +666,7 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
 
     class GuardedH11Protocol(H11Protocol):
         _read_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -675,7 +680,26 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
 
         def connection_lost(self, exc) -> None:
             self._cancel_read_timer()
+            self._cancel_write_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:  # the client stopped reading: our send buffer is full
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(read_timeout_s, self._write_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._cancel_write_timer()
+
+        def _cancel_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_timed_out(self) -> None:
+            self._write_timer = None
+            self.transport.abort()  # close() would wait for the unread buffer to drain: for ever
 
         def handle_events(self) -> None:
             super().handle_events()
