@@ -772,7 +772,8 @@ def serve_cmd(
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
     try:
-        from densepr.serve.app import Limits, Service, create_app, serve
+        from densepr.serve.app import create_app, serve
+        from densepr.serve.service import Limits, Service
     except ImportError:
         raise DenseprError("`densepr serve` needs the serve extra: pip install 'densepr[serve]'") from None
     from densepr.models.reader import Reader

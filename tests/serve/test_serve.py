@@ -23,7 +23,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
 from densepr.retrieve.retriever import Retriever  # noqa: E402
-from densepr.serve.app import Limits, Service, create_app, server_config  # noqa: E402
+from densepr.serve.app import create_app, server_config  # noqa: E402
+from densepr.serve.service import Limits, Service  # noqa: E402
 from tests.support.tiny import make_tiny_bert  # noqa: E402
 
 
@@ -254,7 +255,7 @@ def test_a_tokenizer_exception_inside_a_batch_fails_only_its_request(index_dir, 
     retrieval. With the up-front check switched off, the batch isolation alone must contain it."""
     import httpx
 
-    import densepr.serve.app as serve_mod
+    import densepr.serve.service as serve_mod
 
     monkeypatch.setattr(serve_mod, "check_text", lambda s, field: None)  # let the bad string reach the batch
     svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_wait_ms=50))

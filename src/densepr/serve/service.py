@@ -1,0 +1,382 @@
+"""What the server serves, with no HTTP in it: limits, the micro-batcher, the service.
+
+:class:`Service` holds the retriever, the optional reader and the :class:`Limits`; its two
+:class:`MicroBatcher` queues run model calls in one worker thread, batching concurrent requests
+(one encoder pass + one FAISS search, or one reader call), isolating each request's errors,
+bounding the queue and dropping requests whose clients went away. A front end (the FastAPI app
+in :mod:`densepr.serve.app`, or another engine) checks requests with the service, submits them
+to its batchers, and maps :class:`ApiError` to its own error responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import PurePath
+from typing import Any
+
+from densepr.errors import DenseprError
+from densepr.ranking import SearchResult
+
+log = logging.getLogger("densepr.serve")
+
+
+@dataclass
+class Limits:
+    """What one request, and all of them together, may ask for."""
+
+    max_question_chars: int = 1000
+    max_k: int = 100
+    max_questions: int = 64  # questions in one /search request
+    max_body_bytes: int = 256 * 1024
+    timeout_s: float = 30.0  # per request, queueing included
+    max_batch: int = 64  # questions per micro-batch (1 = no micro-batching)
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_queue: int = 256  # questions waiting for one model, all requests together (more: 503 + Retry-After)
+    max_answers: int = 32  # gold answers per question in /search "answers"
+    max_answer_chars: int = 500  # characters in one gold answer
+    max_answers_total_chars: int = 20_000  # characters in all the gold answers of one request
+    read_timeout_s: float = 10.0  # a whole request (headers and body) must arrive within this; a stalled reader is cut off after it
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # open connections; more are answered 503 and closed
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error": message, **extra}`` with ``status`` and ``headers``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra
+
+
+class LimitError(ApiError):
+    """A request over one of the :class:`Limits` (``{"error": ..., "limit": name}``)."""
+
+    def __init__(self, status: int, limit: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers, limit=limit)
+        self.limit = limit
+
+
+# What tokenizers and densepr raise for text they cannot take (a fast tokenizer raises TypeError
+# for a string it cannot encode, e.g. one holding a lone surrogate).
+INPUT_ERRORS = (DenseprError, ValueError, UnicodeError, TypeError)
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """What one request is answered when its own model call raised ``exc``.
+
+    Input errors (what tokenizers and densepr raise for text they cannot take) are the
+    request's fault: 422 with the message. Anything else is ours: a 500 that names the
+    exception type only (messages of unexpected errors may hold local paths); the traceback
+    goes to the log.
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, INPUT_ERRORS):
+        return ApiError(422, f"this request's input could not be processed: {type(exc).__name__}: {str(exc)[:300]}")
+    log.error("request failed", exc_info=exc)
+    return ApiError(500, f"internal error while serving this request ({type(exc).__name__})")
+
+
+def check_text(s: str, field: str) -> None:
+    """Refuse strings that are not Unicode text (lone surrogates from JSON ``\\ud800`` escapes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LimitError(422, field, f"{field} is not valid Unicode text (lone surrogate at character {e.start})") from None
+
+
+class _Entry:
+    __slots__ = ("key", "item", "size", "fut", "waiting")
+
+    def __init__(self, key: Any, item: Any, size: int, fut: asyncio.Future) -> None:
+        self.key, self.item, self.size, self.fut, self.waiting = key, item, size, fut, True
+
+
+class MicroBatcher:
+    """Runs ``fn(key, items)`` on batches of items submitted concurrently under the same key.
+
+    One worker thread runs the model (torch and FAISS already use every core); while it is
+    busy, new requests queue, and the next call takes up to ``max_batch`` questions at once.
+
+    * At most ``max_queue`` questions wait (a request larger than that is still taken when
+      nothing waits). When a request does not fit, the largest waiting requests that are
+      larger than it are shed to make room (so many-question requests cannot starve small
+      ones); if it still does not fit, it is refused. Shed and refused requests get a 503
+      :class:`LimitError` whose ``Retry-After`` is the estimated time to drain the queue.
+    * A request whose future is already done when its batch forms (cancelled because its
+      client disconnected, or timed out) is dropped: the model never sees it.
+    * When a batch call raises, each request of the batch is re-run alone, so an exception
+      belongs to the one request whose input raised it (``isolated`` counts such batches).
+    """
+
+    def __init__(self, fn: Callable[[Any, list], list], max_batch: int = 64, max_wait_ms: float = 2.0,
+                 max_queue: int | None = None, name: str = "model") -> None:  # fmt: skip
+        self.fn, self.max_batch, self.max_wait = fn, max(1, max_batch), max_wait_ms / 1000
+        self.max_queue, self.name = max_queue, name
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"densepr-{name}")
+        self.queue: asyncio.Queue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.worker: asyncio.Task | None = None
+        self.batches = 0  # model calls
+        self.items = 0  # requests served by them
+        self.queued = 0  # questions waiting (submitted, not started, not abandoned)
+        self.waiting: set[_Entry] = set()  # the requests they belong to
+        self.rejected = 0  # requests refused because the queue was full
+        self.shed = 0  # waiting requests answered 503 to make room for a smaller one
+        self.dropped = 0  # requests abandoned (disconnected or timed out) before their batch ran
+        self.isolated = 0  # batches that raised and were re-run one request at a time
+        self.s_per_question = 0.0  # moving average of model time per question
+
+    def retry_after(self) -> int:
+        """Seconds until the questions now waiting are likely served (1 to 60)."""
+        return int(min(60, max(1, math.ceil(self.queued * self.s_per_question))))
+
+    def _leave(self, e: _Entry) -> None:
+        if e.waiting:
+            e.waiting = False
+            self.queued -= e.size
+            self.waiting.discard(e)
+
+    def _busy(self) -> LimitError:
+        return LimitError(503, "max_queue", f"server busy: {self.queued} questions are waiting for the {self.name} "
+                                            f"(limit {self.max_queue}); retry later",
+                          headers={"Retry-After": str(self.retry_after())})  # fmt: skip
+
+    def _admit(self, size: int) -> bool:
+        """Make room for ``size`` questions, shedding larger waiting requests, largest first."""
+        if self.max_queue is None or self.queued == 0 or self.queued + size <= self.max_queue:
+            return True
+        larger = sorted((e for e in self.waiting if e.size > size and not e.fut.done()), key=lambda e: e.size, reverse=True)
+        if self.queued - sum(e.size for e in larger) + size > self.max_queue:
+            return False  # shedding every larger request would not make room: refuse the newcomer instead
+        for e in larger:
+            if self.queued + size <= self.max_queue:
+                break
+            self._leave(e)
+            self.shed += 1
+            e.fut.set_exception(self._busy())
+        return True
+
+    async def submit(self, key: Any, item: Any, size: int = 1) -> Any:
+        loop = asyncio.get_running_loop()
+        if self.queue is None or self.loop is not loop:  # first call, or a new event loop (test clients)
+            self.loop, self.queue, self.queued, self.waiting = loop, asyncio.Queue(), 0, set()
+            self.worker = loop.create_task(self._run())
+        if not self._admit(size):
+            self.rejected += 1
+            raise self._busy()
+        e = _Entry(key, item, size, loop.create_future())
+        self.queued += size
+        self.waiting.add(e)
+        e.fut.add_done_callback(lambda _, e=e: self._leave(e))
+        self.queue.put_nowait(e)
+        return await e.fut  # cancelling the awaiting task cancels e.fut: the entry is dropped
+
+    def _guarded(self, key: Any, items: list) -> list:
+        """``fn`` in the worker thread; a BaseException that is not an Exception (a Rust
+        extension's panic) becomes a RuntimeError, so it fails one request, not the worker."""
+        try:
+            return self.fn(key, items)
+        except (Exception, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise RuntimeError(f"{type(e).__name__}: {e}") from e
+
+    async def _call(self, key: Any, items: list) -> list:
+        assert self.loop is not None
+        results = await self.loop.run_in_executor(self.pool, self._guarded, key, items)
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+    async def _run_batch(self, key: Any, batch: list[_Entry]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await self._call(key, [e.item for e in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].fut.done():
+                    batch[0].fut.set_exception(exc)
+                return
+            self.isolated += 1
+            for e in batch:  # one at a time: the exception belongs to the request that raised it
+                if e.fut.done():
+                    continue
+                try:
+                    r = (await self._call(key, [e.item]))[0]
+                except Exception as one:
+                    if not e.fut.done():
+                        e.fut.set_exception(one)
+                else:
+                    if not e.fut.done():
+                        e.fut.set_result(r)
+            return
+        per = (time.perf_counter() - t0) / max(1, sum(e.size for e in batch))
+        self.s_per_question = per if self.s_per_question == 0 else 0.8 * self.s_per_question + 0.2 * per
+        for e, r in zip(batch, results):
+            if not e.fut.done():
+                e.fut.set_result(r)
+
+    async def _run(self) -> None:
+        assert self.queue is not None
+        pending: list[_Entry] = []
+        while True:
+            if not pending:
+                pending.append(await self.queue.get())
+                if self.max_batch > 1 and self.max_wait > 0:
+                    await asyncio.sleep(self.max_wait)
+            while not self.queue.empty():
+                pending.append(self.queue.get_nowait())
+            live = [e for e in pending if not e.fut.done()]
+            self.dropped += sum(e.fut.cancelled() for e in pending)  # client gone or timed out: never computed
+            if not live:
+                pending = []
+                continue
+            key = live[0].key
+            batch, pending, n = [], [], 0
+            for e in live:  # same key, up to max_batch questions (always at least one request)
+                if e.key == key and (not batch or n + e.size <= self.max_batch):
+                    batch.append(e)
+                    n += e.size
+                else:
+                    pending.append(e)
+            for e in batch:
+                self._leave(e)
+            self.batches += 1
+            self.items += len(batch)
+            try:
+                await self._run_batch(key, batch)
+            except Exception as exc:  # a bug here must not stop the worker: fail this batch only
+                log.error("micro-batch worker error", exc_info=exc)
+                for e in batch:
+                    if not e.fut.done():
+                        e.fut.set_exception(exc)
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "requests": self.items, "queued_questions": self.queued,
+                "rejected_queue_full": self.rejected, "shed_for_smaller": self.shed, "dropped_abandoned": self.dropped, "isolated_batches": self.isolated}  # fmt: skip
+
+
+def model_name(name: str | None) -> str | None:
+    """A model's name for display: its directory's name, never the local path it was loaded from."""
+    if not name:
+        return None
+    return PurePath(name.rstrip("/\\")).name or None
+
+
+class Service:
+    """What the app serves: a retriever, an optional reader, limits, the two batchers and a pool
+    for per-request post-processing (``has_answer``, building and serialising responses)."""
+
+    def __init__(self, retriever, reader=None, limits: Limits | None = None, default_k_answer: int | None = None) -> None:
+        self.retriever, self.reader, self.limits = retriever, reader, limits or Limits()
+        lim = self.limits
+        self.default_mode = "hybrid" if "hybrid" in retriever.modes else retriever.modes[0]
+        self.answer_k = default_k_answer or (reader.config.top_k if reader is not None else 20)
+        self.search_batcher = MicroBatcher(self._search_batch, lim.max_batch, lim.max_wait_ms, lim.max_queue, "retriever")
+        self.answer_batcher = MicroBatcher(self._answer_batch, lim.max_batch, lim.max_wait_ms, lim.max_queue, "reader")
+        self.post_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="densepr-post")
+
+    # -- model calls (worker thread) -------------------------------------------------------
+    def _search_batch(self, mode: str, items: list[tuple[list[str], int]]) -> list:
+        questions = [q for qs, _ in items for q in qs]
+        res = self.retriever.retrieve(questions, max(k for _, k in items), mode)
+        out, i = [], 0
+        for qs, k in items:
+            out.append((res.rows[i : i + len(qs), :k], res.scores[i : i + len(qs), :k]))
+            i += len(qs)
+        return out
+
+    def _answer_batch(self, key: tuple[str, int], items: list[str]) -> list:
+        from densepr.pipeline import Pipeline
+
+        mode, k = key
+        return Pipeline(self.retriever, self.reader, k, mode).answer_many(items)
+
+    # -- post-processing (post pool) -------------------------------------------------------------
+    def search_body(self, questions: list[str], rows, scores, answers: list[list[str]] | None, mode: str, k: int, t0: float) -> bytes:
+        """The /search response, serialised: passages per question, ``has_answer`` when answers are given."""
+        from densepr.evaluate.answers import AnswerMatcher
+
+        c = self.retriever.corpus
+        matcher = AnswerMatcher(c.texts) if answers is not None else None
+        found, results = SearchResult(rows, scores), []
+        for i, q in enumerate(questions):
+            prepared = AnswerMatcher._prepare(answers[i], "string") if answers is not None else None
+            hits = []
+            for h in found.hits(i, c):
+                d = {"rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": round(h.score, 4)}
+                if matcher is not None:
+                    d["has_answer"] = matcher._check(int(rows[i, h.rank - 1]), prepared, "string")
+                hits.append(d)
+            results.append({"question": q, "passages": hits})
+        body = {"mode": mode, "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - t0), 1)}
+        return dump_json(body)
+
+    # -- checks (event loop; each bounded by the limits it enforces) ------------------------------
+    def check_question(self, q: str) -> None:
+        lim = self.limits
+        if not q.strip():
+            raise LimitError(422, "question", "empty question")
+        if len(q) > lim.max_question_chars:
+            raise LimitError(413, "max_question_chars", f"question is {len(q)} characters; the limit is {lim.max_question_chars}")
+        check_text(q, "question")
+        if self.reader is not None:
+            try:
+                self.reader.question_ids(q)
+            except DenseprError as e:
+                raise LimitError(413, "max_question_tokens", str(e)) from None
+            except INPUT_ERRORS as e:
+                raise LimitError(422, "question", f"the reader's tokenizer cannot take this question: {type(e).__name__}") from None
+
+    def check_answers(self, answers: list[list[str]] | None, n_questions: int) -> None:
+        if answers is None:
+            return
+        lim = self.limits
+        if len(answers) != n_questions:
+            raise LimitError(422, "answers", f"{len(answers)} answer lists for {n_questions} questions")
+        for a in answers:
+            if len(a) > lim.max_answers:
+                raise LimitError(413, "max_answers", f"{len(a)} answers for one question; the limit is {lim.max_answers}")
+        total = 0
+        for a in answers:
+            for s in a:
+                if len(s) > lim.max_answer_chars:
+                    raise LimitError(413, "max_answer_chars", f"an answer of {len(s)} characters; the limit is {lim.max_answer_chars}")
+                total += len(s)
+                check_text(s, "answers")
+        if total > lim.max_answers_total_chars:
+            raise LimitError(413, "max_answers_total_chars", f"answers hold {total} characters; the limit is {lim.max_answers_total_chars} per request")
+
+    def check_k_mode(self, k: int, mode: str | None) -> str:
+        if k > self.limits.max_k:
+            raise LimitError(422, "max_k", f"k={k} is over the limit of {self.limits.max_k}")
+        mode = mode or self.default_mode
+        if mode not in self.retriever.modes:
+            raise LimitError(422, "mode", f"mode {mode!r} is not available; this index has: {', '.join(self.retriever.modes)}")
+        return mode
+
+    def health(self) -> dict:
+        r = self.retriever
+        enc = r.question_encoder
+        return {"status": "ok", "passages": len(r.corpus), "modes": r.modes,
+                "model": model_name(enc.name) if enc is not None else None,
+                "index_type": r.dense.index_type if r.dense is not None else None,
+                "bm25": r.bm25 is not None, "hybrid_lambda": r.hybrid_lambda,
+                "reader": model_name(self.reader.name) if self.reader is not None else None,
+                "answer_k": self.answer_k, "limits": asdict(self.limits),
+                "micro_batches": {"search": [self.search_batcher.batches, self.search_batcher.items],
+                                  "answer": [self.answer_batcher.batches, self.answer_batcher.items]},
+                "queues": {"search": self.search_batcher.stats(), "answer": self.answer_batcher.stats()}}  # fmt: skip
+
+
+def dump_json(obj: Any) -> bytes:
+    """JSON bytes as FastAPI's JSONResponse writes them."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
