@@ -307,6 +307,26 @@ def create_app(service: Service):
 
 
 # -- the HTTP server ---------------------------------------------------------------------------------
+class _OneShot:
+    """A timer that is armed at most once at a time: ``arm`` does nothing while it is pending."""
+
+    def __init__(self) -> None:
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop, delay: float, fn) -> None:
+        if self.handle is None:
+            self.handle = loop.call_later(delay, self._fire, fn)
+
+    def _fire(self, fn) -> None:
+        self.handle = None
+        fn()
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 def guarded_protocol(read_timeout_s: float, max_connections: int | None):
     """uvicorn's h11 protocol with a request read timeout and a connection cap.
 
@@ -334,8 +354,9 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
     reading_states = (h11.IDLE, h11.SEND_BODY)
 
     class GuardedH11Protocol(H11Protocol):
-        _read_timer: asyncio.TimerHandle | None = None
-        _write_timer: asyncio.TimerHandle | None = None
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._read_timer, self._write_timer = _OneShot(), _OneShot()
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -348,26 +369,19 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
             self._update_read_timer()
 
         def connection_lost(self, exc) -> None:
-            self._cancel_read_timer()
-            self._cancel_write_timer()
+            self._read_timer.cancel()
+            self._write_timer.cancel()
             super().connection_lost(exc)
 
         def pause_writing(self) -> None:  # the client stopped reading: our send buffer is full
             super().pause_writing()
-            if self._write_timer is None:
-                self._write_timer = self.loop.call_later(read_timeout_s, self._write_timed_out)
+            self._write_timer.arm(self.loop, read_timeout_s, self._write_timed_out)
 
         def resume_writing(self) -> None:
             super().resume_writing()
-            self._cancel_write_timer()
-
-        def _cancel_write_timer(self) -> None:
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
+            self._write_timer.cancel()
 
         def _write_timed_out(self) -> None:
-            self._write_timer = None
             self.transport.abort()  # close() would wait for the unread buffer to drain: for ever
 
         def handle_events(self) -> None:
@@ -378,22 +392,15 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
             super().on_response_complete()
             self._update_read_timer()
 
-        def _cancel_read_timer(self) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
-
         def _update_read_timer(self) -> None:
             if self.transport is None or self.transport.is_closing():
-                self._cancel_read_timer()
+                self._read_timer.cancel()
             elif self.conn.their_state in reading_states:  # waiting for (the rest of) a request
-                if self._read_timer is None:
-                    self._read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+                self._read_timer.arm(self.loop, read_timeout_s, self._read_timed_out)
             else:  # the request is in: the app's timeout_s bounds what follows
-                self._cancel_read_timer()
+                self._read_timer.cancel()
 
         def _read_timed_out(self) -> None:
-            self._read_timer = None
             if self.transport.is_closing() or self.conn.their_state not in reading_states:
                 return
             if self.conn.their_state is h11.SEND_BODY and self.cycle is not None:  # headers in, body incomplete
