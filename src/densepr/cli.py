@@ -16,6 +16,7 @@ from rich.console import Console
 
 from densepr.errors import DenseprError
 from densepr.progress import console
+from densepr.retrieve.modes import Mode
 from densepr.train.config import ReaderTrainConfig, TrainConfig, default
 
 app = typer.Typer(
@@ -33,6 +34,9 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache root (default $DENSEPR_CACHE or ~/.cache/densepr).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (default: cuda if available, else cpu).")]
 DEFAULT_INDEX = Path("runs/embedded")
+IndexOpt = Annotated[Path, typer.Option(help="Index directory: passages.tsv, bm25/, dense/, hybrid.json (default: what `densepr reproduce` built).")]
+_MODES = ", ".join(Mode.values())
+ModeOpt = Annotated[Optional[str], typer.Option(help=f"Retrieval mode: {_MODES} (default: hybrid when both indexes exist).")]
 
 
 def _log(msg: str) -> None:
@@ -141,7 +145,7 @@ def data_split(
 def data_build_train(
     qa: Annotated[list[str], typer.Option("--qa", help="QA set(s) to mine (repeat): files or embedded names such as nq-dev, trivia-dev.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="DPR retriever JSON to write (training part).")],
-    index: Annotated[Path, typer.Option(help="Index directory with passages.tsv and bm25/.")] = DEFAULT_INDEX,
+    index: IndexOpt = DEFAULT_INDEX,
     val_output: Annotated[Optional[Path], typer.Option(help="DPR retriever JSON for the held-out validation slice.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction of each set's questions held out for validation.")] = 0.1,
     depth: Annotated[int, typer.Option(help="BM25 passages looked at per question (the paper: 100).")] = 100,
@@ -336,8 +340,8 @@ def retrieve(
     queries: Annotated[Optional[Path], typer.Option(help="Instead of --qa: queries without answers (BEIR queries.jsonl or qid<TAB>text).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="DPR result JSON to write.")] = None,
     trec: Annotated[Optional[Path], typer.Option(help="TREC run file to write.")] = None,
-    index: Annotated[Path, typer.Option(help="Index directory (passages.tsv, bm25/, dense/).")] = DEFAULT_INDEX,
-    mode: Annotated[str, typer.Option(help="bm25, dense, hybrid or rrf.")] = "hybrid",
+    index: IndexOpt = DEFAULT_INDEX,
+    mode: Annotated[str, typer.Option(help=f"Retrieval mode: {_MODES}.")] = Mode.HYBRID.value,
     k: Annotated[int, typer.Option("--k", "-k", help="Passages per question.")] = 100,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     hybrid_lambda: Annotated[Optional[float], typer.Option("--lambda", help="Hybrid weight of BM25 (default: tuned value in the index, else 1.1).")] = None,
@@ -529,9 +533,9 @@ skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) inva
 @app.command("search")
 def search(
     question: Annotated[str, typer.Argument(help="The question.")],
-    index: Annotated[Path, typer.Option(help="Index directory (default: what `densepr reproduce` built).")] = DEFAULT_INDEX,
+    index: IndexOpt = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", "-k", help="Passages to show.")] = 5,
-    mode: Annotated[Optional[str], typer.Option(help="bm25, dense, hybrid or rrf (default: hybrid when both indexes exist).")] = None,
+    mode: ModeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Print the top passages for one question."""
@@ -653,10 +657,10 @@ def _default_reader(reader: Optional[Path]) -> Path:
 @app.command("answer")
 def answer_cmd(
     question: Annotated[str, typer.Argument(help="The question.")],
-    index: Annotated[Path, typer.Option(help="Index directory.")] = DEFAULT_INDEX,
+    index: IndexOpt = DEFAULT_INDEX,
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: runs/reader/best).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Passages to read (default: the reader's tuned top-k).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="bm25, dense, hybrid or rrf (default: hybrid when both indexes exist).")] = None,
+    mode: ModeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
     device: DeviceOpt = None,
 ) -> None:
@@ -702,9 +706,9 @@ def _write_qa(output: Path, results: dict) -> None:
 def evaluate_qa_cmd(
     qa: Annotated[list[str], typer.Option("--qa", help="QA set(s) (repeat): embedded names (nq-test, ...) or files.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for qa-results.json, .md and qa-em.png.")],
-    index: Annotated[Path, typer.Option(help="Index directory with bm25/ and dense/.")] = DEFAULT_INDEX,
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: runs/reader/best).")] = None,
-    modes: Annotated[str, typer.Option(help="Comma-separated retrieval modes.")] = "bm25,dense,hybrid",
+    index: IndexOpt = DEFAULT_INDEX,
+    modes: Annotated[str, typer.Option(help=f"Comma-separated retrieval modes ({_MODES}).")] = "bm25,dense,hybrid",
     ks: Annotated[str, typer.Option(help="Comma-separated numbers of passages read.")] = "1,5,10,20,50",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions of each set.")] = None,
     gold: Annotated[bool, typer.Option("--gold/--no-gold", help="Also the reader's upper bound: EM given an answer-bearing passage.")] = True,
@@ -750,7 +754,7 @@ def evaluate_qa_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    index: Annotated[Path, typer.Option(help="Index directory (passages.tsv, bm25/, dense/).")] = DEFAULT_INDEX,
+    index: IndexOpt = DEFAULT_INDEX,
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory: enables POST /answer and answers on the page.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (default loopback only; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
