@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from densepr.index.types import INDEX_TYPES
+
 RESULTS = Path(__file__).parent / "results"
-TYPES = ("flat", "flat-fp16", "flat-sq8", "hnsw", "ivf-flat", "ivf-pq", "opq-pq")
+TYPES = tuple(INDEX_TYPES)
 
 
 def matmul_gflops(n: int = 4096, reps: int = 3) -> float:
@@ -118,7 +120,8 @@ def run_type(args: argparse.Namespace) -> list[dict]:
     """Build, save, reload and time one index type at each search setting (in its own process)."""
     import faiss
 
-    from densepr.index.dense import DenseIndex, IndexParams
+    from densepr.index.dense import DenseIndex
+    from densepr.index.types import IndexParams
 
     work = Path(args.work)
     queries = np.load(work / "queries.npy", allow_pickle=False)
@@ -255,7 +258,8 @@ def embedded_accuracy(index_dir: Path, work: Path, rows: list[dict], params: dic
     from densepr.data import EmbeddedData, load_corpus
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.topk import topk_curve
-    from densepr.index.dense import DenseIndex, IndexParams
+    from densepr.index.dense import DenseIndex
+    from densepr.index.types import IndexParams
     from densepr.models.encoder import Encoder
 
     data = EmbeddedData()

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from densepr.errors import DenseprError
+from densepr.index.types import INDEX_TYPES
 from densepr.progress import console
 from densepr.retrieve.modes import Mode
 from densepr.train.config import ReaderTrainConfig, TrainConfig, default
@@ -220,7 +221,7 @@ def index_bm25(
 def index_dense(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings directory written by `densepr encode`.")],
     output: Annotated[Path, typer.Argument(help="Index directory to write.")],
-    type: Annotated[str, typer.Option("--type", help="flat, flat-fp16, flat-sq8, hnsw, ivf-flat, ivf-pq or opq-pq.")] = "flat",
+    type: Annotated[str, typer.Option("--type", help="Index type: " + "; ".join(f"{t.name}: {t.description}" for t in INDEX_TYPES.values()) + ".")] = "flat",
     num_shards: Annotated[int, typer.Option(help="Split the index into this many files (searched together).")] = 1,
     hnsw_m: Annotated[int, typer.Option(help="hnsw: neighbours per node.")] = 32,
     ef_construction: Annotated[int, typer.Option(help="hnsw: build-time search width.")] = 200,
@@ -237,7 +238,8 @@ def index_dense(
     _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
     import shutil
 
-    from densepr.index.dense import DenseIndex, IndexParams
+    from densepr.index.dense import DenseIndex
+    from densepr.index.types import IndexParams
 
     params = IndexParams(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
                          pq_m=pq_m, rerank=rerank, train_size=train_size)  # fmt: skip

@@ -159,19 +159,27 @@ def _recall(res, exact, k):
     return np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(res.rows, exact.rows)])
 
 
-@pytest.mark.parametrize(
-    "index_type, params, min_recall",
-    [
-        ("flat-fp16", {}, 0.99),
-        ("flat-sq8", {}, 0.9),
-        ("hnsw", {"hnsw_m": 16, "ef_construction": 80, "ef_search": 128}, 0.95),
-        ("ivf-flat", {"nlist": 16, "nprobe": 16}, 0.999),  # every cell visited: exact
-        ("ivf-pq", {"nlist": 16, "nprobe": 16, "pq_m": 16}, 0.5),
-        ("opq-pq", {"nlist": 16, "nprobe": 16, "pq_m": 16}, 0.5),
-    ],
-)
+# One case per entry of the type table (a new type must add its case: test_every_index_type_has_a_case).
+TYPE_CASES = {
+    "flat": ({}, 1.0),
+    "flat-fp16": ({}, 0.99),
+    "flat-sq8": ({}, 0.9),
+    "hnsw": ({"hnsw_m": 16, "ef_construction": 80, "ef_search": 128}, 0.95),
+    "ivf-flat": ({"nlist": 16, "nprobe": 16}, 0.999),  # every cell visited: exact
+    "ivf-pq": ({"nlist": 16, "nprobe": 16, "pq_m": 16}, 0.5),
+    "opq-pq": ({"nlist": 16, "nprobe": 16, "pq_m": 16}, 0.5),
+}
+
+
+def test_every_index_type_has_a_case():
+    from densepr.index.types import INDEX_TYPES
+
+    assert set(TYPE_CASES) == set(INDEX_TYPES)
+
+
+@pytest.mark.parametrize("index_type, params, min_recall", [(t, *case) for t, case in TYPE_CASES.items()])
 def test_index_types_against_exact_search(tmp_path, index_type, params, min_recall):
-    from densepr.index.dense import IndexParams
+    from densepr.index.types import IndexParams
 
     vecs, queries = _clustered(3000, 32), _clustered(40, 32, seed=9)
     emb = _embeddings_dir(tmp_path, vecs)
@@ -182,7 +190,7 @@ def test_index_types_against_exact_search(tmp_path, index_type, params, min_reca
     res = loaded.search(queries, 20)
     assert _recall(res, exact, 20) >= min_recall
     assert loaded.manifest["type"] == index_type and loaded.manifest["params"]["train_size"] == 3000
-    if index_type in ("hnsw", "ivf-flat"):  # float vectors kept: scores are the true inner products
+    if index_type in ("flat", "hnsw", "ivf-flat"):  # float vectors kept: scores are the true inner products
         valid = res.rows >= 0
         true = np.einsum("qd,qkd->qk", queries, vecs[np.where(valid, res.rows, 0)])
         np.testing.assert_allclose(res.scores[valid], true[valid], rtol=1e-3, atol=1e-2)
@@ -228,7 +236,7 @@ def test_batched_flat_search_equals_faiss_own(tmp_path):
 
 
 def test_compressed_index_reranks_from_the_vectors_on_disk(tmp_path):
-    from densepr.index.dense import IndexParams
+    from densepr.index.types import IndexParams
 
     vecs, queries = _clustered(3000, 32), _clustered(40, 32, seed=9)
     emb = _embeddings_dir(tmp_path, vecs)
@@ -290,3 +298,22 @@ def test_interrupted_index_save_leaves_no_file(tmp_path, monkeypatch):
         index.save(tmp_path / "idx")
     assert not (tmp_path / "idx" / "index.faiss").exists() and not (tmp_path / "idx" / "manifest.json").exists()
     assert not list((tmp_path / "idx").glob("*.tmp"))
+
+
+def test_a_new_index_type_is_one_table_entry(tmp_path, monkeypatch):
+    """Registering a type in the table is all it takes: build, save, load, search, plan."""
+    import faiss
+
+    from densepr.index import types
+    from densepr.index.dense import plan
+
+    extra = types.IndexType("flat-copy", "a second name for exact float32 search", lambda dim, p: faiss.IndexFlatIP(dim),
+                            lambda dim, p: 4 * dim, exact=True)  # fmt: skip
+    monkeypatch.setitem(types.INDEX_TYPES, "flat-copy", extra)
+    vecs, queries = _clustered(500, 16), _clustered(10, 16, seed=3)
+    emb = _embeddings_dir(tmp_path, vecs)
+    DenseIndex.build(emb, "flat-copy").save(tmp_path / "copy")
+    loaded = DenseIndex.load(tmp_path / "copy")
+    assert loaded.spec is extra
+    np.testing.assert_array_equal(loaded.search(queries, 10).rows, DenseIndex.build(emb).search(queries, 10).rows)
+    assert any(r["type"] == "flat-copy" and r["bytes_per_passage"] == 64 for r in plan(1000, 16))

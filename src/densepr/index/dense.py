@@ -1,18 +1,6 @@
 """The dense index: passage vectors in FAISS, searched by inner product (DPR's sim = E_Q(q) . E_P(p)).
 
-Index types (``densepr index dense --type``), all scoring by inner product:
-
-=============  ==========================================================================
-``flat``       exact, float32 vectors (``IndexFlatIP``)
-``flat-fp16``  exact search over float16-stored vectors (``IndexScalarQuantizer`` fp16)
-``flat-sq8``   8-bit scalar-quantised vectors (trained on a sample for each dimension's range)
-``hnsw``       HNSW graph over vectors made L2-searchable by DPR's transform: each passage gets
-               an extra coordinate ``sqrt(phi - |p|^2)`` (phi = the largest squared norm) and
-               each question a 0, so the L2 order equals the inner-product order
-``ivf-flat``   inverted file (k-means cells, ``nprobe`` visited), float32 vectors
-``ivf-pq``     inverted file + product quantisation (``pq_m`` bytes per vector)
-``opq-pq``     the same after an OPQ rotation
-=============  ==========================================================================
+Index types (``densepr index dense --type``): one table, :data:`densepr.index.types.INDEX_TYPES`.
 
 Layout of a dense index directory::
 
@@ -33,7 +21,6 @@ gives exactly the ranking one index over all rows would give.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -47,66 +34,12 @@ from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import atomic_dir, atomic_path, check_target, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
 from densepr.index.embeddings import Embeddings
+from densepr.index.types import INDEX_TYPES, IndexParams, IndexType, get
 from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
 
 KIND = "dense-index"
 OWN_FILES = ("*.faiss", "ids.txt")  # what a save writes: an interrupted (pre-atomic) save left only these
-INDEX_TYPES = ("flat", "flat-fp16", "flat-sq8", "hnsw", "ivf-flat", "ivf-pq", "opq-pq")
-TRAINED = ("flat-sq8", "ivf-flat", "ivf-pq", "opq-pq")
-
-
-@dataclass
-class IndexParams:
-    """Build and search parameters (recorded in the manifest; search ones can be changed at load)."""
-
-    hnsw_m: int = 32  # graph neighbours per node
-    ef_construction: int = 200
-    ef_search: int = 256
-    nlist: int | None = None  # IVF cells; default ~ 4 sqrt(N)
-    nprobe: int = 64
-    pq_m: int | None = None  # PQ bytes per vector; default dim / 4
-    rerank: int = 0  # >1: fetch k x rerank candidates, re-score them exactly from the on-disk vectors
-    train_size: int = 100_000  # vectors sampled for k-means / quantiser training
-    seed: int = 1234
-
-    def resolved(self, n: int, dim: int) -> IndexParams:
-        out = IndexParams(**asdict(self))
-        if out.nlist is None:
-            out.nlist = max(1, min(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))), n // 39 or 1))
-        if out.pq_m is None:
-            out.pq_m = max(1, dim // 4)
-        if dim % out.pq_m:
-            raise DenseprError(f"pq_m={out.pq_m} must divide the dimension {dim}")
-        return out
-
-
-def _factory(index_type: str, dim: int, p: IndexParams) -> faiss.Index:
-    ip = faiss.METRIC_INNER_PRODUCT
-    if index_type == "flat":
-        return faiss.IndexFlatIP(dim)
-    if index_type == "flat-fp16":
-        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip)
-    if index_type == "flat-sq8":
-        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
-    if index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim + 1, p.hnsw_m)  # L2 over transformed vectors (DPR's)
-        index.hnsw.efConstruction = p.ef_construction
-        return index
-    if index_type == "ivf-flat":
-        return faiss.index_factory(dim, f"IVF{p.nlist},Flat", ip)
-    if index_type == "ivf-pq":
-        return faiss.index_factory(dim, f"IVF{p.nlist},PQ{p.pq_m}", ip)
-    if index_type == "opq-pq":
-        return faiss.index_factory(dim, f"OPQ{p.pq_m},IVF{p.nlist},PQ{p.pq_m}", ip)
-    raise DenseprError(f"unknown index type {index_type!r}; available: {', '.join(INDEX_TYPES)}")
-
-
-def _set_search_params(index: faiss.Index, index_type: str, p: IndexParams, k: int) -> None:
-    if index_type == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = max(p.ef_search, k)
-    elif index_type in ("ivf-flat", "ivf-pq", "opq-pq"):
-        faiss.extract_index_ivf(index).nprobe = p.nprobe
 
 
 # Batched exact search on a CPU: one torch GEMM + top-k per block beats FAISS's blocked BLAS + heaps on
@@ -223,6 +156,11 @@ class DenseIndex:
         return self.manifest.get("type", "flat")
 
     @property
+    def spec(self) -> IndexType:
+        """This index's entry in the type table."""
+        return get(self.index_type)
+
+    @property
     def params(self) -> IndexParams:
         return IndexParams(**self.manifest.get("params", {}))
 
@@ -256,7 +194,7 @@ class DenseIndex:
                     f"index shards were built by different passage encoders ({first.get('encoder', {}).get('path')} vs "
                     f"{m.get('encoder', {}).get('path')}); their scores are not comparable"
                 )
-            if first.get("type") == "hnsw" and m.get("phi") != first.get("phi"):
+            if get(first.get("type", "flat")).l2_transform and m.get("phi") != first.get("phi"):
                 raise MismatchError("hnsw shards were built with different norm bounds (phi); build them together")
         shards, ids, offset = [], [], 0
         for part in parts:
@@ -289,24 +227,23 @@ class DenseIndex:
         progress record, each atomically); a rerun with the same inputs continues after the
         last saved embeddings part and gives the same index.
         """
-        if index_type not in INDEX_TYPES:
-            raise DenseprError(f"unknown index type {index_type!r}; available: {', '.join(INDEX_TYPES)}")
+        spec = get(index_type)
         emb = embeddings if isinstance(embeddings, Embeddings) else Embeddings.open(embeddings)
         n, dim = len(emb), emb.dim
         if num_shards < 1 or num_shards > max(n, 1):
             raise DenseprError(f"--num-shards must be between 1 and the {n} vectors")
         p = (params or IndexParams()).resolved(n, dim)
         phi = None
-        if index_type == "hnsw":  # first pass: the largest squared norm, for DPR's transform
+        if spec.l2_transform:  # first pass: the largest squared norm, for DPR's transform
             phi = max(float((np.asarray(v, dtype=np.float64) ** 2).sum(1).max()) for _, v in emb.parts())
         work = _BuildState(Path(work_dir), {"type": index_type, "params": asdict(p), "shards": num_shards, "count": n, "dim": dim,
                            "embeddings": emb.manifest.get("files", {})}) if work_dir is not None else None  # fmt: skip
         empty = work.load_trained() if work is not None else None
         if empty is None:
-            empty = _factory(index_type, dim, p)
-            if index_type in TRAINED:
-                sample = _train_sample(emb, p.train_size if index_type == "flat-sq8" else max(p.train_size, 39 * (p.nlist or 1)), p.seed)
-                if index_type != "flat-sq8" and len(sample) < (p.nlist or 1):
+            empty = spec.make(dim, p)
+            if spec.trained:
+                sample = _train_sample(emb, spec.train_size(p), p.seed)
+                if spec.ivf and len(sample) < (p.nlist or 1):
                     raise DenseprError(f"{len(sample)} vectors cannot train {p.nlist} IVF cells; lower --nlist")
                 empty.train(sample)
             if work is not None:
@@ -457,7 +394,7 @@ class DenseIndex:
         when FAISS has no GPU build); vectors are copied there in ``dtype``."""
         import torch
 
-        if self.index_type not in ("flat", "flat-fp16"):
+        if not self.spec.exact:
             raise DenseprError(f"the torch search path is exact search; index type {self.index_type} is not")
         vecs = np.concatenate([s.index.reconstruct_n(0, s.index.ntotal) for s in self.shards])
         self._torch = torch.as_tensor(vecs).to(device=device, dtype=getattr(torch, dtype))
@@ -467,13 +404,13 @@ class DenseIndex:
         matmul + top-k path in float16. Returns which path was taken ("cpu" when none applies)."""
         if not str(device).startswith("cuda"):
             return "cpu"
-        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and self.index_type != "hnsw":
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and not self.spec.l2_transform:
             gpu = int(str(device).split(":")[1]) if ":" in str(device) else 0
             self._gpu_res = faiss.StandardGpuResources()
             for s in self.shards:
                 s.index = faiss.index_cpu_to_gpu(self._gpu_res, gpu, s.index)
             return "faiss-gpu"
-        if self.index_type in ("flat", "flat-fp16"):
+        if self.spec.exact:
             self.use_torch(device, "float16")
             return "torch"
         return "cpu"
@@ -497,7 +434,7 @@ class DenseIndex:
             q = queries[start : start + batch_size]
             if self._torch is not None:
                 sc, ix = self._search_torch(q, k_eff)
-            elif self.index_type == "flat" and len(q) >= 16 and len(self) * self.dim <= TORCH_CPU_MAX:
+            elif self.spec.float32_storage and len(q) >= 16 and len(self) * self.dim <= TORCH_CPU_MAX:
                 sc, ix = self._search_torch(q, k_eff, self._flat_views())
             elif self._exact is not None and self.params.rerank > 1:
                 sc, ix = self._rescore(q, self._search_shards(q, min(k_eff * self.params.rerank, len(self)))[1], k_eff)
@@ -512,12 +449,13 @@ class DenseIndex:
 
     def _search_shards(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
-        qq = np.hstack([q, np.zeros((len(q), 1), dtype=np.float32)]) if self.index_type == "hnsw" else q
+        spec = self.spec
+        qq = np.hstack([q, np.zeros((len(q), 1), dtype=np.float32)]) if spec.l2_transform else q
         all_sc, all_ix = [], []
         for s in self.shards:
-            _set_search_params(s.index, self.index_type, p, k)
+            spec.set_search(s.index, p, k)
             sc, ix = s.index.search(qq, min(k, s.index.ntotal))
-            if self.index_type == "hnsw":  # |q - x'|^2 = |q|^2 + phi - 2 q.x  =>  q.x back from L2
+            if spec.l2_transform:  # |q - x'|^2 = |q|^2 + phi - 2 q.x  =>  q.x back from L2
                 sc = np.where(ix >= 0, ((q.astype(np.float64) ** 2).sum(1, keepdims=True) + self.manifest["phi"] - sc) / 2, -np.inf)
             all_sc.append(np.where(ix >= 0, sc, -np.inf))
             all_ix.append(np.where(ix >= 0, ix + s.start, -1))
@@ -564,21 +502,20 @@ class DenseIndex:
 
 
 def _read_faiss(path: Path, manifest: dict, mmap: bool, count: int | None = None) -> faiss.Index:
-    flags = 0
-    if mmap and manifest.get("type", "flat") != "hnsw":
+    spec, flags = get(manifest.get("type", "flat")), 0
+    if mmap and spec.mmap:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise DenseprError(f"{path}: FAISS cannot read it ({str(e).splitlines()[-1]}); rebuild the index") from None
-    expected = manifest["dim"] + (1 if manifest.get("type") == "hnsw" else 0)
+    expected = spec.stored_dim(manifest["dim"])
     if index.d != expected:
         raise MismatchError(f"{path}: index dimension {index.d} differs from the manifest's {manifest['dim']}")
     if count is not None and index.ntotal != count:
         raise MismatchError(f"{path}: holds {index.ntotal} vectors, the manifest says {count}; file altered or corrupt; rebuild the index")
-    metric = faiss.METRIC_L2 if manifest.get("type") == "hnsw" else faiss.METRIC_INNER_PRODUCT
-    if index.metric_type != metric:
-        raise MismatchError(f"{path}: FAISS metric {index.metric_type}, expected {metric} for a {manifest.get('type', 'flat')} index; rebuild the index")
+    if index.metric_type != spec.metric:
+        raise MismatchError(f"{path}: FAISS metric {index.metric_type}, expected {spec.metric} for a {spec.name} index; rebuild the index")
     return index
 
 
@@ -594,17 +531,7 @@ COSTS_RESOURCE = "index-costs.json"
 
 def bytes_per_vector(index_type: str, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> float:
     """Bytes each passage costs in an index of ``index_type`` (vectors, codes, graph links, ids)."""
-    pq_m = pq_m or max(1, dim // 4)
-    return {
-        "flat": 4 * dim,
-        "flat-fp16": 2 * dim,
-        "flat-sq8": dim,
-        # float32 vector (+1 coordinate for the transform), 2M level-0 links of 4 bytes, upper levels ~1/M of that
-        "hnsw": 4 * (dim + 1) + 8 * hnsw_m * (1 + 1 / hnsw_m) + 4,
-        "ivf-flat": 4 * dim + 8,  # + the 64-bit id stored in its inverted list
-        "ivf-pq": pq_m + 8,
-        "opq-pq": pq_m + 8,
-    }[index_type]
+    return get(index_type).bytes_per_vector(dim, IndexParams(hnsw_m=hnsw_m, pq_m=pq_m or max(1, dim // 4)))
 
 
 def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> list[dict]:
@@ -619,16 +546,11 @@ def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None)
         costs = {}
     p = IndexParams(hnsw_m=hnsw_m, pq_m=pq_m).resolved(num_passages, dim)
     rows = []
-    for t in INDEX_TYPES:
-        per = bytes_per_vector(t, dim, hnsw_m, p.pq_m)
-        fixed = 0.0
-        if t.startswith("ivf") or t == "opq-pq":
-            fixed += 4 * dim * (p.nlist or 1)  # centroids
-        if t == "opq-pq":
-            fixed += 4 * dim * dim  # rotation
-        total = per * num_passages + fixed
+    for t, spec in INDEX_TYPES.items():
+        per = spec.bytes_per_vector(dim, p)
+        total = per * num_passages + spec.fixed_bytes(dim, p)
         rows.append({"type": t, "bytes_per_passage": per, "ram_bytes": total, "disk_bytes": total, "measured": costs.get(t)})
-        if t in ("ivf-pq", "opq-pq"):  # codes in RAM; float32 vectors on disk, read k x R rows per query
+        if spec.pq:  # codes in RAM; float32 vectors on disk, read k x R rows per query
             rows.append({"type": f"{t}+rerank", "bytes_per_passage": per, "ram_bytes": total,
                          "disk_bytes": total + 4 * dim * num_passages, "measured": costs.get(f"{t}+rerank")})  # fmt: skip
     return rows
