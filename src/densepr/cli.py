@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from densepr.errors import DenseprError
-from densepr.index.types import INDEX_TYPES
+from densepr.index.types import INDEX_TYPES, IndexParams
 from densepr.progress import console
 from densepr.retrieve.modes import Mode
-from densepr.train.config import ReaderTrainConfig, TrainConfig, default
+from densepr.serve.service import Limits
+from densepr.train.config import ReaderTrainConfig, TrainConfig
 
 app = typer.Typer(
     name="densepr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -38,6 +40,12 @@ DEFAULT_INDEX = Path("runs/embedded")
 IndexOpt = Annotated[Path, typer.Option(help="Index directory: passages.tsv, bm25/, dense/, hybrid.json (default: what `densepr reproduce` built).")]
 _MODES = ", ".join(Mode.values())
 ModeOpt = Annotated[Optional[str], typer.Option(help=f"Retrieval mode: {_MODES} (default: hybrid when both indexes exist).")]
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``cls.name``: options fall back to the one definition in the library."""
+    field = cls.__dataclass_fields__[name]
+    return field.default if field.default is not MISSING else field.default_factory()
 
 
 def _log(msg: str) -> None:
@@ -223,14 +231,14 @@ def index_dense(
     output: Annotated[Path, typer.Argument(help="Index directory to write.")],
     type: Annotated[str, typer.Option("--type", help="Index type: " + "; ".join(f"{t.name}: {t.description}" for t in INDEX_TYPES.values()) + ".")] = "flat",
     num_shards: Annotated[int, typer.Option(help="Split the index into this many files (searched together).")] = 1,
-    hnsw_m: Annotated[int, typer.Option(help="hnsw: neighbours per node.")] = 32,
-    ef_construction: Annotated[int, typer.Option(help="hnsw: build-time search width.")] = 200,
-    ef_search: Annotated[int, typer.Option(help="hnsw: query-time search width.")] = 256,
-    nlist: Annotated[Optional[int], typer.Option(help="ivf-*: k-means cells (default ~4 sqrt(N)).")] = None,
-    nprobe: Annotated[int, typer.Option(help="ivf-*: cells visited per query.")] = 64,
-    pq_m: Annotated[Optional[int], typer.Option(help="ivf-pq/opq-pq: bytes per vector (default dim/4).")] = None,
-    rerank: Annotated[int, typer.Option(help="Compressed types: re-score the top k x RERANK exactly from the embeddings on disk (0 = off).")] = 0,
-    train_size: Annotated[int, typer.Option(help="Vectors sampled to train quantisers.")] = 100_000,
+    hnsw_m: Annotated[int, typer.Option(help="hnsw: neighbours per node.")] = _default(IndexParams, 'hnsw_m'),
+    ef_construction: Annotated[int, typer.Option(help="hnsw: build-time search width.")] = _default(IndexParams, 'ef_construction'),
+    ef_search: Annotated[int, typer.Option(help="hnsw: query-time search width.")] = _default(IndexParams, 'ef_search'),
+    nlist: Annotated[Optional[int], typer.Option(help="ivf-*: k-means cells (default ~4 sqrt(N)).")] = _default(IndexParams, 'nlist'),
+    nprobe: Annotated[int, typer.Option(help="ivf-*: cells visited per query.")] = _default(IndexParams, 'nprobe'),
+    pq_m: Annotated[Optional[int], typer.Option(help="ivf-pq/opq-pq: bytes per vector (default dim/4).")] = _default(IndexParams, 'pq_m'),
+    rerank: Annotated[int, typer.Option(help="Compressed types: re-score the top k x RERANK exactly from the embeddings on disk (0 = off).")] = _default(IndexParams, "rerank"),
+    train_size: Annotated[int, typer.Option(help="Vectors sampled to train quantisers.")] = _default(IndexParams, 'train_size'),
     checkpoint_seconds: Annotated[float, typer.Option(help="Save build progress at most this often (a killed build resumes from it).")] = 300.0,
 ) -> None:
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
@@ -257,7 +265,7 @@ def index_dense(
 def index_plan(
     num_passages: Annotated[int, typer.Option(help="Passages to index (DPR's Wikipedia: 21015324).")] = 21_015_324,
     dim: Annotated[int, typer.Option(help="Vector dimension (BERT-base: 768).")] = 768,
-    hnsw_m: int = 32,
+    hnsw_m: int = _default(IndexParams, "hnsw_m"),
     pq_m: Annotated[Optional[int], typer.Option(help="PQ bytes per vector (default dim/4).")] = None,
 ) -> None:
     """Memory and disk for each index type at a given scale, with the accuracy cost measured here."""
@@ -488,27 +496,27 @@ def evaluate(
 def train_cmd(
     train_file: Annotated[Path, typer.Option("--train", help="DPR retriever JSON (what `data build-train` writes, or biencoder-*.json).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (checkpoint/, best/, metrics.jsonl).")],
-dev_file: Annotated[Optional[Path], typer.Option("--dev", help="Held-out DPR retriever JSON for validation each epoch.")] = default(TrainConfig, 'dev_file'),
+dev_file: Annotated[Optional[Path], typer.Option("--dev", help="Held-out DPR retriever JSON for validation each epoch.")] = _default(TrainConfig, 'dev_file'),
     init: Annotated[Optional[Path], typer.Option(help="Initial model directory or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,
-shared: Annotated[bool, typer.Option("--shared", help="One encoder for questions and passages.")] = default(TrainConfig, 'shared'),
-pooling: Annotated[Optional[str], typer.Option(help="cls or mean (default: the model's own).")] = default(TrainConfig, 'pooling'),
-normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors (DPR: no, raw dot product).")] = default(TrainConfig, 'normalize'),
-batch_size: Annotated[int, typer.Option(help="Questions per step over all processes.")] = default(TrainConfig, 'batch_size'),
-    hard_negatives: Annotated[int, typer.Option(help="BM25 hard negatives per question (0 = in-batch negatives only).")] = default(TrainConfig, "hard_negatives"),
-random_negatives: int = default(TrainConfig, 'random_negatives'),
-epochs: int = default(TrainConfig, 'epochs'),
-    lr: float = default(TrainConfig, "lr"),
-warmup_steps: int = default(TrainConfig, 'warmup_steps'),
-weight_decay: float = default(TrainConfig, 'weight_decay'),
-max_grad_norm: float = default(TrainConfig, 'max_grad_norm'),
-max_length: Annotated[int, typer.Option(help="Tokens per question or passage.")] = default(TrainConfig, 'max_length'),
-    grad_cache_chunk: Annotated[int, typer.Option(help="Gradient caching with chunks of this many sequences (0 = off).")] = default(TrainConfig, "grad_cache_chunk"),
-save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = default(TrainConfig, 'save_every'),
-max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = default(TrainConfig, 'max_steps'),
-seed: int = default(TrainConfig, 'seed'),
+shared: Annotated[bool, typer.Option("--shared", help="One encoder for questions and passages.")] = _default(TrainConfig, 'shared'),
+pooling: Annotated[Optional[str], typer.Option(help="cls or mean (default: the model's own).")] = _default(TrainConfig, 'pooling'),
+normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors (DPR: no, raw dot product).")] = _default(TrainConfig, 'normalize'),
+batch_size: Annotated[int, typer.Option(help="Questions per step over all processes.")] = _default(TrainConfig, 'batch_size'),
+    hard_negatives: Annotated[int, typer.Option(help="BM25 hard negatives per question (0 = in-batch negatives only).")] = _default(TrainConfig, "hard_negatives"),
+random_negatives: int = _default(TrainConfig, 'random_negatives'),
+epochs: int = _default(TrainConfig, 'epochs'),
+    lr: float = _default(TrainConfig, "lr"),
+warmup_steps: int = _default(TrainConfig, 'warmup_steps'),
+weight_decay: float = _default(TrainConfig, 'weight_decay'),
+max_grad_norm: float = _default(TrainConfig, 'max_grad_norm'),
+max_length: Annotated[int, typer.Option(help="Tokens per question or passage.")] = _default(TrainConfig, 'max_length'),
+    grad_cache_chunk: Annotated[int, typer.Option(help="Gradient caching with chunks of this many sequences (0 = off).")] = _default(TrainConfig, "grad_cache_chunk"),
+save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = _default(TrainConfig, 'save_every'),
+max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = _default(TrainConfig, 'max_steps'),
+seed: int = _default(TrainConfig, 'seed'),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
-tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to <output>/tensorboard.")] = default(TrainConfig, 'tensorboard'),
-skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) invalid training records instead of stopping.")] = default(TrainConfig, 'skip_bad'),
+tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to <output>/tensorboard.")] = _default(TrainConfig, 'tensorboard'),
+skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) invalid training records instead of stopping.")] = _default(TrainConfig, 'skip_bad'),
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -605,25 +613,25 @@ def reproduce(
 def train_reader_cmd(
     train_files: Annotated[list[Path], typer.Option("--train", help="DPR result JSON with ctxs and has_answer (`densepr retrieve -o`); repeat for several.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (checkpoint/, best/, metrics.jsonl).")],
-dev_file: Annotated[Optional[Path], typer.Option("--dev", help="DPR result JSON of held-out questions: EM each epoch, best kept, top-k tuned.")] = default(ReaderTrainConfig, 'dev_file'),
+dev_file: Annotated[Optional[Path], typer.Option("--dev", help="DPR result JSON of held-out questions: EM each epoch, best kept, top-k tuned.")] = _default(ReaderTrainConfig, 'dev_file'),
     holdout: Annotated[Optional[list[Path]], typer.Option("--holdout", help="QA file(s) whose questions are never trained on (e.g. the --dev questions).")] = None,
     init: Annotated[Optional[Path], typer.Option(help="BERT-family model directory or DPRReader checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,
-passages: Annotated[int, typer.Option(help="M: passages per question per step, 1 positive + M-1 negatives (the paper: 24).")] = default(ReaderTrainConfig, 'passages'),
-batch_size: Annotated[int, typer.Option(help="Questions per step.")] = default(ReaderTrainConfig, 'batch_size'),
-epochs: int = default(ReaderTrainConfig, 'epochs'),
+passages: Annotated[int, typer.Option(help="M: passages per question per step, 1 positive + M-1 negatives (the paper: 24).")] = _default(ReaderTrainConfig, 'passages'),
+batch_size: Annotated[int, typer.Option(help="Questions per step.")] = _default(ReaderTrainConfig, 'batch_size'),
+epochs: int = _default(ReaderTrainConfig, 'epochs'),
     lr: Annotated[float, typer.Option(help="Learning rate (DPR: 1e-5).")] = 1e-5,
-warmup_steps: int = default(ReaderTrainConfig, 'warmup_steps'),
-max_length: Annotated[int, typer.Option(help="Tokens per window (question + title + text).")] = default(ReaderTrainConfig, 'max_length'),
-max_answer_length: Annotated[int, typer.Option(help="Longest answer span in tokens.")] = default(ReaderTrainConfig, 'max_answer_length'),
-dropout: Annotated[Optional[float], typer.Option(help="Dropout (default: the model's own, BERT 0.1).")] = default(ReaderTrainConfig, 'dropout'),
-depth: Annotated[int, typer.Option(help="Retrieved passages looked at per question for positives and negatives.")] = default(ReaderTrainConfig, 'depth'),
+warmup_steps: int = _default(ReaderTrainConfig, 'warmup_steps'),
+max_length: Annotated[int, typer.Option(help="Tokens per window (question + title + text).")] = _default(ReaderTrainConfig, 'max_length'),
+max_answer_length: Annotated[int, typer.Option(help="Longest answer span in tokens.")] = _default(ReaderTrainConfig, 'max_answer_length'),
+dropout: Annotated[Optional[float], typer.Option(help="Dropout (default: the model's own, BERT 0.1).")] = _default(ReaderTrainConfig, 'dropout'),
+depth: Annotated[int, typer.Option(help="Retrieved passages looked at per question for positives and negatives.")] = _default(ReaderTrainConfig, 'depth'),
     regex: Annotated[bool, typer.Option("--regex", help="Answers are regexes (CuratedTREC).")] = False,
-dev_limit: Annotated[Optional[int], typer.Option(help="Validate on the first N dev questions.")] = default(ReaderTrainConfig, 'dev_limit'),
-eval_every: Annotated[int, typer.Option(help="Also validate every N steps (0: once per epoch).")] = default(ReaderTrainConfig, 'eval_every'),
-save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = default(ReaderTrainConfig, 'save_every'),
-max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = default(ReaderTrainConfig, 'max_steps'),
-max_questions: Annotated[Optional[int], typer.Option(help="Train on the first N usable questions only.")] = default(ReaderTrainConfig, 'max_questions'),
-seed: int = default(ReaderTrainConfig, 'seed'),
+dev_limit: Annotated[Optional[int], typer.Option(help="Validate on the first N dev questions.")] = _default(ReaderTrainConfig, 'dev_limit'),
+eval_every: Annotated[int, typer.Option(help="Also validate every N steps (0: once per epoch).")] = _default(ReaderTrainConfig, 'eval_every'),
+save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = _default(ReaderTrainConfig, 'save_every'),
+max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = _default(ReaderTrainConfig, 'max_steps'),
+max_questions: Annotated[Optional[int], typer.Option(help="Train on the first N usable questions only.")] = _default(ReaderTrainConfig, 'max_questions'),
+seed: int = _default(ReaderTrainConfig, 'seed'),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
@@ -760,20 +768,20 @@ def serve_cmd(
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory: enables POST /answer and answers on the page.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (default loopback only; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    max_question_chars: int = 1000,
-    max_k: int = 100,
-    max_questions: Annotated[int, typer.Option(help="Questions per /search request.")] = 64,
-    max_body_bytes: int = 256 * 1024,
-    timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 30.0,
-    max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 2.0,
-    max_queue: Annotated[int, typer.Option(help="Questions that may wait for the model; more get 503 with Retry-After.")] = 256,
-    max_answers: Annotated[int, typer.Option(help="Gold answers per question in /search 'answers'.")] = 32,
-    max_answer_chars: Annotated[int, typer.Option(help="Characters in one gold answer.")] = 500,
-    max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = 20_000,
-    read_timeout: Annotated[float, typer.Option(help="Seconds for a whole request (headers and body) to arrive; else 408 and close.")] = 10.0,
-    timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
-    max_connections: Annotated[int, typer.Option(help="Open connections at once; more get 503 and are closed.")] = 256,
+    max_question_chars: int = _default(Limits, 'max_question_chars'),
+    max_k: int = _default(Limits, 'max_k'),
+    max_questions: Annotated[int, typer.Option(help="Questions per /search request.")] = _default(Limits, 'max_questions'),
+    max_body_bytes: int = _default(Limits, 'max_body_bytes'),
+    timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = _default(Limits, 'timeout_s'),
+    max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = _default(Limits, "max_batch"),
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = _default(Limits, 'max_wait_ms'),
+    max_queue: Annotated[int, typer.Option(help="Questions that may wait for the model; more get 503 with Retry-After.")] = _default(Limits, 'max_queue'),
+    max_answers: Annotated[int, typer.Option(help="Gold answers per question in /search 'answers'.")] = _default(Limits, 'max_answers'),
+    max_answer_chars: Annotated[int, typer.Option(help="Characters in one gold answer.")] = _default(Limits, 'max_answer_chars'),
+    max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = _default(Limits, 'max_answers_total_chars'),
+    read_timeout: Annotated[float, typer.Option(help="Seconds for a whole request (headers and body) to arrive; else 408 and close.")] = _default(Limits, 'read_timeout_s'),
+    timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = _default(Limits, 'keep_alive_s'),
+    max_connections: Annotated[int, typer.Option(help="Open connections at once; more get 503 and are closed.")] = _default(Limits, 'max_connections'),
     device: DeviceOpt = None,
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /."""

@@ -1,14 +1,13 @@
 """Training configurations: every setting a run depends on, each default defined here once.
 
 Saved as the run's ``config.json``; a resumed run must match it (``max_steps`` may change). The
-CLI's options take their defaults from these classes (:func:`default`). Torch-free, so reading a
+CLI's options take their defaults from these classes. Torch-free, so reading a
 default does not load torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 
 @dataclass(kw_only=True)
@@ -71,14 +70,3 @@ class ReaderTrainConfig(OptimConfig):
     dev_limit: int | None = 500  # validation questions (the first N of the dev file)
     max_questions: int | None = None  # use only the first N usable training questions
 
-
-def default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls`` (what a CLI option falls back to)."""
-    for f in fields(cls):
-        if f.name == name:
-            if f.default is not MISSING:
-                return f.default
-            if f.default_factory is not MISSING:
-                return f.default_factory()
-            raise KeyError(f"{cls.__name__}.{name} has no default")
-    raise KeyError(f"{cls.__name__} has no field {name!r}")
