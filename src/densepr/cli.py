@@ -162,10 +162,16 @@ def data_build_train(
     random_negatives: Annotated[int, typer.Option(help="Random answerless passages per question.")] = 10,
     seed: int = 0,
     allow_test: Annotated[bool, typer.Option("--allow-test", help="Permit mining a *test* set (never do this for reported results).")] = False,
+    negatives_from: Annotated[Optional[Path], typer.Option(help="Index directory of a trained model (passages.tsv, dense/ [, bm25/]): "
+                              "hard negatives from its own top-k, positives from its or BM25's.")] = None,
+    mode: Annotated[str, typer.Option(help="With --negatives-from: the model's ranking, dense or hybrid.")] = Mode.DENSE.value,
+    skip_top: Annotated[int, typer.Option(help="Answerless passages ranked above this are not used as hard negatives (likely unlabelled positives).")] = 0,
+    device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Mine DPR training data: BM25's best answer-bearing passage is the positive, its answerless
-    passages the hard negatives; questions without a positive are dropped (DPR Section 5.2)."""
+    passages the hard negatives; questions without a positive are dropped (DPR Section 5.2).
+    With --negatives-from, re-mine with a trained model: its answerless top-k are the hard negatives."""
     _check_output(output, "file", "training JSON")
     _check_output(output.with_suffix(".stats.json"), "file", "mining statistics")
     _check_output(val_output, "file", "validation JSON")
@@ -175,6 +181,7 @@ def data_build_train(
     from densepr.data.qa import QASet
     from densepr.fileio import write_json
     from densepr.retrieve.bm25 import BM25Index
+    from densepr.retrieve.retriever import Retriever
     from densepr.train.mining import MiningStats, mine, split_holdout
 
     sets = [_load_qa(q, None, None, cache_dir) for q in qa]
@@ -183,13 +190,28 @@ def data_build_train(
         raise DenseprError(f"refusing to build training data from test set(s) {', '.join(tests)}; train on dev/train sets (or --allow-test)")
     if not 0 <= val_fraction < 1:
         raise DenseprError("--val-fraction must be in [0, 1)")
+    if skip_top < 0 or skip_top >= depth:
+        raise DenseprError(f"--skip-top must be between 0 and --depth ({depth}) - 1")
     corpus = load_corpus(index / "passages.tsv")
     bm25 = BM25Index.load(index / "bm25", corpus=corpus)
+    model_rank = None
+    if negatives_from is not None:
+        model = Retriever.load(negatives_from, device=device)
+        if model.corpus.fingerprint() != corpus.fingerprint():
+            raise DenseprError(f"{negatives_from}: its passages.tsv differs from {index / 'passages.tsv'}; re-mine over the same corpus")
+        mode = model.check_mode(mode).value  # a clear error when the model's index lacks what the mode needs
+
+        def model_rank(questions, k):
+            return model.retrieve(questions, k, mode)
+
     splits = [split_holdout(s, val_fraction, seed) for s in sets]
-    kw = dict(depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed)
+    kw = dict(depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed,
+              negatives_from=model_rank, skip_top=skip_top)  # fmt: skip
     train_stats, val_stats = MiningStats(), MiningStats()
     n_train = write_train_records(mine([t for t, _ in splits], corpus, bm25, stats=train_stats, **kw), output)
-    report = {"train": {"file": str(output), "records": n_train, **train_stats.as_dict()}, "config": {**kw, "val_fraction": val_fraction, "sets": qa}}
+    config = {**{k: v for k, v in kw.items() if k != "negatives_from"}, "val_fraction": val_fraction, "sets": qa,
+              "negatives_from": str(negatives_from) if negatives_from else None, "mode": mode if negatives_from else "bm25"}  # fmt: skip
+    report = {"train": {"file": str(output), "records": n_train, **train_stats.as_dict()}, "config": config}
     if val_output and val_fraction > 0:
         n_val = write_train_records(mine([v for _, v in splits], corpus, bm25, stats=val_stats, **kw), val_output)
         held = QASet("heldout", [q for _, v in splits for q in v.items], "string")
@@ -203,7 +225,8 @@ def data_build_train(
         if part in report:
             r = report[part]
             per = ", ".join(f"{n}: {r['kept'][n]}/{r['questions'][n]}" for n in r["questions"])
-            out.print(f"{part}: {r['records']} questions kept ({per}; the rest had no answer in BM25's top {depth}) -> {r['file']}")
+            src = "BM25's" if negatives_from is None else f"BM25's or the model's ({mode})"
+            out.print(f"{part}: {r['records']} questions kept ({per}; the rest had no answer in {src} top {depth}) -> {r['file']}")
 
 
 # -- indexes ------------------------------------------------------------------------------------
@@ -745,7 +768,7 @@ def evaluate_qa_cmd(
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     r = Retriever.load(index, device=device)
     for m in mode_list:
-        r._need(m)
+        r.check_mode(m)
     rd = Reader.load(_default_reader(reader), device)
     matcher = AnswerMatcher(r.corpus.texts)
     results = {"reader": rd.name, "index": str(index), "ks": k_list, "modes": mode_list, "limit": limit, "sets": {}}

@@ -96,7 +96,8 @@ class Retriever:
         """Hybrid when both indexes exist, else the one there is."""
         return Mode.HYBRID if Mode.HYBRID in self.modes else Mode(self.modes[0])
 
-    def _need(self, mode: str | Mode) -> Mode:
+    def check_mode(self, mode: str | Mode) -> Mode:
+        """``mode`` as a :class:`Mode`, or a clear error when unknown or this retriever lacks its indexes."""
         mode = Mode.parse(mode)
         if mode not in self.modes:
             need = " and ".join({"bm25": "a BM25", "dense": "a dense"}[n] for n in mode.needs)
@@ -119,7 +120,7 @@ class Retriever:
         ``also_lambdas``: hybrid rankings at these lambdas too, keyed ``"hybrid-<lambda>"``
         (reproduce reports the paper's 1.1 beside the tuned value from the same searches).
         """
-        wanted = [self._need(m) for m in modes]
+        wanted = [self.check_mode(m) for m in modes]
         needed = {n for m in wanted for n in m.needs} | ({"bm25", "dense"} if also_lambdas else set())
         depth = max(k, self.depth) if also_lambdas or any(m.fused for m in wanted) else k
         sparse = self.bm25.search(questions, depth) if "bm25" in needed else None
