@@ -157,12 +157,12 @@ def data_build_train(
     index: IndexOpt = DEFAULT_INDEX,
     val_output: Annotated[Optional[Path], typer.Option(help="DPR retriever JSON for the held-out validation slice.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction of each set's questions held out for validation.")] = 0.1,
-    depth: Annotated[int, typer.Option(help="BM25 passages looked at per question (the paper: 100).")] = 100,
-    hard_negatives: Annotated[int, typer.Option(help="Answerless BM25 passages kept per question.")] = 30,
+    depth: Annotated[int, typer.Option(help="Passages of each ranked list looked at per question (the paper: 100).")] = 100,
+    hard_negatives: Annotated[int, typer.Option(help="Answerless passages of BM25's (or the model's) list kept per question.")] = 30,
     random_negatives: Annotated[int, typer.Option(help="Random answerless passages per question.")] = 10,
     seed: int = 0,
     allow_test: Annotated[bool, typer.Option("--allow-test", help="Permit mining a *test* set (never do this for reported results).")] = False,
-    negatives_from: Annotated[Optional[Path], typer.Option(help="Index directory of a trained model (passages.tsv, dense/ [, bm25/]): "
+    negatives_from: Annotated[Optional[Path], typer.Option(help="Index directory of a trained model over the same passages.tsv (passages.tsv, dense/ [, bm25/]): "
                               "hard negatives from its own top-k, positives from its or BM25's.")] = None,
     mode: Annotated[str, typer.Option(help="With --negatives-from: the model's ranking, dense or hybrid.")] = Mode.DENSE.value,
     skip_top: Annotated[int, typer.Option(help="Answerless passages ranked above this are not used as hard negatives (likely unlabelled positives).")] = 0,
@@ -192,13 +192,18 @@ def data_build_train(
         raise DenseprError("--val-fraction must be in [0, 1)")
     if skip_top < 0 or skip_top >= depth:
         raise DenseprError(f"--skip-top must be between 0 and --depth ({depth}) - 1")
+    if negatives_from is not None and mode not in (Mode.DENSE.value, Mode.HYBRID.value):
+        raise DenseprError(f"--mode must be dense or hybrid, not {mode!r} (BM25 mining is the default without --negatives-from)")
     corpus = load_corpus(index / "passages.tsv")
     bm25 = BM25Index.load(index / "bm25", corpus=corpus)
     model_rank = None
     if negatives_from is not None:
         model = Retriever.load(negatives_from, device=device)
         if model.corpus.fingerprint() != corpus.fingerprint():
-            raise DenseprError(f"{negatives_from}: its passages.tsv differs from {index / 'passages.tsv'}; re-mine over the same corpus")
+            raise DenseprError(f"{negatives_from}: its passages.tsv differs from {index / 'passages.tsv'} (corpus fingerprints differ); "
+                               "re-mine with a model index over the same corpus")  # fmt: skip
+        if model.bm25 is None:
+            model.bm25 = bm25  # hybrid may borrow --index's BM25: same corpus
         mode = model.check_mode(mode).value  # a clear error when the model's index lacks what the mode needs
 
         def model_rank(questions, k):

@@ -10,12 +10,13 @@ files and ours feed the same trainer.
 Re-mining (the DPR follow-ups' "adversarial" negatives, ANCE's idea): ``negatives_from`` gives
 a trained model's own ranking; its answerless passages become the hard negatives (after
 ``skip_top`` ranks, where unlabelled positives are likeliest), and the positive is the model's
-best answer-bearing passage, else BM25's, so questions either list answers survive.
+best answer-bearing passage, else BM25's (or other ``positives_also`` lists'), so questions
+either list answers survive. ``MiningStats`` counts where each positive came from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,20 +28,40 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BM25Index
 
+Ranking = Callable[[Sequence[str], int], SearchResult] | Sequence[SearchResult]
+"""A ranked list per question: a search function ``(questions, k) -> SearchResult``, or one
+precomputed :class:`SearchResult` per set (rows in the set's question order)."""
+
 
 @dataclass
 class MiningStats:
-    """How many questions each set gave and why the others were dropped."""
+    """How many questions each set gave, why the others were dropped, and which list gave the positives."""
 
     questions: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     no_positive: dict[str, int] = field(default_factory=dict)
     hard_negatives: int = 0
-    positive_from: dict[str, int] = field(default_factory=dict)  # which list gave each positive
+    positive_from: dict[str, int] = field(default_factory=dict)  # list name -> positives taken from it
+    answer_in: dict[str, int] = field(default_factory=dict)  # list name -> questions with an answer in its top depth
+    rescued_by: dict[str, int] = field(default_factory=dict)  # list name -> questions only it answered (kept thanks to it)
 
     def as_dict(self) -> dict:
         return {"questions": self.questions, "kept": self.kept, "dropped_no_positive_in_bm25_top": self.no_positive,
-                "hard_negatives_total": self.hard_negatives, "positive_from": self.positive_from}  # fmt: skip
+                "hard_negatives_total": self.hard_negatives, "positive_from": self.positive_from,
+                "answer_in": self.answer_in, "rescued_by": self.rescued_by}  # fmt: skip
+
+
+def _ranked(ranking: Ranking, s: int, qas: QASet, depth: int) -> SearchResult:
+    """The ranking's lists for set number ``s``, cut to ``depth``."""
+    if callable(ranking):
+        res = ranking(qas.questions, depth)
+    elif len(ranking) <= s:
+        raise ValueError(f"a precomputed ranking has {len(ranking)} results; set {s + 1} ({qas.name}) has none")
+    else:
+        res = ranking[s]
+    if len(res.rows) != len(qas):
+        raise ValueError(f"{qas.name}: {len(res.rows)} ranked lists for {len(qas)} questions")
+    return res.top(depth)
 
 
 def mine(
@@ -53,44 +74,62 @@ def mine(
     random_negatives: int = 10,
     seed: int = 0,
     stats: MiningStats | None = None,
-    negatives_from: Callable[[Sequence[str], int], SearchResult] | None = None,
+    negatives_from: Ranking | None = None,
+    positives_also: Mapping[str, Ranking] | None = None,
     skip_top: int = 0,
 ) -> Iterator[TrainRecord]:
-    """Yield one :class:`TrainRecord` per question whose answer BM25 (or ``negatives_from``) finds in its top ``depth``.
+    """Yield one :class:`TrainRecord` per question with an answer-bearing passage in one of the lists.
+
+    The *negatives list* (``negatives_from``, named ``"model"``; BM25's by default) gives the hard
+    negatives, its answerless passages best first from rank ``skip_top`` on, and the positive: its
+    highest-ranked answer-bearing passage. When it holds none, the positive is the best answer-bearing
+    passage of the first of ``positives_also`` that holds one; else the question is dropped.
 
     Args:
         sets: question/answer sets (the match type of each decides string or regex matching).
         corpus: the passages.
         bm25: a BM25 index over ``corpus``.
-        depth: how many BM25 passages to look at (the paper: 100).
-        hard_negatives: keep up to this many answerless BM25 passages, best first.
+        depth: how many passages of each list to look at (the paper: 100).
+        hard_negatives: keep up to this many answerless passages of the negatives list, best first.
         random_negatives: random answerless passages per question.
         seed: for the random negatives.
         stats: filled with counts as records are produced.
-        negatives_from: ``(questions, depth) -> SearchResult``, a trained model's ranking: hard
-            negatives come from it, positives from it or else from BM25 (None: BM25 alone, DPR's rule).
+        negatives_from: a trained model's ranking (a search function or one result per set); None:
+            BM25's, the paper's rule.
+        positives_also: name -> ranking, lists searched (in this order) only for a positive when the
+            negatives list has none; None: BM25's when ``negatives_from`` is given, else none.
         skip_top: answerless passages ranked above this (0-based) are not used as hard negatives.
     """
+    if skip_top < 0:
+        raise ValueError("skip_top must be >= 0")
     stats = stats if stats is not None else MiningStats()
     matcher = AnswerMatcher(corpus.texts)
     rng = np.random.default_rng(seed)
-    for qas in sets:
+    sources: list[tuple[str, Ranking]] = [("bm25", bm25.search)] if negatives_from is None else [("model", negatives_from)]
+    if positives_also is None:
+        positives_also = {} if negatives_from is None else {"bm25": bm25.search}
+    sources += list(positives_also.items())
+    if len({n for n, _ in sources}) < len(sources):
+        raise ValueError(f"ranking names must differ: {[n for n, _ in sources]}")
+    for s, qas in enumerate(sets):
         stats.questions[qas.name] = len(qas)
         stats.kept[qas.name] = stats.no_positive[qas.name] = 0
-        sparse = bm25.search(qas.questions, depth)
-        res = negatives_from(qas.questions, depth) if negatives_from is not None else sparse
-        lists = [("model" if negatives_from is not None else "bm25", res)] + ([("bm25", sparse)] if negatives_from is not None else [])
-        all_hits = matcher.hits_many([r.rows for _, r in lists], qas)
+        lists = [_ranked(r, s, qas, depth) for _, r in sources]
+        all_hits = matcher.hits_many([r.rows for r in lists], qas)
+        for name, hits in zip((n for n, _ in sources), all_hits):
+            stats.answer_in[name] = stats.answer_in.get(name, 0) + int(hits.any(axis=1).sum())
         for i, qa in enumerate(qas.items):
-            rows, h = res.rows[i], all_hits[0][i]
+            rows, h = lists[0].rows[i], all_hits[0][i]
             valid = rows >= 0
-            source = next((j for j, hits in enumerate(all_hits) if hits[i].any()), None)
-            if source is None:
+            answered = [j for j, hits in enumerate(all_hits) if hits[i].any()]
+            if not answered:
                 stats.no_positive[qas.name] += 1
                 continue
-            name, found = lists[source]
-            pos = int(found.rows[i][np.argmax(all_hits[source][i])])
-            stats.positive_from[name] = stats.positive_from.get(name, 0) + 1
+            source = answered[0]
+            pos = int(lists[source].rows[i][np.argmax(all_hits[source][i])])
+            stats.positive_from[sources[source][0]] = stats.positive_from.get(sources[source][0], 0) + 1
+            if len(answered) == 1 and len(sources) > 1:
+                stats.rescued_by[sources[source][0]] = stats.rescued_by.get(sources[source][0], 0) + 1
             hard = [int(r) for rank, (r, v, a) in enumerate(zip(rows, valid, h)) if v and not a and rank >= skip_top][:hard_negatives]
             taken = set(rows[valid].tolist()) | {pos}
             rand: list[int] = []
