@@ -16,7 +16,7 @@ import densepr
 
 PKG = Path(densepr.__file__).parent
 LAYERS = [
-    {"errors", "fileio", "progress", "machine", "ranking"},  # core: no densepr imports above it
+    {"errors", "fileio", "progress", "machine", "ranking", "stages"},  # core: no densepr imports above it
     {"data"},
     {"models"},
     {"index"},

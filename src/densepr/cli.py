@@ -600,6 +600,7 @@ def reproduce(
     tolerance: Annotated[float, typer.Option(help="With --write-expected: allowed difference in points.")] = 0.5,
     save_dpr_json: Annotated[bool, typer.Option(help="Also write DPR result JSON per test set and method (large).")] = False,
     tune_on: Annotated[Optional[list[str]], typer.Option("--tune-on", help="Sets to tune the hybrid lambda on (repeat; names or QA files; default nq-dev, trivia-dev). Use held-out questions for a model trained on dev.")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one even if current: passages, bm25, dense, tune, evaluate or report.")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -612,7 +613,7 @@ def reproduce(
     from densepr.reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
-                          save_dpr_json=save_dpr_json, device=device)  # fmt: skip
+                          save_dpr_json=save_dpr_json, device=device, force_from=from_stage)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)
