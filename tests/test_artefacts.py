@@ -26,7 +26,7 @@ from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder
 from densepr.retrieve.bm25 import BM25Index
 from tests.support.cli import run
-from tests.support.tiny import PASSAGES, make_tiny_bert
+from tests.support.tiny import PASSAGES, counting_encodes, make_tiny_bert
 
 QUERIES = ["who created python", "highest peak in north america", "first nobel prize in physics", "kangaroo hopping"]
 
@@ -407,13 +407,8 @@ def test_a_damaged_embeddings_part_is_encoded_again_beside_the_rest(tmp_path, co
     _flip_at(out / "part-00001.npy", 200)  # same size: only the checksum tells
     with pytest.raises(DenseprError, match="part-00001.npy: sha256 differs"):
         Embeddings.open(out)
-    calls = []
-    original = encoder.encode_passages
-    encoder.encode_passages = lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
-    try:
+    with counting_encodes(encoder) as calls:
         encode_corpus(encoder, corpus, out, part_size=5)
-    finally:
-        del encoder.encode_passages
     assert calls == [5]  # the intact parts were reused, not encoded again
     np.testing.assert_allclose(np.load(out / "part-00001.npy"), good, rtol=1e-5)
     assert Embeddings.open(out, corpus).manifest["count"] == len(corpus) and _siblings(out) == []

@@ -10,7 +10,7 @@ from densepr.fileio import atomic_write
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder
-from tests.support.tiny import make_tiny_bert
+from tests.support.tiny import counting_encodes, make_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,8 @@ def test_encoding_resumes_from_the_first_missing_part(tmp_path, corpus, encoder)
     before = np.load(out / "part-00001.npy")
     (out / "part-00001.npy").unlink()
     (out / "manifest.json").unlink()
-    calls = []
-    original = encoder.encode_passages
-    encoder.encode_passages = lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
-    try:
+    with counting_encodes(encoder) as calls:
         encode_corpus(encoder, corpus, out, part_size=5)
-    finally:
-        del encoder.encode_passages
     assert calls == [5]  # only the missing part was encoded again
     np.testing.assert_allclose(np.load(out / "part-00001.npy"), before, rtol=1e-5)
     assert Embeddings.open(out).manifest["count"] == len(corpus)

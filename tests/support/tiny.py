@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
+from collections.abc import Iterator
 from pathlib import Path
 
 PASSAGES = [
@@ -59,3 +61,15 @@ def make_tiny_bert(
     if pooling:
         (path / "densepr_encoder.json").write_text(json.dumps({"pooling": pooling, "normalize": normalize, "max_length": 128}))
     return path
+
+
+@contextlib.contextmanager
+def counting_encodes(encoder) -> Iterator[list[int]]:
+    """Yield a list that records how many passages each ``encoder.encode_passages`` call encodes."""
+    calls: list[int] = []
+    original = encoder.encode_passages
+    encoder.encode_passages = lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
+    try:
+        yield calls
+    finally:
+        del encoder.encode_passages
