@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=100)
     ap.add_argument("--hard", type=int, default=30, help="hard negatives kept per question")
     ap.add_argument("--skips", default="0,1,3,5")
+    ap.add_argument("--out", default="remining.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
     skips = [int(x) for x in args.skips.split(",")]
     t_all = time.perf_counter()
@@ -156,7 +157,7 @@ def main() -> None:
                        "tokens": "every answer token occurs in the title or text, any order", "suspect": "any of the three"},
            "rows": rows, "suspect_by_rank_of_answerless_top_depth": by_rank,
            "seconds": {"search": search_s, "total": round(time.perf_counter() - t_all, 1)}, "machine": machine_info()}  # fmt: skip
-    path = RESULTS / "remining.json"
+    path = RESULTS / args.out
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"written to {path} in {out['seconds']['total']}s")
 

@@ -54,18 +54,23 @@ def start_server(index: Path, max_batch: int, extra: list[str]) -> tuple[subproc
     port = free_port()
     cmd = [sys.executable, "-m", "densepr", "serve", "--index", str(index), "--port", str(port), "--max-batch", str(max_batch), "--device", "cpu", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}", 120)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, seconds: float) -> str:
+    """``url`` once its /health answers 200; exits if the server process dies or takes longer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()}")
+            raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server did not start in 120 s")
+    raise SystemExit(f"server did not start in {seconds:.0f} s")
 
 
 async def load(url: str, questions: list[str], clients: int, seconds: float, mode: str, k: int) -> dict:

@@ -169,6 +169,10 @@ def test_sharded_encode_index_types_and_plan(tmp_path, capsys, corpus, tiny_bert
     assert code == 1 and "unknown index type 'annoy'" in err
     code, out, err = run(capsys, "index", "plan", "--num-passages", "21015324", "--dim", "768")
     assert code == 0, err
+    code, out, err = run(capsys, "index", "plan", "--nodes", "4", "--node-ram", "64", "--gpus", "8")
+    assert code == 0 and "8.8 h on 8 GPUs" in out and "approximate per shard" in out, err
+    code, _, err = run(capsys, "index", "plan", "--nodes", "0")
+    assert code == 1 and "must be positive" in err
     assert "21,015,324 passages x 768 dims" in out and "60.1 GiB" in out  # 21M x 768 x 4 bytes, flat
 
 
@@ -187,6 +191,7 @@ WRITERS = [
     ("dir", ("index", "bm25", "{missing}.tsv", "{out}")),
     ("dir", ("index", "dense", "{missing}", "{out}")),
     ("dir", ("encode", "{missing}.tsv", "{out}", "--encoder", "{missing}")),
+    ("dir", ("export-onnx", "{missing}", "{out}")),
     ("dir", ("train", "--train", "{missing}.json", "-o", "{out}", "--init", "{missing}")),
     ("dir", ("train-reader", "--train", "{missing}.json", "-o", "{out}", "--init", "{missing}")),
     ("dir", ("evaluate-qa", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}", "--reader", "{missing}")),

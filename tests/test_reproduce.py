@@ -14,7 +14,7 @@ from densepr.evaluate.tuning import tune_lambda
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import encode_corpus
 from densepr.models.encoder import Encoder
-from densepr.reproduce import ReproduceConfig, check_against, load_expected, uses_defaults
+from densepr.reproduce import ReproduceConfig, check_against, expected_entry, load_expected, uses_defaults
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import fuse_hybrid
 from densepr.retrieve.retriever import Retriever
@@ -37,12 +37,35 @@ def test_check_against_tolerance_and_counts():
     assert check_against({"results": {}}, expected, "smoke") == ["nq-test: not evaluated"]
 
 
-def test_packaged_expected_figures_cover_both_profiles():
+def test_check_against_end_to_end_em():
+    def with_qa(em: float) -> dict:
+        per_k = {"1": {"em": em, "em_answerable": em + 5}, "20": {"em": em + 1, "em_answerable": em + 5}}
+        return {**_summary(20.0), "date": "d", "machine": {}, "config": {},
+                "qa": {"sets": {"nq-test": {"modes": {"dense": {"k": per_k, "fused": {"k": per_k}}}}}}}  # fmt: skip
+
+    entry = expected_entry(with_qa(10.0), 0.5, 3.0)
+    assert entry["qa_tolerance"] == 3.0 and entry["qa"]["nq-test dense fused @20 all"] == 11.0 and len(entry["qa"]) == 8
+    expected = {"dpr": entry}
+    assert check_against(with_qa(12.0), expected, "dpr") == []
+    problems = check_against(with_qa(14.0), expected, "dpr")
+    assert "qa nq-test dense paper @1 all: 14.0 vs committed 10.0 (tolerance ±3.0)" in problems and len(problems) == 8
+    assert len(check_against(_summary(20.0), expected, "dpr")) == 8  # the reader stages did not run: every EM missing
+    assert "qa" not in expected_entry({**_summary(20.0), "date": "d", "machine": {}, "config": {}}, 0.5)  # a run without a reader commits no EM
+
+
+def test_packaged_expected_figures_cover_the_profiles_ci_and_the_readme_run():
+    from densepr.reproduce import PROFILES
+
     expected = load_expected()
-    for profile in ("full", "smoke"):
+    for profile in ("full", "smoke", "dpr-smoke", *(["dpr"] if "dpr" in expected else [])):
         entry = expected[profile]
         assert set(entry["results"]) == {"nq-test", "trivia-test", "wq-test", "curated-test", "squad-test"}
         assert entry["tolerance"] > 0 and entry["config"]["profile"] == profile
+        if PROFILES[profile].reader is not None:  # the reader stages' end-to-end EM is committed and checked too
+            rp = PROFILES[profile].reader
+            per_rule = 5 * len(rp.modes) * len(rp.ks) * 2  # sets x modes x k x (all, answerable); fused rows where tuned
+            assert per_rule <= len(entry["qa"]) <= 2 * per_rule and all(f"{ds} dense paper @1 all" in entry["qa"] for ds in entry["results"])
+            assert entry["config"]["reader"]["ks"] == list(rp.ks)
 
 
 def test_only_default_runs_are_compared():
@@ -93,7 +116,9 @@ class _TinyData:
         self.summaries.write_text("the test corpus")
 
     def resolve_qa(self, spec, limit=None, match=None):
-        return load_qa(self._qa, name=spec, limit=limit)
+        from pathlib import Path
+
+        return load_qa(spec, limit=limit) if Path(spec).is_file() else load_qa(self._qa, name=spec, limit=limit)
 
 
 def _tiny_job(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
@@ -142,3 +167,148 @@ def test_the_main_job_skips_current_stages_and_reruns_from_a_stage(monkeypatch, 
     _, ran = job(save_dpr_json=True, force_from="tune")
     assert [s for s in ran if ran[s] == "ran"] == ["tune", "evaluate-set-a", "evaluate-set-b", "report"]
     assert STAGES.index("tune") < STAGES.index("evaluate") < STAGES.index("report")
+
+
+def _tiny_dpr(setattr, setitem, root, corpus, qa_tsv, model_dir, **plan_kw):
+    """Profile ``dpr-tiny``: the training experiment on the test corpus, QA file and tiny BERT."""
+    import densepr.reproduce as rp
+
+    kw = dict(batch_size=2, val_fraction=0.34, epochs=1, round2_epochs=1, max_steps=2, warmup_steps=1, save_every=1, depth=12, mined_hard=3)
+    plan = rp.TrainPlan(**{**kw, **plan_kw})
+    reader = rp.ReaderPlan(depth=6, passages=2, batch_size=2, max_steps=2, max_length=96, warmup_steps=1, save_every=1, dev_limit=3, tune_limit=None,
+                           qa_limit=None, ks=(1, 3))  # fmt: skip
+    setitem(rp.PROFILES, "dpr-tiny", rp.Profile(None, None, corpus_limit=10, train=plan, reader=reader))
+    data = _TinyData(root, corpus, qa_tsv, model_dir)
+    setattr(rp, "EmbeddedData", lambda cache_dir=None: data)
+    setattr(rp, "fetch_embedded", lambda *a, **kw: None)
+    setattr(rp, "load_wiki_summaries", lambda path: corpus)
+    setattr(rp, "plot_topk", lambda curves, path, *a: path.write_bytes(b"png"))
+    return lambda out, **kw: rp.ReproduceConfig(out_dir=out, profile="dpr-tiny", datasets=("set-a",), k=5, depth=12, device="cpu", **kw)
+
+
+def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
+    """Profile dpr end to end on the tiny corpus: mining, three trainings, re-mining, five indexes, the paper-style report."""
+    import densepr.reproduce as rp
+    from densepr.data import load_corpus
+
+    config = _tiny_dpr(monkeypatch.setattr, monkeypatch.setitem, tmp_path, corpus, qa_tsv, tiny_bert)
+    out = tmp_path / "out"
+
+    def job(**kw):
+        summary = rp.run(config(out, **kw), log=lambda m: None)
+        return summary, {r["stage"]: r["status"] for r in summary["stages"]}
+
+    first, ran = job()
+    retrieval = rp.DPR_STAGES[: rp.DPR_STAGES.index("evaluate")]
+    reader = ["reader-data", "train-reader", "tune-reader", "qa-set-a"]
+    assert [s for s, status in ran.items() if status == "ran"] == [*retrieval, "evaluate-set-a", *reader, "report"]
+    assert len(load_corpus(out / "passages.tsv")) == 10  # the profile's corpus limit
+    methods = first["results"]["set-a"]["methods"]
+    assert list(methods) == [str(m) for m in rp.DPR_METHODS]
+    # each model is a real, different training run; round 2 started from round 1's weights on re-mined data
+    cfg2 = rp.read_json(out / "models" / "round2" / "config.json")
+    assert cfg2["init"] == str(out / "models" / "round1" / "best") and cfg2["train_file"].endswith("round2.json")
+    assert rp.read_json(out / "models" / "inbatch" / "config.json")["hard_negatives"] == 0
+    assert first["training"]["mined"]["remine"]["positive_from"].get("model", 0) > 0
+    assert {m: r["steps"] for m, r in first["training"]["runs"].items()} == {"inbatch": 2, "round1": 2, "round2": 2}
+    # the output directory's dense/ is round 2's index: search uses the trained retriever out of the box
+    manifest = rp.read_json(out / "dense" / "manifest.json")
+    assert manifest["question_encoder"].startswith(str((out / "models" / "round2" / "best").resolve()))
+    r = Retriever.load(out, device="cpu")
+    assert r.modes == ["bm25", "dense", "hybrid", "rrf"] and r.search("who wrote hamlet", k=3)
+    report = (out / "results.md").read_text()
+    assert "laid out like the paper's Table 2" in report and "DPR, + re-mined hard negatives (round 2)" in report
+    assert "round 2 (re-mined)" in report
+    # the reader: trained on the trained retriever's results for the non-held-out questions, tuned, read end to end
+    held = {q.question for q in load_qa(out / "train-data" / "train-dev.qa.tsv").items}
+    reader_cfg = rp.read_json(out / "models" / "reader" / "config.json")
+    assert reader_cfg["holdout"] == [str(out / "train-data" / "train-dev.qa.tsv")] and reader_cfg["max_steps"] == 2
+    assert held and {r["question"] for r in rp.read_json(out / "reader-data" / "heldout.json")} == held
+    tuned = rp.read_json(out / "reader" / "densepr_reader.json")["selection"]
+    assert set(tuned) == {"dense", "bm25"} and all(t["k"] in (1, 3) for t in tuned.values())
+    qa = first["qa"]["sets"]["set-a"]
+    assert qa["n_all"] == len(load_qa(out.parent / "qa.tsv").items) and set(qa["modes"]) == {"dense", "bm25"}
+    assert set(qa["modes"]["dense"]["k"]) == {"1", "3"} and "End to end: exact match" in report
+    assert (out / "qa-em.png").stat().st_size > 0
+    # a second run skips everything; --from train-round2 reruns round 2 and what follows, not round 1
+    second, ran = job()
+    assert {s for s, status in ran.items() if status == "ran"} == set() and second["results"] == first["results"]
+    _, ran = job(force_from="train-round2")
+    after = ["train-round2", "dense", "tune", "evaluate-set-a", *reader, "report"]
+    assert [s for s, status in ran.items() if status == "ran"] == after
+    _, ran = job(force_from="qa")  # the reader's own stages: only the end-to-end reading and the report
+    assert [s for s, status in ran.items() if status == "ran"] == ["qa-set-a", "report"]
+    # round 2 from the initial weights is a setting: round 2 and later rerun
+    third, ran = job(round2_init="initial")
+    assert [s for s, status in ran.items() if status == "ran"] == after
+    assert rp.read_json(out / "models" / "round2" / "config.json")["init"] == str(tiny_bert)
+
+
+def test_a_killed_training_stage_resumes_from_its_checkpoint(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
+    import densepr.reproduce as rp
+    import densepr.train.retriever as tr
+
+    config = _tiny_dpr(monkeypatch.setattr, monkeypatch.setitem, tmp_path, corpus, qa_tsv, tiny_bert, max_steps=3)
+    real_train, calls = tr.train, []
+
+    def killed_in_round1(cfg, resume=False, **kw):
+        calls.append((cfg.output_dir.split("/")[-1], resume))
+        if cfg.output_dir.endswith("round1") and not resume:
+            real_train(cfg, resume=resume, stop_after=2, **kw)  # two steps, checkpointed, then "killed"
+            raise KeyboardInterrupt
+        return real_train(cfg, resume=resume, **kw)
+
+    monkeypatch.setattr(tr, "train", killed_in_round1)
+    cfg = config(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        rp.run(cfg, log=lambda m: None)
+    assert not (tmp_path / "out" / "stages" / "train-round1.json").exists()
+    summary = rp.run(cfg, log=lambda m: None)
+    assert ("round1", True) in calls  # continued from its checkpoint, not restarted
+    ran = {r["stage"]: r["status"] for r in summary["stages"]}
+    assert ran["train-inbatch"] == "skipped" and ran["train-round1"] == "ran"
+    assert summary["training"]["runs"]["round1"]["steps"] == 3
+
+
+def _torchrun_worker(rank: int, world: int, port: int, root: str, qa_tsv: str, model_dir: str) -> None:
+    import os
+    from pathlib import Path
+
+    import densepr.reproduce as rp
+    from densepr.data import Corpus, Passage
+    from tests.support.tiny import PASSAGES
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    corpus = Corpus.from_passages(Passage(str(i), t, x) for i, (t, x) in enumerate(PASSAGES, 1))
+    config = _tiny_dpr(setattr, lambda d, k, v: d.__setitem__(k, v), Path(root), corpus, Path(qa_tsv), Path(model_dir), batch_size=4)
+    summary = rp.run(config(Path(root) / "multi"), log=lambda m: None)
+    assert (summary == {}) == (rank != 0)
+
+
+@pytest.mark.slow  # two processes, each loading torch: ~1 min
+def test_the_dpr_profile_under_torchrun_trains_on_every_process_and_matches_one_process(monkeypatch, tmp_path, corpus, qa_tsv):
+    """``torchrun -m densepr reproduce --profile dpr`` in miniature: 2 gloo processes; training uses both (one global
+    batch), everything else runs on rank 0; the trained weights equal a single process's on the same global batch."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    import densepr.reproduce as rp
+    from tests.support.tiny import make_tiny_bert
+    from tests.train.test_train import _free_port
+
+    bert = make_tiny_bert(tmp_path / "bert", pooling="cls", dropout=0.0)  # no dropout: the two runs draw no random masks
+    torch.multiprocessing.spawn(_torchrun_worker, args=(2, _free_port(), str(tmp_path), str(qa_tsv), str(bert)), nprocs=2, join=True)
+    multi = tmp_path / "multi"
+    records = sorted(p.stem for p in (multi / "stages").glob("*.json"))
+    assert records == sorted([*rp.DPR_STAGES[:-2], "evaluate-set-a", "report"])
+    assert json.loads((multi / "models" / "round2" / "checkpoint" / "trainer_state.json").read_text())["world"] == 2
+    config = _tiny_dpr(monkeypatch.setattr, monkeypatch.setitem, tmp_path, corpus, qa_tsv, bert, batch_size=4)
+    rp.run(config(tmp_path / "single"), log=lambda m: None)
+    for model in rp.DPR_MODELS:
+        for tower in ("question_encoder", "passage_encoder"):
+            a = load_file(str(multi / "models" / model / "best" / tower / "model.safetensors"))
+            b = load_file(str(tmp_path / "single" / "models" / model / "best" / tower / "model.safetensors"))
+            assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), (model, tower)
+    assert rp.read_json(multi / "results.json")["results"] == rp.read_json(tmp_path / "single" / "results.json")["results"]

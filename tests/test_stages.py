@@ -186,3 +186,58 @@ def test_a_stage_must_name_its_upstream_and_its_group(tmp_path):
     forced.run(Stage("a", lambda: None))
     forced.run(Stage("eval-x", lambda: None, upstream=("a",), group="eval"))
     assert _statuses(forced) == ["skipped", "ran"]
+
+
+def test_several_processes_rank0_builds_plain_stages_all_build_distributed_ones(tmp_path):
+    """Two ranks (threads) with a broadcast-barrier as torchrun's: one record per stage, written by rank 0."""
+    import threading
+
+    barrier, box, lock = threading.Barrier(2), [None], threading.Lock()
+    built: list[tuple[int, str]] = []
+
+    def sync(value, rank):
+        if rank == 0:
+            box[0] = value
+        barrier.wait()
+        out = box[0]
+        barrier.wait()
+        return out
+
+    def process(rank, results):
+        r = StageRunner(tmp_path, ("plain", "trained", "after"), rank=rank, sync=lambda v: sync(v, rank))
+
+        def build(name, text):
+            def f():
+                with lock:
+                    built.append((rank, name))
+                if rank == 0:
+                    (tmp_path / f"{name}.txt").write_text(text)
+                return text
+
+            return f
+
+        def load(name):
+            return lambda: (tmp_path / f"{name}.txt").read_text()
+
+        r.run(Stage("plain", build("plain", "p"), load("plain"), {}, (), [tmp_path / "plain.txt"]))
+        r.run(Stage("trained", build("trained", "t"), load("trained"), {}, ("plain",), [tmp_path / "trained.txt"], distributed=True))
+        r.run(Stage("after", build("after", r.done["trained"].get() + "a"), load("after"), {}, ("trained",), [tmp_path / "after.txt"]))
+        results[rank] = ([row["status"] for row in r.rows], r.done["plain"].get(), r.done["after"].get())
+
+    def twice():
+        results: dict = {}
+        threads = [threading.Thread(target=process, args=(rank, results)) for rank in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return results
+
+    results = twice()
+    assert sorted(built) == [(0, "after"), (0, "plain"), (0, "trained"), (1, "trained")]
+    assert results[0] == (["ran", "ran", "ran"], "p", "ta")
+    assert results[1] == (["waited", "ran", "waited"], "p", "ta")  # rank 1 read what rank 0 wrote
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["after.json", "plain.json", "trained.json"]
+    built.clear()
+    results = twice()  # rank 0 finds everything current: no process builds anything
+    assert built == [] and results[0][0] == results[1][0] == ["skipped"] * 3

@@ -36,8 +36,16 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache root (default $DENSEPR_CACHE or ~/.cache/densepr).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (default: cuda if available, else cpu).")]
-DEFAULT_INDEX = Path("runs/embedded")
-IndexOpt = Annotated[Path, typer.Option(help="Index directory: passages.tsv, bm25/, dense/, hybrid.json (default: what `densepr reproduce` built).")]
+DEFAULT_INDEX = Path("runs/embedded")  # `make reproduce`'s output
+TRAINED_INDEX = Path("runs/dpr")  # `make reproduce-dpr`'s: the trained retriever (and reader/)
+
+
+def _index(index: Optional[Path]) -> Path:
+    """--index, else the trained retriever's index when `make reproduce-dpr` built it, else `make reproduce`'s."""
+    if index is not None:
+        return index
+    return TRAINED_INDEX if (TRAINED_INDEX / "dense" / "manifest.json").is_file() else DEFAULT_INDEX
+IndexOpt = Annotated[Optional[Path], typer.Option(help="Index directory: passages.tsv, bm25/, dense/, hybrid.json (default: runs/dpr if `make reproduce-dpr` built it, else runs/embedded).")]
 _MODES = ", ".join(Mode.values())
 ModeOpt = Annotated[Optional[str], typer.Option(help=f"Retrieval mode: {_MODES} (default: hybrid when both indexes exist).")]
 
@@ -154,7 +162,7 @@ def data_split(
 def data_build_train(
     qa: Annotated[list[str], typer.Option("--qa", help="QA set(s) to mine (repeat): files or embedded names such as nq-dev, trivia-dev.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="DPR retriever JSON to write (training part).")],
-    index: IndexOpt = DEFAULT_INDEX,
+    index: IndexOpt = None,
     val_output: Annotated[Optional[Path], typer.Option(help="DPR retriever JSON for the held-out validation slice.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction of each set's questions held out for validation.")] = 0.1,
     depth: Annotated[int, typer.Option(help="Passages of each ranked list looked at per question (the paper: 100).")] = 100,
@@ -172,17 +180,17 @@ def data_build_train(
     """Mine DPR training data: BM25's best answer-bearing passage is the positive, its answerless
     passages the hard negatives; questions without a positive are dropped (DPR Section 5.2).
     With --negatives-from, re-mine with a trained model: its answerless top-k are the hard negatives."""
+    index = _index(index)
     _check_output(output, "file", "training JSON")
     _check_output(output.with_suffix(".stats.json"), "file", "mining statistics")
     _check_output(val_output, "file", "validation JSON")
     _check_output(val_output.with_suffix(".qa.tsv") if val_output else None, "file", "held-out questions")
     _check_outputs_differ(output, output.with_suffix(".stats.json"), val_output, val_output.with_suffix(".qa.tsv") if val_output else None)
-    from densepr.data import load_corpus, write_qa_tsv, write_train_records
-    from densepr.data.qa import QASet
+    from densepr.data import load_corpus
     from densepr.fileio import write_json
     from densepr.retrieve.bm25 import BM25Index
     from densepr.retrieve.retriever import Retriever
-    from densepr.train.mining import MiningStats, mine, split_holdout
+    from densepr.train.mining import build_training_data, stats_path
 
     sets = [_load_qa(q, None, None, cache_dir) for q in qa]
     tests = [s.name for s in sets if "test" in s.name.lower()]
@@ -209,23 +217,11 @@ def data_build_train(
         def model_rank(questions, k):
             return model.retrieve(questions, k, mode)
 
-    splits = [split_holdout(s, val_fraction, seed) for s in sets]
-    kw = dict(depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed,
-              negatives_from=model_rank, skip_top=skip_top)  # fmt: skip
-    train_stats, val_stats = MiningStats(), MiningStats()
-    n_train = write_train_records(mine([t for t, _ in splits], corpus, bm25, stats=train_stats, **kw), output)
-    config = {**{k: v for k, v in kw.items() if k != "negatives_from"}, "val_fraction": val_fraction, "sets": qa,
-              "negatives_from": str(negatives_from) if negatives_from else None, "mode": mode if negatives_from else "bm25"}  # fmt: skip
-    report = {"train": {"file": str(output), "records": n_train, **train_stats.as_dict()}, "config": config}
-    if val_output and val_fraction > 0:
-        n_val = write_train_records(mine([v for _, v in splits], corpus, bm25, stats=val_stats, **kw), val_output)
-        held = QASet("heldout", [q for _, v in splits for q in v.items], "string")
-        if any(v.match != "string" for _, v in splits):
-            raise DenseprError("held-out questions of regex-matched sets cannot be pooled; mine them separately")
-        write_qa_tsv(held, val_output.with_suffix(".qa.tsv"))
-        report["validation"] = {"file": str(val_output), "records": n_val, "qa_file": str(val_output.with_suffix(".qa.tsv")),
-                                **val_stats.as_dict()}  # fmt: skip
-    write_json(output.with_suffix(".stats.json"), report)
+    report = build_training_data(sets, corpus, bm25, output, val_output, val_fraction=val_fraction, depth=depth,
+                                 hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed,
+                                 negatives_from=model_rank, negatives_name=mode, skip_top=skip_top)  # fmt: skip
+    report["config"]["negatives_from"] = str(negatives_from) if negatives_from else None
+    write_json(stats_path(output), report)
     for part in ("train", "validation"):
         if part in report:
             r = report[part]
@@ -295,11 +291,16 @@ def index_plan(
     dim: Annotated[int, typer.Option(help="Vector dimension (BERT-base: 768).")] = 768,
     hnsw_m: int = _default(IndexParams, "hnsw_m"),
     pq_m: Annotated[Optional[int], typer.Option(help="PQ bytes per vector (default dim/4).")] = None,
+    nodes: Annotated[Optional[int], typer.Option(help="Also plan a cluster of this many machines: shards x replicas per index type.")] = None,
+    node_ram: Annotated[float, typer.Option(help="With --nodes: RAM per machine, GiB.")] = 64.0,
+    gpus: Annotated[int, typer.Option(help="With --nodes: GPUs encoding the passages.")] = 8,
+    encode_rate: Annotated[Optional[float], typer.Option(help="With --nodes: passages/s per GPU (default: the paper's, 21M in 8.8 h on 8 GPUs).")] = None,
 ) -> None:
-    """Memory and disk for each index type at a given scale, with the accuracy cost measured here."""
+    """Memory and disk for each index type at a given scale, with the accuracy cost measured here;
+    with --nodes, how to spread it over a cluster (`densepr serve --ray`) and how long encoding takes."""
     from rich.table import Table
 
-    from densepr.index.dense import plan
+    from densepr.index.dense import PAPER_ENCODE_RATE, cluster_plan, plan
 
     rows = plan(num_passages, dim, hnsw_m=hnsw_m, pq_m=pq_m)
     table = Table(title=f"{num_passages:,} passages x {dim} dims")
@@ -310,6 +311,18 @@ def index_plan(
         table.add_row(r["type"], f"{r['bytes_per_passage']:,.0f}", _gib(r["ram_bytes"]), _gib(r["disk_bytes"]),
                       _fmt(cost.get("recall_at_100")), _fmt(cost.get("top20_change"), signed=True), cost.get("source", "not measured"))  # fmt: skip
     out.print(table)
+    if nodes is not None:
+        if nodes < 1 or node_ram <= 0 or gpus < 1:
+            raise DenseprError("--nodes, --node-ram and --gpus must be positive")
+        rate = encode_rate or PAPER_ENCODE_RATE
+        rows = cluster_plan(rows, num_passages, nodes, node_ram, gpus, rate)
+        t = Table(title=f"on {nodes} machines of {node_ram:g} GiB (70% for the index); encoding: {rows[0]['encode_hours']:.1f} h on {gpus} GPUs at {rate:.0f} passages/s each")
+        for col in ("type", "shards", "replicas", "RAM per shard", "merged top-k"):
+            t.add_column(col, justify="left" if col in ("type", "merged top-k") else "right")
+        for r in rows:
+            t.add_row(r["type"], str(r["shards"]), str(r["replicas"]) if r["fits"] else "does not fit", _gib(r["ram_per_shard"]),
+                      "exact" if r["exact_merge"] else "approximate per shard")  # fmt: skip
+        out.print(t)
 
 
 def _gib(n: float) -> str:
@@ -332,10 +345,26 @@ def encode(
     num_shards: Annotated[Optional[int], typer.Option(help="How many shards the parts are split into; under torchrun: the world size.")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Encode on a Ray cluster: `auto` (the one this machine belongs to), HOST:PORT or ray://HOST:10001, or `local` (a Ray started here). Needs densepr[ray]; every node reads PASSAGES at the same path.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(help="With --ray: encoder actors (default: as many as the cluster's GPUs or CPUs allow).")] = None,
+    ray_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per encoder actor (0: CPU actors of --ray-cpus each).")] = 0.0,
+    ray_cpus: Annotated[float, typer.Option(help="With --ray: CPUs per encoder actor.")] = 1.0,
 ) -> None:
     """Encode passages as `title [SEP] text` into .npy parts plus ids; several processes can share
-    the work (`--shard-id I --num-shards N`, or `torchrun --nproc-per-node K -m densepr encode ...`)."""
+    the work (`--shard-id I --num-shards N`, or `torchrun --nproc-per-node K -m densepr encode ...`),
+    or a Ray cluster (`--ray auto`): the same directory format, resumable, a lost node's part re-run."""
     _check_output(output, "dir", "embeddings", inputs=(encoder,))
+    if ray is not None:
+        if shard_id is not None or num_shards is not None:
+            raise DenseprError("--ray splits the work itself: drop --shard-id/--num-shards")
+        from densepr.data import EmbeddedData
+        from densepr.index.ray_encode import encode_corpus_ray
+
+        m = encode_corpus_ray(encoder or EmbeddedData(cache_dir).model_dir, passages, output, address=ray, part_size=part_size,
+                              batch_size=batch_size, dtype=dtype, actors=ray_actors, cpus_per_actor=ray_cpus,
+                              gpus_per_actor=ray_gpus, device=device, show_progress=True)  # fmt: skip
+        out.print(f"{m['count']} passage vectors ({m['dim']}-d, {dtype}) in {len(m['parts'])} part(s) written to {output} (Ray)")
+        return
     import os
 
     import torch
@@ -362,6 +391,22 @@ def encode(
         out.print(f"{m['count']} passage vectors ({m['dim']}-d, {dtype}) in {len(m['parts'])} part(s) written to {output}")
 
 
+@app.command("export-onnx")
+def export_onnx(
+    encoder: Annotated[Path, typer.Argument(help="Encoder directory, or a checkpoint with question_encoder/ (e.g. runs/dpr/models/round2/best).")],
+    output: Annotated[Path, typer.Argument(help="Directory to write (replaced atomically).")],
+    int8: Annotated[bool, typer.Option("--int8", help="Also write the int8-quantised model (use it as OUTPUT#int8).")] = False,
+) -> None:
+    """Export the question encoder to ONNX for CPU serving: `densepr serve --question-encoder OUTPUT[#int8]`."""
+    _check_output(output, "dir", "ONNX question encoder", inputs=(encoder,))
+    try:
+        from densepr.models.onnx import export_question_encoder
+    except ImportError:
+        raise DenseprError("export-onnx needs the onnx extra: pip install 'densepr[onnx]'") from None
+    cfg = export_question_encoder(encoder, output, int8=int8)
+    out.print(f"question encoder ({cfg['dim']}-d) exported to {output}: {', '.join(cfg['files'])}")
+
+
 # -- retrieval and evaluation -----------------------------------------------------------------
 def _load_qa(spec: str, limit: int | None, regex: bool | None, cache_dir: Path | None):
     from densepr.data import EmbeddedData
@@ -378,16 +423,18 @@ def retrieve(
     queries: Annotated[Optional[Path], typer.Option(help="Instead of --qa: queries without answers (BEIR queries.jsonl or qid<TAB>text).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="DPR result JSON to write.")] = None,
     trec: Annotated[Optional[Path], typer.Option(help="TREC run file to write.")] = None,
-    index: IndexOpt = DEFAULT_INDEX,
+    index: IndexOpt = None,
     mode: Annotated[str, typer.Option(help=f"Retrieval mode: {_MODES}.")] = Mode.HYBRID.value,
     k: Annotated[int, typer.Option("--k", "-k", help="Passages per question.")] = 100,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     hybrid_lambda: Annotated[Optional[float], typer.Option("--lambda", help="Hybrid weight of BM25 (default: tuned value in the index, else 1.1).")] = None,
     regex: RegexOpt = None,
     device: DeviceOpt = None,
+    question_encoder: Annotated[Optional[str], typer.Option(help="Another question encoder than the index's: a model directory, or a `densepr export-onnx` output (append #int8 for its int8 model).")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Retrieve top-k passages; write DPR's result JSON (with has_answer for QA sets) and/or a TREC run."""
+    index = _index(index)
     _check_output(output, "file", "DPR result JSON")
     _check_output(trec, "file", "TREC run")
     _check_outputs_differ(output, trec)
@@ -410,7 +457,7 @@ def retrieve(
         qmap = read_queries(queries)
         qids = list(qmap)[:limit] if limit else list(qmap)
         texts, answers = [qmap[q] for q in qids], [[] for _ in qids]
-    r = Retriever.load(index, device=device, hybrid_lambda=hybrid_lambda)
+    r = Retriever.load(index, question_encoder=question_encoder, device=device, hybrid_lambda=hybrid_lambda)
     res = r.retrieve(texts, k, mode, show_progress=True)
     hits = AnswerMatcher(r.corpus.texts).hits(res.rows, qas) if qa is not None else None
     if output:
@@ -529,6 +576,7 @@ def train_cmd(
     shared: Annotated[bool, typer.Option("--shared", help="One encoder for questions and passages.")] = _default(TrainConfig, "shared"),
     pooling: Annotated[Optional[str], typer.Option(help="cls or mean (default: the model's own).")] = _default(TrainConfig, "pooling"),
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors (DPR: no, raw dot product).")] = _default(TrainConfig, "normalize"),
+    scale: Annotated[float, typer.Option(help="Multiply similarities by this in the loss (DPR: 1; ~20 with --normalize, as sentence-transformers).")] = _default(TrainConfig, "scale"),
     batch_size: Annotated[int, typer.Option(help="Questions per step over all processes.")] = _default(TrainConfig, "batch_size"),
     hard_negatives: Annotated[int, typer.Option(help="BM25 hard negatives per question (0 = in-batch negatives only).")] = _default(TrainConfig, "hard_negatives"),
     random_negatives: int = _default(TrainConfig, "random_negatives"),
@@ -557,7 +605,7 @@ def train_cmd(
 
     cfg = TrainConfig(
         train_file=str(train_file), output_dir=str(output), init=str(init or EmbeddedData(cache_dir).model_dir),
-        dev_file=str(dev_file) if dev_file else None, shared=shared, pooling=pooling, normalize=normalize,
+        dev_file=str(dev_file) if dev_file else None, shared=shared, pooling=pooling, normalize=normalize, scale=scale,
         max_length=max_length, batch_size=batch_size, hard_negatives=hard_negatives, random_negatives=random_negatives,
         epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         seed=seed, grad_cache_chunk=grad_cache_chunk, save_every=save_every, max_steps=max_steps,
@@ -571,12 +619,13 @@ def train_cmd(
 @app.command("search")
 def search(
     question: Annotated[str, typer.Argument(help="The question.")],
-    index: IndexOpt = DEFAULT_INDEX,
+    index: IndexOpt = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Passages to show.")] = 5,
     mode: ModeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Print the top passages for one question."""
+    index = _index(index)
     from rich.panel import Panel
 
     from densepr.retrieve.retriever import Retriever
@@ -592,15 +641,18 @@ def search(
 @app.command("reproduce")
 def reproduce(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output (index) directory.")] = DEFAULT_INDEX,
-    profile: Annotated[str, typer.Option(help="full: every test question; smoke: 300 per test set (CI).")] = "full",
+    profile: Annotated[str, typer.Option(help="full: zero-shot, every test question; smoke: 300 per test set (CI); dpr: the paper's experiment "
+                                             "(mine, train DPR, re-mine, train round 2, evaluate; about 2.5 h on 2 CPU cores, the reader included); dpr-smoke: the same in minutes (CI).")] = "full",
     encoder: Annotated[Optional[Path], typer.Option(help="Encoder or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2, zero-shot).")] = None,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Compare with the committed figures (runs on the defaults only).")] = True,
     expected: Annotated[Optional[Path], typer.Option(help="Committed figures to compare with (default: densepr's packaged ones, for the embedded defaults; given explicitly, compared whatever the setup, e.g. a fine-tuned encoder's).")] = None,
     write_expected: Annotated[Optional[Path], typer.Option(help="Record this run's figures as the expected ones in this file.")] = None,
-    tolerance: Annotated[float, typer.Option(help="With --write-expected: allowed difference in points.")] = 0.5,
+    tolerance: Annotated[Optional[float], typer.Option(help="With --write-expected: allowed difference in points (default: the profile's).")] = None,
     save_dpr_json: Annotated[bool, typer.Option(help="Also write DPR result JSON per test set and method (large).")] = False,
     tune_on: Annotated[Optional[list[str]], typer.Option("--tune-on", help="Sets to tune the hybrid lambda on (repeat; names or QA files; default nq-dev, trivia-dev). Use held-out questions for a model trained on dev.")] = None,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one even if current: passages, bm25, dense, tune, evaluate or report.")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one even if current: passages, bm25, dense, tune, evaluate or report "
+                                                   "(profile dpr also: dense-zeroshot, mine, train-inbatch, dense-inbatch, train-round1, dense-round1, remine, train-round2).")] = None,
+    round2_init: Annotated[Optional[str], typer.Option(help="Profile dpr: round 2 starts from 'round1' weights (default) or the 'initial' ones.")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -610,17 +662,20 @@ def reproduce(
     _check_output(write_expected, "file", "expected figures")
     from densepr.evaluate.report import rich_table
     from densepr.fileio import read_json, write_json
-    from densepr.reproduce import METHOD_NAMES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
+    from densepr.reproduce import PROFILES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
-                          save_dpr_json=save_dpr_json, device=device, force_from=from_stage)  # fmt: skip
+                          save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)
-    out.print(rich_table(summary["results"], names=METHOD_NAMES, title=f"top-k accuracy (%), profile {profile}"))
+    if not summary:  # another torchrun process than rank 0: rank 0 reports
+        return
+    out.print(rich_table(summary["results"], names=summary["method_names"], title=f"top-k accuracy (%), profile {profile}"))
     if write_expected:
         current = read_json(write_expected) if write_expected.is_file() else {}
-        current[profile] = expected_entry(summary, tolerance)
+        current[profile] = expected_entry(summary, tolerance if tolerance is not None else PROFILES[profile].tolerance,
+                                          PROFILES[profile].qa_tolerance)
         write_json(write_expected, current)
         out.print(f"recorded as the expected figures for profile {profile!r} in {write_expected}")
     elif check:
@@ -684,26 +739,35 @@ def train_reader_cmd(
     out.print(f"trained {result.get('step')} steps{em}; reader in {best}")
 
 
-def _default_reader(reader: Optional[Path]) -> Path:
+def _default_reader(reader: Optional[Path], index: Path) -> Path:
+    """--reader, else the reader beside the index (``<index>/reader/``, what `make reproduce-dpr` trains),
+    else a manual `densepr train-reader -o runs/reader` run's."""
     if reader is not None:
         return reader
+    from densepr.pipeline import find_reader
+
+    found = find_reader(index)
+    if found is not None:
+        return found
     for cand in (Path("runs/reader/best"), Path("runs/reader/final")):
         if cand.is_dir():
             return cand
-    raise DenseprError("no reader: give --reader DIR (a `densepr train-reader` output's best/ or a DPRReader checkpoint)")
+    raise DenseprError(f"no reader: {index} has no reader/ (`make reproduce-dpr` trains one into runs/dpr/reader); "
+                       "or give --reader DIR (a `densepr train-reader` output's best/ or a DPRReader checkpoint)")  # fmt: skip
 
 
 @app.command("answer")
 def answer_cmd(
     question: Annotated[str, typer.Argument(help="The question.")],
-    index: IndexOpt = DEFAULT_INDEX,
-    reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: runs/reader/best).")] = None,
+    index: IndexOpt = None,
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: <index>/reader, else runs/reader/best).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Passages to read (default: the reader's tuned top-k).")] = None,
     mode: ModeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Answer a question: retrieve, read, print the answer and its passage with the span highlighted."""
+    index = _index(index)
     import json
 
     from rich.panel import Panel
@@ -715,7 +779,7 @@ def answer_cmd(
         raise DenseprError("--k must be positive")
     if not question.strip():
         raise DenseprError("empty question")
-    p = Pipeline.load(index, _default_reader(reader), device=device, k=k, mode=mode)
+    p = Pipeline.load(index, _default_reader(reader, index), device=device, k=k, mode=mode)
     a = p.answer(question)
     if as_json:
         out.print_json(json.dumps({**a.as_dict(), "passages": [h.__dict__ for h in a.passages[:5]]}, ensure_ascii=False))
@@ -741,12 +805,60 @@ def _write_qa(output: Path, results: dict) -> None:
     plot_qa(results, output / "qa-em.png")
 
 
+@app.command("tune-reader")
+def tune_reader_cmd(
+    qa: Annotated[str, typer.Option("--qa", help="Held-out questions (a QA file or set name) never trained on, e.g. runs/dpr/train-data/train-dev.qa.tsv.")],
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory to tune; the choice is stored in its densepr_reader.json (default: <index>/reader, else runs/reader/best).")] = None,
+    index: IndexOpt = None,
+    modes: Annotated[str, typer.Option(help=f"Comma-separated retrieval modes to tune for ({_MODES}).")] = "bm25,dense,hybrid",
+    ks: Annotated[str, typer.Option(help="Comma-separated numbers of passages read.")] = "1,5,10,20,50",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
+    regex: RegexOpt = None,
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Tune how the answer's passage is chosen (reader selection logit, span score, retriever score; BERTserini's fusion)
+    and how many passages to read, per retrieval mode, on held-out questions; stored with the reader."""
+    index = _index(index)
+    from densepr.models.reader import Reader
+    from densepr.pipeline import tune_selection
+    from densepr.progress import progress_bar
+    from densepr.retrieve.retriever import Retriever
+
+    k_list = _int_list(ks, "--ks")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    r = Retriever.load(index, device=device)
+    for m in mode_list:
+        r.check_mode(m)
+    path = _default_reader(reader, index)
+    rd = Reader.load(path, device)
+    qas = _load_qa(qa, limit, regex, cache_dir)
+    for m in mode_list:
+        with progress_bar(None, f"read {qas.name} ({m})", True, unit="window") as advance:
+            best = tune_selection(r, rd, qas, m, k_list, progress=advance)
+        rd.config.selection[m] = {**best, "tuned_on": str(qa)}
+        out.print(f"{m}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span x{best['span']:g} "
+                  f"+ retriever x{best['retriever']:g} (DPR's rule: EM {best['paper_em']:.1f} at k={best['paper_k']}; {best['questions']} questions)")  # fmt: skip
+    rd.save(path)
+    out.print(f"stored in {path / 'densepr_reader.json'}; `densepr answer`, `serve` and `evaluate-qa` use it")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise DenseprError(f"{option} {text!r}: expected comma-separated positive integers") from None
+    if not values or values[0] <= 0:
+        raise DenseprError(f"{option} {text!r}: expected comma-separated positive integers")
+    return values
+
+
 @app.command("evaluate-qa")
 def evaluate_qa_cmd(
     qa: Annotated[list[str], typer.Option("--qa", help="QA set(s) (repeat): embedded names (nq-test, ...) or files.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for qa-results.json, .md and qa-em.png.")],
-    reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: runs/reader/best).")] = None,
-    index: IndexOpt = DEFAULT_INDEX,
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory (default: <index>/reader, else runs/reader/best).")] = None,
+    index: IndexOpt = None,
     modes: Annotated[str, typer.Option(help=f"Comma-separated retrieval modes ({_MODES}).")] = "bm25,dense,hybrid",
     ks: Annotated[str, typer.Option(help="Comma-separated numbers of passages read.")] = "1,5,10,20,50",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions of each set.")] = None,
@@ -757,6 +869,7 @@ def evaluate_qa_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
+    index = _index(index)
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import qa_markdown
@@ -765,17 +878,12 @@ def evaluate_qa_cmd(
     from densepr.progress import progress_bar
     from densepr.retrieve.retriever import Retriever
 
-    try:
-        k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
-    except ValueError:
-        raise DenseprError(f"--ks {ks!r}: expected comma-separated positive integers") from None
-    if not k_list or k_list[0] <= 0:
-        raise DenseprError(f"--ks {ks!r}: expected comma-separated positive integers")
+    k_list = _int_list(ks, "--ks")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     r = Retriever.load(index, device=device)
     for m in mode_list:
         r.check_mode(m)
-    rd = Reader.load(_default_reader(reader), device)
+    rd = Reader.load(_default_reader(reader, index), device)
     matcher = AnswerMatcher(r.corpus.texts)
     results = {"reader": rd.name, "index": str(index), "ks": k_list, "modes": mode_list, "limit": limit, "sets": {}}
     for spec in qa:
@@ -793,8 +901,8 @@ def evaluate_qa_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    index: IndexOpt = DEFAULT_INDEX,
-    reader: Annotated[Optional[Path], typer.Option(help="Reader directory: enables POST /answer and answers on the page.")] = None,
+    index: IndexOpt = None,
+    reader: Annotated[Optional[Path], typer.Option(help="Reader directory: enables POST /answer and answers on the page (default: <index>/reader when present).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (default loopback only; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_question_chars: int = _default(Limits, "max_question_chars"),
@@ -812,8 +920,12 @@ def serve_cmd(
     timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = _default(Limits, "keep_alive_s"),
     max_connections: Annotated[int, typer.Option(help="Open connections at once; more get 503 and are closed.")] = _default(Limits, "max_connections"),
     device: DeviceOpt = None,
+    question_encoder: Annotated[Optional[str], typer.Option(help="Another question encoder than the index's: a model directory, or a `densepr export-onnx` output (append #int8 for its int8 model).")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Serve as a Ray Serve application: `local`, `auto` or a cluster address (densepr[ray]).")] = None,
+    ray_replicas: Annotated[Optional[str], typer.Option(help="With --ray: replicas per deployment, e.g. router=2,encoder=1,searcher=4,reader=2,cpus=1.")] = None,
 ) -> None:
-    """Serve search (and answers, with --reader) over HTTP, with a web page at /."""
+    """Serve search (and answers, with --reader) over HTTP, with a web page at /; on a Ray cluster with --ray."""
+    index = _index(index)
     try:
         from densepr.serve.app import create_app, serve
         from densepr.serve.service import Limits, Service
@@ -835,7 +947,21 @@ def serve_cmd(
                     timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
                     max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
                     keep_alive_s=timeout_keep_alive, max_connections=max_connections)  # fmt: skip
-    r = Retriever.load(index, device=device)
+    from densepr.pipeline import find_reader
+
+    if ray is not None:
+        from densepr.serve.ray_app import Replicas, run
+
+        try:
+            spec = {k.strip(): v for k, v in (kv.split("=", 1) for kv in ray_replicas.split(","))} if ray_replicas else {}
+            replicas = Replicas(**{k: float(v) if k == "cpus" else int(v) for k, v in spec.items()})
+        except (ValueError, TypeError) as e:
+            raise DenseprError(f"--ray-replicas {ray_replicas!r}: expected name=count pairs of router, encoder, searcher, reader, cpus ({e})") from None
+        _log(f"serving {index} on Ray ({ray}) at http://{host}:{port}/  (replicas: {replicas})")
+        run(index, reader or find_reader(index), limits, replicas, address=ray, host=host, port=port, device=device)
+        return
+    r = Retriever.load(index, question_encoder=question_encoder, device=device)
+    reader = reader or find_reader(index)  # the reader beside the index, when there is one
     rd = Reader.load(reader, device) if reader else None
     app_ = create_app(Service(r, rd, limits))
     _log(f"serving {len(r.corpus)} passages ({', '.join(r.modes)}{', reader' if rd else ''}) on http://{host}:{port}/  (API docs: /docs)")

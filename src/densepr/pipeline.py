@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.qa import exact_match, f1_score
-from densepr.models.reader import Reader, Reading, best_reading
+from densepr.models.reader import CONFIG_NAME, PAPER_SELECTION, Reader, Reading, Selection, best_reading
 from densepr.ranking import Hit
 from densepr.retrieve.modes import GOLD_ORDER, Mode
 from densepr.retrieve.retriever import Retriever
@@ -52,12 +53,22 @@ class Answer:
         return asdict(self)
 
 
-def _answer(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int) -> Answer:
-    b = best_reading(readings, k)
+def _answer(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int,
+            selection: Selection = PAPER_SELECTION) -> Answer:  # fmt: skip
+    b = best_reading(readings, k, selection, [h.score for h in hits])
     if b is None:
         return Answer(question, "", False, passages=hits, mode=mode, k=k)
     r = readings[b]
     return Answer(question, r.text, True, r.span_score, r.relevance, hits[b], r.start, r.end, hits, mode, k)
+
+
+READER_DIR = "reader"  # an index directory's own reader (what ``densepr reproduce --profile dpr`` writes)
+
+
+def find_reader(index: str | os.PathLike[str]) -> Path | None:
+    """The reader stored beside an index (``<index>/reader/``), or None."""
+    path = Path(index) / READER_DIR
+    return path if (path / CONFIG_NAME).is_file() else None
 
 
 class Pipeline:
@@ -66,20 +77,30 @@ class Pipeline:
     Args:
         retriever: finds passages.
         reader: reads them.
-        k: passages read per question (default: the reader's validation-tuned ``top_k``).
+        k: passages read per question (default: the k tuned with the reader's passage selection
+            for ``mode``, else its validation-tuned ``top_k``).
         mode: retrieval mode (default: hybrid when both indexes exist).
+
+    The answer's passage is chosen by the selection tuned for the mode (``densepr tune-reader``,
+    stored with the reader), else by DPR's rule (the reader's selection logit).
     """
 
     def __init__(self, retriever: Retriever, reader: Reader, k: int | None = None, mode: str | None = None) -> None:
         self.retriever, self.reader = retriever, reader
-        self.k = k or reader.config.top_k
         self.mode = mode or retriever.default_mode
+        self.k = k or reader.config.selection_for(self.mode)[1] or reader.config.top_k
         if self.k <= 0:
             raise DenseprError("k must be positive")
 
     @classmethod
-    def load(cls, index: str | os.PathLike[str], reader: str | os.PathLike[str], device: str | None = None,
+    def load(cls, index: str | os.PathLike[str], reader: str | os.PathLike[str] | None = None, device: str | None = None,
              k: int | None = None, mode: str | None = None) -> Pipeline:  # fmt: skip
+        """An index directory and a reader directory (default: the index's own ``reader/``, which
+        ``densepr reproduce --profile dpr`` trains and tunes there)."""
+        if reader is None:
+            reader = find_reader(index)
+            if reader is None:
+                raise DenseprError(f"{index}: no reader/ beside the index; give a reader directory")
         return cls(Retriever.load(index, device=device), Reader.load(reader, device), k, mode)
 
     def answer(self, question: str, k: int | None = None, mode: str | None = None) -> Answer:
@@ -97,7 +118,8 @@ class Pipeline:
         res = self.retriever.retrieve(list(questions), k, mode)
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(questions))]
         readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size)
-        return [_answer(q, hs, rd, mode, k) for q, hs, rd in zip(questions, hits, readings)]
+        selection = self.reader.config.selection_for(mode)[0]
+        return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(questions, hits, readings)]
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -154,20 +176,27 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     everyone = np.arange(len(qas))
     out: dict = {"n_all": len(qas), "n_answerable": int(len(answerable)), "modes": {}}
     for m in modes:
-        per_k = {}
-        for k in ks:
-            preds = []
-            for i in range(len(qas)):
-                rd = [lookup[i][int(r)] for r in runs[m].rows[i, :k] if r >= 0]
-                b = best_reading(rd)
-                preds.append(rd[b].text if b is not None else "")
-            em, f1 = _score(preds, qas, everyone)
-            em_a, f1_a = _score(preds, qas, answerable)
-            top = hits[m][:, :k].any(1)
-            per_k[str(k)] = {"em": em, "f1": f1, "em_answerable": em_a, "f1_answerable": f1_a,
-                             "retrieval_topk": round(100 * float(top.mean()), 2),
-                             "retrieval_topk_answerable": round(100 * float(top[answerable].mean()), 2) if len(answerable) else 0.0}  # fmt: skip
-        out["modes"][m] = {"k": per_k}
+        tuned = reader.config.selection_for(m)[0]
+        for key, selection in (("k", PAPER_SELECTION), ("fused", tuned)):
+            if key == "fused" and tuned.is_paper:
+                continue  # no selection tuned for this mode: DPR's rule only
+            per_k = {}
+            for k in ks:
+                preds = []
+                for i in range(len(qas)):
+                    rd = [lookup[i][int(r)] for r in runs[m].rows[i, :k] if r >= 0]
+                    b = best_reading(rd, None, selection, runs[m].scores[i, : len(rd)])
+                    preds.append(rd[b].text if b is not None else "")
+                em, f1 = _score(preds, qas, everyone)
+                em_a, f1_a = _score(preds, qas, answerable)
+                top = hits[m][:, :k].any(1)
+                per_k[str(k)] = {"em": em, "f1": f1, "em_answerable": em_a, "f1_answerable": f1_a,
+                                 "retrieval_topk": round(100 * float(top.mean()), 2),
+                                 "retrieval_topk_answerable": round(100 * float(top[answerable].mean()), 2) if len(answerable) else 0.0}  # fmt: skip
+            if key == "k":
+                out["modes"][m] = {"k": per_k}
+            else:
+                out["modes"][m]["fused"] = {"selection": asdict(selection), "k": per_k}
     if gold:
         with_gold = np.flatnonzero(gold_row >= 0)
         preds = [lookup[i][int(gold_row[i])].text if gold_row[i] >= 0 else "" for i in range(len(qas))]
@@ -176,3 +205,47 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["passages_read"] = int(sum(len(r) for r in rows_per_q))
     return out
+
+
+# -- tuning the passage selection --------------------------------------------------------------------
+# Weights of (selection logit, span score, retrieval score); retrieval scores range from ~1 (cosine)
+# to ~30 (BM25), hence the wide retriever grid.
+SELECTION_GRID = tuple(Selection(rel, span, ret) for rel in (1.0, 0.0) for span in (0.0, 0.5, 1.0)
+                       for ret in (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0) if (rel, span, ret) != (0.0, 0.0, 0.0))  # fmt: skip
+
+
+def choose_selection(readings: Sequence[Sequence[Reading]], scores: Sequence[Sequence[float]], qas: QASet,
+                     ks: Sequence[int] = QA_KS, grid: Sequence[Selection] = SELECTION_GRID) -> dict:  # fmt: skip
+    """The (selection, k) with the best exact match over already-read passages (each question's
+    readings and retrieval scores in retrieval order). Ties keep the earlier grid point and the smaller k,
+    so DPR's rule (the grid's first point) wins unless another does strictly better.
+
+    Returns ``{"relevance", "span", "retriever", "k", "em", "paper_em", "paper_k", "questions"}``.
+    """
+    n = max(1, len(qas))
+    best: dict | None = None
+    paper = {"em": -1.0, "k": None}
+    for sel in grid:
+        for k in sorted(ks):
+            em = 0
+            for i, qa in enumerate(qas.items):
+                rd = list(readings[i][:k])
+                b = best_reading(rd, None, sel, scores[i])
+                em += exact_match(rd[b].text if b is not None else "", qa.answers, qas.match)
+            em = round(100 * em / n, 2)
+            if sel == PAPER_SELECTION and em > paper["em"]:
+                paper = {"em": em, "k": k}
+            if best is None or em > best["em"]:
+                best = {**asdict(sel), "k": k, "em": em}
+    return {**best, "paper_em": paper["em"], "paper_k": paper["k"], "questions": len(qas)}
+
+
+def tune_selection(retriever: Retriever, reader: Reader, qas: QASet, mode: str, ks: Sequence[int] = QA_KS,
+                   grid: Sequence[Selection] = SELECTION_GRID, batch_size: int = 64, progress=None) -> dict:  # fmt: skip
+    """Retrieve and read held-out questions once, then :func:`choose_selection` for ``mode``."""
+    mode = retriever.check_mode(mode).value
+    res = retriever.retrieve(qas.questions, max(ks), mode)
+    c = retriever.corpus
+    rows = [[int(r) for r in res.rows[i] if r >= 0] for i in range(len(qas))]
+    readings = reader.read(qas.questions, [[(c.titles[r], c.texts[r]) for r in rs] for rs in rows], batch_size, progress)
+    return choose_selection(readings, [res.scores[i, : len(rs)] for i, rs in enumerate(rows)], qas, ks, grid)

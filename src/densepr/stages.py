@@ -22,6 +22,11 @@ stage's fingerprint and so (through ``upstream``) every fingerprint downstream: 
 rerun, the ones before do not. ``force_from`` reruns a stage (or group of stages) and everything
 after it in ``order``. A skipped stage's value is loaded only when something asks for it
 (:meth:`Done.get`), so a run whose every stage is current reads almost nothing.
+
+Several processes (``torchrun``): every process runs the same job with its ``rank`` and a ``sync``
+function (broadcast rank 0's value to all, which is also a barrier). Rank 0 decides whether a
+stage is current and writes every record; a ``distributed`` stage (training) is built by every
+process together, any other by rank 0 alone while the others wait, then read what it wrote.
 :meth:`StageRunner.table` lists each stage, whether it ran or was skipped, and its seconds.
 """
 
@@ -56,6 +61,7 @@ class Stage:
     upstream: Sequence[str] = ()  # names of the stages whose outputs this one reads
     outputs: Sequence[Path] = ()
     group: str | None = None  # the entry of the runner's order it belongs to (default: its name)
+    distributed: bool = False  # under torchrun every process builds it (e.g. training); else rank 0 alone
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -139,6 +145,8 @@ class StageRunner:
     force_from: str | None = None
     log: Callable[[str], None] = lambda m: None
     version: str = CODE_VERSION
+    rank: int = 0  # this process among the job's processes (torchrun)
+    sync: Callable[[Any], Any] = lambda value: value  # broadcast rank 0's value to every process (a barrier)
     done: dict[str, Done] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
 
@@ -179,24 +187,31 @@ class StageRunner:
             raise ValueError(f"stage {stage.name!r} reads {missing}, which have not run")
         fp = fingerprint(stage.name, stage.settings, {u: self.done[u].fingerprint for u in stage.upstream}, self.version)
         t0 = time.perf_counter()
-        why = self._current(stage, fp)
+        why = self.sync(self._current(stage, fp) if self.rank == 0 else None)  # rank 0 decides for all
         if why is None:
             done = Done(stage, fp, "skipped", rebuild=lambda: self._build(stage, fp))
             self.log(f"stage {stage.name}: current, skipped")
-            self.rows.append({"stage": stage.name, "status": "skipped", "seconds": round(time.perf_counter() - t0, 2)})
-        else:
+            status = "skipped"
+        elif self.rank == 0 or stage.distributed:
             self.log(f"stage {stage.name}: running ({why})")
             done = Done(stage, fp, "ran", self._build(stage, fp))
-            self.rows.append({"stage": stage.name, "status": "ran", "seconds": round(time.perf_counter() - t0, 2)})
+            status = "ran"
+        else:  # rank 0 builds it; this process reads what it wrote
+            done, status = Done(stage, fp, "waited"), "waited"
+        self.sync(None)  # every process leaves the stage once rank 0 has recorded it
+        self.rows.append({"stage": stage.name, "status": status, "seconds": round(time.perf_counter() - t0, 2)})
         self.done[stage.name] = done
         return done
 
     def _build(self, stage: Stage, fp: str) -> Any:
         rec = self.record_path(stage.name)
-        rec.unlink(missing_ok=True)  # from here until the new record, the stage counts as not done
+        if self.rank == 0:
+            rec.unlink(missing_ok=True)  # from here until the new record, the stage counts as not done
         t0 = time.perf_counter()
         value = stage.build()
         seconds = round(time.perf_counter() - t0, 2)
+        if self.rank != 0:
+            return value
         write_json(rec, {"stage": stage.name, "fingerprint": fp, "version": self.version, "settings": stage.settings,
                          "upstream": {u: self.done[u].fingerprint for u in stage.upstream},
                          "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "seconds": seconds,
@@ -204,9 +219,10 @@ class StageRunner:
         return value
 
     def timed(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """Run a step that is not cached (always runs), listed in the table as ``always``."""
+        """Run a step that is not cached (always runs, on rank 0), listed in the table as ``always``."""
         t0 = time.perf_counter()
-        value = fn(*args, **kw)
+        value = fn(*args, **kw) if self.rank == 0 else None
+        self.sync(None)
         self.rows.append({"stage": name, "status": "always", "seconds": round(time.perf_counter() - t0, 2)})
         return value
 
@@ -218,5 +234,5 @@ class StageRunner:
         lines = ["| stage | status | seconds |", "|---|---|---:|"]
         lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in self.rows]
         total = sum(r["seconds"] for r in self.rows)
-        ran = sum(r["status"] != "skipped" for r in self.rows)
+        ran = sum(r["status"] not in ("skipped", "waited") for r in self.rows)
         return "\n".join([*lines, f"| total ({ran} ran, {len(self.rows) - ran} skipped) | | {total:.1f} |"]) + "\n"

@@ -278,6 +278,19 @@ def test_plan_counts_bytes():
     assert rr["ram_bytes"] == rows["ivf-pq"]["ram_bytes"] and rr["disk_bytes"] == rows["ivf-pq"]["disk_bytes"] + rows["flat"]["disk_bytes"]
 
 
+def test_cluster_plan_shards_replicas_and_encode_hours():
+    from densepr.index.dense import PAPER_ENCODE_RATE, cluster_plan, plan
+
+    rows = {r["type"]: r for r in cluster_plan(plan(21_015_324, 768), 21_015_324, nodes=4, node_ram_gib=64, gpus=8)}
+    flat = rows["flat"]  # 60.1 GiB in 44.8 GiB per node (70% of 64): two shards, two replicas of the whole index
+    assert (flat["shards"], flat["replicas"], flat["exact_merge"]) == (2, 2, True) and flat["ram_per_shard"] == flat["ram_bytes"] / 2
+    assert (rows["ivf-pq"]["shards"], rows["ivf-pq"]["replicas"]) == (1, 4) and rows["ivf-pq"]["exact_merge"]  # one shard: nothing to merge
+    assert rows["hnsw"]["shards"] == 2 and not rows["hnsw"]["exact_merge"]  # per-shard graphs: approximate merge
+    assert abs(flat["encode_hours"] - 8.8) < 1e-9 and abs(PAPER_ENCODE_RATE - 82.9) < 0.1  # the paper: 8.8 h on 8 GPUs
+    tiny = {r["type"]: r for r in cluster_plan(plan(21_015_324, 768), 21_015_324, nodes=1, node_ram_gib=16, gpus=1)}
+    assert not tiny["flat"]["fits"] and tiny["flat"]["replicas"] == 0 and tiny["ivf-pq"]["fits"]
+
+
 def test_interrupted_index_save_leaves_no_file(tmp_path, monkeypatch):
     import faiss
 

@@ -147,7 +147,9 @@ def test_biencoder_loss_is_nll_over_all_batch_passages(tiny_bert, tmp_path):
     pos = torch.tensor([0, 2, 4])
     logits = q @ p.T
     manual = -torch.stack([torch.log_softmax(logits[i], 0)[pos[i]] for i in range(3)]).mean()
-    torch.testing.assert_close(BiEncoder.loss(q, p, pos), manual)
+    torch.testing.assert_close(model.loss(q, p, pos), manual)
+    scaled = -torch.stack([torch.log_softmax(20 * logits[i], 0)[pos[i]] for i in range(3)]).mean()
+    torch.testing.assert_close(BiEncoder(q_enc, scale=20.0).loss(q, p, pos), scaled)  # cosine models' temperature
 
 
 def test_load_biencoder_checkpoint_layout(tmp_path):

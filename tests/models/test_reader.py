@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,34 @@ def test_best_reading_is_the_top_selection_score_among_the_first_k():
     assert best_reading([], 5) is None and best_reading([Reading(1.0)]) is None
 
 
+def test_selection_fuses_the_readers_and_the_retrievers_scores():
+    from densepr.models.reader import Selection
+
+    rd = [Reading(1.0, 3.0, 0, 2, "ab"), Reading(5.0, 1.0, 0, 1, "a"), Reading(9.0, 9.0)]  # the last has no span
+    scores = [10.0, 2.0, 50.0]
+    assert best_reading(rd, None, Selection(), scores) == 1  # DPR's rule: the selection logit alone
+    assert best_reading(rd, None, Selection(1.0, 0.0, 1.0), scores) == 0  # 1 + 10 > 5 + 2; a spanless passage never wins
+    assert best_reading(rd, None, Selection(0.0, 1.0, 0.0), scores) == 0  # span score alone: 3 > 1
+    assert best_reading(rd, 1, Selection(0.0, 0.0, 1.0), scores) == 0 and best_reading(rd, None, Selection(1.0, 0.0, 1.0)) == 1
+
+
+def test_choose_selection_finds_the_fusion_that_answers_and_keeps_dpr_rule_on_ties():
+    from densepr.data.qa import QA, QASet
+    from densepr.pipeline import choose_selection
+
+    # question 0: the right passage has the higher retrieval score but the lower selection logit
+    qas = QASet("t", [QA("q0", ("paris",)), QA("q1", ("rome",))])
+    readings = [[Reading(2.0, 1.0, 0, 5, "london"), Reading(1.0, 1.0, 0, 5, "paris")],
+                [Reading(3.0, 1.0, 0, 4, "rome"), Reading(0.0, 1.0, 0, 4, "oslo")]]  # fmt: skip
+    scores = [[5.0, 9.0], [8.0, 7.0]]
+    best = choose_selection(readings, scores, qas, ks=(1, 2))
+    assert best["paper_em"] == 50.0 and best["paper_k"] == 1  # k=1 and k=2 tie at 50: the smaller k is kept
+    assert best["em"] == 100.0 and best["k"] == 2 and best["retriever"] > 0
+    # when nothing beats DPR's rule, DPR's rule is kept
+    same = choose_selection([[Reading(2.0, 1.0, 0, 5, "paris")]], [[1.0]], QASet("t", [QA("q", ("paris",))]), ks=(1,))
+    assert (same["relevance"], same["span"], same["retriever"], same["em"]) == (1.0, 0.0, 0.0, 100.0)
+
+
 def test_reading_gives_offsets_into_the_text_and_does_not_depend_on_batching(reader):
     qs = [q for q, _ in QUESTIONS[:3]]
     ps = [[(t, x) for t, x in PASSAGES[i : i + 4]] for i in range(3)]
@@ -145,6 +174,21 @@ def test_reading_gives_offsets_into_the_text_and_does_not_depend_on_batching(rea
 
 
 # -- the loss --------------------------------------------------------------------------------------
+def test_forward_in_length_sorted_pieces_equals_one_padded_forward(reader):
+    q = reader.question_ids("who created python")
+    texts = reader.tokenize_texts(["short text", "a much longer passage text " * 8, "medium length passage text here", "x"])
+    titles = reader.tokenizer(["t1", "t2", "t3", "t4"], add_special_tokens=False)["input_ids"]
+    wins = [reader.windows(q, titles[i], texts[i], i)[0] for i in range(4)]
+    with torch.no_grad():
+        inputs, text = reader.collate(wins)
+        start, end, rel = reader(**inputs)
+        s2, e2, r2, t2 = reader.forward_windows(wins, piece=2)
+    assert torch.equal(text, t2) and s2.shape == start.shape
+    torch.testing.assert_close(r2, rel, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s2[text], start[text], atol=1e-5, rtol=1e-4)  # every text position, in the windows' order
+    torch.testing.assert_close(e2[text], end[text], atol=1e-5, rtol=1e-4)
+
+
 def test_loss_is_selection_ce_plus_marginal_span_likelihood():
     torch.manual_seed(0)
     n, m, seq = 2, 3, 7
@@ -263,6 +307,17 @@ def test_evaluate_qa_reads_once_and_equals_reading_each_k_separately(retriever, 
         em = 100 * np.mean([exact_match(p, a) for p, (_, a) in zip(preds, QUESTIONS)])
         assert res["modes"]["bm25"]["k"][str(k)]["em"] == pytest.approx(round(em, 2))
         assert res["modes"]["bm25"]["k"][str(k)]["em_answerable"] >= res["modes"]["bm25"]["k"][str(k)]["em"]
+    assert "fused" not in res["modes"]["bm25"]  # no selection tuned: DPR's rule only
+    # a tuned selection for bm25 is reported beside DPR's rule, and the pipeline answers with it
+    from densepr.pipeline import tune_selection
+
+    tuned = tune_selection(retriever, reader, qas, "bm25", ks=(1, 3))
+    assert tuned["em"] >= tuned["paper_em"] and tuned["k"] in (1, 3)
+    reader.config.selection["bm25"] = {"relevance": 0.0, "span": 0.0, "retriever": 1.0, "k": 1}
+    res = evaluate_qa(retriever, reader, qas, modes=["bm25"], ks=[1], matcher=AnswerMatcher(corpus.texts))
+    top1 = [a.text for a in Pipeline(retriever, reader, mode="bm25").answer_many(qas.questions)]  # k from the selection: 1
+    assert res["modes"]["bm25"]["fused"]["k"]["1"]["em"] == pytest.approx(round(100 * np.mean([exact_match(p, a) for p, (_, a) in zip(top1, QUESTIONS)]), 2))
+    assert res["modes"]["bm25"]["fused"]["k"]["1"] == res["modes"]["bm25"]["k"]["1"]  # k=1: one passage, any rule picks it
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -300,6 +355,39 @@ def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv,
     entry = results["sets"]["qa.tsv"]
     assert set(entry["modes"]["bm25"]["k"]) == {"1", "3"} and entry["n_all"] == 6 and "gold" in entry
     assert "EM@1" in (tmp_path / "qa/qa-results.md").read_text() and (tmp_path / "qa/qa-em.png").stat().st_size > 1000
+    # tune the passage selection on (here: the same) questions; it is stored with the reader and reported by evaluate-qa
+    code, out, err = run(capsys, "tune-reader", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
+                         "--ks", "1,3", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    stored = json.loads((tmp_path / "run/best/densepr_reader.json").read_text())["selection"]["bm25"]
+    assert stored["k"] in (1, 3) and stored["em"] >= stored["paper_em"] and "DPR's rule" in out
+    code, _, err = run(capsys, "evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
+                       "--ks", "1,3", "-o", str(tmp_path / "qa2"), "--device", "cpu")  # fmt: skip
+    assert code == 0, err  # the reader directory still verifies against its manifest after tuning
+    fused = json.loads((tmp_path / "qa2/qa-results.json").read_text())["sets"]["qa.tsv"]["modes"]["bm25"].get("fused")
+    assert (fused is None) == ((stored["relevance"], stored["span"], stored["retriever"]) == (1.0, 0.0, 0.0))  # DPR's rule: no fused row
+
+    # out of the box: a reader stored beside the index (what `make reproduce-dpr` leaves in runs/dpr/reader) is found
+    # without --reader, and an index at runs/dpr (the trained retriever) is found without --index
+    code, _, err = run(capsys, "answer", "who created python", "--index", str(idx), "--device", "cpu")
+    assert code == 1 and "no reader" in err and "reproduce-dpr" in err and "Traceback" not in err
+    shutil.copytree(reader, idx / "reader")
+    assert Pipeline.load(idx, device="cpu").answer("who created python").text == a["text"]
+    code, out, err = run(capsys, "answer", "who created python", "--index", str(idx), "--json", "--device", "cpu")
+    assert code == 0 and json.loads(out)["text"] == a["text"], err
+    from densepr.cli import DEFAULT_INDEX, TRAINED_INDEX, _index
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        code, _, err = run(capsys, "answer", "who created python", "--device", "cpu")
+        assert code == 1 and str(DEFAULT_INDEX) in err and "Traceback" not in err, err  # nothing here: the default, named
+        assert _index(None) == DEFAULT_INDEX and _index(idx) == idx
+        (TRAINED_INDEX / "dense").mkdir(parents=True)
+        (TRAINED_INDEX / "dense" / "manifest.json").write_text("{}")
+        assert _index(None) == TRAINED_INDEX  # `make reproduce-dpr`'s trained retriever, when present
+    finally:
+        os.chdir(cwd)
 
     bad = [
         (("answer", "  ", "--index", str(idx), "--reader", reader), "empty question"),

@@ -654,7 +654,9 @@ def test_overload_is_bounded_and_health_stays_responsive(index_dir):
     assert statuses.get(200, 0) > 50 and statuses.get(503, 0) > 0, statuses
     assert set(statuses) <= {200, 503}, statuses  # no innocent 5xx, no 408, no connection error
     assert max(latencies) < 1.5, sorted(latencies)[-5:]  # ~ (max_queue / max_batch + 1) model calls, not the offered load
-    assert len(health) >= 10 and max(health) < 0.5, (len(health), max(health))
+    # How many polls fit in 3 s depends on the machine (each waits 0.1 s plus its own answer time, and
+    # the clients share this process's GIL); what must hold is that every one answered quickly.
+    assert len(health) >= 4 and max(health) < 0.5, (len(health), max(health))
 
 
 # -- the page in a real browser --------------------------------------------------------------------

@@ -44,6 +44,54 @@ def markdown_table(results: dict, ks: Sequence[int] = KS, names: dict[str, str] 
     return "\n".join(lines) + "\n"
 
 
+# Short column names for the paper-style table (the embedded sets' names).
+SET_LABELS = {"nq-test": "NQ", "trivia-test": "TriviaQA", "wq-test": "WQ", "curated-test": "TREC", "squad-test": "SQuAD"}
+
+
+def paper_table(results: dict, methods: Sequence[str], names: dict[str, str] | None = None, subset: str = "all",
+                ks: tuple[int, int] = (20, 100)) -> str:  # fmt: skip
+    """Markdown table laid out like DPR's Table 2: a row per method, a column per dataset, ``top-20 / top-100``.
+
+    Args:
+        results: as :func:`markdown_table`.
+        methods: the rows, in order (methods absent from a dataset show "-").
+        subset: ``"all"`` questions or the ``"answerable"`` subset.
+    """
+    names = names or {}
+    sets = list(results)
+    head = ["method", *[f"{SET_LABELS.get(ds, ds)} ({results[ds]['n_all' if subset == 'all' else 'n_answerable']} q)" for ds in sets]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(sets)]
+    for m in methods:
+        cells = [names.get(m, m)]
+        for ds in sets:
+            rep = results[ds]["methods"].get(m)
+            cells.append("-" if rep is None else " / ".join(f"{rep[subset][f'top{k}']:.1f}" for k in ks))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(results: dict, methods: Sequence[str], names: dict[str, str] | None = None, k: int = 20) -> str:
+    """Each method's top-k (all / answerable) per dataset and its gain over the row above (points)."""
+    names = names or {}
+    sets = list(results)
+    head = ["method", *[SET_LABELS.get(ds, ds) for ds in sets]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(sets)]
+    prev = None
+    for m in methods:
+        cells = [names.get(m, m)]
+        for ds in sets:
+            rep = results[ds]["methods"][m]
+            a, b = rep["all"][f"top{k}"], rep["answerable"][f"top{k}"]
+            cell = f"{a:.1f} / {b:.1f}"
+            if prev is not None:
+                p = results[ds]["methods"][prev]
+                cell += f" ({a - p['all'][f'top{k}']:+.1f} / {b - p['answerable'][f'top{k}']:+.1f})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+        prev = m
+    return "\n".join(lines) + "\n"
+
+
 def rich_table(results: dict, ks: Sequence[int] = KS, names: dict[str, str] | None = None, title: str = ""):
     """The same table for the terminal."""
     from rich.table import Table
@@ -114,8 +162,10 @@ def qa_markdown(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (4 * len(ks))) + "|"]
     for name, res in results["sets"].items():
         label = f"{name} ({res['n_all']} q, {res['n_answerable']} answerable)"
-        for i, (mode, entry) in enumerate(res["modes"].items()):
-            row = [entry["k"][str(k)] for k in ks]
+        rows = [(mode, entry["k"]) for mode, entry in res["modes"].items()]
+        rows += [(f"{mode}, fused selection", entry["fused"]["k"]) for mode, entry in res["modes"].items() if "fused" in entry]
+        for i, (mode, per_k) in enumerate(rows):
+            row = [per_k[str(k)] for k in ks]
             cells = [label if i == 0 else "", mode, *[f"{r['em']:.1f}" for r in row], *[f"{r['em_answerable']:.1f}" for r in row],
                      *[f"{r['f1']:.1f}" for r in row], *[f"{r['retrieval_topk']:.1f}" for r in row]]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")

@@ -478,27 +478,30 @@ class DenseIndex:
         return views
 
     def _search_torch(self, q: np.ndarray, k: int, views: list | None = None, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k as one matrix product per block of passages, keeping a running top-k, so
-        the [queries x passages] score matrix never exists whole.
+        """Exact top-k on torch tensors (:func:`torch_topk`): the GPU copy, or on a CPU ``views`` of
+        FAISS's own storage (the batched path for small flat indexes, see ``TORCH_CPU_MAX``)."""
+        return torch_topk(q, k, views if views is not None else [self._torch], block)
 
-        On a CPU this is also the batched path for small flat indexes (over ``views`` of FAISS's
-        own storage, see ``TORCH_CPU_MAX``)."""
-        import torch
 
-        parts = views if views is not None else [self._torch]
-        dev, dtype = parts[0].device, parts[0].dtype
-        qt = torch.as_tensor(q).to(device=dev, dtype=dtype)
-        best_sc = torch.full((len(q), 0), -torch.inf, device=dev)
-        best_ix = torch.zeros((len(q), 0), dtype=torch.long, device=dev)
-        offset = 0
-        for vecs in parts:  # shards in row order
-            for start in range(0, len(vecs), block):
-                sc = (qt @ vecs[start : start + block].T).float()
-                sc, ix = torch.topk(sc, min(k, sc.shape[1]), dim=1)
-                best_sc, order = torch.topk(torch.cat([best_sc, sc], 1), min(k, best_sc.shape[1] + sc.shape[1]), dim=1)
-                best_ix = torch.gather(torch.cat([best_ix, ix + offset + start], 1), 1, order)
-            offset += len(vecs)
-        return best_sc.cpu().numpy(), best_ix.cpu().numpy()
+def torch_topk(q: np.ndarray, k: int, parts: list, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k over ``parts`` (torch ``[n_i, dim]`` tensors, in row order) as one matrix
+    product per block of passages, keeping a running top-k, so the [queries x passages] score matrix
+    never exists whole. Returns ``(scores, rows)`` as numpy arrays."""
+    import torch
+
+    dev, dtype = parts[0].device, parts[0].dtype
+    qt = torch.as_tensor(q).to(device=dev, dtype=dtype)
+    best_sc = torch.full((len(q), 0), -torch.inf, device=dev)
+    best_ix = torch.zeros((len(q), 0), dtype=torch.long, device=dev)
+    offset = 0
+    for vecs in parts:  # shards in row order
+        for start in range(0, len(vecs), block):
+            sc = (qt @ vecs[start : start + block].T).float()
+            sc, ix = torch.topk(sc, min(k, sc.shape[1]), dim=1)
+            best_sc, order = torch.topk(torch.cat([best_sc, sc], 1), min(k, best_sc.shape[1] + sc.shape[1]), dim=1)
+            best_ix = torch.gather(torch.cat([best_ix, ix + offset + start], 1), 1, order)
+        offset += len(vecs)
+    return best_sc.cpu().numpy(), best_ix.cpu().numpy()
 
 
 def _read_faiss(path: Path, manifest: dict, mmap: bool, count: int | None = None) -> faiss.Index:
@@ -554,3 +557,25 @@ def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None)
             rows.append({"type": f"{t}+rerank", "bytes_per_passage": per, "ram_bytes": total,
                          "disk_bytes": total + 4 * dim * num_passages, "measured": costs.get(f"{t}+rerank")})  # fmt: skip
     return rows
+
+
+# DPR's own figure (Section 4.2 / Appendix): 21M passages encoded in 8.8 hours on 8 GPUs, BERT-base.
+PAPER_ENCODE_RATE = 21_015_324 / (8.8 * 3600 * 8)  # passages per second per GPU (~83)
+
+
+def cluster_plan(rows: list[dict], num_passages: int, nodes: int, node_ram_gib: float, gpus: int,
+                 rate: float = PAPER_ENCODE_RATE, headroom: float = 0.7) -> list[dict]:  # fmt: skip
+    """Spread each index type of :func:`plan` over ``nodes`` machines of ``node_ram_gib``: the shards it
+    needs (each within ``headroom`` of a node's RAM; the rest is for the process, the corpus text, the
+    OS), the replicas of the whole index the nodes then hold, RAM per shard, and the encoding hours at
+    ``rate`` passages/s per GPU on ``gpus`` GPUs. Merged top-k over shards is exact for flat shards
+    only: per-shard HNSW/IVF/PQ results differ from one big index's (approximate either way)."""
+    budget = node_ram_gib * 2**30 * headroom
+    out = []
+    for r in rows:
+        shards = max(1, -(-int(r["ram_bytes"]) // int(budget)))
+        fits = shards <= nodes
+        out.append({**r, "shards": shards, "replicas": nodes // shards if fits else 0, "ram_per_shard": r["ram_bytes"] / shards,
+                    "fits": fits, "exact_merge": shards == 1 or r["type"].startswith("flat"), "encode_hours": num_passages / (rate * max(gpus, 1)) / 3600})  # fmt: skip
+    return out
+

@@ -116,14 +116,39 @@ def encode_corpus(
     Returns:
         The manifest when every part is complete, else None (other shards still to run).
     """
+    final = Path(out_dir)
+    plan = encoding_plan(encoder, corpus, question_encoder, part_size, dtype)
+    out = prepare(final, plan)
+    if isinstance(out, dict):
+        return out  # already complete with the same settings
+    n_parts = max(1, -(-len(corpus) // part_size))
+    mine = shard_parts(n_parts, shard_id, num_shards)
+    todo = sum(min(len(corpus), (i + 1) * part_size) - i * part_size for i in mine)
+    label = "encode passages" + (f" (shard {shard_id + 1}/{num_shards})" if num_shards > 1 else "")
+    with progress_bar(todo, label, show_progress, unit="psg") as advance:
+        for i in mine:
+            lo, hi = i * part_size, min(len(corpus), (i + 1) * part_size)
+            if not _part_ok(out, i, hi - lo, encoder.dim):
+                write_part(out, i, corpus.ids[lo:hi], encoder.encode_passages(corpus.titles[lo:hi], corpus.texts[lo:hi], batch_size, progress=advance), dtype)
+            else:
+                advance(hi - lo)
+    return complete(out, final, plan, corpus, encoder.dim)
+
+
+def encoding_plan(encoder: Encoder, corpus: Corpus, question_encoder: str | None, part_size: int, dtype: str) -> dict:
+    """What ``encoding.json`` records, and what a resumed run must match."""
     if dtype not in ("float32", "float16"):
         raise DenseprError(f"dtype must be float32 or float16, not {dtype!r}")
     if part_size <= 0:
         raise DenseprError("the part size must be positive")
-    final = Path(out_dir)
-    check_target(final, KIND, OWN_FILES)
-    plan = {"encoder": encoder_info(encoder), "question_encoder": question_encoder or encoder.name,
+    return {"encoder": encoder_info(encoder), "question_encoder": question_encoder or encoder.name,
             "corpus": corpus.fingerprint(), "part_size": part_size, "dtype": dtype}  # fmt: skip
+
+
+def prepare(final: Path, plan: dict) -> Path | dict:
+    """The directory the parts go to (``final``, or ``NAME.building`` beside a complete one of other
+    settings), made and holding ``encoding.json``; or ``final``'s manifest when it is complete already."""
+    check_target(final, KIND, OWN_FILES)
     out = final
     if (final / MANIFEST).is_file():  # a complete directory: done already, or re-encoded beside it
         if _plan_of(final) == plan:
@@ -149,21 +174,25 @@ def encode_corpus(
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "encoding.json").is_file():
         write_json(out / "encoding.json", plan)
+    return out
+
+
+def missing_parts(out: Path, corpus: Corpus, part_size: int, dim: int) -> list[int]:
+    """The parts not yet (intactly) written."""
     n_parts = max(1, -(-len(corpus) // part_size))
-    mine = shard_parts(n_parts, shard_id, num_shards)
-    todo = sum(min(len(corpus), (i + 1) * part_size) - i * part_size for i in mine)
-    label = "encode passages" + (f" (shard {shard_id + 1}/{num_shards})" if num_shards > 1 else "")
-    with progress_bar(todo, label, show_progress, unit="psg") as advance:
-        for i in mine:
-            lo, hi = i * part_size, min(len(corpus), (i + 1) * part_size)
-            npy, ids = _part_names(i)
-            if not _part_ok(out, i, hi - lo, encoder.dim):
-                vecs = encoder.encode_passages(corpus.titles[lo:hi], corpus.texts[lo:hi], batch_size, progress=advance)
-                write_ids(out / ids, corpus.ids[lo:hi])
-                save_npy(out / npy, vecs.astype(dtype))  # written last: its presence marks the part done
-            else:
-                advance(hi - lo)
-    manifest = finalize(out, corpus, encoder.dim)
+    return [i for i in range(n_parts) if not _part_ok(out, i, min(len(corpus), (i + 1) * part_size) - i * part_size, dim)]
+
+
+def write_part(out: Path, i: int, ids: list[str], vectors: np.ndarray, dtype: str) -> None:
+    """One part: its ids, then its vectors (written last: their presence marks the part done)."""
+    npy, id_file = _part_names(i)
+    write_ids(out / id_file, ids)
+    save_npy(out / npy, vectors.astype(dtype))
+
+
+def complete(out: Path, final: Path, plan: dict, corpus: Corpus, dim: int) -> dict | None:
+    """The manifest once every part is written (installing a ``.building`` directory), else None."""
+    manifest = finalize(out, corpus, dim)
     if manifest is None or out == final:
         return manifest
     return _install(out, final, plan)

@@ -199,12 +199,16 @@ class BiEncoder(nn.Module):
     Args:
         question: E_Q.
         passage: E_P; ``None`` shares E_Q's weights (the paper's single-encoder variant).
+        scale: similarities are multiplied by this in the loss (a softmax temperature of 1/scale):
+            1 for DPR's raw dot product; ~20 when the towers normalise (cosine), as
+            sentence-transformers' MultipleNegativesRankingLoss.
     """
 
-    def __init__(self, question: Encoder, passage: Encoder | None = None) -> None:
+    def __init__(self, question: Encoder, passage: Encoder | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.question = question
         self.passage = passage if passage is not None else question
+        self.scale = scale
 
     def encode_query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.question(input_ids, attention_mask)
@@ -217,15 +221,14 @@ class BiEncoder(nn.Module):
         """Dot product of every question with every passage: [nq, d] x [np, d] -> [nq, np]."""
         return q @ p.T
 
-    @classmethod
-    def loss(cls, q: torch.Tensor, p: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    def loss(self, q: torch.Tensor, p: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         """NLL of each question's positive among *all* passages of the batch (Eq. 2).
 
         ``p`` holds every question's positive and hard negatives, so each passage is a
         negative for every other question (in-batch negatives); ``positive[i]`` is the row
         of question i's positive in ``p``.
         """
-        return F.cross_entropy(cls.similarity(q, p).float(), positive)
+        return F.cross_entropy(self.scale * self.similarity(q, p).float(), positive)
 
 
 def load_biencoder(

@@ -45,6 +45,30 @@ MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
 MIN_TEXT_TOKENS = 16  # a window must hold at least this much passage text
 
 
+@dataclass(frozen=True)
+class Selection:
+    """How the answer's passage is chosen among the first k readings.
+
+    Each passage scores ``relevance * selection logit + span * its best span score +
+    retriever * (its retrieval score - the question's best retrieval score)``; the answer is the
+    best span of the best-scoring passage that has one. The default is DPR's rule (the selection
+    logit alone); a retriever weight is BERTserini's fusion of the retriever's score with the
+    reader's (Yang et al., 2019). Retrieval scores are on each mode's own scale, so the weights
+    are tuned per retrieval mode on held-out questions (:func:`densepr.pipeline.tune_selection`).
+    """
+
+    relevance: float = 1.0
+    span: float = 0.0
+    retriever: float = 0.0
+
+    @property
+    def is_paper(self) -> bool:
+        return self.span == 0 and self.retriever == 0 and self.relevance > 0
+
+
+PAPER_SELECTION = Selection()
+
+
 @dataclass
 class ReaderConfig:
     """Window and span settings, stored beside the weights."""
@@ -54,6 +78,16 @@ class ReaderConfig:
     max_answer_length: int = 10  # span cap in tokens (DPR's default)
     top_k: int = 20  # passages read per question unless told otherwise (tuned on validation)
     tuned: dict = field(default_factory=dict)  # how top_k was chosen (EM per k on validation)
+    # per retrieval mode, the passage selection tuned on held-out questions (`densepr tune-reader`):
+    # {mode: {"relevance": w, "span": w, "retriever": w, "k": passages, "em": ..., "paper_em": ...}}
+    selection: dict = field(default_factory=dict)
+
+    def selection_for(self, mode: str) -> tuple[Selection, int | None]:
+        """The tuned :class:`Selection` and k for a retrieval mode; DPR's rule (and no k) when untuned."""
+        entry = self.selection.get(str(mode))
+        if not entry:
+            return PAPER_SELECTION, None
+        return Selection(entry["relevance"], entry["span"], entry["retriever"]), entry.get("k")
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> ReaderConfig:
@@ -102,12 +136,21 @@ class Reading:
         return self.start >= 0
 
 
-def best_reading(readings: Sequence[Reading], k: int | None = None) -> int | None:
-    """DPR's choice among the first ``k`` readings: the highest selection logit that has a span."""
-    best = None
+
+
+def best_reading(readings: Sequence[Reading], k: int | None = None, selection: Selection = PAPER_SELECTION,
+                 retrieval_scores: Sequence[float] | None = None) -> int | None:  # fmt: skip
+    """The chosen passage among the first ``k`` readings (see :class:`Selection`); None when none has a span."""
+    best, best_score = None, float("-inf")
+    use_retriever = selection.retriever != 0 and retrieval_scores is not None
     for i, r in enumerate(readings[:k] if k else readings):
-        if r.has_span and (best is None or r.relevance > readings[best].relevance):
-            best = i
+        if not r.has_span:
+            continue
+        score = selection.relevance * r.relevance + (selection.span * r.span_score if selection.span else 0.0)
+        if use_retriever:
+            score += selection.retriever * float(retrieval_scores[i])
+        if best is None or score > best_score:
+            best, best_score = i, score
     return best
 
 
@@ -252,6 +295,29 @@ class Reader(nn.Module):
             text[i, w.text_start : w.text_start + w.n] = True
         dev = self.device
         return {"input_ids": ids.to(dev), "attention_mask": att.to(dev)}, text.to(dev)
+
+    def forward_windows(self, windows: Sequence[Window], piece: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward many windows in length-sorted pieces, each padded only to its own longest window.
+
+        Returns ``(start, end, relevance, text_mask)`` in the windows' order, logits padded to the
+        longest window (padding positions are outside ``text_mask``, so the loss never sees them).
+        The same logits as one padded forward, for less compute when lengths differ (training).
+        """
+        _, text_mask = self.collate(windows)
+        width = text_mask.shape[1]
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
+        starts, ends, rels = [], [], []
+        for b in range(0, len(order), piece):
+            inputs, _ = self.collate([windows[i] for i in order[b : b + piece]])
+            start, end, rel = self(**inputs)
+            pad = width - start.shape[1]
+            starts.append(F.pad(start, (0, pad), value=-1e4))
+            ends.append(F.pad(end, (0, pad), value=-1e4))
+            rels.append(rel)
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        back = back.to(text_mask.device)
+        return torch.cat(starts)[back], torch.cat(ends)[back], torch.cat(rels)[back], text_mask
 
     # -- inference ---------------------------------------------------------------------------
     def _best_span(self, start: np.ndarray, end: np.ndarray) -> tuple[float, int, int]:

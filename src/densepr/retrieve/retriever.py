@@ -53,8 +53,6 @@ class Retriever:
         hybrid_lambda: float = PAPER_LAMBDA,
         depth: int = 1000,
     ) -> None:
-        if dense is not None and question_encoder is None:
-            raise DenseprError("a dense index needs its question encoder")
         if dense is not None and question_encoder is not None and question_encoder.dim != dense.dim:
             raise DenseprError(
                 f"question encoder {question_encoder.name} gives {question_encoder.dim}-d vectors, "
@@ -66,9 +64,11 @@ class Retriever:
     @classmethod
     def load(
         cls, directory: str | os.PathLike[str], question_encoder: str | os.PathLike[str] | None = None,
-        device: str | None = None, hybrid_lambda: float | None = None, mmap: bool = False,
+        device: str | None = None, hybrid_lambda: float | None = None, mmap: bool = False, with_encoder: bool = True,
     ) -> Retriever:  # fmt: skip
-        """Load an index directory (see module docstring); the parts present decide the modes."""
+        """Load an index directory (see module docstring); the parts present decide the modes.
+        ``with_encoder=False``: no question encoder (the caller passes query vectors, e.g. a searcher
+        behind a separate encoder service)."""
         d = Path(directory)
         if not (d / "passages.tsv").is_file():
             raise DenseprError(f"{d}: not an index directory (no passages.tsv); build one with `densepr reproduce` or the stage commands")
@@ -77,8 +77,14 @@ class Retriever:
         dense = encoder = None
         if (d / "dense").is_dir():
             dense = DenseIndex.load(d / "dense", corpus=corpus, mmap=mmap)
-            encoder = Encoder.load(question_encoder or dense.manifest["question_encoder"], device=device)
-            dense.to_device(str(encoder.device))  # exact search on the GPU when there is one
+            if with_encoder:
+                if question_encoder is not None:  # a torch encoder directory, or an ONNX export (`densepr export-onnx`)
+                    from densepr.models.onnx import load_question_encoder
+
+                    encoder = load_question_encoder(question_encoder, device)
+                else:
+                    encoder = Encoder.load(dense.manifest["question_encoder"], device=device)
+                dense.to_device(str(encoder.device))  # exact search on the GPU when there is one
         if hybrid_lambda is None:
             hybrid_lambda = read_json(d / "hybrid.json")["lambda"] if (d / "hybrid.json").is_file() else PAPER_LAMBDA
         if bm25 is None and dense is None:
@@ -107,15 +113,17 @@ class Retriever:
     def encode(self, questions: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
         from densepr.progress import progress_bar
 
-        assert self.question_encoder is not None
+        if self.question_encoder is None:
+            raise DenseprError("this retriever has no question encoder: pass the questions' vectors")
         with progress_bar(len(questions), "encode questions", show_progress, unit="q") as advance:
             return self.question_encoder.encode_questions(questions, batch_size, progress=advance)
 
     def retrieve_all(
         self, questions: Sequence[str], k: int = 100, modes: Sequence[str | Mode] = tuple(Mode), show_progress: bool = False,
-        also_lambdas: Sequence[float] = (),
+        also_lambdas: Sequence[float] = (), vectors: np.ndarray | None = None,
     ) -> dict[str, SearchResult]:
         """Top-k for several modes at once; BM25 and dense run once and feed the fusions.
+        ``vectors``: the questions' E_Q vectors, when encoded elsewhere.
 
         ``also_lambdas``: hybrid rankings at these lambdas too, keyed ``"hybrid-<lambda>"``
         (reproduce reports the paper's 1.1 beside the tuned value from the same searches).
@@ -124,7 +132,9 @@ class Retriever:
         needed = {n for m in wanted for n in m.needs} | ({"bm25", "dense"} if also_lambdas else set())
         depth = max(k, self.depth) if also_lambdas or any(m.fused for m in wanted) else k
         sparse = self.bm25.search(questions, depth) if "bm25" in needed else None
-        dense = self.dense.search(self.encode(questions, show_progress=show_progress), depth) if "dense" in needed else None
+        if "dense" in needed and vectors is None:
+            vectors = self.encode(questions, show_progress=show_progress)
+        dense = self.dense.search(vectors, depth) if "dense" in needed else None
         out: dict[str, SearchResult] = {}
         for m in wanted:
             if m is Mode.BM25:

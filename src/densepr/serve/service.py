@@ -285,9 +285,13 @@ class Service:
         self.post_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="densepr-post")
 
     # -- model calls (worker thread) -------------------------------------------------------
+    def _retrieve(self, questions: list[str], k: int, mode: str) -> SearchResult:
+        """The one retrieval call (a front end on other machines overrides this, e.g. ``ray_app``)."""
+        return self.retriever.retrieve(questions, k, mode)
+
     def _search_batch(self, mode: str, items: list[tuple[list[str], int]]) -> list:
         questions = [q for qs, _ in items for q in qs]
-        res = self.retriever.retrieve(questions, max(k for _, k in items), mode)
+        res = self._retrieve(questions, max(k for _, k in items), mode)
         out, i = [], 0
         for qs, k in items:
             out.append((res.rows[i : i + len(qs), :k], res.scores[i : i + len(qs), :k]))

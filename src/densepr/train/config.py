@@ -37,6 +37,7 @@ class TrainConfig(OptimConfig):
     shared: bool = False  # one encoder for questions and passages
     pooling: str | None = None  # default: the model's own setting
     normalize: bool = False  # DPR: raw dot product
+    scale: float = 1.0  # similarities x this in the loss (DPR: 1; with normalize, ~20 as sentence-transformers)
     batch_size: int = 128  # questions per step, over all processes
     hard_negatives: int = 1
     random_negatives: int = 0
@@ -69,4 +70,5 @@ class ReaderTrainConfig(OptimConfig):
     eval_every: int = 0  # >0: also validate every this many steps
     dev_limit: int | None = 500  # validation questions (the first N of the dev file)
     max_questions: int | None = None  # use only the first N usable training questions
+    piece: int = 16  # windows per forward piece (length-sorted, each padded to its own longest)
 

@@ -83,7 +83,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
             q = torch.cat([model.encode_query(**c) for c in q_chunks]).float()[q_inv]
             p = torch.cat([model.encode_passage(**c) for c in p_chunks]).float()[p_inv]
         Q, P, pos, _, _ = global_batch(q, p, positive, d)
-        loss = BiEncoder.loss(Q, P, pos)
+        loss = model.loss(Q, P, pos)
         loss.backward()
         return float(loss.detach()), float((BiEncoder.similarity(Q.detach(), P.detach()).argmax(1) == pos).float().mean())
     # Gradient caching: 1) embed every chunk without a graph, remembering its RNG state.
@@ -99,7 +99,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
     # 2) the loss on the embeddings alone, and its gradient with respect to them.
     Q, P, pos, mine_q, mine_p = global_batch(q, p, positive, d)
     Q, P = Q.detach().requires_grad_(), P.detach().requires_grad_()
-    loss = BiEncoder.loss(Q, P, pos)
+    loss = model.loss(Q, P, pos)
     loss.backward()
     acc = float((BiEncoder.similarity(Q.detach(), P.detach()).argmax(1) == pos).float().mean())
     # Back to chunk order: row i of a chunk is sequence order[i], i.e. where inverse points.

@@ -16,15 +16,19 @@ either list answers survive. ``MiningStats`` counts where each positive came fro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from densepr.data.passages import Corpus
-from densepr.data.qa import QASet
-from densepr.data.training import TrainRecord
+from densepr.data.qa import QASet, write_qa_tsv
+from densepr.data.training import TrainRecord, write_train_records
+from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
+from densepr.fileio import write_json
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BM25Index
 
@@ -159,3 +163,61 @@ def split_holdout(qas: QASet, fraction: float, seed: int = 0) -> tuple[QASet, QA
     n_val = int(round(fraction * len(qas)))
     val, train = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
     return (QASet(qas.name, [qas.items[i] for i in train], qas.match), QASet(f"{qas.name}-heldout", [qas.items[i] for i in val], qas.match))
+
+
+def stats_path(output: str | os.PathLike[str]) -> Path:
+    """Where :func:`build_training_data` writes its mining statistics: ``<output>.stats.json``."""
+    return Path(output).with_suffix(".stats.json")
+
+
+def heldout_path(val_output: str | os.PathLike[str]) -> Path:
+    """Where :func:`build_training_data` writes the held-out questions: ``<val_output>.qa.tsv``."""
+    return Path(val_output).with_suffix(".qa.tsv")
+
+
+def build_training_data(
+    sets: Sequence[QASet],
+    corpus: Corpus,
+    bm25: BM25Index,
+    output: str | os.PathLike[str],
+    val_output: str | os.PathLike[str] | None = None,
+    *,
+    val_fraction: float = 0.1,
+    depth: int = 100,
+    hard_negatives: int = 30,
+    random_negatives: int = 10,
+    seed: int = 0,
+    negatives_from: Ranking | None = None,
+    negatives_name: str = "bm25",
+    skip_top: int = 0,
+) -> dict:
+    """Mine training data (what ``densepr data build-train`` does): hold out ``val_fraction`` of each
+    set's questions, mine the rest into ``output`` and the held-out part into ``val_output``.
+
+    Writes (each atomically): ``output`` and ``val_output`` (DPR retriever JSON), the held-out
+    questions as ``<val_output>.qa.tsv`` (to tune or validate on questions never trained on) and
+    ``<output>.stats.json`` (the returned report: counts per set, where positives came from, the
+    configuration). ``negatives_from``/``skip_top`` as :func:`mine`; ``negatives_name`` labels
+    that ranking in the report (e.g. ``"dense"``).
+    """
+    if not 0 <= val_fraction < 1:
+        raise DenseprError("the validation fraction must be in [0, 1)")
+    if not 0 <= skip_top < depth:
+        raise DenseprError(f"skip_top must be between 0 and depth ({depth}) - 1")
+    splits = [split_holdout(s, val_fraction, seed) for s in sets]
+    if val_output is not None and val_fraction > 0 and any(v.match != "string" for _, v in splits):
+        raise DenseprError("held-out questions of regex-matched sets cannot be pooled; mine them separately")
+    kw = dict(depth=depth, hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed,
+              negatives_from=negatives_from, skip_top=skip_top)  # fmt: skip
+    train_stats, val_stats = MiningStats(), MiningStats()
+    n_train = write_train_records(mine([t for t, _ in splits], corpus, bm25, stats=train_stats, **kw), output)
+    config = {**{k: v for k, v in kw.items() if k != "negatives_from"}, "val_fraction": val_fraction,
+              "sets": [s.name for s in sets], "mode": negatives_name if negatives_from is not None else "bm25"}  # fmt: skip
+    report = {"train": {"file": str(output), "records": n_train, **train_stats.as_dict()}, "config": config}
+    if val_output is not None and val_fraction > 0:
+        n_val = write_train_records(mine([v for _, v in splits], corpus, bm25, stats=val_stats, **kw), val_output)
+        write_qa_tsv(QASet("heldout", [q for _, v in splits for q in v.items], "string"), heldout_path(val_output))
+        report["validation"] = {"file": str(val_output), "records": n_val, "qa_file": str(heldout_path(val_output)),
+                                **val_stats.as_dict()}  # fmt: skip
+    write_json(stats_path(output), report)
+    return report

@@ -239,9 +239,8 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 t0 = time.perf_counter()
                 ids = order[state["batch"] * cfg.batch_size : (state["batch"] + 1) * cfg.batch_size]
                 windows, mask, spans = build_batch(reader, examples, ids, state["epoch"], cfg)
-                inputs, text_mask = reader.collate(windows)
-                with autocast(dev, training=True):
-                    start, end, rel = reader(**inputs)
+                with autocast(dev, training=True):  # length-sorted pieces: padding only to each piece's longest window
+                    start, end, rel, text_mask = reader.forward_windows(windows, cfg.piece)
                 sel_loss, span_loss = Reader.loss(start.float(), end.float(), rel.float(), text_mask, mask.to(dev), spans)
                 (sel_loss + span_loss).backward()
                 sel_loss, span_loss = sel_loss.item(), span_loss.item()

@@ -185,7 +185,7 @@ def _load_model(cfg: TrainConfig, device: torch.device, source: Path | None = No
     enc_cfg = EncoderConfig(cfg.pooling or base.pooling, cfg.normalize, cfg.max_length)
     q = Encoder.load(q_dir, enc_cfg, device)
     p = q if cfg.shared else Encoder.load(p_dir, enc_cfg, device)
-    return BiEncoder(q, p)
+    return BiEncoder(q, p, cfg.scale)
 
 
 def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, show_progress: bool = True,

@@ -1,0 +1,61 @@
+"""The ONNX Runtime question encoder: same vectors as PyTorch, int8 close, usable by a Retriever and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from densepr.errors import DenseprError
+from densepr.models.encoder import Encoder
+from tests.support.tiny import QUESTIONS
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'densepr[onnx]')")
+
+
+def test_export_matches_pytorch_and_serves_a_retriever(tmp_path, tiny_bert, index_dir, capsys):
+    from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder
+    from densepr.retrieve.retriever import Retriever
+    from tests.support.cli import run
+
+    cfg = export_question_encoder(tiny_bert, tmp_path / "onnx", int8=True)
+    assert cfg["files"] == ["model.onnx", "model.int8.onnx"] and cfg["dim"] == Encoder.load(tiny_bert, device="cpu").dim
+    questions = [q for q, _ in QUESTIONS] + ["a much longer question " * 5]
+    want = Encoder.load(tiny_bert, device="cpu").encode_questions(questions, 4)
+    got = OnnxQuestionEncoder(tmp_path / "onnx").encode_questions(questions, 4)
+    np.testing.assert_allclose(got, want, atol=1e-5)  # same graph: padding, pooling, normalisation
+    q8 = OnnxQuestionEncoder(tmp_path / "onnx", int8=True).encode_questions(questions, 4)
+    cos = (q8 * want).sum(1) / np.linalg.norm(q8, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.95 and not np.allclose(q8, want, atol=1e-5)  # quantised: close, not equal
+
+    torch_r, onnx_r = Retriever.load(index_dir, device="cpu"), Retriever.load(index_dir, question_encoder=str(tmp_path / "onnx"))
+    a, b = torch_r.retrieve(questions, 5, "dense"), onnx_r.retrieve(questions, 5, "dense")
+    assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores, atol=1e-4)
+    assert Retriever.load(index_dir, question_encoder=str(tmp_path / "onnx") + "#int8").question_encoder.int8
+
+    code, out, err = run(capsys, "export-onnx", str(tiny_bert), str(tmp_path / "cli"))
+    assert code == 0 and "exported" in out, err
+    code, _, err = run(capsys, "retrieve", "--queries", str(_queries(tmp_path)), "--index", str(index_dir), "--mode", "dense",
+                       "--question-encoder", str(tmp_path / "cli"), "--trec", str(tmp_path / "run.trec"), "-k", "3")  # fmt: skip
+    assert code == 0 and len((tmp_path / "run.trec").read_text().splitlines()) == 3 * len(QUESTIONS), err
+    code, _, err = run(capsys, "retrieve", "--queries", str(_queries(tmp_path)), "--index", str(index_dir), "--mode", "dense",
+                       "--question-encoder", str(tmp_path / "cli") + "#int8", "--trec", str(tmp_path / "r2.trec"))  # fmt: skip
+    assert code == 1 and "has no int8 model" in err and "Traceback" not in err
+
+
+def test_damaged_or_foreign_directories_are_refused(tmp_path, tiny_bert):
+    from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder
+
+    with pytest.raises(DenseprError, match="not an ONNX question encoder"):
+        OnnxQuestionEncoder(tiny_bert)
+    export_question_encoder(tiny_bert, tmp_path / "onnx")
+    with open(tmp_path / "onnx" / "model.onnx", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\0\0\0\0")
+    with pytest.raises(DenseprError, match="model.onnx"):
+        OnnxQuestionEncoder(tmp_path / "onnx")
+
+
+def _queries(tmp_path):
+    path = tmp_path / "queries.tsv"
+    path.write_text("".join(f"q{i}\t{q}\n" for i, (q, _) in enumerate(QUESTIONS)), encoding="utf-8")
+    return path
