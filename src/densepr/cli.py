@@ -715,6 +715,8 @@ def train_reader_cmd(
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = _default(ReaderTrainConfig, "save_every"),
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = _default(ReaderTrainConfig, "max_steps"),
     max_questions: Annotated[Optional[int], typer.Option(help="Train on the first N usable questions only.")] = _default(ReaderTrainConfig, "max_questions"),
+    span_loss: Annotated[str, typer.Option(help="positive: DPR's span loss within the positive passage; shared: normalised over all M passages (span scores then compare across passages).")] = _default(ReaderTrainConfig, "span_loss"),
+    head_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the selection and span heads (default: --lr).")] = _default(ReaderTrainConfig, "head_lr"),
     seed: int = _default(ReaderTrainConfig, "seed"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     device: DeviceOpt = None,
@@ -732,6 +734,7 @@ def train_reader_cmd(
         match="regex" if regex else "string", passages=passages, depth=depth, batch_size=batch_size, epochs=epochs, lr=lr,
         warmup_steps=warmup_steps, seed=seed, max_length=max_length, max_answer_length=max_answer_length,
         dropout=dropout, save_every=save_every, eval_every=eval_every, dev_limit=dev_limit, max_steps=max_steps, max_questions=max_questions,
+        span_loss=span_loss, head_lr=head_lr,
     )  # fmt: skip
     result = train_reader(cfg, resume=resume, device=device, log=_log)
     best = output / ("best" if (output / "best").is_dir() else "final")

@@ -208,6 +208,31 @@ def test_loss_is_selection_ce_plus_marginal_span_likelihood():
     assert float(span) == pytest.approx(float(sum(terms) / 2), rel=1e-5)
 
 
+def test_shared_span_loss_normalises_over_every_real_passage_of_a_question():
+    torch.manual_seed(1)
+    n, m, seq = 2, 3, 7
+    start = torch.randn(n * m, seq, requires_grad=True)
+    end = torch.randn(n * m, seq)
+    rel = torch.randn(n * m)
+    text = torch.zeros(n * m, seq, dtype=torch.bool)
+    text[:, 2:6] = True
+    pmask = torch.tensor([[True, True, True], [True, True, False]])
+    spans = [[(2, 3), (4, 4)], [(3, 5)]]
+    sel_p, _ = Reader.loss(start, end, rel, text, pmask, spans)
+    sel, span = Reader.loss(start, end, rel, text, pmask, spans, shared=True)
+    assert float(sel) == pytest.approx(float(sel_p))  # the selection loss is the same either way
+    terms = []
+    for q, sp in enumerate(spans):
+        real = [q * m + j for j in range(m) if pmask[q, j]]  # the padding passage of question 1 is left out
+        zs = torch.logsumexp(torch.cat([start[i, 2:6] for i in real]), 0)
+        ze = torch.logsumexp(torch.cat([end[i, 2:6] for i in real]), 0)
+        terms.append(-torch.logsumexp(torch.stack([start[q * m, a] - zs + end[q * m, b] - ze for a, b in sp]), 0))
+    assert span.item() == pytest.approx(float(sum(terms) / 2), rel=1e-5)
+    span.backward()
+    assert start.grad[1, 2:6].abs().sum() > 0  # negatives' start logits are pushed down
+    assert start.grad[5].abs().sum() == 0 and start.grad[0, :2].abs().sum() == 0  # padding passage, question tokens
+
+
 # -- training --------------------------------------------------------------------------------------
 def _cfg(tmp_path, train, reader_dir, **kw) -> ReaderTrainConfig:
     base = dict(train_files=[str(train)], output_dir=str(tmp_path / "run"), init=str(reader_dir), dev_file=str(train),
@@ -262,6 +287,18 @@ def test_reader_training_learns_and_resumes_to_the_same_weights(tmp_path, reader
     a = load_file(str(tmp_path / "a/run/checkpoint/reader/model.safetensors"))
     b = load_file(str(tmp_path / "b/run/checkpoint/reader/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_shared_span_loss_and_head_learning_rate_train(tmp_path, reader_dir):
+    """The shared span loss and a separate head rate train, resume-safely, and pick the positive more often."""
+    train = _dpr_results(tmp_path / "r.json")
+    kw = dict(epochs=12, batch_size=5, lr=1e-3, span_loss="shared", head_lr=1e-2)
+    train_reader(_cfg(tmp_path / "a", train, reader_dir, **kw), device="cpu", show_progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
+    acc = [m["selection_accuracy"] for m in metrics if m["kind"] == "train"]
+    assert np.mean(acc[-3:]) > np.mean(acc[:3])
+    with pytest.raises(DenseprError, match="span-loss"):
+        train_reader(_cfg(tmp_path / "b", train, reader_dir, span_loss="global"), device="cpu", show_progress=False)
 
 
 def test_retrieval_files_without_passages_are_refused(tmp_path, reader_dir):

@@ -16,7 +16,8 @@ overlapping windows (stride ``stride`` tokens); it scores as its best window.
 Training loss (DPR ``reader.py``): for each question, M passages (the positive first) ->
 cross-entropy of the positive's selection logit among the M, plus the marginal
 log-likelihood of all occurrences of any answer in the positive passage,
-``-log sum_(s,e) P_start(s) P_end(e)``.
+``-log sum_(s,e) P_start(s) P_end(e)``. Optionally (``shared``) P_start and P_end are normalised
+over the text of all M passages (Clark & Gardner, 2018), so span scores compare across passages.
 
 Saved as a Hugging Face ``DPRReader`` directory (config.json, model.safetensors, tokenizer)
 plus ``densepr_reader.json`` with the window settings and the top-k tuned on validation.
@@ -226,22 +227,32 @@ class Reader(nn.Module):
 
     @staticmethod
     def loss(start: torch.Tensor, end: torch.Tensor, relevance: torch.Tensor, text_mask: torch.Tensor,
-             passage_mask: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+             passage_mask: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]],
+             shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """DPR's reader loss for N questions x M passages (passage 0 of each question is the positive).
 
         Args:
             start, end: [N*M, L] logits; relevance: [N*M]; text_mask: [N*M, L] True on passage-text tokens;
             passage_mask: [N, M] True for real (not padding) passages; spans: per question, the
             (start, end) token positions of every answer occurrence in its positive window.
+            shared: normalise start and end over the text of all M passages of a question, not the
+                positive's alone (Clark & Gardner, 2018, "shared normalization"): the span head then
+                also learns that negatives hold no answer, so span scores compare across passages.
         Returns:
             (selection loss, span loss), each averaged over the questions.
         """
         n, m = passage_mask.shape
         sel = relevance.view(n, m).masked_fill(~passage_mask, float("-inf"))
         selection = F.cross_entropy(sel, torch.zeros(n, dtype=torch.long, device=sel.device))
-        pos = torch.arange(n, device=start.device) * m
-        lp_start = start[pos].masked_fill(~text_mask[pos], float("-inf")).log_softmax(-1)
-        lp_end = end[pos].masked_fill(~text_mask[pos], float("-inf")).log_softmax(-1)
+        if shared:  # [N, M*L]: the positive's positions are the first L, so the answer indices stay as they are
+            width = start.shape[1]
+            text = (text_mask.view(n, m, width) & passage_mask[:, :, None]).view(n, m * width)
+            lp_start = start.reshape(n, m * width).masked_fill(~text, float("-inf")).log_softmax(-1)
+            lp_end = end.reshape(n, m * width).masked_fill(~text, float("-inf")).log_softmax(-1)
+        else:
+            pos = torch.arange(n, device=start.device) * m
+            lp_start = start[pos].masked_fill(~text_mask[pos], float("-inf")).log_softmax(-1)
+            lp_end = end[pos].masked_fill(~text_mask[pos], float("-inf")).log_softmax(-1)
         span_terms = []
         for q, sp in enumerate(spans):
             s = torch.tensor([a for a, _ in sp], device=start.device)

@@ -71,4 +71,6 @@ class ReaderTrainConfig(OptimConfig):
     dev_limit: int | None = 500  # validation questions (the first N of the dev file)
     max_questions: int | None = None  # use only the first N usable training questions
     piece: int = 16  # windows per forward piece (length-sorted, each padded to its own longest)
+    span_loss: str = "positive"  # positive: DPR's (span softmax within the positive); shared: over all M passages
+    head_lr: float | None = None  # learning rate of the two heads (default: lr); new heads learn faster
 

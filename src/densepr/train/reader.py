@@ -39,6 +39,13 @@ from densepr.train.config import ReaderTrainConfig
 from densepr.train.optim import adamw, linear_schedule, optimizer_step
 
 EVAL_KS = (1, 5, 10, 20, 50)
+SPAN_LOSSES = ("positive", "shared")
+
+
+def _heads(reader: Reader) -> list[torch.nn.Module]:
+    """The selection and span heads of a DPRReader (new, randomly initialised weights at the start)."""
+    sp = reader.model.span_predictor
+    return [sp.qa_outputs, sp.qa_classifier]
 
 
 
@@ -178,6 +185,8 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.passages < 1 or cfg.batch_size < 1:
         raise DenseprError("--passages and --batch-size must be positive")
+    if cfg.span_loss not in SPAN_LOSSES:
+        raise DenseprError(f"--span-loss {cfg.span_loss!r}: choose one of {', '.join(SPAN_LOSSES)}")
     ckpt = start_run(out, cfg, resume)
     torch.manual_seed(cfg.seed)
     rcfg = ReaderConfig(max_length=cfg.max_length, max_answer_length=cfg.max_answer_length)
@@ -196,7 +205,10 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         raise DenseprError(f"{len(examples)} usable questions, fewer than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     params = [p for p in reader.parameters() if p.requires_grad]
-    opt = adamw(params, cfg.lr, cfg.weight_decay, cfg.adam_eps)
+    heads = {id(p) for m in _heads(reader) for p in m.parameters()} if cfg.head_lr is not None else set()
+    opt = adamw([p for p in params if id(p) not in heads], cfg.lr, cfg.weight_decay, cfg.adam_eps)
+    if heads:  # the heads start from random weights: their own rate, the same schedule
+        opt.add_param_group({"params": [p for p in params if id(p) in heads], "lr": cfg.head_lr, "weight_decay": 0.0})
     sched = linear_schedule(opt, cfg.warmup_steps, total)
     state = {"step": 0, "epoch": 0, "batch": 0, "best_em": None}
     if ckpt is not None:
@@ -241,8 +253,10 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 windows, mask, spans = build_batch(reader, examples, ids, state["epoch"], cfg)
                 with autocast(dev, training=True):  # length-sorted pieces: padding only to each piece's longest window
                     start, end, rel, text_mask = reader.forward_windows(windows, cfg.piece)
-                sel_loss, span_loss = Reader.loss(start.float(), end.float(), rel.float(), text_mask, mask.to(dev), spans)
+                sel_loss, span_loss = Reader.loss(start.float(), end.float(), rel.float(), text_mask, mask.to(dev), spans,
+                                                  shared=cfg.span_loss == "shared")  # fmt: skip
                 (sel_loss + span_loss).backward()
+                picked = float((rel.detach().float().view(len(ids), -1).masked_fill(~mask.to(dev), float("-inf")).argmax(1) == 0).float().mean())
                 sel_loss, span_loss = sel_loss.item(), span_loss.item()
                 loss = sel_loss + span_loss
                 grad_norm = optimizer_step(params, opt, sched, cfg.max_grad_norm)
@@ -251,7 +265,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 done_here += 1
                 dt = time.perf_counter() - t0
                 record({"kind": "train", "step": state["step"], "epoch": state["epoch"] + 1, "loss": round(loss, 5),
-                        "selection_loss": round(sel_loss, 5), "span_loss": round(span_loss, 5),
+                        "selection_loss": round(sel_loss, 5), "span_loss": round(span_loss, 5), "selection_accuracy": round(picked, 4),
                         "lr": sched.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "questions_per_s": round(len(ids) / dt, 3)})  # fmt: skip
                 advance(1)
                 if show_progress:
