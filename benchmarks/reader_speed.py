@@ -2,20 +2,26 @@
 Hugging Face's own DPR reader recipe in the same run.
 
 * densepr: ``Reader.read`` (windows length-sorted and batched, spans decoded per window);
+* densepr-onnx: the same reader exported to ONNX Runtime (``densepr export-onnx READER OUT``), CPU only;
 * reference: ``DPRReaderTokenizer(questions, titles, texts)`` padded per question, the same
   ``DPRReader`` weights, then ``decode_best_spans`` (what the transformers docs show).
+
+"same answer": how often a system's answer (DPR's rule over all the passages) equals the recipe's
+after SQuAD normalisation (the recipe truncates passages longer than the window; densepr reads them
+in overlapping windows, so a few may differ).
 
 Both read the same BM25 top-100 passages of the first NQ test questions over the embedded
 corpus. Per-question latency is one question at a time (median over questions); throughput
 is all questions in one call. Prints a table, writes ``benchmarks/results/reader-speed[-DEVICE].json``.
 
-    python benchmarks/reader_speed.py [--reader runs/reader/best] [--questions 16] [--device cpu]
+    python benchmarks/reader_speed.py [--reader runs/reader/best] [--questions 16] [--device cpu] [--no-onnx]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +29,9 @@ import torch
 from common import machine_info
 
 from densepr.data import EmbeddedData, load_corpus
+from densepr.evaluate.qa import exact_match
 from densepr.fileio import write_json
-from densepr.models.reader import Reader
+from densepr.models.reader import Reader, best_reading
 from densepr.retrieve.bm25 import BM25Index
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,6 +58,8 @@ def main() -> None:
     ap.add_argument("--passages", default="20,100")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the reader exported to ONNX Runtime (CPU; needs densepr[onnx])")
     args = ap.parse_args()
 
     data = EmbeddedData()
@@ -60,37 +69,61 @@ def main() -> None:
     qs = data.load_qa("nq-test", limit=args.questions).questions
     sizes = [int(x) for x in args.passages.split(",")]
     top = bm25.search(qs, max(sizes))
-    rows = []
-    reader.read(qs[:1], [[(corpus.titles[r], corpus.texts[r]) for r in top.rows[0, :8]]])  # warm-up
-    for n in sizes:
-        pss = [[(corpus.titles[r], corpus.texts[r]) for r in top.rows[i, :n] if r >= 0] for i in range(len(qs))]
-        ours, ref = [], []
-        for q, ps in zip(qs, pss):  # alternate the two per question: same machine state for both
-            t0 = time.perf_counter()
-            reader.read([q], [ps], args.batch_size)
-            ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            hf_reference(reader, q, ps)
-            ref.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        reader.read(qs, pss, args.batch_size)
-        batched = time.perf_counter() - t0
-        rows.append({"passages": n, "questions": len(qs),
-                     "densepr_ms_per_question": round(1000 * statistics.median(ours), 1),
-                     "reference_ms_per_question": round(1000 * statistics.median(ref), 1),
-                     "speedup": round(statistics.median(ref) / statistics.median(ours), 2),
-                     "densepr_batched_questions_per_s": round(len(qs) / batched, 2),
-                     "densepr_passages_per_s": round(len(qs) * n / batched, 1)})  # fmt: skip
-    print(f"reader {reader.name} on {args.device}")
-    print(f"{'passages':>8} {'densepr ms/q':>13} {'HF recipe ms/q':>15} {'speed-up':>9} {'batched q/s':>12} {'passages/s':>11}")
+    systems = {"densepr": reader}
+    with tempfile.TemporaryDirectory(prefix="densepr-reader-onnx-") as tmp:
+        if args.onnx and args.device == "cpu":  # the same weights on ONNX Runtime (`densepr export-onnx READER OUT`)
+            from densepr.models.onnx import export_reader
+
+            export_reader(reader.name, Path(tmp) / "onnx")
+            systems["densepr-onnx"] = Reader.load(Path(tmp) / "onnx")
+        rows = [bench_size(systems, reader, qs, top, corpus, n, args.batch_size) for n in sizes]
+    print(f"reader {reader.name} on {args.device}, {len(qs)} NQ test questions, BM25 passages, windows of {reader.config.max_length} tokens")
+    print(f"{'passages':>8} {'system':>13} {'ms/question':>12} {'HF recipe ms/q':>15} {'speed-up':>9} {'same answer':>12} {'batched q/s':>12}")
     for r in rows:
-        print(f"{r['passages']:>8} {r['densepr_ms_per_question']:>13} {r['reference_ms_per_question']:>15} "
-              f"{r['speedup']:>8}x {r['densepr_batched_questions_per_s']:>12} {r['densepr_passages_per_s']:>11}")  # fmt: skip
+        for name, x in r["systems"].items():
+            print(f"{r['passages']:>8} {name:>13} {x['ms_per_question']:>12} {r['reference_ms_per_question']:>15} "
+                  f"{x['speedup']:>8}x {x['same_answer']:>12.2f} {x['batched_questions_per_s']:>12}")  # fmt: skip
     name = "reader-speed.json" if args.device == "cpu" else f"reader-speed-{args.device.split(':')[0]}.json"
-    write_json(RESULTS / name, {"command": "python benchmarks/reader_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+    write_json(RESULTS / name, {"command": "python benchmarks/reader_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None))
+                                + ("" if args.onnx else " --no-onnx"),
                                 "machine": machine_info(), "device": args.device, "reader": reader.name,
                                 "max_length": reader.config.max_length, "rows": rows})  # fmt: skip
     print(f"written to {RESULTS / name}")
+
+
+def bench_size(systems: dict, reader: Reader, qs: list[str], top, corpus, n: int, batch_size: int) -> dict:
+    """Each question read by every system and by the HF recipe in turn (same machine state for all):
+    median ms per question, speed-up over the recipe, and how often the answer (DPR's rule over all
+    ``n`` passages, SQuAD-normalised) equals the recipe's."""
+    pss = [[(corpus.titles[r], corpus.texts[r]) for r in top.rows[i, :n] if r >= 0] for i in range(len(qs))]
+    for sys_ in systems.values():  # warm-up
+        sys_.read(qs[:1], [pss[0][:8]])
+    hf_reference(reader, qs[0], pss[0][:8])
+    times: dict[str, list[float]] = {k: [] for k in [*systems, "reference"]}
+    answers: dict[str, list[str]] = {k: [] for k in times}
+    for q, ps in zip(qs, pss):
+        for name, sys_ in systems.items():
+            t0 = time.perf_counter()
+            rd = sys_.read([q], [ps], batch_size)[0]
+            times[name].append(time.perf_counter() - t0)
+            b = best_reading(rd)
+            answers[name].append(rd[b].text if b is not None else "")
+        t0 = time.perf_counter()
+        answers["reference"].append(hf_reference(reader, q, ps))
+        times["reference"].append(time.perf_counter() - t0)
+    ref_ms = statistics.median(times["reference"])
+    out = {"passages": n, "questions": len(qs), "reference_ms_per_question": round(1000 * ref_ms, 1), "systems": {}}
+    for name, sys_ in systems.items():
+        t0 = time.perf_counter()
+        sys_.read(qs, pss, batch_size)
+        batched = time.perf_counter() - t0
+        same = [exact_match(a, [b]) for a, b in zip(answers[name], answers["reference"])]
+        out["systems"][name] = {"ms_per_question": round(1000 * statistics.median(times[name]), 1),
+                                "speedup": round(ref_ms / statistics.median(times[name]), 2),
+                                "same_answer": round(sum(same) / len(same), 3),
+                                "batched_questions_per_s": round(len(qs) / batched, 2),
+                                "batched_passages_per_s": round(len(qs) * n / batched, 1)}  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -393,16 +393,24 @@ def encode(
 
 @app.command("export-onnx")
 def export_onnx(
-    encoder: Annotated[Path, typer.Argument(help="Encoder directory, or a checkpoint with question_encoder/ (e.g. runs/dpr/models/round2/best).")],
+    encoder: Annotated[Path, typer.Argument(help="Encoder directory, or a checkpoint with question_encoder/ (e.g. runs/dpr/models/round2/best), or a trained reader (e.g. runs/dpr/reader).")],
     output: Annotated[Path, typer.Argument(help="Directory to write (replaced atomically).")],
     int8: Annotated[bool, typer.Option("--int8", help="Also write the int8-quantised model (use it as OUTPUT#int8).")] = False,
 ) -> None:
-    """Export the question encoder to ONNX for CPU serving: `densepr serve --question-encoder OUTPUT[#int8]`."""
-    _check_output(output, "dir", "ONNX question encoder", inputs=(encoder,))
+    """Export the question encoder (`densepr serve --question-encoder OUTPUT[#int8]`) or a reader
+    (`--reader OUTPUT[#int8]`) to ONNX for CPU serving."""
+    from densepr.fileio import read_json
+
+    is_reader = (encoder / "config.json").is_file() and "DPRReader" in read_json(encoder / "config.json").get("architectures", [])
+    _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))
     try:
-        from densepr.models.onnx import export_question_encoder
+        from densepr.models.onnx import export_question_encoder, export_reader
     except ImportError:
         raise DenseprError("export-onnx needs the onnx extra: pip install 'densepr[onnx]'") from None
+    if is_reader:
+        cfg = export_reader(encoder, output, int8=int8)
+        out.print(f"reader exported to {output}: {', '.join(cfg['files'])}")
+        return
     cfg = export_question_encoder(encoder, output, int8=int8)
     out.print(f"question encoder ({cfg['dim']}-d) exported to {output}: {', '.join(cfg['files'])}")
 

@@ -66,3 +66,36 @@ def _queries(tmp_path):
     path = tmp_path / "queries.tsv"
     path.write_text("".join(f"q{i}\t{q}\n" for i, (q, _) in enumerate(QUESTIONS)), encoding="utf-8")
     return path
+
+
+def test_reader_export_reads_as_pytorch_and_is_inference_only(tmp_path, capsys, index_dir):
+    """An exported reader gives the same readings (selection logits, spans) as the PyTorch reader it came from."""
+    from densepr.models.onnx import export_reader
+    from densepr.models.reader import Reader, ReaderConfig
+    from tests.support.cli import run
+    from tests.support.tiny import PASSAGES, make_tiny_bert
+
+    src = tmp_path / "reader"
+    Reader.load(make_tiny_bert(tmp_path / "init", seed=3, dropout=0.0), "cpu", ReaderConfig(max_length=48, top_k=5)).save(src)
+    cfg = export_reader(src, tmp_path / "onnx", int8=True)
+    assert cfg["files"] == ["model.onnx", "model.int8.onnx"]
+    torch_r, onnx_r = Reader.load(src, "cpu"), Reader.load(tmp_path / "onnx")
+    assert onnx_r.config.max_length == 48 and onnx_r.config.top_k == 5 and str(onnx_r.device) == "cpu"
+    questions = [q for q, _ in QUESTIONS[:4]]
+    passages = [[(t, x) for t, x in PASSAGES[i : i + 5]] for i in range(4)]  # some longer than one 48-token window
+    want, got = torch_r.read(questions, passages, batch_size=3), onnx_r.read(questions, passages, batch_size=7)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose([r.relevance for r in g], [r.relevance for r in w], atol=1e-4)
+        assert [r.text for r in g] == [r.text for r in w]
+    q8 = Reader.load(str(tmp_path / "onnx") + "#int8").read(questions, passages)
+    assert len(q8) == 4 and all(len(r) == 5 for r in q8)
+    with pytest.raises(DenseprError, match="ONNX reader is not saved"):
+        onnx_r.save(tmp_path / "again")
+
+    code, out, err = run(capsys, "export-onnx", str(src), str(tmp_path / "cli"))
+    assert code == 0 and "reader exported" in out, err
+    for spec in (str(tmp_path / "cli"), str(tmp_path / "onnx") + "#int8"):  # answer with it, as serve would
+        code, out, err = run(capsys, "answer", QUESTIONS[0][0], "--index", str(index_dir), "--reader", spec, "-k", "3")
+        assert code == 0 and out.strip(), err
+    code, _, err = run(capsys, "train-reader", "--train", str(tmp_path / "none.json"), "-o", str(tmp_path / "run"), "--init", str(tmp_path / "cli"))
+    assert code == 1 and "error" in err

@@ -1,4 +1,4 @@
-"""The question encoder E_Q as an ONNX Runtime model, for CPU serving (extra ``densepr[onnx]``).
+"""The question encoder E_Q, and the reader, as ONNX Runtime models for CPU serving (extra ``densepr[onnx]``).
 
 ``densepr export-onnx ENCODER OUT [--int8]`` exports any encoder directory (or a bi-encoder
 checkpoint's ``question_encoder/``): tokenizer files, ``model.onnx`` (float32: the transformer,
@@ -26,8 +26,39 @@ CONFIG_NAME = "densepr_onnx.json"
 KIND = "onnx-question-encoder"
 
 
-def is_onnx_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
+READER_KIND = "onnx-reader"
+
+
+def is_onnx_dir(path: str | os.PathLike[str], kind: str = KIND) -> bool:
+    """An ``export-onnx`` directory of that kind (question encoder exports before readers existed have no kind)."""
+    f = Path(path) / CONFIG_NAME
+    return f.is_file() and read_json(f).get("kind", KIND) == kind
+
+
+def _quantize(tmp: Path) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(tmp / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8, per_channel=True)  # per-channel scales: closer to float32
+    return "model.int8.onnx"
+
+
+def _session(path: Path, kind: str, int8: bool, threads: int | None):
+    """ONNX Runtime session over an export's float32 or int8 model, after checking its manifest."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DenseprError("ONNX models need onnxruntime: pip install 'densepr[onnx]'") from None
+    from densepr.fileio import read_manifest
+
+    read_manifest(path, kind)  # sizes and hashes: a damaged export is refused
+    cfg = read_json(path / CONFIG_NAME)
+    model = "model.int8.onnx" if int8 else "model.onnx"
+    if model not in cfg["files"]:
+        raise DenseprError(f"{path}: has no int8 model; export it with --int8")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path / model), opts, providers=["CPUExecutionProvider"]), cfg
 
 
 def export_question_encoder(encoder_path: str | os.PathLike[str], out: str | os.PathLike[str], int8: bool = False) -> dict:
@@ -49,13 +80,8 @@ def export_question_encoder(encoder_path: str | os.PathLike[str], out: str | os.
                           input_names=["input_ids", "attention_mask"], output_names=["vector"],
                           dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "vector": {0: "batch"}},
                           opset_version=17, dynamo=False)  # fmt: skip
-    files = ["model.onnx"]
-    if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(tmp / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8, per_channel=True)  # per-channel scales: closer to float32
-        files.append("model.int8.onnx")
-    cfg = {"config": asdict(q_enc.config), "dim": q_enc.dim, "source": q_enc.name, "files": files}
+    files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
+    cfg = {"kind": KIND, "config": asdict(q_enc.config), "dim": q_enc.dim, "source": q_enc.name, "files": files}
     write_json(tmp / CONFIG_NAME, cfg)
     write_manifest(tmp, KIND, [*files, CONFIG_NAME], source=q_enc.name)
     remove_tree(out)
@@ -73,26 +99,12 @@ class OnnxQuestionEncoder:
     """
 
     def __init__(self, path: str | os.PathLike[str], int8: bool = False, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise DenseprError("an ONNX question encoder needs onnxruntime: pip install 'densepr[onnx]'") from None
         from transformers import AutoTokenizer
 
         path = Path(path)
         if not is_onnx_dir(path):
-            raise DenseprError(f"{path}: not an ONNX question encoder (no {CONFIG_NAME}); make one with `densepr export-onnx`")
-        from densepr.fileio import read_manifest
-
-        read_manifest(path, KIND)  # sizes and hashes: a damaged export is refused
-        cfg = read_json(path / CONFIG_NAME)
-        model = "model.int8.onnx" if int8 else "model.onnx"
-        if model not in cfg["files"]:
-            raise DenseprError(f"{path}: has no int8 model; export it with --int8")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path / model), opts, providers=["CPUExecutionProvider"])
+            raise DenseprError(f"{path}: not an ONNX question encoder (no {CONFIG_NAME} of that kind); make one with `densepr export-onnx`")
+        self.session, cfg = _session(path, KIND, int8, threads)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.config = EncoderConfig(**cfg["config"])
         self.dim, self.name, self.int8 = int(cfg["dim"]), str(path.resolve()) + ("#int8" if int8 else ""), int8
@@ -127,3 +139,70 @@ def load_question_encoder(path: str | os.PathLike[str], device: str | None = Non
     from densepr.models.encoder import Encoder
 
     return Encoder.load(path, device=device)
+
+
+# -- the reader -------------------------------------------------------------------------------------
+def export_reader(reader_path: str | os.PathLike[str], out: str | os.PathLike[str], int8: bool = False) -> dict:
+    """Export a trained reader (a ``DPRReader`` directory) to ``out``: ``model.onnx`` (input ids and
+    mask -> start, end and selection logits), optionally ``model.int8.onnx``, the tokenizer and the
+    reader's ``densepr_reader.json`` (windows, tuned k and selection). ``Reader.load(out)`` reads it."""
+    import torch
+
+    from densepr.fileio import remove_tree
+    from densepr.models.reader import Reader
+
+    reader = Reader.load(reader_path, device="cpu")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    reader.tokenizer.save_pretrained(tmp)
+    reader.config.save(tmp)
+
+    class Logits(torch.nn.Module):  # plain tensors out, in DPRReader's order
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            o = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            return o.start_logits, o.end_logits, o.relevance_logits
+
+    q = reader.question_ids("who")  # any short input: the axes are dynamic
+    t = reader.tokenize_texts(["Karpukhin and others wrote it in 2020, at Facebook AI."])[0]
+    inputs, _ = reader.collate([w for i in range(2) for w in reader.windows(q, [], t, i)])
+    axes = {0: "batch", 1: "seq"}
+    with torch.inference_mode():
+        torch.onnx.export(Logits(reader.model).eval(), (inputs["input_ids"], inputs["attention_mask"]), str(tmp / "model.onnx"),
+                          input_names=["input_ids", "attention_mask"], output_names=["start", "end", "relevance"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "start": axes, "end": axes, "relevance": {0: "batch"}},
+                          opset_version=17, dynamo=False)  # fmt: skip
+    files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
+    cfg = {"kind": READER_KIND, "max_position_embeddings": int(reader.model.config.max_position_embeddings), "source": reader.name, "files": files}
+    write_json(tmp / CONFIG_NAME, cfg)
+    write_manifest(tmp, READER_KIND, [*files, CONFIG_NAME], source=reader.name)
+    remove_tree(out)
+    tmp.rename(out)
+    return cfg
+
+
+class OnnxReaderModel:
+    """DPRReader's forward on ONNX Runtime (CPU, inference only): called as the transformers model is,
+    it returns the same three logits as torch tensors. :meth:`densepr.models.reader.Reader.load` uses it
+    for an ``export-onnx`` reader directory."""
+
+    def __init__(self, path: str | os.PathLike[str], int8: bool = False, threads: int | None = None) -> None:
+        import types
+
+        self.session, cfg = _session(Path(path), READER_KIND, int8, threads)
+        self.config = types.SimpleNamespace(max_position_embeddings=int(cfg["max_position_embeddings"]))
+        self.int8 = int8
+
+    def __call__(self, input_ids, attention_mask, return_dict: bool = True):
+        import types
+
+        import torch
+
+        s, e, r = self.session.run(None, {"input_ids": input_ids.cpu().numpy().astype(np.int64),
+                                          "attention_mask": attention_mask.cpu().numpy().astype(np.int64)})  # fmt: skip
+        return types.SimpleNamespace(start_logits=torch.from_numpy(s), end_logits=torch.from_numpy(e), relevance_logits=torch.from_numpy(r))

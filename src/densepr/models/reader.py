@@ -44,6 +44,7 @@ from densepr.models.hf import autocast, check_model_dir, check_vocab, default_de
 CONFIG_NAME = "densepr_reader.json"
 MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
 MIN_TEXT_TOKENS = 16  # a window must hold at least this much passage text
+CPU_BATCH_TOKENS = 2048  # padded tokens per inference batch on CPU (benchmarks/reader_speed.py)
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,22 @@ class Reader(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
              config: ReaderConfig | None = None) -> Reader:  # fmt: skip
-        """Load a reader: a ``DPRReader`` directory, or a BERT-family encoder (new, untrained heads).
+        """Load a reader: a ``DPRReader`` directory, a BERT-family encoder (new, untrained heads), or an
+        ``export-onnx`` reader directory (ONNX Runtime on CPU, inference only; ``DIR#int8``: its int8 model).
 
         Weights are read from safetensors only; remote code is never run.
         """
         import transformers
 
+        from densepr.models.onnx import READER_KIND, OnnxReaderModel, is_onnx_dir
+
         quiet_transformers()
+        p = str(path)
+        base = p[: -len("#int8")] if p.endswith("#int8") else p
+        if is_onnx_dir(base, READER_KIND):
+            model = OnnxReaderModel(base, int8=base != p)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+            return cls(model, tokenizer, config or ReaderConfig.from_dir(base), name=str(Path(base).resolve()) + p[len(base):])
         path = check_model_dir(path, "reader")
         with load_errors(path, "reader"):
             hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -213,10 +223,14 @@ class Reader(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``DPRReader`` directory (safetensors) + tokenizer + ``densepr_reader.json``."""
+        if not isinstance(self.model, nn.Module):
+            raise DenseprError(f"{self.name}: an ONNX reader is not saved; tune and save the reader it came from, then export it again")
         save_model_dir(path, self.model, self.tokenizer, self.config.save, "reader")
 
     @property
     def device(self) -> torch.device:
+        if not isinstance(self.model, nn.Module):  # ONNX Runtime, CPU
+            return torch.device("cpu")
         return next(self.model.parameters()).device
 
     # -- the model ---------------------------------------------------------------------------
@@ -344,11 +358,13 @@ class Reader(nn.Module):
 
     @torch.inference_mode()
     def read(self, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]], batch_size: int = 64,
-             progress=None) -> list[list[Reading]]:  # fmt: skip
+             progress=None, max_tokens: int | None = None) -> list[list[Reading]]:  # fmt: skip
         """Read each question's passages ``(title, text)``; returns one :class:`Reading` per passage.
 
-        All windows of all questions are batched together, longest first (each batch is
-        padded only to its own longest window).
+        All windows of all questions are batched together, longest first, each batch padded only to
+        its own longest window and holding at most ``batch_size`` windows and ``max_tokens`` padded
+        tokens (default: :data:`CPU_BATCH_TOKENS` on CPU, where small batches cost nothing and
+        padding does; no limit on a GPU).
         """
         if len(questions) != len(passages):
             raise DenseprError(f"{len(questions)} questions but {len(passages)} passage lists")
@@ -361,8 +377,14 @@ class Reader(nn.Module):
             wins += [(j, w) for w in self.windows(q_ids[qi], titles[j], texts[j], j)]
         readings = [Reading(float("-inf")) for _ in flat]
         order = sorted(range(len(wins)), key=lambda i: -len(wins[i][1].ids))
-        for b in range(0, len(order), batch_size):
-            batch = [wins[i] for i in order[b : b + batch_size]]
+        budget = max_tokens or (CPU_BATCH_TOKENS if self.device.type == "cpu" else None)
+        batches: list[list[int]] = []
+        for i in order:  # longest first, so a batch's first window sets its padded width
+            if not batches or len(batches[-1]) >= batch_size or (budget and (len(batches[-1]) + 1) * len(wins[batches[-1][0]][1].ids) > budget):
+                batches.append([])
+            batches[-1].append(i)
+        for idx in batches:
+            batch = [wins[i] for i in idx]
             inputs, _ = self.collate([w for _, w in batch])
             with autocast(self.device):
                 start, end, rel = self(**inputs)

@@ -195,6 +195,8 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         reader = Reader.load(src, dev, rcfg)
     except DenseprError as e:
         raise DenseprError(f"cannot load {'checkpoint ' + str(ckpt) if ckpt else 'the initial model'}: {e}") from None
+    if not isinstance(reader.model, torch.nn.Module):
+        raise DenseprError(f"{src}: an ONNX reader is for inference; train from a DPRReader or BERT directory")
     if cfg.dropout is not None:
         for mod in reader.modules():
             if isinstance(mod, torch.nn.Dropout):
