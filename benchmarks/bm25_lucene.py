@@ -23,7 +23,7 @@ Needs Java 11+ and, once, network access to PyPI: the pinned pyserini wheel is d
 ``$DENSEPR_CACHE`` or ``~/.cache/densepr``). Needs the embedded data (``densepr data fetch``).
 Prints tables and writes ``benchmarks/results/bm25-lucene.json``.
 
-    python benchmarks/bm25_lucene.py [--limit N] [--sets nq-test ...] [--threads 2] [--work-dir DIR] [--wheel-dir DIR]
+    python benchmarks/bm25_lucene.py [--limit N] [--sets nq-test ...] [--threads 1] [--work-dir DIR] [--wheel-dir DIR]
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.topk import accuracy_report, first_hit_rank
 from densepr.fileio import sha256_file, write_json
-from densepr.retrieve.bm25 import BM25Index
+from densepr.ranking import SearchResult
+from densepr.retrieve.bm25 import BACKENDS, BM25Index
 
 RESULTS = Path(__file__).parent / "results" / "bm25-lucene.json"
 JAR_NAME = "anserini-0.12.0-fatjar.jar"
@@ -94,6 +95,40 @@ public class AnalyzeLines {
   }
 }
 """
+# Times Lucene in process, one thread, as densepr is timed: for each question, Anserini's analyzer and
+# bag-of-words query, then IndexSearcher's top-k with BM25Similarity(k1, b); a few passes, so the JVM's
+# JIT has compiled the hot code before the last pass (reported).
+TIME_JAVA = """\
+import io.anserini.analysis.DefaultEnglishAnalyzer;
+import io.anserini.search.query.BagOfWordsQueryGenerator;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Paths;
+import org.apache.lucene.index.DirectoryReader;
+import org.apache.lucene.search.IndexSearcher;
+import org.apache.lucene.search.similarities.BM25Similarity;
+import org.apache.lucene.store.FSDirectory;
+
+public class TimeSearch {
+  public static void main(String[] a) throws Exception {
+    var analyzer = DefaultEnglishAnalyzer.fromArguments("porter", false, null);
+    var searcher = new IndexSearcher(DirectoryReader.open(FSDirectory.open(Paths.get(a[0]))));
+    searcher.setSimilarity(new BM25Similarity(Float.parseFloat(a[2]), Float.parseFloat(a[3])));
+    int hits = Integer.parseInt(a[4]), passes = Integer.parseInt(a[5]);
+    var questions = Files.readAllLines(Paths.get(a[1]), StandardCharsets.UTF_8);
+    var generator = new BagOfWordsQueryGenerator();
+    for (int p = 0; p < passes; p++) {
+      long t0 = System.nanoTime(), found = 0;
+      for (String q : questions) {
+        found += searcher.search(generator.buildQuery("contents", analyzer, q), hits).scoreDocs.length;
+      }
+      System.out.println("pass " + p + " seconds " + (System.nanoTime() - t0) / 1e9 + " hits " + found);
+    }
+  }
+}
+"""
+_PASS = re.compile(r"^pass (\d+) seconds ([0-9.Ee-]+) hits (\d+)$")
+PASSES = 3
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*\[(Start|End)\s*\] ranker")
 
 
@@ -219,6 +254,25 @@ def search_lucene(jar: Path, index: Path, questions: Sequence[str], corpus: Corp
     return Run(rows, scores, wall, search_s)
 
 
+def time_lucene_one_thread(jar: Path, index: Path, questions: Sequence[str], work: Path) -> tuple[float, int]:
+    """Lucene's in-process, one-thread seconds for the questions (the last of PASSES passes) and hits found."""
+    src, topics = work / "TimeSearch.java", work / "time-topics.txt"
+    src.write_text(TIME_JAVA, encoding="utf-8")
+    topics.write_text("".join(one_line(q) + "\n" for q in questions), encoding="utf-8")
+    _, log = java(jar, str(src), [str(index), str(topics), str(K1), str(B), str(HITS), str(PASSES)])
+    passes = [m for ln in log.splitlines() if (m := _PASS.match(ln.strip()))]
+    if len(passes) != PASSES:
+        raise BenchError("the timing helper printed no timings; its output ends:\n    " + "\n    ".join(log.strip().splitlines()[-5:]))
+    return float(passes[-1].group(2)), int(passes[-1].group(3))
+
+
+def time_densepr(index: BM25Index, questions: Sequence[str], backend: str) -> tuple[float, SearchResult]:
+    """densepr's one-thread seconds for the questions with a BM25 backend (the last of PASSES passes: warm caches, compiled code)."""
+    for _ in range(PASSES):
+        t, res = timed(index.search, questions, HITS, backend=backend)
+    return t, res
+
+
 def lucene_terms(jar: Path, texts: Sequence[str], work: Path) -> list[list[str]]:
     """Anserini's DefaultEnglishAnalyzer terms for each text (one Java run for all)."""
     src, inp, out = work / "AnalyzeLines.java", work / "analyze-in.txt", work / "analyze-out.txt"
@@ -330,15 +384,24 @@ def bench_set(qas: QASet, index: BM25Index, control: bm25s.BM25, control_queries
     runs: dict[str, Run] = {}
     for variant, (_, ranker) in VARIANTS.items():
         runs[variant] = search_lucene(jar, indexes[variant], questions, corpus, work, ranker, threads)
-    index.search(questions[:10], HITS)  # warm-up
-    t, res = timed(index.search, questions, HITS)
-    runs["densepr"] = Run(res.rows, res.scores, t)
+    lucene_s, lucene_found = time_lucene_one_thread(jar, indexes["lucene"], questions, work)
+    one_thread = {"lucene": len(questions) / lucene_s}
+    for backend in BACKENDS:
+        t, res = time_densepr(index, questions, backend)
+        one_thread[f"densepr-{backend}"] = len(questions) / t
+        runs.setdefault("densepr", Run(res.rows, res.scores, t))  # both backends return the same lists
+        if not (np.array_equal(runs["densepr"].rows, res.rows) and np.array_equal(runs["densepr"].scores, res.scores)):
+            raise BenchError(f"densepr's BM25 backends disagree on {qas.name}")
+    found = int((runs["densepr"].rows >= 0).sum())
     runs["bm25s-lucene-terms"] = control_search(control, control_queries)
     hits = dict(zip(runs, matcher.hits_many([r.rows for r in runs.values()], qas)))
     answerable = matcher.answerable(qas)
     acc = {k: accuracy_report(h, answerable) for k, h in hits.items()}
     n = len(questions)
-    speed = {"densepr_queries_per_s": round(n / runs["densepr"].wall_s, 1)}
+    speed = {"densepr_queries_per_s": round(n / runs["densepr"].wall_s, 1),
+             "one_thread_queries_per_s": {k: round(v, 1) for k, v in one_thread.items()},
+             "one_thread_ratio_to_lucene": {k: round(v / one_thread["lucene"], 2) for k, v in one_thread.items() if k != "lucene"},
+             "one_thread_hits": {"lucene": lucene_found, "densepr": found}}  # fmt: skip
     for variant in VARIANTS:
         r = runs[variant]
         speed[f"{variant}_queries_per_s_wall"] = round(n / r.wall_s, 1)
@@ -395,6 +458,15 @@ def print_tables(results: dict) -> None:
                         *(speeds if other == "densepr" else ("", "", "")), end_section=j == len(PAIRS) - 1)  # fmt: skip
     console.print(agr)
 
+    speed = Table(title=f"BM25 search, one thread, questions/s (same questions, top-{HITS}, analysis included; the last of {PASSES} passes)")
+    for col in ("set", "n", "Lucene (in process)", "densepr numba", "densepr numpy", "numba / Lucene", "numpy / Lucene", "hits Lucene / densepr"):
+        speed.add_column(col, justify="left" if col == "set" else "right")
+    for name, d in results["datasets"].items():
+        q, r, h = d["speed"]["one_thread_queries_per_s"], d["speed"]["one_thread_ratio_to_lucene"], d["speed"]["one_thread_hits"]
+        speed.add_row(name, str(d["questions"]), f"{q['lucene']:.0f}", f"{q['densepr-numba']:.0f}", f"{q['densepr-numpy']:.0f}",
+                      f"{r['densepr-numba']:.2f}x", f"{r['densepr-numpy']:.2f}x", f"{h['lucene']} / {h['densepr']}")  # fmt: skip
+    console.print(speed)
+
     an = results["analyzer"]
     for what in ("passages", "questions"):
         a = an[what]
@@ -407,7 +479,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N questions of each set (default: all)")
     ap.add_argument("--sets", nargs="+", default=list(EmbeddedData.TEST_SETS), choices=EmbeddedData.TEST_SETS, metavar="SET",
                     help=f"test sets (default: all of {', '.join(EmbeddedData.TEST_SETS)})")  # fmt: skip
-    ap.add_argument("--threads", type=int, default=2, help="Anserini indexing and search threads")
+    ap.add_argument("--threads", type=int, default=1, help="Anserini indexing and SearchCollection threads (the in-process timing is always one thread)")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep the collection, Lucene indexes and runs here (default: a temporary dir, removed)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="cache root for the jar (default: $DENSEPR_CACHE or ~/.cache/densepr)")
     ap.add_argument("--wheel-dir", type=Path, default=None, help=f"take {ANSERINI.requirement}'s wheel from here instead of PyPI")

@@ -118,3 +118,30 @@ def test_save_load_mmap_round_trip_and_checks(tmp_path, corpus):
 def test_k_larger_than_corpus_pads(corpus):
     res = BM25Index.build(corpus).search(["python"], k=50)
     assert res.rows.shape == (1, 50) and (res.rows[0][1:] == -1).all()
+
+
+def _tied_corpus(n: int = 60) -> Corpus:
+    # many passages with the same text: equal scores, so the order among them is all tie-breaking
+    return Corpus.from_passages(Passage(f"d{i}", "", "alpha beta" if i % 3 else "alpha gamma delta") for i in range(n))
+
+
+def test_ties_are_ordered_by_passage_even_beyond_the_margin(monkeypatch):
+    import densepr.retrieve.bm25 as bm25
+
+    idx = BM25Index.build(_tied_corpus())
+    for margin in (16, 0):  # 0: every tie straddles the cut, so the exact fallback decides
+        monkeypatch.setattr(bm25, "TIE_MARGIN", margin)
+        res = idx.search(["alpha beta", "alpha"], k=5, backend="numpy")
+        assert res.rows[0].tolist() == [1, 2, 4, 5, 7]  # the 40 'alpha beta' passages, lowest first
+        assert res.rows[1].tolist() == [1, 2, 4, 5, 7]  # 'alpha' alone: the shorter passages score higher
+    with pytest.raises(DenseprError, match="backend"):
+        idx.search(["alpha"], backend="lucene")
+
+
+def test_numba_backend_equals_numpy(corpus):
+    pytest.importorskip("numba", reason="numba is not installed (pip install 'densepr[fast]')")
+    for c in (corpus, _tied_corpus()):
+        idx = BM25Index.build(c)
+        qs = ["alpha beta", "python programming language", "the of and", "", "zzz unknown", "gamma alpha delta"]
+        a, b = idx.search(qs, k=7, backend="numpy"), idx.search(qs, k=7, backend="numba")
+        assert np.array_equal(a.rows, b.rows) and np.array_equal(a.scores, b.scores)
