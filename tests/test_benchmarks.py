@@ -34,3 +34,22 @@ def test_torch_topk_is_exact():
     sc, ix = torch_topk(q, 10, [torch.from_numpy(x[:300]), torch.from_numpy(x[300:])], block=128)
     want = np.argsort(-(q @ x.T), axis=1)[:, :10]
     assert np.array_equal(ix, want) and np.allclose(sc, np.take_along_axis(q @ x.T, want, 1), atol=1e-5)
+
+
+def test_reader_rules_script_reports_every_rule(tmp_path):
+    from densepr.evaluate.answers import has_answer
+    from densepr.models.reader import Reader, ReaderConfig
+    from tests.support.tiny import PASSAGES, QUESTIONS, make_tiny_bert
+
+    reader = tmp_path / "reader"
+    Reader.load(make_tiny_bert(tmp_path / "init", seed=3, dropout=0.0), "cpu", ReaderConfig(max_length=64)).save(reader)
+    recs = [{"question": q, "answers": a, "ctxs": [{"id": str(j), "title": t, "text": x, "has_answer": has_answer(a, x)}
+                                                    for j, (t, x) in enumerate(PASSAGES[:6])]} for q, a in QUESTIONS[:3]]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(recs), encoding="utf-8")
+    out = tmp_path / "rules.json"
+    proc = subprocess.run([sys.executable, "reader_rules.py", str(tmp_path / "r.json"), str(reader), "--depth", "6", "-o", str(out)],
+                          cwd=BENCH, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["readers"][str(reader)]
+    assert row["questions"] == 3 and all(f"{r}@{k}" in row for r in ("paper", "span", "sel+span") for k in (1, 5, 10, 20))
+    assert 0 <= row["given_passage_em"] <= 100 and row["with_answer_in_depth"] == sum(any(c["has_answer"] for c in r["ctxs"]) for r in recs)
