@@ -58,12 +58,15 @@ def main() -> None:
     ap.add_argument("--passages", default="20,100")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=None, help="window size (default: the reader's own)")
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the reader exported to ONNX Runtime (CPU; needs densepr[onnx])")
     args = ap.parse_args()
 
     data = EmbeddedData()
     reader = Reader.load(args.reader if args.reader.is_dir() else data.model_dir, args.device)
+    if args.max_length:  # e.g. longer than every passage: neither system truncates or splits one
+        reader.config.max_length = args.max_length
     corpus = load_corpus(args.index / "passages.tsv")
     bm25 = BM25Index.load(args.index / "bm25", corpus=corpus)
     qs = data.load_qa("nq-test", limit=args.questions).questions
@@ -75,7 +78,7 @@ def main() -> None:
             from densepr.models.onnx import export_reader
 
             export_reader(reader.name, Path(tmp) / "onnx")
-            systems["densepr-onnx"] = Reader.load(Path(tmp) / "onnx")
+            systems["densepr-onnx"] = Reader.load(Path(tmp) / "onnx", config=reader.config)
         rows = [bench_size(systems, reader, qs, top, corpus, n, args.batch_size) for n in sizes]
     print(f"reader {reader.name} on {args.device}, {len(qs)} NQ test questions, BM25 passages, windows of {reader.config.max_length} tokens")
     print(f"{'passages':>8} {'system':>13} {'ms/question':>12} {'HF recipe ms/q':>15} {'speed-up':>9} {'same answer':>12} {'batched q/s':>12}")

@@ -161,7 +161,10 @@ PROFILES = {
     "smoke": Profile(300, 300, tolerance=1.0),
     "dpr": Profile(None, None, train=TrainPlan(), reader=ReaderPlan(), tolerance=2.0),  # CPU training is not bit-reproducible across machines
     # CI: the whole training path on real data in minutes: 2,000 passages, 600 questions per mining set, 4 steps per run
-    "dpr-smoke": Profile(300, None, corpus_limit=2000, tolerance=2.0,
+    # tolerance: answerable subsets of 59-120 questions (one question = 0.8-1.7 points) and 4 training steps, which
+    # magnify float differences between CPUs; the check is there to catch a broken pipeline, not a 1-point drift.
+    # EM is on 30 questions per set, ~8 answerable: one answer is 12.5 points there.
+    "dpr-smoke": Profile(300, None, corpus_limit=2000, tolerance=5.0, qa_tolerance=13.0,
                          train=TrainPlan(questions=600, batch_size=8, epochs=1, round2_epochs=1, max_steps=4, warmup_steps=1, save_every=2),
                          reader=ReaderPlan(passages=4, batch_size=4, max_steps=3, warmup_steps=1, save_every=2, dev_limit=20,
                                            tune_limit=40, qa_limit=30, ks=(1, 5))),
