@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=None, help="window size (default: the reader's own)")
+    ap.add_argument("-o", "--output", type=Path, default=None, help="JSON to write (default: results/reader-speed[-DEVICE].json)")
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the reader exported to ONNX Runtime (CPU; needs densepr[onnx])")
     args = ap.parse_args()
@@ -87,11 +88,12 @@ def main() -> None:
             print(f"{r['passages']:>8} {name:>13} {x['ms_per_question']:>12} {r['reference_ms_per_question']:>15} "
                   f"{x['speedup']:>8}x {x['same_answer']:>12.2f} {x['batched_questions_per_s']:>12}")  # fmt: skip
     name = "reader-speed.json" if args.device == "cpu" else f"reader-speed-{args.device.split(':')[0]}.json"
-    write_json(RESULTS / name, {"command": "python benchmarks/reader_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None))
+    path = args.output or RESULTS / name
+    write_json(path, {"command": "python benchmarks/reader_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "onnx" and v not in (False, None))
                                 + ("" if args.onnx else " --no-onnx"),
                                 "machine": machine_info(), "device": args.device, "reader": reader.name,
                                 "max_length": reader.config.max_length, "rows": rows})  # fmt: skip
-    print(f"written to {RESULTS / name}")
+    print(f"written to {path}")
 
 
 def bench_size(systems: dict, reader: Reader, qs: list[str], top, corpus, n: int, batch_size: int) -> dict:
