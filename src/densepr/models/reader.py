@@ -1,6 +1,7 @@
 """DPR's extractive reader (Karpukhin et al., 2020, Section 6.1): pick a passage, then a span in it.
 
-Each of a question's passages is read as ``[CLS] question [SEP] title [SEP] text [SEP]``
+Each of a question's passages is read as ``[CLS] question [SEP] title [SEP] text`` (no final [SEP]:
+``DPRReaderTokenizer``'s layout, which ``facebook/dpr-reader-*`` checkpoints were trained on)
 (token_type_ids all 0) by one BERT-family encoder with two heads, exactly Hugging Face's
 :class:`transformers.DPRReader` (so ``facebook/dpr-reader-*`` checkpoints load as they are):
 
@@ -114,7 +115,7 @@ class Tokenized:
 
 @dataclass
 class Window:
-    """One encoder input: ``[CLS] q [SEP] title [SEP] text[first:first+n] [SEP]``."""
+    """One encoder input: ``[CLS] q [SEP] title [SEP] text[first:first+n]`` (DPRReaderTokenizer's layout)."""
 
     ids: list[int]
     passage: int  # which of the question's passages
@@ -295,15 +296,15 @@ class Reader(nn.Module):
         """Cut one passage into windows that each hold the question and title (DPR's input layout)."""
         tok = self.tokenizer
         prefix = [tok.cls_token_id, *q_ids, tok.sep_token_id, *title_ids[:MAX_TITLE_TOKENS], tok.sep_token_id]
-        room = self.config.max_length - len(prefix) - 1
+        room = self.config.max_length - len(prefix)
         if room < MIN_TEXT_TOKENS:  # a long title: shorten it rather than refuse
             prefix = [tok.cls_token_id, *q_ids, tok.sep_token_id, tok.sep_token_id]
-            room = self.config.max_length - len(prefix) - 1
+            room = self.config.max_length - len(prefix)
         out, first, n_text = [], 0, len(text.ids)
         step = max(1, room - self.config.stride)
         while True:
             part = text.ids[first : first + room]
-            out.append(Window([*prefix, *part, tok.sep_token_id], passage, len(prefix), first, len(part)))
+            out.append(Window([*prefix, *part], passage, len(prefix), first, len(part)))
             if first + room >= n_text:
                 return out
             first += step
