@@ -42,6 +42,26 @@ def _quantize(tmp: Path) -> str:
     return "model.int8.onnx"
 
 
+def _write_export(out: str | os.PathLike[str], kind: str, int8: bool, source: str, write: Callable[[Path], None], **meta) -> dict:
+    """Build an export beside ``out`` and swap it in whole: ``write(tmp)`` puts the tokenizer, settings and
+    ``model.onnx``; then the int8 model (``int8``), ``densepr_onnx.json`` (``kind``, ``meta``, ``source``,
+    files) and the manifest. Returns the config."""
+    from densepr.fileio import remove_tree
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
+    cfg = {"kind": kind, **meta, "source": source, "files": files}
+    write_json(tmp / CONFIG_NAME, cfg)
+    write_manifest(tmp, kind, [*files, CONFIG_NAME], source=source)
+    remove_tree(out)
+    tmp.rename(out)
+    return cfg
+
+
 def _session(path: Path, kind: str, int8: bool, threads: int | None):
     """ONNX Runtime session over an export's float32 or int8 model, after checking its manifest."""
     try:
@@ -65,28 +85,20 @@ def export_question_encoder(encoder_path: str | os.PathLike[str], out: str | os.
     """Export E_Q of ``encoder_path`` to ``out`` (see module docstring); returns the written config."""
     import torch
 
-    from densepr.fileio import remove_tree
     from densepr.models.encoder import load_biencoder
 
     q_enc, _ = load_biencoder(encoder_path, device="cpu")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    remove_tree(tmp)
-    tmp.mkdir(parents=True)
-    q_enc.tokenizer.save_pretrained(tmp)
-    sample = q_enc.collate(q_enc.tokenize_questions(["who wrote the first dense passage retrieval paper", "why"]))
-    with torch.inference_mode():
-        torch.onnx.export(q_enc, (sample["input_ids"], sample["attention_mask"]), str(tmp / "model.onnx"),
-                          input_names=["input_ids", "attention_mask"], output_names=["vector"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "vector": {0: "batch"}},
-                          opset_version=17, dynamo=False)  # fmt: skip
-    files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
-    cfg = {"kind": KIND, "config": asdict(q_enc.config), "dim": q_enc.dim, "source": q_enc.name, "files": files}
-    write_json(tmp / CONFIG_NAME, cfg)
-    write_manifest(tmp, KIND, [*files, CONFIG_NAME], source=q_enc.name)
-    remove_tree(out)
-    tmp.rename(out)
-    return cfg
+
+    def write(tmp: Path) -> None:
+        q_enc.tokenizer.save_pretrained(tmp)
+        sample = q_enc.collate(q_enc.tokenize_questions(["who wrote the first dense passage retrieval paper", "why"]))
+        with torch.inference_mode():
+            torch.onnx.export(q_enc, (sample["input_ids"], sample["attention_mask"]), str(tmp / "model.onnx"),
+                              input_names=["input_ids", "attention_mask"], output_names=["vector"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "vector": {0: "batch"}},
+                              opset_version=17, dynamo=False)  # fmt: skip
+
+    return _write_export(out, KIND, int8, q_enc.name, write, config=asdict(q_enc.config), dim=q_enc.dim)
 
 
 class OnnxQuestionEncoder:
@@ -148,16 +160,9 @@ def export_reader(reader_path: str | os.PathLike[str], out: str | os.PathLike[st
     reader's ``densepr_reader.json`` (windows, tuned k and selection). ``Reader.load(out)`` reads it."""
     import torch
 
-    from densepr.fileio import remove_tree
     from densepr.models.reader import Reader
 
     reader = Reader.load(reader_path, device="cpu")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    remove_tree(tmp)
-    tmp.mkdir(parents=True)
-    reader.tokenizer.save_pretrained(tmp)
-    reader.config.save(tmp)
 
     class Logits(torch.nn.Module):  # plain tensors out, in DPRReader's order
         def __init__(self, model):
@@ -168,22 +173,21 @@ def export_reader(reader_path: str | os.PathLike[str], out: str | os.PathLike[st
             o = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
             return o.start_logits, o.end_logits, o.relevance_logits
 
-    q = reader.question_ids("who")  # any short input: the axes are dynamic
-    t = reader.tokenize_texts(["Karpukhin and others wrote it in 2020, at Facebook AI."])[0]
-    inputs, _ = reader.collate([w for i in range(2) for w in reader.windows(q, [], t, i)])
-    axes = {0: "batch", 1: "seq"}
-    with torch.inference_mode():
-        torch.onnx.export(Logits(reader.model).eval(), (inputs["input_ids"], inputs["attention_mask"]), str(tmp / "model.onnx"),
-                          input_names=["input_ids", "attention_mask"], output_names=["start", "end", "relevance"],
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "start": axes, "end": axes, "relevance": {0: "batch"}},
-                          opset_version=17, dynamo=False)  # fmt: skip
-    files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
-    cfg = {"kind": READER_KIND, "max_position_embeddings": int(reader.model.config.max_position_embeddings), "source": reader.name, "files": files}
-    write_json(tmp / CONFIG_NAME, cfg)
-    write_manifest(tmp, READER_KIND, [*files, CONFIG_NAME], source=reader.name)
-    remove_tree(out)
-    tmp.rename(out)
-    return cfg
+    def write(tmp: Path) -> None:
+        reader.tokenizer.save_pretrained(tmp)
+        reader.config.save(tmp)
+        q = reader.question_ids("who")  # any short input: the axes are dynamic
+        t = reader.tokenize_texts(["Karpukhin and others wrote it in 2020, at Facebook AI."])[0]
+        inputs, _ = reader.collate([w for i in range(2) for w in reader.windows(q, [], t, i)])
+        axes = {0: "batch", 1: "seq"}
+        with torch.inference_mode():
+            torch.onnx.export(Logits(reader.model).eval(), (inputs["input_ids"], inputs["attention_mask"]), str(tmp / "model.onnx"),
+                              input_names=["input_ids", "attention_mask"], output_names=["start", "end", "relevance"],
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "start": axes, "end": axes, "relevance": {0: "batch"}},
+                              opset_version=17, dynamo=False)  # fmt: skip
+
+    return _write_export(out, READER_KIND, int8, reader.name, write,
+                         max_position_embeddings=int(reader.model.config.max_position_embeddings))
 
 
 class OnnxReaderModel:
