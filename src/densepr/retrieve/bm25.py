@@ -232,9 +232,9 @@ class BM25Index:
 
         Args:
             backend: ``numba`` (bm25s's compiled scorer: several times faster; needs ``numba``,
-                compiles once per process), ``numpy``, or None: numba when installed and either
-                already compiled here or the batch is large enough to pay for compiling
-                (:data:`NUMBA_WORTH_QUERIES`). Both give the same passages and scores.
+                compiled once per machine and loaded from the disk cache once per process), ``numpy``,
+                or None: numba when installed and either already loaded here or the batch is large
+                enough to pay for loading it (:data:`NUMBA_WORTH_QUERIES`). Both give the same passages and scores.
         """
         backend = backend or ("numba" if numba_installed() and (_NUMBA_WARM or len(queries) >= NUMBA_WORTH_QUERIES) else "numpy")
         if backend not in BACKENDS:
