@@ -145,3 +145,18 @@ def test_numba_backend_equals_numpy(corpus):
         qs = ["alpha beta", "python programming language", "the of and", "", "zzz unknown", "gamma alpha delta"]
         a, b = idx.search(qs, k=7, backend="numpy"), idx.search(qs, k=7, backend="numba")
         assert np.array_equal(a.rows, b.rows) and np.array_equal(a.scores, b.scores)
+
+
+def test_searches_in_threads_with_either_backend_share_one_index(corpus):
+    """Serving searches from several threads: each call's backend is its own, the shared model is never changed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("numba", reason="numba is not installed (pip install 'densepr[fast]')")
+    idx = BM25Index.build(corpus)
+    before = idx.model.backend
+    qs = ["alpha beta", "python programming language", "gamma alpha delta"]
+    want = idx.search(qs, k=5, backend="numpy")
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: idx.search(qs, k=5, backend=("numpy", "numba")[i % 2]), range(16)))
+    assert all(np.array_equal(g.rows, want.rows) and np.array_equal(g.scores, want.scores) for g in got)
+    assert idx.model.backend == before

@@ -22,6 +22,7 @@ working; on load the files' checksums (sampled above 32 MiB) and the arrays' ran
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -247,14 +248,14 @@ class BM25Index:
         scores = np.zeros((len(queries), k), dtype=np.float32)
         # a few more than k, so that passages tied at the k-th score are cut in passage order
         fetch = min(k_eff + TIE_MARGIN, n_docs)
-        self.model.backend = backend
+        model = self._scorer(backend)
         for start in range(0, len(queries), batch_size):
             terms = self.analyzer.many(queries[start : start + batch_size])
             ids = [self.model.get_tokens_ids(t) for t in terms]  # bm25s's numba path takes ids (unknown terms dropped)
             docs, sc = np.zeros((len(ids), fetch), dtype=np.int64), np.zeros((len(ids), fetch), dtype=np.float32)
             keep = [i for i, q in enumerate(ids) if q]  # queries with no indexed term match nothing
             if keep:
-                d, x = self.model.retrieve([ids[i] if backend == "numba" else terms[i] for i in keep], k=fetch, show_progress=False, n_threads=0)
+                d, x = model.retrieve([ids[i] if backend == "numba" else terms[i] for i in keep], k=fetch, show_progress=False, n_threads=0)
                 docs[keep], sc[keep] = d, x
             order = np.lexsort((docs, -sc), axis=-1)  # score descending, then passage order
             docs, sc = np.take_along_axis(docs, order, -1), np.take_along_axis(sc, order, -1)
@@ -269,6 +270,16 @@ class BM25Index:
         if backend == "numba":
             _numba_warm()
         return SearchResult(rows, scores)
+
+    def _scorer(self, backend: str) -> bm25s.BM25:
+        """bm25s's model with its ``backend`` set: one shallow copy per backend sharing the index's
+        arrays, so that searches in several threads never change a backend another one reads."""
+        scorers = self.__dict__.setdefault("_scorers", {})
+        if backend not in scorers:
+            scorer = copy.copy(self.model)
+            scorer.backend = backend
+            scorers[backend] = scorer
+        return scorers[backend]
 
 
 def _chunks(n: int, full: bool, size: int = 1 << 20, samples: int = 16):
