@@ -73,6 +73,23 @@ def test_only_default_runs_are_compared():
     assert not uses_defaults(ReproduceConfig(encoder="/some/checkpoint"))
 
 
+def test_qa_limit_overrides_the_reader_plan_and_is_not_compared_with_the_defaults():
+    from densepr.cli import _qa_limit
+    from densepr.errors import DenseprError
+
+    default = ReproduceConfig(profile="dpr")
+    assert default.reader is not None and default.reader.qa_limit == 100 and uses_defaults(default)
+    every = ReproduceConfig(profile="dpr", qa_limit=_qa_limit("all"))
+    assert every.reader.qa_limit is None and not uses_defaults(every)
+    assert ReproduceConfig(profile="dpr-smoke", qa_limit=_qa_limit("7")).reader.qa_limit == 7
+    assert ReproduceConfig(profile="full").reader is None
+    for bad in ({"profile": "full", "qa_limit": 5}, {"profile": "dpr", "qa_limit": 0}):
+        with pytest.raises(DenseprError, match="qa-limit"):
+            ReproduceConfig(**bad)
+    with pytest.raises(DenseprError, match="'some'"):
+        _qa_limit("some")
+
+
 def test_tune_lambda_picks_the_best_grid_point(corpus, qa_tsv, tiny_bert, tmp_path):
     enc = Encoder.load(tiny_bert, device="cpu")
     encode_corpus(enc, corpus, tmp_path / "emb")

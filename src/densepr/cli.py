@@ -646,6 +646,18 @@ def search(
         out.print(Panel(text, title=f"#{h.rank}  {h.title}  [dim](id {h.id}, score {h.score:.3f})[/dim]", title_align="left"))
 
 
+def _qa_limit(value: str | None) -> int | None:
+    """--qa-limit: a positive number, 'all' (None) or absent (-1: the profile's)."""
+    if value is None:
+        return -1
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DenseprError(f"--qa-limit {value!r}: a number of questions or 'all'") from None
+
+
 @app.command("reproduce")
 def reproduce(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output (index) directory.")] = DEFAULT_INDEX,
@@ -661,6 +673,8 @@ def reproduce(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one even if current: passages, bm25, dense, tune, evaluate or report "
                                                    "(profile dpr also: dense-zeroshot, mine, train-inbatch, dense-inbatch, train-round1, dense-round1, remine, train-round2).")] = None,
     round2_init: Annotated[Optional[str], typer.Option(help="Profile dpr: round 2 starts from 'round1' weights (default) or the 'initial' ones.")] = None,
+    qa_limit: Annotated[Optional[str], typer.Option(help="Profile dpr: test questions per set read end to end by the reader, a number or 'all' "
+                                                        "(default: the profile's, 100; all five full sets take hours on 2 CPU cores, minutes on a GPU).")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -673,7 +687,8 @@ def reproduce(
     from densepr.reproduce import PROFILES, ReproduceConfig, check_against, expected_entry, load_expected, run, uses_defaults
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
-                          save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init)  # fmt: skip
+                          save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init,
+                          qa_limit=_qa_limit(qa_limit))  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)
