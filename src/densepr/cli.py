@@ -948,7 +948,7 @@ def serve_cmd(
     device: DeviceOpt = None,
     question_encoder: Annotated[Optional[str], typer.Option(help="Another question encoder than the index's: a model directory, or a `densepr export-onnx` output (append #int8 for its int8 model).")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Serve as a Ray Serve application: `local`, `auto` or a cluster address (densepr[ray]).")] = None,
-    ray_replicas: Annotated[Optional[str], typer.Option(help="With --ray: replicas per deployment, e.g. router=2,encoder=1,searcher=4,reader=2,cpus=1.")] = None,
+    ray_replicas: Annotated[Optional[str], typer.Option(help="With --ray: replicas per deployment, e.g. router=2,encoder=1,searcher=4,reader=2,cpus=1 (searcher: per shard; shards=N: searcher shards, default the dense index's --num-shards).")] = None,
 ) -> None:
     """Serve search (and answers, with --reader) over HTTP, with a web page at /; on a Ray cluster with --ray."""
     index = _index(index)
@@ -982,7 +982,7 @@ def serve_cmd(
             spec = {k.strip(): v for k, v in (kv.split("=", 1) for kv in ray_replicas.split(","))} if ray_replicas else {}
             replicas = Replicas(**{k: float(v) if k == "cpus" else int(v) for k, v in spec.items()})
         except (ValueError, TypeError) as e:
-            raise DenseprError(f"--ray-replicas {ray_replicas!r}: expected name=count pairs of router, encoder, searcher, reader, cpus ({e})") from None
+            raise DenseprError(f"--ray-replicas {ray_replicas!r}: expected name=count pairs of router, encoder, searcher, reader, shards, cpus ({e})") from None
         _log(f"serving {index} on Ray ({ray}) at http://{host}:{port}/  (replicas: {replicas})")
         run(index, reader or find_reader(index), limits, replicas, address=ray, host=host, port=port, device=device)
         return

@@ -29,8 +29,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(cluster, tmp_path_factory, tiny_bert):  # noqa: F811
-    """The index_dir layout (passages, BM25, flat dense from tiny_bert) plus a reader, served by Ray
-    with two searcher replicas."""
+    """The index_dir layout (passages, BM25, a flat dense index of two shards from tiny_bert) plus a
+    reader, served by Ray: two searcher shards (BM25 sliced in two), two replicas each."""
     from ray import serve
 
     from densepr.data import Corpus, Passage, write_passages_tsv
@@ -46,7 +46,7 @@ def served(cluster, tmp_path_factory, tiny_bert):  # noqa: F811
     write_passages_tsv(corpus, d / "index/passages.tsv")
     BM25Index.build(corpus).save(d / "index/bm25")
     encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, d / "emb")
-    DenseIndex.build(d / "emb").save(d / "index/dense")
+    DenseIndex.build(d / "emb", num_shards=2).save(d / "index/dense")
     reader = d / "reader"  # a reader directory (its config sized for the tiny model)
     Reader.load(make_tiny_bert(d / "reader-init", seed=3, dropout=0.0), "cpu", ReaderConfig(max_length=96, stride=16, top_k=3)).save(reader)
     port = _free_port()
@@ -71,6 +71,7 @@ def test_ray_serve_equals_single_process(served):
     local = Retriever.load(index, device="cpu")
     health = httpx.get(url + "/health").json()
     assert health["modes"] == local.modes and health["passages"] == 12 and health["ray"]["replicas"]["searcher"] == 2
+    assert health["ray"]["shards"] == 2  # each searcher holds half the passages; the lists are merged, then fused
     for mode in ("bm25", "dense", "hybrid", "rrf"):
         r = httpx.post(url + "/search", json={"question": QUESTIONS, "k": 5, "mode": mode}, timeout=60)
         assert r.status_code == 200, r.text
@@ -96,7 +97,8 @@ def test_ray_serve_equals_single_process(served):
 
 def test_a_killed_replica_loses_no_request(served):
     """8 loopback clients for 6 s; after 2 s one of the two searcher replicas is killed. Every request
-    gets a 200 (the router retries a call that hit the dead replica; Ray Serve restarts it)."""
+    gets a 200 (the router retries a call that hit the dead replica; Ray Serve restarts it). Four searcher
+    replicas run: two shards x two replicas."""
     import ray
 
     url, _, _ = served
@@ -121,7 +123,7 @@ def test_a_killed_replica_loses_no_request(served):
         t.start()
     time.sleep(2.0)
     victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Searcher" in a["name"]]
-    assert len(victims) == 2, victims
+    assert len(victims) == 4, victims
     ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=False)
     for t in threads:
         t.join()

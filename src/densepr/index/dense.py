@@ -145,6 +145,7 @@ class DenseIndex:
     _torch: object | None = field(default=None, repr=False)  # torch tensor of vectors (GPU path)
     _gpu_res: object | None = field(default=None, repr=False)  # FAISS GPU resources, kept alive
     _exact: list | None = field(default=None, repr=False)  # memory-mapped embedding parts, for re-ranking
+    _offset: int = field(default=0, repr=False)  # a shard view's first row in the whole index (rows of _exact)
 
     def __post_init__(self) -> None:
         total = sum(s.index.ntotal for s in self.shards)
@@ -371,7 +372,7 @@ class DenseIndex:
         """Exact inner products of each query with its candidate rows, top ``k`` of them."""
         valid = ix >= 0
         flat = np.unique(ix[valid])
-        vecs = _take_rows(self._exact, flat)
+        vecs = _take_rows(self._exact, flat + self._offset)
         pos = np.searchsorted(flat, np.where(valid, ix, flat[0] if len(flat) else 0))
         sc = np.empty(ix.shape, dtype=np.float32)
         for a in range(0, len(q), 32):  # [32, candidates, dim] at a time
@@ -379,6 +380,20 @@ class DenseIndex:
         sc[~valid] = -np.inf
         order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sc, order, 1), np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(ix, order, 1), -1)
+
+    def shard(self, i: int) -> DenseIndex:
+        """Shard ``i`` alone (``--num-shards``), sharing its FAISS index: what one searcher of a
+        sharded deployment searches (``densepr serve --ray``). Its searches return corpus rows once
+        the whole index was bound (else the whole index's rows); merging the shards' top-k lists
+        (:func:`densepr.ranking.merge_shards`) is exact for exact types, approximate per shard
+        for the others (as searching the shards in one process is)."""
+        if not 0 <= i < len(self.shards):
+            raise DenseprError(f"dense shard {i}: this index has {len(self.shards)} shard(s) (build more with `densepr index dense --num-shards N`)")
+        s = self.shards[i]
+        lo, hi = s.start, s.start + s.index.ntotal
+        view = DenseIndex([_Shard(s.index, 0, s.file)], self.ids[lo:hi], self.manifest, _exact=self._exact, _offset=lo + self._offset)
+        view._rows = self._rows[lo:hi] if self._rows is not None else np.arange(lo, hi, dtype=np.int64)
+        return view
 
     def bind(self, corpus: Corpus) -> None:
         """Map index rows to rows of ``corpus`` so searches return corpus rows."""

@@ -242,7 +242,7 @@ class BM25Index:
             raise DenseprError(f"BM25 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend == "numba" and not numba_installed():
             raise DenseprError("the numba BM25 backend needs numba (pip install 'densepr[fast]')")
-        n_docs = int(self.manifest["corpus"]["count"])
+        n_docs = self.num_docs
         k_eff = min(k, n_docs)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
         scores = np.zeros((len(queries), k), dtype=np.float32)
@@ -260,16 +260,50 @@ class BM25Index:
             order = np.lexsort((docs, -sc), axis=-1)  # score descending, then passage order
             docs, sc = np.take_along_axis(docs, order, -1), np.take_along_axis(sc, order, -1)
             for r in np.flatnonzero((sc[:, k_eff - 1] > 0) & (sc[:, k_eff - 1] == sc[:, -1]) & (fetch < n_docs)):
-                full = self.model.get_scores_from_ids(ids[r]).astype(np.float32)  # more ties than the margin: exact, rarely
+                full = model.get_scores_from_ids(ids[r]).astype(np.float32)  # more ties than the margin: exact, rarely
                 top = np.lexsort((np.arange(n_docs), -full))[:fetch]
                 docs[r], sc[r] = top, full[top]
             docs, sc = docs[:, :k_eff], sc[:, :k_eff]
             matched = sc > 0
-            rows[start : start + len(terms), :k_eff] = np.where(matched, docs, -1)
+            rows[start : start + len(terms), :k_eff] = np.where(matched, docs + self.offset, -1)
             scores[start : start + len(terms), :k_eff] = np.where(matched, sc, 0.0)
         if backend == "numba":
             _numba_warm()
         return SearchResult(rows, scores)
+
+    @property
+    def num_docs(self) -> int:
+        """Passages this index (or shard) scores."""
+        return int(self.model.scores["num_docs"])
+
+    @property
+    def offset(self) -> int:
+        """Corpus row of this index's first passage (0; a shard's start)."""
+        return int(self.manifest.get("shard", {}).get("start", 0))
+
+    def shard(self, i: int, n: int) -> BM25Index:
+        """Passages ``[i N / n, (i + 1) N / n)`` alone, for one searcher of ``n`` (``densepr serve --ray``).
+
+        Scores stay those of the whole index: bm25s stores, per term, each passage's precomputed
+        score, with idf from the whole corpus's document frequencies and the length norm from its
+        average length; a shard keeps its passages' entries, so its scores are the whole index's
+        and merging the shards' top-k lists (:func:`densepr.ranking.merge_shards`) gives its top-k.
+        Searches return corpus rows. The slice is copied (1/n of the matrix); the rest is not read
+        when the index was loaded memory-mapped.
+        """
+        total = self.num_docs
+        if not 0 <= i < n or n > max(total, 1):
+            raise DenseprError(f"BM25 shard {i} of {n}: need 0 <= shard < shards <= {total} passages")
+        if "shard" in self.manifest:
+            raise DenseprError("this BM25 index is already a shard; shard the whole index")
+        lo, hi = (int(x) for x in np.linspace(0, total, n + 1).astype(np.int64)[i : i + 2])
+        s = self.model.scores
+        whole = sp.csc_matrix((s["data"], s["indices"], s["indptr"]), shape=(total, len(s["indptr"]) - 1))
+        part = whole[lo:hi]  # rows are passages, columns terms: CSC keeps each term's entries together
+        model = copy.copy(self.model)
+        model.scores = {"data": part.data.astype(s["data"].dtype, copy=False), "indices": part.indices.astype(s["indices"].dtype, copy=False),
+                        "indptr": part.indptr.astype(s["indptr"].dtype, copy=False), "num_docs": hi - lo}  # fmt: skip
+        return BM25Index(model, self.analyzer, {**self.manifest, "shard": {"index": i, "of": n, "start": lo, "count": hi - lo}})
 
     def _scorer(self, backend: str) -> bm25s.BM25:
         """bm25s's model with its ``backend`` set: one shallow copy per backend sharing the index's

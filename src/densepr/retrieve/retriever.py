@@ -31,6 +31,28 @@ from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_hybrid, fuse_rrf
 from densepr.retrieve.modes import Mode
 
+FUSION_DEPTH = 1000  # passages each engine contributes to a fusion (hybrid, RRF)
+
+
+def rank_modes(wanted: Sequence[Mode], dense: SearchResult | None, sparse: SearchResult | None, k: int, lam: float,
+               also_lambdas: Sequence[float] = ()) -> dict[str, SearchResult]:  # fmt: skip
+    """Each wanted mode's top-k from the engines' lists (at least ``FUSION_DEPTH`` deep for a fusion);
+    ``also_lambdas``: hybrid rankings at these lambdas too, keyed ``"hybrid-<lambda>"``."""
+    out: dict[str, SearchResult] = {}
+    for m in wanted:
+        if m is Mode.BM25:
+            out[m.value] = sparse.top(k)
+        elif m is Mode.DENSE:
+            out[m.value] = dense.top(k)
+        elif m is Mode.HYBRID:
+            out[m.value] = fuse_hybrid(dense, sparse, lam, k)
+        elif m is Mode.RRF:
+            out[m.value] = fuse_rrf([dense, sparse], k)
+    if also_lambdas:
+        cands = HybridCandidates(dense, sparse)
+        out.update({f"hybrid-{lam_}": cands.rank(lam_, k) for lam_ in also_lambdas})
+    return out
+
 
 class Retriever:
     """Question in, scored passages out: BM25, dense, hybrid or RRF over one corpus.
@@ -51,7 +73,7 @@ class Retriever:
         dense: DenseIndex | None = None,
         question_encoder: Encoder | None = None,
         hybrid_lambda: float = PAPER_LAMBDA,
-        depth: int = 1000,
+        depth: int = FUSION_DEPTH,
     ) -> None:
         if dense is not None and question_encoder is not None and question_encoder.dim != dense.dim:
             raise DenseprError(
@@ -131,24 +153,30 @@ class Retriever:
         wanted = [self.check_mode(m) for m in modes]
         needed = {n for m in wanted for n in m.needs} | ({"bm25", "dense"} if also_lambdas else set())
         depth = max(k, self.depth) if also_lambdas or any(m.fused for m in wanted) else k
-        sparse = self.bm25.search(questions, depth) if "bm25" in needed else None
         if "dense" in needed and vectors is None:
             vectors = self.encode(questions, show_progress=show_progress)
-        dense = self.dense.search(vectors, depth) if "dense" in needed else None
-        out: dict[str, SearchResult] = {}
-        for m in wanted:
-            if m is Mode.BM25:
-                out[m.value] = sparse.top(k)
-            elif m is Mode.DENSE:
-                out[m.value] = dense.top(k)
-            elif m is Mode.HYBRID:
-                out[m.value] = fuse_hybrid(dense, sparse, self.hybrid_lambda, k)
-            elif m is Mode.RRF:
-                out[m.value] = fuse_rrf([dense, sparse], k)
-        if also_lambdas:
-            cands = HybridCandidates(dense, sparse)
-            out.update({f"hybrid-{lam}": cands.rank(lam, k) for lam in also_lambdas})
+        lists = self.lists(questions, depth, needed, vectors)
+        return rank_modes(wanted, lists.get("dense"), lists.get("bm25"), k, self.hybrid_lambda, also_lambdas)
+
+    def lists(self, questions: Sequence[str], depth: int, engines: set[str] | Sequence[str], vectors: np.ndarray | None = None) -> dict[str, SearchResult]:
+        """Each engine's own top ``depth`` (``{"bm25": ..., "dense": ...}``): what a fusion reads and
+        what one searcher of a sharded deployment returns to be merged."""
+        out = {}
+        if "bm25" in engines:
+            out["bm25"] = self.bm25.search(questions, depth)
+        if "dense" in engines:
+            out["dense"] = self.dense.search(vectors if vectors is not None else self.encode(questions), depth)
         return out
+
+    def shard(self, i: int, n: int) -> Retriever:
+        """What searcher ``i`` of ``n`` holds (``densepr serve --ray``): BM25's passages slice ``i``
+        (scored with the whole corpus's statistics) and the dense index's shard ``i`` (the index must
+        have been built with ``--num-shards n``), over the same corpus, without a question encoder."""
+        if self.dense is not None and len(self.dense.shards) != n:
+            raise DenseprError(f"{n} searcher shards need a dense index of {n} shards; it has {len(self.dense.shards)} "
+                               f"(rebuild it with `densepr index dense --num-shards {n}`)")  # fmt: skip
+        return Retriever(self.corpus, self.bm25.shard(i, n) if self.bm25 is not None else None,
+                         self.dense.shard(i) if self.dense is not None else None, None, self.hybrid_lambda, self.depth)  # fmt: skip
 
     def retrieve(self, questions: Sequence[str], k: int = 100, mode: str | Mode = Mode.HYBRID, show_progress: bool = False) -> SearchResult:
         """Top-k corpus rows and scores for a batch of questions."""

@@ -3,8 +3,13 @@
 
 * ``QuestionEncoder``: E_Q. Ray Serve's request batching (``@serve.batch``) gathers the questions of
   concurrent requests, from every router replica, into one forward pass.
-* ``Searcher``: the index directory's BM25 and dense indexes without a question encoder: questions
-  and their vectors in, BM25 / dense / hybrid / RRF top-k out (the single-process retrieval code).
+* ``Searcher``: one per index shard (``Searcher-0``, ``Searcher-1``, ...): its dense index shard (an
+  index built with ``densepr index dense --num-shards N``) and its slice of BM25's passages, scored
+  with the whole corpus's document frequencies and average length
+  (:meth:`~densepr.retrieve.retriever.Retriever.shard`); questions and their vectors in, each engine's
+  top-k out. The router fans out to every shard, merges each engine's lists
+  (:func:`~densepr.ranking.merge_shards`: exact for flat shards and for BM25) and fuses hybrid / RRF
+  with the single-process code (:func:`~densepr.retrieve.retriever.rank_modes`).
 * ``ReaderReplica``: the reader (the index's own ``reader/`` or ``--reader``) for ``/answer``.
 * ``Router``: the ingress, the same FastAPI app as ``densepr serve`` (:func:`densepr.serve.app.create_app`:
   validation, limits, the bounded queue and its 503s, timeouts, the page), whose model calls go to the
@@ -27,7 +32,7 @@ from ray import serve
 from densepr.data.passages import load_corpus
 from densepr.errors import DenseprError
 from densepr.fileio import read_json
-from densepr.ranking import SearchResult
+from densepr.ranking import SearchResult, merge_shards
 from densepr.retrieve.modes import Mode
 from densepr.serve.service import Limits, Service
 
@@ -40,8 +45,9 @@ class Replicas:
 
     router: int = 1
     encoder: int = 1
-    searcher: int = 1
+    searcher: int = 1  # per shard
     reader: int = 1
+    shards: int | None = None  # searcher shards; None: the dense index's shard count (1 without one)
     cpus: float = 1.0  # CPUs each replica reserves (Ray Serve's default); fractions pack several on a node
 
 
@@ -55,6 +61,7 @@ class IndexInfo:
     index_type: str | None
     bm25: bool
     hybrid_lambda: float | None
+    dense_shards: int = 1
 
     @classmethod
     def read(cls, index: str | Path) -> IndexInfo:
@@ -69,7 +76,15 @@ class IndexInfo:
         manifest = read_json(d / "dense" / "manifest.json") if have["dense"] else {}
         lam = read_json(d / "hybrid.json")["lambda"] if (d / "hybrid.json").is_file() else PAPER_LAMBDA
         return cls(str((d / "passages.tsv").resolve()), [m.value for m in Mode if all(have[n] for n in m.needs)],
-                   manifest.get("question_encoder"), manifest.get("type"), have["bm25"], lam)  # fmt: skip
+                   manifest.get("question_encoder"), manifest.get("type"), have["bm25"], lam, len(manifest.get("shards") or [None]))  # fmt: skip
+
+    def shards(self, wanted: int | None) -> int:
+        """Searcher shards: ``wanted``, else the dense index's; a dense index fixes the number."""
+        n = wanted or self.dense_shards
+        if self.index_type is not None and n != self.dense_shards:
+            raise DenseprError(f"{n} searcher shards, but the dense index has {self.dense_shards}: rebuild it with "
+                               f"`densepr index dense --num-shards {n}` (BM25 is sliced to match at start)")  # fmt: skip
+        return n
 
 
 @serve.deployment
@@ -86,14 +101,18 @@ class QuestionEncoder:
 
 @serve.deployment
 class Searcher:
-    def __init__(self, index: str) -> None:
+    """Shard ``shard`` of ``shards`` of the index directory (memory-mapped: the other shards' data is
+    never read into memory)."""
+
+    def __init__(self, index: str, shard: int = 0, shards: int = 1) -> None:
         from densepr.retrieve.retriever import Retriever
 
-        self.retriever = Retriever.load(index, with_encoder=False)
+        whole = Retriever.load(index, with_encoder=False, mmap=True)
+        self.retriever = whole.shard(shard, shards) if shards > 1 else whole
 
-    def search(self, questions: list[str], vectors: np.ndarray | None, k: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-        res = self.retriever.retrieve_all(questions, k, [mode], vectors=vectors)[Mode.parse(mode).value]
-        return res.rows, res.scores
+    def lists(self, questions: list[str], vectors: np.ndarray | None, depth: int, engines: list[str]) -> dict:
+        """Each engine's top ``depth`` on this shard: ``{engine: (rows, scores)}``, rows are corpus rows."""
+        return {e: (r.rows, r.scores) for e, r in self.retriever.lists(questions, depth, engines, vectors).items()}
 
 
 @serve.deployment
@@ -128,7 +147,7 @@ class RayService(Service):
 
             local_reader = Reader.load(reader_path, "cpu")
         super().__init__(_View(info), local_reader, limits)
-        self.encoder_h, self.searcher_h, self.reader_h, self.replicas = encoder, searcher, reader, replicas
+        self.encoder_h, self.searcher_hs, self.reader_h, self.replicas = encoder, list(searcher), reader, replicas
         self.retries = 0
 
     def _call(self, fn, *args):
@@ -144,12 +163,32 @@ class RayService(Service):
                 self.retries += 1
                 time.sleep(0.2)
 
+    def _fan_out(self, method: str, *args) -> list:
+        """``method(*args)`` on every shard's searcher at once; a call that failed on a dead replica is resent."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        pending = [getattr(h, method).remote(*args) for h in self.searcher_hs]
+        out = []
+        for h, resp in zip(self.searcher_hs, pending):
+            try:
+                out.append(resp.result())
+            except (ActorDiedError, ActorUnavailableError, RayActorError):
+                self.retries += 1
+                time.sleep(0.2)
+                out.append(self._call(getattr(h, method), *args))
+        return out
+
     def _retrieve(self, questions: list[str], k: int, mode: str) -> SearchResult:
+        from densepr.retrieve.retriever import FUSION_DEPTH, rank_modes
+
+        m = Mode.parse(mode)
         vectors = None
-        if "dense" in Mode.parse(mode).needs:
+        if "dense" in m.needs:
             vectors = np.stack([self._call(self.encoder_h, q) for q in questions])
-        rows, scores = self._call(self.searcher_h.search, questions, vectors, k, mode)
-        return SearchResult(rows, scores)
+        depth = max(k, FUSION_DEPTH) if m.fused else k
+        parts = self._fan_out("lists", questions, vectors, depth, list(m.needs))
+        merged = {e: merge_shards([SearchResult(*p[e]) for p in parts], depth) for e in m.needs}
+        return rank_modes([m], merged.get("dense"), merged.get("bm25"), k, self.retriever.hybrid_lambda)[m.value]
 
     def _answer_batch(self, key: tuple[str, int], items: list[str]) -> list:
         from densepr.pipeline import _answer
@@ -162,7 +201,7 @@ class RayService(Service):
         return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(items, hits, readings)]
 
     def health(self) -> dict:
-        return {**super().health(), "ray": {"replicas": asdict(self.replicas), "retries": self.retries}}
+        return {**super().health(), "ray": {"replicas": asdict(self.replicas), "shards": len(self.searcher_hs), "retries": self.retries}}
 
 
 @serve.deployment
@@ -184,10 +223,12 @@ def build_app(index: str | Path, reader: str | Path | None = None, limits: Limit
     cpu = {"num_cpus": replicas.cpus}
     gpu = {**cpu, "num_gpus": 1} if device and device.startswith("cuda") else cpu
     encoder = QuestionEncoder.options(num_replicas=replicas.encoder, ray_actor_options=gpu).bind(info.question_encoder, device) if info.question_encoder else None  # fmt: skip
-    searcher = Searcher.options(num_replicas=replicas.searcher, ray_actor_options=cpu).bind(str(Path(index).resolve()))
+    shards = info.shards(replicas.shards)
+    searchers = [Searcher.options(name=f"Searcher-{i}", num_replicas=replicas.searcher, ray_actor_options=cpu).bind(str(Path(index).resolve()), i, shards)
+                 for i in range(shards)]  # fmt: skip
     rd = ReaderReplica.options(num_replicas=replicas.reader, ray_actor_options=gpu).bind(str(Path(reader).resolve()), device) if reader else None  # fmt: skip
     return Router.options(num_replicas=replicas.router, ray_actor_options=cpu).bind(asdict(info), str(Path(reader).resolve()) if reader else None, asdict(limits),
-                                                             encoder, searcher, rd, asdict(replicas))  # fmt: skip
+                                                             encoder, searchers, rd, asdict(replicas))  # fmt: skip
 
 
 def run(index: str | Path, reader: str | Path | None = None, limits: Limits | None = None, replicas: Replicas | None = None,
