@@ -57,18 +57,25 @@ class SearchResult:
         return out
 
 
+def top_k_by_score(rows: np.ndarray, scores: np.ndarray, k: int) -> SearchResult:
+    """Each question's ``k`` best of ``[n, m]`` candidate rows (``-1`` or a non-finite score: none):
+    best score first, equal scores in row order; padded with ``-1`` rows."""
+    k_eff = min(k, rows.shape[1])
+    # lexsort's last key is the primary one: score descending, then row
+    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k_eff]
+    top_rows, top_scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
+    out_scores = np.zeros((len(rows), k), dtype=np.float32)
+    valid = np.isfinite(top_scores) & (top_rows >= 0)
+    out_rows[:, :k_eff] = np.where(valid, top_rows, -1)
+    out_scores[:, :k_eff] = np.where(valid, top_scores, 0.0)
+    return SearchResult(out_rows, out_scores)
+
+
 def merge_shards(results: Sequence[SearchResult], k: int) -> SearchResult:
     """One top-k from the top-k lists of several index shards over disjoint passages (rows are
     corpus rows): best score first, equal scores in row order (how a single BM25 index and a flat
     FAISS index order them), so merging exact shards gives exactly one index's list."""
     rows = np.concatenate([r.rows for r in results], axis=1)
     scores = np.concatenate([r.scores for r in results], axis=1).astype(np.float64)
-    scores[rows < 0] = -np.inf
-    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
-    top_rows, top_scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
-    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
-    out_scores = np.zeros((len(rows), k), dtype=np.float32)
-    width = top_rows.shape[1]
-    out_rows[:, :width] = np.where(top_rows >= 0, top_rows, -1)
-    out_scores[:, :width] = np.where(top_rows >= 0, top_scores, 0.0)
-    return SearchResult(out_rows, out_scores)
+    return top_k_by_score(rows, np.where(rows >= 0, scores, -np.inf), k)

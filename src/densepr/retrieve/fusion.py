@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from densepr.ranking import SearchResult
+from densepr.ranking import SearchResult, top_k_by_score
 
 PAPER_LAMBDA = 1.1
 
@@ -44,21 +44,7 @@ class HybridCandidates:
         """Top-k of ``dense + lam * bm25`` (or ``lam * dense + bm25``); ties go to the lower row."""
         fused = lam * self.dense + self.sparse if weight_on_dense else self.dense + lam * self.sparse
         fused = np.where(self.rows >= 0, fused, -np.inf)
-        return _top_k(self.rows, fused, k)
-
-
-def _top_k(rows: np.ndarray, scores: np.ndarray, k: int) -> SearchResult:
-    k_eff = min(k, rows.shape[1])
-    # Sort by (-score, row) per question: lexsort's last key is the primary one.
-    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k_eff]
-    top_rows = np.take_along_axis(rows, order, 1)
-    top_scores = np.take_along_axis(scores, order, 1)
-    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
-    out_scores = np.zeros((len(rows), k), dtype=np.float32)
-    valid = np.isfinite(top_scores) & (top_rows >= 0)
-    out_rows[:, :k_eff] = np.where(valid, top_rows, -1)
-    out_scores[:, :k_eff] = np.where(valid, top_scores, 0.0)
-    return SearchResult(out_rows, out_scores)
+        return top_k_by_score(self.rows, fused, k)
 
 
 def fuse_hybrid(dense: SearchResult, sparse: SearchResult, lam: float = PAPER_LAMBDA, k: int = 100, weight_on_dense: bool = False) -> SearchResult:
@@ -80,4 +66,4 @@ def fuse_rrf(results: Sequence[SearchResult], k: int = 100, c: int = RRF_K) -> S
                     acc[int(row)] = acc.get(int(row), 0.0) + 1.0 / (c + rank)
         rows[i, : len(acc)] = list(acc)
         scores[i, : len(acc)] = list(acc.values())
-    return _top_k(rows, scores, k)
+    return top_k_by_score(rows, scores, k)
