@@ -164,6 +164,7 @@ class BM25Index:
 
     def __init__(self, model: bm25s.BM25, analyzer: LuceneAnalyzer, manifest: dict) -> None:
         self.model, self.analyzer, self.manifest = model, analyzer, manifest
+        self._scorers: dict[str, bm25s.BM25] = {}  # backend -> shallow copy of model (see _scorer)
 
     @property
     def k1(self) -> float:
@@ -308,12 +309,11 @@ class BM25Index:
     def _scorer(self, backend: str) -> bm25s.BM25:
         """bm25s's model with its ``backend`` set: one shallow copy per backend sharing the index's
         arrays, so that searches in several threads never change a backend another one reads."""
-        scorers = self.__dict__.setdefault("_scorers", {})
-        if backend not in scorers:
+        if backend not in self._scorers:
             scorer = copy.copy(self.model)
             scorer.backend = backend
-            scorers[backend] = scorer
-        return scorers[backend]
+            self._scorers[backend] = scorer
+        return self._scorers[backend]
 
 
 def _chunks(n: int, full: bool, size: int = 1 << 20, samples: int = 16):

@@ -150,13 +150,14 @@ class RayService(Service):
         self.encoder_h, self.searcher_hs, self.reader_h, self.replicas = encoder, list(searcher), reader, replicas
         self.retries = 0
 
-    def _call(self, fn, *args):
-        """``fn.remote(*args).result()``, once more when the replica it went to died."""
+    def _call(self, fn, *args, sent=None):
+        """``fn.remote(*args).result()`` (``sent``: that call, already made), once more when the replica it
+        went to died."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         for attempt in range(RETRIES + 1):
             try:
-                return fn.remote(*args).result()
+                return (sent if attempt == 0 and sent is not None else fn.remote(*args)).result()
             except (ActorDiedError, ActorUnavailableError, RayActorError):
                 if attempt == RETRIES:
                     raise
@@ -164,19 +165,10 @@ class RayService(Service):
                 time.sleep(0.2)
 
     def _fan_out(self, method: str, *args) -> list:
-        """``method(*args)`` on every shard's searcher at once; a call that failed on a dead replica is resent."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-        pending = [getattr(h, method).remote(*args) for h in self.searcher_hs]
-        out = []
-        for h, resp in zip(self.searcher_hs, pending):
-            try:
-                out.append(resp.result())
-            except (ActorDiedError, ActorUnavailableError, RayActorError):
-                self.retries += 1
-                time.sleep(0.2)
-                out.append(self._call(getattr(h, method), *args))
-        return out
+        """``method(*args)`` on every shard's searcher at once, each with :meth:`_call`'s retry."""
+        calls = [getattr(h, method) for h in self.searcher_hs]
+        sent = [fn.remote(*args) for fn in calls]
+        return [self._call(fn, *args, sent=r) for fn, r in zip(calls, sent)]
 
     def _retrieve(self, questions: list[str], k: int, mode: str) -> SearchResult:
         from densepr.retrieve.retriever import FUSION_DEPTH, rank_modes
