@@ -186,6 +186,33 @@ def test_the_main_job_skips_current_stages_and_reruns_from_a_stage(monkeypatch, 
     assert STAGES.index("tune") < STAGES.index("evaluate") < STAGES.index("report")
 
 
+def test_the_main_job_on_a_fresh_machine_fetches_before_it_needs_the_model(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
+    """Nothing fetched yet: the job must not look the embedded model up before its fetch step has run."""
+    import densepr.reproduce as rp
+    from densepr.errors import DenseprError
+
+    class Unfetched(_TinyData):
+        fetched = False
+
+        @property
+        def model_dir(self):
+            if not self.fetched:
+                raise DenseprError("the embedded benchmark is not fetched")
+            return self._model
+
+        @model_dir.setter
+        def model_dir(self, path):
+            self._model = path
+
+    data = Unfetched(tmp_path, corpus, qa_tsv, tiny_bert)
+    job = _tiny_job(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert)
+    monkeypatch.setattr(rp, "EmbeddedData", lambda cache_dir=None: data)
+    monkeypatch.setattr(rp, "fetch_embedded", lambda *a, **kw: setattr(data, "fetched", True))
+    summary, ran = job()
+    assert data.fetched and ran["fetch"] == "always" and ran["dense"] == "ran"
+    assert summary["results"]["set-a"]["methods"]["dense"]["all"]["top20"] >= 0
+
+
 def _tiny_dpr(setattr, setitem, root, corpus, qa_tsv, model_dir, **plan_kw):
     """Profile ``dpr-tiny``: the training experiment on the test corpus, QA file and tiny BERT."""
     import densepr.reproduce as rp

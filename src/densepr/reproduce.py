@@ -270,7 +270,6 @@ class Job:
         self.timings: dict[str, float] = {}  # steps inside stages (encode passages, retrieve <set>, ...)
         self.data = EmbeddedData(cfg.cache_dir)
         self.runner = StageRunner(cfg.out_dir, stage_order(cfg.profile), cfg.force_from, log=log, rank=rank, sync=sync or (lambda v: v))
-        self.encoder_path = cfg.encoder or str(self.data.model_dir)
         self.plan = cfg.plan
         self.methods = DPR_METHODS if self.plan else METHODS
         self.names = DPR_NAMES if self.plan else METHOD_NAMES
@@ -278,6 +277,12 @@ class Job:
         self._retriever: Retriever | None = None
         self._reader = None
         self._dense_only: dict[str, Retriever] = {}
+
+    @property
+    def encoder_path(self) -> str:
+        # Looked up when a stage needs it: the job fetches the embedded data first, so on a fresh
+        # machine the model is not there yet when the job is set up.
+        return self.cfg.encoder or str(self.data.model_dir)
 
     def timed(self, name: str, fn: Callable, *args, **kw):
         t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """``densepr serve --ray``: the HTTP API and web page of ``densepr serve`` as a Ray Serve application
 (extra ``densepr[ray]``), each part a deployment with its own replicas, spread over a cluster.
 
-* ``QuestionEncoder``: E_Q. Ray Serve's request batching (``@serve.batch``) gathers the questions of
-  concurrent requests, from every router replica, into one forward pass.
+* ``QuestionEncoder``: E_Q. A router sends each micro-batch's questions in one call; Ray Serve's
+  request batching (``@serve.batch``) gathers the calls of every router replica into one forward pass.
 * ``Searcher``: one per index shard (``Searcher-0``, ``Searcher-1``, ...): its dense index shard (an
   index built with ``densepr index dense --num-shards N``) and its slice of BM25's passages, scored
   with the whole corpus's document frequencies and average length
@@ -94,9 +94,13 @@ class QuestionEncoder:
 
         self.encoder = Encoder.load(name, device=device)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def __call__(self, questions: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.encode_questions(questions))
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def __call__(self, calls: list[list[str]]) -> list[np.ndarray]:
+        """Each call is one router micro-batch's questions; one forward pass for all, split back per call.
+        (One call per question cost a round trip each, one after another: 16 clients ran slower than 1.)"""
+        vectors = self.encoder.encode_questions([q for qs in calls for q in qs])
+        ends = np.cumsum([len(qs) for qs in calls])
+        return list(np.split(vectors, ends[:-1]))
 
 
 @serve.deployment
@@ -176,7 +180,7 @@ class RayService(Service):
         m = Mode.parse(mode)
         vectors = None
         if "dense" in m.needs:
-            vectors = np.stack([self._call(self.encoder_h, q) for q in questions])
+            vectors = self._call(self.encoder_h, list(questions))
         depth = max(k, FUSION_DEPTH) if m.fused else k
         parts = self._fan_out("lists", questions, vectors, depth, list(m.needs))
         merged = {e: merge_shards([SearchResult(*p[e]) for p in parts], depth) for e in m.needs}
