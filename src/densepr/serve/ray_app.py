@@ -36,6 +36,7 @@ from densepr.ranking import SearchResult, merge_shards
 from densepr.retrieve.modes import Mode
 from densepr.serve.service import Limits, Service
 
+ENCODER_BATCH = 16  # router calls (each one micro-batch of questions) the encoder runs in one forward pass
 RETRIES = 1  # a call that fails because its replica died is sent once more (Ray Serve routes it to a live one)
 
 
@@ -94,7 +95,7 @@ class QuestionEncoder:
 
         self.encoder = Encoder.load(name, device=device)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=ENCODER_BATCH, batch_wait_timeout_s=0.002)
     async def __call__(self, calls: list[list[str]]) -> list[np.ndarray]:
         """Each call is one router micro-batch's questions; one forward pass for all, split back per call.
         (One call per question cost a round trip each, one after another: 16 clients ran slower than 1.)"""
@@ -218,12 +219,14 @@ def build_app(index: str | Path, reader: str | Path | None = None, limits: Limit
     info, replicas, limits = IndexInfo.read(index), replicas or Replicas(), limits or Limits()
     cpu = {"num_cpus": replicas.cpus}
     gpu = {**cpu, "num_gpus": 1} if device and device.startswith("cuda") else cpu
-    encoder = QuestionEncoder.options(num_replicas=replicas.encoder, ray_actor_options=gpu).bind(info.question_encoder, device) if info.question_encoder else None  # fmt: skip
+    encoder = QuestionEncoder.options(num_replicas=replicas.encoder, ray_actor_options=gpu, max_ongoing_requests=ENCODER_BATCH * 2).bind(info.question_encoder, device) if info.question_encoder else None  # fmt: skip
     shards = info.shards(replicas.shards)
     searchers = [Searcher.options(name=f"Searcher-{i}", num_replicas=replicas.searcher, ray_actor_options=cpu).bind(str(Path(index).resolve()), i, shards)
                  for i in range(shards)]  # fmt: skip
     rd = ReaderReplica.options(num_replicas=replicas.reader, ray_actor_options=gpu).bind(str(Path(reader).resolve()), device) if reader else None  # fmt: skip
-    return Router.options(num_replicas=replicas.router, ray_actor_options=cpu).bind(asdict(info), str(Path(reader).resolve()) if reader else None, asdict(limits),
+    # Ray Serve admits 5 requests per replica by default and queues the rest in its proxy: the router
+    # then micro-batches at most 5 and its own bounded queue (503 + Retry-After) never sees the rest.
+    return Router.options(num_replicas=replicas.router, ray_actor_options=cpu, max_ongoing_requests=limits.max_queue).bind(asdict(info), str(Path(reader).resolve()) if reader else None, asdict(limits),
                                                              encoder, searchers, rd, asdict(replicas))  # fmt: skip
 
 
