@@ -37,8 +37,9 @@ from densepr.retrieve.bm25 import BM25Index
 RESULTS = Path(__file__).parent / "results"
 
 
-def hf_reference(reader: Reader, question: str, passages: list[tuple[str, str]]) -> str:
-    """The transformers recipe: DPRReaderTokenizer -> DPRReader -> decode_best_spans."""
+def hf_reference(reader: Reader, question: str, passages: list[tuple[str, str]]) -> dict:
+    """The transformers recipe: DPRReaderTokenizer -> DPRReader -> decode_best_spans. Returns the answer,
+    the passage it came from, its logits, and which passages the recipe truncated (their tail unread)."""
     from transformers import DPRReaderTokenizerFast
 
     tok = hf_reference.tok = getattr(hf_reference, "tok", None) or DPRReaderTokenizerFast.from_pretrained(reader.name)
@@ -47,7 +48,13 @@ def hf_reference(reader: Reader, question: str, passages: list[tuple[str, str]])
     with torch.inference_mode():
         out = reader.model(input_ids=enc["input_ids"].to(reader.device), attention_mask=enc["attention_mask"].to(reader.device))
     spans = tok.decode_best_spans(enc, out, num_spans=1, max_answer_length=reader.config.max_answer_length)
-    return spans[0].text if spans else ""
+    full = tok(questions=question, titles=[t for t, _ in passages], texts=[x for _, x in passages])["input_ids"]
+    truncated = [i for i, ids in enumerate(full) if len(ids) > reader.config.max_length]
+    if not spans:
+        return {"text": "", "passage": None, "truncated": truncated}
+    s = spans[0]
+    return {"text": s.text, "passage": s.doc_id, "relevance": round(float(s.relevance_score), 4),
+            "span_score": round(float(s.span_score), 4), "truncated": truncated}
 
 
 def main() -> None:
@@ -106,6 +113,7 @@ def bench_size(systems: dict, reader: Reader, qs: list[str], top, corpus, n: int
     hf_reference(reader, qs[0], pss[0][:8])
     times: dict[str, list[float]] = {k: [] for k in [*systems, "reference"]}
     answers: dict[str, list[str]] = {k: [] for k in times}
+    picks: dict[str, list[dict]] = {k: [] for k in times}  # what each system chose, to explain a differing answer
     for q, ps in zip(qs, pss):
         for name, sys_ in systems.items():
             t0 = time.perf_counter()
@@ -113,9 +121,14 @@ def bench_size(systems: dict, reader: Reader, qs: list[str], top, corpus, n: int
             times[name].append(time.perf_counter() - t0)
             b = best_reading(rd)
             answers[name].append(rd[b].text if b is not None else "")
+            picks[name].append({"text": answers[name][-1], "passage": b, "relevance": round(rd[b].relevance, 4) if b is not None else None,
+                                "span_score": round(rd[b].span_score, 4) if b is not None else None,
+                                "relevances": [round(r.relevance, 4) for r in rd]})  # fmt: skip
         t0 = time.perf_counter()
-        answers["reference"].append(hf_reference(reader, q, ps))
+        ref = hf_reference(reader, q, ps)
         times["reference"].append(time.perf_counter() - t0)
+        answers["reference"].append(ref["text"])
+        picks["reference"].append(ref)
     ref_ms = statistics.median(times["reference"])
     out = {"passages": n, "questions": len(qs), "reference_ms_per_question": round(1000 * ref_ms, 1), "systems": {}}
     for name, sys_ in systems.items():
@@ -127,8 +140,20 @@ def bench_size(systems: dict, reader: Reader, qs: list[str], top, corpus, n: int
                                 "speedup": round(ref_ms / statistics.median(times[name]), 2),
                                 "same_answer": round(sum(same) / len(same), 3),
                                 "batched_questions_per_s": round(len(qs) / batched, 2),
-                                "batched_passages_per_s": round(len(qs) * n / batched, 1)}  # fmt: skip
+                                "batched_passages_per_s": round(len(qs) * n / batched, 1),
+                                "differences": [_difference(q, picks[name][i], picks["reference"][i]) for i, q in enumerate(qs) if not same[i]]}  # fmt: skip
     return out
+
+
+def _difference(question: str, ours: dict, ref: dict) -> dict:
+    """A differing answer and why: the systems chose different passages (relevance logits, which
+    densepr takes per passage as the max over its windows) or, in the same passage, different spans;
+    ``in_truncated_passage``: the passage densepr answered from is one the recipe cut at the window."""
+    ref_rel = ours["relevances"][ref["passage"]] if ref["passage"] is not None else None
+    return {"question": question, "densepr": {k: ours[k] for k in ("text", "passage", "relevance", "span_score")},
+            "recipe": {k: ref.get(k) for k in ("text", "passage", "relevance", "span_score")},
+            "densepr_relevance_of_recipe_passage": ref_rel, "same_passage": ours["passage"] == ref["passage"],
+            "in_truncated_passage": ours["passage"] in ref["truncated"], "recipe_truncated_passages": len(ref["truncated"])}
 
 
 if __name__ == "__main__":
