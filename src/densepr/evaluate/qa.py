@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import re
+import string
 from collections import Counter
 from collections.abc import Sequence
 
 from densepr.evaluate.answers import _compile, normalize
 
+PUNCTUATION = frozenset(string.punctuation)
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD's answer normalisation (as DPR's ``exact_match_score``): lower-case, drop
     punctuation and the articles a/an/the, collapse white space. Unicode is NFD-normalised first."""
-    import string
-
     text = normalize(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
