@@ -14,7 +14,7 @@ from densepr.evaluate.tuning import tune_lambda
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import encode_corpus
 from densepr.models.encoder import Encoder
-from densepr.reproduce import ReproduceConfig, check_against, expected_entry, load_expected, uses_defaults
+from densepr.reproduce import ReproduceConfig, check_against, expected_entry, load_expected, reader_recipe_changed, uses_defaults
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import fuse_hybrid
 from densepr.retrieve.retriever import Retriever
@@ -51,6 +51,14 @@ def test_check_against_end_to_end_em():
     assert "qa nq-test dense paper @1 all: 14.0 vs committed 10.0 (tolerance ±3.0)" in problems and len(problems) == 8
     assert len(check_against(_summary(20.0), expected, "dpr")) == 8  # the reader stages did not run: every EM missing
     assert "qa" not in expected_entry({**_summary(20.0), "date": "d", "machine": {}, "config": {}}, 0.5)  # a run without a reader commits no EM
+    # EM recorded with another reader recipe measures another reader: left unchecked (and said so), retrieval still checked
+    recorded = {"dpr": expected_entry({**with_qa(10.0), "config": {"reader": {"epochs": 1}}}, 0.5, 3.0)}
+    other = {**with_qa(14.0), "config": {"reader": {"epochs": 3}}}
+    assert reader_recipe_changed(other, recorded, "dpr") and check_against(other, recorded, "dpr") == []
+    same = {**with_qa(14.0), "config": {"reader": {"epochs": 1}}}
+    assert not reader_recipe_changed(same, recorded, "dpr") and len(check_against(same, recorded, "dpr")) == 8
+    other["results"]["nq-test"]["methods"]["bm25"]["all"]["top20"] = 25.0
+    assert check_against(other, recorded, "dpr") == ["nq-test bm25 all top20: 25.0 vs committed 20.0 (tolerance ±0.5)"]
 
 
 def test_packaged_expected_figures_cover_the_profiles_ci_and_the_readme_run():

@@ -21,7 +21,7 @@ import numpy as np
 from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
-from densepr.evaluate.qa import exact_match, f1_score
+from densepr.evaluate.qa import exact_match, f1_score, normalize_answer
 from densepr.models.reader import CONFIG_NAME, PAPER_SELECTION, Reader, Reading, Selection, best_reading
 from densepr.ranking import Hit
 from densepr.retrieve.modes import GOLD_ORDER, Mode
@@ -55,11 +55,16 @@ class Answer:
 
 def _answer(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int,
             selection: Selection = PAPER_SELECTION) -> Answer:  # fmt: skip
-    b = best_reading(readings, k, selection, [h.score for h in hits])
+    b = best_reading(readings, k, selection, [h.score for h in hits], _keys(readings, selection))
     if b is None:
         return Answer(question, "", False, passages=hits, mode=mode, k=k)
     r = readings[b]
     return Answer(question, r.text, True, r.span_score, r.relevance, hits[b], r.start, r.end, hits, mode, k)
+
+
+def _keys(readings: Sequence[Reading], selection: Selection) -> list[str] | None:
+    """Each reading's answer as exact match compares it: what answer aggregation groups by."""
+    return [normalize_answer(r.text) for r in readings] if selection.aggregate else None
 
 
 READER_DIR = "reader"  # an index directory's own reader (what ``densepr reproduce --profile dpr`` writes)
@@ -185,7 +190,7 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
                 preds = []
                 for i in range(len(qas)):
                     rd = [lookup[i][int(r)] for r in runs[m].rows[i, :k] if r >= 0]
-                    b = best_reading(rd, None, selection, runs[m].scores[i, : len(rd)])
+                    b = best_reading(rd, None, selection, runs[m].scores[i, : len(rd)], _keys(rd, selection))
                     preds.append(rd[b].text if b is not None else "")
                 em, f1 = _score(preds, qas, everyone)
                 em_a, f1_a = _score(preds, qas, answerable)
@@ -210,7 +215,8 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
 # -- tuning the passage selection --------------------------------------------------------------------
 # Weights of (selection logit, span score, retrieval score); retrieval scores range from ~1 (cosine)
 # to ~30 (BM25), hence the wide retriever grid.
-SELECTION_GRID = tuple(Selection(rel, span, ret) for rel in (1.0, 0.0) for span in (0.0, 0.5, 1.0)
+# Aggregation temperatures: 0 (off, first in the grid so that it wins ties), then from near-max to near-voting.
+SELECTION_GRID = tuple(Selection(rel, span, ret, agg) for agg in (0.0, 1.0, 3.0) for rel in (1.0, 0.0) for span in (0.0, 0.5, 1.0)
                        for ret in (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0) if (rel, span, ret) != (0.0, 0.0, 0.0))  # fmt: skip
 
 
@@ -225,12 +231,13 @@ def choose_selection(readings: Sequence[Sequence[Reading]], scores: Sequence[Seq
     n = max(1, len(qas))
     best: dict | None = None
     paper = {"em": -1.0, "k": None}
+    keys = [[normalize_answer(r.text) for r in rd] for rd in readings]
     for sel in grid:
         for k in sorted(ks):
             em = 0
             for i, qa in enumerate(qas.items):
                 rd = list(readings[i][:k])
-                b = best_reading(rd, None, sel, scores[i])
+                b = best_reading(rd, None, sel, scores[i], keys[i])
                 em += exact_match(rd[b].text if b is not None else "", qa.answers, qas.match)
             em = round(100 * em / n, 2)
             if sel == PAPER_SELECTION and em > paper["em"]:

@@ -137,6 +137,35 @@ def test_selection_fuses_the_readers_and_the_retrievers_scores():
     assert best_reading(rd, 1, Selection(0.0, 0.0, 1.0), scores) == 0 and best_reading(rd, None, Selection(1.0, 0.0, 1.0)) == 1
 
 
+def test_aggregation_lets_an_answer_several_passages_agree_on_beat_the_best_single_passage():
+    from densepr.models.reader import Selection
+
+    # "Paris" from passages 1 and 2 (1.8 + 1.8) against "London" from passage 0 (2.0)
+    rd = [Reading(2.0, 0.0, 0, 6, "London"), Reading(1.8, 0.0, 0, 5, "Paris"), Reading(1.8, 0.0, 0, 5, "paris"), Reading(9.0)]
+    assert best_reading(rd) == 0  # DPR's rule: the best passage
+    assert best_reading(rd, None, Selection(aggregate=1.0)) == 1  # log(2 e^1.8) = 2.49 > 2.0; the first of the group
+    assert best_reading(rd, None, Selection(aggregate=0.1)) == 0  # 1.8 + 0.1 log 2 = 1.87 < 2.0: close to the best passage
+    assert best_reading(rd, 2, Selection(aggregate=1.0)) == 0  # only the first k are read
+    # groups are the given keys (exact match's normalisation), else the lower-cased text
+    keys = ["london", "paris", "rome", ""]
+    assert best_reading(rd, None, Selection(aggregate=1.0), answer_keys=keys) == 0
+    # in a group, the best-scoring reading stands for the answer; ties between answers keep retrieval order
+    rd2 = [Reading(1.0, 0.0, 0, 1, "a"), Reading(1.0, 0.0, 0, 1, "b"), Reading(3.0, 0.0, 0, 1, "b")]
+    assert best_reading(rd2, None, Selection(aggregate=1.0)) == 2
+    assert best_reading(rd2[:2], None, Selection(aggregate=1.0)) == 0
+    assert best_reading([Reading(1.0)], None, Selection(aggregate=1.0)) is None
+    assert not Selection(aggregate=1.0).is_paper
+
+
+def test_the_tuned_aggregation_is_stored_and_read_back(tmp_path):
+    cfg = ReaderConfig(selection={"dense": {"relevance": 1.0, "span": 0.5, "retriever": 0.0, "aggregate": 3.0, "k": 10}})
+    cfg.save(tmp_path)
+    sel, k = ReaderConfig.from_dir(tmp_path).selection_for("dense")
+    assert (sel.relevance, sel.span, sel.aggregate, k) == (1.0, 0.5, 3.0, 10)
+    old = ReaderConfig(selection={"bm25": {"relevance": 1.0, "span": 0.0, "retriever": 0.3, "k": 5}})  # before aggregation
+    assert old.selection_for("bm25")[0].aggregate == 0.0
+
+
 def test_choose_selection_finds_the_fusion_that_answers_and_keeps_dpr_rule_on_ties():
     from densepr.data.qa import QA, QASet
     from densepr.pipeline import choose_selection
@@ -151,7 +180,12 @@ def test_choose_selection_finds_the_fusion_that_answers_and_keeps_dpr_rule_on_ti
     assert best["em"] == 100.0 and best["k"] == 2 and best["retriever"] > 0
     # when nothing beats DPR's rule, DPR's rule is kept
     same = choose_selection([[Reading(2.0, 1.0, 0, 5, "paris")]], [[1.0]], QASet("t", [QA("q", ("paris",))]), ks=(1,))
-    assert (same["relevance"], same["span"], same["retriever"], same["em"]) == (1.0, 0.0, 0.0, 100.0)
+    assert (same["relevance"], same["span"], same["retriever"], same["aggregate"], same["em"]) == (1.0, 0.0, 0.0, 0.0, 100.0)
+    # three passages, two agreeing on the answer: only aggregation answers it
+    qas3 = QASet("t", [QA("q", ("Paris",))])
+    agree = [[Reading(2.0, 0.0, 0, 6, "London"), Reading(1.8, 0.0, 0, 5, "Paris"), Reading(1.8, 0.0, 0, 6, "Paris.")]]
+    best3 = choose_selection(agree, [[1.0, 1.0, 1.0]], qas3, ks=(1, 3))
+    assert best3["em"] == 100.0 and best3["aggregate"] > 0 and best3["k"] == 3 and best3["paper_em"] == 0.0
 
 
 def test_reading_gives_offsets_into_the_text_and_does_not_depend_on_batching(reader):
