@@ -57,6 +57,10 @@ def test_check_against_end_to_end_em():
     assert reader_recipe_changed(other, recorded, "dpr") and check_against(other, recorded, "dpr") == []
     same = {**with_qa(14.0), "config": {"reader": {"epochs": 1}}}
     assert not reader_recipe_changed(same, recorded, "dpr") and len(check_against(same, recorded, "dpr")) == 8
+    # a config recorded before a ReaderPlan field existed trained that field's earlier value (READER_PLAN_BEFORE)
+    legacy = {"dpr": expected_entry({**with_qa(10.0), "config": {"reader": {"lr": 1e-4}}}, 0.5, 3.0)}
+    assert not reader_recipe_changed({**same, "config": {"reader": {"lr": 1e-4, "head_lr": None, "span_loss": "dpr", "epochs": 1}}}, legacy, "dpr")
+    assert reader_recipe_changed({**same, "config": {"reader": {"lr": 1e-4, "head_lr": 1e-3, "span_loss": "dpr", "epochs": 1}}}, legacy, "dpr")
     other["results"]["nq-test"]["methods"]["bm25"]["all"]["top20"] = 25.0
     assert check_against(other, recorded, "dpr") == ["nq-test bm25 all top20: 25.0 vs committed 20.0 (tolerance ±0.5)"]
 
