@@ -1,0 +1,101 @@
+"""Round 2 (re-mined hard negatives) trained from round 1's weights or from the initial ones.
+
+Runs the DPR experiment's retriever stages of ``densepr reproduce --profile dpr`` (same stages,
+same records, so a killed run resumes) without the ablation, zero-shot and reader stages:
+passages -> BM25 -> mine -> round 1 -> re-mine with round 1 -> round 2 from each init in
+``--inits`` -> top-k accuracy of BM25, round 1 and each round 2 on the test sets (all questions
+and the answerable subset). Both round 2 models train on the same re-mined data in the same run,
+so the comparison does not carry the ±1-point spread between runs of CPU training.
+
+    python benchmarks/round2_init.py --output runs/round2-init [--inits initial,round1] [--sets nq-test,trivia-test]
+
+``--output`` can be a ``reproduce --profile dpr`` output directory: its finished stages are reused.
+Prints a table and writes benchmarks/results/round2-init.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common import RESULTS, machine_info
+
+from densepr.data.fetch import fetch_embedded
+from densepr.evaluate.topk import accuracy_report
+from densepr.fileio import write_json
+from densepr.index.dense import DenseIndex
+from densepr.models.encoder import Encoder
+from densepr.reproduce import Job, ReproduceConfig
+from densepr.retrieve.modes import Mode
+from densepr.retrieve.retriever import Retriever
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output", type=Path, default=Path("runs/round2-init"))
+    ap.add_argument("--inits", default="initial,round1", help="round 2's starting weights, in the order trained")
+    ap.add_argument("--sets", default="nq-test,trivia-test")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N questions of each test set")
+    ap.add_argument("--profile", default="dpr", choices=("dpr", "dpr-smoke"), help="dpr-smoke: a few steps on 2,000 passages (a check of this script)")
+    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "round2-init.json")
+    args = ap.parse_args()
+    inits = [i.strip() for i in args.inits.split(",") if i.strip()]
+    for i in inits:
+        if i not in ("initial", "round1"):
+            ap.error(f"--inits: 'initial' or 'round1', not {i!r}")
+
+    t_start = time.perf_counter()
+    cfg = ReproduceConfig(out_dir=args.output, profile=args.profile)
+    job = Job(cfg, print, show_progress=True)
+    plan, runner = job.plan, job.runner
+    fetch_embedded(None, verify=False, log=print)
+    runner.run(job.passages())
+    runner.run(job.bm25())
+    runner.run(job.mine())
+    r1 = runner.run(job.train("round1", "mine", plan.hard_negatives, plan.epochs))
+    runner.run(job.dense("dense-round1", model=lambda: str(r1.get()), upstream=("train-round1",)))
+    runner.run(job.remine())
+    indexes = {"round 1": "dense-round1"}
+    for init in inits:
+        epochs, start = replace(plan, round2_init=init).round2()
+        if init == plan.round2_init:  # what reproduce trains: its own stage names, so reproduce reuses them
+            model, index = "round2", "dense"
+        else:
+            model, index = f"round2-{init}", f"dense-round2-{init}"
+        stage = job.train(model, "remine", plan.hard_negatives, epochs, start)
+        done = runner.run(replace(stage, group="train-round2"))
+        enc = job.dense(index, model=lambda d=done: str(d.get()), upstream=(stage.name,))
+        runner.run(replace(enc, group="dense") if index != "dense" else enc)
+        indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''})"] = index
+
+    corpus, matcher = job.corpus(), job.matcher()
+    bm25 = runner.done["bm25"].get()
+    rows: dict[str, dict] = {}
+    for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+        qas = job.data.resolve_qa(name, limit=args.limit)
+        answerable = matcher.answerable(qas)
+        runs = {"BM25": Retriever(corpus, bm25, None, None).retrieve(qas.questions, 100, Mode.BM25).rows}
+        for label, index in indexes.items():
+            dense = DenseIndex.load(cfg.out_dir / index, corpus=corpus)
+            r = Retriever(corpus, None, dense, Encoder.load(dense.manifest["question_encoder"]))
+            runs[label] = r.retrieve(qas.questions, 100, Mode.DENSE, show_progress=True).rows
+        for label, hits in zip(runs, matcher.hits_many(list(runs.values()), qas)):
+            rows.setdefault(label, {})[name] = accuracy_report(hits, answerable, ks=(1, 5, 20, 100))
+
+    sets = list(next(iter(rows.values())))
+    print(f"\ntop-20 / top-100 accuracy (%), answerable subset ({', '.join(sets)}); all questions in the JSON")
+    print(f"{'method':<44}" + "".join(f"{s:>22}" for s in sets))
+    for label, per in rows.items():
+        print(f"{label:<44}" + "".join(f"{per[s]['answerable']['top20']:>13.1f} / {per[s]['answerable']['top100']:<6.1f}" for s in sets))
+    write_json(args.json, {"command": "python benchmarks/round2_init.py --output " + str(args.output) + " --inits " + ",".join(inits)
+                           + " --sets " + ",".join(sets) + (f" --limit {args.limit}" if args.limit else "") + f" --profile {args.profile}", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+                           "seconds": round(time.perf_counter() - t_start, 1), "stage_seconds": runner.timings(),
+                           "plan": {"epochs": plan.epochs, "round2_epochs": plan.round2_epochs, "lr": plan.lr, "batch_size": plan.batch_size},
+                           "results": rows})  # fmt: skip
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
