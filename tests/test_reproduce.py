@@ -78,6 +78,10 @@ def test_packaged_expected_figures_cover_the_profiles_ci_and_the_readme_run():
             per_rule = 5 * len(rp.modes) * len(rp.ks) * 2  # sets x modes x k x (all, answerable); fused rows where tuned
             assert per_rule <= len(entry["qa"]) <= 2 * per_rule and all(f"{ds} dense paper @1 all" in entry["qa"] for ds in entry["results"])
             assert entry["config"]["reader"]["ks"] == list(rp.ks)
+    # CI's profile must keep its EM checked: its committed figures were recorded with its reader recipe
+    from dataclasses import asdict
+
+    assert not reader_recipe_changed({"config": {"reader": asdict(PROFILES["dpr-smoke"].reader)}}, expected, "dpr-smoke")
 
 
 def test_only_default_runs_are_compared():

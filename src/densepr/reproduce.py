@@ -174,7 +174,7 @@ PROFILES = {
     # EM is on 30 questions per set, ~8 answerable: one answer is 12.5 points there.
     "dpr-smoke": Profile(300, None, corpus_limit=2000, tolerance=5.0, qa_tolerance=13.0,
                          train=TrainPlan(questions=600, batch_size=8, epochs=1, round2_epochs=1, max_steps=4, warmup_steps=1, save_every=2),
-                         reader=ReaderPlan(passages=4, batch_size=4, max_steps=3, warmup_steps=1, save_every=2, dev_limit=20,
+                         reader=ReaderPlan(passages=4, batch_size=4, epochs=1, max_steps=3, warmup_steps=1, save_every=2, dev_limit=20,
                                            tune_limit=40, qa_limit=30, ks=(1, 5))),
 }  # fmt: skip
 
