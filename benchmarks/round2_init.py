@@ -64,10 +64,10 @@ def main() -> None:
             model, index = "round2", "dense"
         else:
             model, index = f"round2-{init}", f"dense-round2-{init}"
+        # each variant runs in reproduce's round-2 slots of the stage order (a no-op for reproduce's own names)
         stage = job.train(model, "remine", plan.hard_negatives, epochs, start)
         done = runner.run(replace(stage, group="train-round2"))
-        enc = job.dense(index, model=lambda d=done: str(d.get()), upstream=(stage.name,))
-        runner.run(replace(enc, group="dense") if index != "dense" else enc)
+        runner.run(replace(job.dense(index, model=lambda d=done: str(d.get()), upstream=(stage.name,)), group="dense"))
         indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''})"] = index
 
     corpus, matcher = job.corpus(), job.matcher()
