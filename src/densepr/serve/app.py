@@ -125,10 +125,12 @@ class RequestGuard:
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    async def _error(self, scope, receive, send, status: int, message: str, **extra) -> None:
+    async def _error(self, scope, receive, send, status: int, message: str, close: bool = False, **extra) -> None:
         from starlette.responses import JSONResponse
 
-        await JSONResponse({"error": message, **extra}, status_code=status)(scope, receive, send)
+        # close: the rest of the body is not wanted; without it the connection would stay open to receive it all
+        headers = {"Connection": "close"} if close else None
+        await JSONResponse({"error": message, **extra}, status_code=status, headers=headers)(scope, receive, send)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -136,7 +138,7 @@ class RequestGuard:
         too_big = f"request body over {self.max_bytes} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._error(scope, receive, send, 413, too_big, limit="max_body_bytes")
+            return await self._error(scope, receive, send, 413, too_big, close=True, limit="max_body_bytes")
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
@@ -147,7 +149,7 @@ class RequestGuard:
             size += len(chunk)
             more = msg.get("more_body", False)
             if size > self.max_bytes:
-                return await self._error(scope, receive, send, 413, too_big, limit="max_body_bytes")
+                return await self._error(scope, receive, send, 413, too_big, close=True, limit="max_body_bytes")
         body = b"".join(chunks)
         try:
             body.decode("utf-8")
@@ -327,6 +329,55 @@ class _OneShot:
             self.handle = None
 
 
+# How long a closed connection keeps reading (and discarding) what its client still sends.
+LINGER_S = 2.0
+
+
+class _LingeringTransport:
+    """The connection's transport, with a *lingering* ``close()`` (Apache's lingering close).
+
+    Closing a socket that holds unread bytes, or that bytes reach afterwards, makes the kernel
+    send a reset; the client then gets the server's last answer (a 408, 413, 503 or 400 sent
+    while it was still sending) followed by ECONNRESET, or loses it if the reset arrives
+    before it reads. So ``close()`` sends what is buffered, then a FIN (``write_eof``), and
+    keeps reading and discarding until the client closes too, or ``LINGER_S`` passes (then
+    ``abort``). Everything else is the wrapped transport's; ``is_closing()`` is true from
+    ``close()`` on, so uvicorn and the timers below treat the connection as closed.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self.lingering = False
+        self._timer = _OneShot()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.lingering:  # nothing more goes out after the FIN, as after a plain close
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if not self._transport.can_write_eof():  # TLS: no half-close
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()  # reading may be paused (a body nobody reads): drain it
+        self._timer.arm(self._loop, LINGER_S, self._transport.abort)
+
+    def end(self) -> None:
+        """Stop lingering: the client closed its side, the connection is lost, or the server stops."""
+        self._timer.cancel()
+        if not self._transport.is_closing():
+            self._transport.close()
+
+
 def guarded_protocol(read_timeout_s: float, max_connections: int | None):
     """uvicorn's h11 protocol with a request read timeout and a connection cap.
 
@@ -347,6 +398,10 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
     * **Connection cap.** A connection opened while ``max_connections`` are open is answered
       503 ``{"error": ..., "limit": "max_connections"}`` with ``Retry-After: 1`` and closed
       at once, before anything is read from it.
+    * **Lingering close** (:class:`_LingeringTransport`): every close the server initiates
+      (these answers, uvicorn's 400s, a 413 whose body is still arriving, ``Connection: close``,
+      keep-alive expiry) half-closes and discards what still arrives, so the answer is not
+      lost to a reset.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -360,18 +415,34 @@ def guarded_protocol(read_timeout_s: float, max_connections: int | None):
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = _LingeringTransport(transport, self.loop)
             if max_connections is not None and len(self.connections) > max_connections:
-                transport.write(raw_json_response(503, "Service Unavailable", {
+                self.transport.write(raw_json_response(503, "Service Unavailable", {
                     "error": f"server busy: {max_connections} connections are open; retry later",
                     "limit": "max_connections"}, {"Retry-After": "1"}))  # fmt: skip
-                transport.close()
+                self.transport.close()
                 return
             self._update_read_timer()
 
         def connection_lost(self, exc) -> None:
             self._read_timer.cancel()
             self._write_timer.cancel()
+            self.transport.end()
             super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if not self.transport.lingering:  # after our close, what arrives is read only to be dropped
+                super().data_received(data)
+
+        def eof_received(self) -> None:
+            if self.transport.lingering:  # the client has read our last word and closed: done
+                self.transport.end()
+            return super().eof_received()
+
+        def shutdown(self) -> None:  # the server is stopping: idle connections close at once, no linger
+            super().shutdown()
+            if self.transport.lingering:
+                self.transport.end()
 
         def pause_writing(self) -> None:  # the client stopped reading: our send buffer is full
             super().pause_writing()
