@@ -54,20 +54,14 @@ def main() -> None:
     runner.run(job.passages())
     runner.run(job.bm25())
     runner.run(job.mine())
-    r1 = runner.run(job.train("round1", "mine", plan.hard_negatives, plan.epochs))
-    runner.run(job.dense("dense-round1", model=lambda: str(r1.get()), upstream=("train-round1",)))
+    job.train_and_encode("round1", "mine", plan.hard_negatives, plan.epochs, None, "dense-round1")
     runner.run(job.remine())
     indexes = {"round 1": "dense-round1"}
     for init in inits:
         epochs, start = replace(plan, round2_init=init).round2()
-        if init == plan.round2_init:  # what reproduce trains: its own stage names, so reproduce reuses them
-            model, index = "round2", "dense"
-        else:
-            model, index = f"round2-{init}", f"dense-round2-{init}"
-        # each variant runs in reproduce's round-2 slots of the stage order (a no-op for reproduce's own names)
-        stage = job.train(model, "remine", plan.hard_negatives, epochs, start)
-        done = runner.run(replace(stage, group="train-round2"))
-        runner.run(replace(job.dense(index, model=lambda d=done: str(d.get()), upstream=(stage.name,)), group="dense"))
+        # what reproduce trains keeps its stage names, so reproduce reuses it; the other variant takes its slots
+        model, index = ("round2", "dense") if init == plan.round2_init else (f"round2-{init}", f"dense-round2-{init}")
+        job.train_and_encode(model, "remine", plan.hard_negatives, epochs, start, index, slot="round2")
         indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''})"] = index
 
     corpus, matcher = job.corpus(), job.matcher()

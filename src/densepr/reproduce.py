@@ -57,7 +57,7 @@ from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever
-from densepr.stages import Stage, StageRunner
+from densepr.stages import Done, Stage, StageRunner
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
 METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
@@ -65,6 +65,13 @@ METHOD_NAMES = {**{m.value: m.label for m in Mode}, "hybrid": "hybrid (tuned λ)
 # Profile dpr: the models it trains (besides the zero-shot encoder), in training order; the last
 # is the final retriever (``dense``), the others are evaluated dense-only as ``dense-<model>``.
 DPR_MODELS = ("inbatch", "round1", "round2")
+
+
+def _dense_stage(model: str) -> str:
+    """The index (and stage) a DPR model's passages are encoded into: ``dense`` for the final one."""
+    return "dense" if model == DPR_MODELS[-1] else f"dense-{model}"
+
+
 DPR_METHODS = (Mode.BM25, "dense-zeroshot", "dense-inbatch", "dense-round1", Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
 DPR_NAMES = {**METHOD_NAMES, "dense-zeroshot": "dense (MiniLM, zero-shot)", "dense-inbatch": "DPR, in-batch negatives only",
              "dense-round1": "DPR, + BM25 hard negatives (round 1)", "dense": "DPR, + re-mined hard negatives (round 2)",
@@ -312,7 +319,7 @@ class Job:
     def dense_only(self, model: str) -> Retriever:
         """A dense-only retriever over ``dense-<model>/`` (profile dpr's other encoders)."""
         if model not in self._dense_only:
-            dense = self.runner.done[f"dense-{model}"].get()
+            dense = self.runner.done[_dense_stage(model)].get()
             self._dense_only[model] = Retriever(self.corpus(), None, dense, self._question_encoder(dense), depth=self.cfg.depth)
         return self._dense_only[model]
 
@@ -449,6 +456,19 @@ class Job:
         settings["init"] = "embedded" if init is None else f"train-{init}"
         upstream = (data, *(() if init is None else (f"train-{init}",)))
         return Stage(f"train-{model}", build, lambda: _trained(run_dir), settings, upstream, [run_dir / "best"], distributed=True)
+
+    def train_and_encode(self, model: str, data: str, hard_negatives: int, epochs: int, init: str | None, index: str,
+                         slot: str | None = None) -> Done:  # fmt: skip
+        """Run :meth:`train` and then :meth:`dense` with the trained passage encoder into ``<out>/<index>``;
+        returns the training stage's :class:`Done`. ``slot``: a DPR model whose places in the stage order
+        these take (``"round2"`` for a round-2 variant), so ``--from`` treats them alike."""
+        stage = self.train(model, data, hard_negatives, epochs, init)
+        enc = self.dense(index, model=lambda: str(done.get()), upstream=(stage.name,))
+        if slot is not None:
+            stage, enc = replace(stage, group=f"train-{slot}"), replace(enc, group=_dense_stage(slot))
+        done = self.runner.run(stage)
+        self.runner.run(enc)
+        return done
 
     # -- tuning, evaluation, report ----------------------------------------------------------------
     def _tune_sets(self) -> list[QASet]:
@@ -819,14 +839,11 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
         plan = job.plan
         runner.run(job.dense("dense-zeroshot"))
         runner.run(job.mine())
-        trained = {}
         for model, data, hard, epochs, init in (("inbatch", "mine", 0, plan.epochs, None), ("round1", "mine", plan.hard_negatives, plan.epochs, None),
                                                 ("round2", "remine", plan.hard_negatives, *plan.round2())):
             if data == "remine":
                 runner.run(job.remine())
-            trained[model] = runner.run(job.train(model, data, hard, epochs, init))
-            index = "dense" if model == DPR_MODELS[-1] else f"dense-{model}"
-            runner.run(job.dense(index, model=lambda t=trained[model]: str(t.get()), upstream=(f"train-{model}",)))  # fmt: skip
+            job.train_and_encode(model, data, hard, epochs, init, _dense_stage(model))
     best, grid_scores = runner.run(job.tune()).get()
     tuned_on = "the held-out dev questions" if job.plan else ", ".join(cfg.tune_sets)
     log(f"hybrid lambda tuned on {tuned_on}: {best} (dev top-20 {grid_scores[str(best)]}%)")
