@@ -178,6 +178,8 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     c = retriever.corpus
     readings = reader.read(questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], batch_size, progress)
     lookup = [dict(zip(rows, rd)) for rows, rd in zip(rows_per_q, readings)]
+    # answer aggregation compares normalised answers: normalise each passage's once, not once per k
+    keys = [{r: normalize_answer(x.text) for r, x in lk.items()} for lk in lookup] if any(reader.config.selection_for(m)[0].aggregate for m in modes) else None
     everyone = np.arange(len(qas))
     out: dict = {"n_all": len(qas), "n_answerable": int(len(answerable)), "modes": {}}
     for m in modes:
@@ -189,8 +191,9 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
             for k in ks:
                 preds = []
                 for i in range(len(qas)):
-                    rd = [lookup[i][int(r)] for r in runs[m].rows[i, :k] if r >= 0]
-                    b = best_reading(rd, None, selection, runs[m].scores[i, : len(rd)], _keys(rd, selection))
+                    rows = [int(r) for r in runs[m].rows[i, :k] if r >= 0]
+                    rd = [lookup[i][r] for r in rows]
+                    b = best_reading(rd, None, selection, runs[m].scores[i, : len(rd)], [keys[i][r] for r in rows] if selection.aggregate else None)
                     preds.append(rd[b].text if b is not None else "")
                 em, f1 = _score(preds, qas, everyone)
                 em_a, f1_a = _score(preds, qas, answerable)

@@ -389,6 +389,12 @@ def test_evaluate_qa_reads_once_and_equals_reading_each_k_separately(retriever, 
     top1 = [a.text for a in Pipeline(retriever, reader, mode="bm25").answer_many(qas.questions)]  # k from the selection: 1
     assert res["modes"]["bm25"]["fused"]["k"]["1"]["em"] == pytest.approx(round(100 * np.mean([exact_match(p, a) for p, (_, a) in zip(top1, QUESTIONS)]), 2))
     assert res["modes"]["bm25"]["fused"]["k"]["1"] == res["modes"]["bm25"]["k"]["1"]  # k=1: one passage, any rule picks it
+    # answer aggregation (normalised answers computed once per passage there) reads as the pipeline answers
+    reader.config.selection["bm25"] = {"relevance": 1.0, "span": 1.0, "retriever": 0.0, "aggregate": 1.0, "k": 5}
+    res = evaluate_qa(retriever, reader, qas, modes=["bm25"], ks=[5], matcher=AnswerMatcher(corpus.texts))
+    agg = [a.text for a in Pipeline(retriever, reader, mode="bm25").answer_many(qas.questions)]  # k from the selection: 5
+    assert res["modes"]["bm25"]["fused"]["selection"]["aggregate"] == 1.0
+    assert res["modes"]["bm25"]["fused"]["k"]["5"]["em"] == pytest.approx(round(100 * np.mean([exact_match(p, a) for p, (_, a) in zip(agg, QUESTIONS)]), 2))
 
 
 # -- command line ----------------------------------------------------------------------------------
