@@ -8,6 +8,7 @@ and the answerable subset). Both round 2 models train on the same re-mined data 
 so the comparison does not carry the ±1-point spread between runs of CPU training.
 
     python benchmarks/round2_init.py --output runs/round2-init [--inits initial,round1] [--sets nq-test,trivia-test]
+    python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:2 -o round2-epochs.json  # 1 vs 2 epochs
 
 ``--output`` can be a ``reproduce --profile dpr`` output directory: its finished stages are reused.
 Prints a table and writes benchmarks/results/round2-init.json.
@@ -35,7 +36,8 @@ from densepr.retrieve.retriever import Retriever
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", type=Path, default=Path("runs/round2-init"))
-    ap.add_argument("--inits", default="initial,round1", help="round 2's starting weights, in the order trained")
+    ap.add_argument("--inits", default="initial,round1",
+                    help="round 2's starting weights, in the order trained; INIT:E trains E epochs instead of the plan's")
     ap.add_argument("--sets", default="nq-test,trivia-test")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions of each test set")
     ap.add_argument("--profile", default="dpr", choices=("dpr", "dpr-smoke"), help="dpr-smoke: a few steps on 2,000 passages (a check of this script)")
@@ -43,8 +45,9 @@ def main() -> None:
     args = ap.parse_args()
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     for i in inits:
-        if i not in ("initial", "round1"):
-            ap.error(f"--inits: 'initial' or 'round1', not {i!r}")
+        init, _, e = i.partition(":")
+        if init not in ("initial", "round1") or (e and not (e.isdigit() and int(e) > 0)):
+            ap.error(f"--inits: 'initial' or 'round1', optionally ':EPOCHS', not {i!r}")
 
     t_start = time.perf_counter()
     cfg = ReproduceConfig(out_dir=args.output, profile=args.profile)
@@ -57,10 +60,13 @@ def main() -> None:
     job.train_and_encode("round1", "mine", plan.hard_negatives, plan.epochs, None, "dense-round1")
     runner.run(job.remine())
     indexes = {"round 1": "dense-round1"}
-    for init in inits:
-        epochs, start = replace(plan, round2_init=init).round2()
-        # what reproduce trains keeps its stage names, so reproduce reuses it; the other variant takes its slots
-        model, index = ("round2", "dense") if init == plan.round2_init else (f"round2-{init}", f"dense-round2-{init}")
+    for variant in inits:
+        init, _, e = variant.partition(":")
+        default_epochs, start = replace(plan, round2_init=init).round2()
+        epochs = int(e) if e else default_epochs
+        # what reproduce trains keeps its stage names, so reproduce reuses it; the other variants take its slots
+        name = init if epochs == default_epochs else f"{init}-{epochs}ep"
+        model, index = ("round2", "dense") if name == plan.round2_init else (f"round2-{name}", f"dense-round2-{name}")
         job.train_and_encode(model, "remine", plan.hard_negatives, epochs, start, index, slot="round2")
         indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''})"] = index
 
