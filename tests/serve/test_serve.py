@@ -831,3 +831,48 @@ def test_an_answer_sent_before_closing_survives_a_client_still_sending(index_dir
         ok = srv.connect()
         ok.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         assert ok.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_lingering_close_waits_for_the_answer_to_go_out_then_gives_up(monkeypatch):
+    """The linger ends LINGER_S after the last byte of the answer left, never while it is still being sent
+    (a large answer to a slow reader); a client that closes ends it at once."""
+    import densepr.serve.app as app_mod
+
+    monkeypatch.setattr(app_mod, "LINGER_S", 0.05)
+
+    class FakeTransport:
+        def __init__(self) -> None:
+            self.buffered, self.events = 1000, []
+
+        def can_write_eof(self):
+            return True
+
+        def is_closing(self):
+            return "abort" in self.events or "close" in self.events
+
+        def get_write_buffer_size(self):
+            return self.buffered
+
+        def __getattr__(self, name):
+            return lambda *a: self.events.append(name)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        t = FakeTransport()
+        lt = app_mod._LingeringTransport(t, loop)
+        lt.close()
+        assert lt.lingering and lt.is_closing() and t.events == ["write_eof", "resume_reading"]
+        lt.write(b"late")  # nothing goes out after the FIN
+        await asyncio.sleep(0.2)  # four lingers' worth, the answer still going out: not cut off
+        assert "abort" not in t.events and "write" not in t.events
+        t.buffered = 0
+        await asyncio.sleep(0.15)
+        assert t.events[-1] == "abort"
+        t2 = FakeTransport()
+        lt2 = app_mod._LingeringTransport(t2, loop)
+        lt2.close()
+        lt2.end()  # the client closed
+        await asyncio.sleep(0.1)
+        assert t2.events[-1] == "close" and "abort" not in t2.events
+
+    asyncio.run(scenario())

@@ -340,8 +340,8 @@ class _LingeringTransport:
     send a reset; the client then gets the server's last answer (a 408, 413, 503 or 400 sent
     while it was still sending) followed by ECONNRESET, or loses it if the reset arrives
     before it reads. So ``close()`` sends what is buffered, then a FIN (``write_eof``), and
-    keeps reading and discarding until the client closes too, or ``LINGER_S`` passes (then
-    ``abort``). Everything else is the wrapped transport's; ``is_closing()`` is true from
+    keeps reading and discarding until the client closes too, or ``LINGER_S`` passes with
+    nothing left to send (then ``abort``; a large answer to a slow reader is not cut off). Everything else is the wrapped transport's; ``is_closing()`` is true from
     ``close()`` on, so uvicorn and the timers below treat the connection as closed.
     """
 
@@ -369,7 +369,13 @@ class _LingeringTransport:
         self.lingering = True
         self._transport.write_eof()
         self._transport.resume_reading()  # reading may be paused (a body nobody reads): drain it
-        self._timer.arm(self._loop, LINGER_S, self._transport.abort)
+        self._timer.arm(self._loop, LINGER_S, self._linger_over)
+
+    def _linger_over(self) -> None:
+        if self._transport.get_write_buffer_size():  # the answer is still going out (a stalled reader: the write timeout)
+            self._timer.arm(self._loop, LINGER_S, self._linger_over)
+        else:
+            self._transport.abort()
 
     def end(self) -> None:
         """Stop lingering: the client closed its side, the connection is lost, or the server stops."""
