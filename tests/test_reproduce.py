@@ -106,6 +106,36 @@ def test_qa_limit_overrides_the_reader_plan_and_is_not_compared_with_the_default
         _qa_limit("some")
 
 
+def test_gradient_caching_is_a_training_setting_still_checked_against_the_committed_figures():
+    import densepr.reproduce as rp
+    from densepr.errors import DenseprError
+
+    default, cached = ReproduceConfig(profile="dpr"), ReproduceConfig(profile="dpr", grad_cache_chunk=8)
+    assert default.plan.grad_cache_chunk == 0 and cached.plan.grad_cache_chunk == 8
+    # it reaches every training run's settings (so its fingerprint), and the default's settings are unchanged
+    assert rp._plan_settings(cached.plan, 1, 1)["grad_cache_chunk"] == 8
+    assert rp._placeholder_config(default.plan, 1, 1).grad_cache_chunk == 0
+    # the same loss computed in pieces: the run is still compared with the committed figures
+    assert uses_defaults(cached) and not uses_defaults(ReproduceConfig(profile="dpr", round2_init="initial"))
+    for bad in ({"profile": "full", "grad_cache_chunk": 8}, {"profile": "dpr", "grad_cache_chunk": -1}):
+        with pytest.raises(DenseprError, match="grad-cache-chunk"):
+            ReproduceConfig(**bad)
+
+
+def test_a_machine_short_of_memory_is_told_how_to_fit_the_training():
+    import densepr.reproduce as rp
+
+    plan = ReproduceConfig(profile="dpr").plan
+    notice = rp.memory_notice(plan, 7.5)
+    assert notice is not None and "7.5 GiB" in notice and "--grad-cache-chunk 8" in notice
+    assert rp.memory_notice(plan, plan.full_graph_peak_gib + 1) is None
+    assert rp.memory_notice(ReproduceConfig(profile="dpr", grad_cache_chunk=8).plan, 1.0) is None
+    assert rp.memory_notice(ReproduceConfig(profile="dpr-smoke").plan, 1.0) is None  # batch 8: no measured peak to warn about
+    assert rp.memory_notice(None, 1.0) is None and rp.memory_notice(plan, None) is None
+    available = rp.available_memory_gib()
+    assert available is None or available > 0
+
+
 def test_tune_lambda_picks_the_best_grid_point(corpus, qa_tsv, tiny_bert, tmp_path):
     enc = Encoder.load(tiny_bert, device="cpu")
     encode_corpus(enc, corpus, tmp_path / "emb")
@@ -302,6 +332,10 @@ def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, t
     third, ran = job(round2_init="initial")
     assert [s for s, status in ran.items() if status == "ran"] == after
     assert rp.read_json(out / "models" / "round2" / "config.json")["init"] == str(tiny_bert)
+    # gradient caching (--grad-cache-chunk) is a training setting: every model retrains with it, mining does not rerun
+    _, ran = job(round2_init="initial", grad_cache_chunk=2)
+    assert [s for s, status in ran.items() if status == "ran"][:2] == ["train-inbatch", "dense-inbatch"] and ran["mine"] == "skipped"
+    assert all(rp.read_json(out / "models" / m / "config.json")["grad_cache_chunk"] == 2 for m in ("inbatch", "round1", "round2"))
 
 
 def test_a_killed_training_stage_resumes_from_its_checkpoint(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):

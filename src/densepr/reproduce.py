@@ -110,6 +110,11 @@ class TrainPlan:
     remine_mode: str = "dense"
     skip_top: int = 0
     round2_init: str = "round1"  # or "initial": 1.2 top-20 points lower on NQ and TriviaQA (README, round2_init.py)
+    # >0: gradient caching in chunks of this many sequences (the same loss; training's peak memory 11.6 -> 2.3 GiB
+    # at batch 128, ~15% slower: benchmarks/train_bench.py). Off: the whole run's peak below, measured with
+    # /usr/bin/time on 2026-12-05; below that much available memory the job says how to fit (memory_notice).
+    grad_cache_chunk: int = 0
+    full_graph_peak_gib: float | None = 13.4
 
     def round2(self) -> tuple[int, str | None]:
         """Round 2's epochs and the model it starts from: ``round2_epochs`` more from round 1's weights,
@@ -180,7 +185,7 @@ PROFILES = {
     # magnify float differences between CPUs; the check is there to catch a broken pipeline, not a 1-point drift.
     # EM is on 30 questions per set, ~8 answerable: one answer is 12.5 points there.
     "dpr-smoke": Profile(300, None, corpus_limit=2000, tolerance=5.0, qa_tolerance=13.0,
-                         train=TrainPlan(questions=600, batch_size=8, epochs=1, round2_epochs=1, max_steps=4, warmup_steps=1, save_every=2),
+                         train=TrainPlan(questions=600, batch_size=8, epochs=1, round2_epochs=1, max_steps=4, warmup_steps=1, save_every=2, full_graph_peak_gib=None),
                          reader=ReaderPlan(passages=4, batch_size=4, epochs=1, max_steps=3, warmup_steps=1, save_every=2, dev_limit=20,
                                            tune_limit=40, qa_limit=30, ks=(1, 5))),
 }  # fmt: skip
@@ -204,6 +209,7 @@ class ReproduceConfig:
     device: str | None = None
     force_from: str | None = None  # rerun this stage and all after it (see stage_order)
     round2_init: str | None = None  # profile dpr: override TrainPlan.round2_init
+    grad_cache_chunk: int | None = None  # profile dpr: override TrainPlan.grad_cache_chunk
     qa_limit: int | None = -1  # profile dpr: override ReaderPlan.qa_limit (None: every test question; -1: the profile's)
     limit: int | None = field(default=None, init=False)
     tune_limit: int | None = field(default=None, init=False)
@@ -219,6 +225,12 @@ class ReproduceConfig:
             if self.plan is None:
                 raise DenseprError(f"--round2-init applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
             self.plan = replace(self.plan, round2_init=self.round2_init)
+        if self.grad_cache_chunk is not None:
+            if self.plan is None:
+                raise DenseprError(f"--grad-cache-chunk applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
+            if self.grad_cache_chunk < 0:
+                raise DenseprError(f"--grad-cache-chunk must be 0 (off) or a positive number of sequences, not {self.grad_cache_chunk}")
+            self.plan = replace(self.plan, grad_cache_chunk=self.grad_cache_chunk)
         self.reader = prof.reader if self.plan is not None else None
         if self.qa_limit != -1:
             if self.reader is None:
@@ -785,7 +797,30 @@ def _placeholder_config(plan: TrainPlan, hard_negatives: int, epochs: int):
 def _plan_settings(plan: TrainPlan, hard_negatives: int, epochs: int) -> dict:
     """The training configuration's settings that come from the plan."""
     return dict(batch_size=plan.batch_size, hard_negatives=hard_negatives, epochs=epochs, lr=plan.lr, warmup_steps=plan.warmup_steps,
-                max_steps=plan.max_steps, save_every=plan.save_every, normalize=plan.normalize, scale=plan.scale)  # fmt: skip
+                max_steps=plan.max_steps, save_every=plan.save_every, normalize=plan.normalize, scale=plan.scale,
+                grad_cache_chunk=plan.grad_cache_chunk)  # fmt: skip
+
+
+def memory_notice(plan: TrainPlan | None, available_gib: float | None) -> str | None:
+    """What to do when this machine has less memory available than the plan's measured peak
+    (training with the full graph); ``None`` when it fits, is unknown, or gradient caching is on."""
+    if plan is None or plan.grad_cache_chunk or plan.full_graph_peak_gib is None or available_gib is None:
+        return None
+    if available_gib >= plan.full_graph_peak_gib:
+        return None
+    return (f"note: this machine has {available_gib:.1f} GiB of memory available; this experiment peaked at {plan.full_graph_peak_gib} GiB "
+            f"(training batches of {plan.batch_size} with the full graph). Pass --grad-cache-chunk 8 to train with gradient caching "
+            "(the same loss; training's peak ~2.3 GiB, ~15% slower).")  # fmt: skip
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), in GiB; ``None`` where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = next(int(ln.split()[1]) for ln in fh if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return kib / 2**20
 
 
 def _training_summary(job: Job) -> dict:
@@ -830,6 +865,8 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     sync(None)
     job = Job(cfg, log, show_progress, rank, sync)
     runner = job.runner
+    if (notice := memory_notice(job.plan, available_memory_gib())) is not None:
+        log(notice)
     runner.timed("fetch", fetch_embedded, cfg.cache_dir, verify=False, log=log)
     runner.run(job.passages())
     runner.run(job.bm25())
@@ -981,5 +1018,7 @@ def expected_entry(summary: dict, tolerance: float, qa_tolerance: float | None =
 def uses_defaults(cfg: ReproduceConfig) -> bool:
     """Only a run on the embedded defaults can be compared with the committed figures."""
     default = ReproduceConfig(profile=cfg.profile)
-    return cfg.encoder is None and cfg.plan == default.plan and cfg.datasets == default.datasets and cfg.tune_sets == default.tune_sets and cfg.k == default.k and cfg.depth == default.depth and cfg.reader == default.reader
+    # gradient caching computes the same loss in pieces: its run is checked against the same figures
+    plan = replace(cfg.plan, grad_cache_chunk=0) if cfg.plan is not None else None
+    return cfg.encoder is None and plan == default.plan and cfg.datasets == default.datasets and cfg.tune_sets == default.tune_sets and cfg.k == default.k and cfg.depth == default.depth and cfg.reader == default.reader
 
