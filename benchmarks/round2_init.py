@@ -9,6 +9,7 @@ so the comparison does not carry the ±1-point spread between runs of CPU traini
 
     python benchmarks/round2_init.py --output runs/round2-init [--inits initial,round1] [--sets nq-test,trivia-test]
     python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:2 -o round2-epochs.json  # 1 vs 2 epochs
+    python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:1:2 -o round2-hard.json  # 1 vs 2 hard negatives
 
 ``--output`` can be a ``reproduce --profile dpr`` output directory: its finished stages are reused.
 Prints a table and writes benchmarks/results/round2-init.json.
@@ -37,7 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", type=Path, default=Path("runs/round2-init"))
     ap.add_argument("--inits", default="initial,round1",
-                    help="round 2's starting weights, in the order trained; INIT:E trains E epochs instead of the plan's")
+                    help="round 2's starting weights, in the order trained; INIT:E trains E epochs instead of the plan's, "
+                         "INIT:E:H with H re-mined hard negatives per question")
     ap.add_argument("--sets", default="nq-test,trivia-test")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions of each test set")
     ap.add_argument("--profile", default="dpr", choices=("dpr", "dpr-smoke"), help="dpr-smoke: a few steps on 2,000 passages (a check of this script)")
@@ -45,9 +47,9 @@ def main() -> None:
     args = ap.parse_args()
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     for i in inits:
-        init, _, e = i.partition(":")
-        if init not in ("initial", "round1") or (e and not (e.isdigit() and int(e) > 0)):
-            ap.error(f"--inits: 'initial' or 'round1', optionally ':EPOCHS', not {i!r}")
+        init, *rest = i.split(":")
+        if init not in ("initial", "round1") or len(rest) > 2 or not all(n.isdigit() and int(n) > 0 for n in rest):
+            ap.error(f"--inits: 'initial' or 'round1', optionally ':EPOCHS[:HARD_NEGATIVES]', not {i!r}")
 
     t_start = time.perf_counter()
     cfg = ReproduceConfig(out_dir=args.output, profile=args.profile)
@@ -61,14 +63,14 @@ def main() -> None:
     runner.run(job.remine())
     indexes = {"round 1": "dense-round1"}
     for variant in inits:
-        init, _, e = variant.partition(":")
+        init, e, h = (variant.split(":") + ["", ""])[:3]
         default_epochs, start = replace(plan, round2_init=init).round2()
-        epochs = int(e) if e else default_epochs
+        epochs, hard = int(e or default_epochs), int(h or plan.hard_negatives)
         # what reproduce trains keeps its stage names, so reproduce reuses it; the other variants take its slots
-        name = init if epochs == default_epochs else f"{init}-{epochs}ep"
+        name = init + (f"-{epochs}ep" if epochs != default_epochs else "") + (f"-{hard}hn" if hard != plan.hard_negatives else "")
         model, index = ("round2", "dense") if name == plan.round2_init else (f"round2-{name}", f"dense-round2-{name}")
-        job.train_and_encode(model, "remine", plan.hard_negatives, epochs, start, index, slot="round2")
-        indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''})"] = index
+        job.train_and_encode(model, "remine", hard, epochs, start, index, slot="round2")
+        indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''}, {hard} hard neg.)"] = index
 
     corpus, matcher = job.corpus(), job.matcher()
     bm25 = runner.done["bm25"].get()
@@ -92,7 +94,7 @@ def main() -> None:
     write_json(args.json, {"command": "python benchmarks/round2_init.py --output " + str(args.output) + " --inits " + ",".join(inits)
                            + " --sets " + ",".join(sets) + (f" --limit {args.limit}" if args.limit else "") + f" --profile {args.profile}", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
                            "seconds": round(time.perf_counter() - t_start, 1), "stage_seconds": runner.timings(),
-                           "plan": {"epochs": plan.epochs, "round2_epochs": plan.round2_epochs, "lr": plan.lr, "batch_size": plan.batch_size},
+                           "plan": {"epochs": plan.epochs, "round2_epochs": plan.round2_epochs, "hard_negatives": plan.hard_negatives, "lr": plan.lr, "batch_size": plan.batch_size},
                            "results": rows})  # fmt: skip
     print(f"wrote {args.json}")
 
