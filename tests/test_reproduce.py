@@ -134,6 +134,7 @@ def test_a_machine_short_of_memory_is_told_how_to_fit_the_training():
     assert rp.memory_notice(None, 1.0) is None and rp.memory_notice(plan, None) is None
     available = rp.available_memory_gib()
     assert available is None or available > 0
+    assert rp._trains_on_cpu("cpu") and not rp._trains_on_cpu("cuda")  # on a GPU the activations are not in host memory
 
 
 def test_tune_lambda_picks_the_best_grid_point(corpus, qa_tsv, tiny_bert, tmp_path):
