@@ -815,22 +815,33 @@ def test_an_answer_sent_before_closing_survives_a_client_still_sending(index_dir
     the 408 of the slowloris test above is the same close, hit there by a race."""
     svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits(max_connections=1, read_timeout_s=30.0))
     with _Server(svc) as srv:
+        holder = srv.connect()  # answered, so surely accepted; kept alive, it holds the one slot
+        holder.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+        refused = srv.connect()  # over the cap, its request in before the accept
+        refused.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        got, body = _status_and_body(srv.read_all(refused))  # before the fix: ECONNRESET after the answer
+        assert (got, body.get("limit")) == (503, "max_connections"), (got, body)
+        refused.close()
+        holder.close()
+    with _Server(svc) as srv:  # a fresh server: its one slot is surely free
         t0 = time.perf_counter()
         upload = srv.connect()  # a body over max_body_bytes, sent flat out
         upload.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n")
-        pourer = _pour(upload)
-        refused = srv.connect()  # over the cap
-        refused.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        pourer.join(5)
-        for s, status, limit in ((upload, 413, "max_body_bytes"), (refused, 503, "max_connections")):
-            got, body = _status_and_body(srv.read_all(s))  # before the fix: ECONNRESET after the answer
-            assert (got, body["limit"]) == (status, limit)
-            s.close()
+        _pour(upload).join(5)  # (reading while the pourer thread sends on the socket would race it)
+        got, body = _status_and_body(srv.read_all(upload))  # before the fix: ECONNRESET after the answer
+        assert (got, body.get("limit")) == (413, "max_body_bytes"), (got, body)
+        upload.close()
         assert time.perf_counter() - t0 < 10.0  # the 413 closes: the server does not wait for the 1 GB
-        time.sleep(0.2)  # the client closed: the server stops lingering and frees the connections at once
-        ok = srv.connect()
-        ok.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert ok.recv(65536).startswith(b"HTTP/1.1 200")
+        closed = time.perf_counter()  # the client closed: the server stops lingering and frees the slot at once
+        while True:  # (well before LINGER_S = 2 s; a slot still held answers 503)
+            ok = srv.connect()
+            ok.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            if ok.recv(65536).startswith(b"HTTP/1.1 200"):
+                break
+            ok.close()
+            assert time.perf_counter() - closed < 1.5, "the slot was still held after the client closed"
+            time.sleep(0.05)
 
 
 def test_a_lingering_close_waits_for_the_answer_to_go_out_then_gives_up(monkeypatch):
