@@ -26,30 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, machine_info
+from common import RESULTS, gold_passages, machine_info, reader_recipe, span_scores
 
 from densepr.data import EmbeddedData
-from densepr.data.runs import iter_dpr_results
 from densepr.errors import DenseprError
-from densepr.evaluate.qa import exact_match, f1_score
-from densepr.fileio import read_json, write_json
+from densepr.fileio import write_json
 from densepr.models.reader import Reader
 from densepr.train.config import ReaderTrainConfig
 from densepr.train.reader import load_reader_examples, train_reader
-
-
-def gold_passages(path: Path, limit: int) -> list[tuple[str, list[str], str, str]]:
-    """(question, answers, title, text) of the first answer-bearing passage, for the first ``limit``
-    questions of a DPR result file that have one."""
-    out = []
-    for r in iter_dpr_results(path):
-        for c in r.ctxs:
-            if c.get("has_answer"):
-                out.append((r.question, list(r.answers), str(c.get("title") or ""), c["text"]))
-                break
-        if len(out) >= limit:
-            break
-    return out
 
 
 def hf_features(tok, questions, contexts, max_length: int, stride: int):
@@ -107,12 +91,6 @@ def hf_predict(model, tok, gold, max_length: int, stride: int, max_answer_tokens
     return [best.get(j, (0.0, ""))[1] for j in range(len(gold))]
 
 
-def scores(preds: list[str], gold) -> dict:
-    n = max(1, len(gold))
-    return {"em": round(100 * sum(exact_match(p, g[1]) for p, g in zip(preds, gold)) / n, 2),
-            "f1": round(100 * sum(f1_score(p, g[1]) for p, g in zip(preds, gold)) / n, 2)}  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/dpr"), help="a `densepr reproduce --profile dpr` output directory")
@@ -132,8 +110,7 @@ def main() -> None:
     if not heldout.is_file() or not train_files:
         raise SystemExit(f"{data_dir}: no reader data; run `densepr reproduce --profile dpr -o {args.run}` first")
     init = args.init or EmbeddedData().model_dir
-    stage = read_json(args.run / "stages" / "train-reader.json").get("settings", {}) if (args.run / "stages" / "train-reader.json").is_file() else {}
-    rp = {k: stage.get(k, v) for k, v in {"passages": 8, "batch_size": 16, "max_length": 192, "lr": 1e-4, "warmup_steps": 10, "depth": 20}.items()}
+    rp = reader_recipe(args.run)  # densepr's side trains as the run's reader did (M, loss, learning rates), for --steps
     gold = gold_passages(heldout, args.eval)
 
     from densepr.fileio import remove_tree
@@ -144,14 +121,14 @@ def main() -> None:
 
     held_qa = heldout_path(args.run / "train-data" / "train-dev.json")  # the held-out questions, never trained on
     cfg = ReaderTrainConfig(train_files=train_files, output_dir=str(args.workdir / "densepr"), init=str(init),
-                            holdout=[str(held_qa)], max_steps=args.steps, save_every=10**9, dropout=0.0, epochs=100, **rp)  # fmt: skip
+                            holdout=[str(held_qa)], max_steps=args.steps, save_every=10**9, epochs=100, **rp)  # fmt: skip
     t0 = time.perf_counter()
     train_reader(cfg, device=args.device, show_progress=False, log=print)
     budget = time.perf_counter() - t0
     ours = Reader.load(args.workdir / "densepr" / "final", args.device)
     ours.eval()
     readings = ours.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
-    densepr_scores = scores([r[0].text for r in readings], gold)
+    densepr_scores = span_scores([r[0].text for r in readings], gold)
     n_questions = args.steps * cfg.batch_size
 
     # Hugging Face, for the same wall time (data preparation included, as densepr's)
@@ -175,14 +152,14 @@ def main() -> None:
     hf_seconds = time.perf_counter() - t0
     hf_steps = trainer.state.global_step
     hf_preds = hf_predict(model, tok, gold, cfg.max_length, 64, ours.config.max_answer_length, torch.device(args.device))
-    hf_scores = scores(hf_preds, gold)
+    hf_scores = span_scores(hf_preds, gold)
 
     result = {
         "machine": machine_info(),
         "run": str(args.run),
         "held_out_questions": len(gold),
         "densepr": {"seconds": round(budget, 1), "steps": args.steps, "questions_trained": n_questions,
-                    "passages_per_question": cfg.passages, "lr": cfg.lr, **densepr_scores},
+                    "passages_per_question": cfg.passages, "lr": cfg.lr, "head_lr": cfg.head_lr, "span_loss": cfg.span_loss, **densepr_scores},
         "huggingface": {"seconds": round(hf_seconds, 1), "steps": hf_steps, "windows_trained": hf_steps * cfg.batch_size,
                         "answer_bearing_windows": len(rows), "lr": args.hf_lr, **hf_scores},
         "command": f"python benchmarks/reader_peer.py --run {args.run} --steps {args.steps} --eval {args.eval}",

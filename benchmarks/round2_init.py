@@ -10,6 +10,7 @@ so the comparison does not carry the ±1-point spread between runs of CPU traini
     python benchmarks/round2_init.py --output runs/round2-init [--inits initial,round1] [--sets nq-test,trivia-test]
     python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:2 -o round2-epochs.json  # 1 vs 2 epochs
     python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:1:2 -o round2-hard.json  # 1 vs 2 hard negatives
+    python benchmarks/round2_init.py --output runs/round1-3ep --round1-epochs 3 --inits round1 -o round1-epochs.json  # a longer round 1
 
 ``--output`` can be a ``reproduce --profile dpr`` output directory: its finished stages are reused.
 Prints a table and writes benchmarks/results/round2-init.json.
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--inits", default="initial,round1",
                     help="round 2's starting weights, in the order trained; INIT:E trains E epochs instead of the plan's, "
                          "INIT:E:H with H re-mined hard negatives per question")
+    ap.add_argument("--round1-epochs", type=int, default=None, help="train round 1 (and so re-mine with) this many epochs instead of the plan's")
     ap.add_argument("--sets", default="nq-test,trivia-test")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions of each test set")
     ap.add_argument("--profile", default="dpr", choices=("dpr", "dpr-smoke"), help="dpr-smoke: a few steps on 2,000 passages (a check of this script)")
@@ -50,6 +52,8 @@ def main() -> None:
         init, *rest = i.split(":")
         if init not in ("initial", "round1") or len(rest) > 2 or not all(n.isdigit() and int(n) > 0 for n in rest):
             ap.error(f"--inits: 'initial' or 'round1', optionally ':EPOCHS[:HARD_NEGATIVES]', not {i!r}")
+    if args.round1_epochs is not None and args.round1_epochs < 1:
+        ap.error("--round1-epochs: at least 1")
 
     t_start = time.perf_counter()
     cfg = ReproduceConfig(out_dir=args.output, profile=args.profile)
@@ -59,12 +63,13 @@ def main() -> None:
     runner.run(job.passages())
     runner.run(job.bm25())
     runner.run(job.mine())
-    job.train_and_encode("round1", "mine", plan.hard_negatives, plan.epochs, None, "dense-round1")
+    round1_epochs = args.round1_epochs or plan.epochs
+    job.train_and_encode("round1", "mine", plan.hard_negatives, round1_epochs, None, "dense-round1")
     runner.run(job.remine())
-    indexes = {"round 1": "dense-round1"}
+    indexes = {f"round 1 ({round1_epochs} epoch{'s' if round1_epochs > 1 else ''})": "dense-round1"}
     for variant in inits:
         init, e, h = (variant.split(":") + ["", ""])[:3]
-        default_epochs, start = replace(plan, round2_init=init).round2()
+        default_epochs, start = replace(plan, round2_init=init, epochs=round1_epochs).round2()
         epochs, hard = int(e or default_epochs), int(h or plan.hard_negatives)
         # what reproduce trains keeps its stage names, so reproduce reuses it; the other variants take its slots
         name = init + (f"-{epochs}ep" if epochs != default_epochs else "") + (f"-{hard}hn" if hard != plan.hard_negatives else "")
@@ -92,9 +97,9 @@ def main() -> None:
     for label, per in rows.items():
         print(f"{label:<44}" + "".join(f"{per[s]['answerable']['top20']:>13.1f} / {per[s]['answerable']['top100']:<6.1f}" for s in sets))
     write_json(args.json, {"command": "python benchmarks/round2_init.py --output " + str(args.output) + " --inits " + ",".join(inits)
-                           + " --sets " + ",".join(sets) + (f" --limit {args.limit}" if args.limit else "") + f" --profile {args.profile}", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+                           + " --sets " + ",".join(sets) + (f" --round1-epochs {args.round1_epochs}" if args.round1_epochs else "") + (f" --limit {args.limit}" if args.limit else "") + f" --profile {args.profile}", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
                            "seconds": round(time.perf_counter() - t_start, 1), "stage_seconds": runner.timings(),
-                           "plan": {"epochs": plan.epochs, "round2_epochs": plan.round2_epochs, "hard_negatives": plan.hard_negatives, "lr": plan.lr, "batch_size": plan.batch_size},
+                           "plan": {"epochs": plan.epochs, "round1_epochs": round1_epochs, "round2_epochs": plan.round2_epochs, "hard_negatives": plan.hard_negatives, "lr": plan.lr, "batch_size": plan.batch_size},
                            "results": rows})  # fmt: skip
     print(f"wrote {args.json}")
 
