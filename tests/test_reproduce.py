@@ -122,6 +122,23 @@ def test_gradient_caching_is_a_training_setting_still_checked_against_the_commit
             ReproduceConfig(**bad)
 
 
+def test_epochs_are_training_settings_and_a_run_with_other_epochs_is_not_checked_against_the_defaults():
+    import densepr.reproduce as rp
+    from densepr.errors import DenseprError
+
+    longer = ReproduceConfig(profile="dpr", epochs=3, round2_epochs=2)
+    assert (longer.plan.epochs, longer.plan.round2_epochs) == (3, 2) and longer.plan.round2() == (2, "round1")
+    assert ReproduceConfig(profile="dpr", epochs=3, round2_init="initial").plan.round2() == (3, None)
+    assert rp._plan_settings(longer.plan, 1, longer.plan.epochs)["epochs"] == 3
+    # other epochs give other figures: not compared with the committed ones
+    assert uses_defaults(ReproduceConfig(profile="dpr")) and not uses_defaults(longer)
+    assert not uses_defaults(ReproduceConfig(profile="dpr", round2_epochs=2))
+    for bad, flag in (({"profile": "full", "epochs": 3}, "--epochs"), ({"profile": "dpr", "epochs": 0}, "--epochs"),
+                      ({"profile": "dpr", "round2_epochs": -1}, "--round2-epochs")):  # fmt: skip
+        with pytest.raises(DenseprError, match=flag):
+            ReproduceConfig(**bad)
+
+
 def test_a_machine_short_of_memory_is_told_how_to_fit_the_training():
     import densepr.reproduce as rp
 
@@ -337,6 +354,10 @@ def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, t
     _, ran = job(round2_init="initial", grad_cache_chunk=2)
     assert [s for s, status in ran.items() if status == "ran"][:2] == ["train-inbatch", "dense-inbatch"] and ran["mine"] == "skipped"
     assert all(rp.read_json(out / "models" / m / "config.json")["grad_cache_chunk"] == 2 for m in ("inbatch", "round1", "round2"))
+    # --round2-epochs reruns round 2 and what follows, round 1 stays
+    _, ran = job(grad_cache_chunk=2, round2_epochs=2)
+    assert ran["train-round1"] == "skipped" and [s for s, status in ran.items() if status == "ran"] == after
+    assert rp.read_json(out / "models" / "round2" / "config.json")["epochs"] == 2
 
 
 def test_a_killed_training_stage_resumes_from_its_checkpoint(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):

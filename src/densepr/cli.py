@@ -662,7 +662,7 @@ def _qa_limit(value: str | None) -> int | None:
 def reproduce(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output (index) directory.")] = DEFAULT_INDEX,
     profile: Annotated[str, typer.Option(help="full: zero-shot, every test question; smoke: 300 per test set (CI); dpr: the paper's experiment "
-                                             "(mine, train DPR, re-mine, train round 2, evaluate; 134-151 min measured in one run on 2 CPU cores with a one-epoch reader, which now trains 3 epochs: ~22 min more, not yet measured as one run); dpr-smoke: the same in minutes (CI).")] = "full",
+                                             "(mine, train DPR, re-mine, train round 2, a reader, evaluate; 95 min measured in one run on 2 CPU cores); dpr-smoke: the same in minutes (CI).")] = "full",
     encoder: Annotated[Optional[Path], typer.Option(help="Encoder or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2, zero-shot).")] = None,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Compare with the committed figures (runs on the defaults only).")] = True,
     expected: Annotated[Optional[Path], typer.Option(help="Committed figures to compare with (default: densepr's packaged ones, for the embedded defaults; given explicitly, compared whatever the setup, e.g. a fine-tuned encoder's).")] = None,
@@ -675,6 +675,9 @@ def reproduce(
     round2_init: Annotated[Optional[str], typer.Option(help="Profile dpr: round 2 starts from 'round1' weights (default) or the 'initial' ones.")] = None,
     grad_cache_chunk: Annotated[Optional[int], typer.Option(help="Profile dpr: train with gradient caching in chunks of this many sequences "
                                                                "(8: training's peak memory ~2.3 GiB instead of ~12, ~15% slower; 0: off, the default).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Profile dpr: epochs of round 1 and of the in-batch ablation (default 1; 3 measured: "
+                                                     "NQ answerable top-20 61.0 after round 2 instead of 59.1, ~40 min more on 2 CPU cores, estimated from round 1's measured time; README).")] = None,
+    round2_epochs: Annotated[Optional[int], typer.Option(help="Profile dpr: epochs of round 2 from round 1's weights (default 1).")] = None,
     qa_limit: Annotated[Optional[str], typer.Option(help="Profile dpr: test questions per set read end to end by the reader, a number or 'all' "
                                                         "(default: the profile's, 100; all five full sets take hours on 2 CPU cores, minutes on a GPU).")] = None,
     device: DeviceOpt = None,
@@ -699,7 +702,7 @@ def reproduce(
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
-                          qa_limit=_qa_limit(qa_limit))  # fmt: skip
+                          epochs=epochs, round2_epochs=round2_epochs, qa_limit=_qa_limit(qa_limit))  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)
