@@ -7,9 +7,9 @@ trained retriever's top 20 hold an answer); the paper's reader trains on NQ-trai
 TriviaQA's, ...). This measures whether the reader is data-bound: readers trained on seeded random subsets
 of a ``densepr reproduce --profile dpr`` run's reader data (NQ and TriviaQA questions in their proportion),
 each for ``--epochs`` epochs with the run's reader recipe, then the exact match and F1 of their best span in
-the best-ranked answer-bearing passage of the same held-out questions (as benchmarks/reader_peer.py). A
-least-squares fit of EM against log2(questions) is printed beside the measured points, with the number of
-questions at which that line would reach 50%: an extrapolation, labelled as such.
+the best-ranked answer-bearing passage of the same held-out questions (as benchmarks/reader_peer.py). The EM
+gained per doubling of the questions between consecutive sizes is printed beside the measured points, with the
+number of questions at which the last rate would reach 50%: an extrapolation, labelled as such.
 
     python benchmarks/reader_data.py --run runs/dpr [--questions 1000,2000,all] [--epochs 2] [--eval 500]
 
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import RESULTS, gold_passages, machine_info, reader_recipe, span_scores
 
@@ -104,26 +104,31 @@ def main() -> None:
         reader = Reader.load(run_dir / "reader" / "final", args.device)
         reader.eval()
         readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
-        rows.append({"questions": counts["sampled"], **counts, "epochs": args.epochs, "train_seconds": record["seconds"],
+        kept = read_json(run_dir / "reader" / "data.json")["kept"]  # the trainer's count (it locates the answers itself)
+        rows.append({"questions": kept, **counts, "epochs": args.epochs, "train_seconds": record["seconds"],
                      "steps": record["steps"], **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
-        print(f"{name}: {counts['sampled']} questions, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
+        print(f"{name}: {kept} questions, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
 
-    fit = None
-    if len({r["questions"] for r in rows}) >= 2:
-        x, y = np.log2([r["questions"] for r in rows]), np.array([r["em"] for r in rows])
-        slope, intercept = np.polyfit(x, y, 1)
-        fit = {"em_per_doubling": round(float(slope), 2), "intercept": round(float(intercept), 2),
-               "questions_for_em_50": round(2 ** ((50 - intercept) / slope)) if slope > 0 else None}  # fmt: skip
+    # EM gained per doubling of the training questions between consecutive sizes, and where the last rate would
+    # reach 50% (an extrapolation: the curve may bend further)
+    pts = sorted({r["questions"]: r["em"] for r in rows}.items())
+    fit = {"em_per_doubling": [{"from": a, "to": b, "em_per_doubling": round((eb - ea) / math.log2(b / a), 2)}
+                               for (a, ea), (b, eb) in zip(pts, pts[1:])]}  # fmt: skip
+    if fit["em_per_doubling"]:
+        rate, (n_last, em_last) = fit["em_per_doubling"][-1]["em_per_doubling"], pts[-1]
+        fit["questions_for_em_50_at_last_rate"] = round(n_last * 2 ** ((50 - em_last) / rate)) if rate > 0 else None
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions ({args.run}), {args.epochs} epochs each")
     print("| training questions | train s | steps | EM | F1 |\n|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['questions']:,} | {r['train_seconds']} | {r['steps']} | {r['em']} | {r['f1']} |")
-    if fit:
-        q50 = f"{fit['questions_for_em_50']:,}" if fit["questions_for_em_50"] else "never (no rise)"
-        print(f"log-linear fit: {fit['em_per_doubling']:+.2f} EM per doubling; 50% EM extrapolated at {q50} questions (an extrapolation, not measured)")
+    for g in fit["em_per_doubling"]:
+        print(f"{g['from']:,} -> {g['to']:,} questions: {g['em_per_doubling']:+.2f} EM per doubling")
+    if "questions_for_em_50_at_last_rate" in fit:
+        q50 = fit["questions_for_em_50_at_last_rate"]
+        print(f"50% EM at the last rate: {f'{q50:,} questions' if q50 else 'never (no rise)'} (an extrapolation, not measured)")
     write_json(args.json, {"command": f"python benchmarks/reader_data.py --run {args.run} --questions {args.questions} --epochs {args.epochs} --eval {args.eval}",
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1),
-                           "held_out_questions": len(gold), "recipe": recipe, "results": rows, "log_linear_fit": fit})  # fmt: skip
+                           "held_out_questions": len(gold), "recipe": recipe, "results": rows, "growth": fit})  # fmt: skip
     print(f"wrote {args.json}")
 
 
