@@ -37,12 +37,16 @@ from densepr.train.config import ReaderTrainConfig
 from densepr.train.reader import train_reader
 
 
-def usable_subset(files: list[Path], heldout: Path, depth: int, n: int | None, seed: int, out_dir: Path) -> tuple[list[str], dict]:
-    """Write, per training file, the questions of a seeded random sample of ``n`` usable ones (an answer
-    in the first ``depth`` passages, not held out), their passages cut to ``depth``; None: all of them."""
+def usable_rows(files: list[Path], heldout: Path, depth: int) -> dict[Path, list[dict]]:
+    """Per training file, the usable questions (an answer in the first ``depth`` passages, not held out)."""
     held = {r["question"] for r in json.loads(heldout.read_text(encoding="utf-8"))}
-    rows = {f: [r for r in json.loads(f.read_text(encoding="utf-8"))
+    return {f: [r for r in json.loads(f.read_text(encoding="utf-8"))
                 if r["question"] not in held and any(c.get("has_answer") for c in r["ctxs"][:depth])] for f in files}  # fmt: skip
+
+
+def write_subset(rows: dict[Path, list[dict]], depth: int, n: int | None, seed: int, out_dir: Path) -> tuple[list[str], dict]:
+    """Write, per training file, the questions of a seeded random sample of ``n`` of ``rows`` (None: all of
+    them), their passages cut to ``depth``; returns the files and the counts."""
     pool = [(f, i) for f, rs in rows.items() for i in range(len(rs))]
     keep = set(pool if n is None or n >= len(pool) else random.Random(seed).sample(pool, n))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,11 +88,13 @@ def main() -> None:
     gold = gold_passages(heldout, args.eval)
     init = str(EmbeddedData().model_dir)
     t_start = time.perf_counter()
+    depth = recipe.get("depth", 20)
+    usable = usable_rows(train_files, heldout, depth)  # read once: the files are ~115 MB each
     rows = []
     for n in sizes:
         name = f"q{n or 'all'}"
         run_dir = args.workdir / name
-        files, counts = usable_subset(train_files, heldout, recipe.get("depth", 20), n, args.seed, args.workdir / "data" / name)
+        files, counts = write_subset(usable, depth, n, args.seed, args.workdir / "data" / name)
         cfg = ReaderTrainConfig(train_files=files, output_dir=str(run_dir / "reader"), init=init, epochs=args.epochs,
                                 save_every=10**9, seed=args.seed, **{k: v for k, v in recipe.items() if k != "seed"})  # fmt: skip
         done = run_dir / "done.json"

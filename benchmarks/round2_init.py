@@ -48,10 +48,12 @@ def main() -> None:
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "round2-init.json")
     args = ap.parse_args()
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
+    variants = []  # (init, epochs or None, hard negatives or None), parsed once
     for i in inits:
         init, *rest = i.split(":")
         if init not in ("initial", "round1") or len(rest) > 2 or not all(n.isdigit() and int(n) > 0 for n in rest):
             ap.error(f"--inits: 'initial' or 'round1', optionally ':EPOCHS[:HARD_NEGATIVES]', not {i!r}")
+        variants.append((init, *(int(n) for n in rest), *(None,) * (2 - len(rest))))
     if args.round1_epochs is not None and args.round1_epochs < 1:
         ap.error("--round1-epochs: at least 1")
 
@@ -67,10 +69,9 @@ def main() -> None:
     job.train_and_encode("round1", "mine", plan.hard_negatives, round1_epochs, None, "dense-round1")
     runner.run(job.remine())
     indexes = {f"round 1 ({round1_epochs} epoch{'s' if round1_epochs > 1 else ''})": "dense-round1"}
-    for variant in inits:
-        init, e, h = (variant.split(":") + ["", ""])[:3]
+    for init, e, h in variants:
         default_epochs, start = replace(plan, round2_init=init, epochs=round1_epochs).round2()
-        epochs, hard = int(e or default_epochs), int(h or plan.hard_negatives)
+        epochs, hard = e or default_epochs, h or plan.hard_negatives
         # what reproduce trains keeps its stage names, so reproduce reuses it; the other variants take its slots
         name = init + (f"-{epochs}ep" if epochs != default_epochs else "") + (f"-{hard}hn" if hard != plan.hard_negatives else "")
         model, index = ("round2", "dense") if name == plan.round2_init else (f"round2-{name}", f"dense-round2-{name}")
