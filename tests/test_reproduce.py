@@ -338,6 +338,7 @@ def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, t
     assert qa["n_all"] == len(load_qa(out.parent / "qa.tsv").items) and set(qa["modes"]) == {"dense", "bm25"}
     assert set(qa["modes"]["dense"]["k"]) == {"1", "3"} and "End to end: exact match" in report
     assert (out / "qa-em.png").stat().st_size > 0
+    assert not (out / "stages" / "qa-set-a.partial").exists()  # its pieces of readings went once it was recorded
     # a second run skips everything; --from train-round2 reruns round 2 and what follows, not round 1
     second, ran = job()
     assert {s for s, status in ran.items() if status == "ran"} == set() and second["results"] == first["results"]

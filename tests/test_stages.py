@@ -173,6 +173,45 @@ def test_a_corrupt_directory_artefact_is_rebuilt_never_used(tmp_path):
     assert (tmp_path / "b" / "part1.txt").read_text() == "a1b1"
 
 
+def _pieces_job(out: Path, setting: int, fail_after: int | None = None) -> list[int]:
+    """One resumable stage summing 5 pieces (i * setting), each kept in its scratch directory;
+    fails after ``fail_after`` pieces. Returns the pieces computed (not read back) in this run."""
+    computed: list[int] = []
+
+    def build(scratch: Path) -> int:
+        total = 0
+        for i in range(5):
+            piece = scratch / f"{i}.json"
+            if not piece.is_file():
+                if fail_after is not None and len(computed) == fail_after:
+                    raise RuntimeError("killed")
+                computed.append(i)
+                piece.write_text(json.dumps(i * setting))
+            total += json.loads(piece.read_text())
+        (out / "sum.txt").write_text(str(total))
+        return total
+
+    StageRunner(out, ("s",)).run(Stage("s", build, settings={"x": setting}, outputs=[out / "sum.txt"], resumable=True))
+    return computed
+
+
+def test_a_resumable_stage_resumes_from_its_pieces_and_never_mixes_in_other_settings(tmp_path):
+    scratch = tmp_path / "stages" / "s.partial"
+    with pytest.raises(RuntimeError):
+        _pieces_job(tmp_path, 1, fail_after=2)
+    assert sorted(p.name for p in scratch.iterdir()) == ["0.json", "1.json", "fingerprint.txt"]
+    with pytest.raises(RuntimeError):
+        _pieces_job(tmp_path, 1, fail_after=1)  # resumed: pieces 0 and 1 read back, 2 computed
+    assert _pieces_job(tmp_path, 1) == [3, 4]
+    assert (tmp_path / "sum.txt").read_text() == "10" and not scratch.exists()  # recorded: scratch removed
+    assert _pieces_job(tmp_path, 1) == []  # current: skipped
+    with pytest.raises(RuntimeError):
+        _pieces_job(tmp_path, 2, fail_after=3)
+    (scratch / "fingerprint.txt").write_text("another run's")  # pieces of other inputs: discarded
+    assert _pieces_job(tmp_path, 2) == [0, 1, 2, 3, 4]
+    assert (tmp_path / "sum.txt").read_text() == "20"
+
+
 def test_a_stage_must_name_its_upstream_and_its_group(tmp_path):
     r = StageRunner(tmp_path, ("a", "eval"))
     with pytest.raises(ValueError, match="have not run"):

@@ -669,16 +669,16 @@ class Job:
 
         rp, path = self.reader_plan, self.cfg.out_dir / "qa" / f"{_file_name(qas.name)}.json"
 
-        def build() -> dict:
+        def build(pieces: Path) -> dict:  # a killed read resumes from its finished pieces of questions
             with progress_bar(None, f"read {qas.name}", self.show_progress, unit="window") as advance:
                 res = self.timed(f"qa {qas.name}", evaluate_qa, self.retriever(), self.reader(), qas, rp.modes, rp.ks,
-                                 self.matcher(), progress=advance)  # fmt: skip
+                                 self.matcher(), progress=advance, pieces=pieces)  # fmt: skip
             write_json(path, res)
             return res
 
         settings = {"set": qas.name, "questions": qa_fingerprint(qas), "limit": rp.qa_limit, "modes": list(rp.modes), "ks": list(rp.ks)}
         return Stage(f"qa-{_file_name(qas.name)}", build, lambda: read_json(path), settings,
-                     ("passages", "bm25", "dense", "tune", "tune-reader"), [path], group="qa")  # fmt: skip
+                     ("passages", "bm25", "dense", "tune", "tune-reader"), [path], group="qa", resumable=True)  # fmt: skip
 
     def report(self, evaluated: dict[str, str], qa: dict[str, str] | None = None) -> Stage:
         """curves.json, results.md and topk.png from the evaluated sets (``{set: its stage}``)."""
@@ -915,12 +915,14 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
         runner.run(job.train_reader())
         for mode, c in runner.run(job.tune_reader()).get().items():
             log(f"reader ({mode}): k={c['k']}, held-out EM {c['em']} (DPR's rule: {c['paper_em']} at k={c['paper_k']})")
-        for qas in _sets(job.data, cfg.datasets, rp.qa_limit):
+        sets = _sets(job.data, cfg.datasets, rp.qa_limit)
+        for qas in sorted(sets, key=len):  # smallest first: in a long full-set run the finished sets come soonest
             done = runner.run(job.qa(qas))
             qa_done[qas.name] = done.stage.name
             res = done.get()
             log(f"{qas.name}: {len(qas)} questions read end to end; best EM "
                 + ", ".join(f"{m} {max(v['em'] for v in res['modes'][m]['k'].values()):.1f}" for m in rp.modes))  # fmt: skip
+        qa_done = {qas.name: qa_done[qas.name] for qas in sets}  # reported in the sets' order
     runner.run(job.report(evaluated, qa_done))
     if rank != 0:
         return {}  # rank 0 writes and returns the results

@@ -17,7 +17,10 @@ fingerprint and its outputs verify:
   files, sampled sha256 of large ones);
 - any other file (or every file of a directory without a manifest): size and sha256 as recorded.
 
-Otherwise it runs again; a corrupt output is rebuilt, never used. A changed setting changes that
+Otherwise it runs again; a corrupt output is rebuilt, never used. A ``resumable`` stage (hours of
+reading) also keeps finished pieces of its work in ``<out>/stages/<name>.partial/``, tagged with its
+fingerprint: a killed build resumes from them, pieces of other inputs are discarded, and the
+directory goes once the stage is recorded. A changed setting changes that
 stage's fingerprint and so (through ``upstream``) every fingerprint downstream: those stages
 rerun, the ones before do not. ``force_from`` reruns a stage (or group of stages) and everything
 after it in ``order``. A skipped stage's value is loaded only when something asks for it
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, read_json, read_manifest, sha256_file, write_json
+from densepr.fileio import MANIFEST, atomic_write, read_json, read_manifest, remove_tree, sha256_file, write_json
 
 # Part of every fingerprint: bump it when a stage's code changes what it writes, so old caches rerun.
 CODE_VERSION = "densepr-stages-1"
@@ -62,6 +65,7 @@ class Stage:
     outputs: Sequence[Path] = ()
     group: str | None = None  # the entry of the runner's order it belongs to (default: its name)
     distributed: bool = False  # under torchrun every process builds it (e.g. training); else rank 0 alone
+    resumable: bool = False  # build(scratch) is given a directory whose partial work survives a kill (see _scratch)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -208,7 +212,8 @@ class StageRunner:
         if self.rank == 0:
             rec.unlink(missing_ok=True)  # from here until the new record, the stage counts as not done
         t0 = time.perf_counter()
-        value = stage.build()
+        scratch = self._scratch(stage, fp) if stage.resumable else None
+        value = stage.build(scratch) if scratch is not None else stage.build()
         seconds = round(time.perf_counter() - t0, 2)
         if self.rank != 0:
             return value
@@ -216,7 +221,23 @@ class StageRunner:
                          "upstream": {u: self.done[u].fingerprint for u in stage.upstream},
                          "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "seconds": seconds,
                          "wrote": _describe(self.out_dir, stage.outputs)})  # fmt: skip
+        if scratch is not None:
+            remove_tree(scratch)  # recorded: the partial work is in the outputs now
         return value
+
+    def _scratch(self, stage: Stage, fp: str) -> Path:
+        """``<out>/stages/<name>.partial/``: where a long stage keeps finished pieces (each written
+        atomically), so that a killed run resumes within the stage. It holds the fingerprint it was made
+        for; pieces made for other inputs or settings are discarded, never mixed in."""
+        scratch = self.out_dir / RECORDS / f"{stage.name}.partial"
+        tag = scratch / "fingerprint.txt"
+        if scratch.exists() and not (tag.is_file() and tag.read_text(encoding="utf-8") == fp):
+            remove_tree(scratch)
+        if not tag.is_file():
+            scratch.mkdir(parents=True, exist_ok=True)
+            with atomic_write(tag) as f:
+                f.write(fp)
+        return scratch
 
     def timed(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """Run a step that is not cached (always runs, on rank 0), listed in the table as ``always``."""

@@ -397,6 +397,34 @@ def test_evaluate_qa_reads_once_and_equals_reading_each_k_separately(retriever, 
     assert res["modes"]["bm25"]["fused"]["k"]["5"]["em"] == pytest.approx(round(100 * np.mean([exact_match(p, a) for p, (_, a) in zip(agg, QUESTIONS)]), 2))
 
 
+def test_evaluate_qa_in_pieces_resumes_and_gives_the_same_figures(tmp_path, retriever, reader, corpus, monkeypatch):
+    from densepr.data.qa import QA, QASet
+    from densepr.pipeline import read_in_pieces
+
+    qas = QASet("tiny", [QA(q, tuple(a)) for q, a in QUESTIONS])
+    kw = dict(modes=["bm25"], ks=[1, 3, 5], matcher=AnswerMatcher(corpus.texts))
+    whole = evaluate_qa(retriever, reader, qas, **kw)
+    monkeypatch.setattr("densepr.pipeline.PIECE_QUESTIONS", 4)  # 6 questions: pieces of 4 and 2
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    first = evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)
+    assert sorted(p.name for p in pieces.iterdir()) == ["readings-0000000.json", "readings-0000004.json"]
+    assert first["modes"] == whole["modes"] and first["gold"] == whole["gold"]
+    # the second piece is lost (a killed run) and the first damaged by hand: both are read again, the rest reused
+    (pieces / "readings-0000004.json").unlink()
+    read = []
+    real = reader.read
+    monkeypatch.setattr(reader, "read", lambda qs, ps, *a, **k: read.append(len(qs)) or real(qs, ps, *a, **k))
+    again = evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)
+    assert read == [2] and again["modes"] == whole["modes"]  # only the missing piece was read
+    (pieces / "readings-0000000.json").write_text('[["not", "a reading"]]')
+    assert evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)["modes"] == whole["modes"] and read == [2, 4]
+    # readings survive the trip through JSON exactly, spans and "no span" (-inf) included
+    got = read_in_pieces(reader, ["who created python"], [[("Python", "Python was created by Guido van Rossum."), ("Empty", "")]], tmp_path / "pieces")
+    back = read_in_pieces(reader, ["who created python"], [[("x", "y"), ("x", "y")]], tmp_path / "pieces")  # read back, not read
+    assert back == got and got[0][1].span_score == float("-inf")
+
+
 # -- command line ----------------------------------------------------------------------------------
 def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv, qa_tsv, reader_dir):
     import shutil

@@ -158,6 +158,8 @@ def _grad_worker(rank: int, world: int, port: int, root: str, chunk: int) -> Non
     loss, grads = _grad_step(model, [0, 1, 2, 3][2 * rank : 2 * rank + 2], Dist(rank, world), chunk)
     if rank == 0:
         save_file({**grads, "loss": torch.tensor(loss)}, f"{root}/multi.safetensors")
+    # Both leave together: a process tearing down gloo while its peer is still busy can abort the peer.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

@@ -319,6 +319,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
     if d.main and not dev_examples:
         remove_tree(out / "final")
         save_encoders(model, out / "final")
+    if d.world > 1:  # no process returns (or tears the group down) before rank 0 has written the final model
+        dist.barrier()
     if writer is not None:
         writer.close()
     return {"step": state["step"], **last_val}
