@@ -25,7 +25,7 @@ def reader_recipe(run: Path) -> dict:
 
     record = run / "stages" / "train-reader.json"
     fields = set(ReaderTrainConfig.__dataclass_fields__)
-    settings = read_json(record).get("settings", {}) if record.is_file() else {**asdict(ReaderPlan()), "dropout": 0.0}
+    settings = read_json(record).get("settings", {}) if record.is_file() else asdict(ReaderPlan())
     return {k: v for k, v in settings.items() if k in fields and k not in _NOT_RECIPE}
 
 

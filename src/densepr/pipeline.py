@@ -100,14 +100,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, index: str | os.PathLike[str], reader: str | os.PathLike[str] | None = None, device: str | None = None,
-             k: int | None = None, mode: str | None = None) -> Pipeline:  # fmt: skip
+             k: int | None = None, mode: str | None = None, precision: str = "fp32") -> Pipeline:  # fmt: skip
         """An index directory and a reader directory (default: the index's own ``reader/``, which
-        ``densepr reproduce --profile dpr`` trains and tunes there)."""
+        ``densepr reproduce --profile dpr`` trains and tunes there); ``precision``: the reader's weights
+        (:func:`~densepr.models.hf.inference_dtype`)."""
         if reader is None:
             reader = find_reader(index)
             if reader is None:
                 raise DenseprError(f"{index}: no reader/ beside the index; give a reader directory")
-        return cls(Retriever.load(index, device=device), Reader.load(reader, device), k, mode)
+        return cls(Retriever.load(index, device=device), Reader.load(reader, device, precision=precision), k, mode)
 
     def answer(self, question: str, k: int | None = None, mode: str | None = None) -> Answer:
         """Answer one question (see :class:`Answer`)."""

@@ -156,6 +156,7 @@ class ReaderPlan:
     head_lr: float | None = 1e-3  # the new start/end/selection heads learn from zero: their own, higher rate
     span_loss: str = "shared"  # or "dpr": start/end softmax within each passage (DPR's loss)
     warmup_steps: int = 10
+    dropout: float = 0.0  # off: on 2 CPU cores dropout doubled the reader's step time (README, reader recipes)
     epochs: int = 3  # the checkpoint with the best held-out EM is kept (measured: the end of epoch 2 of 3)
     max_steps: int | None = None  # None: ``epochs`` over the usable mining questions (~4-5 k; ~5 s a step on 2 cores)
     save_every: int = 10
@@ -605,7 +606,7 @@ class Job:
                                 init=str(self.data.model_dir), dev_file=str(dev_file), holdout=[str(held)],
                                 passages=rp.passages, depth=rp.depth, batch_size=rp.batch_size, max_length=rp.max_length, lr=rp.lr,
                                 warmup_steps=rp.warmup_steps, epochs=rp.epochs, max_steps=rp.max_steps, save_every=rp.save_every,
-                                dropout=0.0, dev_limit=rp.dev_limit, span_loss=rp.span_loss, head_lr=rp.head_lr)  # fmt: skip
+                                dropout=rp.dropout, dev_limit=rp.dev_limit, span_loss=rp.span_loss, head_lr=rp.head_lr)  # fmt: skip
 
         def build() -> Path:
             from densepr.train.reader import train_reader
@@ -998,7 +999,7 @@ def check_against(summary: dict, expected: dict, profile: str) -> list[str]:
 
 
 # What a committed config without these ReaderPlan fields trained: the recipe before each field was added.
-READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "dpr", "epochs": 1}
+READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "dpr", "epochs": 1, "dropout": 0.0}
 
 
 def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:

@@ -207,6 +207,29 @@ def test_reading_gives_offsets_into_the_text_and_does_not_depend_on_batching(rea
     assert reader.read(["who created python"], [[]]) == [[]]
 
 
+def test_bf16_reading_is_for_inference_and_close_to_float32(tmp_path, reader, monkeypatch):
+    import densepr.models.hf as hf
+
+    qs = [q for q, _ in QUESTIONS[:3]]
+    ps = [[(t, x) for t, x in PASSAGES[i : i + 4]] for i in range(3)]
+    reader.save(tmp_path / "r")  # a reader directory: the same heads at both precisions
+    reader = Reader.load(tmp_path / "r", "cpu")
+    half = Reader.load(tmp_path / "r", "cpu", precision="bf16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    a, b = reader.read(qs, ps), half.read(qs, ps)
+    rel_a = np.array([x.relevance for rd in a for x in rd])
+    rel_b = np.array([x.relevance for rd in b for x in rd])
+    assert np.all(np.isfinite(rel_b)) and np.abs(rel_a - rel_b).max() < 0.05 * max(1.0, np.abs(rel_a).max())
+    assert all(x.has_span and t[x.start : x.end] == x.text for rd, pl in zip(b, ps) for x, (_, t) in zip(rd, pl))
+    # auto: bf16 only where the CPU has it natively; GPUs keep float32 weights (autocast does their half precision)
+    for native, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(hf, "cpu_has_bf16", lambda native=native: native)
+        assert hf.inference_dtype(torch.device("cpu"), "auto") == dtype
+    assert hf.inference_dtype(torch.device("cuda"), "bf16") == torch.float32
+    with pytest.raises(DenseprError, match="fp32, bf16, auto"):
+        Reader.load(tmp_path / "r", "cpu", precision="fp16")
+
+
 # -- the loss --------------------------------------------------------------------------------------
 def test_forward_in_length_sorted_pieces_equals_one_padded_forward(reader):
     q = reader.question_ids("who created python")
@@ -450,6 +473,8 @@ def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv,
     code, out, err = run(capsys, "answer", "who created python", "--index", str(idx), "--reader", reader, "--json", "--device", "cpu")
     a = json.loads(out)
     assert code == 0 and a["found"] and a["passage"]["text"][a["start"] : a["end"]] == a["text"]
+    code, out, err = run(capsys, "answer", "who created python", "--index", str(idx), "--reader", reader, "--json", "--precision", "bf16")
+    assert code == 0 and json.loads(out)["found"], err
     code, out, _ = run(capsys, "answer", "zzzz qqqq", "--index", str(idx), "--reader", reader, "--device", "cpu")
     assert code == 0 and "no answer" in out
 
@@ -501,6 +526,7 @@ def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv,
         (("evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "dense", "-o", str(tmp_path / "x")), "needs"),
         (("train-reader", "--train", str(tmp_path / "nope.json"), "-o", str(tmp_path / "r2"), "--init", str(reader_dir), "--max-length", "96"), "nope.json"),
         (("answer", "who created python", "--index", str(idx), "--reader", str(tmp_path)), "not a Hugging Face model directory"),
+        (("answer", "who created python", "--index", str(idx), "--reader", reader, "--precision", "half"), "precision 'half'"),
     ]
     for args, message in bad:
         code, _, err = run(capsys, *args)

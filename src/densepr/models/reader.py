@@ -40,7 +40,16 @@ from torch import nn
 
 from densepr.errors import DenseprError
 from densepr.fileio import write_json
-from densepr.models.hf import autocast, check_model_dir, check_vocab, default_device, load_errors, quiet_transformers, save_model_dir
+from densepr.models.hf import (
+    autocast,
+    check_model_dir,
+    check_vocab,
+    default_device,
+    inference_dtype,
+    load_errors,
+    quiet_transformers,
+    save_model_dir,
+)
 
 CONFIG_NAME = "densepr_reader.json"
 MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
@@ -191,9 +200,11 @@ class Reader(nn.Module):
     # -- loading and saving ----------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
-             config: ReaderConfig | None = None) -> Reader:  # fmt: skip
+             config: ReaderConfig | None = None, precision: str = "fp32") -> Reader:  # fmt: skip
         """Load a reader: a ``DPRReader`` directory, a BERT-family encoder (new, untrained heads), or an
         ``export-onnx`` reader directory (ONNX Runtime on CPU, inference only; ``DIR#int8``: its int8 model).
+        ``precision``: the weights for reading (:func:`~densepr.models.hf.inference_dtype`; ``bf16``/``auto``
+        are for inference only, training loads float32).
 
         Weights are read from safetensors only; remote code is never run.
         """
@@ -205,6 +216,8 @@ class Reader(nn.Module):
         p = str(path)
         base = p[: -len("#int8")] if p.endswith("#int8") else p
         if is_onnx_dir(base, READER_KIND):
+            if inference_dtype(torch.device("cpu"), precision) != torch.float32 and precision != "auto":
+                raise DenseprError(f"{base}: an ONNX reader runs as exported (float32, or DIR#int8), not in {precision}")
             model = OnnxReaderModel(base, int8=base != p)
             tokenizer = transformers.AutoTokenizer.from_pretrained(base, trust_remote_code=False)
             return cls(model, tokenizer, config or ReaderConfig.from_dir(base), name=str(Path(base).resolve()) + p[len(base):])
@@ -226,7 +239,9 @@ class Reader(nn.Module):
         cfg = config or ReaderConfig.from_dir(path)
         if cfg.max_length > model.config.max_position_embeddings:
             raise DenseprError(f"max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions")
-        return cls(model, tokenizer, cfg, name=str(path.resolve())).to(device or default_device()).eval()
+        dev = torch.device(device) if device is not None else default_device()
+        reader = cls(model, tokenizer, cfg, name=str(path.resolve())).to(dev).eval()
+        return reader.to(inference_dtype(dev, precision)) if precision != "fp32" else reader
 
     @staticmethod
     def _from_bert(path: Path, hf) -> nn.Module:
