@@ -53,3 +53,25 @@ def test_reader_rules_script_reports_every_rule(tmp_path):
     row = json.loads(out.read_text())["readers"][str(reader)]
     assert row["questions"] == 3 and all(f"{r}@{k}" in row for r in ("paper", "span", "sel+span") for k in (1, 5, 10, 20))
     assert 0 <= row["given_passage_em"] <= 100 and row["with_answer_in_depth"] == sum(any(c["has_answer"] for c in r["ctxs"]) for r in recs)
+
+
+def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
+    run = tmp_path / "run"
+    (run / "stages" / "qa-b.partial").mkdir(parents=True)
+    (run / "stages" / "qa-b.partial" / "readings-0000000.json").write_text("[]")
+    (run / "qa").mkdir()
+    cell = {"em": 10.0, "f1": 12.0, "em_answerable": 20.0, "f1_answerable": 24.0, "retrieval_topk": 50.0}
+    for name, limit, n in (("a", None, 700), ("c", 100, 100), ("d", None, 2000)):
+        res = {"n_all": n, "n_answerable": n // 2, "modes": {"dense": {"k": {"1": cell, "5": cell}}},
+               "gold": {"questions": n // 3, "em": 30.0, "f1": 31.0}, "seconds": 60.0, "passages_read": 30 * n}  # fmt: skip
+        (run / "qa" / f"{name}.json").write_text(json.dumps(res))
+        (run / "stages" / f"qa-{name}.json").write_text(json.dumps({"settings": {"set": f"{name}-test", "limit": limit, "ks": [1, 5]},
+                                                                    "finished": "2026-12-05T10:00:00", "seconds": 61.0}))  # fmt: skip
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "qa-results.json").read_text())
+    assert list(res["sets"]) == ["d-test", "a-test"] and res["pending_pieces"] == {"b": 1}  # largest first; c was read at 100
+    assert "d-test (2000 q, 1000 answerable)" in (out / "qa-results.md").read_text() and (out / "qa-em.png").stat().st_size > 0
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--limit", "5", "-o", str(out)], cwd=BENCH, capture_output=True, text=True)
+    assert proc.returncode == 1 and "no end-to-end set recorded yet with --qa-limit 5" in proc.stderr

@@ -1,0 +1,64 @@
+"""The end-to-end sets a ``densepr reproduce --profile dpr`` run has read so far, collected while it runs.
+
+Reading all five full test sets (``--qa-limit all``) takes hours on 2 CPU cores and may span several
+sessions (each ``qa-<set>`` stage resumes from its finished pieces). This collects the sets whose stage is
+recorded (finished, at the run's current settings) into one ``qa-results.json`` in the format of
+``densepr evaluate-qa`` (with each set's question limit, seconds and passages read), renders its tables
+and plot with the same code as the run's report, and lists the sets still being read and how far.
+
+    python benchmarks/qa_sets.py --run runs/dpr [--limit all] -o benchmarks/results/qa/full
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import machine_info
+
+from densepr.evaluate.report import plot_qa, qa_markdown
+from densepr.fileio import atomic_write, read_json, write_json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, default=Path("runs/dpr"), help="a `densepr reproduce --profile dpr` output directory")
+    ap.add_argument("--limit", default="all", help="collect the sets read with this --qa-limit (a number, or 'all')")
+    ap.add_argument("-o", "--output", type=Path, required=True, help="directory for qa-results.json, .md and qa-em.png")
+    args = ap.parse_args()
+    limit = None if args.limit == "all" else int(args.limit)
+    stages = args.run / "stages"
+    sets, pending, ks = {}, {}, None
+    for rec_path in sorted(stages.glob("qa-*.json")):
+        rec = read_json(rec_path)
+        name, settings = rec["settings"]["set"], rec["settings"]
+        if settings["limit"] != limit:
+            continue  # read with another --qa-limit (e.g. the default run's first 100 questions)
+        res = read_json(args.run / "qa" / f"{rec_path.stem[len('qa-'):]}.json")
+        ks = ks or settings["ks"]
+        sets[name] = {**res, "limit": settings["limit"], "finished": rec["finished"], "stage_seconds": rec["seconds"]}
+    for partial in sorted(stages.glob("qa-*.partial")):
+        pending[partial.name[len("qa-") : -len(".partial")]] = len(list(partial.glob("readings-*.json")))
+    if not sets:
+        raise SystemExit(f"{args.run}: no end-to-end set recorded yet with --qa-limit {args.limit}")
+    # largest first in the table, as the paper lists them
+    results = {"run": str(args.run), "ks": ks, "sets": dict(sorted(sets.items(), key=lambda kv: -kv[1]["n_all"]))}
+    md = qa_markdown(results)
+    md += "\n| dataset | questions (limit) | passages read | seconds | finished |\n|---|---:|---:|---:|---|\n"
+    md += "".join(f"| {n} | {r['n_all']} ({r['limit'] or 'all'}) | {r['passages_read']:,} | {r['seconds']:,.0f} | {r['finished']} |\n"
+                  for n, r in results["sets"].items())  # fmt: skip
+    if pending:
+        md += "\nStill being read (finished pieces of 250 questions): " + ", ".join(f"{n} {p}" for n, p in pending.items()) + "\n"
+    print(md)
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json(args.output / "qa-results.json", {**results, "pending_pieces": pending, "command": f"python benchmarks/qa_sets.py --run {args.run} --limit {args.limit} -o {args.output}",
+                                                 "date": time.strftime("%Y-%m-%d"), "machine": machine_info()})  # fmt: skip
+    with atomic_write(args.output / "qa-results.md") as fh:
+        fh.write(md)
+    plot_qa(results, args.output / "qa-em.png")
+    print(f"wrote {args.output}/qa-results.json, qa-results.md, qa-em.png")
+
+
+if __name__ == "__main__":
+    main()
