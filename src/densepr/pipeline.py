@@ -161,10 +161,11 @@ def _load_piece(path: Path, counts: list[int]) -> list[list[Reading]] | None:
 
 def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]],
                    directory: Path | None, batch_size: int = 64, progress=None, size: int | None = None) -> list[list[Reading]]:  # fmt: skip
-    """:meth:`Reader.read`, ``size`` questions at a time, each piece's readings written to
-    ``directory/readings-<first question>.json`` (atomically) and read back instead of read again, so a
-    killed evaluation resumes where it stopped (``size``: default :data:`PIECE_QUESTIONS`). The caller keys ``directory`` to the inputs (reader,
-    questions, passages): pieces are trusted when their shape fits. ``directory=None``: one read, nothing kept.
+    """:meth:`Reader.read`, ``size`` questions at a time (default :data:`PIECE_QUESTIONS`), each piece's
+    readings written to ``directory/readings-<first question>.json`` (atomically) and read back instead of
+    read again, so a killed evaluation resumes where it stopped. The caller keys ``directory`` to the inputs
+    (reader, questions, passages; :class:`~densepr.stages.StageRunner` does, by fingerprint): a piece is
+    trusted when its shape fits, else read again. ``directory=None``: one read, nothing kept.
     """
     if directory is None:
         return reader.read(questions, passages, batch_size, progress)
