@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -104,6 +105,28 @@ def test_qa_limit_overrides_the_reader_plan_and_is_not_compared_with_the_default
             ReproduceConfig(**bad)
     with pytest.raises(DenseprError, match="'some'"):
         _qa_limit("some")
+
+
+def test_read_precision_overrides_the_reader_plan_and_only_a_non_default_one_enters_the_qa_fingerprint(tmp_path):
+    import densepr.reproduce as rp
+    from densepr.data.qa import QA, QASet
+    from densepr.errors import DenseprError
+
+    assert ReproduceConfig(profile="dpr").reader.read_precision == "fp32"
+    half = ReproduceConfig(profile="dpr", read_precision="bf16")
+    assert half.reader.read_precision == "bf16" and not uses_defaults(half)
+    for bad, message in (({"profile": "full", "read_precision": "bf16"}, "profiles with a reader"),
+                         ({"profile": "dpr", "read_precision": "fp16"}, "fp32, bf16, auto")):  # fmt: skip
+        with pytest.raises(DenseprError, match=message):
+            ReproduceConfig(**bad)
+    qas = QASet("set-a", [QA("who wrote hamlet", ("Shakespeare",))])
+    settings = {p: rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", read_precision=p), lambda m: None, False).qa(qas).settings
+                for p in ("fp32", "bf16")}  # fmt: skip
+    assert "precision" not in settings["fp32"] and settings["bf16"]["precision"] == "bf16"  # float32 runs keep their records
+    # a summary recorded before the field existed read in float32: its EM is still compared
+    summary = {"config": {"reader": asdict(ReproduceConfig(profile="dpr").reader)}}
+    recorded = {k: v for k, v in summary["config"]["reader"].items() if k != "read_precision"}
+    assert not rp.reader_recipe_changed(summary, {"dpr": {"config": {"reader": recorded}}}, "dpr")
 
 
 def test_gradient_caching_is_a_training_setting_still_checked_against_the_committed_figures():

@@ -45,7 +45,7 @@ def cpu_has_bf16() -> bool:
 def inference_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype:
     """The weights' dtype for inference on ``device``. ``fp32``: as trained. ``bf16``: bfloat16 weights
     (on a CPU without native bf16 this is emulated and slower). ``auto``: bfloat16 on CPUs with native
-    bf16, where reading measured ~1.9x faster (benchmarks/reader_precision.py), else float32. GPUs
+    bf16, where reading measured 1.64x faster (benchmarks/reader_precision.py), else float32. GPUs
     keep float32 weights either way: :func:`autocast` already runs them in half precision."""
     if precision not in PRECISIONS:
         raise DenseprError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
