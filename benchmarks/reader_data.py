@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="epochs at every size (the reproduce reader's best checkpoint: epoch 2 of 3)")
     ap.add_argument("--eval", type=int, default=500, help="held-out questions read (their best-ranked answer-bearing passage)")
     ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--precision", default="fp32", help="training precision (fp32, bf16: bf16 autocast on the CPU); the readers of each are kept apart")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", type=Path, default=Path("runs/reader-data-curve"))
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "data-curve.json")
@@ -92,11 +93,12 @@ def main() -> None:
     usable = usable_rows(train_files, heldout, depth)  # read once: the files are ~115 MB each
     rows = []
     for n in sizes:
-        name = f"q{n or 'all'}"
+        name = f"q{n or 'all'}" + ("" if args.precision == "fp32" else f"-{args.precision}")
         run_dir = args.workdir / name
         files, counts = write_subset(usable, depth, n, args.seed, args.workdir / "data" / name)
         cfg = ReaderTrainConfig(train_files=files, output_dir=str(run_dir / "reader"), init=init, epochs=args.epochs,
-                                save_every=10**9, seed=args.seed, **{k: v for k, v in recipe.items() if k != "seed"})  # fmt: skip
+                                save_every=10**9, seed=args.seed, **{k: v for k, v in recipe.items() if k not in ("seed", "precision")},
+                                precision=args.precision)  # fmt: skip
         done = run_dir / "done.json"
         if done.is_file() and read_json(done).get("config") == json.loads(json.dumps(asdict(cfg))):
             record = read_json(done)
@@ -111,7 +113,7 @@ def main() -> None:
         reader.eval()
         readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
         kept = read_json(run_dir / "reader" / "data.json")["kept"]  # the trainer's count (it locates the answers itself)
-        rows.append({"questions": kept, **counts, "epochs": args.epochs, "train_seconds": record["seconds"],
+        rows.append({"questions": kept, **counts, "epochs": args.epochs, "precision": args.precision, "train_seconds": record["seconds"],
                      "steps": record["steps"], **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
         print(f"{name}: {kept} questions, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
 
@@ -132,7 +134,7 @@ def main() -> None:
     if "questions_for_em_50_at_last_rate" in fit:
         q50 = fit["questions_for_em_50_at_last_rate"]
         print(f"50% EM at the last rate: {f'{q50:,} questions' if q50 else 'never (no rise)'} (an extrapolation, not measured)")
-    write_json(args.json, {"command": f"python benchmarks/reader_data.py --run {args.run} --questions {args.questions} --epochs {args.epochs} --eval {args.eval}",
+    write_json(args.json, {"command": f"python benchmarks/reader_data.py --run {args.run} --questions {args.questions} --epochs {args.epochs} --eval {args.eval} --precision {args.precision}",
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1),
                            "held_out_questions": len(gold), "recipe": recipe, "results": rows, "growth": fit})  # fmt: skip
     print(f"wrote {args.json}")

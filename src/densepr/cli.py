@@ -763,6 +763,8 @@ def train_reader_cmd(
     max_questions: Annotated[Optional[int], typer.Option(help="Train on the first N usable questions only.")] = _default(ReaderTrainConfig, "max_questions"),
     span_loss: Annotated[str, typer.Option(help="positive: DPR's span loss within the positive passage; shared: normalised over all M passages (span scores then compare across passages).")] = _default(ReaderTrainConfig, "span_loss"),
     head_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the selection and span heads (default: --lr).")] = _default(ReaderTrainConfig, "head_lr"),
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast on the CPU (auto: where the CPU has native bf16; 1.4x a step measured there, "
+                                                "benchmarks/train_precision.py; weights and optimizer stay float32).")] = _default(ReaderTrainConfig, "precision"),
     seed: int = _default(ReaderTrainConfig, "seed"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     device: DeviceOpt = None,
@@ -780,7 +782,7 @@ def train_reader_cmd(
         match="regex" if regex else "string", passages=passages, depth=depth, batch_size=batch_size, epochs=epochs, lr=lr,
         warmup_steps=warmup_steps, seed=seed, max_length=max_length, max_answer_length=max_answer_length,
         dropout=dropout, save_every=save_every, eval_every=eval_every, dev_limit=dev_limit, max_steps=max_steps, max_questions=max_questions,
-        span_loss=span_loss, head_lr=head_lr,
+        span_loss=span_loss, head_lr=head_lr, precision=precision,
     )  # fmt: skip
     result = train_reader(cfg, resume=resume, device=device, log=_log)
     best = output / ("best" if (output / "best").is_dir() else "final")

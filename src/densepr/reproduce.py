@@ -473,7 +473,7 @@ class Job:
             cfg, runner = config(), self.runner
             resume = None
             if runner.rank == 0:
-                resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), asdict(cfg))
+                resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), cfg)
                 if not resume:
                     remove_tree(run_dir)  # a run of other settings (or none): start afresh
             resume = runner.sync(resume)
@@ -620,13 +620,14 @@ class Job:
         def build() -> Path:
             from densepr.train.reader import train_reader
 
-            resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), asdict(cfg))
+            resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), cfg)
             if not resume:
                 remove_tree(run_dir)  # a run of other settings (or none): start afresh
             self.timed("train reader", train_reader, cfg, resume=resume, device=self.cfg.device, show_progress=self.show_progress, log=self.log)
             return run_dir / "best"
 
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "dev_file", "holdout", "init")}
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "dev_file", "holdout", "init")
+                    and not (k == "precision" and v == "fp32")}  # float32 runs keep the fingerprints they were recorded with
         settings["init"] = "embedded"
         return Stage("train-reader", build, lambda: run_dir / "best", settings, ("reader-data",), [run_dir / "best"])
 
@@ -793,10 +794,13 @@ def process_group(device: str | None) -> tuple[int, Callable]:
     return dist.get_rank(), sync
 
 
-def _same_run(saved: dict, now: dict) -> bool:
-    """Whether a training run directory holds a run of these settings (so it may be resumed)."""
-    now = json.loads(json.dumps(now))
-    return all(saved.get(k) == v for k, v in now.items() if k != "max_steps")
+def _same_run(saved: dict, cfg) -> bool:
+    """Whether a training run directory holds a run of these settings (so it may be resumed); a config
+    saved before a field existed had its default."""
+    from densepr.train.checkpoint import field_defaults
+
+    saved = {**field_defaults(cfg), **saved}
+    return all(saved.get(k) == v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "max_steps")
 
 
 def _trained(run_dir: Path) -> Path:

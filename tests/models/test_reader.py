@@ -340,6 +340,12 @@ def test_reader_training_learns_and_resumes_to_the_same_weights(tmp_path, reader
         train_reader(cfg, device="cpu", show_progress=False)
     with pytest.raises(DenseprError, match="different configuration"):
         train_reader(_cfg(tmp_path / "b", train, reader_dir, **{**kw, "lr": 0.5}), resume=True, device="cpu", show_progress=False)
+    # a run saved before a config field existed (here: precision) had its default, and resumes
+    saved = json.loads((tmp_path / "b/run/config.json").read_text())
+    del saved["precision"]
+    (tmp_path / "b/run/config.json").write_text(json.dumps(saved))
+    with pytest.raises(DenseprError, match=r"different configuration \(precision\)"):
+        train_reader(_cfg(tmp_path / "b", train, reader_dir, **{**kw, "precision": "bf16"}), resume=True, device="cpu", show_progress=False)
     train_reader(cfg, resume=True, device="cpu", show_progress=False)
     a = load_file(str(tmp_path / "a/run/checkpoint/reader/model.safetensors"))
     b = load_file(str(tmp_path / "b/run/checkpoint/reader/model.safetensors"))
@@ -356,6 +362,14 @@ def test_shared_span_loss_and_head_learning_rate_train(tmp_path, reader_dir):
     assert np.mean(acc[-3:]) > np.mean(acc[:3])
     with pytest.raises(DenseprError, match="span-loss"):
         train_reader(_cfg(tmp_path / "b", train, reader_dir, span_loss="global"), device="cpu", show_progress=False)
+    # bf16 autocast on the CPU: the same recipe trains (weights stay float32), within a few % of float32's first loss
+    train_reader(_cfg(tmp_path / "c", train, reader_dir, **{**kw, "epochs": 1}), device="cpu", show_progress=False)
+    train_reader(_cfg(tmp_path / "d", train, reader_dir, **{**kw, "epochs": 1, "precision": "bf16"}), device="cpu", show_progress=False)
+    first = [json.loads((tmp_path / x / "run/metrics.jsonl").read_text().splitlines()[0])["loss"] for x in ("c", "d")]
+    assert first[1] == pytest.approx(first[0], rel=0.05) and first[1] != first[0]
+    assert {v.dtype for v in load_file(str(tmp_path / "d/run/best/model.safetensors")).values()} == {torch.float32}
+    with pytest.raises(DenseprError, match="precision 'half'"):
+        train_reader(_cfg(tmp_path / "e", train, reader_dir, precision="half"), device="cpu", show_progress=False)
 
 
 def test_retrieval_files_without_passages_are_refused(tmp_path, reader_dir):

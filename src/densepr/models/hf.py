@@ -54,12 +54,15 @@ def inference_dtype(device: torch.device, precision: str = "fp32") -> torch.dtyp
     return torch.bfloat16 if precision == "bf16" or cpu_has_bf16() else torch.float32
 
 
-def autocast(device: torch.device, training: bool = False) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, training: bool = False, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """The mixed-precision policy: bfloat16 on GPUs that have it; for inference float16 on
     older GPUs (no gradients to underflow); full float32 on the CPU (bf16 autocast measured 1.4x
     faster on a CPU with native bf16, benchmarks/train_precision.py, but its accuracy is untested;
-    inference there can use bf16 weights instead, :func:`inference_dtype`)."""
+    inference there can use bf16 weights instead, :func:`inference_dtype`). ``precision`` ``bf16``
+    (or ``auto`` on a CPU with native bf16) asks for bf16 autocast on the CPU too."""
     if device.type != "cuda":
+        if inference_dtype(device, precision) == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
     if torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,11 @@ def save_best(out: Path, save_models: Callable[[Path], None], validation: dict) 
     _swap_in(tmp, out / "best")
 
 
+def field_defaults(cfg: Any) -> dict:
+    """The JSON form of a config dataclass's field defaults (what a config saved before a field existed meant)."""
+    return json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING}))
+
+
 def start_run(out: Path, cfg: Any, resume: bool, main: bool = True) -> Path | None:
     """The checkpoint to resume from (None for a fresh run), after the checks every trainer makes.
 
@@ -96,6 +101,7 @@ def start_run(out: Path, cfg: Any, resume: bool, main: bool = True) -> Path | No
         raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")
     if ckpt is not None:
         saved, mine = read_json(out / "config.json"), json.loads(json.dumps(asdict(cfg)))
+        saved = {**field_defaults(cfg), **saved}  # a config saved before a field existed had its default
         diff = sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
         if diff:
             raise DenseprError(f"{out}: --resume with a different configuration ({', '.join(diff)}); use the same options")

@@ -31,7 +31,7 @@ from densepr.errors import DenseprError, InputError
 from densepr.evaluate.answers import has_answer
 from densepr.evaluate.qa import exact_match, f1_score
 from densepr.fileio import remove_tree, write_json
-from densepr.models.hf import autocast
+from densepr.models.hf import PRECISIONS, autocast
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
@@ -187,6 +187,8 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         raise DenseprError("--passages and --batch-size must be positive")
     if cfg.span_loss not in SPAN_LOSSES:
         raise DenseprError(f"--span-loss {cfg.span_loss!r}: choose one of {', '.join(SPAN_LOSSES)}")
+    if cfg.precision not in PRECISIONS:
+        raise DenseprError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     ckpt = start_run(out, cfg, resume)
     torch.manual_seed(cfg.seed)
     rcfg = ReaderConfig(max_length=cfg.max_length, max_answer_length=cfg.max_answer_length)
@@ -253,7 +255,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
                 t0 = time.perf_counter()
                 ids = order[state["batch"] * cfg.batch_size : (state["batch"] + 1) * cfg.batch_size]
                 windows, mask, spans = build_batch(reader, examples, ids, state["epoch"], cfg)
-                with autocast(dev, training=True):  # length-sorted pieces: padding only to each piece's longest window
+                with autocast(dev, training=True, precision=cfg.precision):  # length-sorted pieces: padding only to each piece's longest window
                     start, end, rel, text_mask = reader.forward_windows(windows, cfg.piece)
                 sel_loss, span_loss = Reader.loss(start.float(), end.float(), rel.float(), text_mask, mask.to(dev), spans,
                                                   shared=cfg.span_loss == "shared")  # fmt: skip
