@@ -179,7 +179,8 @@ def qa_markdown(results: dict) -> str:
 
 
 def plot_qa(results: dict, path: str | os.PathLike[str]) -> None:
-    """End-to-end EM against the number of passages read, one panel per set (cf. DPR's Figure 3)."""
+    """End-to-end EM against the number of passages read, one panel per set (cf. DPR's Figure 3): DPR's rule
+    solid, the fused selection (when tuned) dotted in the same colour, the gold-passage bound dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,8 +191,11 @@ def plot_qa(results: dict, path: str | os.PathLike[str]) -> None:
     for col, name in enumerate(sets):
         ax = axes[0][col]
         res = results["sets"][name]
-        for mode, entry in res["modes"].items():
-            ax.plot(ks, [entry["k"][str(k)]["em"] for k in ks], marker="o", label=mode, linewidth=1.6)
+        for i, (mode, entry) in enumerate(res["modes"].items()):
+            color = f"C{i}"
+            ax.plot(ks, [entry["k"][str(k)]["em"] for k in ks], marker="o", label=f"{mode}, DPR's rule", linewidth=1.6, color=color)
+            if "fused" in entry:  # the selection tuned on held-out questions, beside DPR's rule
+                ax.plot(ks, [entry["fused"]["k"][str(k)]["em"] for k in ks], marker="s", linestyle=":", label=f"{mode}, fused", linewidth=1.6, color=color)
         if "gold" in res:
             ax.axhline(res["gold"]["em"], color="grey", linestyle="--", linewidth=1, label="gold passage")
         ax.set_xscale("log")
