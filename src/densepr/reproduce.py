@@ -52,7 +52,7 @@ from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.machine import machine_info
 from densepr.models.encoder import Encoder, load_biencoder
-from densepr.models.hf import PRECISIONS
+from densepr.models.hf import check_precision
 from densepr.progress import progress_bar
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
@@ -253,9 +253,8 @@ class ReproduceConfig:
         if self.read_precision is not None:
             if self.reader is None:
                 raise DenseprError(f"--read-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
-            if self.read_precision not in PRECISIONS:  # one clear error before any stage runs
-                raise DenseprError(f"--read-precision {self.read_precision!r}: use one of {', '.join(PRECISIONS)}")
-            self.reader = replace(self.reader, read_precision=self.read_precision)
+            # a bad value: one clear error before any stage runs
+            self.reader = replace(self.reader, read_precision=check_precision(self.read_precision, "--read-precision"))
         if self.plan is not None and self.encoder is not None:
             raise DenseprError("profile dpr trains from the embedded encoder; --encoder applies to the zero-shot profiles")
         self.out_dir = Path(self.out_dir)
@@ -795,12 +794,10 @@ def process_group(device: str | None) -> tuple[int, Callable]:
 
 
 def _same_run(saved: dict, cfg) -> bool:
-    """Whether a training run directory holds a run of these settings (so it may be resumed); a config
-    saved before a field existed had its default."""
-    from densepr.train.checkpoint import field_defaults
+    """Whether a training run directory holds a run of these settings (so it may be resumed)."""
+    from densepr.train.checkpoint import config_diff
 
-    saved = {**field_defaults(cfg), **saved}
-    return all(saved.get(k) == v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "max_steps")
+    return not config_diff(saved, cfg)
 
 
 def _trained(run_dir: Path) -> Path:

@@ -42,14 +42,19 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def check_precision(precision: str, flag: str = "precision") -> str:
+    """``precision`` when it is one of :data:`PRECISIONS`; else one clear error naming ``flag``."""
+    if precision not in PRECISIONS:
+        raise DenseprError(f"{flag} {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
 def inference_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype:
     """The weights' dtype for inference on ``device``. ``fp32``: as trained. ``bf16``: bfloat16 weights
     (on a CPU without native bf16 this is emulated and slower). ``auto``: bfloat16 on CPUs with native
     bf16, where reading measured 1.64x faster (benchmarks/reader_precision.py), else float32. GPUs
     keep float32 weights either way: :func:`autocast` already runs them in half precision."""
-    if precision not in PRECISIONS:
-        raise DenseprError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if device.type != "cpu" or precision == "fp32":
+    if device.type != "cpu" or check_precision(precision) == "fp32":
         return torch.float32
     return torch.bfloat16 if precision == "bf16" or cpu_has_bf16() else torch.float32
 

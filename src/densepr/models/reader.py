@@ -43,6 +43,7 @@ from densepr.fileio import write_json
 from densepr.models.hf import (
     autocast,
     check_model_dir,
+    check_precision,
     check_vocab,
     default_device,
     inference_dtype,
@@ -216,7 +217,7 @@ class Reader(nn.Module):
         p = str(path)
         base = p[: -len("#int8")] if p.endswith("#int8") else p
         if is_onnx_dir(base, READER_KIND):
-            if inference_dtype(torch.device("cpu"), precision) != torch.float32 and precision != "auto":
+            if check_precision(precision) == "bf16":
                 raise DenseprError(f"{base}: an ONNX reader runs as exported (float32, or DIR#int8), not in {precision}")
             model = OnnxReaderModel(base, int8=base != p)
             tokenizer = transformers.AutoTokenizer.from_pretrained(base, trust_remote_code=False)

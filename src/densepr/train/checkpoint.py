@@ -83,9 +83,12 @@ def save_best(out: Path, save_models: Callable[[Path], None], validation: dict) 
     _swap_in(tmp, out / "best")
 
 
-def field_defaults(cfg: Any) -> dict:
-    """The JSON form of a config dataclass's field defaults (what a config saved before a field existed meant)."""
-    return json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING}))
+def config_diff(saved: dict, cfg: Any) -> list[str]:
+    """The fields (but ``max_steps``, which a resume may change) where a saved ``config.json`` differs from
+    the config dataclass ``cfg``; a config saved before a field existed had that field's default."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING}))
+    saved, mine = {**defaults, **saved}, json.loads(json.dumps(asdict(cfg)))
+    return sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
 
 
 def start_run(out: Path, cfg: Any, resume: bool, main: bool = True) -> Path | None:
@@ -100,9 +103,7 @@ def start_run(out: Path, cfg: Any, resume: bool, main: bool = True) -> Path | No
     if ckpt is None and main and (out / "checkpoint").exists():
         raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")
     if ckpt is not None:
-        saved, mine = read_json(out / "config.json"), json.loads(json.dumps(asdict(cfg)))
-        saved = {**field_defaults(cfg), **saved}  # a config saved before a field existed had its default
-        diff = sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
+        diff = config_diff(read_json(out / "config.json"), cfg)
         if diff:
             raise DenseprError(f"{out}: --resume with a different configuration ({', '.join(diff)}); use the same options")
     return ckpt

@@ -31,7 +31,7 @@ from densepr.errors import DenseprError, InputError
 from densepr.evaluate.answers import has_answer
 from densepr.evaluate.qa import exact_match, f1_score
 from densepr.fileio import remove_tree, write_json
-from densepr.models.hf import PRECISIONS, autocast
+from densepr.models.hf import autocast, check_precision
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
@@ -187,8 +187,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
         raise DenseprError("--passages and --batch-size must be positive")
     if cfg.span_loss not in SPAN_LOSSES:
         raise DenseprError(f"--span-loss {cfg.span_loss!r}: choose one of {', '.join(SPAN_LOSSES)}")
-    if cfg.precision not in PRECISIONS:
-        raise DenseprError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(cfg.precision, "--precision")
     ckpt = start_run(out, cfg, resume)
     torch.manual_seed(cfg.seed)
     rcfg = ReaderConfig(max_length=cfg.max_length, max_answer_length=cfg.max_answer_length)
