@@ -46,6 +46,13 @@ def same_spans(a: Path, b: Path) -> tuple[int, int]:
     return same, total
 
 
+def dtype_of(reader: Reader) -> str:
+    """The reader's weight type: torch's dtype, or the ONNX export's file."""
+    if hasattr(reader.model, "parameters"):
+        return str(next(reader.model.parameters()).dtype)
+    return "onnx int8" if getattr(reader.model, "int8", False) else "onnx float32"
+
+
 def timed(reader: Reader, seconds: dict, key: str) -> Reader:
     """``reader`` whose :meth:`Reader.read` adds its wall seconds to ``seconds[key]`` (reading only, not retrieval)."""
     real = reader.read
@@ -65,7 +72,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/dpr"), help="a `densepr reproduce --profile dpr` output directory")
     ap.add_argument("--sets", default="nq-test", help="embedded test sets, comma-separated")
     ap.add_argument("--questions", type=int, default=200, help="first N questions of each set")
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="fp32, bf16, auto (PyTorch weights) and onnx, int8 (the --onnx export; int8: its quantised model)")
+    ap.add_argument("--onnx", type=Path, help="a `densepr export-onnx READER DIR --int8` directory, for --precisions onnx/int8")
     ap.add_argument("--modes", default="dense,bm25")
     ap.add_argument("--ks", default="1,5,10,20")
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "precision.json")
@@ -77,7 +86,10 @@ def main() -> None:
     data = EmbeddedData()
     retriever = Retriever.load(args.run, device="cpu")
     matcher = AnswerMatcher(retriever.corpus.texts)  # built once, outside the timings
-    readers = {p: Reader.load(args.run / "reader", "cpu", precision=p) for p in precisions}
+    if {"onnx", "int8"} & set(precisions) and args.onnx is None:
+        raise SystemExit("--precisions onnx/int8 need --onnx DIR (made by `densepr export-onnx RUN/reader DIR --int8`)")
+    readers = {p: Reader.load(f"{args.onnx}#int8" if p == "int8" else args.onnx, "cpu") if p in ("onnx", "int8")
+               else Reader.load(args.run / "reader", "cpu", precision=p) for p in precisions}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets.split(","):
@@ -92,7 +104,7 @@ def main() -> None:
                 same, total = same_spans(Path(tmp) / name / base, Path(tmp) / name / p)
                 r = res[p]
                 rows.append({"set": name, "questions": len(qas), "precision": p,
-                             "dtype": str(next(readers[p].model.parameters()).dtype), "seconds": r["seconds"], "read_seconds": read_s[p],
+                             "dtype": dtype_of(readers[p]), "seconds": r["seconds"], "read_seconds": read_s[p],
                              "passages": r["passages_read"], "passages_per_s": round(r["passages_read"] / read_s[p], 1),
                              "speedup": round(read_s[base] / read_s[p], 2), "same_span": round(same / max(1, total), 4),
                              "em": {m: {rule: {k: v["em"] for k, v in per["k"].items()}
@@ -108,7 +120,7 @@ def main() -> None:
         print(f"| {r['set']} | {r['precision']} | {r['read_seconds']} | {r['passages_per_s']} | {r['speedup']}x | "
               f"{100 * r['same_span']:.1f}% | {fused[str(max(ks))]} | {r['em_given_passage']} |")
     write_json(args.json, {"command": f"python benchmarks/reader_precision.py --run {args.run} --sets {args.sets} --questions {args.questions} "
-                                      f"--precisions {args.precisions} --modes {args.modes} --ks {args.ks}",
+                                      f"--precisions {args.precisions}{f' --onnx {args.onnx}' if args.onnx else ''} --modes {args.modes} --ks {args.ks}",
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "cpu_native_bf16": cpu_has_bf16(),
                            "threads": torch.get_num_threads(), "results": rows})  # fmt: skip
     print(f"wrote {args.json}")

@@ -7,6 +7,7 @@ Errors from bad input print one line (file, line, field, what was expected) and 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import MISSING
 from pathlib import Path
@@ -846,6 +847,20 @@ def answer_cmd(
     out.print(Panel(body, title=f"#{h.rank}  {h.title}  [dim](id {h.id})[/dim]", title_align="left"))
 
 
+def _read_qa_results(output: Path) -> dict:
+    """The sets an earlier ``evaluate-qa`` wrote into ``output`` (none when absent or unreadable: read again)."""
+    from densepr.fileio import read_json
+
+    if not (output / "qa-results.json").is_file():
+        return {}
+    try:
+        sets = read_json(output / "qa-results.json").get("sets", {})
+    except (DenseprError, AttributeError) as e:
+        _log(f"{output}/qa-results.json: unreadable ({e}); its sets are read again")
+        return {}
+    return sets if isinstance(sets, dict) else {}
+
+
 def _write_qa(output: Path, results: dict) -> None:
     from densepr.evaluate.report import plot_qa, qa_markdown
     from densepr.fileio import atomic_write, write_json
@@ -920,15 +935,20 @@ def evaluate_qa_cmd(
     regex: RegexOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "fp32",
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Keep sets already read into --output with the same inputs, and resume a killed set from its finished pieces (250 questions each).")] = True,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k."""
+    """End-to-end QA: exact match and F1 (SQuAD normalisation; regex for CuratedTREC) per retrieval mode and k.
+
+    A killed run, started again with the same command, keeps the sets it finished and resumes the set it
+    was reading from its last finished piece of 250 questions (kept in <output>/pieces/ until the set is done)."""
     index = _index(index)
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import qa_markdown
+    from densepr.fileio import remove_tree
     from densepr.models.reader import Reader
-    from densepr.pipeline import evaluate_qa
+    from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
     from densepr.retrieve.retriever import Retriever
 
@@ -937,18 +957,36 @@ def evaluate_qa_cmd(
     r = Retriever.load(index, device=device)
     for m in mode_list:
         r.check_mode(m)
-    rd = Reader.load(_default_reader(reader, index), device, precision=precision)
+    reader_dir = _default_reader(reader, index)
+    rd = Reader.load(reader_dir, device, precision=precision)
     matcher = AnswerMatcher(r.corpus.texts)
     results = {"reader": rd.name, "precision": precision, "index": str(index), "ks": k_list, "modes": mode_list, "limit": limit, "sets": {}}
+    before = _read_qa_results(output) if resume else {}
     for spec in qa:
         qas = _load_qa(spec, limit, regex, cache_dir)
+        key = reading_key(str(reader_dir).split("#")[0], index, qas, mode_list, k_list, gold, precision)
+        if before.get(qas.name, {}).get("key") == key:
+            results["sets"][qas.name] = before[qas.name]
+            _log(f"{qas.name}: already read into {output} with the same inputs; kept (--no-resume reads it again)")
+            continue
+        set_pieces = output / "pieces" / re.sub(r"[^A-Za-z0-9._-]", "_", qas.name)
+        for other in set_pieces.glob("*") if set_pieces.is_dir() else ():
+            if other.name != key[:16] or not resume:
+                remove_tree(other)  # pieces of other inputs (another reader, k, ...), or --no-resume
+        pieces = set_pieces / key[:16]
+        pieces.mkdir(parents=True, exist_ok=True)
+        if kept := len(list(pieces.glob("readings-*.json"))):
+            _log(f"{qas.name}: resuming; {kept} finished piece(s) of questions kept in {pieces}")
         with progress_bar(None, f"read {qas.name}", True, unit="window") as advance:
-            res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance)
-        results["sets"][qas.name] = res
+            res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance, pieces=pieces)
+        results["sets"][qas.name] = {**res, "key": key}
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s; best EM "
              + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
         _write_qa(output, results)  # after every set: a long run keeps what it finished
+        remove_tree(set_pieces)  # the set's result is written: its pieces are no longer needed
+        if not any((output / "pieces").iterdir()):
+            (output / "pieces").rmdir()
     out.print(qa_markdown(results))
     out.print(f"written to {output}/qa-results.json, qa-results.md, qa-em.png")
 

@@ -10,6 +10,8 @@ that several modes retrieved.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.qa import exact_match, f1_score, normalize_answer
-from densepr.fileio import read_json, write_json
+from densepr.fileio import read_json, sha256_file, write_json
 from densepr.models.reader import CONFIG_NAME, PAPER_SELECTION, Reader, Reading, Selection, best_reading
 from densepr.ranking import Hit
 from densepr.retrieve.modes import GOLD_ORDER, Mode
@@ -179,6 +181,32 @@ def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[
             write_json(path, [[_encode_reading(r) for r in rd] for rd in got], indent=None)
         out += got
     return out
+
+
+IDENTITY_HASH_BYTES = 16 << 20  # files below this are identified by content, larger ones by size and time
+
+
+def _identity(root: Path, paths: Sequence[Path]) -> list:
+    """Each file under ``paths``: its content's sha256 when small, else its size and modification time
+    (hashing a 21M-passage corpus or a model's weights at every call would take long)."""
+    files = sorted({f for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()})
+    return [[os.path.relpath(f, root), sha256_file(f) if f.stat().st_size < IDENTITY_HASH_BYTES else [f.stat().st_size, f.stat().st_mtime_ns]]
+            for f in files]  # fmt: skip
+
+
+def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str], qas: QASet, modes: Sequence[str],
+                ks: Sequence[int], gold: bool, precision: str) -> str:  # fmt: skip
+    """sha256 of what one :func:`evaluate_qa` of ``qas`` depends on, so that kept pieces of its readings
+    (and a finished result) are reused only for the same inputs: the reader's files, the index's
+    (passages, BM25 and dense manifests, hybrid weight, the question encoder), the questions and answers,
+    the modes, ks, ``gold`` and the reader's precision."""
+    reader_dir, index = Path(reader_dir), Path(index)
+    parts = [index / n for n in ("passages.tsv", "hybrid.json", "bm25/manifest.json", "dense/manifest.json")]
+    if (index / "dense/manifest.json").is_file():
+        parts.append(Path(read_json(index / "dense/manifest.json").get("question_encoder", index / "dense")))
+    key = {"reader": _identity(reader_dir, [reader_dir]), "index": _identity(index, parts), "questions": qas.fingerprint(),
+           "modes": list(modes), "ks": sorted(set(ks)), "gold": gold, "precision": precision}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = (Mode.BM25, Mode.DENSE, Mode.HYBRID),

@@ -25,7 +25,6 @@ a rerun. ``<out>/stages/<stage>.json`` records each finished stage.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -289,12 +288,6 @@ def stage_order(profile: str) -> tuple[str, ...]:
 READER_STAGES = ("reader-data", "train-reader", "tune-reader", "qa")
 
 
-def qa_fingerprint(qas: QASet) -> str:
-    """sha256 of a QA set's questions, answers and matching: an evaluation stage's input."""
-    items = [[q.question, list(q.answers)] for q in qas.items]
-    return hashlib.sha256(json.dumps([qas.match, items], ensure_ascii=False).encode()).hexdigest()
-
-
 def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
@@ -432,7 +425,7 @@ class Job:
             self.log(f"{name}: {r['records']} training questions kept of {sum(r['questions'].values())}; positives from {r['positive_from']}")
             return report
 
-        settings = {"sets": list(plan.sets), "questions": [qa_fingerprint(q) for q in sets], "val_fraction": plan.val_fraction,
+        settings = {"sets": list(plan.sets), "questions": [q.fingerprint() for q in sets], "val_fraction": plan.val_fraction,
                     "depth": plan.depth, "hard": plan.mined_hard, **({"mode": plan.remine_mode, "skip_top": plan.skip_top} if negatives_from else {})}  # fmt: skip
         return Stage(name, build, lambda: read_json(stats_path(train_file)), settings, ("passages", "bm25", *upstream), outputs)
 
@@ -522,7 +515,7 @@ class Job:
             saved = read_json(path)
             return saved["lambda"], saved["grid"]
 
-        settings = {"sets": names, "questions": [qa_fingerprint(q) for q in sets], "limit": cfg.tune_limit, "depth": cfg.depth}
+        settings = {"sets": names, "questions": [q.fingerprint() for q in sets], "limit": cfg.tune_limit, "depth": cfg.depth}
         upstream = ("passages", "bm25", "dense", *(("mine",) if self.plan else ()))
         return Stage("tune", build, load, settings, upstream, [path])
 
@@ -566,7 +559,7 @@ class Job:
             saved = read_json(scores)
             return saved["results"], saved["curves"]
 
-        settings = {"set": qas.name, "questions": qa_fingerprint(qas), "limit": cfg.limit, "k": cfg.k, "depth": cfg.depth,
+        settings = {"set": qas.name, "questions": qas.fingerprint(), "limit": cfg.limit, "k": cfg.k, "depth": cfg.depth,
                     "methods": methods, "dpr_json": cfg.save_dpr_json}  # fmt: skip
         name = f"evaluate-{_file_name(qas.name)}"
         upstream = ("passages", "bm25", "dense", "tune", *(f"dense-{m}" for m in others))
@@ -598,7 +591,7 @@ class Job:
             self.log(f"reader data: top {rp.depth} of the trained retriever for {', '.join(f'{len(q)} {q.name}' for q in sets)}")
             return files
 
-        settings = {"depth": rp.depth, "questions": [qa_fingerprint(q) for q in sets], "mode": Mode.DENSE.value}
+        settings = {"depth": rp.depth, "questions": [q.fingerprint() for q in sets], "mode": Mode.DENSE.value}
         return Stage("reader-data", build, lambda: files, settings, ("passages", "dense", "mine"), files)
 
     def train_reader(self) -> Stage:
@@ -659,7 +652,7 @@ class Job:
 
         from densepr.pipeline import SELECTION_GRID
 
-        settings = {"questions": qa_fingerprint(held), "limit": rp.tune_limit, "modes": list(rp.modes), "ks": list(rp.ks),
+        settings = {"questions": held.fingerprint(), "limit": rp.tune_limit, "modes": list(rp.modes), "ks": list(rp.ks),
                     "grid": [list(astuple(s)) for s in SELECTION_GRID]}  # a changed grid changes the choice: rerun
         return Stage("tune-reader", build, lambda: read_json(dst / "densepr_reader.json").get("selection", {}), settings,
                      ("passages", "bm25", "dense", "train-reader"), [dst])  # fmt: skip
@@ -686,7 +679,7 @@ class Job:
             write_json(path, res)
             return res
 
-        settings = {"set": qas.name, "questions": qa_fingerprint(qas), "limit": rp.qa_limit, "modes": list(rp.modes), "ks": list(rp.ks)}
+        settings = {"set": qas.name, "questions": qas.fingerprint(), "limit": rp.qa_limit, "modes": list(rp.modes), "ks": list(rp.ks)}
         if rp.read_precision != "fp32":  # only then: float32 runs keep the fingerprints they were recorded with
             settings["precision"] = rp.read_precision
         return Stage(f"qa-{_file_name(qas.name)}", build, lambda: read_json(path), settings,

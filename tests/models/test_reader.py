@@ -462,6 +462,49 @@ def test_evaluate_qa_in_pieces_resumes_and_gives_the_same_figures(tmp_path, retr
     assert back == got and got[0][1].span_score == float("-inf")
 
 
+def test_cli_evaluate_qa_resumes_a_killed_set_and_keeps_finished_ones(tmp_path, capsys, passages_tsv, qa_tsv, reader, monkeypatch):
+    """A killed ``evaluate-qa`` run, started again with the same command, reads only what is missing; its
+    figures equal a fresh run's; other inputs (here another ks) read again; pieces go once a set is done."""
+    import shutil
+
+    from tests.support.cli import run
+
+    idx = tmp_path / "index"
+    idx.mkdir()
+    shutil.copy(passages_tsv, idx / "passages.tsv")
+    assert run(capsys, "index", "bm25", str(idx / "passages.tsv"), str(idx / "bm25"))[0] == 0
+    reader.save(tmp_path / "rd")
+    monkeypatch.setattr("densepr.pipeline.PIECE_QUESTIONS", 4)  # 6 questions: pieces of 4 and 2
+    read, real = [], Reader.read
+
+    def counted(self, qs, *a, **kw):
+        read.append(len(qs))
+        if len(read) == 2 and kill:
+            raise KeyboardInterrupt  # killed while reading the second piece
+        return real(self, qs, *a, **kw)
+
+    monkeypatch.setattr(Reader, "read", counted)
+    args = ("evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", str(tmp_path / "rd"), "--modes", "bm25",
+            "--ks", "1,3", "--device", "cpu", "-o")  # fmt: skip
+    kill = True
+    assert run(capsys, *args, str(tmp_path / "qa"))[0] == 130  # interrupted
+    assert len(list((tmp_path / "qa" / "pieces").rglob("readings-*.json"))) == 1 and not (tmp_path / "qa" / "qa-results.json").exists()
+    kill, read[:] = False, []
+    code, _, err = run(capsys, *args, str(tmp_path / "qa"))
+    assert code == 0 and read == [2] and "resuming; 1 finished piece" in err, err  # only the missing piece was read
+    assert not (tmp_path / "qa" / "pieces").exists()
+    read[:] = []
+    code, _, err = run(capsys, *args, str(tmp_path / "qa"))
+    assert code == 0 and read == [] and "already read" in err  # a finished set is kept
+    code, _, err = run(capsys, *args, str(tmp_path / "fresh"), "--no-resume")
+    assert code == 0 and read == [4, 2]
+    got, fresh = (json.loads((tmp_path / d / "qa-results.json").read_text())["sets"]["qa.tsv"] for d in ("qa", "fresh"))
+    assert got["modes"] == fresh["modes"] and got["gold"] == fresh["gold"] and got["key"] == fresh["key"]
+    read[:] = []
+    code, _, err = run(capsys, *args[:-5], "--ks", "1,2", "--device", "cpu", "-o", str(tmp_path / "qa"))
+    assert code == 0 and read == [4, 2]  # other inputs: read again
+
+
 # -- command line ----------------------------------------------------------------------------------
 def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv, qa_tsv, reader_dir):
     import shutil

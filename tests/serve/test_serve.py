@@ -640,6 +640,7 @@ def test_overload_is_bounded_and_health_stays_responsive(index_dir):
                 i += 1
 
         async def poll(http) -> None:
+            await asyncio.sleep(0.2)  # until every client has sent: else it times this process opening 48 connections (same GIL)
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 r = await http.get(url + "/health")
@@ -649,6 +650,7 @@ def test_overload_is_bounded_and_health_stays_responsive(index_dir):
 
         async def go():
             async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=48)) as http, httpx.AsyncClient(timeout=20) as h:
+                assert (await h.get(url + "/health")).status_code == 200  # the probe's connection, opened before the flood
                 await asyncio.gather(poll(h), *[client(c, http) for c in range(48)])
 
         asyncio.run(go())

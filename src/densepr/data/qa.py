@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -48,6 +49,11 @@ class QASet:
     def head(self, n: int | None) -> QASet:
         """The first ``n`` questions (all when ``n`` is None): DPR's files are in a fixed order."""
         return self if n is None or n >= len(self.items) else QASet(self.name, self.items[:n], self.match)
+
+    def fingerprint(self) -> str:
+        """sha256 of the questions, answers and matching: what an evaluation of this set depends on."""
+        items = [[q.question, list(q.answers)] for q in self.items]
+        return hashlib.sha256(json.dumps([self.match, items], ensure_ascii=False).encode()).hexdigest()
 
 
 def _answers(value: object, path: Path, lineno: int) -> tuple[str, ...]:
