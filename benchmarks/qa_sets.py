@@ -6,7 +6,11 @@ recorded (finished, at the run's current settings) into one ``qa-results.json`` 
 ``densepr evaluate-qa`` (with each set's question limit, seconds and passages read), renders its tables
 and plot with the same code as the run's report, and lists the sets still being read and how far.
 
-    python benchmarks/qa_sets.py --run runs/dpr [--limit all] -o benchmarks/results/qa/full
+    python benchmarks/qa_sets.py --run runs/dpr [--limit all] [--add DIR] -o benchmarks/results/qa/full
+
+``--add DIR`` (repeatable) adds the sets a ``densepr evaluate-qa ... -o DIR`` of the same run read (e.g. in
+bfloat16, to finish the largest sets sooner), each labelled with its reader precision; a set the run itself
+recorded is kept from the run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/dpr"), help="a `densepr reproduce --profile dpr` output directory")
     ap.add_argument("--limit", default="all", help="collect the sets read with this --qa-limit (a number, or 'all')")
+    ap.add_argument("--add", type=Path, action="append", default=[], help="a `densepr evaluate-qa -o DIR` output whose sets to add")
     ap.add_argument("-o", "--output", type=Path, required=True, help="directory for qa-results.json, .md and qa-em.png")
     args = ap.parse_args()
     limit = None if args.limit == "all" else int(args.limit)
@@ -37,7 +42,19 @@ def main() -> None:
             continue  # read with another --qa-limit (e.g. the default run's first 100 questions)
         res = read_json(args.run / "qa" / f"{rec_path.stem[len('qa-'):]}.json")
         ks = ks or settings["ks"]
-        sets[name] = {**res, "limit": settings["limit"], "finished": rec["finished"], "stage_seconds": rec["seconds"]}
+        sets[name] = {**res, "limit": settings["limit"], "finished": rec["finished"], "stage_seconds": rec["seconds"],
+                      "precision": settings.get("precision", "fp32"), "source": str(args.run)}  # fmt: skip
+    for extra in args.add:
+        got = read_json(extra / "qa-results.json")
+        if got.get("limit") != limit:
+            raise SystemExit(f"{extra}: read with --limit {got.get('limit')}, not {args.limit}")
+        if ks and got["ks"] != ks:
+            raise SystemExit(f"{extra}: read at ks {got['ks']}, the run at {ks}")
+        ks = ks or got["ks"]
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((extra / "qa-results.json").stat().st_mtime))
+        for name, res in got["sets"].items():
+            if name not in sets:  # the run's own reading first
+                sets[name] = {**res, "limit": got["limit"], "finished": finished, "precision": got.get("precision", "fp32"), "source": str(extra)}
     for partial in sorted(stages.glob("qa-*.partial")):
         pending[partial.name[len("qa-") : -len(".partial")]] = len(list(partial.glob("readings-*.json")))
     if not sets:
@@ -45,14 +62,14 @@ def main() -> None:
     # largest first in the table, as the paper lists them
     results = {"run": str(args.run), "ks": ks, "sets": dict(sorted(sets.items(), key=lambda kv: -kv[1]["n_all"]))}
     md = qa_markdown(results)
-    md += "\n| dataset | questions (limit) | passages read | seconds | finished |\n|---|---:|---:|---:|---|\n"
-    md += "".join(f"| {n} | {r['n_all']} ({r['limit'] or 'all'}) | {r['passages_read']:,} | {r['seconds']:,.0f} | {r['finished']} |\n"
+    md += "\n| dataset | questions (limit) | passages read | seconds | reader precision | read by | finished |\n|---|---:|---:|---:|---|---|---|\n"
+    md += "".join(f"| {n} | {r['n_all']} ({r['limit'] or 'all'}) | {r['passages_read']:,} | {r['seconds']:,.0f} | {r['precision']} | {r['source']} | {r['finished']} |\n"
                   for n, r in results["sets"].items())  # fmt: skip
     if pending:
         md += "\nStill being read (finished pieces of 250 questions): " + ", ".join(f"{n} {p}" for n, p in pending.items()) + "\n"
     print(md)
     args.output.mkdir(parents=True, exist_ok=True)
-    write_json(args.output / "qa-results.json", {**results, "pending_pieces": pending, "command": f"python benchmarks/qa_sets.py --run {args.run} --limit {args.limit} -o {args.output}",
+    write_json(args.output / "qa-results.json", {**results, "pending_pieces": pending, "command": f"python benchmarks/qa_sets.py --run {args.run} --limit {args.limit}{''.join(f' --add {a}' for a in args.add)} -o {args.output}",
                                                  "date": time.strftime("%Y-%m-%d"), "machine": machine_info()})  # fmt: skip
     with atomic_write(args.output / "qa-results.md") as fh:
         fh.write(md)

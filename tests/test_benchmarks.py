@@ -75,3 +75,17 @@ def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
     assert "d-test (2000 q, 1000 answerable)" in (out / "qa-results.md").read_text() and (out / "qa-em.png").stat().st_size > 0
     proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--limit", "5", "-o", str(out)], cwd=BENCH, capture_output=True, text=True)
     assert proc.returncode == 1 and "no end-to-end set recorded yet with --qa-limit 5" in proc.stderr
+    # an evaluate-qa output of the same run adds the sets the run has not read (labelled with its precision)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    res = {"n_all": 5000, "n_answerable": 2500, "modes": {"dense": {"k": {"1": cell, "5": cell}}}, "gold": {"questions": 9, "em": 1.0, "f1": 2.0},
+           "seconds": 9.0, "passages_read": 9}  # fmt: skip
+    (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 5], "limit": None, "sets": {"e-test": res, "a-test": res}}))
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((out / "qa-results.json").read_text())["sets"]
+    assert list(got) == ["e-test", "d-test", "a-test"] and got["e-test"]["precision"] == "bf16"
+    assert got["a-test"]["n_all"] == 700 and got["a-test"]["precision"] == "fp32"  # the run's own reading is kept
+    (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 20], "limit": None, "sets": {"e-test": res}}))
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "read at ks [1, 20], the run at [1, 5]" in proc.stderr
