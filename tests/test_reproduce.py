@@ -120,7 +120,7 @@ def test_read_precision_overrides_the_reader_plan_and_only_a_non_default_one_ent
         with pytest.raises(DenseprError, match=message):
             ReproduceConfig(**bad)
     qas = QASet("set-a", [QA("who wrote hamlet", ("Shakespeare",))])
-    settings = {p: rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", read_precision=p), lambda m: None, False).qa(qas).settings
+    settings = {p: rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", read_precision=p), lambda m: None, False).qa(qas).fingerprinted
                 for p in ("fp32", "bf16")}  # fmt: skip
     assert "precision" not in settings["fp32"] and settings["bf16"]["precision"] == "bf16"  # float32 runs keep their records
     # a summary recorded before the field existed read in float32: its EM is still compared

@@ -92,6 +92,24 @@ def test_a_changed_setting_reruns_that_stage_and_the_later_ones(tmp_path):
     assert calls == ["c", "load b"]  # c reads b's artefact, loaded (and verified) only now
 
 
+def test_a_setting_added_later_keeps_recorded_runs_current_at_its_old_value(tmp_path):
+    """A stage that gains a setting (say precision, "fp32" before it existed) stays current for runs recorded
+    without it while the setting holds that value; any other value reruns it."""
+    calls: list[str] = []
+
+    def job(settings: dict, added: dict | None = None) -> str:
+        r = StageRunner(tmp_path, ("a",))
+        done = r.run(Stage("a", lambda: calls.append(str(settings)), lambda: None, settings, (), [], added=added or {}))
+        return done.status
+
+    assert job({"x": 1}) == "ran"
+    assert job({"x": 1, "precision": "fp32"}, {"precision": "fp32"}) == "skipped" and len(calls) == 1
+    assert job({"x": 1, "precision": "bf16"}, {"precision": "fp32"}) == "ran" and len(calls) == 2
+    assert job({"x": 1, "precision": "fp32"}) == "ran"  # not declared as added: a new setting like any other
+    record = json.loads((tmp_path / "stages" / "a.json").read_text())
+    assert record["settings"] == {"x": 1, "precision": "fp32"}  # the record says what ran, all settings
+
+
 def test_from_forces_a_stage_and_all_after_it(tmp_path):
     _job(tmp_path)
     r, calls = _job(tmp_path, force_from="b")

@@ -618,10 +618,10 @@ class Job:
             self.timed("train reader", train_reader, cfg, resume=resume, device=self.cfg.device, show_progress=self.show_progress, log=self.log)
             return run_dir / "best"
 
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "dev_file", "holdout", "init")
-                    and not (k == "precision" and v == "fp32")}  # float32 runs keep the fingerprints they were recorded with
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "dev_file", "holdout", "init")}
         settings["init"] = "embedded"
-        return Stage("train-reader", build, lambda: run_dir / "best", settings, ("reader-data",), [run_dir / "best"])
+        return Stage("train-reader", build, lambda: run_dir / "best", settings, ("reader-data",), [run_dir / "best"],
+                     added={"precision": "fp32"})  # fmt: skip
 
     def tune_reader(self) -> Stage:
         """Per retrieval mode, the passage selection (DPR's rule or fused with the retriever score) and k
@@ -679,11 +679,10 @@ class Job:
             write_json(path, res)
             return res
 
-        settings = {"set": qas.name, "questions": qas.fingerprint(), "limit": rp.qa_limit, "modes": list(rp.modes), "ks": list(rp.ks)}
-        if rp.read_precision != "fp32":  # only then: float32 runs keep the fingerprints they were recorded with
-            settings["precision"] = rp.read_precision
+        settings = {"set": qas.name, "questions": qas.fingerprint(), "limit": rp.qa_limit, "modes": list(rp.modes), "ks": list(rp.ks),
+                    "precision": rp.read_precision}  # fmt: skip
         return Stage(f"qa-{_file_name(qas.name)}", build, lambda: read_json(path), settings,
-                     ("passages", "bm25", "dense", "tune", "tune-reader"), [path], group="qa", resumable=True)  # fmt: skip
+                     ("passages", "bm25", "dense", "tune", "tune-reader"), [path], group="qa", resumable=True, added={"precision": "fp32"})  # fmt: skip
 
     def report(self, evaluated: dict[str, str], qa: dict[str, str] | None = None) -> Stage:
         """curves.json, results.md and topk.png from the evaluated sets (``{set: its stage}``)."""

@@ -40,7 +40,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,14 @@ class Stage:
     group: str | None = None  # the entry of the runner's order it belongs to (default: its name)
     distributed: bool = False  # under torchrun every process builds it (e.g. training); else rank 0 alone
     resumable: bool = False  # build(scratch) is given a directory whose partial work survives a kill (see _scratch)
+    # settings added after runs were recorded, with the value those runs had: at that value a setting is left
+    # out of the fingerprint, so the recorded runs stay current (e.g. {"precision": "fp32"})
+    added: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprinted(self) -> dict:
+        """The settings that enter the fingerprint: all but those at their :attr:`added` value."""
+        return {k: v for k, v in self.settings.items() if not (k in self.added and self.added[k] == v)}
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -189,7 +197,7 @@ class StageRunner:
         missing = [u for u in stage.upstream if u not in self.done]
         if missing:
             raise ValueError(f"stage {stage.name!r} reads {missing}, which have not run")
-        fp = fingerprint(stage.name, stage.settings, {u: self.done[u].fingerprint for u in stage.upstream}, self.version)
+        fp = fingerprint(stage.name, stage.fingerprinted, {u: self.done[u].fingerprint for u in stage.upstream}, self.version)
         t0 = time.perf_counter()
         why = self.sync(self._current(stage, fp) if self.rank == 0 else None)  # rank 0 decides for all
         if why is None:
