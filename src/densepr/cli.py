@@ -978,7 +978,8 @@ def evaluate_qa_cmd(
         if kept := len(list(pieces.glob("readings-*.json"))):
             _log(f"{qas.name}: resuming; {kept} finished piece(s) of questions kept in {pieces}")
         with progress_bar(None, f"read {qas.name}", True, unit="window") as advance:
-            res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance, pieces=pieces)
+            res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance, pieces=pieces,
+                              log=lambda m, name=qas.name: _log(f"{name}: {m}"))  # fmt: skip
         results["sets"][qas.name] = {**res, "key": key}
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s; best EM "

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,23 +162,35 @@ def _load_piece(path: Path, counts: list[int]) -> list[list[Reading]] | None:
 
 
 def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]],
-                   directory: Path | None, batch_size: int = 64, progress=None, size: int | None = None) -> list[list[Reading]]:  # fmt: skip
+                   directory: Path | None, batch_size: int = 64, progress=None, size: int | None = None,
+                   log: Callable[[str], None] | None = None) -> list[list[Reading]]:  # fmt: skip
     """:meth:`Reader.read`, ``size`` questions at a time (default :data:`PIECE_QUESTIONS`), each piece's
     readings written to ``directory/readings-<first question>.json`` (atomically) and read back instead of
     read again, so a killed evaluation resumes where it stopped. The caller keys ``directory`` to the inputs
     (reader, questions, passages; :class:`~densepr.stages.StageRunner` does, by fingerprint): a piece is
     trusted when its shape fits, else read again. ``directory=None``: one read, nothing kept.
+    ``log``: told after each piece read how far the reading is and about how long is left (a run of
+    hours in a log file shows no progress bar).
     """
     if directory is None:
         return reader.read(questions, passages, batch_size, progress)
     out: list[list[Reading]] = []
     size = size or PIECE_QUESTIONS
+    left = sum(len(ps) for ps in passages)  # passages still to read or load
+    busy, read_now = 0.0, 0  # seconds reading and passages read by this call (not loaded from pieces)
     for lo in range(0, len(questions), size):
         path, part = Path(directory) / f"readings-{lo:07d}.json", passages[lo : lo + size]
         got = _load_piece(path, [len(ps) for ps in part])
+        left -= sum(len(ps) for ps in part)
         if got is None:
+            t0 = time.perf_counter()
             got = reader.read(questions[lo : lo + size], part, batch_size, progress)
             write_json(path, [[_encode_reading(r) for r in rd] for rd in got], indent=None)
+            busy, read_now = busy + time.perf_counter() - t0, read_now + sum(len(ps) for ps in part)
+            if log is not None:
+                rate = read_now / max(busy, 1e-9)
+                log(f"read {min(lo + size, len(questions)):,} of {len(questions):,} questions "
+                    f"({rate:.0f} passages/s, ~{left / rate / 60:.0f} min left)")  # fmt: skip
         out += got
     return out
 
@@ -211,14 +223,15 @@ def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str
 
 def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = (Mode.BM25, Mode.DENSE, Mode.HYBRID),
                 ks: Sequence[int] = QA_KS, matcher: AnswerMatcher | None = None, gold: bool = True,
-                batch_size: int = 64, progress=None, pieces: Path | None = None) -> dict:  # fmt: skip
+                batch_size: int = 64, progress=None, pieces: Path | None = None, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """End-to-end EM/F1 of one QA set for several retrieval modes and k.
 
     Returns ``{"n_all", "n_answerable", "modes": {mode: {"k": {k: {"em", "f1", "em_answerable",
     "f1_answerable", "retrieval_topk"}}}}, "gold": {...}, "seconds"}``. ``gold`` is the reader's
     upper bound: EM when it reads only the best-ranked answer-bearing passage (the first in the top-100
     of hybrid, else dense, else BM25), over the questions that have one. ``pieces``: a directory where
-    the readings are kept piece by piece so that a killed evaluation resumes (:func:`read_in_pieces`).
+    the readings are kept piece by piece so that a killed evaluation resumes (:func:`read_in_pieces`;
+    ``log`` is told the progress after each piece).
     """
     t0 = time.perf_counter()
     ks = sorted(set(ks))
@@ -247,7 +260,7 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
                     break
         rows_per_q.append(list(seen))
     c = retriever.corpus
-    readings = read_in_pieces(reader, questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], pieces, batch_size, progress)
+    readings = read_in_pieces(reader, questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], pieces, batch_size, progress, log=log)
     lookup = [dict(zip(rows, rd)) for rows, rd in zip(rows_per_q, readings)]
     # answer aggregation compares normalised answers: normalise each passage's once, not once per k
     keys = [{r: normalize_answer(x.text) for r, x in lk.items()} for lk in lookup] if any(reader.config.selection_for(m)[0].aggregate for m in modes) else None

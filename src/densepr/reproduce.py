@@ -675,7 +675,7 @@ class Job:
         def build(pieces: Path) -> dict:  # a killed read resumes from its finished pieces of questions
             with progress_bar(None, f"read {qas.name}", self.show_progress, unit="window") as advance:
                 res = self.timed(f"qa {qas.name}", evaluate_qa, self.retriever(), self.reader(), qas, rp.modes, rp.ks,
-                                 self.matcher(), progress=advance, pieces=pieces)  # fmt: skip
+                                 self.matcher(), progress=advance, pieces=pieces, log=lambda m: self.log(f"qa {qas.name}: {m}"))  # fmt: skip
             write_json(path, res)
             return res
 

@@ -492,6 +492,7 @@ def test_cli_evaluate_qa_resumes_a_killed_set_and_keeps_finished_ones(tmp_path, 
     kill, read[:] = False, []
     code, _, err = run(capsys, *args, str(tmp_path / "qa"))
     assert code == 0 and read == [2] and "resuming; 1 finished piece" in err, err  # only the missing piece was read
+    assert "qa.tsv: read 6 of 6 questions (" in err and "min left)" in err  # progress a log file shows
     assert not (tmp_path / "qa" / "pieces").exists()
     read[:] = []
     code, _, err = run(capsys, *args, str(tmp_path / "qa"))
