@@ -129,6 +129,25 @@ def test_read_precision_overrides_the_reader_plan_and_only_a_non_default_one_ent
     assert not rp.reader_recipe_changed(summary, {"dpr": {"config": {"reader": recorded}}}, "dpr")
 
 
+def test_train_precision_reaches_both_trainers_and_only_a_non_default_one_enters_their_fingerprints(tmp_path):
+    import densepr.reproduce as rp
+    from densepr.errors import DenseprError
+
+    assert ReproduceConfig(profile="dpr").plan.precision == "fp32"
+    half = ReproduceConfig(profile="dpr", train_precision="bf16")
+    assert half.plan.precision == "bf16" and not uses_defaults(half)  # not compared with the committed float32 figures
+    for bad, message in (({"profile": "full", "train_precision": "bf16"}, "training profiles"),
+                         ({"profile": "dpr", "train_precision": "fp16"}, "fp32, bf16, auto")):  # fmt: skip
+        with pytest.raises(DenseprError, match=message):
+            ReproduceConfig(**bad)
+    stages = {}
+    for p in ("fp32", "bf16"):
+        job = rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", train_precision=p), lambda m: None, False)
+        stages[p] = job.train("round1", "mine", 1, 1)
+        assert stages[p].settings["precision"] == p and job.train_reader().settings["precision"] == p
+    assert "precision" not in stages["fp32"].fingerprinted and stages["bf16"].fingerprinted["precision"] == "bf16"
+
+
 def test_gradient_caching_is_a_training_setting_still_checked_against_the_committed_figures():
     import densepr.reproduce as rp
     from densepr.errors import DenseprError

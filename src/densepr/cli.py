@@ -39,6 +39,8 @@ CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache roo
 DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (default: cuda if available, else cpu).")]
 PrecisionOpt = Annotated[str, typer.Option(help="Reader weights when reading: fp32, bf16, or auto (bf16 on CPUs with native bf16, AVX512-BF16/AMX: "
                                                 "1.64x faster reading measured there, 98.6% of spans identical; benchmarks/reader_precision.py).")]
+TrainPrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, or bf16 autocast on the CPU (auto: where the CPU has native bf16; 1.4x a step measured "
+                                                                   "there, benchmarks/train_precision.py; weights and optimizer stay float32).")]  # fmt: skip
 DEFAULT_INDEX = Path("runs/embedded")  # `make reproduce`'s output
 TRAINED_INDEX = Path("runs/dpr")  # `make reproduce-dpr`'s: the trained retriever (and reader/)
 
@@ -600,6 +602,7 @@ def train_cmd(
     grad_cache_chunk: Annotated[int, typer.Option(help="Gradient caching with chunks of this many sequences (0 = off).")] = _default(TrainConfig, "grad_cache_chunk"),
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints (and one per epoch).")] = _default(TrainConfig, "save_every"),
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = _default(TrainConfig, "max_steps"),
+    precision: TrainPrecisionOpt = _default(TrainConfig, "precision"),
     seed: int = _default(TrainConfig, "seed"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to <output>/tensorboard.")] = _default(TrainConfig, "tensorboard"),
@@ -620,7 +623,7 @@ def train_cmd(
         max_length=max_length, batch_size=batch_size, hard_negatives=hard_negatives, random_negatives=random_negatives,
         epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         seed=seed, grad_cache_chunk=grad_cache_chunk, save_every=save_every, max_steps=max_steps,
-        tensorboard=tensorboard, skip_bad=skip_bad,
+        tensorboard=tensorboard, skip_bad=skip_bad, precision=precision,
     )  # fmt: skip
     result = train(cfg, resume=resume, device=device, log=_log)
     best = output / ("best" if (output / "best").is_dir() else "final")
@@ -686,6 +689,9 @@ def reproduce(
     read_precision: Annotated[Optional[str], typer.Option(help="Profile dpr: the reader's weights when reading the test sets: fp32 (default), bf16 or auto "
                                                               "(bf16 on CPUs with native bf16: 1.64x faster reading measured, same answers within a question in 200; "
                                                               "such a run is not compared with the committed figures).")] = None,
+    train_precision: Annotated[Optional[str], typer.Option(help="Profile dpr: fp32 (default), bf16 or auto: bf16 autocast when training the retrievers and "
+                                                               "the reader (1.4x a step on CPUs with native bf16; weights stay float32; such a run is not "
+                                                               "compared with the committed figures).")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -708,7 +714,8 @@ def reproduce(
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
-                          epochs=epochs, round2_epochs=round2_epochs, qa_limit=_qa_limit(qa_limit), read_precision=read_precision)  # fmt: skip
+                          epochs=epochs, round2_epochs=round2_epochs, qa_limit=_qa_limit(qa_limit), read_precision=read_precision,
+                          train_precision=train_precision)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)
@@ -764,8 +771,7 @@ def train_reader_cmd(
     max_questions: Annotated[Optional[int], typer.Option(help="Train on the first N usable questions only.")] = _default(ReaderTrainConfig, "max_questions"),
     span_loss: Annotated[str, typer.Option(help="positive: DPR's span loss within the positive passage; shared: normalised over all M passages (span scores then compare across passages).")] = _default(ReaderTrainConfig, "span_loss"),
     head_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the selection and span heads (default: --lr).")] = _default(ReaderTrainConfig, "head_lr"),
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast on the CPU (auto: where the CPU has native bf16; 1.4x a step measured there, "
-                                                "benchmarks/train_precision.py; weights and optimizer stay float32).")] = _default(ReaderTrainConfig, "precision"),
+    precision: TrainPrecisionOpt = _default(ReaderTrainConfig, "precision"),
     seed: int = _default(ReaderTrainConfig, "seed"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     device: DeviceOpt = None,

@@ -118,6 +118,9 @@ class TrainPlan:
     # /usr/bin/time on 2026-12-05; below that much available memory the job says how to fit (memory_notice).
     grad_cache_chunk: int = 0
     full_graph_peak_gib: float | None = 13.4
+    # fp32, or bf16 autocast for both retrievers' and the reader's training (models.hf.autocast: 1.4x a step on CPUs
+    # with native bf16, benchmarks/train_precision.py); the committed figures are float32 runs'
+    precision: str = "fp32"
 
     def round2(self) -> tuple[int, str | None]:
         """Round 2's epochs and the model it starts from: ``round2_epochs`` more from round 1's weights,
@@ -219,6 +222,7 @@ class ReproduceConfig:
     round2_epochs: int | None = None  # profile dpr: override TrainPlan.round2_epochs
     qa_limit: int | None = -1  # profile dpr: override ReaderPlan.qa_limit (None: every test question; -1: the profile's)
     read_precision: str | None = None  # profile dpr: override ReaderPlan.read_precision
+    train_precision: str | None = None  # profile dpr: override TrainPlan.precision (retrievers' and reader's training)
     limit: int | None = field(default=None, init=False)
     tune_limit: int | None = field(default=None, init=False)
     plan: TrainPlan | None = field(default=None, init=False)
@@ -249,6 +253,10 @@ class ReproduceConfig:
             if self.qa_limit is not None and self.qa_limit < 1:
                 raise DenseprError(f"--qa-limit must be a positive number of questions (or 'all'), not {self.qa_limit}")
             self.reader = replace(self.reader, qa_limit=self.qa_limit)
+        if self.train_precision is not None:
+            if self.plan is None:
+                raise DenseprError(f"--train-precision applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
+            self.plan = replace(self.plan, precision=check_precision(self.train_precision, "--train-precision"))
         if self.read_precision is not None:
             if self.reader is None:
                 raise DenseprError(f"--read-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
@@ -477,7 +485,8 @@ class Job:
                     if k not in ("train_file", "dev_file", "output_dir", "init")}  # fmt: skip
         settings["init"] = "embedded" if init is None else f"train-{init}"
         upstream = (data, *(() if init is None else (f"train-{init}",)))
-        return Stage(f"train-{model}", build, lambda: _trained(run_dir), settings, upstream, [run_dir / "best"], distributed=True)
+        return Stage(f"train-{model}", build, lambda: _trained(run_dir), settings, upstream, [run_dir / "best"], distributed=True,
+                     added={"precision": "fp32"})  # fmt: skip
 
     def train_and_encode(self, model: str, data: str, hard_negatives: int, epochs: int, init: str | None, index: str,
                          slot: str | None = None) -> Done:  # fmt: skip
@@ -607,7 +616,8 @@ class Job:
                                 init=str(self.data.model_dir), dev_file=str(dev_file), holdout=[str(held)],
                                 passages=rp.passages, depth=rp.depth, batch_size=rp.batch_size, max_length=rp.max_length, lr=rp.lr,
                                 warmup_steps=rp.warmup_steps, epochs=rp.epochs, max_steps=rp.max_steps, save_every=rp.save_every,
-                                dropout=rp.dropout, dev_limit=rp.dev_limit, span_loss=rp.span_loss, head_lr=rp.head_lr)  # fmt: skip
+                                dropout=rp.dropout, dev_limit=rp.dev_limit, span_loss=rp.span_loss, head_lr=rp.head_lr,
+                                precision=self.plan.precision)  # fmt: skip
 
         def build() -> Path:
             from densepr.train.reader import train_reader
@@ -811,7 +821,7 @@ def _plan_settings(plan: TrainPlan, hard_negatives: int, epochs: int) -> dict:
     """The training configuration's settings that come from the plan."""
     return dict(batch_size=plan.batch_size, hard_negatives=hard_negatives, epochs=epochs, lr=plan.lr, warmup_steps=plan.warmup_steps,
                 max_steps=plan.max_steps, save_every=plan.save_every, normalize=plan.normalize, scale=plan.scale,
-                grad_cache_chunk=plan.grad_cache_chunk)  # fmt: skip
+                grad_cache_chunk=plan.grad_cache_chunk, precision=plan.precision)  # fmt: skip
 
 
 def memory_notice(plan: TrainPlan | None, available_gib: float | None) -> str | None:

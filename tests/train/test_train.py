@@ -122,6 +122,32 @@ def test_grad_cache_equals_plain_full_batch_without_dropout(tmp_path, dtype):
             torch.testing.assert_close(got[name], plain[name], **tol, msg=name)
 
 
+def test_bf16_autocast_step_is_close_to_float32_and_grad_cache_still_equals_the_plain_step(tmp_path):
+    """``precision="bf16"``: the towers run under bf16 autocast (the gradient differs from float32's, within
+    bf16's precision; weights stay float32) and gradient caching replays the same autocast forward."""
+    model = _two_towers(tmp_path).eval()
+    q_in, p_in, pos = _batch(model, 6)
+    loss32, _ = loss_and_backward(model, q_in, p_in, pos, Dist(), chunk=0)
+    g32 = _grads(model)
+    loss16, _ = loss_and_backward(model, q_in, p_in, pos, Dist(), chunk=0, precision="bf16")
+    g16 = _grads(model)
+    cached, _ = loss_and_backward(model, q_in, p_in, pos, Dist(), chunk=4, precision="bf16")
+    gc = _grads(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert loss16 == pytest.approx(loss32, rel=0.05) and loss16 != loss32  # autocast did run in bf16
+    assert cached == pytest.approx(loss16, rel=1e-3)
+
+    def flat(g: dict) -> torch.Tensor:
+        return torch.cat([g[n].flatten() for n in sorted(g32)])
+
+    # both bf16 gradients (one graph, or cached in chunks of other padding widths) are bf16 approximations of float32's
+    for got in (g16, gc):
+        rel = float((flat(got) - flat(g32)).norm() / flat(g32).norm())
+        assert 0 < rel < 0.05, rel
+    with pytest.raises(DenseprError, match="--precision"):
+        train(TrainConfig(train_file="x", output_dir=str(tmp_path / "r"), init="y", precision="fp16"), device="cpu", show_progress=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -64,7 +64,8 @@ def chunks(inputs: dict[str, torch.Tensor], size: int) -> tuple[list[dict[str, t
     return out, torch.argsort(order)
 
 
-def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.Tensor, d: Dist, chunk: int = 0) -> tuple[float, float]:
+def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.Tensor, d: Dist, chunk: int = 0,
+                      precision: str = "fp32") -> tuple[float, float]:  # fmt: skip
     """Forward, loss over the global batch, backward into the local parameters' ``.grad``.
 
     Args:
@@ -79,7 +80,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
     piece = chunk or FORWARD_CHUNK.get(device.type, 64)
     (q_chunks, q_inv), (p_chunks, p_inv) = chunks(q_in, piece), chunks(p_in, piece)
     if chunk <= 0:
-        with autocast(device, training=True):
+        with autocast(device, training=True, precision=precision):
             q = torch.cat([model.encode_query(**c) for c in q_chunks]).float()[q_inv]
             p = torch.cat([model.encode_passage(**c) for c in p_chunks]).float()[p_inv]
         Q, P, pos, _, _ = global_batch(q, p, positive, d)
@@ -92,7 +93,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
         for encode, parts in ((model.encode_query, q_chunks), (model.encode_passage, p_chunks)):
             for c in parts:
                 states.append(RandState(device))
-                with autocast(device, training=True):
+                with autocast(device, training=True, precision=precision):
                     reps.append(encode(**c).float())
     nq = len(q_chunks)
     q, p = torch.cat(reps[:nq])[q_inv], torch.cat(reps[nq:])[p_inv]
@@ -109,7 +110,7 @@ def loss_and_backward(model: BiEncoder, q_in: dict, p_in: dict, positive: torch.
     # 3) replay each chunk with a graph and the same dropout, and push the cached gradient through.
     encoders = [model.encode_query] * nq + [model.encode_passage] * len(p_chunks)
     for encode, c, state, g in zip(encoders, q_chunks + p_chunks, states, grads):
-        with state.replay(), autocast(device, training=True):
+        with state.replay(), autocast(device, training=True, precision=precision):
             rep = encode(**c).float()
         rep.backward(g)
     return float(loss.detach()), acc

@@ -46,6 +46,7 @@ from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
 from densepr.fileio import remove_tree, write_json
 from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
+from densepr.models.hf import check_precision
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
 from densepr.train.config import TrainConfig
@@ -199,6 +200,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
         device: torch device (default: the local GPU under torchrun, else cuda/cpu).
         stop_after: stop (as if killed) after this many steps of *this* invocation; for tests.
     """
+    check_precision(cfg.precision, "--precision")
     out = Path(cfg.output_dir)
     dev = torch.device(device) if device else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")  # fmt: skip
@@ -283,7 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
                 questions, passages, positive = build_batch(examples, ids, state["epoch"], cfg)
                 q_in = model.question.collate(model.question.tokenize_questions(questions))
                 p_in = model.passage.collate(model.passage.tokenize_passages([p.title for p in passages], [p.text for p in passages]))
-                loss, acc = loss_and_backward(model, q_in, p_in, torch.tensor(positive, device=dev), d, cfg.grad_cache_chunk)
+                loss, acc = loss_and_backward(model, q_in, p_in, torch.tensor(positive, device=dev), d, cfg.grad_cache_chunk, cfg.precision)
                 sum_gradients(params, d)
                 grad_norm = optimizer_step(params, opt, sched, cfg.max_grad_norm)
                 state["step"] += 1
