@@ -7,6 +7,7 @@ as ``title [SEP] text``, dot-product similarity with scale 1, AdamW. Configurati
 
 * ``densepr``: :func:`densepr.train.retriever.loss_and_backward`, the whole batch in one graph;
 * ``densepr-gradcache``: the same with gradient caching (chunks of ``--chunk`` sequences);
+* ``densepr-bf16``: ``densepr`` under bf16 autocast (``train --precision bf16``; weights stay float32);
 * ``st-mnrl``: sentence-transformers' ``MultipleNegativesRankingLoss(scale=1, dot_score)`` on
   (question, positive, hard negative) triplets: the same objective;
 * ``st-cached-mnrl``: its ``CachedMultipleNegativesRankingLoss`` (mini-batch ``--chunk``).
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train-speed-b{batch}.json"
-CONFIGS = ("densepr", "densepr-gradcache", "st-mnrl", "st-cached-mnrl")
+CONFIGS = ("densepr", "densepr-gradcache", "densepr-bf16", "st-mnrl", "st-cached-mnrl")
 
 
 def make_batches(batch_size: int, steps: int) -> list[tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]]:
@@ -77,7 +78,8 @@ def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
             passages = [p for pair in zip(pos, neg) for p in pair]
             q_in = enc.collate(enc.tokenize_questions(qs))
             p_in = enc.collate(enc.tokenize_passages([t for t, _ in passages], [x for _, x in passages]))
-            loss, _ = loss_and_backward(model, q_in, p_in, torch.arange(0, 2 * len(qs), 2), Dist(), chunk if config.endswith("gradcache") else 0)
+            loss, _ = loss_and_backward(model, q_in, p_in, torch.arange(0, 2 * len(qs), 2), Dist(), chunk if config.endswith("gradcache") else 0,
+                                        "bf16" if config.endswith("bf16") else "fp32")  # fmt: skip
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
@@ -150,9 +152,12 @@ def main() -> None:
         ratios["densepr_vs_st_mnrl"] = round(by["densepr"]["questions_per_s"] / by["st-mnrl"]["questions_per_s"], 3)
     if "densepr-gradcache" in by and "st-cached-mnrl" in by:
         ratios["densepr_gradcache_vs_st_cached_mnrl"] = round(by["densepr-gradcache"]["questions_per_s"] / by["st-cached-mnrl"]["questions_per_s"], 3)
+    if "densepr" in by and "densepr-bf16" in by:
+        ratios["bf16_speedup_over_plain"] = round(by["densepr-bf16"]["questions_per_s"] / by["densepr"]["questions_per_s"], 3)
     if "densepr" in by and "densepr-gradcache" in by:
         ratios["memory_gradcache_over_plain"] = round(by["densepr-gradcache"]["peak_rss_gib"] / by["densepr"]["peak_rss_gib"], 3)
-    result = {"command": "python benchmarks/train_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("batch_size", "steps", "chunk")),
+    result = {"command": "python benchmarks/train_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("batch_size", "steps", "chunk"))
+              + " --configs " + " ".join(args.configs),
               "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "rows": rows, "ratios": ratios}  # fmt: skip
     from rich.console import Console
     from rich.table import Table
