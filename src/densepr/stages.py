@@ -20,7 +20,8 @@ fingerprint and its outputs verify:
 Otherwise it runs again; a corrupt output is rebuilt, never used. A ``resumable`` stage (hours of
 reading) also keeps finished pieces of its work in ``<out>/stages/<name>.partial/``, tagged with its
 fingerprint: a killed build resumes from them, pieces of other inputs are discarded, and the
-directory goes once the stage is recorded. A changed setting changes that
+directory goes once the stage is recorded. A setting added to a stage later names the value earlier
+runs had (``added``): at that value it stays out of the fingerprint, so those runs stay current. A changed setting changes that
 stage's fingerprint and so (through ``upstream``) every fingerprint downstream: those stages
 rerun, the ones before do not. ``force_from`` reruns a stage (or group of stages) and everything
 after it in ``order``. A skipped stage's value is loaded only when something asks for it
