@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from common import machine_info
@@ -51,12 +52,15 @@ def main() -> None:
         if ks and got["ks"] != ks:
             raise SystemExit(f"{extra}: read at ks {got['ks']}, the run at {ks}")
         ks = ks or got["ks"]
-        finished = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((extra / "qa-results.json").stat().st_mtime))
+        finished = datetime.fromtimestamp((extra / "qa-results.json").stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
         for name, res in got["sets"].items():
             if name not in sets:  # the run's own reading first
                 sets[name] = {**res, "limit": got["limit"], "finished": finished, "precision": got.get("precision", "fp32"), "source": str(extra)}
     for partial in sorted(stages.glob("qa-*.partial")):
         pending[partial.name[len("qa-") : -len(".partial")]] = len(list(partial.glob("readings-*.json")))
+    for extra in args.add:  # an evaluate-qa output keeps a set's pieces in pieces/<set>/<inputs key>/
+        for partial in sorted((extra / "pieces").glob("*/*")):
+            pending[f"{partial.parent.name} ({extra})"] = len(list(partial.glob("readings-*.json")))
     if not sets:
         raise SystemExit(f"{args.run}: no end-to-end set recorded yet with --qa-limit {args.limit}")
     # largest first in the table, as the paper lists them
