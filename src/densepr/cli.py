@@ -970,7 +970,7 @@ def evaluate_qa_cmd(
     before = _read_qa_results(output) if resume else {}
     for spec in qa:
         qas = _load_qa(spec, limit, regex, cache_dir)
-        key = reading_key(str(reader_dir).split("#")[0], index, qas, mode_list, k_list, gold, precision)
+        key = reading_key(reader_dir, index, qas, mode_list, k_list, gold, precision)
         if before.get(qas.name, {}).get("key") == key:
             results["sets"][qas.name] = before[qas.name]
             _log(f"{qas.name}: already read into {output} with the same inputs; kept (--no-resume reads it again)")

@@ -209,15 +209,18 @@ def _identity(root: Path, paths: Sequence[Path]) -> list:
 def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str], qas: QASet, modes: Sequence[str],
                 ks: Sequence[int], gold: bool, precision: str) -> str:  # fmt: skip
     """sha256 of what one :func:`evaluate_qa` of ``qas`` depends on, so that kept pieces of its readings
-    (and a finished result) are reused only for the same inputs: the reader's files, the index's
-    (passages, BM25 and dense manifests, hybrid weight, the question encoder), the questions and answers,
-    the modes, ks, ``gold`` and the reader's precision."""
-    reader_dir, index = Path(reader_dir), Path(index)
+    (and a finished result) are reused only for the same inputs: the reader's files (and which model of
+    an ONNX export, ``DIR#int8``), the index's (passages, BM25 and dense manifests, hybrid weight, the
+    question encoder), the questions and answers, the modes, ks, ``gold`` and the reader's precision."""
+    base, _, variant = str(reader_dir).partition("#")
+    reader_dir, index = Path(base), Path(index)
     parts = [index / n for n in ("passages.tsv", "hybrid.json", "bm25/manifest.json", "dense/manifest.json")]
     if (index / "dense/manifest.json").is_file():
         parts.append(Path(read_json(index / "dense/manifest.json").get("question_encoder", index / "dense")))
     key = {"reader": _identity(reader_dir, [reader_dir]), "index": _identity(index, parts), "questions": qas.fingerprint(),
            "modes": list(modes), "ks": sorted(set(ks)), "gold": gold, "precision": precision}  # fmt: skip
+    if variant:  # only then: keys of plain reader directories stay as they were written
+        key["variant"] = variant
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

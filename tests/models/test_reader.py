@@ -467,6 +467,7 @@ def test_cli_evaluate_qa_resumes_a_killed_set_and_keeps_finished_ones(tmp_path, 
     figures equal a fresh run's; other inputs (here another ks) read again; pieces go once a set is done."""
     import shutil
 
+    from densepr.data.qa import QA, QASet
     from tests.support.cli import run
 
     idx = tmp_path / "index"
@@ -504,6 +505,12 @@ def test_cli_evaluate_qa_resumes_a_killed_set_and_keeps_finished_ones(tmp_path, 
     read[:] = []
     code, _, err = run(capsys, *args[:-5], "--ks", "1,2", "--device", "cpu", "-o", str(tmp_path / "qa"))
     assert code == 0 and read == [4, 2]  # other inputs: read again
+    from densepr.pipeline import reading_key
+
+    key = json.loads((tmp_path / "qa" / "qa-results.json").read_text())["sets"]["qa.tsv"]["key"]
+    qas = QASet("qa.tsv", [QA(q, tuple(a)) for q, a in QUESTIONS])
+    assert reading_key(tmp_path / "rd", idx, qas, ["bm25"], [1, 2], True, "fp32") == key
+    assert reading_key(f"{tmp_path / 'rd'}#int8", idx, qas, ["bm25"], [1, 2], True, "fp32") != key  # an ONNX export's int8 model
 
 
 # -- command line ----------------------------------------------------------------------------------
