@@ -1,9 +1,10 @@
-"""Training steps in bfloat16 autocast on the CPU against float32, side by side: is it worth a training option?
+"""Training steps in bfloat16 autocast on the CPU against float32, side by side (``--precision bf16`` of
+``train`` / ``train-reader``).
 
-densepr's mixed-precision policy (``densepr.models.hf.autocast``) trains in float32 on CPUs. CPUs with
-native bf16 (AVX512-BF16, AMX) may run a bf16-autocast step faster. This times one forward + backward of
-the two models the paper's experiment trains, at its shapes, in float32 and under
-``torch.autocast("cpu", bfloat16)``, and reports the speed-up and how far the loss and gradient move:
+CPUs with native bf16 (AVX512-BF16, AMX) may run a bf16-autocast step faster. This times one forward +
+backward of the two models the paper's experiment trains, at its shapes, in float32 and under the trainers'
+own policy (``densepr.models.hf.autocast(..., precision="bf16")``), and reports the speed-up and how far
+the loss and gradient move:
 
 - the reader (DPRReader from the embedded MiniLM): ``--windows`` windows of ``--length`` tokens;
 - one tower of the bi-encoder (the embedded MiniLM, [CLS]): ``--passages`` passages of ``--length`` tokens.
@@ -17,7 +18,6 @@ benchmarks/results/train-precision.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -27,18 +27,18 @@ from common import RESULTS, machine_info
 
 from densepr.data import EmbeddedData
 from densepr.fileio import write_json
-from densepr.models.hf import cpu_has_bf16
+from densepr.models.hf import autocast, cpu_has_bf16
 
 
 def measure(model: torch.nn.Module, loss_fn, steps: int) -> dict:
     """Median seconds of a forward + backward, the loss and the gradient norm, per precision."""
     out = {}
-    for name, ctx in (("fp32", contextlib.nullcontext), ("bf16-autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+    for name, precision in (("fp32", "fp32"), ("bf16-autocast", "bf16")):
         times, loss, norm = [], 0.0, 0.0
         for i in range(steps + 1):  # the first is a warm-up
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            with ctx():
+            with autocast(torch.device("cpu"), training=True, precision=precision):
                 value = loss_fn(model)
             value.backward()
             if i:

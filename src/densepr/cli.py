@@ -7,7 +7,6 @@ Errors from bad input print one line (file, line, field, what was expected) and 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import MISSING
 from pathlib import Path
@@ -952,7 +951,7 @@ def evaluate_qa_cmd(
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import qa_markdown
-    from densepr.fileio import remove_tree
+    from densepr.fileio import file_name, remove_tree
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
@@ -975,7 +974,7 @@ def evaluate_qa_cmd(
             results["sets"][qas.name] = before[qas.name]
             _log(f"{qas.name}: already read into {output} with the same inputs; kept (--no-resume reads it again)")
             continue
-        set_pieces = output / "pieces" / re.sub(r"[^A-Za-z0-9._-]", "_", qas.name)
+        set_pieces = output / "pieces" / file_name(qas.name)
         for other in set_pieces.glob("*") if set_pieces.is_dir() else ():
             if other.name != key[:16] or not resume:
                 remove_tree(other)  # pieces of other inputs (another reader, k, ...), or --no-resume

@@ -29,6 +29,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -308,6 +309,12 @@ def verify_tree(
         except DenseprError as e:
             out.append((mpath.parent, kind, str(e)))
     return out
+
+
+def file_name(name: str) -> str:
+    """``name`` (a QA set's name, possibly a path) as one file name: other than letters, digits, ``.``,
+    ``_`` and ``-``, every character becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

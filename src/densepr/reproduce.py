@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass, field, replace
@@ -46,7 +45,7 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.report import ablation_table, markdown_table, paper_table, plot_qa, plot_topk, qa_markdown
 from densepr.evaluate.topk import accuracy_report, topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import atomic_write, read_json, remove_tree, sha256_file, write_json
+from densepr.fileio import atomic_write, file_name, read_json, remove_tree, sha256_file, write_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.machine import machine_info
@@ -296,10 +295,6 @@ def stage_order(profile: str) -> tuple[str, ...]:
 READER_STAGES = ("reader-data", "train-reader", "tune-reader", "qa")
 
 
-def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
 class Job:
     """The main job's stages on a :class:`~densepr.stages.StageRunner`: each skipped when current,
     and a skipped stage's artefact is loaded only when a stage that runs reads it."""
@@ -531,7 +526,7 @@ class Job:
     def evaluate(self, qas: QASet) -> Stage:
         """Retrieve one test set with every method, score it, write its TREC runs (and its scores)."""
         cfg, out, methods = self.cfg, self.cfg.out_dir, [str(m) for m in self.methods]
-        scores = out / "evaluation" / f"{_file_name(qas.name)}.json"
+        scores = out / "evaluation" / f"{file_name(qas.name)}.json"
         runs = out / "runs"
         outputs = [scores] + [runs / f"{qas.name}.{m}.trec" for m in methods]
         outputs += [runs / f"{qas.name}.{m}.json" for m in methods] if cfg.save_dpr_json else []
@@ -570,7 +565,7 @@ class Job:
 
         settings = {"set": qas.name, "questions": qas.fingerprint(), "limit": cfg.limit, "k": cfg.k, "depth": cfg.depth,
                     "methods": methods, "dpr_json": cfg.save_dpr_json}  # fmt: skip
-        name = f"evaluate-{_file_name(qas.name)}"
+        name = f"evaluate-{file_name(qas.name)}"
         upstream = ("passages", "bm25", "dense", "tune", *(f"dense-{m}" for m in others))
         return Stage(name, build, load, settings, upstream, outputs, group="evaluate")
 
@@ -583,7 +578,7 @@ class Job:
     def _reader_files(self) -> tuple[list[Path], Path]:
         """``reader-data/``'s files: one per mining set (training) and the held-out questions' (validation)."""
         d = self.cfg.out_dir / "reader-data"
-        return [d / f"{_file_name(s)}.json" for s in self.plan.sets], d / "heldout.json"
+        return [d / f"{file_name(s)}.json" for s in self.plan.sets], d / "heldout.json"
 
     def reader_data(self) -> Stage:
         """The final retriever's (dense) top ``depth`` for every mining question, with ``has_answer``:
@@ -680,7 +675,7 @@ class Job:
         tuned reader over BM25's and the trained retriever's top k (each passage read once)."""
         from densepr.pipeline import evaluate_qa
 
-        rp, path = self.reader_plan, self.cfg.out_dir / "qa" / f"{_file_name(qas.name)}.json"
+        rp, path = self.reader_plan, self.cfg.out_dir / "qa" / f"{file_name(qas.name)}.json"
 
         def build(pieces: Path) -> dict:  # a killed read resumes from its finished pieces of questions
             with progress_bar(None, f"read {qas.name}", self.show_progress, unit="window") as advance:
@@ -691,7 +686,7 @@ class Job:
 
         settings = {"set": qas.name, "questions": qas.fingerprint(), "limit": rp.qa_limit, "modes": list(rp.modes), "ks": list(rp.ks),
                     "precision": rp.read_precision}  # fmt: skip
-        return Stage(f"qa-{_file_name(qas.name)}", build, lambda: read_json(path), settings,
+        return Stage(f"qa-{file_name(qas.name)}", build, lambda: read_json(path), settings,
                      ("passages", "bm25", "dense", "tune", "tune-reader"), [path], group="qa", resumable=True, added={"precision": "fp32"})  # fmt: skip
 
     def report(self, evaluated: dict[str, str], qa: dict[str, str] | None = None) -> Stage:
