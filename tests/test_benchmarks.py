@@ -89,3 +89,36 @@ def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
     (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 20], "limit": None, "sets": {"e-test": res}}))
     proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "read at ks [1, 20], the run at [1, 5]" in proc.stderr
+
+
+def _fake_run(d, *, seconds, top20, em, late=()):
+    """A reproduce output with results.json and stage records: two retrieval stages, one qa set."""
+    (d / "stages").mkdir(parents=True)
+    rep = {"all": {"n": 10, "top1": 1.0, "top5": 2.0, "top20": top20, "top100": 40.0}, "answerable": {"n": 5, "top1": 2.0, "top5": 4.0, "top20": 2 * top20, "top100": 80.0}}
+    cell = {"em": em, "f1": em, "em_answerable": 2 * em, "f1_answerable": 2 * em, "retrieval_topk": top20}
+    summary = {"stages": [{"stage": s} for s in ("train", "qa-x", "report")],
+               "results": {"x-test": {"n_all": 10, "n_answerable": 5, "methods": {"bm25": rep, "dense": rep}}},
+               "training": {"runs": {"round1": {"steps": 3, "questions_per_s": 1.5, "first_loss": 2.0, "last_loss": 1.0, "validation": {"avg_rank": 4.0, "top20": 90.0}}}},
+               "qa": {"sets": {"x-test": {"modes": {"dense": {"k": {"1": cell, "20": cell}}}}}}}  # fmt: skip
+    (d / "results.json").write_text(json.dumps(summary))
+    for stage, s in zip(("train", "qa-x", "report"), seconds):
+        when = "2026-12-05T12:00:00+00:00" if stage in late else "2026-12-05T10:00:00+00:00"
+        (d / "stages" / f"{stage}.json").write_text(json.dumps({"seconds": s, "finished": when}))
+
+
+def test_compare_runs_puts_seconds_as_ratios_and_figures_side_by_side(tmp_path):
+    _fake_run(tmp_path / "a", seconds=(100.0, 50.0, 1.0), top20=30.0, em=10.0)
+    _fake_run(tmp_path / "b", seconds=(60.0, 40.0, 1.0), top20=31.0, em=10.0, late=("qa-x",))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "compare_runs.py", "--run", f"fp32={tmp_path / 'a'}", "--run", f"bf16={tmp_path / 'b'}", "-o", str(out)],
+                          cwd=BENCH, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((out / "compare.json").read_text())
+    # b's qa stage was recorded after its report: not part of its results, left out of its total
+    assert got["totals_s"] == {"fp32": 151.0, "bf16": 61.0} and "qa-x" not in got["seconds"]["bf16"]
+    md = (out / "compare.md").read_text()
+    assert "| train | 100 | 60 | 0.60x |" in md and "no seconds for qa-x" in md
+    assert "| x-test | dense | 30.0 / 60.0 | 31.0 / 62.0 |" in md and "Largest top-k difference from `fp32`: 2.00 points" in md
+    assert "| x-test | dense | paper | all | 10.0 / 10.0 | 10.0 / 10.0 |" in md and "equal to `fp32`'s: 4 of 4" in md
+    proc = subprocess.run([sys.executable, "compare_runs.py", "--run", f"a={tmp_path / 'a'}", "--run", f"b={tmp_path}", "-o", str(out)], cwd=BENCH, capture_output=True, text=True)
+    assert proc.returncode != 0 and "DIR/results.json" in proc.stderr
