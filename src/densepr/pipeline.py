@@ -151,46 +151,72 @@ def _encode_reading(r: Reading) -> list:
     return [r.relevance, None if r.span_score == float("-inf") else r.span_score, r.start, r.end, r.text]
 
 
-def _load_piece(path: Path, counts: list[int]) -> list[list[Reading]] | None:
-    """A piece written by :func:`read_in_pieces`, or None when missing or not of this shape (read again)."""
+def _load_piece(path: Path, counts: list[int]) -> tuple[list[list[Reading]], float | None] | None:
+    """A piece written by :func:`read_in_pieces` and the seconds its reading took (None in pieces written
+    before they recorded it: a bare list), or None when missing or not of this shape (read again)."""
     try:
-        rows = read_json(path)
+        data = read_json(path)
+        rows, seconds = (data["readings"], float(data["seconds"])) if isinstance(data, dict) else (data, None)
         got = [[Reading(float(a), float("-inf") if b is None else float(b), int(c), int(d), str(e)) for a, b, c, d, e in rd] for rd in rows]
-    except (DenseprError, TypeError, ValueError):
+    except (DenseprError, KeyError, TypeError, ValueError):
         return None
-    return got if [len(rd) for rd in got] == counts else None
+    return (got, seconds) if [len(rd) for rd in got] == counts else None
+
+
+@dataclass
+class PieceTimes:
+    """What :func:`read_in_pieces` spent: seconds reading now, seconds the pieces it kept once took, and how
+    many kept pieces were written before pieces recorded their seconds (their time is unknown)."""
+
+    read_s: float = 0.0
+    kept_s: float = 0.0
+    kept: int = 0
+    kept_untimed: int = 0
 
 
 def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]],
                    directory: Path | None, batch_size: int = 64, progress=None, size: int | None = None,
-                   log: Callable[[str], None] | None = None) -> list[list[Reading]]:  # fmt: skip
+                   log: Callable[[str], None] | None = None, times: PieceTimes | None = None) -> list[list[Reading]]:  # fmt: skip
     """:meth:`Reader.read`, ``size`` questions at a time (default :data:`PIECE_QUESTIONS`), each piece's
-    readings written to ``directory/readings-<first question>.json`` (atomically) and read back instead of
-    read again, so a killed evaluation resumes where it stopped. The caller keys ``directory`` to the inputs
-    (reader, questions, passages; :class:`~densepr.stages.StageRunner` does, by fingerprint): a piece is
-    trusted when its shape fits, else read again. ``directory=None``: one read, nothing kept.
-    ``log``: told after each piece read how far the reading is and about how long is left (a run of
-    hours in a log file shows no progress bar).
+    readings and reading seconds written to ``directory/readings-<first question>.json`` (atomically) and
+    read back instead of read again, so a killed evaluation resumes where it stopped. The caller keys
+    ``directory`` to the inputs (reader, questions, passages; :class:`~densepr.stages.StageRunner` does, by
+    fingerprint): a piece is trusted when its shape fits, else read again. ``directory=None``: one read,
+    nothing kept. ``log``: told after each piece read how far the reading is and about how long is left (a
+    run of hours in a log file shows no progress bar). ``times``: filled with the seconds spent, those of
+    kept pieces included, so that a resumed evaluation reports its whole reading time.
     """
+    times = times if times is not None else PieceTimes()
     if directory is None:
-        return reader.read(questions, passages, batch_size, progress)
+        t0 = time.perf_counter()
+        out = reader.read(questions, passages, batch_size, progress)
+        times.read_s += time.perf_counter() - t0
+        return out
     out: list[list[Reading]] = []
     size = size or PIECE_QUESTIONS
     left = sum(len(ps) for ps in passages)  # passages still to read or load
-    busy, read_now = 0.0, 0  # seconds reading and passages read by this call (not loaded from pieces)
+    read_now = 0  # passages read by this call (not loaded from pieces)
     for lo in range(0, len(questions), size):
         path, part = Path(directory) / f"readings-{lo:07d}.json", passages[lo : lo + size]
-        got = _load_piece(path, [len(ps) for ps in part])
+        kept = _load_piece(path, [len(ps) for ps in part])
         left -= sum(len(ps) for ps in part)
-        if got is None:
+        if kept is None:
             t0 = time.perf_counter()
             got = reader.read(questions[lo : lo + size], part, batch_size, progress)
-            write_json(path, [[_encode_reading(r) for r in rd] for rd in got], indent=None)
-            busy, read_now = busy + time.perf_counter() - t0, read_now + sum(len(ps) for ps in part)
+            took = time.perf_counter() - t0
+            write_json(path, {"seconds": round(took, 3), "readings": [[_encode_reading(r) for r in rd] for rd in got]}, indent=None)
+            times.read_s, read_now = times.read_s + took, read_now + sum(len(ps) for ps in part)
             if log is not None:
-                rate = read_now / max(busy, 1e-9)
+                rate = read_now / max(times.read_s, 1e-9)
                 log(f"read {min(lo + size, len(questions)):,} of {len(questions):,} questions "
                     f"({rate:.0f} passages/s, ~{left / rate / 60:.0f} min left)")  # fmt: skip
+        else:
+            got, seconds = kept
+            times.kept += 1
+            if seconds is None:
+                times.kept_untimed += 1
+            else:
+                times.kept_s += seconds
         out += got
     return out
 
@@ -230,7 +256,9 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     """End-to-end EM/F1 of one QA set for several retrieval modes and k.
 
     Returns ``{"n_all", "n_answerable", "modes": {mode: {"k": {k: {"em", "f1", "em_answerable",
-    "f1_answerable", "retrieval_topk"}}}}, "gold": {...}, "seconds"}``. ``gold`` is the reader's
+    "f1_answerable", "retrieval_topk"}}}}, "gold": {...}, "seconds", "reading_seconds", "passages_read"}``,
+    and ``"resumed"`` (pieces kept, the seconds they took) when kept pieces were used: ``seconds`` then
+    includes their reading time, so a resumed set reports its whole cost. ``gold`` is the reader's
     upper bound: EM when it reads only the best-ranked answer-bearing passage (the first in the top-100
     of hybrid, else dense, else BM25), over the questions that have one. ``pieces``: a directory where
     the readings are kept piece by piece so that a killed evaluation resumes (:func:`read_in_pieces`;
@@ -263,7 +291,9 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
                     break
         rows_per_q.append(list(seen))
     c = retriever.corpus
-    readings = read_in_pieces(reader, questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], pieces, batch_size, progress, log=log)
+    times = PieceTimes()
+    readings = read_in_pieces(reader, questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], pieces, batch_size, progress,
+                              log=log, times=times)  # fmt: skip
     lookup = [dict(zip(rows, rd)) for rows, rd in zip(rows_per_q, readings)]
     # answer aggregation compares normalised answers: normalise each passage's once, not once per k
     keys = [{r: normalize_answer(x.text) for r, x in lk.items()} for lk in lookup] if any(reader.config.selection_for(m)[0].aggregate for m in modes) else None
@@ -297,8 +327,12 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
         preds = [lookup[i][int(gold_row[i])].text if gold_row[i] >= 0 else "" for i in range(len(qas))]
         em, f1 = _score(preds, qas, with_gold)
         out["gold"] = {"questions": int(len(with_gold)), "em": em, "f1": f1}
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+    # a resumed evaluation's time: this call's plus what its kept pieces took to read
+    out["seconds"] = round(time.perf_counter() - t0 + times.kept_s, 1)
+    out["reading_seconds"] = round(times.read_s + times.kept_s, 1)
     out["passages_read"] = int(sum(len(r) for r in rows_per_q))
+    if times.kept:
+        out["resumed"] = {"pieces_kept": times.kept, "their_seconds": round(times.kept_s, 1), "pieces_without_seconds": times.kept_untimed}
     return out
 
 

@@ -454,6 +454,14 @@ def test_evaluate_qa_in_pieces_resumes_and_gives_the_same_figures(tmp_path, retr
     monkeypatch.setattr(reader, "read", lambda qs, ps, *a, **k: read.append(len(qs)) or real(qs, ps, *a, **k))
     again = evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)
     assert read == [2] and again["modes"] == whole["modes"]  # only the missing piece was read
+    # the kept piece's reading time counts in the resumed set's seconds (what it cost in all)
+    took = json.loads((pieces / "readings-0000000.json").read_text())["seconds"]
+    assert again["resumed"] == {"pieces_kept": 1, "their_seconds": round(took, 1), "pieces_without_seconds": 0}
+    assert again["seconds"] >= round(took, 1) and again["reading_seconds"] >= round(took, 1) and "resumed" not in first
+    # a piece written before pieces kept their time (a bare list) is still used; its time is unknown, and said so
+    (pieces / "readings-0000004.json").write_text(json.dumps(json.loads((pieces / "readings-0000004.json").read_text())["readings"]))
+    old = evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)
+    assert read == [2] and old["modes"] == whole["modes"] and old["resumed"]["pieces_without_seconds"] == 1
     (pieces / "readings-0000000.json").write_text('[["not", "a reading"]]')
     assert evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)["modes"] == whole["modes"] and read == [2, 4]
     # readings survive the trip through JSON exactly, spans and "no span" (-inf) included
