@@ -26,6 +26,12 @@ from densepr.evaluate.report import plot_qa, qa_markdown
 from densepr.fileio import atomic_write, read_json, write_json
 
 
+def seconds_cell(res: dict) -> str:
+    """A set's seconds; a lower bound, said so, when a resumed read kept pieces whose time was not recorded."""
+    untimed = (res.get("resumed") or {}).get("pieces_without_seconds", 0)
+    return f"{res['seconds']:,.0f}" if not untimed else f"≥ {res['seconds']:,.0f} ({untimed} kept pieces untimed)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/dpr"), help="a `densepr reproduce --profile dpr` output directory")
@@ -57,7 +63,9 @@ def main() -> None:
             if name not in sets:  # the run's own reading first
                 sets[name] = {**res, "limit": got["limit"], "finished": finished, "precision": got.get("precision", "fp32"), "source": str(extra)}
     for partial in sorted(stages.glob("qa-*.partial")):
-        pending[partial.name[len("qa-") : -len(".partial")]] = len(list(partial.glob("readings-*.json")))
+        name = partial.name[len("qa-") : -len(".partial")]
+        if name not in sets:  # a set read to the end elsewhere (--add) is not pending
+            pending[name] = len(list(partial.glob("readings-*.json")))
     for extra in args.add:  # an evaluate-qa output keeps a set's pieces in pieces/<set>/<inputs key>/
         for partial in sorted((extra / "pieces").glob("*/*")):
             pending[f"{partial.parent.name} ({extra})"] = len(list(partial.glob("readings-*.json")))
@@ -67,7 +75,7 @@ def main() -> None:
     results = {"run": str(args.run), "ks": ks, "sets": dict(sorted(sets.items(), key=lambda kv: -kv[1]["n_all"]))}
     md = qa_markdown(results)
     md += "\n| dataset | questions (limit) | passages read | seconds | reader precision | read by | finished |\n|---|---:|---:|---:|---|---|---|\n"
-    md += "".join(f"| {n} | {r['n_all']} ({r['limit'] or 'all'}) | {r['passages_read']:,} | {r['seconds']:,.0f} | {r['precision']} | {r['source']} | {r['finished']} |\n"
+    md += "".join(f"| {n} | {r['n_all']} ({r['limit'] or 'all'}) | {r['passages_read']:,} | {seconds_cell(r)} | {r['precision']} | {r['source']} | {r['finished']} |\n"
                   for n, r in results["sets"].items())  # fmt: skip
     if pending:
         md += "\nStill being read (finished pieces of 250 questions): " + ", ".join(f"{n} {p}" for n, p in pending.items()) + "\n"

@@ -80,9 +80,13 @@ def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
     extra.mkdir()
     res = {"n_all": 5000, "n_answerable": 2500, "modes": {"dense": {"k": {"1": cell, "5": cell}}}, "gold": {"questions": 9, "em": 1.0, "f1": 2.0},
            "seconds": 9.0, "passages_read": 9}  # fmt: skip
-    (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 5], "limit": None, "sets": {"e-test": res, "a-test": res}}))
+    (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 5], "limit": None,
+                                                       "sets": {"e-test": {**res, "resumed": {"pieces_kept": 3, "their_seconds": 0.0, "pieces_without_seconds": 3}}, "a-test": res}}))  # fmt: skip
+    (run / "stages" / "qa-e-test.partial").mkdir()  # the run's own unfinished read of a set evaluate-qa finished
     proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "qa-results.json").read_text())["pending_pieces"] == {"b": 1}
+    assert "| 9 | bf16 |" not in (out / "qa-results.md").read_text() and "≥ 9 (3 kept pieces untimed)" in (out / "qa-results.md").read_text()
     got = json.loads((out / "qa-results.json").read_text())["sets"]
     assert list(got) == ["e-test", "d-test", "a-test"] and got["e-test"]["precision"] == "bf16"
     assert got["a-test"]["n_all"] == 700 and got["a-test"]["precision"] == "fp32"  # the run's own reading is kept
