@@ -2,13 +2,10 @@
 
 The reader goal of issue 15 (EM >= 50% given the answer-bearing passage) is not reached with the ~4.2 k
 labelled questions the embedded data offers (benchmarks/reader_data.py: +1.9 EM for the last doubling).
-Cloze pre-training makes training questions from unlabelled text (Dhingra et al., NAACL 2018, "Simple and
-Effective Semi-Supervised Question Answering"; Lewis et al., ACL 2019, "Unsupervised Question Answering by
-Cloze Translation"): a sentence of a passage whose entity, year or number also occurs in the passage's other
-sentences becomes a question, the span replaced by a wh-word ("... was founded in when by ...?"); its context
-is the passage *without* that sentence (so the answer is found by matching the rest of the sentence to the
-context, not by copying), and BM25's top passages for the question are its negatives, as DPR's reader data.
-Only the retrieval corpus's own text is used, no test question or answer.
+Cloze pre-training makes training questions from the corpus's own sentences (:mod:`densepr.train.cloze`,
+``densepr cloze-data``; Dhingra et al. 2018, Lewis et al. 2019): a name, year or number blanked with a
+wh-word, the passage without that sentence as the context, BM25's top passages as negatives. Only the
+retrieval corpus's own text is used, no test question or answer.
 
 Three readers, each with the run's reader recipe, then read on the best-ranked answer-bearing passage of
 the same held-out questions (as benchmarks/reader_data.py):
@@ -27,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,87 +34,21 @@ from reader_data import usable_rows, write_subset
 
 from densepr.data import EmbeddedData
 from densepr.data.passages import load_corpus
-from densepr.evaluate.answers import has_answer
-from densepr.fileio import atomic_write, read_json, remove_tree, write_json
+from densepr.fileio import read_json, remove_tree, write_json
 from densepr.models.reader import Reader
 from densepr.retrieve.bm25 import BM25Index
+from densepr.train.cloze import cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
 from densepr.train.reader import train_reader
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
-_YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
-_NUMBER = re.compile(r"\b[0-9][0-9,.]*[0-9]\b|\b[0-9]\b")
-# a run of capitalised words, which may hold "of", "the", "de", ... between them
-_NAME = re.compile(r"\b[A-Z][\w'’\-.]*(?:\s+(?:(?:of|the|de|du|von|van|der|la|le|and|y)\s+)*[A-Z][\w'’\-.]*)*")
-# capitalised only because they start a sentence, or too common to be answers
-_NOT_NAMES = frozenset("the a an it in he she they this these those his her its their there on at as by for from after before "
-                       "during since when while however although following it's i we our one two".split())  # fmt: skip
-
-
-def cloze_candidates(sentence: str, text: str) -> list[tuple[str, str]]:
-    """(answer span, wh-word) candidates of one sentence of ``text``: years (when), other numbers (how many),
-    names (what)."""
-    out = [(m.group(0), "when") for m in _YEAR.finditer(sentence)]
-    years = {a for a, _ in out}
-    out += [(m.group(0), "how many") for m in _NUMBER.finditer(sentence) if m.group(0) not in years]
-    for m in _NAME.finditer(sentence):
-        words = m.group(0).rstrip(".").split()
-        initial = m.start() == 0
-        while words and words[0].lower() in _NOT_NAMES:
-            words, initial = words[1:], False
-        name = " ".join(words)
-        # a single capitalised word opening the sentence is a name only if it is capitalised mid-sentence too
-        if len(name) > 2 and not (initial and len(words) == 1 and not re.search(rf"[a-z,;]\s+{re.escape(name)}\b", text)):
-            out.append((name, "what"))
-    return out
-
-
-def make_cloze(corpus, n: int, seed: int) -> list[dict]:
-    """Up to ``n`` cloze questions (seeded sample, at most one per sentence): question, answer, source row,
-    context (the passage without the question's sentence)."""
-    rng = random.Random(seed)
-    made = []
-    for row, (title, text) in enumerate(zip(corpus.titles, corpus.texts)):
-        sentences = _SENTENCE_END.split(text)
-        if len(sentences) < 2:
-            continue
-        for i, s in enumerate(sentences):
-            context = " ".join(sentences[:i] + sentences[i + 1 :])
-            # the answer must be findable in the context and the question must keep some words to match
-            cands = [(a, wh) for a, wh in cloze_candidates(s, text) if has_answer([a], context) and len(s.split()) - len(a.split()) >= 4]
-            if not cands:
-                continue
-            answer, wh = rng.choice(cands)
-            question = s.replace(answer, wh, 1).rstrip(" .!?") + "?"
-            made.append({"question": question, "answer": answer, "wh": wh, "row": row, "title": title, "context": context})
-    rng.shuffle(made)
-    return made[:n]
-
 
 def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> dict:
-    """DPR retrieval-result JSON of ``n`` cloze questions: the positive context first, then BM25's top
-    passages for the question (the source passage left out), ``has_answer`` by DPR's rule."""
+    """The cloze questions of the run's passages (:mod:`densepr.train.cloze`, as ``densepr cloze-data``)."""
     corpus = load_corpus(run / "passages.tsv")
-    made = make_cloze(corpus, n, seed)
-    bm25 = BM25Index.load(run / "bm25", corpus=corpus)
-    hits = bm25.search([m["question"] for m in made], k=depth)
-    rows = []
-    for m, rs, ss in zip(made, hits.rows, hits.scores):
-        # the positive first, scored above every BM25 hit (the file is a ranked list)
-        top = float(ss[0]) + 1.0 if len(ss) else 1.0
-        ctxs = [{"id": corpus.ids[m["row"]], "title": m["title"], "text": m["context"], "score": top, "has_answer": True}]
-        for r, s in zip(rs, ss):
-            if r >= 0 and r != m["row"] and len(ctxs) < depth:
-                ctxs.append({"id": corpus.ids[r], "title": corpus.titles[r], "text": corpus.texts[r], "score": float(s),
-                             "has_answer": has_answer([m["answer"]], corpus.texts[r])})  # fmt: skip
-        rows.append({"question": m["question"], "answers": [m["answer"]], "ctxs": ctxs})
+    records = cloze_records(corpus, BM25Index.load(run / "bm25", corpus=corpus), n, seed, depth)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as fh:
-        json.dump(rows, fh)
-    kinds: dict[str, int] = {}
-    for m in made:
-        kinds[m["wh"]] = kinds.get(m["wh"], 0) + 1
-    return {"questions": len(rows), "examples": [r["question"] + " -> " + r["answers"][0] for r in rows[:5]], "by_wh_word": kinds}
+    write_cloze(records, path)
+    return {"questions": len(records), "examples": [r["question"] + " -> " + r["answers"][0] for r in records[:5]]}
 
 
 def train(cfg: ReaderTrainConfig, run_dir: Path, device: str) -> dict:

@@ -186,6 +186,7 @@ WRITERS = [
     ("file", ("data", "build-train", "--qa", "{missing}.tsv", "-o", "{tmp}/t.json", "--val-output", "{out}", "--index", "{missing}")),
     ("file", ("retrieve", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}")),
     ("file", ("retrieve", "--queries", "{missing}.tsv", "--trec", "{out}", "--index", "{missing}")),
+    ("file", ("cloze-data", "-o", "{out}", "--index", "{missing}")),
     ("file", ("reproduce", "-o", "{tmp}/repro", "--write-expected", "{out}", "--cache-dir", "{missing}")),
     ("dir", ("data", "fetch", "--cache-dir", "{out}")),
     ("dir", ("index", "bm25", "{missing}.tsv", "{out}")),

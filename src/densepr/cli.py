@@ -746,6 +746,32 @@ def reproduce(
 
 
 # -- reader and end-to-end QA -------------------------------------------------------------------
+@app.command("cloze-data")
+def cloze_data(
+    output: Annotated[Path, typer.Option("--output", "-o", help="DPR result JSON to write (what `train-reader --train` reads).")],
+    index: IndexOpt = None,
+    questions: Annotated[int, typer.Option("--questions", "-n", help="Cloze questions to make (a seeded sample; at most one per sentence).")] = 8000,
+    depth: Annotated[int, typer.Option(help="Passages per question: the positive context, then BM25's top for the question.")] = 20,
+    seed: int = _default(ReaderTrainConfig, "seed"),
+) -> None:
+    """Reader pre-training questions made from the index's own passages (cloze questions; no QA set used)."""
+    index = _index(index)
+    _check_output(output, "file", "DPR result JSON")
+    from densepr.data import load_corpus
+    from densepr.retrieve.bm25 import BM25Index
+    from densepr.train.cloze import cloze_records, write_cloze
+
+    if not (index / "passages.tsv").is_file() or not (index / "bm25").is_dir():
+        raise DenseprError(f"{index}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
+    if depth < 2:
+        raise DenseprError(f"--depth must be at least 2 (the positive and a negative), not {depth}")
+    corpus = load_corpus(index / "passages.tsv")
+    records = cloze_records(corpus, BM25Index.load(index / "bm25", corpus=corpus), questions, seed, depth)
+    write_cloze(records, output)
+    out.print(f"{len(records)} cloze questions from {len(corpus)} passages written to {output}; e.g. "
+              f"{records[0]['question']!r} -> {records[0]['answers'][0]!r}")  # fmt: skip
+
+
 @app.command("train-reader")
 def train_reader_cmd(
     train_files: Annotated[list[Path], typer.Option("--train", help="DPR result JSON with ctxs and has_answer (`densepr retrieve -o`); repeat for several.")],
