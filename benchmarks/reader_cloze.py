@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="stop each training after this many steps (smoke tests)")
     ap.add_argument("--labelled-reader", type=Path, default=None,
                     help="a reader already trained as `labelled` (e.g. reader_data.py's `all`, same recipe and epochs): read, not trained again")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                    help="another trained reader to read beside them, e.g. shipped=runs/dpr/reader (the one `reproduce` trains: 3 epochs, best checkpoint)")
     ap.add_argument("--readers", default="labelled,cloze,cloze+labelled", help="which readers to train and read")
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "cloze.json")
     args = ap.parse_args()
@@ -131,12 +133,23 @@ def main() -> None:
         rows.append({"reader": name, "dir": str(final), "questions": kept, "epochs": cfg.epochs, "train_seconds": record["seconds"], "steps": record["steps"],
                      **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
         print(f"{name}: {kept} training questions, {record['steps']} steps, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
+    for spec in args.compare:
+        name, _, path = spec.partition("=")
+        if not path or not Path(path).is_dir():
+            raise SystemExit(f"--compare: expected NAME=DIR of a reader directory, got {spec!r}")
+        reader = Reader.load(path, args.device)
+        reader.eval()
+        readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
+        rows.append({"reader": name, "dir": path, "questions": None, "epochs": None, "train_seconds": None, "steps": None,
+                     **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
+        print(f"{name} ({path}): EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions ({args.run})")
     print("| reader | training questions | epochs | steps | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['reader']} | {r['questions']:,} | {r['epochs']} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
+        cells = [f"{r['questions']:,}" if r["questions"] else "", r["epochs"] or "", r["steps"] or "", r["train_seconds"] or ""]
+        print(f"| {r['reader']} | " + " | ".join(map(str, cells)) + f" | {r['em']} | {r['f1']} |")
     write_json(args.json, {"command": f"python benchmarks/reader_cloze.py --run {args.run} --cloze {args.cloze} --epochs {args.epochs} --eval {args.eval} --readers {args.readers}"
-                           + (f" --labelled-reader {args.labelled_reader}" if args.labelled_reader else ""),
+                           + (f" --labelled-reader {args.labelled_reader}" if args.labelled_reader else "") + "".join(f" --compare {c}" for c in args.compare),
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1),
                            "held_out_questions": len(gold), "recipe": recipe, "cloze_data": cloze_info, "results": rows})  # fmt: skip
     print(f"wrote {args.json}")
