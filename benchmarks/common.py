@@ -4,7 +4,8 @@ this folder is then on ``sys.path``, so ``import common`` works."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import time
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from densepr.machine import machine_info
@@ -54,4 +55,39 @@ def span_scores(preds: list[str], gold) -> dict:
             "f1": round(100 * sum(f1_score(p, g[1]) for p, g in zip(preds, gold)) / n, 2)}  # fmt: skip
 
 
-__all__ = ["RESULTS", "gold_passages", "machine_info", "reader_recipe", "span_scores"]
+def given_passage_scores(reader_dir: str | Path, gold, device: str) -> dict:
+    """Exact match and F1 (%) of a reader's best span in each gold row's answer passage (:func:`gold_passages`)."""
+    from densepr.models.reader import Reader
+
+    reader = Reader.load(reader_dir, device)
+    reader.eval()
+    readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
+    return span_scores([r[0].text for r in readings], gold)
+
+
+def train_reader_once(cfg, run_dir: Path, device: str, name: str) -> dict:
+    """Train reader config ``cfg`` unless ``run_dir/done.json`` records a finished run of the same
+    configuration (so a killed benchmark continues; fields the record predates count at their default);
+    returns that record ``{config, seconds, steps}``."""
+    import json
+
+    from densepr.fileio import read_json, remove_tree, write_json
+    from densepr.train.reader import train_reader
+
+    done = run_dir / "done.json"
+    # a record written before a config field existed trained with that field's default
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cfg)
+                if f.default is not MISSING or f.default_factory is not MISSING}  # fmt: skip
+    if done.is_file() and json.loads(json.dumps({**defaults, **read_json(done).get("config", {})})) == json.loads(json.dumps(asdict(cfg))):
+        record = read_json(done)
+        print(f"{name}: trained before ({record['seconds']} s), read again")
+        return record
+    remove_tree(Path(cfg.output_dir))
+    t0 = time.perf_counter()
+    out = train_reader(cfg, device=device, show_progress=False, log=print)
+    record = {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1), "steps": out.get("step")}
+    write_json(done, record)
+    return record
+
+
+__all__ = ["RESULTS", "given_passage_scores", "gold_passages", "machine_info", "reader_recipe", "span_scores", "train_reader_once"]

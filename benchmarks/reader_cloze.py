@@ -23,23 +23,19 @@ not trained again, so a killed run continues. Prints a table, writes benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import RESULTS, gold_passages, machine_info, reader_recipe, span_scores
+from common import RESULTS, given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
 from reader_data import usable_rows, write_subset
 
 from densepr.data import EmbeddedData
 from densepr.data.passages import load_corpus
-from densepr.fileio import read_json, remove_tree, write_json
-from densepr.models.reader import Reader
+from densepr.fileio import read_json, write_json
 from densepr.retrieve.bm25 import BM25Index
 from densepr.train.cloze import cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
-from densepr.train.reader import train_reader
 
 
 def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> dict:
@@ -49,20 +45,6 @@ def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> di
     path.parent.mkdir(parents=True, exist_ok=True)
     write_cloze(records, path)
     return {"questions": len(records), "examples": [r["question"] + " -> " + r["answers"][0] for r in records[:5]]}
-
-
-def train(cfg: ReaderTrainConfig, run_dir: Path, device: str) -> dict:
-    """Train ``cfg`` unless ``run_dir/done.json`` holds the same configuration; the record."""
-    done = run_dir / "done.json"
-    if done.is_file() and read_json(done).get("config") == json.loads(json.dumps(asdict(cfg))):
-        print(f"{run_dir.name}: trained before ({read_json(done)['seconds']} s)")
-        return read_json(done)
-    remove_tree(Path(cfg.output_dir))
-    t0 = time.perf_counter()
-    out = train_reader(cfg, device=device, show_progress=False, log=print)
-    record = {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1), "steps": out.get("step")}
-    write_json(done, record)
-    return record
 
 
 def main() -> None:
@@ -124,24 +106,18 @@ def main() -> None:
             if any(record["config"].get(k) != v for k, v in recipe.items()) or record["config"]["epochs"] != args.epochs:
                 raise SystemExit(f"--labelled-reader {final}: trained with another recipe or epochs than this run's")
         else:
-            record = train(cfg, args.workdir / name, args.device)
+            record = train_reader_once(cfg, args.workdir / name, args.device, name)
             final = Path(cfg.output_dir) / "final"
-        reader = Reader.load(final, args.device)
-        reader.eval()
-        readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
         kept = read_json(final.parent / "data.json")["kept"]
         rows.append({"reader": name, "dir": str(final), "questions": kept, "epochs": cfg.epochs, "train_seconds": record["seconds"], "steps": record["steps"],
-                     **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
+                     **given_passage_scores(final, gold, args.device)})  # fmt: skip
         print(f"{name}: {kept} training questions, {record['steps']} steps, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     for spec in args.compare:
         name, _, path = spec.partition("=")
         if not path or not Path(path).is_dir():
             raise SystemExit(f"--compare: expected NAME=DIR of a reader directory, got {spec!r}")
-        reader = Reader.load(path, args.device)
-        reader.eval()
-        readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
         rows.append({"reader": name, "dir": path, "questions": None, "epochs": None, "train_seconds": None, "steps": None,
-                     **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
+                     **given_passage_scores(path, gold, args.device)})  # fmt: skip
         print(f"{name} ({path}): EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions ({args.run})")
     print("| reader | training questions | epochs | steps | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|---:|")

@@ -24,17 +24,14 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import RESULTS, gold_passages, machine_info, reader_recipe, span_scores
+from common import RESULTS, given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
 
 from densepr.data import EmbeddedData
-from densepr.fileio import atomic_write, read_json, remove_tree, write_json
-from densepr.models.reader import Reader
+from densepr.fileio import atomic_write, read_json, write_json
 from densepr.train.config import ReaderTrainConfig
-from densepr.train.reader import train_reader
 
 
 def usable_rows(files: list[Path], heldout: Path, depth: int) -> dict[Path, list[dict]]:
@@ -99,22 +96,11 @@ def main() -> None:
         cfg = ReaderTrainConfig(train_files=files, output_dir=str(run_dir / "reader"), init=init, epochs=args.epochs,
                                 save_every=10**9, seed=args.seed, **{k: v for k, v in recipe.items() if k not in ("seed", "precision")},
                                 precision=args.precision)  # fmt: skip
-        done = run_dir / "done.json"
-        if done.is_file() and read_json(done).get("config") == json.loads(json.dumps(asdict(cfg))):
-            record = read_json(done)
-            print(f"{name}: trained before ({record['seconds']} s), read again")
-        else:
-            remove_tree(run_dir / "reader")
-            t0 = time.perf_counter()
-            out = train_reader(cfg, device=args.device, show_progress=False, log=print)
-            record = {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1), "steps": out.get("step")}
-            write_json(done, record)
-        reader = Reader.load(run_dir / "reader" / "final", args.device)
-        reader.eval()
-        readings = reader.read([g[0] for g in gold], [[(g[2], g[3])] for g in gold])
+        record = train_reader_once(cfg, run_dir, args.device, name)
+        scores = given_passage_scores(run_dir / "reader" / "final", gold, args.device)
         kept = read_json(run_dir / "reader" / "data.json")["kept"]  # the trainer's count (it locates the answers itself)
         rows.append({"questions": kept, **counts, "epochs": args.epochs, "precision": args.precision, "train_seconds": record["seconds"],
-                     "steps": record["steps"], **span_scores([r[0].text for r in readings], gold)})  # fmt: skip
+                     "steps": record["steps"], **scores})  # fmt: skip
         print(f"{name}: {kept} questions, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
 
     # EM gained per doubling of the training questions between consecutive sizes, and where the last rate would

@@ -127,3 +127,28 @@ def test_compare_runs_puts_seconds_as_ratios_and_figures_side_by_side(tmp_path):
     proc = subprocess.run([sys.executable, "compare_runs.py", "--run", f"a={tmp_path / 'a'}", "--run", f"b={tmp_path}", "-o", str(out)], cwd=BENCH, capture_output=True, text=True)
     assert proc.returncode != 0 and "DIR/results.json" in proc.stderr
 
+
+
+def test_train_reader_once_reuses_a_finished_run_even_one_recorded_before_a_field_existed(tmp_path, monkeypatch):
+    import dataclasses
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import train_reader_once
+    finally:
+        sys.path.remove(str(BENCH))
+    import densepr.train.reader
+    from densepr.train.config import ReaderTrainConfig
+
+    calls = []
+    monkeypatch.setattr(densepr.train.reader, "train_reader", lambda cfg, **kw: calls.append(cfg) or {"step": 7})
+    cfg = ReaderTrainConfig(train_files=["a.json"], output_dir=str(tmp_path / "run" / "reader"), init="m", epochs=2)
+    first = train_reader_once(cfg, tmp_path / "run", "cpu", "x")
+    assert len(calls) == 1 and first["steps"] == 7
+    assert train_reader_once(cfg, tmp_path / "run", "cpu", "x") == first and len(calls) == 1  # finished: not trained again
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "precision"}  # a record from before `precision` existed
+    (tmp_path / "run" / "done.json").write_text(json.dumps({**first, "config": old}))
+    assert train_reader_once(cfg, tmp_path / "run", "cpu", "x")["config"] == old and len(calls) == 1
+    other = dataclasses.replace(cfg, precision="bf16")  # but another value of the field is another run
+    train_reader_once(other, tmp_path / "run", "cpu", "x")
+    assert len(calls) == 2
