@@ -31,17 +31,14 @@ from common import RESULTS, given_passage_scores, gold_passages, machine_info, r
 from reader_data import usable_rows, write_subset
 
 from densepr.data import EmbeddedData
-from densepr.data.passages import load_corpus
 from densepr.fileio import read_json, write_json
-from densepr.retrieve.bm25 import BM25Index
-from densepr.train.cloze import cloze_records, write_cloze
+from densepr.train.cloze import index_cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
 
 
 def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> dict:
     """The cloze questions of the run's passages (:mod:`densepr.train.cloze`, as ``densepr cloze-data``)."""
-    corpus = load_corpus(run / "passages.tsv")
-    records = cloze_records(corpus, BM25Index.load(run / "bm25", corpus=corpus), n, seed, depth)
+    records, _ = index_cloze_records(run, n, seed, depth)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_cloze(records, path)
     return {"questions": len(records), "examples": [r["question"] + " -> " + r["answers"][0] for r in records[:5]]}

@@ -757,18 +757,11 @@ def cloze_data(
     """Reader pre-training questions made from the index's own passages (cloze questions; no QA set used)."""
     index = _index(index)
     _check_output(output, "file", "DPR result JSON")
-    from densepr.data import load_corpus
-    from densepr.retrieve.bm25 import BM25Index
-    from densepr.train.cloze import cloze_records, write_cloze
+    from densepr.train.cloze import index_cloze_records, write_cloze
 
-    if not (index / "passages.tsv").is_file() or not (index / "bm25").is_dir():
-        raise DenseprError(f"{index}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
-    if depth < 2:
-        raise DenseprError(f"--depth must be at least 2 (the positive and a negative), not {depth}")
-    corpus = load_corpus(index / "passages.tsv")
-    records = cloze_records(corpus, BM25Index.load(index / "bm25", corpus=corpus), questions, seed, depth)
+    records, passages = index_cloze_records(index, questions, seed, depth)
     write_cloze(records, output)
-    out.print(f"{len(records)} cloze questions from {len(corpus)} passages written to {output}; e.g. "
+    out.print(f"{len(records)} cloze questions from {passages} passages written to {output}; e.g. "
               f"{records[0]['question']!r} -> {records[0]['answers'][0]!r}")  # fmt: skip
 
 

@@ -76,3 +76,5 @@ def test_cli_cloze_data_writes_what_train_reader_reads(tmp_path, capsys, tiny_be
     assert code == 0 and "trained 1 steps" in stdout, stderr  # the reader trainer takes it
     code, _, stderr = run(capsys, "cloze-data", "--index", str(tmp_path), "-o", str(tmp_path / "x.json"))
     assert code != 0 and "passages.tsv and bm25/" in stderr and not (tmp_path / "x.json").exists()
+    code, _, stderr = run(capsys, "cloze-data", "--index", str(idx), "--depth", "1", "-o", str(tmp_path / "x.json"))
+    assert code != 0 and "depth must be at least 2" in stderr and not (tmp_path / "x.json").exists()

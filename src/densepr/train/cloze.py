@@ -20,8 +20,9 @@ import os
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
-from densepr.data.passages import Corpus
+from densepr.data.passages import Corpus, load_corpus
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
 from densepr.fileio import atomic_write
@@ -103,6 +104,18 @@ def cloze_records(corpus: Corpus, bm25: BM25Index, n: int, seed: int = 12345, de
                              "has_answer": has_answer([m["answer"]], corpus.texts[r])})  # fmt: skip
         records.append({"question": m["question"], "answers": [m["answer"]], "ctxs": ctxs})
     return records
+
+
+def index_cloze_records(index: str | os.PathLike[str], n: int, seed: int = 12345, depth: int = 20) -> tuple[list[dict], int]:
+    """:func:`cloze_records` over an index directory's ``passages.tsv`` and ``bm25/``; also returns the
+    number of passages they were made from."""
+    index = Path(index)
+    if not (index / "passages.tsv").is_file() or not (index / "bm25").is_dir():
+        raise DenseprError(f"{index}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
+    if depth < 2:
+        raise DenseprError(f"cloze questions: depth must be at least 2 (the positive and a negative), not {depth}")
+    corpus = load_corpus(index / "passages.tsv")
+    return cloze_records(corpus, BM25Index.load(index / "bm25", corpus=corpus), n, seed, depth), len(corpus)
 
 
 def write_cloze(records: Sequence[dict], path: str | os.PathLike[str]) -> None:
