@@ -83,7 +83,7 @@ def main() -> None:
     for ds, entry in ref["summary"]["results"].items():
         for method in entry["methods"]:
             row = {n: runs[n]["summary"]["results"].get(ds, {}).get("methods", {}).get(method) for n in names}
-            topk[f"{ds} {method}"] = {n: rep for n, rep in row.items()}
+            topk[f"{ds} {method}"] = row
             cells = []
             for k in ("top20", "top100"):
                 for n in names:

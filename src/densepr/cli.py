@@ -1006,9 +1006,11 @@ def evaluate_qa_cmd(
                               log=lambda m, name=qas.name: _log(f"{name}: {m}"))  # fmt: skip
         results["sets"][qas.name] = {**res, "key": key}
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
-        resumed = res.get("resumed")
-        kept_note = "" if not resumed else (f" ({resumed['pieces_kept']} kept piece(s) included" + (
-            f"; {resumed['pieces_without_seconds']} of them from before pieces kept their time, not counted)" if resumed["pieces_without_seconds"] else ")"))
+        kept_note = ""
+        if resumed := res.get("resumed"):
+            untimed = resumed["pieces_without_seconds"]
+            kept_note = f" ({resumed['pieces_kept']} kept piece(s) included"
+            kept_note += f"; {untimed} of them from before pieces kept their time, not counted)" if untimed else ")"
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s{kept_note}; best EM "
              + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
         _write_qa(output, results)  # after every set: a long run keeps what it finished
