@@ -1,4 +1,4 @@
-"""Every GPU figure the README lists, in one script (under 8 minutes on one H100/H200-class GPU), one JSON.
+"""Every GPU measurement the project asks for (none recorded yet: no GPU was lent to a session), in one script (under 8 minutes on one H100/H200-class GPU), one JSON.
 
 Models are BERT-base shaped (12 layers, 768 hidden, the paper's encoders) with random weights and a
 synthetic 30,522-word vocabulary: speed does not depend on the weights, and the GPU machine has no model

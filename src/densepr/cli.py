@@ -681,7 +681,7 @@ def reproduce(
     grad_cache_chunk: Annotated[Optional[int], typer.Option(help="Profile dpr: train with gradient caching in chunks of this many sequences "
                                                                "(8: training's peak memory ~2.3 GiB instead of ~12, ~15% slower; 0: off, the default).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Profile dpr: epochs of round 1 and of the in-batch ablation (default 1; 3 measured: "
-                                                     "NQ answerable top-20 61.0 after round 2 instead of 59.1, ~40 min more on 2 CPU cores, estimated from round 1's measured time; README).")] = None,
+                                                     "NQ answerable top-20 61.0 after round 2 instead of 59.1, ~40 min more on 2 CPU cores, estimated from round 1's measured time; docs/training.md).")] = None,
     round2_epochs: Annotated[Optional[int], typer.Option(help="Profile dpr: epochs of round 2 from round 1's weights (default 1).")] = None,
     qa_limit: Annotated[Optional[str], typer.Option(help="Profile dpr: test questions per set read end to end by the reader, a number or 'all' "
                                                         "(default: the profile's, 100; all five full sets take hours on 2 CPU cores, minutes on a GPU).")] = None,

@@ -104,14 +104,14 @@ class TrainPlan:
     warmup_steps: int = 6
     # The initial weights (all-MiniLM-L6-v2) were trained for cosine similarity: keeping it, with
     # sentence-transformers' scale 20, beat DPR's raw dot product after 8 steps on the held-out
-    # validation pool (top-1 38.6 vs 35.3, average rank 88 vs 99; README). BERT-base DPR: False, 1.
+    # validation pool (top-1 38.6 vs 35.3, average rank 88 vs 99; docs/training.md). BERT-base DPR: False, 1.
     normalize: bool = True
     scale: float = 20.0
     max_steps: int | None = None  # per training run (smoke)
     save_every: int = 10
     remine_mode: str = "dense"
     skip_top: int = 0
-    round2_init: str = "round1"  # or "initial": 1.2 top-20 points lower on NQ and TriviaQA (README, round2_init.py)
+    round2_init: str = "round1"  # or "initial": 1.2 top-20 points lower on NQ and TriviaQA (docs/training.md, round2_init.py)
     # >0: gradient caching in chunks of this many sequences (the same loss; training's peak memory 11.6 -> 2.3 GiB
     # at batch 128, ~15% slower: benchmarks/train_bench.py). Off: the whole run's peak below, measured with
     # /usr/bin/time on 2026-12-05; below that much available memory the job says how to fit (memory_notice).
@@ -141,8 +141,8 @@ class ReaderPlan:
     tuned on held-out questions (DPR's rule or fused with the retriever score), then exact match
     end to end on the test sets; every default defined here once.
 
-    Sized for 2 CPU cores (README): the paper reads M = 24 passages per question and step with a
-    BERT-base reader. Here, measured on 400 held-out NQ/TriviaQA test questions (README, reader
+    Sized for 2 CPU cores (docs/reader.md): the paper reads M = 24 passages per question and step with a
+    BERT-base reader. Here, measured on 400 held-out NQ/TriviaQA test questions (docs/reader.md, reader
     recipes): M = 2 with 32 questions a step, start/end normalised over all M passages (Clark &
     Gardner's shared normalisation) and the new heads at lr 1e-3 read EM@1 15.0 after 94 steps
     (7 min), against 11.5 for DPR's per-passage loss at M = 8, 16 questions x 100 steps (32 min).
@@ -158,7 +158,7 @@ class ReaderPlan:
     head_lr: float | None = 1e-3  # the new start/end/selection heads learn from zero: their own, higher rate
     span_loss: str = "shared"  # or "dpr": start/end softmax within each passage (DPR's loss)
     warmup_steps: int = 10
-    dropout: float = 0.0  # off: on 2 CPU cores dropout doubled the reader's step time (README, reader recipes)
+    dropout: float = 0.0  # off: on 2 CPU cores dropout doubled the reader's step time (docs/reader.md, reader recipes)
     epochs: int = 3  # the checkpoint with the best held-out EM is kept (measured: the end of epoch 2 of 3)
     max_steps: int | None = None  # None: ``epochs`` over the usable mining questions (~4-5 k; ~5 s a step on 2 cores)
     save_every: int = 10

@@ -44,7 +44,7 @@ OWN_FILES = ("*.faiss", "ids.txt")  # what a save writes: an interrupted (pre-at
 
 # Batched exact search on a CPU: one torch GEMM + top-k per block beats FAISS's blocked BLAS + heaps on
 # small indexes (10k x 384, batch 256: 1.7x) but not on large ones (100k x 768: 0.85x; 1M x 768: 0.65x),
-# measured on the 2-core benchmark machine (README, Scale).
+# measured on the 2-core benchmark machine (docs/speed-and-scale.md, Scale).
 TORCH_CPU_MAX = 16_000_000  # vectors x dims
 
 

@@ -63,7 +63,7 @@ def autocast(device: torch.device, training: bool = False, precision: str = "fp3
     """The mixed-precision policy: bfloat16 on GPUs that have it; for inference float16 on
     older GPUs (no gradients to underflow); float32 on the CPU unless ``precision`` asks for bf16
     autocast there (``bf16``, or ``auto`` on a CPU with native bf16: a step measured 1.4x faster,
-    benchmarks/train_precision.py, and a reader so trained as accurate, README). Inference on such a
+    benchmarks/train_precision.py, and a reader so trained as accurate, docs/training.md). Inference on such a
     CPU can use bf16 weights instead (:func:`inference_dtype`)."""
     if device.type != "cuda":
         if inference_dtype(device, precision) == torch.bfloat16:
