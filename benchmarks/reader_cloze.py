@@ -12,9 +12,13 @@ the same held-out questions (as benchmarks/reader_data.py):
 
 - ``labelled``: the run's reader data only (``--epochs`` epochs from the embedded MiniLM);
 - ``cloze``: ``--cloze`` cloze questions only (one epoch), no labelled question;
-- ``cloze+labelled``: ``cloze``, then the labelled data as ``labelled``.
+- ``cloze+labelled``: ``cloze``, then the labelled data as ``labelled``;
+- ``cloze+run``: ``cloze``, then exactly the run's own reader training (its ``models/reader/config.json``:
+  ``reproduce``'s epochs, validation and best held-out checkpoint), so that it differs from the shipped
+  reader (``--compare shipped=runs/dpr/reader``) only in its initial weights.
 
     python benchmarks/reader_cloze.py --run runs/dpr [--cloze 8000] [--epochs 2] [--eval 500] [--workdir DIR]
+    python benchmarks/reader_cloze.py --run runs/dpr --readers cloze+run --compare shipped=runs/dpr/reader
 
 Each reader is kept under ``--workdir``; a reader whose training finished with the same configuration is
 not trained again, so a killed run continues. Prints a table, writes benchmarks/results/reader/cloze.json.
@@ -35,6 +39,8 @@ from densepr.fileio import read_json, write_json
 from densepr.train.cloze import index_cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
 
+READERS = ("labelled", "cloze", "cloze+labelled", "cloze+run")
+
 
 def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> dict:
     """The cloze questions of the run's passages (:mod:`densepr.train.cloze`, as ``densepr cloze-data``)."""
@@ -42,6 +48,19 @@ def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> di
     path.parent.mkdir(parents=True, exist_ok=True)
     write_cloze(records, path)
     return {"questions": len(records), "examples": [r["question"] + " -> " + r["answers"][0] for r in records[:5]]}
+
+
+def run_reader_config(run: Path, init: str, out: Path, max_steps: int | None) -> ReaderTrainConfig:
+    """The reader training ``densepr reproduce`` ran in ``run`` (``models/reader/config.json``: data, held-out
+    questions, validation, epochs, seed), from ``init`` instead of the embedded weights, into ``out``."""
+    path = run / "models" / "reader" / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no reader training recorded; run `densepr reproduce --profile dpr -o {run}` first")
+    cfg = read_json(path)
+    for f in [*cfg["train_files"], cfg["dev_file"], *cfg["holdout"]]:
+        if f and not Path(f).is_file():
+            raise SystemExit(f"{path}: names {f}, which is not a file here (run this from where `reproduce` ran)")
+    return ReaderTrainConfig(**{**cfg, "init": init, "output_dir": str(out / "reader"), "max_steps": max_steps or cfg.get("max_steps")})
 
 
 def main() -> None:
@@ -58,12 +77,13 @@ def main() -> None:
                     help="a reader already trained as `labelled` (e.g. reader_data.py's `all`, same recipe and epochs): read, not trained again")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                     help="another trained reader to read beside them, e.g. shipped=runs/dpr/reader (the one `reproduce` trains: 3 epochs, best checkpoint)")
-    ap.add_argument("--readers", default="labelled,cloze,cloze+labelled", help="which readers to train and read")
+    ap.add_argument("--readers", default="labelled,cloze,cloze+labelled",
+                    help="which readers to train and read, from labelled, cloze, cloze+labelled, cloze+run")
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "cloze.json")
     args = ap.parse_args()
     wanted = [r.strip() for r in args.readers.split(",") if r.strip()]
-    if not wanted or set(wanted) - {"labelled", "cloze", "cloze+labelled"}:
-        ap.error(f"--readers: from labelled, cloze, cloze+labelled, not {args.readers!r}")
+    if not wanted or set(wanted) - set(READERS):
+        ap.error(f"--readers: from {', '.join(READERS)}, not {args.readers!r}")
     data_dir = args.run / "reader-data"
     heldout = data_dir / "heldout.json"
     train_files = sorted(p for p in data_dir.glob("*.json") if p.name != "heldout.json")
@@ -83,17 +103,19 @@ def main() -> None:
         write_json(cloze_path.with_suffix(".info.json"), cloze_info)
         print(f"cloze data: {cloze_info['questions']} questions in {cloze_info['seconds']} s, e.g.\n  " + "\n  ".join(cloze_info["examples"]))
     labelled = None
-    if any("labelled" in r for r in wanted):
+    if any(r in wanted for r in ("labelled", "cloze+labelled")):
         labelled, _ = write_subset(usable_rows(train_files, heldout, depth), depth, None, args.seed, args.workdir / "data" / "labelled")
 
     def config(files: list[str], out: Path, start: str, epochs: int) -> ReaderTrainConfig:
         return ReaderTrainConfig(train_files=files, output_dir=str(out / "reader"), init=start, epochs=epochs, save_every=10**9,
                                  seed=args.seed, max_steps=args.max_steps, **recipe)  # fmt: skip
 
+    cloze_final = str(args.workdir / "cloze" / "reader" / "final")
     plans = {"labelled": lambda: config(labelled, args.workdir / "labelled", init, args.epochs),
              "cloze": lambda: config([str(cloze_path)], args.workdir / "cloze", init, 1),
-             "cloze+labelled": lambda: config(labelled, args.workdir / "cloze+labelled", str(args.workdir / "cloze" / "reader" / "final"), args.epochs)}  # fmt: skip
-    order = [r for r in ("labelled", "cloze", "cloze+labelled") if r in wanted or (r == "cloze" and "cloze+labelled" in wanted)]
+             "cloze+labelled": lambda: config(labelled, args.workdir / "cloze+labelled", cloze_final, args.epochs),
+             "cloze+run": lambda: run_reader_config(args.run, cloze_final, args.workdir / "cloze+run", args.max_steps)}  # fmt: skip
+    order = [r for r in READERS if r in wanted or (r == "cloze" and any(w.startswith("cloze+") for w in wanted))]
     rows = []
     for name in order:
         cfg = plans[name]()
@@ -104,22 +126,25 @@ def main() -> None:
                 raise SystemExit(f"--labelled-reader {final}: trained with another recipe or epochs than this run's")
         else:
             record = train_reader_once(cfg, args.workdir / name, args.device, name)
-            final = Path(cfg.output_dir) / "final"
+            # the run's recipe validates and keeps its best checkpoint, as the shipped reader
+            final = Path(cfg.output_dir) / ("best" if name == "cloze+run" else "final")
         kept = read_json(final.parent / "data.json")["kept"]
+        best = read_json(final / "validation.json") if (final / "validation.json").is_file() else {}
         rows.append({"reader": name, "dir": str(final), "questions": kept, "epochs": cfg.epochs, "train_seconds": record["seconds"], "steps": record["steps"],
-                     **given_passage_scores(final, gold, args.device)})  # fmt: skip
+                     "best_step": best.get("step"), **given_passage_scores(final, gold, args.device)})  # fmt: skip
         print(f"{name}: {kept} training questions, {record['steps']} steps, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     for spec in args.compare:
         name, _, path = spec.partition("=")
         if not path or not Path(path).is_dir():
             raise SystemExit(f"--compare: expected NAME=DIR of a reader directory, got {spec!r}")
+        best = read_json(Path(path) / "validation.json") if (Path(path) / "validation.json").is_file() else {}
         rows.append({"reader": name, "dir": path, "questions": None, "epochs": None, "train_seconds": None, "steps": None,
-                     **given_passage_scores(path, gold, args.device)})  # fmt: skip
+                     "best_step": best.get("step"), **given_passage_scores(path, gold, args.device)})  # fmt: skip
         print(f"{name} ({path}): EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions ({args.run})")
-    print("| reader | training questions | epochs | steps | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| reader | training questions | epochs | steps | kept checkpoint's step | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        cells = [f"{r['questions']:,}" if r["questions"] else "", r["epochs"] or "", r["steps"] or "", r["train_seconds"] or ""]
+        cells = [f"{r['questions']:,}" if r["questions"] else "", r["epochs"] or "", r["steps"] or "", r["best_step"] or "", r["train_seconds"] or ""]
         print(f"| {r['reader']} | " + " | ".join(map(str, cells)) + f" | {r['em']} | {r['f1']} |")
     write_json(args.json, {"command": f"python benchmarks/reader_cloze.py --run {args.run} --cloze {args.cloze} --epochs {args.epochs} --eval {args.eval} --readers {args.readers}"
                            + (f" --labelled-reader {args.labelled_reader}" if args.labelled_reader else "") + "".join(f" --compare {c}" for c in args.compare),
