@@ -7,7 +7,7 @@ Cloze pre-training makes training questions from the corpus's own sentences (:mo
 wh-word, the passage without that sentence as the context, BM25's top passages as negatives. Only the
 retrieval corpus's own text is used, no test question or answer.
 
-Three readers, each with the run's reader recipe, then read on the best-ranked answer-bearing passage of
+Readers, each with the run's reader recipe, then read on the best-ranked answer-bearing passage of
 the same held-out questions (as benchmarks/reader_data.py):
 
 - ``labelled``: the run's reader data only (``--epochs`` epochs from the embedded MiniLM);
@@ -19,6 +19,10 @@ the same held-out questions (as benchmarks/reader_data.py):
 
     python benchmarks/reader_cloze.py --run runs/dpr [--cloze 8000] [--epochs 2] [--eval 500] [--workdir DIR]
     python benchmarks/reader_cloze.py --run runs/dpr --readers cloze+run --compare shipped=runs/dpr/reader
+    python benchmarks/reader_cloze.py --run runs/dpr --readers none --compare cloze=runs/dpr-cloze/reader --compare shipped=runs/dpr/reader
+
+(the last: readers trained elsewhere, e.g. by ``densepr reproduce --profile dpr --reader-cloze 8000 -o runs/dpr-cloze``,
+read on the same held-out answer passages.)
 
 Each reader is kept under ``--workdir``; a reader whose training finished with the same configuration is
 not trained again, so a killed run continues. Prints a table, writes benchmarks/results/reader/cloze.json.
@@ -78,12 +82,12 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                     help="another trained reader to read beside them, e.g. shipped=runs/dpr/reader (the one `reproduce` trains: 3 epochs, best checkpoint)")
     ap.add_argument("--readers", default="labelled,cloze,cloze+labelled",
-                    help="which readers to train and read, from labelled, cloze, cloze+labelled, cloze+run")
+                    help="which readers to train and read, from labelled, cloze, cloze+labelled, cloze+run; none: only the --compare ones")
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "cloze.json")
     args = ap.parse_args()
-    wanted = [r.strip() for r in args.readers.split(",") if r.strip()]
-    if not wanted or set(wanted) - set(READERS):
-        ap.error(f"--readers: from {', '.join(READERS)}, not {args.readers!r}")
+    wanted = [r.strip() for r in args.readers.split(",") if r.strip() and r.strip() != "none"]
+    if set(wanted) - set(READERS) or not (wanted or args.compare):
+        ap.error(f"--readers: from {', '.join(READERS)} (or none, with --compare), not {args.readers!r}")
     data_dir = args.run / "reader-data"
     heldout = data_dir / "heldout.json"
     train_files = sorted(p for p in data_dir.glob("*.json") if p.name != "heldout.json")

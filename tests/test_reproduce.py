@@ -471,3 +471,51 @@ def test_the_dpr_profile_under_torchrun_trains_on_every_process_and_matches_one_
             b = load_file(str(tmp_path / "single" / "models" / model / "best" / tower / "model.safetensors"))
             assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), (model, tower)
     assert rp.read_json(multi / "results.json")["results"] == rp.read_json(tmp_path / "single" / "results.json")["results"]
+
+
+def test_cloze_pretraining_is_an_opt_in_reader_stage_that_train_reader_then_starts_from(monkeypatch, tmp_path, qa_tsv, tiny_bert):
+    """``--reader-cloze N``: stage reader-cloze makes N cloze questions from the corpus and pre-trains the
+    reader one epoch; train-reader starts from it. Off (the default), the reader's stages and fingerprints
+    are what they were before the option existed."""
+    import densepr.reproduce as rp
+    from densepr.data.passages import Corpus, Passage
+    from densepr.errors import DenseprError
+    from densepr.evaluate.answers import has_answer
+    from tests.support.tiny import PASSAGES
+
+    # second sentences that repeat a name: what cloze questions are made from (the tiny corpus has none)
+    extra = {"Wilhelm Röntgen": " In Munich, Röntgen held the chair of physics from 1900 to 1920.",
+             "Python": " Guido van Rossum led the development of Python until 2018.",
+             "Mount McKinley": " The name Denali was restored to the peak by the government in 2015."}  # fmt: skip
+    corpus = Corpus.from_passages(Passage(str(i), t, x + extra.get(t, "")) for i, (t, x) in enumerate(PASSAGES, 1))
+    config = _tiny_dpr(monkeypatch.setattr, monkeypatch.setitem, tmp_path, corpus, qa_tsv, tiny_bert)
+    out = tmp_path / "out"
+
+    def job(**kw):
+        summary = rp.run(config(out, **kw), log=lambda m: None)
+        return {r["stage"]: r["status"] for r in summary["stages"]}
+
+    ran = job()
+    assert "reader-cloze" not in ran and ran["train-reader"] == "ran"
+    plain = rp.read_json(out / "stages" / "train-reader.json")["fingerprint"]
+    assert rp.read_json(out / "models" / "reader" / "config.json")["init"] == str(tiny_bert)
+
+    ran = job(reader_cloze=3)
+    assert ran["reader-cloze"] == ran["train-reader"] == ran["tune-reader"] == "ran" and ran["train-round2"] == ran["reader-data"] == "skipped"
+    made = rp.read_json(out / "cloze" / "cloze.json")
+    assert len(made) == 3 and all(r["ctxs"][0]["has_answer"] and has_answer(r["answers"], r["ctxs"][0]["text"]) for r in made)
+    pre = rp.read_json(out / "models" / "reader-cloze" / "config.json")
+    assert pre["init"] == str(tiny_bert) and pre["epochs"] == 1 and pre["dev_file"] is None
+    assert rp.read_json(out / "models" / "reader" / "config.json")["init"] == str(out / "models" / "reader-cloze" / "final")
+    assert rp.read_json(out / "stages" / "train-reader.json")["settings"]["init"] == "reader-cloze"
+    assert {s for s, status in job(reader_cloze=3).items() if status == "ran"} == set()  # current: nothing reruns
+
+    ran = job()  # off again: the reader retrains from the embedded weights, with its old fingerprint
+    assert "reader-cloze" not in ran and ran["train-reader"] == "ran"
+    assert rp.read_json(out / "stages" / "train-reader.json")["fingerprint"] == plain
+
+    assert not rp.uses_defaults(rp.ReproduceConfig(profile="dpr", reader_cloze=8000))  # not compared with the committed figures
+    assert rp.uses_defaults(rp.ReproduceConfig(profile="dpr", reader_cloze=0))
+    for bad, message in (({"profile": "full", "reader_cloze": 5}, "profiles with a reader"), ({"profile": "dpr", "reader_cloze": -1}, "0 \\(off\\)")):
+        with pytest.raises(DenseprError, match=message):
+            rp.ReproduceConfig(**bad)

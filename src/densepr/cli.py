@@ -676,7 +676,8 @@ def reproduce(
     save_dpr_json: Annotated[bool, typer.Option(help="Also write DPR result JSON per test set and method (large).")] = False,
     tune_on: Annotated[Optional[list[str]], typer.Option("--tune-on", help="Sets to tune the hybrid lambda on (repeat; names or QA files; default nq-dev, trivia-dev). Use held-out questions for a model trained on dev.")] = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Rerun this stage and every later one even if current: passages, bm25, dense, tune, evaluate or report "
-                                                   "(profile dpr also: dense-zeroshot, mine, train-inbatch, dense-inbatch, train-round1, dense-round1, remine, train-round2).")] = None,
+                                                   "(profile dpr also: dense-zeroshot, mine, train-inbatch, dense-inbatch, train-round1, dense-round1, remine, train-round2, "
+                                                   "reader-data, reader-cloze, train-reader, tune-reader, qa).")] = None,
     round2_init: Annotated[Optional[str], typer.Option(help="Profile dpr: round 2 starts from 'round1' weights (default) or the 'initial' ones.")] = None,
     grad_cache_chunk: Annotated[Optional[int], typer.Option(help="Profile dpr: train with gradient caching in chunks of this many sequences "
                                                                "(8: training's peak memory ~2.3 GiB instead of ~12, ~15% slower; 0: off, the default).")] = None,
@@ -691,6 +692,9 @@ def reproduce(
     train_precision: Annotated[Optional[str], typer.Option(help="Profile dpr: fp32 (default), bf16 or auto: bf16 autocast when training the retrievers and "
                                                                "the reader (1.4x a step on CPUs with native bf16; weights stay float32; such a run is not "
                                                                "compared with the committed figures).")] = None,
+    reader_cloze: Annotated[Optional[int], typer.Option(help="Profile dpr: pre-train the reader one epoch on this many cloze questions made from the corpus "
+                                                            "(no QA set used; stage reader-cloze) before the labelled ones; 0: off, the default "
+                                                            "(8,000 measured: no gain yet over the default reader; docs/reader.md).")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -714,7 +718,7 @@ def reproduce(
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
                           epochs=epochs, round2_epochs=round2_epochs, qa_limit=_qa_limit(qa_limit), read_precision=read_precision,
-                          train_precision=train_precision)  # fmt: skip
+                          train_precision=train_precision, reader_cloze=reader_cloze)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)
     summary = run(cfg, log=_log, show_progress=True)

@@ -168,6 +168,9 @@ class ReaderPlan:
     read_precision: str = "fp32"  # the reader's weights in the qa stages (models.hf.inference_dtype; bf16: 1.64x on bf16 CPUs)
     modes: tuple[str, ...] = ("dense", "bm25")  # the trained retriever and the paper's baseline
     ks: tuple[int, ...] = (1, 5, 10, 20)
+    # >0: pre-train the reader one epoch on this many cloze questions made from the corpus (train.cloze; no QA
+    # set's question or answer) before the labelled ones; off by default: no measured gain yet (docs/reader.md)
+    cloze: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,7 @@ class ReproduceConfig:
     qa_limit: int | None = -1  # profile dpr: override ReaderPlan.qa_limit (None: every test question; -1: the profile's)
     read_precision: str | None = None  # profile dpr: override ReaderPlan.read_precision
     train_precision: str | None = None  # profile dpr: override TrainPlan.precision (retrievers' and reader's training)
+    reader_cloze: int | None = None  # profile dpr: override ReaderPlan.cloze (cloze questions to pre-train the reader on; 0: off)
     limit: int | None = field(default=None, init=False)
     tune_limit: int | None = field(default=None, init=False)
     plan: TrainPlan | None = field(default=None, init=False)
@@ -252,6 +256,12 @@ class ReproduceConfig:
             if self.qa_limit is not None and self.qa_limit < 1:
                 raise DenseprError(f"--qa-limit must be a positive number of questions (or 'all'), not {self.qa_limit}")
             self.reader = replace(self.reader, qa_limit=self.qa_limit)
+        if self.reader_cloze is not None:
+            if self.reader is None:
+                raise DenseprError(f"--reader-cloze applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            if self.reader_cloze < 0:
+                raise DenseprError(f"--reader-cloze must be 0 (off) or a number of cloze questions, not {self.reader_cloze}")
+            self.reader = replace(self.reader, cloze=self.reader_cloze)
         if self.train_precision is not None:
             if self.plan is None:
                 raise DenseprError(f"--train-precision applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
@@ -278,10 +288,10 @@ class ReproduceConfig:
 STAGES = ("passages", "bm25", "dense", "tune", "evaluate", "report")
 # Profile dpr adds mining and training; ``dense`` is the final (round 2) model's index.
 # With a reader plan: ``reader-data`` (the final retriever's top-k for the mining questions),
-# ``train-reader``, ``tune-reader`` (selection and k on held-out questions; the result is ``<out>/reader/``)
+# ``reader-cloze`` (only with ReaderPlan.cloze: the reader pre-trained on cloze questions), ``train-reader``, ``tune-reader`` (selection and k on held-out questions; the result is ``<out>/reader/``)
 # and ``qa`` (one stage per test set: ``qa-<set>``, EM/F1 end to end).
 DPR_STAGES = ("passages", "bm25", "dense-zeroshot", "mine", "train-inbatch", "dense-inbatch", "train-round1", "dense-round1",
-              "remine", "train-round2", "dense", "tune", "evaluate", "reader-data", "train-reader", "tune-reader", "qa", "report")  # fmt: skip
+              "remine", "train-round2", "dense", "tune", "evaluate", "reader-data", "reader-cloze", "train-reader", "tune-reader", "qa", "report")  # fmt: skip
 
 
 def stage_order(profile: str) -> tuple[str, ...]:
@@ -292,7 +302,7 @@ def stage_order(profile: str) -> tuple[str, ...]:
     return DPR_STAGES if prof.reader is not None else tuple(s for s in DPR_STAGES if s not in READER_STAGES)
 
 
-READER_STAGES = ("reader-data", "train-reader", "tune-reader", "qa")
+READER_STAGES = ("reader-data", "reader-cloze", "train-reader", "tune-reader", "qa")
 
 
 class Job:
@@ -598,34 +608,70 @@ class Job:
         settings = {"depth": rp.depth, "questions": [q.fingerprint() for q in sets], "mode": Mode.DENSE.value}
         return Stage("reader-data", build, lambda: files, settings, ("passages", "dense", "mine"), files)
 
-    def train_reader(self) -> Stage:
-        """DPR's reader from the embedded MiniLM weights (new heads) into ``models/reader/``; its ``best/``
-        (by held-out EM) is the output. A killed run resumes from its last checkpoint."""
+    def _reader_config(self, train_files: Sequence[Path], run_dir: Path, init: str, **kw):
+        """The reader recipe (ReaderPlan) as a training config: ``train-reader``'s and ``reader-cloze``'s."""
         from densepr.train.config import ReaderTrainConfig
+
+        rp = self.reader_plan
+        return ReaderTrainConfig(train_files=[str(f) for f in train_files], output_dir=str(run_dir), init=init,
+                                 passages=rp.passages, depth=rp.depth, batch_size=rp.batch_size, max_length=rp.max_length, lr=rp.lr,
+                                 warmup_steps=rp.warmup_steps, max_steps=rp.max_steps, save_every=rp.save_every, dropout=rp.dropout,
+                                 span_loss=rp.span_loss, head_lr=rp.head_lr, precision=self.plan.precision, **kw)  # fmt: skip
+
+    def _train_reader_run(self, cfg, timer: str) -> None:
+        """Train reader config ``cfg``, resuming a killed run of the same settings from its last checkpoint."""
+        from densepr.train.reader import train_reader
+
+        run_dir = Path(cfg.output_dir)
+        resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), cfg)
+        if not resume:
+            remove_tree(run_dir)  # a run of other settings (or none): start afresh
+        self.timed(timer, train_reader, cfg, resume=resume, device=self.cfg.device, show_progress=self.show_progress, log=self.log)
+
+    def reader_cloze(self) -> Stage:
+        """The reader pre-trained on cloze questions (run only when ``ReaderPlan.cloze`` > 0; Dhingra et al.,
+        NAACL 2018; Lewis et al., ACL 2019): ``cloze/cloze.json``, questions made from the corpus's own sentences
+        by :mod:`densepr.train.cloze` (no QA set's question or answer; BM25's top passages as negatives), then one
+        epoch of the reader recipe from the embedded weights into ``models/reader-cloze/``, whose ``final/`` is
+        where ``train-reader`` starts."""
+        from densepr.train.cloze import CLOZE_SEED, cloze_records, write_cloze
+
+        rp, run_dir, data = self.reader_plan, self.cfg.out_dir / "models" / "reader-cloze", self.cfg.out_dir / "cloze" / "cloze.json"
+        cfg = self._reader_config([data], run_dir, str(self.data.model_dir), epochs=1)
+
+        def build() -> Path:
+            bm25 = self.runner.done["bm25"].get()
+            records = self.timed("cloze questions", cloze_records, self.corpus(), bm25, rp.cloze, CLOZE_SEED, rp.depth)
+            write_cloze(records, data)
+            self.log(f"reader pre-training: {len(records)} cloze questions from {len(self.corpus())} passages")
+            self._train_reader_run(cfg, "train reader (cloze)")
+            return run_dir / "final"
+
+        settings = {"questions": rp.cloze, "seed": CLOZE_SEED, **{k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "init")}}
+        return Stage("reader-cloze", build, lambda: run_dir / "final", settings, ("passages", "bm25"), [data, run_dir / "final"])
+
+    def train_reader(self) -> Stage:
+        """DPR's reader from the embedded MiniLM weights (new heads; or from ``reader-cloze``'s reader when
+        ``ReaderPlan.cloze`` > 0) into ``models/reader/``; its ``best/`` (by held-out EM) is the output. A
+        killed run resumes from its last checkpoint."""
         from densepr.train.mining import heldout_path
 
         rp, run_dir = self.reader_plan, self.cfg.out_dir / "models" / "reader"
         train_files, dev_file = self._reader_files()
         held = heldout_path(self.cfg.out_dir / "train-data" / "train-dev.json")
-        cfg = ReaderTrainConfig(train_files=[str(f) for f in train_files], output_dir=str(run_dir),
-                                init=str(self.data.model_dir), dev_file=str(dev_file), holdout=[str(held)],
-                                passages=rp.passages, depth=rp.depth, batch_size=rp.batch_size, max_length=rp.max_length, lr=rp.lr,
-                                warmup_steps=rp.warmup_steps, epochs=rp.epochs, max_steps=rp.max_steps, save_every=rp.save_every,
-                                dropout=rp.dropout, dev_limit=rp.dev_limit, span_loss=rp.span_loss, head_lr=rp.head_lr,
-                                precision=self.plan.precision)  # fmt: skip
+        cloze = rp.cloze > 0
+        init = self.cfg.out_dir / "models" / "reader-cloze" / "final" if cloze else self.data.model_dir
+        cfg = self._reader_config(train_files, run_dir, str(init), dev_file=str(dev_file), holdout=[str(held)], epochs=rp.epochs,
+                                  dev_limit=rp.dev_limit)  # fmt: skip
 
         def build() -> Path:
-            from densepr.train.reader import train_reader
-
-            resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), cfg)
-            if not resume:
-                remove_tree(run_dir)  # a run of other settings (or none): start afresh
-            self.timed("train reader", train_reader, cfg, resume=resume, device=self.cfg.device, show_progress=self.show_progress, log=self.log)
+            self._train_reader_run(cfg, "train reader")
             return run_dir / "best"
 
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "dev_file", "holdout", "init")}
-        settings["init"] = "embedded"
-        return Stage("train-reader", build, lambda: run_dir / "best", settings, ("reader-data",), [run_dir / "best"],
+        settings["init"] = "reader-cloze" if cloze else "embedded"
+        upstream = ("reader-data", "reader-cloze") if cloze else ("reader-data",)
+        return Stage("train-reader", build, lambda: run_dir / "best", settings, upstream, [run_dir / "best"],
                      added={"precision": "fp32"})  # fmt: skip
 
     def tune_reader(self) -> Stage:
@@ -922,6 +968,8 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     if job.reader_plan is not None:
         rp = job.reader_plan
         runner.run(job.reader_data())
+        if rp.cloze:
+            runner.run(job.reader_cloze())
         runner.run(job.train_reader())
         for mode, c in runner.run(job.tune_reader()).get().items():
             log(f"reader ({mode}): k={c['k']}, held-out EM {c['em']} (DPR's rule: {c['paper_em']} at k={c['paper_k']})")
@@ -1008,7 +1056,7 @@ def check_against(summary: dict, expected: dict, profile: str) -> list[str]:
 
 
 # What a committed config without these ReaderPlan fields trained: the recipe before each field was added.
-READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "dpr", "epochs": 1, "dropout": 0.0, "read_precision": "fp32"}
+READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "dpr", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0}
 
 
 def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:

@@ -36,6 +36,7 @@ _NAME = re.compile(r"\b[A-Z][\w'’\-.]*(?:\s+(?:(?:of|the|de|du|von|van|der|la|
 # capitalised only because they start a sentence, or too common to be answers
 _NOT_NAMES = frozenset("the a an it in he she they this these those his her its their there on at as by for from after before "
                        "during since when while however although following it's i we our one two".split())  # fmt: skip
+CLOZE_SEED = 12345  # the default sample of questions (reproduce's reader-cloze stage records it)
 MIN_WORDS_LEFT = 4  # words a question keeps besides its wh-word: fewer leave nothing to match the context with
 
 
@@ -57,7 +58,7 @@ def cloze_candidates(sentence: str, text: str) -> list[tuple[str, str]]:
     return out
 
 
-def make_cloze(corpus: Corpus, n: int, seed: int = 12345) -> list[dict]:
+def make_cloze(corpus: Corpus, n: int, seed: int = CLOZE_SEED) -> list[dict]:
     """Up to ``n`` cloze questions, a seeded sample with at most one per sentence.
 
     Returns:
@@ -83,7 +84,7 @@ def make_cloze(corpus: Corpus, n: int, seed: int = 12345) -> list[dict]:
     return made[:n]
 
 
-def cloze_records(corpus: Corpus, bm25: BM25Index, n: int, seed: int = 12345, depth: int = 20) -> list[dict]:
+def cloze_records(corpus: Corpus, bm25: BM25Index, n: int, seed: int = CLOZE_SEED, depth: int = 20) -> list[dict]:
     """DPR retrieval-result records of :func:`make_cloze`'s questions: ``[{"question", "answers", "ctxs"}]``,
     each ``ctxs`` the positive context first (scored above every hit), then BM25's top passages for the
     question without the source passage, ``depth`` in all, each with ``has_answer``."""
@@ -106,7 +107,7 @@ def cloze_records(corpus: Corpus, bm25: BM25Index, n: int, seed: int = 12345, de
     return records
 
 
-def index_cloze_records(index: str | os.PathLike[str], n: int, seed: int = 12345, depth: int = 20) -> tuple[list[dict], int]:
+def index_cloze_records(index: str | os.PathLike[str], n: int, seed: int = CLOZE_SEED, depth: int = 20) -> tuple[list[dict], int]:
     """:func:`cloze_records` over an index directory's ``passages.tsv`` and ``bm25/``; also returns the
     number of passages they were made from."""
     index = Path(index)
