@@ -12,17 +12,14 @@ the same held-out questions (as benchmarks/reader_data.py):
 
 - ``labelled``: the run's reader data only (``--epochs`` epochs from the embedded MiniLM);
 - ``cloze``: ``--cloze`` cloze questions only (one epoch), no labelled question;
-- ``cloze+labelled``: ``cloze``, then the labelled data as ``labelled``;
-- ``cloze+run``: ``cloze``, then exactly the run's own reader training (its ``models/reader/config.json``:
-  ``reproduce``'s epochs, validation and best held-out checkpoint), so that it differs from the shipped
-  reader (``--compare shipped=runs/dpr/reader``) only in its initial weights.
+- ``cloze+labelled``: ``cloze``, then the labelled data as ``labelled``.
+
+The run's own recipe with cloze pre-training (3 epochs, best held-out checkpoint) is ``densepr reproduce
+--profile dpr --reader-cloze N`` (stage ``reader-cloze``); ``--readers none --compare NAME=DIR`` reads such
+readers on the same held-out answer passages.
 
     python benchmarks/reader_cloze.py --run runs/dpr [--cloze 8000] [--epochs 2] [--eval 500] [--workdir DIR]
-    python benchmarks/reader_cloze.py --run runs/dpr --readers cloze+run --compare shipped=runs/dpr/reader
     python benchmarks/reader_cloze.py --run runs/dpr --readers none --compare cloze=runs/dpr-cloze/reader --compare shipped=runs/dpr/reader
-
-(the last: readers trained elsewhere, e.g. by ``densepr reproduce --profile dpr --reader-cloze 8000 -o runs/dpr-cloze``,
-read on the same held-out answer passages.)
 
 Each reader is kept under ``--workdir``; a reader whose training finished with the same configuration is
 not trained again, so a killed run continues. Prints a table, writes benchmarks/results/reader/cloze.json.
@@ -43,7 +40,7 @@ from densepr.fileio import read_json, write_json
 from densepr.train.cloze import index_cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
 
-READERS = ("labelled", "cloze", "cloze+labelled", "cloze+run")
+READERS = ("labelled", "cloze", "cloze+labelled")
 
 
 def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> dict:
@@ -52,19 +49,6 @@ def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> di
     path.parent.mkdir(parents=True, exist_ok=True)
     write_cloze(records, path)
     return {"questions": len(records), "examples": [r["question"] + " -> " + r["answers"][0] for r in records[:5]]}
-
-
-def run_reader_config(run: Path, init: str, out: Path, max_steps: int | None) -> ReaderTrainConfig:
-    """The reader training ``densepr reproduce`` ran in ``run`` (``models/reader/config.json``: data, held-out
-    questions, validation, epochs, seed), from ``init`` instead of the embedded weights, into ``out``."""
-    path = run / "models" / "reader" / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no reader training recorded; run `densepr reproduce --profile dpr -o {run}` first")
-    cfg = read_json(path)
-    for f in [*cfg["train_files"], cfg["dev_file"], *cfg["holdout"]]:
-        if f and not Path(f).is_file():
-            raise SystemExit(f"{path}: names {f}, which is not a file here (run this from where `reproduce` ran)")
-    return ReaderTrainConfig(**{**cfg, "init": init, "output_dir": str(out / "reader"), "max_steps": max_steps or cfg.get("max_steps")})
 
 
 def main() -> None:
@@ -82,7 +66,7 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                     help="another trained reader to read beside them, e.g. shipped=runs/dpr/reader (the one `reproduce` trains: 3 epochs, best checkpoint)")
     ap.add_argument("--readers", default="labelled,cloze,cloze+labelled",
-                    help="which readers to train and read, from labelled, cloze, cloze+labelled, cloze+run; none: only the --compare ones")
+                    help="which readers to train and read, from labelled, cloze, cloze+labelled; none: only the --compare ones")
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "cloze.json")
     args = ap.parse_args()
     wanted = [r.strip() for r in args.readers.split(",") if r.strip() and r.strip() != "none"]
@@ -117,9 +101,8 @@ def main() -> None:
     cloze_final = str(args.workdir / "cloze" / "reader" / "final")
     plans = {"labelled": lambda: config(labelled, args.workdir / "labelled", init, args.epochs),
              "cloze": lambda: config([str(cloze_path)], args.workdir / "cloze", init, 1),
-             "cloze+labelled": lambda: config(labelled, args.workdir / "cloze+labelled", cloze_final, args.epochs),
-             "cloze+run": lambda: run_reader_config(args.run, cloze_final, args.workdir / "cloze+run", args.max_steps)}  # fmt: skip
-    order = [r for r in READERS if r in wanted or (r == "cloze" and any(w.startswith("cloze+") for w in wanted))]
+             "cloze+labelled": lambda: config(labelled, args.workdir / "cloze+labelled", cloze_final, args.epochs)}  # fmt: skip
+    order = [r for r in READERS if r in wanted or (r == "cloze" and "cloze+labelled" in wanted)]
     rows = []
     for name in order:
         cfg = plans[name]()
@@ -130,8 +113,7 @@ def main() -> None:
                 raise SystemExit(f"--labelled-reader {final}: trained with another recipe or epochs than this run's")
         else:
             record = train_reader_once(cfg, args.workdir / name, args.device, name)
-            # the run's recipe validates and keeps its best checkpoint, as the shipped reader
-            final = Path(cfg.output_dir) / ("best" if name == "cloze+run" else "final")
+            final = Path(cfg.output_dir) / "final"
         kept = read_json(final.parent / "data.json")["kept"]
         best = read_json(final / "validation.json") if (final / "validation.json").is_file() else {}
         rows.append({"reader": name, "dir": str(final), "questions": kept, "epochs": cfg.epochs, "train_seconds": record["seconds"], "steps": record["steps"],

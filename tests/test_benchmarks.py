@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -155,31 +153,3 @@ def test_train_reader_once_reuses_a_finished_run_even_one_recorded_before_a_fiel
     train_reader_once(other, tmp_path / "run", "cpu", "x")
     assert len(calls) == 2
 
-
-def test_cloze_run_reader_is_the_runs_own_reader_training_from_other_weights(tmp_path, monkeypatch):
-    import dataclasses
-
-    from densepr.fileio import write_json
-    from densepr.train.config import ReaderTrainConfig
-
-    monkeypatch.syspath_prepend(str(BENCH))
-    from reader_cloze import run_reader_config
-
-    monkeypatch.chdir(tmp_path)  # reproduce records paths relative to where it ran
-    run = Path("runs/dpr")
-    for f in ("reader-data/nq-dev.json", "reader-data/heldout.json", "train-data/train-dev.heldout.qa.tsv"):
-        (run / f).parent.mkdir(parents=True, exist_ok=True)
-        (run / f).write_text("[]")
-    shipped = ReaderTrainConfig(train_files=[str(run / "reader-data/nq-dev.json")], output_dir=str(run / "models/reader"), init="embedded",
-                                dev_file=str(run / "reader-data/heldout.json"), holdout=[str(run / "train-data/train-dev.heldout.qa.tsv")],
-                                epochs=3, passages=2, dev_limit=100, seed=7, precision="bf16")  # fmt: skip
-    with pytest.raises(SystemExit, match="no reader training recorded"):
-        run_reader_config(run, "cloze/final", Path("w"), None)
-    write_json(run / "models/reader/config.json", dataclasses.asdict(shipped))
-    cfg = run_reader_config(run, "cloze/final", Path("w"), None)
-    assert dataclasses.replace(cfg, init=shipped.init, output_dir=shipped.output_dir) == shipped  # only the start and the output differ
-    assert (cfg.init, cfg.output_dir) == ("cloze/final", str(Path("w/reader")))
-    assert run_reader_config(run, "cloze/final", Path("w"), 3).max_steps == 3
-    (run / "reader-data/heldout.json").unlink()  # moved or run from elsewhere: said, not a traceback later
-    with pytest.raises(SystemExit, match="heldout.json, which is not a file here"):
-        run_reader_config(run, "cloze/final", Path("w"), None)
