@@ -22,7 +22,7 @@ reproduce: $(STAMP)
 	$(VENV)/bin/densepr reproduce --profile full --output runs/embedded
 
 ## The paper's experiment: mine, train DPR (in-batch only; + BM25 hard negatives), re-mine with the
-## trained model, train round 2, evaluate everything on the five test sets (95 min and 13.4 GiB peak measured in one run on 2 CPU cores, 2026-12-05; README).
+## trained model, train round 2, evaluate everything on the five test sets (95-100 min and a 13.7 GiB peak measured in two runs on 2 CPU cores, 2026-12-05; docs/training.md).
 reproduce-dpr: $(STAMP)
 	$(VENV)/bin/densepr reproduce --profile dpr --output runs/dpr
 
