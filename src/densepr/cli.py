@@ -694,7 +694,7 @@ def reproduce(
                                                                "compared with the committed figures).")] = None,
     reader_cloze: Annotated[Optional[int], typer.Option(help="Profile dpr: pre-train the reader one epoch on this many cloze questions made from the corpus "
                                                             "(no QA set used; stage reader-cloze) before the labelled ones; 0: off, the default "
-                                                            "(8,000 measured: no gain yet over the default reader; docs/reader.md).")] = None,
+                                                            "(8,000 measured: +1.4 EM given the answer passage over the default reader, within noise, for ~21 min more; docs/reader.md).")] = None,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:

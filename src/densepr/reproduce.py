@@ -169,7 +169,8 @@ class ReaderPlan:
     modes: tuple[str, ...] = ("dense", "bm25")  # the trained retriever and the paper's baseline
     ks: tuple[int, ...] = (1, 5, 10, 20)
     # >0: pre-train the reader one epoch on this many cloze questions made from the corpus (train.cloze; no QA
-    # set's question or answer) before the labelled ones; off by default: no measured gain yet (docs/reader.md)
+    # set's question or answer) before the labelled ones; off by default: 8,000 gave +1.4 EM given the answer passage
+    # (41.4 vs 40.0 on 435 held-out questions, within noise) for ~21 min more on 2 cores (docs/reader.md)
     cloze: int = 0
 
 
