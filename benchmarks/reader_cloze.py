@@ -43,6 +43,12 @@ from densepr.train.config import ReaderTrainConfig
 READERS = ("labelled", "cloze", "cloze+labelled")
 
 
+def kept_step(reader: Path) -> int | None:
+    """The training step of a reader kept as ``best/`` (its ``validation.json``); None for a ``final/``."""
+    path = reader / "validation.json"
+    return read_json(path).get("step") if path.is_file() else None
+
+
 def write_cloze_data(run: Path, n: int, seed: int, depth: int, path: Path) -> dict:
     """The cloze questions of the run's passages (:mod:`densepr.train.cloze`, as ``densepr cloze-data``)."""
     records, _ = index_cloze_records(run, n, seed, depth)
@@ -115,17 +121,15 @@ def main() -> None:
             record = train_reader_once(cfg, args.workdir / name, args.device, name)
             final = Path(cfg.output_dir) / "final"
         kept = read_json(final.parent / "data.json")["kept"]
-        best = read_json(final / "validation.json") if (final / "validation.json").is_file() else {}
         rows.append({"reader": name, "dir": str(final), "questions": kept, "epochs": cfg.epochs, "train_seconds": record["seconds"], "steps": record["steps"],
-                     "best_step": best.get("step"), **given_passage_scores(final, gold, args.device)})  # fmt: skip
+                     "best_step": kept_step(final), **given_passage_scores(final, gold, args.device)})  # fmt: skip
         print(f"{name}: {kept} training questions, {record['steps']} steps, EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     for spec in args.compare:
         name, _, path = spec.partition("=")
         if not path or not Path(path).is_dir():
             raise SystemExit(f"--compare: expected NAME=DIR of a reader directory, got {spec!r}")
-        best = read_json(Path(path) / "validation.json") if (Path(path) / "validation.json").is_file() else {}
         rows.append({"reader": name, "dir": path, "questions": None, "epochs": None, "train_seconds": None, "steps": None,
-                     "best_step": best.get("step"), **given_passage_scores(path, gold, args.device)})  # fmt: skip
+                     "best_step": kept_step(Path(path)), **given_passage_scores(path, gold, args.device)})  # fmt: skip
         print(f"{name} ({path}): EM {rows[-1]['em']}, F1 {rows[-1]['f1']}")
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions ({args.run})")
     print("| reader | training questions | epochs | steps | kept checkpoint's step | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -152,4 +152,3 @@ def test_train_reader_once_reuses_a_finished_run_even_one_recorded_before_a_fiel
     other = dataclasses.replace(cfg, precision="bf16")  # but another value of the field is another run
     train_reader_once(other, tmp_path / "run", "cpu", "x")
     assert len(calls) == 2
-
