@@ -29,24 +29,86 @@ from densepr.errors import DenseprError
 from densepr.index.embeddings import complete, encoding_plan, missing_parts, prepare, write_part
 from densepr.progress import progress_bar
 
+MIN_RAY = (2, 52)  # the first Ray with token auth (RAY_AUTH_MODE=token); before it any client reaching a port could run code
+LOOPBACK = "127.0.0.1"
+
+
+def check_ray_version(version: str) -> None:
+    """Refuse a Ray older than :data:`MIN_RAY` (``version``: the installed Ray's version string)."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m[1]), int(m[2])) < MIN_RAY:
+        need = ".".join(map(str, MIN_RAY))
+        raise DenseprError(f"Ray {version} is installed, but --ray needs Ray >= {need} (token authentication): "
+                           f"pip install 'ray[data,serve]>={need}'")  # fmt: skip
+
 
 def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (``auto``: the one this machine belongs to; ``local`` or
-    None: start one in this process), once; usage reporting off."""
+    None: start one in this process, :func:`start_local`), once; usage reporting off."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
+        check_ray_version(version("ray"))
         import ray
-    except ImportError:
+    except (ImportError, PackageNotFoundError):
         raise DenseprError("--ray needs Ray: pip install 'densepr[ray]'") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
     try:
         if address in (None, "", "local"):
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            start_local()
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
         raise DenseprError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+
+
+def start_local() -> Path:
+    """Start a one-machine Ray cluster in this process that only this machine can reach, for
+    ``--ray local``: every Ray process (GCS, raylet, object manager, agents, workers, metrics)
+    listens on 127.0.0.1 only, and token authentication is on, with a fresh random token in a file
+    only this user can read (a private directory, removed at exit). Returns the token file.
+
+    Ray replaces 127.0.0.1 by the machine's address unless its "no cluster" switch is off (the
+    default on macOS and Windows), so that switch is turned off here, and the node's address is
+    checked after the start: a cluster that is not on loopback is shut down and refused."""
+    import atexit
+    import ipaddress
+    import secrets
+    import shutil
+    import tempfile
+
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    private = Path(tempfile.mkdtemp(prefix="densepr-ray-"))  # mode 0700
+    token = private / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
+    # Set for this process and inherited by every Ray process it starts.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported (maybe before this call)
+    Config.initialize("")  # Ray's config read RAY_AUTH_MODE at import, too; Ray's own token set-up reloads it so
+    AuthenticationTokenLoader.instance().reset_cache()
+
+    def stop() -> None:  # the cluster first (its processes hold the token's path), then the token
+        ray.shutdown()
+        shutil.rmtree(private, ignore_errors=True)
+
+    atexit.register(stop)
+    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK,
+             log_to_driver=False, configure_logging=False)  # fmt: skip
+    node = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(node).is_loopback:
+        stop()
+        raise DenseprError(f"the local Ray cluster came up on {node}, not loopback: refusing to run it (Ray {ray.__version__})")
+    return token
 
 
 class PartEncoder:
