@@ -1027,6 +1027,7 @@ def evaluate_qa_cmd(
 
 @app.command("serve")
 def serve_cmd(
+    ctx: typer.Context,
     index: IndexOpt = None,
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory: enables POST /answer and answers on the page (default: <index>/reader when present).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (default loopback only; 0.0.0.0 exposes it to the network).")] = "127.0.0.1",
@@ -1076,6 +1077,14 @@ def serve_cmd(
     from densepr.pipeline import find_reader
 
     if ray is not None:
+        from click.core import ParameterSource
+
+        given = {p for p in ("read_timeout", "max_connections", "timeout_keep_alive")
+                 if ctx.get_parameter_source(p) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}  # fmt: skip
+        if given & {"read_timeout", "max_connections"}:  # Ray Serve's proxy owns the connections and has no such limits
+            flags = " and ".join(f"--{p.replace('_', '-')}" for p in ("read_timeout", "max_connections") if p in given)
+            raise DenseprError(f"{flags}: not available with --ray (Ray Serve's HTTP proxy holds the connections and has no such "
+                               "limit); drop it, or serve without --ray")  # fmt: skip
         from densepr.serve.ray_app import Replicas, run
 
         try:
@@ -1084,7 +1093,8 @@ def serve_cmd(
         except (ValueError, TypeError) as e:
             raise DenseprError(f"--ray-replicas {ray_replicas!r}: expected name=count pairs of router, encoder, searcher, reader, shards, cpus ({e})") from None
         _log(f"serving {index} on Ray ({ray}) at http://{host}:{port}/  (replicas: {replicas})")
-        run(index, reader or find_reader(index), limits, replicas, address=ray, host=host, port=port, device=device)
+        run(index, reader or find_reader(index), limits, replicas, address=ray, host=host, port=port, device=device,
+            keep_alive_s=timeout_keep_alive if "timeout_keep_alive" in given else None, question_encoder=question_encoder)  # fmt: skip
         return
     r = Retriever.load(index, question_encoder=question_encoder, device=device)
     reader = reader or find_reader(index)  # the reader beside the index, when there is one

@@ -13,8 +13,9 @@
 * ``ReaderReplica``: the reader (the index's own ``reader/`` or ``--reader``) for ``/answer``.
 * ``Router``: the ingress, the same FastAPI app as ``densepr serve`` (:func:`densepr.serve.app.create_app`:
   validation, limits, the bounded queue and its 503s, timeouts, the page), whose model calls go to the
-  deployments above. Connection-level guards (``--max-connections``, read timeouts) are uvicorn's in
-  ``densepr serve``; behind Ray, its HTTP proxy owns the connections.
+  deployments above. Connection-level guards are uvicorn's in ``densepr serve``; behind Ray, its HTTP
+  proxy owns the connections: ``--timeout-keep-alive`` becomes the proxy's keep-alive timeout, and
+  ``--read-timeout`` and ``--max-connections``, which it has no equivalent of, are refused with ``--ray``.
 
 A replica that dies is restarted by Ray Serve; a request whose call to it fails is retried once on
 another replica (:meth:`RayService._call`), so a killed replica loses no request.
@@ -22,6 +23,7 @@ another replica (:meth:`RayService._call`), so a killed replica loses no request
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,9 +93,9 @@ class IndexInfo:
 @serve.deployment
 class QuestionEncoder:
     def __init__(self, name: str, device: str | None = None) -> None:
-        from densepr.models.encoder import Encoder
+        from densepr.models.onnx import load_question_encoder
 
-        self.encoder = Encoder.load(name, device=device)
+        self.encoder = load_question_encoder(name, device)  # a model directory, or an ONNX export (`NAME#int8`: its int8 model)
 
     @serve.batch(max_batch_size=ENCODER_BATCH, batch_wait_timeout_s=0.002)
     async def __call__(self, calls: list[list[str]]) -> list[np.ndarray]:
@@ -214,9 +216,13 @@ class Router:
 
 
 def build_app(index: str | Path, reader: str | Path | None = None, limits: Limits | None = None, replicas: Replicas | None = None,
-              device: str | None = None):  # fmt: skip
-    """The bound Ray Serve application for an index directory (and a reader directory)."""
+              device: str | None = None, question_encoder: str | None = None):  # fmt: skip
+    """The bound Ray Serve application for an index directory (and a reader directory); ``question_encoder``:
+    another question encoder than the index's (as ``densepr serve --question-encoder``)."""
     info, replicas, limits = IndexInfo.read(index), replicas or Replicas(), limits or Limits()
+    if question_encoder and info.question_encoder:  # absolute: replicas may run elsewhere; an ONNX export's #int8 kept
+        base, sep, tag = str(question_encoder).partition("#")
+        info.question_encoder = str(Path(base).resolve()) + sep + tag if Path(base).exists() else str(question_encoder)
     cpu = {"num_cpus": replicas.cpus}
     gpu = {**cpu, "num_gpus": 1} if device and device.startswith("cuda") else cpu
     encoder = QuestionEncoder.options(num_replicas=replicas.encoder, ray_actor_options=gpu, max_ongoing_requests=ENCODER_BATCH * 2).bind(info.question_encoder, device) if info.question_encoder else None  # fmt: skip
@@ -230,11 +236,18 @@ def build_app(index: str | Path, reader: str | Path | None = None, limits: Limit
                                                              encoder, searchers, rd, asdict(replicas))  # fmt: skip
 
 
+def http_options(host: str, port: int, keep_alive_s: float | None = None) -> dict:
+    """Ray Serve's HTTP proxy options: the address, and ``--timeout-keep-alive`` when given (whole
+    seconds, rounded up; else Ray's default)."""
+    return {"host": host, "port": port, **({"keep_alive_timeout_s": math.ceil(keep_alive_s)} if keep_alive_s is not None else {})}
+
+
 def run(index: str | Path, reader: str | Path | None = None, limits: Limits | None = None, replicas: Replicas | None = None,
-        address: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None, blocking: bool = True) -> None:  # fmt: skip
+        address: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None, blocking: bool = True,
+        keep_alive_s: float | None = None, question_encoder: str | None = None) -> None:  # fmt: skip
     """Start (or join) the cluster and serve the index on ``http://host:port/`` until interrupted."""
     from densepr.index.ray_encode import connect
 
     connect(address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(index, reader, limits, replicas, device), name="densepr", route_prefix="/", blocking=blocking)
+    serve.start(http_options=http_options(host, port, keep_alive_s))
+    serve.run(build_app(index, reader, limits, replicas, device, question_encoder), name="densepr", route_prefix="/", blocking=blocking)

@@ -1,0 +1,45 @@
+"""`densepr serve --ray` options, without starting Ray: connection flags Ray Serve's proxy has no
+equivalent of are refused, the keep-alive timeout reaches the proxy's options, and
+``--question-encoder`` reaches the question-encoder deployment."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.cli import run
+
+
+@pytest.mark.parametrize("flags", [["--read-timeout", "3"], ["--max-connections", "64"], ["--read-timeout", "10", "--max-connections", "256"]])
+def test_serve_ray_refuses_connection_limits_it_cannot_apply(capsys, tmp_path, flags):
+    """Given explicitly (even at their default values) with --ray, they are refused before any cluster starts."""
+    code, _, err = run(capsys, "serve", "--index", str(tmp_path), "--ray", "local", *flags)
+    assert code == 1 and "not available with --ray" in err, err
+    assert all(f in err for f in flags[::2])
+
+
+def test_serve_ray_passes_keep_alive_to_the_proxy():
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
+    from ray.serve.config import HTTPOptions
+
+    from densepr.serve.ray_app import http_options
+
+    assert HTTPOptions(**http_options("127.0.0.1", 8123, 7.5)).keep_alive_timeout_s == 8  # whole seconds, rounded up
+    assert HTTPOptions(**http_options("127.0.0.1", 8123)).keep_alive_timeout_s == HTTPOptions().keep_alive_timeout_s  # Ray's default
+
+
+def test_serve_ray_uses_the_question_encoder_given(index_dir, tmp_path, tiny_bert):
+    """`serve --ray --question-encoder X` binds the encoder deployment to X (an ONNX export's #int8
+    kept), not to the index's; without it, the index's."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
+    from densepr.fileio import read_json
+    from densepr.serve.ray_app import build_app
+
+    def encoder_of(app) -> str:
+        router = app._bound_deployment  # the router's init args: info, reader, limits, encoder app, ...
+        return router.init_args[3]._bound_deployment.init_args[0]
+
+    other = tmp_path / "other-encoder"
+    other.mkdir()
+    assert encoder_of(build_app(index_dir, question_encoder=str(other))) == str(other.resolve())
+    assert encoder_of(build_app(index_dir, question_encoder=f"{other}#int8")) == f"{other.resolve()}#int8"
+    assert encoder_of(build_app(index_dir)) == read_json(index_dir / "dense/manifest.json")["question_encoder"]
