@@ -1077,10 +1077,8 @@ def serve_cmd(
     from densepr.pipeline import find_reader
 
     if ray is not None:
-        from click.core import ParameterSource
-
-        given = {p for p in ("read_timeout", "max_connections", "timeout_keep_alive")
-                 if ctx.get_parameter_source(p) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}  # fmt: skip
+        given = {p for p in ("read_timeout", "max_connections", "timeout_keep_alive")  # by name: typer may vendor its own click
+                 if ctx.get_parameter_source(p).name not in ("DEFAULT", "DEFAULT_MAP")}  # fmt: skip
         if given & {"read_timeout", "max_connections"}:  # Ray Serve's proxy owns the connections and has no such limits
             flags = " and ".join(f"--{p.replace('_', '-')}" for p in ("read_timeout", "max_connections") if p in given)
             raise DenseprError(f"{flags}: not available with --ray (Ray Serve's HTTP proxy holds the connections and has no such "

@@ -1,14 +1,18 @@
-"""``--ray local`` (serve and encode): the cluster densepr starts on this machine listens on loopback
-only, with token authentication on and its token in a file only this user can read. The cluster is
-started in a child process (as the CLI does), so its settings do not leak into this one."""
+"""``--ray local`` (serve and encode start it with one helper, ``ray_encode.connect``): the Ray cluster
+densepr starts on this machine listens on loopback only, with token authentication on and its token
+in a file only this user can read. The test runs ``densepr serve --ray local`` as a user would, in a
+child process, so the cluster's settings do not leak into this one, and Ray Serve's replicas are
+checked as well as Ray's own processes."""
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,30 +21,25 @@ import densepr
 from densepr.errors import DenseprError
 from densepr.index.ray_encode import check_ray_version
 
-# The child: densepr's helper starts the cluster, a task runs (so a worker process is up), then the
-# child reports and waits for its stdin to close.
-CHILD = """
-import json, os, sys
-import ray
-from densepr.index.ray_encode import connect
-connect("local")
-ray.get(ray.remote(lambda: 1).remote())
-print(json.dumps({"token": os.environ.get("RAY_AUTH_TOKEN_PATH")}), flush=True)
-sys.stdin.read()
-"""
-
 
 def _loopback(ip: str) -> bool:
     a = ipaddress.ip_address(ip.split("%")[0])
-    return (a.ipv4_mapped or a).is_loopback if isinstance(a, ipaddress.IPv6Address) else a.is_loopback
+    return (getattr(a, "ipv4_mapped", None) or a).is_loopback  # ::ffff:127.0.0.1 is loopback too
 
 
-def _listening(root) -> list[tuple[str, str, int]]:
-    """(process, address, port) of every listening TCP socket of ``root`` and its descendants."""
+def _tree(pid: int) -> list:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _listening(procs) -> list[tuple[str, str, int]]:
+    """(process, address, port) of every listening TCP socket of ``procs``."""
     import psutil
 
     out = []
-    for p in [root, *root.children(recursive=True)]:
+    for p in procs:
         try:
             name = " ".join(p.cmdline()[:2]) or p.name()
             out += [(name, c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
@@ -50,47 +49,59 @@ def _listening(root) -> list[tuple[str, str, int]]:
 
 
 @pytest.mark.ray
-def test_local_cluster_listens_on_loopback_only_with_token_auth():
+def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
-    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("psutil")
     import httpx
 
-    env = {**os.environ, "PYTHONPATH": str(Path(densepr.__file__).parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(densepr.__file__).parents[1]), "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
     for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         env.pop(k, None)
-    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)  # fmt: skip
+    log = tmp_path / "serve.log"
+    child = subprocess.Popen([sys.executable, "-m", "densepr", "serve", "--index", str(index_dir), "--ray", "local", "--port", str(port),
+                              "--ray-replicas", "cpus=0.25"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    token = None
     try:
-        line = child.stdout.readline()
-        assert line, f"the child did not start its cluster: {child.stderr.read()[-3000:] if child.poll() is not None else ''}"
-        report = json.loads(line)
-        sockets = _listening(psutil.Process(child.pid))
+        for _ in range(600):  # up once the proxy answers /health (Ray and Serve start in 20-60 s on 2 busy cores)
+            assert child.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        procs = _tree(child.pid)
+        sockets = _listening(procs)
         names = " ".join(n for n, _, _ in sockets)
-        assert "gcs_server" in names and "raylet" in names, sockets  # the check saw the cluster's own processes
+        assert all(p in names for p in ("gcs_server", "raylet", "ServeReplica:densepr:Router", "ProxyActor")), sockets  # the check saw them
         exposed = [s for s in sockets if not _loopback(s[1])]
         assert not exposed, f"listening beyond loopback: {exposed}"
 
-        token = Path(report["token"] or "")
-        assert token.is_file(), report
+        gcs = next(p for p in procs if "gcs_server" in " ".join(p.cmdline()[:1]))
+        token = Path(gcs.environ().get("RAY_AUTH_TOKEN_PATH", ""))  # the token the cluster was started with
+        assert token.is_file(), gcs.environ()
         assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
         # the job agent (the Jobs API: code execution) refuses a request without the token, accepts it with
-        secret = token.read_text().strip()
+        bearer = {"Authorization": f"Bearer {token.read_text().strip()}"}
         codes = {}
-        for _, _, port in sockets:
+        for _, _, p in sockets:
             try:
-                url = f"http://127.0.0.1:{port}/api/job_agent/jobs/"
-                codes[port] = (httpx.get(url, timeout=5).status_code, httpx.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=5).status_code)
+                url = f"http://127.0.0.1:{p}/api/job_agent/jobs/"
+                codes[p] = (httpx.get(url, timeout=5).status_code, httpx.get(url, headers=bearer, timeout=5).status_code)
             except httpx.HTTPError:  # a gRPC port
                 pass
         assert any(a == 401 and b != 401 for a, b in codes.values()), codes
     finally:
-        child.stdin.close()  # the child exits: its atexit hook stops the cluster and removes the token
+        child.send_signal(signal.SIGINT)  # as Ctrl-C: the command stops the cluster and removes the token at exit
         try:
             child.wait(120)
         except subprocess.TimeoutExpired:
-            child.kill()
+            os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-    assert not token.parent.exists()
+    assert token is None or not token.parent.exists()
 
 
 @pytest.mark.parametrize("version", ["2.40.0", "2.51.9", "1.13.0", "dev"])

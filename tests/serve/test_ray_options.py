@@ -17,6 +17,13 @@ def test_serve_ray_refuses_connection_limits_it_cannot_apply(capsys, tmp_path, f
     assert all(f in err for f in flags[::2])
 
 
+def test_serve_ray_accepts_the_defaults_and_keep_alive(capsys, tmp_path):
+    """Left at their defaults they are not refused (a bad --ray-replicas, parsed next, stops it before Ray starts)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
+    code, _, err = run(capsys, "serve", "--index", str(tmp_path), "--ray", "local", "--timeout-keep-alive", "7", "--ray-replicas", "bogus")
+    assert code == 1 and "--ray-replicas 'bogus'" in err and "not available" not in err, err
+
+
 def test_serve_ray_passes_keep_alive_to_the_proxy():
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
     from ray.serve.config import HTTPOptions

@@ -90,11 +90,33 @@ class IndexInfo:
         return n
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve starts each replica's inter-deployment gRPC server on ``[::]`` whatever the node's
+    address (token-authenticated, but reachable from the network); on a node whose address is
+    loopback (``--ray local``: :func:`densepr.index.ray_encode.start_local`) it is bound there too.
+    Called first in each deployment's constructor, which Ray Serve runs before starting that server."""
+    import ipaddress
+
+    import ray
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "densepr_loopback", False) or not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+
+    def on_loopback(server, address: str):
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    on_loopback.densepr_loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
 @serve.deployment
 class QuestionEncoder:
     def __init__(self, name: str, device: str | None = None) -> None:
         from densepr.models.onnx import load_question_encoder
 
+        _replica_grpc_on_loopback()
         self.encoder = load_question_encoder(name, device)  # a model directory, or an ONNX export (`NAME#int8`: its int8 model)
 
     @serve.batch(max_batch_size=ENCODER_BATCH, batch_wait_timeout_s=0.002)
@@ -114,6 +136,7 @@ class Searcher:
     def __init__(self, index: str, shard: int = 0, shards: int = 1) -> None:
         from densepr.retrieve.retriever import Retriever
 
+        _replica_grpc_on_loopback()
         whole = Retriever.load(index, with_encoder=False, mmap=True)
         self.retriever = whole.shard(shard, shards) if shards > 1 else whole
 
@@ -127,6 +150,7 @@ class ReaderReplica:
     def __init__(self, path: str, device: str | None = None) -> None:
         from densepr.models.reader import Reader
 
+        _replica_grpc_on_loopback()
         self.reader = Reader.load(path, device)
 
     def read(self, questions: list[str], passages: list[list[tuple[str, str]]]):
@@ -207,6 +231,7 @@ class RayService(Service):
 @serve.ingress()
 class Router:
     def __init__(self, info: dict, reader_path: str | None, limits: dict, encoder, searcher, reader, replicas: dict) -> None:
+        _replica_grpc_on_loopback()
         self.service = RayService(IndexInfo(**info), reader_path, Limits(**limits), encoder, searcher, reader, Replicas(**replicas))
 
     def __serve_build_asgi_app__(self):
