@@ -82,8 +82,13 @@ def start_local() -> Path:
     import tempfile
 
     import ray
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
+
+    try:  # Ray's own switches for these (no public API sets them in-process)
+        from ray._private import ray_constants
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError as e:
+        raise DenseprError(f"Ray {ray.__version__}: cannot start a loopback-only local cluster with token authentication ({e}); "
+                           "start one with `ray start` and pass its address to --ray") from None  # fmt: skip
 
     private = Path(tempfile.mkdtemp(prefix="densepr-ray-"))  # mode 0700
     token = private / "auth_token"
