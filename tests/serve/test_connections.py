@@ -424,3 +424,14 @@ def test_the_default_allow_list_follows_the_bind_address():
     assert "127.0.0.2" in default_allowed_hosts("127.0.0.2") and set(loop) <= set(default_allowed_hosts("::1"))
     assert default_allowed_hosts("0.0.0.0") is None and default_allowed_hosts("192.0.2.7") is None  # no check
     assert default_allowed_hosts("::") is None
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("--allowed-hosts", " , "), ("--first-byte-timeout", "0"), ("--send-timeout", "-1"), ("--max-connections-per-client", "0")],
+)
+def test_serve_refuses_bad_connection_options(capsys, tmp_path, option, value):
+    from tests.support.cli import run
+
+    code, _, err = run(capsys, "serve", "--index", str(tmp_path), option, value)
+    assert code != 0 and f"error: {option}" in err and "Traceback" not in err, err
