@@ -189,7 +189,7 @@ async def overload(url: str, pid: int, questions: list[str], args) -> dict:
                 await asyncio.sleep(0.5)
                 continue
             slow["opened"] += 1
-            writer.write(b"POST /search HTTP/1.1\r\nHost: x\r\n")
+            writer.write(b"POST /search HTTP/1.1\r\nHost: localhost\r\n")
             data = b""
             try:
                 while time.perf_counter() < stop and not reader.at_eof():
@@ -212,7 +212,7 @@ async def overload(url: str, pid: int, questions: list[str], args) -> dict:
         after_flood = rss_mb(pid)
         # Abandoned requests (one question each, so the queue takes them all): sent in full, then hung up on at once.
         body = json.dumps({"question": questions[1], "k": args.k, "mode": args.mode}).encode()
-        raw = (f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        raw = (f"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         before = (await hl.get(url + "/health")).json()["queues"]["search"]
         for _ in range(args.abandoned):
             _, writer = await asyncio.open_connection(host, int(port))
@@ -238,7 +238,8 @@ async def overload(url: str, pid: int, questions: list[str], args) -> dict:
 
 
 def run_overload(args, questions: list[str]) -> None:
-    proc, url = start_server(args.index, 64, [])
+    # every simulated client connects from 127.0.0.1: the per-client cap would be the total cap
+    proc, url = start_server(args.index, 64, ["--max-connections-per-client", "256"])
     try:
         asyncio.run(load(url, questions[-64:], 4, 3, args.mode, args.k))  # warm-up
         rss_before = rss_mb(proc.pid)

@@ -1025,6 +1025,15 @@ def evaluate_qa_cmd(
     out.print(f"written to {output}/qa-results.json, qa-results.md, qa-em.png")
 
 
+def _allowed_hosts(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    hosts = tuple(h.strip() for h in value.split(",") if h.strip())
+    if not hosts:
+        raise DenseprError("--allowed-hosts: give at least one name (or * for any)")
+    return hosts
+
+
 @app.command("serve")
 def serve_cmd(
     ctx: typer.Context,
@@ -1045,7 +1054,11 @@ def serve_cmd(
     max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = _default(Limits, "max_answers_total_chars"),
     read_timeout: Annotated[float, typer.Option(help="Seconds for a whole request (headers and body) to arrive; else 408 and close.")] = _default(Limits, "read_timeout_s"),
     timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = _default(Limits, "keep_alive_s"),
-    max_connections: Annotated[int, typer.Option(help="Open connections at once; more get 503 and are closed.")] = _default(Limits, "max_connections"),
+    max_connections: Annotated[int, typer.Option(help="Open connections at once; when full, the one idle longest without a complete request is closed, else 503.")] = _default(Limits, "max_connections"),
+    max_connections_per_client: Annotated[int, typer.Option(help="Open connections from one IP address (the same rule within them).")] = _default(Limits, "max_connections_per_client"),
+    first_byte_timeout: Annotated[float, typer.Option(help="Seconds a new connection may stay silent before it is closed.")] = _default(Limits, "first_byte_timeout_s"),
+    send_timeout: Annotated[float, typer.Option(help="Seconds to send a whole response (a slow reader is then cut off).")] = _default(Limits, "send_timeout_s"),
+    allowed_hosts: Annotated[Optional[str], typer.Option(help="Host header names answered, comma-separated (any port; *.example.com: its subdomains; *: any). Default: localhost, 127.0.0.1, [::1] and the address when bound to loopback; any otherwise.")] = None,
     device: DeviceOpt = None,
     question_encoder: Annotated[Optional[str], typer.Option(help="Another question encoder than the index's: a model directory, or a `densepr export-onnx` output (append #int8 for its int8 model).")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Serve as a Ray Serve application: `local`, `auto` or a cluster address (densepr[ray]).")] = None,
@@ -1065,7 +1078,9 @@ def serve_cmd(
                     ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout),
                     ("--max-queue", max_queue), ("--max-answers", max_answers), ("--max-answer-chars", max_answer_chars),
                     ("--max-answers-total-chars", max_answers_total_chars), ("--read-timeout", read_timeout),
-                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections)):  # fmt: skip
+                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections),
+                    ("--max-connections-per-client", max_connections_per_client), ("--first-byte-timeout", first_byte_timeout),
+                    ("--send-timeout", send_timeout)):  # fmt: skip
         if v <= 0:
             raise DenseprError(f"{name} must be positive")
     if max_wait_ms < 0:
@@ -1073,7 +1088,9 @@ def serve_cmd(
     limits = Limits(max_question_chars=max_question_chars, max_k=max_k, max_questions=max_questions, max_body_bytes=max_body_bytes,
                     timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
                     max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
-                    keep_alive_s=timeout_keep_alive, max_connections=max_connections)  # fmt: skip
+                    keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
+                    first_byte_timeout_s=first_byte_timeout, send_timeout_s=send_timeout,
+                    allowed_hosts=_allowed_hosts(allowed_hosts))  # fmt: skip
     from densepr.pipeline import find_reader
 
     if ray is not None:

@@ -44,7 +44,11 @@ class Limits:
     max_answers_total_chars: int = 20_000  # characters in all the gold answers of one request
     read_timeout_s: float = 10.0  # a whole request (headers and body) must arrive within this; a stalled reader is cut off after it
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_connections: int = 256  # open connections; more are answered 503 and closed
+    max_connections: int = 256  # open connections; when full, the longest-idle one without a complete request is closed, else 503
+    max_connections_per_client: int | None = 64  # open connections from one IP address (the same rule within them)
+    first_byte_timeout_s: float = 3.0  # a new connection must send its first byte within this, else it is closed
+    send_timeout_s: float = 60.0  # a response must be sent within this from its start, else the connection is closed
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered (any port; "*.x" subdomains, "*" any); None: by the bind address
 
 
 class ApiError(Exception):
