@@ -352,6 +352,21 @@ def test_reader_training_learns_and_resumes_to_the_same_weights(tmp_path, reader
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_reader_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path, reader_dir):
+    train = _dpr_results(tmp_path / "r.json")
+    kw = dict(epochs=2, batch_size=2, lr=1e-2, save_every=2)
+    train_reader(_cfg(tmp_path / "a", train, reader_dir, **kw), device="cpu", show_progress=False)
+    cfg = _cfg(tmp_path / "b", train, reader_dir, **kw)
+    assert train_reader(cfg, device="cpu", show_progress=False, stop_after=1) == {"stopped_at": 1}
+    assert (tmp_path / "b/run/config.json").is_file() and not (tmp_path / "b/run/checkpoint").exists()
+    logged: list[str] = []
+    train_reader(cfg, resume=True, device="cpu", show_progress=False, log=logged.append)
+    assert any("starting it over" in m for m in logged), logged
+    a = load_file(str(tmp_path / "a/run/checkpoint/reader/model.safetensors"))
+    b = load_file(str(tmp_path / "b/run/checkpoint/reader/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_shared_span_loss_and_head_learning_rate_train(tmp_path, reader_dir):
     """The shared span loss and a separate head rate train, resume-safely, and pick the positive more often."""
     train = _dpr_results(tmp_path / "r.json")
