@@ -479,6 +479,45 @@ def test_stages_killed_before_their_first_checkpoint_start_over_when_run_again(m
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), model
 
 
+def test_a_second_reproduce_run_into_the_same_directory_is_refused_until_the_first_ends(tmp_path):
+    """Issue 33, item 14: two runs into one directory would overwrite each other's stages. A reproduce run holds a
+    flock on its output directory; a second (here `densepr reproduce` itself, in another process) is refused at once,
+    naming the directory and the first run's pid; once the first is killed, the directory is free again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from densepr.fileio import dir_lock
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    first = subprocess.Popen([sys.executable, "-c", f"""
+import pathlib, time
+import densepr.reproduce as rp
+def fetch(*a, **kw):  # the first run is busy (holding its lock) until killed
+    pathlib.Path({str(ready)!r}).write_text("x")
+    time.sleep(600)
+rp.fetch_embedded = fetch
+rp.run(rp.ReproduceConfig(out_dir=pathlib.Path({str(out)!r}), profile="smoke"), log=lambda m: None)
+"""], cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        while not ready.exists():
+            assert first.poll() is None and time.monotonic() - t0 < 120, "the first run never started"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "densepr", "reproduce", "-o", str(out), "--profile", "smoke"],
+                                capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        assert second.returncode in (1, 2) and "Traceback" not in second.stderr, second.stderr
+        assert f"error: {out}: another reproduce run is running in it (pid {first.pid} on " in second.stderr, second.stderr
+        assert not (out / "stages").exists()  # the second run wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with dir_lock(out, "reproduce run"):  # the kernel released the killed run's lock: a rerun may start
+        pass
+
+
 def _torchrun_worker(rank: int, world: int, port: int, root: str, qa_tsv: str, model_dir: str) -> None:
     import os
     from pathlib import Path
