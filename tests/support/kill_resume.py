@@ -146,7 +146,8 @@ def scenario_encode(tmp: Path, encoder: Path, points: Sequence[Point] = (START, 
 
     args = ["encode", str(tsv), str(out), *common]
     res = Chain(args, args, ready, parts, clean).run(points)
-    same = all(np.array_equal(np.load(a, allow_pickle=False), np.load(out / a.name, allow_pickle=False)) for a in sorted(ref.glob("part-*.npy")))
+    same = res["finished"] and all(np.array_equal(np.load(a, allow_pickle=False), np.load(out / a.name, allow_pickle=False))
+                                   for a in sorted(ref.glob("part-*.npy")))  # fmt: skip
     return _row("densepr encode (3,000 passages, 10 parts)", "part of 300 passages", points, res, same and verify_ok(out),
                 lambda d: f"{d} of 10 parts")  # fmt: skip
 
@@ -219,8 +220,8 @@ def scenario_train(tmp: Path, encoder: Path, points: Sequence[Point] = (START, 6
     ref, out = tmp / "run-ref", tmp / "run"
     assert densepr("train", "-o", str(ref), *common).returncode == 0
     res = _training_chain("train", out, common).run(points)
-    same = all(_same_safetensors(ref / "checkpoint" / t / "model.safetensors", out / "checkpoint" / t / "model.safetensors")
-               for t in ("question_encoder", "passage_encoder"))  # fmt: skip
+    same = res["finished"] and all(_same_safetensors(ref / "checkpoint" / t / "model.safetensors", out / "checkpoint" / t / "model.safetensors")
+                                   for t in ("question_encoder", "passage_encoder"))  # fmt: skip
     return _row("densepr train (30 steps)", "checkpoint every 3 steps", points, res, same,
                 lambda d: f"checkpoint at step {d} of 30" if d else "no checkpoint")  # fmt: skip
 
@@ -234,7 +235,7 @@ def scenario_train_reader(tmp: Path, init: Path, points: Sequence[Point] = (STAR
     ref, out = tmp / "r-ref", tmp / "r"
     assert densepr("train-reader", "-o", str(ref), *common).returncode == 0
     res = _training_chain("train-reader", out, common).run(points)
-    same = _same_safetensors(ref / "checkpoint/reader/model.safetensors", out / "checkpoint/reader/model.safetensors")
+    same = res["finished"] and _same_safetensors(ref / "checkpoint/reader/model.safetensors", out / "checkpoint/reader/model.safetensors")
     return _row("densepr train-reader (40 steps)", "checkpoint every 3 steps", points, res, same,
                 lambda d: f"checkpoint at step {d} of 40" if d else "no checkpoint")  # fmt: skip
 
