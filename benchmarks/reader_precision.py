@@ -39,7 +39,7 @@ def same_spans(a: Path, b: Path) -> tuple[int, int]:
     """(passages whose best span text is equal, passages) between two evaluate_qa piece directories."""
     same = total = 0
     for pa in sorted(a.glob("readings-*.json")):
-        for ra, rb in zip(read_json(pa), read_json(b / pa.name)):
+        for ra, rb in zip(read_json(pa)["readings"], read_json(b / pa.name)["readings"]):  # a piece: {key, seconds, readings}
             for x, y in zip(ra, rb):
                 same += x[4] == y[4]
                 total += 1

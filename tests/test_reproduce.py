@@ -319,14 +319,14 @@ def test_the_main_job_on_a_fresh_machine_fetches_before_it_needs_the_model(monke
     assert summary["results"]["set-a"]["methods"]["dense"]["all"]["top20"] >= 0
 
 
-def _tiny_dpr(setattr, setitem, root, corpus, qa_tsv, model_dir, **plan_kw):
+def _tiny_dpr(setattr, setitem, root, corpus, qa_tsv, model_dir, reader_kw=None, **plan_kw):
     """Profile ``dpr-tiny``: the training experiment on the test corpus, QA file and tiny BERT."""
     import densepr.reproduce as rp
 
     kw = dict(batch_size=2, val_fraction=0.34, epochs=1, round2_epochs=1, max_steps=2, warmup_steps=1, save_every=1, depth=12, mined_hard=3)
     plan = rp.TrainPlan(**{**kw, **plan_kw})
-    reader = rp.ReaderPlan(depth=6, passages=2, batch_size=2, max_steps=2, max_length=96, warmup_steps=1, save_every=1, dev_limit=3, tune_limit=None,
-                           qa_limit=None, ks=(1, 3))  # fmt: skip
+    reader = rp.ReaderPlan(**{**dict(depth=6, passages=2, batch_size=2, max_steps=2, max_length=96, warmup_steps=1, save_every=1, dev_limit=3,
+                                     tune_limit=None, qa_limit=None, ks=(1, 3)), **(reader_kw or {})})  # fmt: skip
     setitem(rp.PROFILES, "dpr-tiny", rp.Profile(None, None, corpus_limit=10, train=plan, reader=reader))
     data = _TinyData(root, corpus, qa_tsv, model_dir)
     setattr(rp, "EmbeddedData", lambda cache_dir=None: data)
@@ -427,6 +427,95 @@ def test_a_killed_training_stage_resumes_from_its_checkpoint(monkeypatch, tmp_pa
     ran = {r["stage"]: r["status"] for r in summary["stages"]}
     assert ran["train-inbatch"] == "skipped" and ran["train-round1"] == "ran"
     assert summary["training"]["runs"]["round1"]["steps"] == 3
+
+
+def test_stages_killed_before_their_first_checkpoint_start_over_when_run_again(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
+    """Issue 33, item 2: `reproduce --profile dpr` killed in train-inbatch before its first checkpoint, run again, stopped
+    with "no checkpoint to resume from". Here each training stage (retriever, cloze pre-training, reader) is killed in turn
+    while its first checkpoint is written (config.json there, no checkpoint); each rerun goes on, and the last ends with
+    an uninterrupted run's figures."""
+    import densepr.reproduce as rp
+    import densepr.train.reader as trd
+    import densepr.train.retriever as tr
+    from densepr.data import Corpus, Passage
+
+    cloze = " The Treaty of Paris was signed in 1783 by Britain. Britain had lost 13 colonies by 1783."  # cloze questions' matter
+    corpus = Corpus.from_passages(Passage(i, t, x + cloze * (n < 4)) for n, (i, t, x) in enumerate(zip(corpus.ids, corpus.titles, corpus.texts)))
+    config = _tiny_dpr(monkeypatch.setattr, monkeypatch.setitem, tmp_path, corpus, qa_tsv, tiny_bert, reader_kw={"cloze": 8})
+    straight = rp.run(config(tmp_path / "straight"), log=lambda m: None)
+    kill: set[str] = set()
+
+    def killed_at_first_checkpoint(real):
+        def save(directory, *a, **kw):
+            if directory.parent.name in kill and not directory.exists():
+                kill.discard(directory.parent.name)
+                (directory.parent / "checkpoint.tmp").mkdir()  # half written when the kill came
+                raise KeyboardInterrupt
+            return real(directory, *a, **kw)
+
+        return save
+
+    monkeypatch.setattr(tr, "save_checkpoint", killed_at_first_checkpoint(tr.save_checkpoint))
+    monkeypatch.setattr(trd, "save_checkpoint", killed_at_first_checkpoint(trd.save_checkpoint))
+    out = tmp_path / "out"
+    for run_dir, stage in (("inbatch", "train-inbatch"), ("reader-cloze", "reader-cloze"), ("reader", "train-reader")):
+        kill.add(run_dir)
+        with pytest.raises(KeyboardInterrupt):
+            rp.run(config(out), log=lambda m: None)
+        assert not kill and (out / "models" / run_dir / "config.json").is_file() and not (out / "models" / run_dir / "checkpoint").exists()
+        assert not (out / "stages" / f"{stage}.json").exists()
+    logged: list[str] = []
+    summary = rp.run(config(out), log=logged.append)
+    ran = {r["stage"]: r["status"] for r in summary["stages"]}
+    assert ran["train-inbatch"] == "skipped" and ran["reader-cloze"] == "skipped" and ran["train-reader"] == "ran"
+    assert any("models/reader: the run stopped before its first checkpoint; starting it over" in m for m in logged), logged
+    assert summary["results"] == straight["results"]
+    for name, qa in straight["qa"]["sets"].items():  # the same end-to-end figures (times aside)
+        assert summary["qa"]["sets"][name]["modes"] == qa["modes"] and summary["qa"]["sets"][name]["gold"] == qa["gold"]
+    from safetensors.numpy import load_file
+
+    for model in ("inbatch/best/question_encoder", "reader-cloze/final", "reader/best"):  # the same weights as uninterrupted runs
+        a, b = (load_file(str(d / "models" / model / "model.safetensors")) for d in (tmp_path / "straight", out))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), model
+
+
+def test_a_second_reproduce_run_into_the_same_directory_is_refused_until_the_first_ends(tmp_path):
+    """Issue 33, item 14: two runs into one directory would overwrite each other's stages. A reproduce run holds a
+    flock on its output directory; a second (here `densepr reproduce` itself, in another process) is refused at once,
+    naming the directory and the first run's pid; once the first is killed, the directory is free again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from densepr.fileio import dir_lock
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    first = subprocess.Popen([sys.executable, "-c", f"""
+import pathlib, time
+import densepr.reproduce as rp
+def fetch(*a, **kw):  # the first run is busy (holding its lock) until killed
+    pathlib.Path({str(ready)!r}).write_text("x")
+    time.sleep(600)
+rp.fetch_embedded = fetch
+rp.run(rp.ReproduceConfig(out_dir=pathlib.Path({str(out)!r}), profile="smoke"), log=lambda m: None)
+"""], cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        while not ready.exists():
+            assert first.poll() is None and time.monotonic() - t0 < 120, "the first run never started"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "densepr", "reproduce", "-o", str(out), "--profile", "smoke"],
+                                capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        assert second.returncode in (1, 2) and "Traceback" not in second.stderr, second.stderr
+        assert f"error: {out}: another reproduce run is running in it (pid {first.pid} on " in second.stderr, second.stderr
+        assert not (out / "stages").exists()  # the second run wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with dir_lock(out, "reproduce run"):  # the kernel released the killed run's lock: a rerun may start
+        pass
 
 
 def _torchrun_worker(rank: int, world: int, port: int, root: str, qa_tsv: str, model_dir: str) -> None:

@@ -1012,9 +1012,7 @@ def evaluate_qa_cmd(
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
         kept_note = ""
         if resumed := res.get("resumed"):
-            untimed = resumed["pieces_without_seconds"]
-            kept_note = f" ({resumed['pieces_kept']} kept piece(s) included"
-            kept_note += f"; {untimed} of them from before pieces kept their time, not counted)" if untimed else ")"
+            kept_note = f" ({resumed['pieces_kept']} kept piece(s) included)"
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s{kept_note}; best EM "
              + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
         _write_qa(output, results)  # after every set: a long run keeps what it finished

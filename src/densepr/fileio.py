@@ -386,6 +386,32 @@ def sibling_abandoned(path: Path, final: Path, what: str) -> bool:
     return False
 
 
+LOCK = ".densepr.lock"
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory/.densepr.lock`` for the block, so two jobs never write one
+    directory at once: a second is refused at once, told who holds it (pid and host, written in the file).
+    The kernel drops the lock when its holder exits or is killed, so a lock file left behind blocks nothing."""
+    import fcntl
+
+    directory = Path(directory)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            raise DenseprError(f"{directory}: another {what} is running in it ({holder}); wait for it to end, "
+                               f"or give another output directory") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname() or 'this host'}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _clean_stale(final: Path) -> None:
     """Remove build directories of killed builds of ``final``; put back an old version a crash
     left aside mid-swap (only the fallback swap has that window) if ``final`` is missing."""

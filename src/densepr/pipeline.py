@@ -151,40 +151,48 @@ def _encode_reading(r: Reading) -> list:
     return [r.relevance, None if r.span_score == float("-inf") else r.span_score, r.start, r.end, r.text]
 
 
-def _load_piece(path: Path, counts: list[int]) -> tuple[list[list[Reading]], float | None] | None:
-    """A piece written by :func:`read_in_pieces` and the seconds its reading took (None in pieces written
-    before they recorded it: a bare list), or None when missing or not of this shape (read again)."""
+def piece_key(reader_fingerprint: str, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]]) -> str:
+    """sha256 of what one piece of readings depends on: the reader (:meth:`Reader.fingerprint`), the
+    piece's questions and each question's passages ``(title, text)``, in order."""
+    return hashlib.sha256(json.dumps([reader_fingerprint, list(questions), [[list(p) for p in ps] for ps in passages]]).encode()).hexdigest()
+
+
+def _load_piece(path: Path, key: str, counts: list[int]) -> tuple[list[list[Reading]], float] | str:
+    """A piece written by :func:`read_in_pieces` and the seconds its reading took, or why it is not used
+    (then read again): unreadable, not of this shape, or made for another key (another reader, other
+    questions or passages; a piece written before pieces held their key has none)."""
     try:
         data = read_json(path)
-        rows, seconds = (data["readings"], float(data["seconds"])) if isinstance(data, dict) else (data, None)
+        if not isinstance(data, dict) or data.get("key") != key:
+            return "made from other inputs (another reader, other questions or passages) or before pieces held their key"
+        rows, seconds = data["readings"], float(data["seconds"])
         got = [[Reading(float(a), float("-inf") if b is None else float(b), int(c), int(d), str(e)) for a, b, c, d, e in rd] for rd in rows]
-    except (DenseprError, KeyError, TypeError, ValueError):
-        return None
-    return (got, seconds) if [len(rd) for rd in got] == counts else None
+    except (DenseprError, KeyError, TypeError, ValueError) as e:
+        return f"unreadable ({e})"
+    return (got, seconds) if [len(rd) for rd in got] == counts else "not the shape of this piece's readings"
 
 
 @dataclass
 class PieceTimes:
-    """What :func:`read_in_pieces` spent: seconds reading now, seconds the pieces it kept once took, and how
-    many kept pieces were written before pieces recorded their seconds (their time is unknown)."""
+    """What :func:`read_in_pieces` spent: seconds reading now, and seconds the pieces it kept once took."""
 
     read_s: float = 0.0
     kept_s: float = 0.0
     kept: int = 0
-    kept_untimed: int = 0
 
 
 def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]],
                    directory: Path | None, batch_size: int = 64, progress=None, size: int | None = None,
                    log: Callable[[str], None] | None = None, times: PieceTimes | None = None) -> list[list[Reading]]:  # fmt: skip
     """:meth:`Reader.read`, ``size`` questions at a time (default :data:`PIECE_QUESTIONS`), each piece's
-    readings and reading seconds written to ``directory/readings-<first question>.json`` (atomically) and
-    read back instead of read again, so a killed evaluation resumes where it stopped. The caller keys
-    ``directory`` to the inputs (reader, questions, passages; :class:`~densepr.stages.StageRunner` does, by
-    fingerprint): a piece is trusted when its shape fits, else read again. ``directory=None``: one read,
-    nothing kept. ``log``: told after each piece read how far the reading is and about how long is left (a
-    run of hours in a log file shows no progress bar). ``times``: filled with the seconds spent, those of
-    kept pieces included, so that a resumed evaluation reports its whole reading time.
+    readings, reading seconds and key (:func:`piece_key`: the reader's fingerprint, the piece's questions
+    and passages) written to ``directory/readings-<first question>.json`` (atomically) and read back
+    instead of read again, so a killed evaluation resumes where it stopped. A piece is used only when
+    its key is this piece's: one of another reader or other inputs (or unreadable) is read again, and
+    ``log`` is told. ``directory=None``: one read, nothing kept. ``log``: also told after each piece read
+    how far the reading is and about how long is left (a run of hours in a log file shows no progress
+    bar). ``times``: filled with the seconds spent, those of kept pieces included, so that a resumed
+    evaluation reports its whole reading time.
     """
     times = times if times is not None else PieceTimes()
     if directory is None:
@@ -196,15 +204,19 @@ def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[
     size = size or PIECE_QUESTIONS
     left = sum(len(ps) for ps in passages)  # passages still to read or load
     read_now = 0  # passages read by this call (not loaded from pieces)
+    fp = reader.fingerprint()
     for lo in range(0, len(questions), size):
         path, part = Path(directory) / f"readings-{lo:07d}.json", passages[lo : lo + size]
-        kept = _load_piece(path, [len(ps) for ps in part])
+        key = piece_key(fp, questions[lo : lo + size], part)
+        kept = _load_piece(path, key, [len(ps) for ps in part]) if path.is_file() else "missing"
         left -= sum(len(ps) for ps in part)
-        if kept is None:
+        if isinstance(kept, str):
+            if kept != "missing" and log is not None:
+                log(f"{path}: {kept}; reading its questions again")
             t0 = time.perf_counter()
             got = reader.read(questions[lo : lo + size], part, batch_size, progress)
             took = time.perf_counter() - t0
-            write_json(path, {"seconds": round(took, 3), "readings": [[_encode_reading(r) for r in rd] for rd in got]}, indent=None)
+            write_json(path, {"key": key, "seconds": round(took, 3), "readings": [[_encode_reading(r) for r in rd] for rd in got]}, indent=None)
             times.read_s, read_now = times.read_s + took, read_now + sum(len(ps) for ps in part)
             if log is not None:
                 rate = read_now / max(times.read_s, 1e-9)
@@ -212,11 +224,7 @@ def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[
                     f"({rate:.0f} passages/s, ~{left / rate / 60:.0f} min left)")  # fmt: skip
         else:
             got, seconds = kept
-            times.kept += 1
-            if seconds is None:
-                times.kept_untimed += 1
-            else:
-                times.kept_s += seconds
+            times.kept, times.kept_s = times.kept + 1, times.kept_s + seconds
         out += got
     return out
 
@@ -332,7 +340,7 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     out["reading_seconds"] = round(times.read_s + times.kept_s, 1)
     out["passages_read"] = int(sum(len(r) for r in rows_per_q))
     if times.kept:
-        out["resumed"] = {"pieces_kept": times.kept, "their_seconds": round(times.kept_s, 1), "pieces_without_seconds": times.kept_untimed}
+        out["resumed"] = {"pieces_kept": times.kept, "their_seconds": round(times.kept_s, 1)}
     return out
 
 

@@ -45,7 +45,7 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.report import ablation_table, markdown_table, paper_table, plot_qa, plot_topk, qa_markdown
 from densepr.evaluate.topk import accuracy_report, topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import atomic_write, file_name, read_json, remove_tree, sha256_file, write_json
+from densepr.fileio import atomic_write, dir_lock, file_name, read_json, remove_tree, sha256_file, write_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.machine import machine_info
@@ -926,15 +926,20 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     the results (the others return ``{}``).
 
     Each stage is skipped when its output is current (see :mod:`densepr.stages`); ``cfg.force_from``
-    reruns one and all after it.
+    reruns one and all after it. The run holds a lock on ``cfg.out_dir`` (:func:`~densepr.fileio.dir_lock`):
+    a second run into the same directory is refused while this one runs.
     """
-    t_start = time.perf_counter()
-    out = cfg.out_dir
     rank, sync = process_group(cfg.device)
     if rank != 0:
-        log, show_progress = (lambda m: None), False
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, (lambda m: None), False, rank, sync)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    with dir_lock(cfg.out_dir, "reproduce run"):  # held to the end: a second run in this directory is refused
+        return _run(cfg, log, show_progress, rank, sync)
+
+
+def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, rank: int, sync: Callable) -> dict:
+    t_start = time.perf_counter()
+    out = cfg.out_dir
     sync(None)
     job = Job(cfg, log, show_progress, rank, sync)
     runner = job.runner

@@ -352,6 +352,21 @@ def test_reader_training_learns_and_resumes_to_the_same_weights(tmp_path, reader
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_reader_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path, reader_dir):
+    train = _dpr_results(tmp_path / "r.json")
+    kw = dict(epochs=2, batch_size=2, lr=1e-2, save_every=2)
+    train_reader(_cfg(tmp_path / "a", train, reader_dir, **kw), device="cpu", show_progress=False)
+    cfg = _cfg(tmp_path / "b", train, reader_dir, **kw)
+    assert train_reader(cfg, device="cpu", show_progress=False, stop_after=1) == {"stopped_at": 1}
+    assert (tmp_path / "b/run/config.json").is_file() and not (tmp_path / "b/run/checkpoint").exists()
+    logged: list[str] = []
+    train_reader(cfg, resume=True, device="cpu", show_progress=False, log=logged.append)
+    assert any("starting it over" in m for m in logged), logged
+    a = load_file(str(tmp_path / "a/run/checkpoint/reader/model.safetensors"))
+    b = load_file(str(tmp_path / "b/run/checkpoint/reader/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_shared_span_loss_and_head_learning_rate_train(tmp_path, reader_dir):
     """The shared span loss and a separate head rate train, resume-safely, and pick the positive more often."""
     train = _dpr_results(tmp_path / "r.json")
@@ -456,18 +471,46 @@ def test_evaluate_qa_in_pieces_resumes_and_gives_the_same_figures(tmp_path, retr
     assert read == [2] and again["modes"] == whole["modes"]  # only the missing piece was read
     # the kept piece's reading time counts in the resumed set's seconds (what it cost in all)
     took = json.loads((pieces / "readings-0000000.json").read_text())["seconds"]
-    assert again["resumed"] == {"pieces_kept": 1, "their_seconds": round(took, 1), "pieces_without_seconds": 0}
+    assert again["resumed"] == {"pieces_kept": 1, "their_seconds": round(took, 1)}
     assert again["seconds"] >= round(took, 1) and again["reading_seconds"] >= round(took, 1) and "resumed" not in first
-    # a piece written before pieces kept their time (a bare list) is still used; its time is unknown, and said so
+    # a piece without its key (a bare list, as written before pieces held their time and key) is read again, and said so
     (pieces / "readings-0000004.json").write_text(json.dumps(json.loads((pieces / "readings-0000004.json").read_text())["readings"]))
-    old = evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)
-    assert read == [2] and old["modes"] == whole["modes"] and old["resumed"]["pieces_without_seconds"] == 1
+    logged: list[str] = []
+    old = evaluate_qa(retriever, reader, qas, pieces=pieces, log=logged.append, **kw)
+    assert read == [2, 2] and old["modes"] == whole["modes"] and old["resumed"]["pieces_kept"] == 1
+    assert any("readings-0000004.json: made from other inputs" in m and "reading its questions again" in m for m in logged), logged
     (pieces / "readings-0000000.json").write_text('[["not", "a reading"]]')
-    assert evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)["modes"] == whole["modes"] and read == [2, 4]
+    assert evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)["modes"] == whole["modes"] and read == [2, 2, 4]
     # readings survive the trip through JSON exactly, spans and "no span" (-inf) included
-    got = read_in_pieces(reader, ["who created python"], [[("Python", "Python was created by Guido van Rossum."), ("Empty", "")]], tmp_path / "pieces")
-    back = read_in_pieces(reader, ["who created python"], [[("x", "y"), ("x", "y")]], tmp_path / "pieces")  # read back, not read
-    assert back == got and got[0][1].span_score == float("-inf")
+    read[:] = []
+    one = (["who created python"], [[("Python", "Python was created by Guido van Rossum."), ("Empty", "")]])
+    got = read_in_pieces(reader, *one, tmp_path / "pieces")
+    back = read_in_pieces(reader, *one, tmp_path / "pieces")  # read back, not read
+    assert read == [1] and back == got and got[0][1].span_score == float("-inf")
+    # the same piece for other passages of the same shape is read again, never used for them
+    assert read_in_pieces(reader, ["who created python"], [[("x", "y"), ("x", "y")]], tmp_path / "pieces") != got and read == [1, 1]
+
+
+def test_a_kept_piece_of_another_reader_is_read_again(tmp_path, retriever, reader, corpus, monkeypatch):
+    """Pieces are keyed to the reader's weights, not its path or the pieces' shape: a directory of pieces
+    another reader left (same questions, same passages, same shape) is never used for this one."""
+    from densepr.data.qa import QA, QASet
+
+    qas = QASet("tiny", [QA(q, tuple(a)) for q, a in QUESTIONS])
+    kw = dict(modes=["bm25"], ks=[1, 3], matcher=AnswerMatcher(corpus.texts))
+    other = Reader.load(make_tiny_bert(tmp_path / "other", seed=4, dropout=0.0), "cpu", SMALL)
+    monkeypatch.setattr("densepr.pipeline.PIECE_QUESTIONS", 4)
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    theirs = evaluate_qa(retriever, other, qas, pieces=pieces, **kw)
+    mine = evaluate_qa(retriever, reader, qas, **kw)
+    assert theirs["modes"] != mine["modes"]  # two readers that answer differently
+    logged: list[str] = []
+    got = evaluate_qa(retriever, reader, qas, pieces=pieces, log=logged.append, **kw)
+    assert got["modes"] == mine["modes"] and got["gold"] == mine["gold"] and "resumed" not in got
+    assert sum("made from other inputs (another reader" in m for m in logged) == 2, logged
+    # and this reader's own pieces, now written, are used on the next resume
+    assert evaluate_qa(retriever, reader, qas, pieces=pieces, **kw)["resumed"]["pieces_kept"] == 2
 
 
 def test_cli_evaluate_qa_resumes_a_killed_set_and_keeps_finished_ones(tmp_path, capsys, passages_tsv, qa_tsv, reader, monkeypatch):

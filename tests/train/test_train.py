@@ -253,6 +253,29 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, train_file, ti
     assert _losses(tmp_path / "killed")[-2:] == _losses(tmp_path / "straight")[-2:]
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path, train_file, tiny_bert):
+    """A run killed before its first checkpoint left config.json and nothing to resume: --resume (what a rerun
+    of a killed job passes) starts it over and ends as an uninterrupted run; a foreign or other run is still refused."""
+    base = dict(train_file=str(train_file), init=str(tiny_bert), batch_size=4, hard_negatives=1, epochs=1, lr=1e-3, save_every=2)
+    train(TrainConfig(output_dir=str(tmp_path / "straight"), **base), device="cpu", show_progress=False)
+    cfg = TrainConfig(output_dir=str(tmp_path / "killed"), **base)
+    assert train(cfg, device="cpu", show_progress=False, stop_after=1) == {"stopped_at": 1}  # before the step-2 checkpoint
+    assert (tmp_path / "killed" / "config.json").is_file() and not (tmp_path / "killed" / "checkpoint").exists()
+    with pytest.raises(DenseprError, match=r"different configuration \(lr\)"):
+        train(TrainConfig(**{**vars(cfg), "lr": 0.5}), resume=True, device="cpu", show_progress=False)
+    logged: list[str] = []
+    train(cfg, resume=True, device="cpu", show_progress=False, log=logged.append)
+    assert any("stopped before its first checkpoint; starting it over" in m for m in logged), logged
+    a, b = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "killed" / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
+    # a directory that is not a run of ours (here a model directory, with its own config.json) is never trained into
+    with pytest.raises(DenseprError, match="no checkpoint to resume"):
+        train(TrainConfig(**{**vars(cfg), "output_dir": str(tiny_bert)}), resume=True, device="cpu", show_progress=False)
+    assert not (tiny_bert / "metrics.jsonl").exists()
+
+
 def test_resume_refuses_another_configuration_or_model(tmp_path, train_file, tiny_bert):
     cfg = TrainConfig(train_file=str(train_file), output_dir=str(tmp_path / "run"), init=str(tiny_bert), batch_size=4, epochs=1, max_steps=1)
     train(cfg, device="cpu", show_progress=False)

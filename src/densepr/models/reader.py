@@ -26,6 +26,7 @@ plus ``densepr_reader.json`` with the window settings and the top-k tuned on val
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densepr.errors import DenseprError
-from densepr.fileio import write_json
+from densepr.fileio import sha256_file, write_json
 from densepr.models.hf import (
     autocast,
     check_model_dir,
@@ -265,6 +266,25 @@ class Reader(nn.Module):
         if not isinstance(self.model, nn.Module):
             raise DenseprError(f"{self.name}: an ONNX reader is not saved; tune and save the reader it came from, then export it again")
         save_model_dir(path, self.model, self.tokenizer, self.config.save, "reader")
+
+    def fingerprint(self) -> str:
+        """sha256 of what this reader's readings depend on besides their inputs: its weights as loaded
+        (their precision included), its tokenizer and window settings; for an ONNX reader, its export's
+        files and which model (``#int8``). Computed afresh each call (about a second for a BERT-base
+        reader), so a reader replaced or changed in place has another fingerprint."""
+        h = hashlib.sha256(json.dumps([self.config.max_length, self.config.stride, self.config.max_answer_length]).encode())
+        h.update(self.tokenizer.backend_tokenizer.to_str().encode())
+        if isinstance(self.model, nn.Module):
+            for name, t in sorted(self.model.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            base = Path(self.name.removesuffix("#int8"))
+            h.update(self.name[len(str(base)) :].encode())
+            for f in sorted(p for p in base.rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(base).as_posix()} {sha256_file(f)}".encode())
+        return h.hexdigest()
 
     @property
     def device(self) -> torch.device:

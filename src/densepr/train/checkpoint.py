@@ -91,21 +91,39 @@ def config_diff(saved: dict, cfg: Any) -> list[str]:
     return sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
 
 
-def start_run(out: Path, cfg: Any, resume: bool, main: bool = True) -> Path | None:
+def _run_config(out: Path, cfg: Any) -> dict | None:
+    """``out/config.json`` when it is a training configuration of ``cfg``'s kind (it has every field
+    without a default), else None: a directory that is not a run of this trainer."""
+    path = out / "config.json"
+    saved = read_json(path) if path.is_file() else None
+    required = [f.name for f in fields(cfg) if f.default is MISSING and f.default_factory is MISSING]
+    return saved if isinstance(saved, dict) and all(k in saved for k in required) else None
+
+
+def start_run(out: Path, cfg: Any, resume: bool, main: bool = True, log: Callable[[str], None] = lambda m: None) -> Path | None:
     """The checkpoint to resume from (None for a fresh run), after the checks every trainer makes.
 
-    Refuses ``--resume`` without a checkpoint, a fresh run over an existing one, and a resume
-    whose configuration differs from the saved ``config.json`` (``max_steps`` may change).
+    Refuses ``--resume`` in a directory that holds no run of this trainer, a fresh run over an
+    existing checkpoint, and a resume whose configuration differs from the saved ``config.json``
+    (``max_steps`` may change). ``--resume`` of a run killed before its first checkpoint (its
+    ``config.json``, the same configuration, no checkpoint) starts it over: nothing was kept to
+    continue from, and a killed run must go on when started again.
     """
     ckpt = find_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise DenseprError(f"{out}: no checkpoint to resume from")
-    if ckpt is None and main and (out / "checkpoint").exists():
+    if not resume and main and (out / "checkpoint").exists():
         raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")
-    if ckpt is not None:
-        diff = config_diff(read_json(out / "config.json"), cfg)
+    if resume:
+        saved = _run_config(out, cfg)
+        if saved is None:  # not a training directory of this trainer: never written over
+            raise DenseprError(f"{out}: no checkpoint to resume from" if ckpt is None else
+                               f"{out / 'config.json'}: missing or not a training configuration; cannot resume")  # fmt: skip
+        if ckpt is None and (out / "checkpoint").exists():
+            raise DenseprError(f"{out / 'checkpoint'}: not a complete checkpoint (no trainer_state.json or optimizer.safetensors)")
+        diff = config_diff(saved, cfg)
         if diff:
             raise DenseprError(f"{out}: --resume with a different configuration ({', '.join(diff)}); use the same options")
+        if ckpt is None:
+            log(f"{out}: the run stopped before its first checkpoint; starting it over")
     return ckpt
 
 

@@ -188,7 +188,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
     if cfg.span_loss not in SPAN_LOSSES:
         raise DenseprError(f"--span-loss {cfg.span_loss!r}: choose one of {', '.join(SPAN_LOSSES)}")
     check_precision(cfg.precision, "--precision")
-    ckpt = start_run(out, cfg, resume)
+    ckpt = start_run(out, cfg, resume, log=log)
     torch.manual_seed(cfg.seed)
     rcfg = ReaderConfig(max_length=cfg.max_length, max_answer_length=cfg.max_answer_length)
     src = ckpt / "reader" if ckpt else Path(cfg.init)

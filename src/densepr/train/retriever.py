@@ -219,7 +219,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
         raise DenseprError(f"{cfg.train_file}: {len(examples)} questions, fewer than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
 
-    ckpt = start_run(out, cfg, resume, d.main)
+    ckpt = start_run(out, cfg, resume, d.main, log)
 
     torch.manual_seed(cfg.seed)
     try:
