@@ -1092,10 +1092,11 @@ def serve_cmd(
     from densepr.pipeline import find_reader
 
     if ray is not None:
-        given = {p for p in ("read_timeout", "max_connections", "timeout_keep_alive")  # by name: typer may vendor its own click
+        unavailable = ("read_timeout", "max_connections", "max_connections_per_client", "first_byte_timeout", "send_timeout")
+        given = {p for p in (*unavailable, "timeout_keep_alive")  # by name: typer may vendor its own click
                  if ctx.get_parameter_source(p).name not in ("DEFAULT", "DEFAULT_MAP")}  # fmt: skip
-        if given & {"read_timeout", "max_connections"}:  # Ray Serve's proxy owns the connections and has no such limits
-            flags = " and ".join(f"--{p.replace('_', '-')}" for p in ("read_timeout", "max_connections") if p in given)
+        if given & set(unavailable):  # Ray Serve's proxy owns the connections and has no such limits
+            flags = " and ".join(f"--{p.replace('_', '-')}" for p in unavailable if p in given)
             raise DenseprError(f"{flags}: not available with --ray (Ray Serve's HTTP proxy holds the connections and has no such "
                                "limit); drop it, or serve without --ray")  # fmt: skip
         from densepr.serve.ray_app import Replicas, run

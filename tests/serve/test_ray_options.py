@@ -9,7 +9,8 @@ import pytest
 from tests.support.cli import run
 
 
-@pytest.mark.parametrize("flags", [["--read-timeout", "3"], ["--max-connections", "64"], ["--read-timeout", "10", "--max-connections", "256"]])
+@pytest.mark.parametrize("flags", [["--read-timeout", "3"], ["--max-connections", "64"], ["--read-timeout", "10", "--max-connections", "256"],
+                                   ["--max-connections-per-client", "8"], ["--first-byte-timeout", "2"], ["--send-timeout", "30"]])
 def test_serve_ray_refuses_connection_limits_it_cannot_apply(capsys, tmp_path, flags):
     """Given explicitly (even at their default values) with --ray, they are refused before any cluster starts."""
     code, _, err = run(capsys, "serve", "--index", str(tmp_path), "--ray", "local", *flags)
@@ -50,3 +51,19 @@ def test_serve_ray_uses_the_question_encoder_given(index_dir, tmp_path, tiny_ber
     assert encoder_of(build_app(index_dir, question_encoder=str(other))) == str(other.resolve())
     assert encoder_of(build_app(index_dir, question_encoder=f"{other}#int8")) == f"{other.resolve()}#int8"
     assert encoder_of(build_app(index_dir)) == read_json(index_dir / "dense/manifest.json")["question_encoder"]
+
+
+def test_serve_ray_checks_the_host_header_as_the_single_process_server(index_dir):
+    """The router gets the same Host allow-list as `densepr serve`: loopback names when the proxy is
+    bound to loopback, none on another address, and --allowed-hosts as given."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
+    from densepr.serve.app import LOOPBACK_NAMES
+    from densepr.serve.ray_app import build_app
+    from densepr.serve.service import Limits
+
+    def allowed(app):
+        return tuple(app._bound_deployment.init_args[2]["allowed_hosts"] or ()) or None  # the router's limits
+
+    assert set(LOOPBACK_NAMES) <= set(allowed(build_app(index_dir)))
+    assert allowed(build_app(index_dir, host="0.0.0.0")) is None
+    assert allowed(build_app(index_dir, limits=Limits(allowed_hosts=("search.example",)), host="0.0.0.0")) == ("search.example",)

@@ -91,6 +91,8 @@ def test_ray_serve_equals_single_process(served):
     bad = httpx.post(url + "/search", json={"question": "x", "k": 5, "mode": "nope"})
     assert bad.status_code == 422 and "mode" in bad.text
     assert httpx.post(url + "/search", json={"question": "x", "k": 10**6}).json()["limit"] == "max_k"
+    evil = httpx.get(url + "/health", headers={"Host": "rebound.example"})  # DNS rebinding: the same Host check as `densepr serve`
+    assert evil.status_code == 400 and evil.json()["limit"] == "allowed_hosts", evil.text
     page = httpx.get(url + "/")
     assert page.status_code == 200 and 'id="answer"' in page.text
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,16 +235,22 @@ class Router:
         self.service = RayService(IndexInfo(**info), reader_path, Limits(**limits), encoder, searcher, reader, Replicas(**replicas))
 
     def __serve_build_asgi_app__(self):
-        from densepr.serve.app import create_app
+        from densepr.serve.app import HostGuard, create_app
 
-        return create_app(self.service)
+        app, allowed = create_app(self.service), self.service.limits.allowed_hosts
+        return HostGuard(app, allowed) if allowed is not None else app  # as `densepr serve` (server_config)
 
 
 def build_app(index: str | Path, reader: str | Path | None = None, limits: Limits | None = None, replicas: Replicas | None = None,
-              device: str | None = None, question_encoder: str | None = None):  # fmt: skip
+              device: str | None = None, question_encoder: str | None = None, host: str = "127.0.0.1"):  # fmt: skip
     """The bound Ray Serve application for an index directory (and a reader directory); ``question_encoder``:
-    another question encoder than the index's (as ``densepr serve --question-encoder``)."""
+    another question encoder than the index's (as ``densepr serve --question-encoder``); ``host``: the
+    address the proxy binds, which gives the default ``Host`` allow-list (:func:`default_allowed_hosts`)."""
+    from densepr.serve.app import default_allowed_hosts
+
     info, replicas, limits = IndexInfo.read(index), replicas or Replicas(), limits or Limits()
+    if limits.allowed_hosts is None:
+        limits = replace(limits, allowed_hosts=default_allowed_hosts(host))
     if question_encoder and info.question_encoder:  # absolute: replicas may run elsewhere; an ONNX export's #int8 kept
         base, sep, tag = str(question_encoder).partition("#")
         info.question_encoder = str(Path(base).resolve()) + sep + tag if Path(base).exists() else str(question_encoder)
@@ -275,4 +281,4 @@ def run(index: str | Path, reader: str | Path | None = None, limits: Limits | No
 
     connect(address)
     serve.start(http_options=http_options(host, port, keep_alive_s))
-    serve.run(build_app(index, reader, limits, replicas, device, question_encoder), name="densepr", route_prefix="/", blocking=blocking)
+    serve.run(build_app(index, reader, limits, replicas, device, question_encoder, host), name="densepr", route_prefix="/", blocking=blocking)
