@@ -695,11 +695,11 @@ class Job:
                     self.log(f"reader, {mode}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span "
                              f"x{best['span']:g} + retriever x{best['retriever']:g}, aggregation {best['aggregate']:g} "
                              f"(DPR's rule: {best['paper_em']:.1f} at k={best['paper_k']})")  # fmt: skip
-            tmp = dst.with_name(dst.name + ".tmp")
-            remove_tree(tmp)
-            reader.save(tmp)
-            remove_tree(dst)
-            tmp.rename(dst)
+            from densepr.fileio import atomic_dir
+            from densepr.models.hf import MODEL_FILES
+
+            with atomic_dir(dst, "reader", MODEL_FILES) as tmp:  # built beside, swapped in; no fixed-name sibling deleted
+                reader.save(tmp)
             return choices
 
         from densepr.pipeline import SELECTION_GRID
