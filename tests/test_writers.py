@@ -167,6 +167,10 @@ def _benchmark_reader_run(ctx, out):
     train_reader_once(cfg, out.parent, "cpu", "bench")
 
 
+def _reproduce(ctx, out):
+    return run(ctx["capsys"], "reproduce", "-o", str(out), "--profile", "smoke", "--cache-dir", str(ctx["tmp_path"] / "no-cache"))
+
+
 # (writer, the output path it is given, relative to tmp_path; where the victim goes)
 WRITERS = {
     "export-onnx": (_export, "out", "out"),
@@ -182,6 +186,7 @@ WRITERS = {
     "index-dense-work-dir": (_index_dense_work, "ix.building", "ix.building"),
     "data-fetch-force": (_fetch_force, "cache/embedded", "cache/embedded"),
     "benchmarks-reader-run": (_lib(_benchmark_reader_run), "bench/reader", "bench/reader"),
+    "reproduce": (_reproduce, "out", "out"),
 }
 
 
@@ -235,6 +240,10 @@ def test_remove_tree_of_a_link_removes_the_link_only(tmp_path, corpus):
     remove_tree(tmp_path / "link")
     assert not (tmp_path / "link").exists() and not (tmp_path / "link").is_symlink()
     assert _snapshot(planted.target) == planted.before
+    (tmp_path / "tree" / "sub").mkdir(parents=True)  # a link inside a deleted tree: its target is not entered
+    (tmp_path / "tree" / "sub" / "link").symlink_to(planted.target, target_is_directory=True)
+    remove_tree(tmp_path / "tree")
+    assert not (tmp_path / "tree").exists() and _snapshot(planted.target) == planted.before
 
 
 # -- item 7: an export's tokenizer is covered by its manifest; remote code is never offered ----------

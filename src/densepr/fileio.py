@@ -328,8 +328,9 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         return
     if not path.exists():
         return
-    for m in path.rglob(MANIFEST):
-        m.unlink(missing_ok=True)
+    for top, _, names in os.walk(path):  # links inside are not followed (os.walk, like rmtree)
+        if MANIFEST in names:
+            Path(top, MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -45,7 +45,7 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.report import ablation_table, markdown_table, paper_table, plot_qa, plot_topk, qa_markdown
 from densepr.evaluate.topk import accuracy_report, topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import atomic_write, file_name, read_json, remove_tree, sha256_file, write_json
+from densepr.fileio import atomic_write, file_name, read_json, remove_tree, sha256_file, writable_dir, write_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.machine import machine_info
@@ -56,7 +56,7 @@ from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever
-from densepr.stages import Done, Stage, StageRunner
+from densepr.stages import RECORDS, Done, Stage, StageRunner
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
 METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
@@ -934,7 +934,9 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     if rank != 0:
         log, show_progress = (lambda m: None), False
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RECORDS).is_dir():  # not a reproduce output yet: only a new or empty directory (a link: its target)
+            writable_dir(out, "reproduce output")
+        (out / RECORDS).mkdir(parents=True, exist_ok=True)  # marks it as one from the start: a killed run is rerun in place
     sync(None)
     job = Job(cfg, log, show_progress, rank, sync)
     runner = job.runner
