@@ -384,10 +384,15 @@ def writable_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] 
     ``final`` itself, or, when ``final`` is a symbolic link, its target, under the same rules (the link is
     kept). The one check every writer makes before it writes or deletes anything at ``final``."""
     final = Path(final)
-    if final.is_symlink():
-        final = final.resolve()  # rebuild where the link points, keep the link
-    check_target(final, kind, own)
-    return final
+    if not final.is_symlink():
+        check_target(final, kind, own)
+        return final
+    target = final.resolve()  # rebuild where the link points, keep the link
+    try:
+        check_target(target, kind, own)
+    except DenseprError as e:  # name the path the user gave, and where it leads
+        raise DenseprError(f"{final} (a link to {target}): {str(e).removeprefix(f'{target}: ')}") from None
+    return target
 
 
 _HOST = socket.gethostname().replace("/", "_").replace("@", "_") or "host"
