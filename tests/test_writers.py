@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, remove_tree
+from densepr.fileio import MANIFEST, remove_tree, write_manifest
 from densepr.retrieve.bm25 import BM25Index
 from tests.support.cli import run
 
@@ -142,6 +142,24 @@ def _evaluate_qa(ctx, out):
                str(ctx["tiny_bert"]), "--modes", "bm25", "--ks", "1", "-o", str(out), "--device", "cpu")  # fmt: skip
 
 
+def _index_bm25(ctx, out):
+    return run(ctx["capsys"], "index", "bm25", str(ctx["small_index"] / "passages.tsv"), str(out))
+
+
+def _encode(ctx, out):
+    return run(ctx["capsys"], "encode", str(ctx["small_index"] / "passages.tsv"), str(out), "--encoder", str(ctx["tiny_bert"]),
+               "--device", "cpu")  # fmt: skip
+
+
+def _index_dense(ctx, out):
+    from densepr.index.embeddings import encode_corpus
+    from densepr.models.encoder import Encoder
+
+    emb = ctx["tmp_path"] / "emb"
+    encode_corpus(Encoder.load(ctx["tiny_bert"], device="cpu"), ctx["corpus"], emb)
+    return run(ctx["capsys"], "index", "dense", str(emb), str(out))
+
+
 def _index_dense_work(ctx, work):
     """``index dense EMB OUT`` resumes from ``OUT.building``: a user's folder there must not be cleared."""
     from densepr.index.embeddings import encode_corpus
@@ -183,6 +201,9 @@ WRITERS = {
     "Reader.save": (_lib(_reader_save), "out", "out"),
     "cloze-data": (_cloze, "out", "out"),
     "evaluate-qa": (_evaluate_qa, "out", "out"),
+    "index-bm25": (_index_bm25, "out", "out"),
+    "encode": (_encode, "out", "out"),
+    "index-dense": (_index_dense, "out", "out"),
     "index-dense-work-dir": (_index_dense_work, "ix.building", "ix.building"),
     "data-fetch-force": (_fetch_force, "cache/embedded", "cache/embedded"),
     "benchmarks-reader-run": (_lib(_benchmark_reader_run), "bench/reader", "bench/reader"),
@@ -262,16 +283,29 @@ class _NoStdin:
 
 def test_an_altered_onnx_tokenizer_is_refused_without_a_prompt(tmp_path, tiny_bert, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder, load_question_encoder
+    from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder, export_reader, load_question_encoder
+    from densepr.models.reader import Reader, ReaderConfig
 
     export_question_encoder(tiny_bert, tmp_path / "onnx")
-    (tmp_path / "code.py").write_text("raise SystemExit('remote code ran')\n")
-    cfg_path = tmp_path / "onnx" / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["auto_map"] = {"AutoTokenizer": ["code.EvilTokenizer", None]}
-    cfg_path.write_text(json.dumps(cfg))
+    Reader.load(tiny_bert, "cpu", ReaderConfig(max_length=96)).save(tmp_path / "reader")
+    export_reader(tmp_path / "reader", tmp_path / "onnx-reader")
+    for d in (tmp_path / "onnx", tmp_path / "onnx-reader"):
+        (d / "code.py").write_text("raise SystemExit('remote code ran')\n")
+        cfg_path = d / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["auto_map"] = {"AutoTokenizer": ["code.EvilTokenizer", None]}
+        cfg.pop("tokenizer_class", None)  # only the folder's code could say which tokenizer: transformers would ask
+        cfg_path.write_text(json.dumps(cfg))
     monkeypatch.setattr(sys, "stdin", _NoStdin())
-    with pytest.raises(DenseprError, match="tokenizer_config.json: .*sha256 differs|tokenizer_config.json: .*manifest says"):
+    refused = "tokenizer_config.json: (sha256 differs|.* bytes, manifest says)"
+    with pytest.raises(DenseprError, match=refused):
         OnnxQuestionEncoder(tmp_path / "onnx")
-    with pytest.raises(DenseprError, match="tokenizer_config.json"):
-        load_question_encoder(tmp_path / "onnx")
+    with pytest.raises(DenseprError, match=refused):
+        load_question_encoder(tmp_path / "onnx")  # what serve/retrieve --question-encoder call
+    with pytest.raises(DenseprError, match=refused):
+        Reader.load(tmp_path / "onnx-reader")  # serve/answer --reader
+    # an export from before its manifest listed the tokenizer: the folder's code is still never offered
+    m = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
+    write_manifest(tmp_path / "onnx", m["kind"], ["model.onnx", "densepr_onnx.json"], source=m["source"])
+    with pytest.raises(DenseprError, match="cannot load the ONNX question encoder's tokenizer: .*custom code"):
+        OnnxQuestionEncoder(tmp_path / "onnx")
