@@ -974,12 +974,12 @@ def evaluate_qa_cmd(
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import qa_markdown
     from densepr.fileio import file_name, remove_tree, writable_dir
-
-    writable_dir(output, "QA results", ("qa-results.json", "qa-results.md", "qa-em.png", "pieces/"))  # a user's folder: refused, untouched
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
     from densepr.retrieve.retriever import Retriever
+
+    writable_dir(output, "QA results", ("qa-results.json", "qa-results.md", "qa-em.png", "pieces/"))  # a user's folder: refused, untouched
 
     k_list = _int_list(ks, "--ks")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
