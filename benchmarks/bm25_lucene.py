@@ -53,7 +53,7 @@ from densepr.data.runs import read_trec_run
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.topk import accuracy_report, first_hit_rank
-from densepr.fileio import sha256_file, write_json
+from densepr.fileio import remove_tree, sha256_file, writable_dir, write_json
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BACKENDS, BM25Index
 
@@ -509,7 +509,8 @@ def run(args: argparse.Namespace) -> dict:
         index_s, indexes = {}, {}
         for variant, (flags, _) in VARIANTS.items():
             indexes[variant] = work / f"index-{variant}"
-            shutil.rmtree(indexes[variant], ignore_errors=True)
+            writable_dir(indexes[variant], "Lucene index", ("segments*", "write.lock", "_*"))  # a folder Lucene did not write: refused
+            remove_tree(indexes[variant])
             print(f"indexing {len(corpus)} passages with Anserini ({variant}) ...", flush=True)
             index_s[variant] = build_lucene(jar, work / "collection", indexes[variant], flags, args.threads)
         t_build, index = timed(BM25Index.build, corpus)

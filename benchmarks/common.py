@@ -72,6 +72,7 @@ def train_reader_once(cfg, run_dir: Path, device: str, name: str) -> dict:
     import json
 
     from densepr.fileio import read_json, remove_tree, write_json
+    from densepr.train.checkpoint import check_run_dir
     from densepr.train.reader import train_reader
 
     done = run_dir / "done.json"
@@ -82,6 +83,7 @@ def train_reader_once(cfg, run_dir: Path, device: str, name: str) -> dict:
         record = read_json(done)
         print(f"{name}: trained before ({record['seconds']} s), read again")
         return record
+    check_run_dir(Path(cfg.output_dir))  # a folder a run did not write is refused, not deleted
     remove_tree(Path(cfg.output_dir))
     t0 = time.perf_counter()
     out = train_reader(cfg, device=device, show_progress=False, log=print)

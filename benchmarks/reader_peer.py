@@ -113,8 +113,9 @@ def main() -> None:
     rp = reader_recipe(args.run)  # densepr's side trains as the run's reader did (M, loss, learning rates), for --steps
     gold = gold_passages(heldout, args.eval)
 
-    from densepr.fileio import remove_tree
+    from densepr.fileio import remove_tree, writable_dir
 
+    writable_dir(args.workdir, "reader_peer work directory", ("densepr/", "hf/"))  # anything else there: refused, not deleted
     remove_tree(args.workdir)  # a fresh run each time: both sides start from the initial weights
     # densepr
     from densepr.train.mining import heldout_path
@@ -133,10 +134,10 @@ def main() -> None:
 
     # Hugging Face, for the same wall time (data preparation included, as densepr's)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(init))
+    tok = AutoTokenizer.from_pretrained(str(init), trust_remote_code=False)
     examples, _ = load_reader_examples(cfg, ours)  # the same questions and answer-bearing passages
     rows = hf_train_set(tok, examples, cfg.max_length, stride=64)
-    model = AutoModelForQuestionAnswering.from_pretrained(str(init), use_safetensors=True)
+    model = AutoModelForQuestionAnswering.from_pretrained(str(init), use_safetensors=True, trust_remote_code=False)
 
     class WallClock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):

@@ -42,7 +42,7 @@ def hf_reference(reader: Reader, question: str, passages: list[tuple[str, str]])
     the passage it came from and its logits."""
     from transformers import DPRReaderTokenizerFast
 
-    tok = hf_reference.tok = getattr(hf_reference, "tok", None) or DPRReaderTokenizerFast.from_pretrained(reader.name)
+    tok = hf_reference.tok = getattr(hf_reference, "tok", None) or DPRReaderTokenizerFast.from_pretrained(reader.name, trust_remote_code=False)
     enc = tok(questions=question, titles=[t for t, _ in passages], texts=[x for _, x in passages], padding=True,
               truncation=True, max_length=reader.config.max_length, return_tensors="pt")  # fmt: skip
     with torch.inference_mode():

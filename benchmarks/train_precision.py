@@ -79,7 +79,7 @@ def main() -> None:
         return o.start_logits.float().logsumexp(1).mean() + o.end_logits.float().logsumexp(1).mean() + o.relevance_logits.float().logsumexp(0)
 
     rows["reader"] = measure(reader, reader_loss, args.steps)
-    encoder = transformers.AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
+    encoder = transformers.AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).eval()
     pids = torch.randint(1000, 20000, (args.passages, args.length))
     pids[:, 0] = 101
 

@@ -1,6 +1,6 @@
 """Nothing unsafe is ever loaded: a scan of densepr's own source (and its benchmarks) for pickle,
-``torch.load``, ``np.load`` with pickles allowed, remote code, ``eval``/``exec``, and model
-weights loaded without ``use_safetensors=True``."""
+``torch.load``, ``np.load`` with pickles allowed, remote code (any ``from_pretrained`` or ``pipeline``
+without ``trust_remote_code=False``), ``eval``/``exec``, and model weights loaded without ``use_safetensors=True``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def problems(source: str, filename: str = "<src>") -> list[str]:
             rc = kw.get("trust_remote_code")
             if rc is not None and not (isinstance(rc, ast.Constant) and rc.value is False):
                 out.append(f"{where}: trust_remote_code is not False")
+            elif rc is None and (func.endswith(".from_pretrained") or func.split(".")[-1] == "pipeline"):
+                # said at every load (tokenizer, config, model, pipeline): a folder's auto_map never prompts or runs
+                out.append(f"{where}: {func} without trust_remote_code=False")
             if func.endswith(".from_pretrained") and not any(s in func for s in ("Tokenizer", "Config", "tokenizer", "config")):
                 st = kw.get("use_safetensors")
                 if not (isinstance(st, ast.Constant) and st.value is True):
@@ -63,18 +66,23 @@ torch.load("x")
 np.load("x.npy")
 np.load("x.npy", allow_pickle=True)
 AutoModel.from_pretrained(p, trust_remote_code=True)
-BertModel.from_pretrained(p)
+BertModel.from_pretrained(p, trust_remote_code=False)
 eval("1")
+AutoTokenizer.from_pretrained(p)
+AutoConfig.from_pretrained(p)
+transformers.pipeline("question-answering", model=p)
+DPRReader.from_pretrained(p, use_safetensors=True)
 """
     found = problems(bad)
-    assert sorted({int(f.split(":")[1]) for f in found}) == [2, 3, 5, 6, 7, 8, 9, 10], found
-    assert len(found) == 9  # line 8 twice: remote code and no safetensors
+    assert sorted({int(f.split(":")[1]) for f in found}) == [2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], found
+    assert len(found) == 13  # line 8 twice: remote code and no safetensors
     ok = """
 import numpy as np, torch
 torch.load("x", weights_only=True)
 np.load("x.npy", allow_pickle=False)
 AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-DPRReader.from_pretrained(p, use_safetensors=True)
+DPRReader.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
+pipeline("question-answering", model=p, trust_remote_code=False)
 model.eval()
 """
     assert problems(ok) == []

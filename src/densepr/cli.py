@@ -272,8 +272,7 @@ def index_dense(
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
     _check_output(output, "dir", "dense index", inputs=(embeddings,))
     _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
-    import shutil
-
+    from densepr.fileio import remove_tree
     from densepr.index.dense import DenseIndex
     from densepr.index.types import IndexParams
 
@@ -284,7 +283,7 @@ def index_dense(
     index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True, work_dir=work,
                              checkpoint_seconds=checkpoint_seconds)  # fmt: skip
     index.save(output)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)  # checked as the build's own when the build opened it
     shards = f" in {num_shards} shards" if num_shards > 1 else ""
     out.print(f"{type} index of {len(index)} x {index.dim} vectors{shards} written to {output}")
 
@@ -974,11 +973,13 @@ def evaluate_qa_cmd(
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import qa_markdown
-    from densepr.fileio import file_name, remove_tree
+    from densepr.fileio import file_name, remove_tree, writable_dir
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
     from densepr.retrieve.retriever import Retriever
+
+    writable_dir(output, "QA results", ("qa-results.json", "qa-results.md", "qa-em.png", "pieces/"))  # a user's folder: refused, untouched
 
     k_list = _int_list(ks, "--ks")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]

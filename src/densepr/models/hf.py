@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from densepr.errors import DenseprError
-from densepr.fileio import check_dir_manifest, write_dir_manifest
+from densepr.fileio import check_dir_manifest, writable_dir, write_dir_manifest
 
 
 def quiet_transformers() -> None:
@@ -104,9 +104,21 @@ def check_vocab(path: Path, tokenizer, model) -> None:
                            "the tokenizer does not belong to this model")  # fmt: skip
 
 
+# The files of a Hugging Face model directory (weights, tokenizer, sentence-transformers and densepr
+# settings): one without a manifest (downloaded, or an interrupted save) that holds only these may be saved over.
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+               "sentencepiece.bpe.model", "spiece.model", "modules.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json", "densepr_*.json", "validation.json", "1_Pooling/", "2_Normalize/")
+
+
 def save_model_dir(path: str | os.PathLike[str], model, tokenizer, save_settings: Callable[[Path], None], kind: str, **meta) -> None:
-    """Write weights (safetensors), tokenizer, densepr's settings, then the manifest (last: complete)."""
-    path = Path(path)
+    """Write weights (safetensors), tokenizer, densepr's settings, then the manifest (last: complete).
+
+    ``path`` must be new, empty, or a model directory (a ``kind`` manifest, or only :data:`MODEL_FILES`):
+    a folder densepr did not write, or another artefact, is refused untouched (``fileio.writable_dir``;
+    a symbolic link is judged by its target)."""
+    path = writable_dir(path, kind, MODEL_FILES)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -19,14 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from densepr.errors import DenseprError
-from densepr.fileio import read_json, write_json, write_manifest
+from densepr.fileio import atomic_dir, read_json, write_dir_manifest, write_json
 from densepr.models.encoder import EncoderConfig
+from densepr.models.hf import load_errors
 
 CONFIG_NAME = "densepr_onnx.json"
 KIND = "onnx-question-encoder"
 
 
 READER_KIND = "onnx-reader"
+# what an export holds besides its manifest: an interrupted export's leftovers may be replaced, nothing else
+OWN_FILES = ("model.onnx", "model.int8.onnx", "*.onnx.data", CONFIG_NAME, "densepr_reader.json", "config.json", "vocab.txt",
+             "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def is_onnx_dir(path: str | os.PathLike[str], kind: str = KIND) -> bool:
@@ -43,22 +47,17 @@ def _quantize(tmp: Path) -> str:
 
 
 def _write_export(out: str | os.PathLike[str], kind: str, int8: bool, source: str, write: Callable[[Path], None], **meta) -> dict:
-    """Build an export beside ``out`` and swap it in whole: ``write(tmp)`` puts the tokenizer, settings and
-    ``model.onnx``; then the int8 model (``int8``), ``densepr_onnx.json`` (``kind``, ``meta``, ``source``,
-    files) and the manifest. Returns the config."""
-    from densepr.fileio import remove_tree
-
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    remove_tree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
-    cfg = {"kind": kind, **meta, "source": source, "files": files}
-    write_json(tmp / CONFIG_NAME, cfg)
-    write_manifest(tmp, kind, [*files, CONFIG_NAME], source=source)
-    remove_tree(out)
-    tmp.rename(out)
+    """Build an export beside ``out`` and swap it in whole (``fileio.atomic_dir``: an export of the same
+    kind is replaced, anything else at ``out``, or where a symlinked ``out`` points, is refused untouched):
+    ``write(tmp)`` puts the tokenizer, settings and ``model.onnx``; then the int8 model (``int8``),
+    ``densepr_onnx.json`` (``kind``, ``meta``, ``source``, files) and the manifest, which lists every file
+    (the tokenizer's too, so an altered one is refused on load). Returns the config."""
+    with atomic_dir(out, kind, OWN_FILES) as tmp:
+        write(tmp)
+        files = ["model.onnx", *([_quantize(tmp)] if int8 else [])]
+        cfg = {"kind": kind, **meta, "source": source, "files": files}
+        write_json(tmp / CONFIG_NAME, cfg)
+        write_dir_manifest(tmp, kind, source=source)
     return cfg
 
 
@@ -116,8 +115,9 @@ class OnnxQuestionEncoder:
         path = Path(path)
         if not is_onnx_dir(path):
             raise DenseprError(f"{path}: not an ONNX question encoder (no {CONFIG_NAME} of that kind); make one with `densepr export-onnx`")
-        self.session, cfg = _session(path, KIND, int8, threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.session, cfg = _session(path, KIND, int8, threads)  # checks the manifest, tokenizer files included
+        with load_errors(path, "ONNX question encoder's tokenizer"):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never the folder's code
         self.config = EncoderConfig(**cfg["config"])
         self.dim, self.name, self.int8 = int(cfg["dim"]), str(path.resolve()) + ("#int8" if int8 else ""), int8
         self.device = "cpu"

@@ -230,7 +230,7 @@ class Reader(nn.Module):
             if hf.model_type == "dpr":
                 if "DPRReader" not in (hf.architectures or []):
                     raise DenseprError(f"{path}: a DPR checkpoint but not a reader ({', '.join(hf.architectures or ['?'])})")
-                model, info = transformers.DPRReader.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+                model, info = transformers.DPRReader.from_pretrained(path, use_safetensors=True, output_loading_info=True, trust_remote_code=False)
                 if info.get("missing_keys"):
                     raise DenseprError(f"{path}: reader weights missing ({info['missing_keys'][0]!r}, ...); corrupt checkpoint")
             elif hf.model_type == "bert":
@@ -255,7 +255,7 @@ class Reader(nn.Module):
         cfg = transformers.DPRConfig(**{k: getattr(hf, k) for k in keys if hasattr(hf, k)})
         cfg.architectures = ["DPRReader"]
         model = transformers.DPRReader(cfg)
-        bert = transformers.BertModel.from_pretrained(path, use_safetensors=True, add_pooling_layer=False)
+        bert = transformers.BertModel.from_pretrained(path, use_safetensors=True, add_pooling_layer=False, trust_remote_code=False)
         missing, unexpected = model.span_predictor.encoder.bert_model.load_state_dict(bert.state_dict(), strict=False)
         if missing:
             raise DenseprError(f"{path}: BERT weights do not fit the reader ({missing[0]!r} missing)")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_path, check_dir_manifest, read_json, remove_tree, write_dir_manifest, write_json
+from densepr.fileio import atomic_dir, atomic_path, check_dir_manifest, read_json, writable_dir, write_dir_manifest, write_json
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,42 +45,54 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+# What a run directory holds (both trainers; .tmp/.old: the fixed names earlier versions swapped through):
+# a new run, or a resumed one, may write only into a directory that is new, empty or holds only these.
+RUN_FILES = ("config.json", "data.json", "metrics.jsonl", "checkpoint/", "checkpoint.tmp/", "checkpoint.old/", "best/",
+             "best.tmp/", "best.old/", "final/", "tensorboard/")
+CHECKPOINT_FILES = ("optimizer.safetensors", "trainer_state.json", "question_encoder/", "passage_encoder/", "reader/")
+# best/ and final/ of the retriever: two encoder directories (each with its manifest) and the validation
+BIENCODER_FILES = ("question_encoder/", "passage_encoder/", "validation.json")
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse, before anything is written or deleted, a run directory that holds what a run does not
+    write (a user's folder, another artefact; a symbolic link is judged by its target)."""
+    writable_dir(out, "training run", RUN_FILES)
+
+
 def save_checkpoint(directory: Path, save_models: Callable[[Path], None], opt, sched, state: dict, device: torch.device) -> None:
-    """Write a complete checkpoint beside ``directory``, then swap it in (never a half checkpoint).
+    """Write a complete checkpoint beside ``directory``, then swap it in (``fileio.atomic_dir``: never a
+    half checkpoint, and never a sibling it did not create deleted).
 
     ``save_models(dir)`` writes the model directories; the rest is the same for every trainer.
     """
-    tmp = directory.with_name(directory.name + ".tmp")
-    remove_tree(tmp)
-    save_models(tmp)
-    tensors, meta = optimizer_tensors(opt)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    with atomic_path(tmp / "optimizer.safetensors") as path:
-        save_file(tensors, path)
-    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": sched_state})
-    write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
-    _swap_in(tmp, directory)
+    with atomic_dir(directory, "checkpoint", CHECKPOINT_FILES) as tmp:
+        save_models(tmp)
+        tensors, meta = optimizer_tensors(opt)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        with atomic_path(tmp / "optimizer.safetensors") as path:
+            save_file(tensors, path)
+        sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+        write_json(tmp / "trainer_state.json", {**state, "optimizer": meta, "scheduler": sched_state})
+        write_dir_manifest(tmp, "checkpoint")  # last: a checkpoint with a manifest is complete
 
 
-def _swap_in(tmp: Path, directory: Path) -> None:
-    old = directory.with_name(directory.name + ".old")
-    remove_tree(old)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    remove_tree(old)
+def save_models_dir(directory: Path, save_models: Callable[[Path], None], kind: str | None = None, extra: dict | None = None) -> None:
+    """Replace ``directory`` (a run's ``best/`` or ``final/``) with the models now, plus ``validation.json``
+    (``extra``), complete or not at all. ``kind``: the manifest ``save_models`` writes at the top (a reader's);
+    None: a bi-encoder's two encoder directories, each with its own."""
+    own = BIENCODER_FILES if kind is None else ("validation.json",)
+    with atomic_dir(directory, kind or "bi-encoder", own, manifest=kind is not None) as tmp:
+        save_models(tmp)
+        if extra is not None:
+            write_json(tmp / "validation.json", extra)
 
 
-def save_best(out: Path, save_models: Callable[[Path], None], validation: dict) -> None:
+def save_best(out: Path, save_models: Callable[[Path], None], validation: dict, kind: str | None = None) -> None:
     """Replace ``out/best`` with the models now, plus ``validation.json``, complete or not at all."""
-    tmp = out / "best.tmp"
-    remove_tree(tmp)
-    save_models(tmp)
-    write_json(tmp / "validation.json", validation)
-    _swap_in(tmp, out / "best")
+    save_models_dir(out / "best", save_models, kind, validation)
 
 
 def config_diff(saved: dict, cfg: Any) -> list[str]:
@@ -109,6 +121,7 @@ def start_run(out: Path, cfg: Any, resume: bool, main: bool = True, log: Callabl
     ``config.json``, the same configuration, no checkpoint) starts it over: nothing was kept to
     continue from, and a killed run must go on when started again.
     """
+    check_run_dir(out)
     ckpt = find_checkpoint(out) if resume else None
     if not resume and main and (out / "checkpoint").exists():
         raise DenseprError(f"{out} already holds a run; use --resume to continue it or another --output")

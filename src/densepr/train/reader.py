@@ -30,11 +30,11 @@ from densepr.data.runs import iter_dpr_results
 from densepr.errors import DenseprError, InputError
 from densepr.evaluate.answers import has_answer
 from densepr.evaluate.qa import exact_match, f1_score
-from densepr.fileio import remove_tree, write_json
+from densepr.fileio import write_json
 from densepr.models.hf import autocast, check_precision
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
 from densepr.progress import console, progress_bar
-from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
+from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, save_models_dir, start_run
 from densepr.train.config import ReaderTrainConfig
 from densepr.train.optim import adamw, linear_schedule, optimizer_step
 
@@ -240,7 +240,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
             reader.config.top_k = int(last_val["best_k"])
             reader.config.tuned = {"on": cfg.dev_file, "questions": last_val["questions"], "step": state["step"],
                                    **{f"em@{k}": last_val[f"em@{k}"] for k in EVAL_KS}}  # fmt: skip
-            save_best(out, reader.save, {**last_val, "step": state["step"]})
+            save_best(out, reader.save, {**last_val, "step": state["step"]}, "reader")
             log(f"new best (EM {last_val['em']:.1f} at top-{last_val['best_k']}) saved to {out / 'best'}")
 
     log(f"{len(examples)} training questions, {steps_per_epoch} steps/epoch of {cfg.batch_size} questions x {cfg.passages} passages")
@@ -286,7 +286,6 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
             run_validation()
             save_checkpoint(out / "checkpoint", lambda d: reader.save(d / "reader"), opt, sched, state, dev)
     if not cfg.dev_file:
-        remove_tree(out / "final")
-        reader.save(out / "final")
+        save_models_dir(out / "final", reader.save, "reader")
     return {"step": state["step"], **last_val}
 

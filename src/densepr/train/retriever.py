@@ -44,11 +44,11 @@ from densepr.data.passages import Passage
 from densepr.data.training import iter_train_records
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
-from densepr.fileio import remove_tree, write_json
+from densepr.fileio import write_json
 from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
 from densepr.models.hf import check_precision
 from densepr.progress import console, progress_bar
-from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, start_run
+from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, save_models_dir, start_run
 from densepr.train.config import TrainConfig
 from densepr.train.distributed import Dist, sum_gradients
 from densepr.train.gradcache import loss_and_backward
@@ -319,8 +319,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | None = None, sho
                     log(f"new best (average rank {last_val['avg_rank']}) saved to {out / 'best'}")
             checkpoint()
     if d.main and not dev_examples:
-        remove_tree(out / "final")
-        save_encoders(model, out / "final")
+        save_models_dir(out / "final", partial(save_encoders, model))
     if d.world > 1:  # no process returns (or tears the group down) before rank 0 has written the final model
         dist.barrier()
     if writer is not None:
