@@ -1039,6 +1039,8 @@ def serve_cmd(
     max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = _default(Limits, "max_batch"),
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = _default(Limits, "max_wait_ms"),
     max_queue: Annotated[int, typer.Option(help="Questions that may wait for the model; more get 503 with Retry-After.")] = _default(Limits, "max_queue"),
+    max_k_answer: Annotated[int, typer.Option(help="Passages /answer may read per question (its k).")] = _default(Limits, "max_k_answer"),
+    max_answer_passages_queued: Annotated[int, typer.Option(help="Passages that may wait for the reader (k per /answer); more get 503 with Retry-After.")] = _default(Limits, "max_answer_passages_queued"),
     max_answers: Annotated[int, typer.Option(help="Gold answers per question in /search 'answers'.")] = _default(Limits, "max_answers"),
     max_answer_chars: Annotated[int, typer.Option(help="Characters in one gold answer.")] = _default(Limits, "max_answer_chars"),
     max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = _default(Limits, "max_answers_total_chars"),
@@ -1064,7 +1066,8 @@ def serve_cmd(
                     ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout),
                     ("--max-queue", max_queue), ("--max-answers", max_answers), ("--max-answer-chars", max_answer_chars),
                     ("--max-answers-total-chars", max_answers_total_chars), ("--read-timeout", read_timeout),
-                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections)):  # fmt: skip
+                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections),
+                    ("--max-k-answer", max_k_answer), ("--max-answer-passages-queued", max_answer_passages_queued)):  # fmt: skip
         if v <= 0:
             raise DenseprError(f"{name} must be positive")
     if max_wait_ms < 0:
@@ -1072,7 +1075,8 @@ def serve_cmd(
     limits = Limits(max_question_chars=max_question_chars, max_k=max_k, max_questions=max_questions, max_body_bytes=max_body_bytes,
                     timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
                     max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
-                    keep_alive_s=timeout_keep_alive, max_connections=max_connections)  # fmt: skip
+                    keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_k_answer=max_k_answer,
+                    max_answer_passages_queued=max_answer_passages_queued)  # fmt: skip
     from densepr.pipeline import find_reader
 
     if ray is not None:
