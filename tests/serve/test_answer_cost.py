@@ -128,7 +128,7 @@ def test_a_reader_batch_stops_after_the_current_chunk_when_its_clients_disconnec
         big = []
         for i in range(3):
             s = srv.connect()
-            s.sendall(_post("/answer", json.dumps({"question": f"who created python {i}", "k": 12, "mode": "bm25"}).encode()))
+            s.sendall(_post("/answer", json.dumps({"question": f"who created python {i}", "k": 12, "mode": "dense"}).encode()))
             big.append(s)
         _until(lambda: gate.started == 1, "the reader began its first chunk")
         for s in big:  # the clients give up
@@ -151,7 +151,7 @@ def test_a_reader_batch_stops_when_its_requests_time_out(index_dir, tiny_reader,
     gate = _GatedChunks(tiny_reader, monkeypatch)
     svc = Service(Retriever.load(index_dir, device="cpu"), tiny_reader, Limits(timeout_s=0.3))
     with TestClient(create_app(svc)) as c:  # one event loop throughout: the batcher's worker outlives the request
-        r = c.post("/answer", json={"question": "who created python", "k": 12, "mode": "bm25"})
+        r = c.post("/answer", json={"question": "who created python", "k": 12, "mode": "dense"})
         assert r.status_code == 408 and r.json()["limit"] == "timeout_s"
         assert gate.started == 1
         gate.go.set()

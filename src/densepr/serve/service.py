@@ -153,7 +153,7 @@ class MicroBatcher:
         self.isolated = 0  # batches that raised and were re-run one request at a time
         self.s_per_unit = 0.0  # moving average of model time per unit
         self.seq = 0  # submissions so far (orders a client's requests)
-        self.served: dict[Any, int] = {}  # client -> the batch that last served it (clients with requests waiting)
+        self.served: dict[Any, int] = {}  # client -> the batch that last served it (clients waiting or in the last batch)
         self._gone: threading.Event | None = None  # set when every request of the running call is gone
 
     def retry_after(self) -> int:
