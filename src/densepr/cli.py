@@ -1048,6 +1048,8 @@ def serve_cmd(
     max_batch: Annotated[int, typer.Option(help="Questions per micro-batch (1 = no micro-batching).")] = _default(Limits, "max_batch"),
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = _default(Limits, "max_wait_ms"),
     max_queue: Annotated[int, typer.Option(help="Questions that may wait for the model; more get 503 with Retry-After.")] = _default(Limits, "max_queue"),
+    max_k_answer: Annotated[int, typer.Option(help="Passages /answer may read per question (its k).")] = _default(Limits, "max_k_answer"),
+    max_answer_passages_queued: Annotated[int, typer.Option(help="Passages that may wait for the reader (k per /answer); more get 503 with Retry-After.")] = _default(Limits, "max_answer_passages_queued"),
     max_answers: Annotated[int, typer.Option(help="Gold answers per question in /search 'answers'.")] = _default(Limits, "max_answers"),
     max_answer_chars: Annotated[int, typer.Option(help="Characters in one gold answer.")] = _default(Limits, "max_answer_chars"),
     max_answers_total_chars: Annotated[int, typer.Option(help="Characters in all gold answers of one request.")] = _default(Limits, "max_answers_total_chars"),
@@ -1079,7 +1081,8 @@ def serve_cmd(
                     ("--max-answers-total-chars", max_answers_total_chars), ("--read-timeout", read_timeout),
                     ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections),
                     ("--max-connections-per-client", max_connections_per_client), ("--first-byte-timeout", first_byte_timeout),
-                    ("--send-timeout", send_timeout)):  # fmt: skip
+                    ("--send-timeout", send_timeout),
+                    ("--max-k-answer", max_k_answer), ("--max-answer-passages-queued", max_answer_passages_queued)):  # fmt: skip
         if v <= 0:
             raise DenseprError(f"{name} must be positive")
     if max_wait_ms < 0:
@@ -1089,6 +1092,7 @@ def serve_cmd(
                     max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
                     keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
                     first_byte_timeout_s=first_byte_timeout, send_timeout_s=send_timeout,
+                    max_k_answer=max_k_answer, max_answer_passages_queued=max_answer_passages_queued,
                     allowed_hosts=_allowed_hosts(allowed_hosts))  # fmt: skip
     from densepr.pipeline import find_reader
 

@@ -117,8 +117,10 @@ class Pipeline:
         return self.answer_many([question], k, mode)[0]
 
     def answer_many(self, questions: Sequence[str], k: int | None = None, mode: str | None = None,
-                    batch_size: int = 64) -> list[Answer]:  # fmt: skip
-        """Answer a batch: one retrieval call, then all passages read in shared batches."""
+                    batch_size: int = 64, stop: Callable[[], bool] | None = None) -> list[Answer]:  # fmt: skip
+        """Answer a batch: one retrieval call, then all passages read in shared batches. ``stop``: asked
+        between the reader's batches (:meth:`Reader.read`); True ends the call with
+        :class:`~densepr.models.reader.ReadingStopped`."""
         k, mode = k or self.k, mode or self.mode
         if k <= 0:
             raise DenseprError("k must be positive")
@@ -126,7 +128,7 @@ class Pipeline:
             self.reader.question_ids(q)  # empty / over-long questions fail before any work
         res = self.retriever.retrieve(list(questions), k, mode)
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(questions))]
-        readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size)
+        readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size, stop=stop)
         selection = self.reader.config.selection_for(mode)[0]
         return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(questions, hits, readings)]
 

@@ -585,27 +585,66 @@ def test_a_client_that_stops_reading_its_response_is_cut_off():
         t.join(10)
 
 
+def _get_health(s: socket.socket) -> int:
+    """``GET /health`` on a keep-alive socket; the status, once the whole response is in."""
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536) or b"<closed>\r\n\r\n"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += s.recv(65536) or b"<closed>"
+    return int(head.split()[1])
+
+
 def test_overload_is_bounded_and_health_stays_responsive(index_dir):
-    """A bounded overload on loopback: 48 clients each sending 4-question requests as fast as they can for
-    3 s at a slowed model. The time a request spends in the server (queue + model + response, its
-    took_ms) stays bounded by the queue, not by the offered load; there is no 5xx but the queue's 503s,
-    no request times out, and /health answers within 0.5 s throughout. (Latency seen by these clients
-    also holds their own CPU time: they share the process, and its GIL, with the server.)"""
+    """A bounded overload on loopback: 48 clients each sending 4-question requests as fast as they can at a
+    slowed model, until at least 50 were served, some refused and /health probed 10 times. The time a
+    request spends in the server (queue + model + response, its took_ms) stays bounded by the queue, not by
+    the offered load; there is no 5xx but the queue's 503s, no request times out, and every /health probe
+    during the overload is answered within 0.5 s.
+
+    The probes measure the server, not these clients: they run in their own thread over their own
+    keep-alive connection (opened before the flood), from when the queue first refuses a request (the
+    overload has begun) on. Timed on the clients' event loop, as before, a probe also waited for the 48
+    clients' own work in this process (opening connections, parsing answers), which is not the server's:
+    the first probe, sent at a fixed 0.2 s, landed in the clients' start-up burst (48 first answers took
+    0.22-0.28 s here alone, up to 0.85 s beside two CPU hogs) and took 0.62 s once in CI; beside the hogs
+    loop-timed probes took up to 0.33 s while the same server answered a thread's probes within 0.07 s.
+    The run ends on counts, not after a fixed 3 s (which gave 16 answers and 3 probes beside the hogs,
+    failing the count checks), so a slow machine runs it longer; a hung server still fails it at 60 s."""
     import httpx
 
     svc = Service(Retriever.load(index_dir, device="cpu"), None,
                   Limits(max_batch=16, max_queue=32, max_questions=4, max_wait_ms=2, timeout_s=10))  # fmt: skip
-    _slow(svc, 0.05)  # 16 questions per 50 ms at most: ~320 questions/s offered far beyond that
+    _slow(svc, 0.05)  # 16 questions per 50 ms at most: 48 clients offer far more
     with _Server(svc) as srv:
         url = f"http://127.0.0.1:{srv.port}"
         statuses: dict[int, int] = {}
         latencies: list[float] = []
-        health: list[float] = []
-        stop = time.perf_counter() + 3.0
+        health: list[tuple[int, float]] = []
+        cap = time.perf_counter() + 60.0  # only a hung server gets here
+        flood_over = threading.Event()
+
+        def enough() -> bool:
+            return statuses.get(200, 0) >= 50 and statuses.get(503, 0) >= 1 and len(health) >= 10
+
+        probe = srv.connect()
+        assert _get_health(probe) == 200  # the probe's connection, opened and used before the flood
+
+        def poll() -> None:
+            while svc.search_batcher.rejected == 0 and not flood_over.is_set():  # until the queue is full
+                time.sleep(0.01)
+            while not flood_over.is_set():
+                t0 = time.perf_counter()
+                status = _get_health(probe)
+                health.append((status, time.perf_counter() - t0))
+                flood_over.wait(0.1)
 
         async def client(c: int, http) -> None:
             i = 0
-            while time.perf_counter() < stop:
+            while not enough() and time.perf_counter() < cap:
                 try:
                     r = await http.post(url + "/search", json={"question": [f"who created python {c} {i} {j}" for j in range(4)], "mode": "bm25"})
                     code = r.status_code
@@ -616,27 +655,23 @@ def test_overload_is_bounded_and_health_stays_responsive(index_dir):
                     latencies.append(r.json()["took_ms"] / 1000)
                 i += 1
 
-        async def poll(http) -> None:
-            await asyncio.sleep(0.2)  # until every client has sent: else it times this process opening 48 connections (same GIL)
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                r = await http.get(url + "/health")
-                assert r.status_code == 200
-                health.append(time.perf_counter() - t0)
-                await asyncio.sleep(0.1)
-
         async def go():
-            async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=48)) as http, httpx.AsyncClient(timeout=20) as h:
-                assert (await h.get(url + "/health")).status_code == 200  # the probe's connection, opened before the flood
-                await asyncio.gather(poll(h), *[client(c, http) for c in range(48)])
+            async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=48)) as http:
+                await asyncio.gather(*[client(c, http) for c in range(48)])
 
-        asyncio.run(go())
-    assert statuses.get(200, 0) > 50 and statuses.get(503, 0) > 0, statuses
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            asyncio.run(go())
+        finally:
+            flood_over.set()
+            poller.join(10)
+        probe.close()
+    assert enough(), (statuses, len(health))  # else the 60 s cap ended it: the server hung
     assert set(statuses) <= {200, 503}, statuses  # no innocent 5xx, no 408, no connection error
     assert max(latencies) < 1.5, sorted(latencies)[-5:]  # ~ (max_queue / max_batch + 1) model calls, not the offered load
-    # How many polls fit in 3 s depends on the machine (each waits 0.1 s plus its own answer time, and
-    # the clients share this process's GIL); what must hold is that every one answered quickly.
-    assert len(health) >= 4 and max(health) < 0.5, (len(health), max(health))
+    assert all(status == 200 for status, _ in health), health
+    assert max(t for _, t in health) < 0.5, health  # the server answered every probe quickly, throughout
 
 
 # -- the page in a real browser --------------------------------------------------------------------

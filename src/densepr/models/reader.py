@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,6 +140,10 @@ class Window:
     text_start: int  # position of the first text token in ``ids``
     first: int  # index of that token among the passage's text tokens
     n: int  # text tokens in this window
+
+
+class ReadingStopped(Exception):
+    """Raised by :meth:`Reader.read` when its ``stop()`` said, between two chunks, that nobody wants the readings."""
 
 
 @dataclass
@@ -417,13 +421,14 @@ class Reader(nn.Module):
 
     @torch.inference_mode()
     def read(self, questions: Sequence[str], passages: Sequence[Sequence[tuple[str, str]]], batch_size: int = 64,
-             progress=None, max_tokens: int | None = None) -> list[list[Reading]]:  # fmt: skip
+             progress=None, max_tokens: int | None = None, stop: Callable[[], bool] | None = None) -> list[list[Reading]]:  # fmt: skip
         """Read each question's passages ``(title, text)``; returns one :class:`Reading` per passage.
 
         All windows of all questions are batched together, longest first, each batch padded only to
         its own longest window and holding at most ``batch_size`` windows and ``max_tokens`` padded
         tokens (default: :data:`CPU_BATCH_TOKENS` on CPU, where small batches cost nothing and
-        padding does; no limit on a GPU).
+        padding does; no limit on a GPU). ``stop``: asked before each batch; when it says True the
+        reading ends with :class:`ReadingStopped` (a server whose clients have all gone stops there).
         """
         if len(questions) != len(passages):
             raise DenseprError(f"{len(questions)} questions but {len(passages)} passage lists")
@@ -443,6 +448,8 @@ class Reader(nn.Module):
                 batches.append([])
             batches[-1].append(i)
         for idx in batches:
+            if stop is not None and stop():
+                raise ReadingStopped(f"reading stopped with {len(idx)} windows of one chunk and more left")
             batch = [wins[i] for i in idx]
             inputs, _ = self.collate([w for _, w in batch])
             with autocast(self.device):

@@ -23,10 +23,15 @@ What a hostile or broken client can and cannot do (each property has a test):
 * **Bounded work.** Every per-request cost has a limit (:class:`Limits`), and everything
   CPU-heavy (the model call, ``has_answer`` matching, building and serialising the response)
   runs in worker threads inside the request's ``timeout_s``, never on the event loop, so
-  ``/health`` keeps answering. At most ``max_queue`` questions wait for each model; past that
-  a request gets 503 with ``Retry-After`` (larger waiting requests are shed first to make room
-  for a smaller one, so floods of many-question requests cannot starve single questions). A
-  request whose client disconnected, or that timed out, is dropped before the model sees it.
+  ``/health`` keeps answering. At most ``max_queue`` questions wait for the retriever, and
+  ``max_answer_passages_queued`` passages (k per question, ``k <= max_k_answer``) for the
+  reader; past that a request gets 503 with ``Retry-After`` (larger waiting requests are shed
+  first to make room for a smaller one, then the newest of a client holding more of the queue,
+  so floods of many-question or large-k requests cannot starve single questions). Batches are
+  filled round-robin across clients (peer hosts), so one client's flood does not delay
+  another's request by more than a batch. A request whose client disconnected, or that timed
+  out, is dropped before the model sees it; a reader call whose requests have all gone stops
+  between chunks.
 * **Connections** (:func:`guarded_protocol`, used by :func:`serve`): a whole request,
   headers and body, must arrive within ``read_timeout_s`` (else 408 and close: slowloris), a
   new connection must send its first byte within ``first_byte_timeout_s``, a client that
@@ -58,6 +63,7 @@ import time
 from importlib import resources
 from typing import Literal, Optional, Union
 
+from fastapi import Request  # at module level: route signatures name it (annotations are strings here)
 from pydantic import BaseModel, ConfigDict, Field
 
 from densepr.errors import DenseprError
@@ -91,7 +97,7 @@ class SearchRequest(BaseModel):
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     question: str
-    k: Optional[int] = Field(None, ge=1, description="Passages read (default: the reader's tuned top-k).")
+    k: Optional[int] = Field(None, ge=1, description="Passages read (default: the reader's tuned top-k; at most the server's max_k_answer).")
     mode: Optional[ModeName] = None
 
 
@@ -213,7 +219,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
 
 def create_app(service: Service):
     """The FastAPI application over a :class:`Service`."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -267,8 +273,12 @@ def create_app(service: Service):
         except Exception as e:
             raise as_api_error(e) from None
 
+    def client_of(request: Request):
+        """Who sent a request, for fair queueing: the peer's host (all of one host's connections are one client)."""
+        return request.client.host if request.client is not None else None
+
     @app.post("/search", summary="Top-k passages for one or more questions", response_class=JSONResponse)
-    async def search(req: SearchRequest):
+    async def search(req: SearchRequest, request: Request):
         t0 = time.perf_counter()
         questions = [req.question] if isinstance(req.question, str) else req.question
         if not questions:
@@ -281,21 +291,22 @@ def create_app(service: Service):
         service.check_answers(req.answers, len(questions))
 
         async def work() -> bytes:
-            rows, scores = await service.search_batcher.submit(mode, (questions, req.k), len(questions))
+            rows, scores = await service.search_batcher.submit(mode, (questions, req.k), len(questions), client=client_of(request))
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(service.post_pool, service.search_body, questions, rows, scores, req.answers, mode, req.k, t0)
 
         return Response(await timed(work()), media_type="application/json")
 
     @app.post("/answer", summary="Retrieve, read, and return the answer span")
-    async def answer(req: AnswerRequest) -> dict:
+    async def answer(req: AnswerRequest, request: Request) -> dict:
         t0 = time.perf_counter()
         if service.reader is None:
             raise LimitError(409, "reader", "no reader loaded; start the server with --reader DIR")
         service.check_question(req.question)
         k = req.k or service.answer_k
-        mode = service.check_k_mode(k, req.mode)
-        a = await timed(service.answer_batcher.submit((mode, k), req.question))
+        mode = service.check_k_mode(k, req.mode, answer=True)
+        # one question, k passages: the reader's queue counts passages
+        a = await timed(service.answer_batcher.submit((mode, k), req.question, cost=k, client=client_of(request)))
         return {"question": a.question, "answer": a.text, "found": a.found, "score": a.score, "passage_score": a.passage_score,
                 "start": a.start, "end": a.end, "passage": a.passage.__dict__ if a.passage else None,
                 "passages": [h.__dict__ for h in a.passages], "mode": mode, "k": k,

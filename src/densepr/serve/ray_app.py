@@ -214,10 +214,13 @@ class RayService(Service):
         return rank_modes([m], merged.get("dense"), merged.get("bm25"), k, self.retriever.hybrid_lambda)[m.value]
 
     def _answer_batch(self, key: tuple[str, int], items: list[str]) -> list:
+        from densepr.models.reader import ReadingStopped
         from densepr.pipeline import _answer
 
         mode, k = key
         res = self._retrieve(list(items), k, mode)
+        if self.answer_batcher.abandoned():  # every client has gone: no reading on the replica (it reads in one call)
+            raise ReadingStopped("every request of this batch has gone")
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(items))]
         readings = self._call(self.reader_h.read, list(items), [[(h.title, h.text) for h in hs] for hs in hits])
         selection = self.reader.config.selection_for(mode)[0]

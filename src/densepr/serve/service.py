@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,13 @@ class Limits:
     timeout_s: float = 30.0  # per request, queueing included
     max_batch: int = 64  # questions per micro-batch (1 = no micro-batching)
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
-    max_queue: int = 256  # questions waiting for one model, all requests together (more: 503 + Retry-After)
+    max_queue: int = 256  # questions waiting for the retriever, all requests together (more: 503 + Retry-After)
+    # /answer reads k passages per question, and reading costs ~20 ms a passage on a 2-core CPU (docs/reader.md):
+    # k up to 50, the largest k evaluate-qa measures and tune-reader chooses from (pipeline.QA_KS), so the
+    # reader's tuned k always fits; and at most 1,000 passages waiting for the reader, ~20 s of reading there,
+    # inside timeout_s (more: 503 + Retry-After; larger-k requests are shed first)
+    max_k_answer: int = 50
+    max_answer_passages_queued: int = 1000
     max_answers: int = 32  # gold answers per question in /search "answers"
     max_answer_chars: int = 500  # characters in one gold answer
     max_answers_total_chars: int = 20_000  # characters in all the gold answers of one request
@@ -97,10 +104,11 @@ def check_text(s: str, field: str) -> None:
 
 
 class _Entry:
-    __slots__ = ("key", "item", "size", "fut", "waiting")
+    __slots__ = ("key", "item", "size", "cost", "client", "seq", "fut", "waiting")
 
-    def __init__(self, key: Any, item: Any, size: int, fut: asyncio.Future) -> None:
-        self.key, self.item, self.size, self.fut, self.waiting = key, item, size, fut, True
+    def __init__(self, key: Any, item: Any, size: int, cost: int, client: Any, seq: int, fut: asyncio.Future) -> None:
+        self.key, self.item, self.size, self.cost, self.client, self.seq, self.fut = key, item, size, cost, client, seq, fut
+        self.waiting = True
 
 
 class MicroBatcher:
@@ -109,75 +117,118 @@ class MicroBatcher:
     One worker thread runs the model (torch and FAISS already use every core); while it is
     busy, new requests queue, and the next call takes up to ``max_batch`` questions at once.
 
-    * At most ``max_queue`` questions wait (a request larger than that is still taken when
-      nothing waits). When a request does not fit, the largest waiting requests that are
-      larger than it are shed to make room (so many-question requests cannot starve small
-      ones); if it still does not fit, it is refused. Shed and refused requests get a 503
-      :class:`LimitError` whose ``Retry-After`` is the estimated time to drain the queue.
+    * Each request has a ``size`` (questions: what ``max_batch`` counts) and a ``cost`` (what the
+      queue counts, in ``unit``: questions for retrieval, passages for the reader, whose work
+      grows with k). At most ``max_queue`` units wait (a request costing more is still taken
+      when nothing waits). When a request does not fit, waiting requests are shed to make room:
+      first those costing more than it, largest first (so many-question or large-k requests
+      cannot starve small ones), then the newest of any client holding more of the queue than
+      the newcomer's client would (so one client's flood cannot lock others out); if it still
+      does not fit, it is refused. Shed and refused requests get a 503 :class:`LimitError`
+      (``limit``) whose ``Retry-After`` is the estimated time to drain the queue.
+    * **Fair batches.** Requests carry a ``client`` (the peer's address): a batch is filled
+      round-robin across the clients that have requests waiting, the least recently served
+      first, so a client sending one request while another floods is served in the next batch,
+      not after the flood's backlog. Within a client, requests keep their order.
     * A request whose future is already done when its batch forms (cancelled because its
-      client disconnected, or timed out) is dropped: the model never sees it.
+      client disconnected, or timed out) is dropped: the model never sees it. While a batch
+      runs, :meth:`abandoned` (callable from ``fn``, in the worker thread) says whether every
+      request of it is gone, so a long model call can stop between chunks (the reader does).
     * When a batch call raises, each request of the batch is re-run alone, so an exception
       belongs to the one request whose input raised it (``isolated`` counts such batches).
     """
 
     def __init__(self, fn: Callable[[Any, list], list], max_batch: int = 64, max_wait_ms: float = 2.0,
-                 max_queue: int | None = None, name: str = "model") -> None:  # fmt: skip
+                 max_queue: int | None = None, name: str = "model", unit: str = "question", limit: str = "max_queue") -> None:  # fmt: skip
         self.fn, self.max_batch, self.max_wait = fn, max(1, max_batch), max_wait_ms / 1000
-        self.max_queue, self.name = max_queue, name
+        self.max_queue, self.name, self.unit, self.limit = max_queue, name, unit, limit
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"densepr-{name}")
         self.queue: asyncio.Queue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.worker: asyncio.Task | None = None
         self.batches = 0  # model calls
         self.items = 0  # requests served by them
-        self.queued = 0  # questions waiting (submitted, not started, not abandoned)
+        self.queued = 0  # units waiting (submitted, not started, not abandoned)
         self.waiting: set[_Entry] = set()  # the requests they belong to
         self.rejected = 0  # requests refused because the queue was full
-        self.shed = 0  # waiting requests answered 503 to make room for a smaller one
+        self.shed = 0  # waiting requests answered 503 to make room for a smaller one, or another client's
         self.dropped = 0  # requests abandoned (disconnected or timed out) before their batch ran
+        self.stopped = 0  # batches given up while running because every request of theirs was gone
         self.isolated = 0  # batches that raised and were re-run one request at a time
-        self.s_per_question = 0.0  # moving average of model time per question
+        self.s_per_unit = 0.0  # moving average of model time per unit
+        self.seq = 0  # submissions so far (orders a client's requests)
+        self.served: dict[Any, int] = {}  # client -> the batch that last served it (clients waiting or in the last batch)
+        self._gone: threading.Event | None = None  # set when every request of the running call is gone
 
     def retry_after(self) -> int:
-        """Seconds until the questions now waiting are likely served (1 to 60)."""
-        return int(min(60, max(1, math.ceil(self.queued * self.s_per_question))))
+        """Seconds until the units now waiting are likely served (1 to 60)."""
+        return int(min(60, max(1, math.ceil(self.queued * self.s_per_unit))))
+
+    def abandoned(self) -> bool:
+        """True when every request of the model call now running has gone (client disconnected or
+        timed out): its results would be thrown away. Safe to call from the worker thread."""
+        gone = self._gone
+        return gone is not None and gone.is_set()
 
     def _leave(self, e: _Entry) -> None:
         if e.waiting:
             e.waiting = False
-            self.queued -= e.size
+            self.queued -= e.cost
             self.waiting.discard(e)
 
     def _busy(self) -> LimitError:
-        return LimitError(503, "max_queue", f"server busy: {self.queued} questions are waiting for the {self.name} "
-                                            f"(limit {self.max_queue}); retry later",
+        return LimitError(503, self.limit, f"server busy: {self.queued} {self.unit}s are waiting for the {self.name} "
+                                           f"(limit {self.max_queue}); retry later",
                           headers={"Retry-After": str(self.retry_after())})  # fmt: skip
 
-    def _admit(self, size: int) -> bool:
-        """Make room for ``size`` questions, shedding larger waiting requests, largest first."""
-        if self.max_queue is None or self.queued == 0 or self.queued + size <= self.max_queue:
+    def _admit(self, cost: int, client: Any) -> bool:
+        """Make room for ``cost`` units from ``client`` by shedding waiting requests: those costing more,
+        largest first, then the newest of the client holding the most, while it holds more than ``client``
+        would. Nothing is shed unless that makes room."""
+        if self.max_queue is None or self.queued == 0 or self.queued + cost <= self.max_queue:
             return True
-        larger = sorted((e for e in self.waiting if e.size > size and not e.fut.done()), key=lambda e: e.size, reverse=True)
-        if self.queued - sum(e.size for e in larger) + size > self.max_queue:
-            return False  # shedding every larger request would not make room: refuse the newcomer instead
-        for e in larger:
-            if self.queued + size <= self.max_queue:
+        live = [e for e in self.waiting if not e.fut.done()]
+        held: dict[Any, int] = {}
+        for e in live:
+            held[e.client] = held.get(e.client, 0) + e.cost
+        plan: list[_Entry] = []
+        over = self.queued + cost - self.max_queue  # units to free
+        for e in sorted((e for e in live if e.cost > cost), key=lambda e: e.cost, reverse=True):
+            if over <= 0:
                 break
+            plan.append(e)
+            over -= e.cost
+            held[e.client] -= e.cost
+        newest = sorted((e for e in live if e not in plan and e.client != client), key=lambda e: e.seq, reverse=True)
+        while over > 0:
+            top = max((c for c in held if c != client), key=lambda c: held[c], default=None)
+            if top is None or held[top] <= held.get(client, 0) + cost:
+                return False  # shedding more would take from clients holding no more than the newcomer's: refuse it instead
+            e = next(e for e in newest if e.client == top and e not in plan)
+            plan.append(e)
+            over -= e.cost
+            held[top] -= e.cost
+        for e in plan:
             self._leave(e)
             self.shed += 1
             e.fut.set_exception(self._busy())
         return True
 
-    async def submit(self, key: Any, item: Any, size: int = 1) -> Any:
+    async def submit(self, key: Any, item: Any, size: int = 1, cost: int | None = None, client: Any = None) -> Any:
+        """``fn``'s result for ``item``, computed in a batch of items under ``key``. ``size``: questions
+        (what ``max_batch`` counts); ``cost``: units the queue counts (default ``size``); ``client``: who
+        sent it (fair batches and shedding)."""
         loop = asyncio.get_running_loop()
         if self.queue is None or self.loop is not loop:  # first call, or a new event loop (test clients)
-            self.loop, self.queue, self.queued, self.waiting = loop, asyncio.Queue(), 0, set()
+            self.loop, self.queue, self.queued, self.waiting, self.served = loop, asyncio.Queue(), 0, set(), {}
             self.worker = loop.create_task(self._run())
-        if not self._admit(size):
+        cost = size if cost is None else cost
+        if not self._admit(cost, client):
             self.rejected += 1
             raise self._busy()
-        e = _Entry(key, item, size, loop.create_future())
-        self.queued += size
+        self.seq += 1
+        e = _Entry(key, item, size, cost, client, self.seq, loop.create_future())
+        self.queued += cost
         self.waiting.add(e)
         e.fut.add_done_callback(lambda _, e=e: self._leave(e))
         self.queue.put_nowait(e)
@@ -193,28 +244,45 @@ class MicroBatcher:
         except BaseException as e:
             raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
-    async def _call(self, key: Any, items: list) -> list:
+    async def _call(self, key: Any, entries: list[_Entry]) -> list:
         assert self.loop is not None
-        results = await self.loop.run_in_executor(self.pool, self._guarded, key, items)
-        if len(results) != len(items):
-            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        gone, left = threading.Event(), [len(entries)]
+
+        def one_gone(_: asyncio.Future) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                gone.set()
+
+        for e in entries:
+            e.fut.add_done_callback(one_gone)
+        self._gone = gone  # read by abandoned() in the worker thread, which runs one call at a time
+        try:
+            results = await self.loop.run_in_executor(self.pool, self._guarded, key, [e.item for e in entries])
+        finally:
+            self._gone = None
+            for e in entries:
+                e.fut.remove_done_callback(one_gone)
+        if len(results) != len(entries):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(entries)} items")
         return results
 
     async def _run_batch(self, key: Any, batch: list[_Entry]) -> None:
         t0 = time.perf_counter()
         try:
-            results = await self._call(key, [e.item for e in batch])
+            results = await self._call(key, batch)
         except Exception as exc:
+            if all(e.fut.done() for e in batch):  # everyone left (the model stopped early, or failed): nobody to tell
+                self.stopped += 1
+                return
             if len(batch) == 1:
-                if not batch[0].fut.done():
-                    batch[0].fut.set_exception(exc)
+                batch[0].fut.set_exception(exc)
                 return
             self.isolated += 1
             for e in batch:  # one at a time: the exception belongs to the request that raised it
                 if e.fut.done():
                     continue
                 try:
-                    r = (await self._call(key, [e.item]))[0]
+                    r = (await self._call(key, [e]))[0]
                 except Exception as one:
                     if not e.fut.done():
                         e.fut.set_exception(one)
@@ -222,11 +290,19 @@ class MicroBatcher:
                     if not e.fut.done():
                         e.fut.set_result(r)
             return
-        per = (time.perf_counter() - t0) / max(1, sum(e.size for e in batch))
-        self.s_per_question = per if self.s_per_question == 0 else 0.8 * self.s_per_question + 0.2 * per
+        per = (time.perf_counter() - t0) / max(1, sum(e.cost for e in batch))
+        self.s_per_unit = per if self.s_per_unit == 0 else 0.8 * self.s_per_unit + 0.2 * per
         for e, r in zip(batch, results):
             if not e.fut.done():
                 e.fut.set_result(r)
+
+    def _fair(self, live: list[_Entry]) -> list[_Entry]:
+        """``live`` (in arrival order) round-robin across clients, the least recently served first."""
+        by_client: dict[Any, list[_Entry]] = {}
+        for e in live:
+            by_client.setdefault(e.client, []).append(e)
+        turns = sorted(by_client.values(), key=lambda es: (self.served.get(es[0].client, -1), es[0].seq))
+        return [es[i] for i in range(max(map(len, turns))) for es in turns if i < len(es)]
 
     async def _run(self) -> None:
         assert self.queue is not None
@@ -243,16 +319,20 @@ class MicroBatcher:
             if not live:
                 pending = []
                 continue
-            key = live[0].key
-            batch, pending, n = [], [], 0
-            for e in live:  # same key, up to max_batch questions (always at least one request)
+            turns = self._fair(live)
+            key = turns[0].key
+            batch, n = [], 0
+            for e in turns:  # same key, up to max_batch questions (always at least one request)
                 if e.key == key and (not batch or n + e.size <= self.max_batch):
                     batch.append(e)
                     n += e.size
-                else:
-                    pending.append(e)
+            chosen = set(batch)
+            pending = [e for e in live if e not in chosen]
             for e in batch:
                 self._leave(e)
+                self.served[e.client] = self.batches
+            keep = {e.client for e in pending} | {e.client for e in batch}  # bounded by the queue and one batch
+            self.served = {c: b for c, b in self.served.items() if c in keep}
             self.batches += 1
             self.items += len(batch)
             try:
@@ -264,8 +344,9 @@ class MicroBatcher:
                         e.fut.set_exception(exc)
 
     def stats(self) -> dict:
-        return {"batches": self.batches, "requests": self.items, "queued_questions": self.queued,
-                "rejected_queue_full": self.rejected, "shed_for_smaller": self.shed, "dropped_abandoned": self.dropped, "isolated_batches": self.isolated}  # fmt: skip
+        return {"batches": self.batches, "requests": self.items, f"queued_{self.unit}s": self.queued,
+                "rejected_queue_full": self.rejected, "shed_for_smaller": self.shed, "dropped_abandoned": self.dropped,
+                "stopped_abandoned": self.stopped, "isolated_batches": self.isolated}  # fmt: skip
 
 
 def model_name(name: str | None) -> str | None:
@@ -284,8 +365,12 @@ class Service:
         lim = self.limits
         self.default_mode = "hybrid" if "hybrid" in retriever.modes else retriever.modes[0]
         self.answer_k = default_k_answer or (reader.config.top_k if reader is not None else 20)
+        if reader is not None and self.answer_k > lim.max_k_answer:
+            raise DenseprError(f"the reader's default k ({self.answer_k}) is over max_k_answer ({lim.max_k_answer}): raise the limit")
         self.search_batcher = MicroBatcher(self._search_batch, lim.max_batch, lim.max_wait_ms, lim.max_queue, "retriever")
-        self.answer_batcher = MicroBatcher(self._answer_batch, lim.max_batch, lim.max_wait_ms, lim.max_queue, "reader")
+        # the reader's queue counts passages (k per question): its cost, unlike the retriever's, grows with k
+        self.answer_batcher = MicroBatcher(self._answer_batch, lim.max_batch, lim.max_wait_ms, lim.max_answer_passages_queued,
+                                           "reader", unit="passage", limit="max_answer_passages_queued")  # fmt: skip
         self.post_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="densepr-post")
 
     # -- model calls (worker thread) -------------------------------------------------------
@@ -306,7 +391,8 @@ class Service:
         from densepr.pipeline import Pipeline
 
         mode, k = key
-        return Pipeline(self.retriever, self.reader, k, mode).answer_many(items)
+        # stops between reader chunks once every request of the batch has gone (disconnected or timed out)
+        return Pipeline(self.retriever, self.reader, k, mode).answer_many(items, stop=self.answer_batcher.abandoned)
 
     # -- post-processing (post pool) -------------------------------------------------------------
     def search_body(self, questions: list[str], rows, scores, answers: list[list[str]] | None, mode: str, k: int, t0: float) -> bytes:
@@ -363,9 +449,12 @@ class Service:
         if total > lim.max_answers_total_chars:
             raise LimitError(413, "max_answers_total_chars", f"answers hold {total} characters; the limit is {lim.max_answers_total_chars} per request")
 
-    def check_k_mode(self, k: int, mode: str | None) -> str:
+    def check_k_mode(self, k: int, mode: str | None, answer: bool = False) -> str:
+        """The mode to use; ``k`` within ``max_k`` (and ``max_k_answer`` for ``answer``)."""
         if k > self.limits.max_k:
             raise LimitError(422, "max_k", f"k={k} is over the limit of {self.limits.max_k}")
+        if answer and k > self.limits.max_k_answer:
+            raise LimitError(422, "max_k_answer", f"k={k} passages to read is over the /answer limit of {self.limits.max_k_answer}")
         mode = mode or self.default_mode
         if mode not in self.retriever.modes:
             raise LimitError(422, "mode", f"mode {mode!r} is not available; this index has: {', '.join(self.retriever.modes)}")
