@@ -506,11 +506,13 @@ rp.run(rp.ReproduceConfig(out_dir=pathlib.Path({str(out)!r}), profile="smoke"), 
         while not ready.exists():
             assert first.poll() is None and time.monotonic() - t0 < 120, "the first run never started"
             time.sleep(0.05)
+        before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # the first run's own marks (stages/, its lock)
         second = subprocess.run([sys.executable, "-m", "densepr", "reproduce", "-o", str(out), "--profile", "smoke"],
                                 capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
         assert second.returncode in (1, 2) and "Traceback" not in second.stderr, second.stderr
         assert f"error: {out}: another reproduce run is running in it (pid {first.pid} on " in second.stderr, second.stderr
-        assert not (out / "stages").exists()  # the second run wrote nothing
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # the second run wrote nothing
+        assert (out / ".densepr.lock").read_text().startswith(f"pid {first.pid} on ")  # nor took over the lock file
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -271,7 +271,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_on_resume(tmp_path
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
     # a directory that is not a run of ours (here a model directory, with its own config.json) is never trained into
-    with pytest.raises(DenseprError, match="no checkpoint to resume"):
+    with pytest.raises(DenseprError, match="not a 'training run' artefact densepr wrote"):
         train(TrainConfig(**{**vars(cfg), "output_dir": str(tiny_bert)}), resume=True, device="cpu", show_progress=False)
     assert not (tiny_bert / "metrics.jsonl").exists()
 
