@@ -159,7 +159,7 @@ def piece_key(reader_fingerprint: str, questions: Sequence[str], passages: Seque
     return hashlib.sha256(json.dumps([reader_fingerprint, list(questions), [[list(p) for p in ps] for ps in passages]]).encode()).hexdigest()
 
 
-def _load_piece(path: Path, key: str, counts: list[int]) -> tuple[list[list[Reading]], float] | str:
+def load_piece(path: Path, key: str, counts: list[int]) -> tuple[list[list[Reading]], float] | str:
     """A piece written by :func:`read_in_pieces` and the seconds its reading took, or why it is not used
     (then read again): unreadable, not of this shape, or made for another key (another reader, other
     questions or passages; a piece written before pieces held their key has none)."""
@@ -210,7 +210,7 @@ def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[
     for lo in range(0, len(questions), size):
         path, part = Path(directory) / f"readings-{lo:07d}.json", passages[lo : lo + size]
         key = piece_key(fp, questions[lo : lo + size], part)
-        kept = _load_piece(path, key, [len(ps) for ps in part]) if path.is_file() else "missing"
+        kept = load_piece(path, key, [len(ps) for ps in part]) if path.is_file() else "missing"
         left -= sum(len(ps) for ps in part)
         if isinstance(kept, str):
             if kept != "missing" and log is not None:

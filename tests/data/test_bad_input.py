@@ -32,7 +32,7 @@ def test_catalogue(tmp_path, case: Case):
 @given(component=st.sampled_from(sorted(LOADERS)), data=st.binary(max_size=300) | st.text(max_size=300).map(lambda s: s.encode("utf-8")))
 def test_fuzzed_files_give_a_result_or_a_located_error(tmp_path_factory, component, data):
     outcome, message = run_case(Case(component, "fuzz", data, "?"), tmp_path_factory.mktemp("fuzz"))
-    assert outcome in ("accepted", "error"), message  # never another exception
+    assert outcome in ("accepted", "error", "read again"), message  # never another exception
 
 
 @settings(max_examples=300, deadline=None)

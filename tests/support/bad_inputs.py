@@ -3,7 +3,8 @@
 Each case writes a small file, runs one loader on it, and records the outcome: ``accepted``
 (with a check that the content was read right: a BOM or CRLF line ends are not errors) or
 ``error`` (an :class:`~densepr.errors.InputError` whose message names the file and, where
-there is one, the line and field). ``tests/data/test_bad_input.py`` asserts every outcome;
+there is one, the line and field), or, for a file that only keeps finished work (an evaluate-qa
+piece), ``read again`` (not used: its work is redone, with the reason logged). ``tests/data/test_bad_input.py`` asserts every outcome;
 ``python -m tests.support.bad_inputs`` writes the table to ``benchmarks/results/bad-inputs.md``.
 
 The ``over-long line`` / ``over-long record`` cases run with the loaders' size limit
@@ -26,6 +27,7 @@ from densepr.data.runs import iter_dpr_results, read_trec_run
 from densepr.data.training import iter_train_records
 from densepr.errors import InputError
 from densepr.fileio import read_json
+from densepr.pipeline import load_piece
 
 HUGE = "x" * 200_000  # one 200 kB field on one line: accepted (well under the limit)
 SMALL_LIMIT = 64 * 1024  # the size limit while an over-long case runs
@@ -44,6 +46,25 @@ def _res(**kw) -> dict:
     return {"question": "q?", "answers": ["a"], "ctxs": [_ctx(id="1", score=1.0)], **kw}
 
 
+PIECE_KEY = "a" * 64  # the key the piece loader is asked for (pipeline.piece_key of this piece's inputs)
+PIECE_READING = [1.5, 2.0, 0, 3, "x"]  # span score, passage score, start, end, text
+
+
+def _piece(**kw) -> bytes:
+    return json.dumps({"key": PIECE_KEY, "seconds": 1.5, "readings": [[PIECE_READING]], **kw}).encode()
+
+
+class ReadAgain(Exception):
+    """A kept evaluate-qa piece that is not used: its questions are read again (the outcome for a bad piece)."""
+
+
+def _load_piece(path: Path) -> list:
+    got = load_piece(path, PIECE_KEY, [1])  # one question, one passage
+    if isinstance(got, str):
+        raise ReadAgain(got)
+    return got[0]
+
+
 # component: (file name, loader returning something countable, good content)
 LOADERS: dict[str, tuple[str, Callable[[Path], object], bytes]] = {
     "passages TSV": ("p.tsv", lambda p: load_corpus(p), b"id\ttext\ttitle\n1\tfirst text\tA\n2\tsecond text\tB\n"),
@@ -57,7 +78,10 @@ LOADERS: dict[str, tuple[str, Callable[[Path], object], bytes]] = {
     "queries JSONL": ("q.jsonl", lambda p: read_queries(p), b'{"_id": "q1", "text": "first query"}\n{"_id": "q2", "text": "second query"}\n'),
     "qrels TSV": ("qrels.tsv", lambda p: read_qrels_tsv(p), b"query-id\tcorpus-id\tscore\nq1\t1\t1\nq2\t2\t1\n"),
     "JSON config": ("config.json", lambda p: read_json(p), b'{"a": 1, "b": [1, 2]}'),
+    "evaluate-qa piece": ("readings-0.json", _load_piece, _piece()),
 }
+# Components whose bad files are not errors: the work they hold is redone (expected outcome "read again").
+REDONE = {"evaluate-qa piece"}
 
 # 20 passages; passage 5's text opens a quote that passage 15's text closes: csv joins lines 6..16
 # into one row that still has 3 columns, so this read as 10 passages without an error.
@@ -108,6 +132,11 @@ SPECIFIC: dict[str, dict[str, bytes]] = {
                   "id with a space": b"q1\td 1\t1\n", "empty id": b"\t1\t1\n", "unbalanced quote": b'q1\t"1\t1\nq2\t2\t1\n',
                   "over-long line": b"q1\t" + OVERLONG},  # fmt: skip
     "JSON config": {"malformed line": b'{"a": 1,', "huge single line": json.dumps({"a": HUGE}).encode()},
+    "evaluate-qa piece": {"malformed line": _piece()[:-9], "another reader's key": _piece(key="b" * 64),
+                          "no key (a piece written before 2026-12-06)": json.dumps({"seconds": 1.5, "readings": [[PIECE_READING]]}).encode(),
+                          "a bare list (before 2026-12-05)": json.dumps([[PIECE_READING]]).encode(),
+                          "wrong shape": _piece(readings=[[PIECE_READING, PIECE_READING]]), "wrong type": _piece(readings=[[[1.5, 2.0, "a", 3, "x"]]]),
+                          "missing field": json.dumps({"key": PIECE_KEY, "readings": [[PIECE_READING]]}).encode()},  # fmt: skip
 }
 
 # What the message of each kind of error must say (besides the file, line and field).
@@ -130,18 +159,19 @@ class Case:
     component: str
     kind: str
     content: bytes | None  # None: the special paths
-    expect: str  # "accepted" or "error"
+    expect: str  # "accepted", "error", or "read again" (REDONE components)
 
 
 def cases() -> list[Case]:
     out = []
     for comp, (_, _, good) in LOADERS.items():
+        bad = "read again" if comp in REDONE else "error"
         generic = {"empty file": b"", "non-UTF-8 bytes": good[:-1] + b"\xff" + good[-1:], "BOM": b"\xef\xbb\xbf" + good,
                    "CRLF line ends": good.replace(b"\n", b"\r\n")}  # fmt: skip
         for kind, content in {**generic, **SPECIFIC.get(comp, {})}.items():
-            out.append(Case(comp, kind, content, "accepted" if kind in ACCEPTED else "error"))
-        out.append(Case(comp, "path does not exist", None, "error"))
-        out.append(Case(comp, "path is a directory", None, "error"))
+            out.append(Case(comp, kind, content, "accepted" if kind in ACCEPTED else bad))
+        out.append(Case(comp, "path does not exist", None, bad))
+        out.append(Case(comp, "path is a directory", None, bad))
     return out
 
 
@@ -161,6 +191,8 @@ def run_case(case: Case, tmp: Path) -> tuple[str, str]:
             result = loader(path)
     except InputError as e:
         return "error", str(e)
+    except ReadAgain as e:
+        return "read again", str(e)
     except Exception as e:  # anything else is a bug: the catalogue reports it as such
         return "crash", f"{type(e).__name__}: {e}"
     n = len(result) if hasattr(result, "__len__") else 1
@@ -187,7 +219,7 @@ def main() -> None:
             outcome, msg = run_case(c, Path(d))
             rows.append((c, outcome, re.sub(r"/tmp/[^/ ]+/", "", msg)))  # messages without the temp dir
     ok = sum(outcome == c.expect for c, outcome, _ in rows)
-    out = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bad-inputs.md"
+    out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bad-inputs.md"
     head = (f"# Bad-input catalogue\n\n`python -m tests.support.bad_inputs` (the same cases as `tests/data/test_bad_input.py`): "
             f"{len(rows)} cases, {ok} with the expected outcome.\n\n"
             f"The over-long cases run with the size limit of one line or record lowered from "
