@@ -175,6 +175,7 @@ def test_synthetic_corpus_is_deterministic_100_word_passages_following_the_heaps
 
     corpus = sc.embedded_corpus()
     model, params = sc.fit(corpus)
+    monkeypatch.setattr(sc, "CHUNK", 1000)  # 100,000 by default: smaller chunks, same properties, a faster test
     a, b, c, d = (tmp_path / f"{x}.tsv" for x in "abcd")
     sc.generate(model, 2000, a, seed=7, log=lambda m: None)
     loaded = load_corpus(a)
