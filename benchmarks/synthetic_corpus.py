@@ -336,9 +336,10 @@ def generate(model: Model, passages: int, output: str | os.PathLike[str], seed: 
         for k in range(done, chunks):
             first = k * CHUNK + 1
             rows = chunk_rows(model, seed, k, first, min(CHUNK, passages - k * CHUNK))
-            buf = io.StringIO()
-            csv.writer(buf, delimiter="\t", lineterminator="\n").writerows(rows)  # write_passages_tsv's dialect
-            fh.write(buf.getvalue().encode("utf-8"))
+            for i in range(0, len(rows), 10_000):  # encoded in pieces: a whole chunk's text as one str is ~4x its bytes
+                buf = io.StringIO()
+                csv.writer(buf, delimiter="\t", lineterminator="\n").writerows(rows[i : i + 10_000])  # write_passages_tsv's dialect
+                fh.write(buf.getvalue().encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
             write_json(state_path, {**want, "chunks_done": k + 1, "bytes": fh.tell()})
