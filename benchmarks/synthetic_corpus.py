@@ -3,8 +3,8 @@
 DPR's ``psgs_w100.tsv`` (21,015,324 passages) cannot be fetched here, so the scale benchmark
 runs on this. What it fits, on the embedded corpus (the 10,033 Wikipedia summaries as
 ``densepr reproduce`` reads them, one passage per summary), over **whitespace words** of the
-passage texts (``text.split()``: DPR's 100-word unit; case and punctuation kept, so BM25's
-analyzer sees the same kind of surface forms as in real text):
+passage texts (``text.split()``: DPR's 100-word unit), counted as **keys**: lower-cased, leading
+and trailing punctuation off (what BM25's analyzer sees before stopwords and stemming):
 
 * **Heaps' law** ``V(n) = K n^beta``: least squares on log V vs log n over 60 log-spaced
   prefixes of the token stream (corpus order), from 10^4 tokens to all of them.
@@ -19,7 +19,13 @@ analyzer sees the same kind of surface forms as in real text):
   *expected* vocabulary ``E V(n) = sum_r 1 - exp(-n p_r)`` matches the Heaps fit from 10^5
   tokens to the paper's size (2.1 billion tokens); the residual is recorded in the JSON
   (``calibration.max_abs_log_error``).
-* **Words**: rank r <= the embedded vocabulary is the embedded corpus's r-th most frequent word;
+* **Burstiness**: real text repeats its topic's words, so each token after a passage's first is,
+  with probability rho, a copy of a uniformly chosen earlier token of its passage (the marginal
+  frequencies stay the model's; the vocabulary is that of the (1 - rho) n fresh draws, which the
+  calibration above accounts for). rho is fitted so that 100-word passages hold as many distinct
+  keys as the first 100 words of the embedded passages that have 100 (66 per 100).
+* **Words**: rank r <= the embedded vocabulary is the embedded corpus's r-th most frequent key,
+  written as one of its surface forms (``The``, ``the``, ``the,``) drawn with their embedded shares;
   beyond it a deterministic pronounceable lower-case string of 3+ consonant-vowel syllables
   (consonants ``bdfhklmnprsvz``, vowels ``aiou``: no ``e``, ``t``, ``g``, ``y``, so Porter's
   stemmer leaves them whole), skipping any that spells an embedded word.
@@ -35,7 +41,8 @@ continues where it stopped) and renamed over OUTPUT at the end. Same TSV layout 
 ``densepr.data.passages.write_passages_tsv`` (``csv.writer``, tab, header ``id text title``).
 
 ``--check`` compares the generated corpus with the embedded one at the same number of tokens
-(vocabulary, hapax fraction, top-100 word frequencies, passage length, BM25 terms) and with the
+(vocabulary, hapax fraction, top-100 word frequencies, passage length, BM25 terms and distinct
+terms per passage, BM25 vocabulary) and with the
 Heaps prediction at its full size; prints a table and writes
 ``benchmarks/results/synthetic-corpus.json`` (fitted parameters included).
 
@@ -126,6 +133,7 @@ class Model:
     words: list[str]  # the embedded words (keys) by rank (most frequent first)
     forbidden: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # syllable codes that spell an embedded word
     surfaces: dict[str, Counter] | None = None  # key -> its surface forms' counts in the embedded corpus
+    rho: float = 0.0  # share of a passage's tokens that repeat an earlier token of the passage (burstiness)
 
     def __post_init__(self) -> None:
         head = (np.arange(1, self.r0 + 1) + self.q) ** -self.s
@@ -155,7 +163,9 @@ class Model:
         return self.tail_p * (self.a - 1) / xm * (r / xm) ** -self.a
 
     def expected_vocab(self, n: float) -> float:
-        """E V(n) = sum_r 1 - exp(-n p_r): the head exactly, the tail by quadrature on a log grid."""
+        """E V(n) = sum_r 1 - exp(-m p_r) over the m = (1 - rho) n fresh draws among n tokens (a repeat
+        adds no word): the head exactly, the tail by quadrature on a log grid."""
+        n = n * (1 - self.rho)
         head = float(np.sum(-np.expm1(-n * self.head_p)))
         xm = self.r0 + 1
         hi = max(xm * 10.0, (n * self.tail_density(np.array(float(xm))) * 1e12) ** (1 / self.a) * xm)
@@ -175,6 +185,17 @@ class Model:
         cut = 1.0 - (MAX_RANK / lo) ** (1 - self.a)  # truncated at MAX_RANK
         ranks[~head] = np.floor(lo * (1.0 - v * cut) ** (-1.0 / (self.a - 1)))
         return ranks + skip
+
+    def passage_ranks(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, WORDS) ranks: i.i.d. draws, then each token after the first, with probability rho, replaced
+        by a uniformly chosen earlier token of its passage (a cache model: words recur within a passage
+        as in real text; each token's marginal distribution stays the model's)."""
+        ranks = self.sample(rng, n * WORDS).reshape(n, WORDS)
+        repeat, pos = rng.random((n, WORDS)) < self.rho, rng.random((n, WORDS))
+        for j in range(1, WORDS):
+            rows = np.flatnonzero(repeat[:, j])
+            ranks[rows, j] = ranks[rows, (pos[rows, j] * j).astype(np.int64)]
+        return ranks
 
     def to_words(self, ranks: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Object array of the words of ``ranks``: embedded words (with ``rng``, each token one of its
@@ -235,7 +256,22 @@ def skip_codes(j: np.ndarray, forbidden: np.ndarray) -> np.ndarray:
         c = nxt
 
 
-def calibrate(zm: dict, heaps: dict, words: list[str], forbidden: np.ndarray, total_tokens: float) -> tuple[Model, dict]:
+def distinct_share(model: Model, passages: int = 4000) -> float:
+    """Mean share of distinct words in the model's 100-word passages (a fixed sample)."""
+    r = np.sort(model.passage_ranks(np.random.default_rng(12345), passages), axis=1)
+    return float(np.mean((np.diff(r, axis=1) != 0).sum(1) + 1) / WORDS)
+
+
+def fit_rho(model: Model, target: float) -> float:
+    """The repeat share rho whose passages hold ``target`` distinct words per word (bisection)."""
+    lo, hi = 0.0, 0.95
+    for _ in range(20):
+        model.rho = (lo + hi) / 2
+        lo, hi = (model.rho, hi) if distinct_share(model) > target else (lo, model.rho)
+    return (lo + hi) / 2
+
+
+def calibrate(zm: dict, heaps: dict, words: list[str], forbidden: np.ndarray, total_tokens: float, rho: float = 0.0) -> tuple[Model, dict]:
     """(R0, a) minimising the RMS log error of E V(n) against Heaps over n = 10^5 .. total_tokens."""
     from scipy.optimize import minimize_scalar
 
@@ -243,7 +279,7 @@ def calibrate(zm: dict, heaps: dict, words: list[str], forbidden: np.ndarray, to
     want = np.log(heaps["K"] * ns ** heaps["beta"])
 
     def err(r0: int, a: float) -> np.ndarray:
-        m = Model(zm["q"], zm["s"], r0, a, words, forbidden)
+        m = Model(zm["q"], zm["s"], r0, a, words, forbidden, rho=rho)
         return np.log([m.expected_vocab(n) for n in ns]) - want
 
     best = None
@@ -254,7 +290,7 @@ def calibrate(zm: dict, heaps: dict, words: list[str], forbidden: np.ndarray, to
             best = (res.fun, int(r0), float(res.x))
     _, r0, a = best
     e = err(r0, a)
-    model = Model(zm["q"], zm["s"], r0, a, words, forbidden)
+    model = Model(zm["q"], zm["s"], r0, a, words, forbidden, rho=rho)
     return model, {"R0": r0, "a": a, "tokens_from": 1e5, "tokens_to": float(total_tokens), "rms_log_error": float(np.sqrt(np.mean(e**2))),
                    "max_abs_log_error": float(np.abs(e).max()), "head_mass": float(model.head_cdf[-1])}  # fmt: skip
 
@@ -284,7 +320,16 @@ def fit(corpus, passages: int = PAPER_PASSAGES) -> tuple[Model, dict]:
     lowered = {m for w in words for m in re.findall("[a-z]+", w.lower()) if _CV_WORD.fullmatch(m)}
     forbidden = np.array(sorted(word_code(w) for w in lowered), dtype=np.int64)
     total = float(max(passages, PAPER_PASSAGES) * WORDS)
-    model, cal = calibrate(zm, heaps, words, forbidden, total)
+    # Burstiness: the distinct share of the first 100 words of the embedded passages that have 100
+    # (real text repeats its topic's words); rho is fitted to it and (R0, a) calibrated again for it.
+    windows = [[key(w) for w in t.split()[:WORDS]] for t in corpus.texts if len(t.split()) >= WORDS]
+    target = float(np.mean([len(set(w)) / WORDS for w in windows]))
+    rho = 0.0
+    for _ in range(2):
+        model, cal = calibrate(zm, heaps, words, forbidden, total, rho)
+        rho = fit_rho(model, target)
+    model, cal = calibrate(zm, heaps, words, forbidden, total, rho)
+    cal["burstiness"] = {"rho": rho, "distinct_share_target": target, "from_passages": len(windows), "distinct_share": distinct_share(model)}
     model.set_surfaces(surfaces)
     params = {"unit": "whitespace words of passage texts (text.split()), lower-cased, leading/trailing punctuation off", "embedded": {
         "passages": len(corpus), "tokens": len(tokens), "vocabulary": len(words), "surface_forms": len(set(surface))},
@@ -302,7 +347,7 @@ def chunk_rows(model: Model, seed: int, chunk: int, first: int, n: int) -> list[
     """Rows (id, text, title) of passages first..first+n-1 (1-based) of chunk ``chunk``: the chunk's
     first n passages (the whole chunk is always drawn, so a corpus is a prefix of any larger one)."""
     rng, want, n = np.random.default_rng([seed, chunk]), n, CHUNK
-    words = model.to_words(model.sample(rng, n * WORDS), rng).reshape(n, WORDS)
+    words = model.to_words(model.passage_ranks(rng, n).ravel(), rng).reshape(n, WORDS)
     # articles: geometric lengths; each a title of 1-3 words
     lengths = rng.geometric(1 / ARTICLE_MEAN, size=n)
     starts = np.cumsum(lengths) - lengths
@@ -378,7 +423,7 @@ def bm25_terms(texts, titles) -> dict:
     an = LuceneAnalyzer()
     terms = [an(f"{t} {x}") for t, x in zip(titles, texts)]
     return {"passages": len(terms), "terms_per_passage": float(np.mean([len(t) for t in terms])),
-            "vocabulary": len({w for t in terms for w in t})}  # fmt: skip
+            "distinct_terms_per_passage": float(np.mean([len(set(t)) for t in terms])), "vocabulary": len({w for t in terms for w in t})}  # fmt: skip
 
 
 def check(path: str | os.PathLike[str], corpus, model: Model, params: dict) -> dict:
@@ -419,13 +464,19 @@ def check(path: str | os.PathLike[str], corpus, model: Model, params: dict) -> d
             "bm25_terms": {"embedded": bm25_terms(corpus.texts, corpus.titles),
                            "generated": bm25_terms([p.text for p in sample], [p.title for p in sample])},
         }  # fmt: skip
+        # per 100 words: the embedded passages of 100 words or more (their first 100) beside as many generated ones
+        long = [i for i, t in enumerate(corpus.texts) if len(t.split()) >= WORDS]
+        res["same_size"]["bm25_terms_100_words"] = {
+            "embedded": bm25_terms([" ".join(corpus.texts[i].split()[:WORDS]) for i in long], [corpus.titles[i] for i in long]),
+            "generated": bm25_terms([p.text for p in sample[: len(long)]], [p.title for p in sample[: len(long)]])}  # fmt: skip
     return res
 
 
 def print_check(res: dict, params: dict) -> None:
     h, c = params["heaps"], params["calibration"]
     print(f"fits (whitespace words, lower-cased, edge punctuation off): Heaps K={h['K']:.3f} beta={h['beta']:.4f}; Zipf-Mandelbrot q={params['zipf_mandelbrot']['q']:.3f} "
-          f"s={params['zipf_mandelbrot']['s']:.4f}; tail from R0={c['R0']} with a={c['a']:.4f} (calibration max |log err| {c['max_abs_log_error']:.3f})")
+          f"s={params['zipf_mandelbrot']['s']:.4f}; tail from R0={c['R0']} with a={c['a']:.4f} (calibration max |log err| {c['max_abs_log_error']:.3f}); "
+          f"repeats within a passage rho={c['burstiness']['rho']:.3f}")
     if "same_size" in res:
         s = res["same_size"]
         e, g = s["embedded"], s["generated"]
@@ -438,6 +489,9 @@ def print_check(res: dict, params: dict) -> None:
         print(f"  top-100 frequencies: Pearson {s['top100_pearson']:.4f}, Spearman {s['top100_spearman']:.4f}")
         be, bg = s["bm25_terms"]["embedded"], s["bm25_terms"]["generated"]
         print(f"  BM25 terms per passage (title+text)   {be['terms_per_passage']:>10.1f} {bg['terms_per_passage']:>10.1f}")
+        w = s["bm25_terms_100_words"]
+        print(f"  per 100 words ({w['embedded']['passages']:,} passages each): BM25 terms {w['embedded']['terms_per_passage']:.1f} vs "
+              f"{w['generated']['terms_per_passage']:.1f}, distinct {w['embedded']['distinct_terms_per_passage']:.1f} vs {w['generated']['distinct_terms_per_passage']:.1f}")
         print(f"  BM25 vocabulary                       {be['vocabulary']:>10,} {bg['vocabulary']:>10,}")
     print("\nvocabulary growth of the generated corpus")
     print(f"  {'tokens':>13} {'passages':>10} {'vocabulary':>11} {'Heaps':>11} {'ratio':>6} {'hapax':>6}")
