@@ -499,6 +499,12 @@ def print_check(res: dict, params: dict) -> None:
         print(f"  {r['tokens']:>13,} {r['passages']:>10,} {r['vocabulary']:>11,} {r['heaps']:>11,.0f} {r['vocabulary'] / r['heaps']:>6.3f} {r['hapax_fraction']:>6.3f}")
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--passages", type=int, required=True)
@@ -523,13 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     fit_s = time.perf_counter() - t0
     print(f"fitted in {fit_s:.1f} s")
     run = generate(model, args.passages, args.output, args.seed)
+    run["peak_rss_mib"] = _peak_rss_mib()
     print(f"wrote {args.passages:,} passages to {args.output} in {run['seconds']} s")
     if args.check:
         t0 = time.perf_counter()
         res = check(args.output, corpus, model, params)
         res["check_seconds"] = round(time.perf_counter() - t0, 1)
+        res["peak_rss_mib"] = _peak_rss_mib()  # of the whole process: fit, generation and check
+        from densepr.machine import machine_info
         print_check(res, params)
-        write_json(args.results, {"params": params, "generate": {**run, "fit_seconds": round(fit_s, 1)}, "check": res,
+        write_json(args.results, {"machine": machine_info(), "params": params, "generate": {**run, "fit_seconds": round(fit_s, 1)}, "check": res,
                                   "command": "python benchmarks/synthetic_corpus.py " + " ".join(argv if argv is not None else sys.argv[1:])})  # fmt: skip
         print(f"\nwrote {args.results}")
     return 0
