@@ -152,3 +152,74 @@ def test_train_reader_once_reuses_a_finished_run_even_one_recorded_before_a_fiel
     other = dataclasses.replace(cfg, precision="bf16")  # but another value of the field is another run
     train_reader_once(other, tmp_path / "run", "cpu", "x")
     assert len(calls) == 2
+
+
+def _synthetic_corpus_module():
+    import pytest
+
+    from densepr.data import EmbeddedData
+
+    if not EmbeddedData().available:
+        pytest.skip("the embedded corpus is not fetched (densepr data fetch): synthetic_corpus.py fits its statistics on it")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import synthetic_corpus
+    finally:
+        sys.path.remove(str(BENCH))
+    return synthetic_corpus
+
+
+def test_synthetic_corpus_is_deterministic_100_word_passages_following_the_heaps_fit(tmp_path, monkeypatch):
+    sc = _synthetic_corpus_module()
+    from densepr.data import load_corpus
+
+    corpus = sc.embedded_corpus()
+    model, params = sc.fit(corpus)
+    monkeypatch.setattr(sc, "CHUNK", 1000)  # 100,000 by default: smaller chunks, same properties, a faster test
+    a, b, c, d = (tmp_path / f"{x}.tsv" for x in "abcd")
+    sc.generate(model, 2000, a, seed=7, log=lambda m: None)
+    loaded = load_corpus(a)
+    assert len(loaded) == 2000 and loaded.ids == [str(i) for i in range(1, 2001)]
+    assert all(len(t.split()) == 100 for t in loaded.texts) and all(1 <= len(t.split()) <= 3 for t in loaded.titles)
+    sc.generate(model, 2000, b, seed=7, log=lambda m: None)
+    sc.generate(model, 1500, c, seed=7, log=lambda m: None)
+    sc.generate(model, 2000, d, seed=8, log=lambda m: None)
+    assert a.read_bytes() == b.read_bytes()  # deterministic for a seed
+    assert a.read_text().splitlines()[:1501] == c.read_text().splitlines()  # a corpus is a prefix of a larger one
+    assert load_corpus(d).texts != loaded.texts
+    # the vocabulary (lower-cased words without edge punctuation) follows the Heaps fit within 5% at 200,000 tokens
+    res = sc.check(a, corpus, model, params)
+    last = res["growth"][-1]
+    assert last["tokens"] == 200_000 and abs(last["vocabulary"] / last["heaps"] - 1) < 0.05, last
+    assert params["calibration"]["max_abs_log_error"] < 0.05  # the expected vocabulary follows Heaps up to 2.1 billion tokens
+    assert 1e6 < params["heaps_at_paper_size"]["vocabulary"] < 1e8  # Wikipedia-sized, not capped at the embedded corpus's
+    # killed after its second chunk (of 500 here), a run continues where it stopped and writes the same file
+    monkeypatch.setattr(sc, "CHUNK", 500)
+    whole, cut = tmp_path / "whole.tsv", tmp_path / "cut.tsv"
+    sc.generate(model, 2000, whole, seed=7, log=lambda m: None)
+
+    def kill(msg):
+        if msg.strip().startswith("1,000 /"):
+            raise KeyboardInterrupt
+
+    import pytest
+
+    with pytest.raises(KeyboardInterrupt):
+        sc.generate(model, 2000, cut, seed=7, log=kill)
+    assert not cut.exists() and (tmp_path / "cut.tsv.partial").exists()
+    logs = []
+    sc.generate(model, 2000, cut, seed=7, log=logs.append)
+    assert logs[0].startswith("resuming") and "after 2 chunks" in logs[0] and len(logs) == 3
+    assert cut.read_bytes() == whole.read_bytes() and not (tmp_path / "cut.tsv.partial").exists()
+
+
+def test_synthetic_corpus_cli_writes_and_checks(tmp_path):
+    _synthetic_corpus_module()
+    out, res = tmp_path / "p.tsv", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "synthetic_corpus.py", "--passages", "300", "--output", str(out), "--check", "--results", str(res)],
+                          cwd=BENCH, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(res.read_text())
+    assert got["check"]["passages"] == 300 and got["params"]["heaps"]["beta"] > 0 and "vocabulary growth" in proc.stdout
+    proc = subprocess.run([sys.executable, "synthetic_corpus.py", "--passages", "0", "--output", str(out)], cwd=BENCH, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --passages must be positive")
