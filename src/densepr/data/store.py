@@ -139,7 +139,7 @@ class StoreCorpus(Corpus):
             raise DenseprError(f"{path}: unreadable ({e}); rebuild the store") from None
         if a.dtype != dtype or a.ndim != 1:
             raise DenseprError(f"{path}: {a.dtype} array of shape {a.shape}, expected 1-d {np.dtype(dtype)}; rebuild the store")
-        return a
+        return a.view(np.ndarray)  # still the mapping; a plain ndarray slices without np.memmap's per-slice overhead
 
     def __iter__(self) -> Iterator[Passage]:
         return (Passage(*v) for v in zip(self.ids, self.titles, self.texts))
