@@ -200,3 +200,25 @@ def test_retriever_over_a_read_only_index_directory_parses_passages(index_dir):
     finally:
         os.chmod(index_dir, 0o755)
     assert type(r.corpus) is Corpus and not (index_dir / "store").exists()
+
+
+def test_verify_checks_a_store_against_its_fingerprint_and_the_passages_beside_it(index_dir, corpus, capsys):
+    from tests.support.cli import run
+
+    build_store(index_dir / "passages.tsv", index_dir / "store")
+    code, out, err = run(capsys, "verify", str(index_dir))
+    assert code == 0 and "passage-store" in out, err
+    # texts edited, and the manifest rewritten to match the files: only re-hashing the passages tells
+    d = index_dir / "store"
+    (d / "texts.bin").write_bytes((d / "texts.bin").read_bytes().replace(b"Mozart", b"MOZART"))
+    manifest = json.loads((d / "manifest.json").read_text())
+    fileio.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
+    code, out, _ = run(capsys, "verify", str(d), "--quick")
+    assert code == 0  # sizes and hashes agree with the manifest
+    code, out, _ = run(capsys, "verify", str(d))
+    assert code == 1 and "FAILED" in out and "do not hash to the fingerprint" in out
+    # passages.tsv edited: the store (like the indexes) describes another corpus
+    build_store(index_dir / "passages.tsv", d)
+    write_passages_tsv(Corpus.from_passages(Passage(p.id, p.title, p.text + "!") for p in corpus), index_dir / "passages.tsv")
+    code, out, _ = run(capsys, "verify", str(d), "--quick")
+    assert code == 1 and "FAILED" in out and "passage-store" in out and "other titles or texts" in out

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.passages import _FP_ROWS, Corpus, Passage, _Fingerprinter, iter_passages
+from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.fileio import atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
@@ -249,6 +249,16 @@ def open_store(directory: str | os.PathLike[str], source: str | os.PathLike[str]
         if stale:
             raise MismatchError(f"{directory}: {stale}; rebuild it (densepr rebuilds it when it loads the index)")
     return StoreCorpus(directory, manifest)
+
+
+def check_store(directory: str | os.PathLike[str], manifest: dict, full: bool = True) -> None:
+    """``densepr verify``'s check of a store whose files match its manifest: its arrays' shapes and, when
+    ``full``, that its columns hash to the fingerprint it records (every value read)."""
+    store = StoreCorpus(directory, manifest)
+    if full:
+        fp = _fingerprint(store.ids, store.titles, store.texts)
+        if fp != store.fingerprint():
+            raise DenseprError(f"{directory}: its passages do not hash to the fingerprint in its manifest; rebuild the store")
 
 
 def store_stale(manifest: dict, source: str | os.PathLike[str]) -> str | None:
