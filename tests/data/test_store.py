@@ -222,3 +222,11 @@ def test_verify_checks_a_store_against_its_fingerprint_and_the_passages_beside_i
     write_passages_tsv(Corpus.from_passages(Passage(p.id, p.title, p.text + "!") for p in corpus), index_dir / "passages.tsv")
     code, out, _ = run(capsys, "verify", str(d), "--quick")
     assert code == 1 and "FAILED" in out and "passage-store" in out and "other titles or texts" in out
+
+
+def test_retriever_leaves_a_store_path_it_did_not_write_alone(index_dir):
+    from densepr.retrieve.retriever import Retriever
+
+    (index_dir / "store").write_text("a user's file", encoding="utf-8")
+    r = Retriever.load(index_dir, device="cpu")
+    assert type(r.corpus) is Corpus and (index_dir / "store").read_text(encoding="utf-8") == "a user's file"
