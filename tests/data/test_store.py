@@ -230,3 +230,21 @@ def test_retriever_leaves_a_store_path_it_did_not_write_alone(index_dir):
     (index_dir / "store").write_text("a user's file", encoding="utf-8")
     r = Retriever.load(index_dir, device="cpu")
     assert type(r.corpus) is Corpus and (index_dir / "store").read_text(encoding="utf-8") == "a user's file"
+
+
+def test_processes_opening_a_missing_store_at_once_build_it_once(tmp_path, corpus):
+    import multiprocessing
+
+    tsv = tmp_path / "passages.tsv"
+    write_passages_tsv(corpus, tsv)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        manifests = pool.starmap(_open_and_manifest, [(str(tsv), str(tmp_path / "store"))] * 3)
+    assert all(m == manifests[0] for m in manifests)  # one build, opened by all: each build installs a new directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "passages.tsv", "store"]
+
+
+def _open_and_manifest(tsv: str, store: str) -> dict:
+    s = ensure_store(tsv, store)
+    assert list(s) and s.fingerprint()
+    return {"inode": os.stat(store).st_ino, **json.loads((Path(store) / "manifest.json").read_text())}

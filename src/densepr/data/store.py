@@ -46,7 +46,7 @@ import numpy as np
 
 from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
-from densepr.fileio import atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
+from densepr.fileio import MANIFEST, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
 KIND = "passage-store"
 STORE_DIR = "store"  # its name inside an index directory
@@ -274,7 +274,18 @@ def store_stale(manifest: dict, source: str | os.PathLike[str]) -> str | None:
 
 def ensure_store(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> StoreCorpus:
     """The store at ``directory`` for ``source``, built first when missing or stale (``source`` changed since)."""
+    import fcntl
+
     directory = Path(directory)
-    if not (directory / "manifest.json").is_file() or store_stale(read_manifest(directory, KIND, "none"), source):
-        build_store(source, directory)
+
+    def current() -> bool:
+        return (directory / MANIFEST).is_file() and not store_stale(read_manifest(directory, KIND, "none"), source)
+
+    if not current():
+        # One builder at a time (searchers of one index start together); the others wait, then open what it built
+        # rather than swapping in a copy of their own under a process that has just opened it.
+        with open(directory.parent / f".{directory.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not current():
+                build_store(source, directory)
     return open_store(directory, source)
