@@ -1132,6 +1132,8 @@ def verify_cmd(
     arrays' ranges, dense index shards, and each index's corpus against the passages.tsv beside it."""
     from densepr.data import load_corpus
     from densepr.data.passages import check_corpus
+    from densepr.data.store import KIND as STORE_KIND
+    from densepr.data.store import check_store
     from densepr.fileio import verify_tree
     from densepr.index.dense import KIND as DENSE_KIND
     from densepr.index.dense import check_index
@@ -1152,9 +1154,12 @@ def verify_cmd(
             check_arrays(d, manifest, full=not quick)
         elif manifest["kind"] == DENSE_KIND:
             check_index(d, manifest)
+        elif manifest["kind"] == STORE_KIND:
+            check_store(d, manifest, full=not quick)
         corpus_beside(d, manifest)
 
-    results = verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys((BM25_KIND, DENSE_KIND, "embeddings"), structure))
+    kinds = (BM25_KIND, DENSE_KIND, "embeddings", STORE_KIND)
+    results = verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys(kinds, structure))
     if not results:
         raise DenseprError(f"{directory}: no manifest.json found; nothing densepr wrote is here")
     bad = 0

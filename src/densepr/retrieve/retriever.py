@@ -8,6 +8,7 @@ Reciprocal-rank fusion scores ``sum 1 / (60 + rank)`` over the lists that hold a
 An *index directory* (what ``densepr reproduce`` and the stage commands write) holds::
 
     passages.tsv      # the corpus, DPR TSV layout
+    store/            # optional: passages.tsv as a memory-mapped store (densepr.data.store), made on load
     bm25/             # BM25 index (densepr.retrieve.bm25)
     dense/            # FAISS index (densepr.index.dense); its manifest names the question encoder
     hybrid.json       # optional: the lambda tuned on a dev set
@@ -22,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.passages import Corpus, load_corpus
+from densepr.data.store import STORE_DIR, ensure_store
 from densepr.errors import DenseprError
-from densepr.fileio import read_json
+from densepr.fileio import MANIFEST, NoSpaceError, read_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.ranking import Hit, SearchResult
@@ -52,6 +54,19 @@ def rank_modes(wanted: Sequence[Mode], dense: SearchResult | None, sparse: Searc
         cands = HybridCandidates(dense, sparse)
         out.update({f"hybrid-{lam_}": cands.rank(lam_, k) for lam_ in also_lambdas})
     return out
+
+
+def open_corpus(d: Path) -> Corpus:
+    """An index directory's passages: its ``store/`` when current; built there first when missing or
+    stale (``passages.tsv`` edited since) and the directory is writable; else ``passages.tsv`` parsed
+    into memory. A damaged store is refused (its files are named), not silently rebuilt."""
+    tsv, store = d / "passages.tsv", d / STORE_DIR
+    if not (store / MANIFEST).is_file() and store.exists():
+        return load_corpus(tsv)  # something else, or a killed build's leftovers we may not own: not ours to replace
+    try:
+        return ensure_store(tsv, store)
+    except (PermissionError, NoSpaceError):  # a read-only or full index directory: the store is an optimisation
+        return load_corpus(tsv)
 
 
 class Retriever:
@@ -94,7 +109,7 @@ class Retriever:
         d = Path(directory)
         if not (d / "passages.tsv").is_file():
             raise DenseprError(f"{d}: not an index directory (no passages.tsv); build one with `densepr reproduce` or the stage commands")
-        corpus = load_corpus(d / "passages.tsv")
+        corpus = open_corpus(d)
         bm25 = BM25Index.load(d / "bm25", corpus=corpus) if (d / "bm25").is_dir() else None
         dense = encoder = None
         if (d / "dense").is_dir():

@@ -1,0 +1,291 @@
+"""A memory-mapped passage store: a corpus opened in constant time and memory, whatever its size.
+
+``passages.tsv`` stays the interchange format; an index directory gains ``store/``, built once from
+it (:func:`build_store`) and opened without parsing it (:func:`open_store`). Nothing is held per
+passage in Python: row access decodes one id, title or text from the mapped files, so only the
+passages a caller reads (the hits it returns) are ever decoded.
+
+On disk (a directory artefact, swapped in whole by :func:`~densepr.fileio.atomic_dir`)::
+
+    ids.bin, titles.bin, texts.bin       each column's values, UTF-8, concatenated in row order
+    id_offsets.npy, title_offsets.npy,   int64 [n + 1]: the value of row i is bytes
+      text_offsets.npy                     ``off[i]:off[i + 1]`` of its .bin (off[0] = 0, off[n] = its size)
+    id_hashes.npy                        uint64 [n]: the 64-bit BLAKE2b of every id, sorted
+    id_order.npy                         int64 [n]: the row of each entry of id_hashes (ties in row order)
+    manifest.json                        written last, kind "passage-store": every file's size and sha256
+                                         (sampled above 32 MiB, :mod:`densepr.fileio`), "corpus": the
+                                         :meth:`Corpus.fingerprint` computed while building (the same
+                                         value the in-memory corpus gives, so indexes built over either
+                                         match), "source": the passage file's name, size, mtime_ns and
+                                         sampled sha256 when it was read
+
+``row(id)`` hashes the id and binary-searches ``id_hashes`` (then compares the ids of the rows with
+that hash), so no id-to-row dict is built. Values that are lone surrogates (possible in JSON lines)
+are stored with ``surrogatepass``, as the fingerprint encodes them.
+
+Building streams the file through the parsers of :mod:`densepr.data.passages`; it holds 32 bytes
+per passage (three offsets and a hash) plus one block of ``_FP_ROWS`` passages for the fingerprint,
+and about 56 bytes per passage while it sorts the hashes (~1.2 GB at 21M passages).
+A repeated id is found after the hashes are sorted (equal neighbours) and refused like
+:meth:`Corpus.from_passages` refuses it. Opening checks the manifest (sizes, sampled hashes), the
+arrays' shapes and end offsets, and, given the source file, that it is the one the store was built
+from; ``densepr verify`` checks every byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import operator
+import os
+from array import array
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, iter_passages
+from densepr.errors import DenseprError, InputError, MismatchError
+from densepr.fileio import MANIFEST, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
+
+KIND = "passage-store"
+STORE_DIR = "store"  # its name inside an index directory
+COLUMNS = ("id", "title", "text")
+FILES = (*(f"{c}s.bin" for c in COLUMNS), *(f"{c}_offsets.npy" for c in COLUMNS), "id_hashes.npy", "id_order.npy")
+_ENC = ("utf-8", "surrogatepass")
+
+
+def _id_hash(pid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(pid.encode(*_ENC), digest_size=8).digest(), "little")
+
+
+def source_state(path: str | os.PathLike[str]) -> dict:
+    """What identifies the passage file a store was built from: checked on open, costs a stat and 2 MiB read."""
+    st = os.stat(path)
+    return {"name": Path(path).name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sampled_sha256": sampled_sha256(path)}
+
+
+class _Column(Sequence[str]):
+    """A read-only column of the store: ``len``, ``[i]``, slices (lists) and iteration, decoded on access."""
+
+    def __init__(self, data: mmap.mmap | bytes, offsets: np.ndarray) -> None:
+        self._data, self._off, self._n = data, offsets, len(offsets) - 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(self._n)
+            if step != 1:
+                return [self[j] for j in range(lo, hi, step)]
+            return self._block(lo, hi) if hi > lo else []
+        i = operator.index(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("passage row out of range")
+        a, b = self._off[i : i + 2].tolist()
+        return self._data[a:b].decode(*_ENC)
+
+    def _block(self, lo: int, hi: int) -> list[str]:
+        off = self._off[lo : hi + 1].tolist()
+        base = off[0]
+        blob = self._data[base : off[-1]]
+        return [blob[a - base : b - base].decode(*_ENC) for a, b in zip(off, off[1:])]
+
+    def __iter__(self) -> Iterator[str]:
+        for lo in range(0, self._n, 4096):
+            yield from self._block(lo, min(lo + 4096, self._n))
+
+    def __repr__(self) -> str:
+        return f"<{self._n} stored values>"
+
+
+class StoreCorpus(Corpus):
+    """A :class:`Corpus` over a passage store: the same API (``len``, ``[row]``, iteration, ``ids``,
+    ``titles``, ``texts``, ``row(id)``, ``fingerprint()``), with the columns read from the mapped files."""
+
+    def __init__(self, directory: str | os.PathLike[str], manifest: dict) -> None:
+        self.directory, self.manifest = Path(directory), manifest
+        self._maps: list[mmap.mmap] = []
+        cols = [_Column(self._map(self.directory / f"{c}s.bin"), self._array(f"{c}_offsets.npy", np.int64)) for c in COLUMNS]
+        self.ids, self.titles, self.texts = cols
+        self._hashes = self._array("id_hashes.npy", np.uint64)
+        self._order = self._array("id_order.npy", np.int64)
+        self._row_of, self._fingerprint = None, None
+        n = manifest["corpus"]["count"]
+        for name, col in zip(COLUMNS, cols):
+            size = manifest["files"][f"{name}s.bin"]["bytes"]
+            if len(col) != n or col._off[0] != 0 or col._off[-1] != size:
+                raise DenseprError(f"{self.directory / f'{name}_offsets.npy'}: {len(col._off)} offsets from {col._off[0]} to "
+                                   f"{col._off[-1]}, expected {n + 1} from 0 to {size} (the size of {name}s.bin); rebuild the store")  # fmt: skip
+        for name, a in (("id_hashes.npy", self._hashes), ("id_order.npy", self._order)):
+            if len(a) != n:
+                raise DenseprError(f"{self.directory / name}: {len(a)} entries, expected {n}; rebuild the store")
+
+    def _map(self, path: Path) -> mmap.mmap | bytes:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return b""  # mmap refuses an empty file (e.g. every title empty)
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps.append(m)
+        return m
+
+    def _array(self, name: str, dtype: type) -> np.ndarray:
+        path = self.directory / name
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DenseprError(f"{path}: unreadable ({e}); rebuild the store") from None
+        if a.dtype != dtype or a.ndim != 1:
+            raise DenseprError(f"{path}: {a.dtype} array of shape {a.shape}, expected 1-d {np.dtype(dtype)}; rebuild the store")
+        return a.view(np.ndarray)  # still the mapping; a plain ndarray slices without np.memmap's per-slice overhead
+
+    def __iter__(self) -> Iterator[Passage]:
+        return (Passage(*v) for v in zip(self.ids, self.titles, self.texts))
+
+    def __repr__(self) -> str:
+        return f"StoreCorpus({str(self.directory)!r}, {len(self)} passages)"
+
+    def __reduce__(self):  # to another process: it opens the same store
+        return (open_store, (str(self.directory),))
+
+    def fingerprint(self) -> dict:
+        """The fingerprint computed when the store was built (its files are checked against the manifest on open)."""
+        return dict(self.manifest["corpus"])
+
+    def row(self, passage_id: str) -> int:
+        """Row number of a passage id (KeyError if absent): a binary search of the sorted id hashes."""
+        if not isinstance(passage_id, str):
+            raise KeyError(passage_id)
+        h = _id_hash(passage_id)
+        i = int(np.searchsorted(self._hashes, np.uint64(h)))
+        while i < len(self._hashes) and int(self._hashes[i]) == h:
+            r = int(self._order[i])
+            if self.ids[r] == passage_id:
+                return r
+            i += 1
+        raise KeyError(passage_id)
+
+
+def build_store(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> dict:
+    """Build a passage store at ``directory`` from a passages file (TSV or JSON lines), streaming it.
+
+    Returns the manifest. Bad input is refused as :func:`~densepr.data.passages.load_corpus` refuses
+    it (located :class:`InputError`); the previous store, if any, is left as it was.
+    """
+    source = Path(source)
+    state = source_state(source) if source.is_file() else None  # before reading: an edit during the build makes it stale
+    with atomic_dir(directory, KIND, FILES) as build:
+        offsets = [array("q", [0]) for _ in COLUMNS]
+        hashes = array("Q")
+        fp = _Fingerprinter()
+        block: list[list[str]] = [[], [], []]
+        outs = [open(build / f"{c}s.bin", "wb", buffering=1 << 20) for c in COLUMNS]  # noqa: SIM115
+        try:
+            for p in iter_passages(source):
+                for col, value, out, off in zip(block, (p.id, p.title, p.text), outs, offsets):
+                    col.append(value)
+                    raw = value.encode(*_ENC)
+                    out.write(raw)
+                    off.append(off[-1] + len(raw))
+                hashes.append(_id_hash(p.id))
+                if len(block[0]) == _FP_ROWS:
+                    fp.add(*block)
+                    block = [[], [], []]
+        finally:
+            for out in outs:
+                out.close()
+        if block[0]:
+            fp.add(*block)
+        if fp.count == 0:
+            raise InputError(source, "no passages found (empty file?)")
+        h = np.frombuffer(hashes, dtype=np.uint64)
+        order = np.argsort(h, kind="stable")
+        _refuse_duplicates(source, h[order], order, build / "ids.bin", offsets[0])
+        for c, off in zip(COLUMNS, offsets):
+            save_npy(build / f"{c}_offsets.npy", np.frombuffer(off, dtype=np.int64))
+        save_npy(build / "id_hashes.npy", h[order])
+        save_npy(build / "id_order.npy", order.astype(np.int64))
+        return write_manifest(build, KIND, list(FILES), corpus=fp.result(), source=state)
+
+
+def _refuse_duplicates(source: Path, sorted_hashes: np.ndarray, order: np.ndarray, ids_bin: Path, id_off: array) -> None:
+    """A repeated id (two rows with the same hash and the same id: equal neighbours once sorted) is
+    refused as :meth:`Corpus.from_passages` refuses it: at the first repetition, naming both passages."""
+    first = None
+    with open(ids_bin, "rb") as fh:
+        def id_at(row: int) -> bytes:
+            fh.seek(id_off[row])
+            return fh.read(id_off[row + 1] - id_off[row])
+
+        same = set(np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]).tolist())
+        for i in sorted(same):
+            if i - 1 in same:
+                continue  # not the start of a run of equal hashes
+            seen: dict[bytes, int] = {}
+            j = i
+            while j < len(order) and sorted_hashes[j] == sorted_hashes[i]:  # a run: rows in file order (stable sort)
+                row, pid = int(order[j]), id_at(int(order[j]))
+                if pid in seen and (first is None or row < first[1]):
+                    first = (seen[pid], row, pid.decode(*_ENC))
+                seen.setdefault(pid, row)
+                j += 1
+    if first is not None:
+        a, b, pid = first
+        raise InputError(source, f"duplicate passage id {pid!r} (first seen as passage {a + 1})", line=b + 1, field="id", unit="passage")
+
+
+def open_store(directory: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, verify: str = "sample") -> StoreCorpus:
+    """Open a passage store (its manifest checked, ``verify`` as in :func:`~densepr.fileio.read_manifest`).
+
+    ``source``: the passages file it must have been built from; a store of another (or since edited)
+    file is refused with a :class:`MismatchError` (:func:`ensure_store` rebuilds it instead).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory, KIND, verify)
+    if source is not None:
+        stale = store_stale(manifest, source)
+        if stale:
+            raise MismatchError(f"{directory}: {stale}; rebuild it (densepr rebuilds it when it loads the index)")
+    return StoreCorpus(directory, manifest)
+
+
+def check_store(directory: str | os.PathLike[str], manifest: dict, full: bool = True) -> None:
+    """``densepr verify``'s check of a store whose files match its manifest: its arrays' shapes and, when
+    ``full``, that its columns hash to the fingerprint it records (every value read)."""
+    store = StoreCorpus(directory, manifest)
+    if full:
+        fp = _fingerprint(store.ids, store.titles, store.texts)
+        if fp != store.fingerprint():
+            raise DenseprError(f"{directory}: its passages do not hash to the fingerprint in its manifest; rebuild the store")
+
+
+def store_stale(manifest: dict, source: str | os.PathLike[str]) -> str | None:
+    """Why a store is not current for ``source`` (another file, or edited since), or None."""
+    was, now = manifest.get("source") or {}, source_state(source)
+    for key, what in (("bytes", "size"), ("mtime_ns", "modification time"), ("sampled_sha256", "content")):
+        if was.get(key) != now[key]:
+            return (f"built from {was.get('name', 'a passages file')} of {was.get('bytes')} bytes, but {source} now has another "
+                    f"{what} ({now['bytes']} bytes): edited or replaced since")  # fmt: skip
+    return None
+
+
+def ensure_store(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> StoreCorpus:
+    """The store at ``directory`` for ``source``, built first when missing or stale (``source`` changed since)."""
+    import fcntl
+
+    directory = Path(directory)
+
+    def current() -> bool:
+        return (directory / MANIFEST).is_file() and not store_stale(read_manifest(directory, KIND, "none"), source)
+
+    if not current():
+        # One builder at a time (searchers of one index start together); the others wait, then open what it built
+        # rather than swapping in a copy of their own under a process that has just opened it.
+        with open(directory.parent / f".{directory.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not current():
+                build_store(source, directory)
+    return open_store(directory, source)

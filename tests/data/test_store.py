@@ -1,0 +1,250 @@
+"""The memory-mapped passage store (issue 34): the Corpus API over it equals the in-memory corpus,
+bad input and damaged or stale stores are refused with located errors, and retrieval over an index
+directory with a store gives the results it gives without."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from densepr import fileio
+from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, load_corpus, write_passages_tsv
+from densepr.data.store import StoreCorpus, build_store, ensure_store, open_store
+from densepr.errors import DenseprError, InputError, MismatchError
+from densepr.retrieve.bm25 import BM25Index
+
+
+def _store(tmp_path: Path, corpus: Corpus, name: str = "passages.tsv") -> tuple[Path, StoreCorpus]:
+    tsv = tmp_path / name
+    write_passages_tsv(corpus, tsv)
+    build_store(tsv, tmp_path / "store")
+    return tsv, open_store(tmp_path / "store", tsv)
+
+
+def _assert_same(store: StoreCorpus, mem: Corpus) -> None:
+    assert len(store) == len(mem)
+    assert [store[i] for i in range(len(mem))] == [mem[i] for i in range(len(mem))]
+    assert store[-1] == mem[-1] and store[np.int64(len(mem) - 1)] == mem[len(mem) - 1]  # numpy rows, as searches return them
+    assert list(store) == list(mem)
+    for col in ("ids", "titles", "texts"):
+        s, m = getattr(store, col), getattr(mem, col)
+        assert len(s) == len(m) and list(s) == m
+        assert s[1:4] == m[1:4] and s[::3] == m[::3] and s[-3:] == m[-3:] and s[5:2] == [] and s[:] == m
+    assert all(store.row(pid) == mem.row(pid) for pid in mem.ids)
+    with pytest.raises(KeyError):
+        store.row("no-such-id")
+    with pytest.raises(IndexError):
+        store[len(mem)]
+    fp = mem.fingerprint()
+    assert store.fingerprint() == fp  # recorded at build time...
+    assert _fingerprint(store.ids, store.titles, store.texts) == fp  # ...and what the stored columns hash to
+
+
+def test_store_round_trip_equals_the_in_memory_corpus(tmp_path, corpus):
+    _, store = _store(tmp_path, corpus)
+    _assert_same(store, corpus)
+    assert store.manifest["kind"] == "passage-store" and store.manifest["source"]["name"] == "passages.tsv"
+
+
+def test_store_round_trip_over_several_fingerprint_blocks_and_odd_values(tmp_path):
+    # more rows than one fingerprint block; empty titles, non-ASCII text, and (JSON lines only) a lone surrogate
+    n = 2 * _FP_ROWS + 7
+    passages = [Passage(f"p{i}", "" if i % 3 else f"Tïtle {i}", f"word {i} é 中文" * (i % 4)) for i in range(n)]
+    tsv_corpus = Corpus.from_passages(passages)
+    _, store = _store(tmp_path, tsv_corpus)
+    assert store.texts[0] == "" and store.titles[1] == ""
+    _assert_same(store, tsv_corpus)
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": "a", "title": "", "text": "\\ud800 lone"}\n{"_id": 7, "text": "seven"}\n', encoding="utf-8")
+    build_store(jsonl, tmp_path / "jstore")
+    _assert_same(open_store(tmp_path / "jstore", jsonl), load_corpus(jsonl))
+
+
+def test_a_store_is_handed_to_another_process_by_its_directory(tmp_path, corpus):
+    import pickle
+
+    _, store = _store(tmp_path, corpus)
+    again = pickle.loads(pickle.dumps(store))
+    assert isinstance(again, StoreCorpus) and list(again) == list(corpus)
+
+
+def test_duplicate_ids_are_refused_with_both_passages_named(tmp_path):
+    tsv = tmp_path / "passages.tsv"
+    tsv.write_text("id\ttext\ttitle\n1\ta\tA\n2\tb\tB\n3\tc\tC\n2\td\tD\n1\te\tE\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"passages.tsv, passage 4: field 'id': duplicate passage id '2' \(first seen as passage 2\)"):
+        build_store(tsv, tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # nothing installed
+    with pytest.raises(InputError, match="duplicate passage id '2' \\(first seen as passage 2\\)"):
+        load_corpus(tsv)  # the same rule as the in-memory corpus
+
+
+def test_bad_input_is_located_as_when_loading(tmp_path):
+    tsv = tmp_path / "passages.tsv"
+    tsv.write_text("id\ttext\ttitle\n1\ta\tA\n2\tb\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"passages.tsv, line 3: expected 3 tab-separated columns"):
+        build_store(tsv, tmp_path / "store")
+    tsv.write_text("id\ttext\ttitle\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no passages found"):
+        build_store(tsv, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_truncated_store_file_is_refused_naming_it(tmp_path, corpus):
+    _store(tmp_path, corpus)
+    texts = tmp_path / "store" / "texts.bin"
+    texts.write_bytes(texts.read_bytes()[:-10])
+    with pytest.raises(DenseprError, match=r"store/texts.bin: \d+ bytes, manifest says \d+: file truncated or altered"):
+        open_store(tmp_path / "store")
+
+
+def test_altered_bytes_are_refused_naming_the_file(tmp_path, corpus):
+    _store(tmp_path, corpus)
+    ids = tmp_path / "store" / "ids.bin"
+    raw = bytearray(ids.read_bytes())
+    raw[0] ^= 1  # same size, other id
+    ids.write_bytes(bytes(raw))
+    with pytest.raises(DenseprError, match=r"store/ids.bin: sha256 differs"):
+        open_store(tmp_path / "store")
+
+
+def test_altered_bytes_of_a_large_file_are_caught_by_the_sampled_hash(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(fileio, "FULL_HASH_BYTES", 16)  # every file is "large": checked on samples, as at 21M passages
+    _store(tmp_path, corpus)
+    assert "sampled_sha256" in json.loads((tmp_path / "store" / "manifest.json").read_text())["files"]["texts.bin"]
+    texts = tmp_path / "store" / "texts.bin"
+    raw = bytearray(texts.read_bytes())
+    raw[3] ^= 1
+    texts.write_bytes(bytes(raw))
+    with pytest.raises(DenseprError, match=r"store/texts.bin: sampled sha256 differs"):
+        open_store(tmp_path / "store")
+
+
+def test_offsets_that_do_not_match_their_data_are_refused(tmp_path, corpus):
+    _store(tmp_path, corpus)
+    d = tmp_path / "store"
+    off = np.load(d / "text_offsets.npy")
+    fileio.save_npy(d / "text_offsets.npy", off[:-1])  # one row short, then the manifest rewritten to match
+    manifest = json.loads((d / "manifest.json").read_text())
+    fileio.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
+    with pytest.raises(DenseprError, match=r"store/text_offsets.npy: 12 offsets from 0 to \d+, expected 13"):
+        open_store(d)
+
+
+def test_a_store_of_another_corpus_is_refused_by_an_index(tmp_path, corpus):
+    BM25Index.build(corpus).save(tmp_path / "bm25")
+    other = Corpus.from_passages(Passage(p.id, p.title, p.text + " edited") for p in corpus)
+    _, store = _store(tmp_path, other)
+    with pytest.raises(MismatchError, match="same 12 ids but other titles or texts"):
+        BM25Index.load(tmp_path / "bm25", corpus=store)
+    assert BM25Index.load(tmp_path / "bm25", corpus=_store(tmp_path / "x", corpus)[1]) is not None  # (tmp_path/x made by write)
+
+
+def test_a_store_older_than_its_passages_file_is_refused_or_rebuilt(tmp_path, corpus):
+    tsv, store = _store(tmp_path, corpus)
+    edited = Corpus.from_passages(Passage(p.id, p.title, p.text.upper()) for p in corpus)  # same size, other content
+    write_passages_tsv(edited, tsv)
+    os.utime(tsv, ns=(store.manifest["source"]["mtime_ns"],) * 2)  # even with the old modification time (cp -p)
+    with pytest.raises(MismatchError, match="store: built from passages.tsv of \\d+ bytes, but .* now has another content"):
+        open_store(tmp_path / "store", tsv)
+    rebuilt = ensure_store(tsv, tmp_path / "store")
+    assert list(rebuilt) == list(edited) and rebuilt.fingerprint() == edited.fingerprint()
+    assert ensure_store(tsv, tmp_path / "store").manifest == rebuilt.manifest  # current: opened, not rebuilt
+    write_passages_tsv(corpus, tmp_path / "other.tsv")
+    with pytest.raises(MismatchError, match="another size|another modification time|another content"):
+        open_store(tmp_path / "store", tmp_path / "other.tsv")
+
+
+def test_retriever_over_an_index_directory_with_a_store_searches_alike(index_dir, corpus):
+    from densepr.index.dense import DenseIndex
+    from densepr.models.encoder import Encoder
+    from densepr.retrieve.retriever import Retriever
+
+    bm25 = BM25Index.load(index_dir / "bm25", corpus=corpus)
+    dense = DenseIndex.load(index_dir / "dense", corpus=corpus)
+    plain = Retriever(corpus, bm25, dense, Encoder.load(dense.manifest["question_encoder"], device="cpu"))
+    assert not (index_dir / "store").exists()
+    r = Retriever.load(index_dir, device="cpu")  # builds the store once...
+    assert isinstance(r.corpus, StoreCorpus) and (index_dir / "store" / "manifest.json").is_file()
+    built = (index_dir / "store" / "manifest.json").stat().st_mtime_ns
+    r = Retriever.load(index_dir, device="cpu")  # ...then opens it
+    assert (index_dir / "store" / "manifest.json").stat().st_mtime_ns == built
+    questions = ["who created python", "great lakes ocean", "mozart salzburg", "first nobel prize in physics"]
+    for mode in ("bm25", "dense", "hybrid", "rrf"):
+        for q in questions:
+            assert r.search(q, k=5, mode=mode) == plain.search(q, k=5, mode=mode)
+
+
+def test_retriever_rebuilds_a_stale_store_and_reads_a_damaged_one_never(index_dir, corpus):
+    from densepr.retrieve.retriever import Retriever
+
+    Retriever.load(index_dir, device="cpu")
+    (index_dir / "store" / "texts.bin").write_bytes(b"x")
+    with pytest.raises(DenseprError, match="store/texts.bin: 1 bytes, manifest says"):
+        Retriever.load(index_dir, device="cpu")
+    write_passages_tsv(corpus, index_dir / "passages.tsv")  # rewritten (same passages): the store is rebuilt from it
+    assert isinstance(Retriever.load(index_dir, device="cpu").corpus, StoreCorpus)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_retriever_over_a_read_only_index_directory_parses_passages(index_dir):
+    from densepr.retrieve.retriever import Retriever
+
+    os.chmod(index_dir, 0o555)
+    try:
+        r = Retriever.load(index_dir, device="cpu")
+    finally:
+        os.chmod(index_dir, 0o755)
+    assert type(r.corpus) is Corpus and not (index_dir / "store").exists()
+
+
+def test_verify_checks_a_store_against_its_fingerprint_and_the_passages_beside_it(index_dir, corpus, capsys):
+    from tests.support.cli import run
+
+    build_store(index_dir / "passages.tsv", index_dir / "store")
+    code, out, err = run(capsys, "verify", str(index_dir))
+    assert code == 0 and "passage-store" in out, err
+    # texts edited, and the manifest rewritten to match the files: only re-hashing the passages tells
+    d = index_dir / "store"
+    (d / "texts.bin").write_bytes((d / "texts.bin").read_bytes().replace(b"Mozart", b"MOZART"))
+    manifest = json.loads((d / "manifest.json").read_text())
+    fileio.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
+    code, out, _ = run(capsys, "verify", str(d), "--quick")
+    assert code == 0  # sizes and hashes agree with the manifest
+    code, out, _ = run(capsys, "verify", str(d))
+    assert code == 1 and "FAILED" in out and "do not hash to the fingerprint" in out
+    # passages.tsv edited: the store (like the indexes) describes another corpus
+    build_store(index_dir / "passages.tsv", d)
+    write_passages_tsv(Corpus.from_passages(Passage(p.id, p.title, p.text + "!") for p in corpus), index_dir / "passages.tsv")
+    code, out, _ = run(capsys, "verify", str(d), "--quick")
+    assert code == 1 and "FAILED" in out and "passage-store" in out and "other titles or texts" in out
+
+
+def test_retriever_leaves_a_store_path_it_did_not_write_alone(index_dir):
+    from densepr.retrieve.retriever import Retriever
+
+    (index_dir / "store").write_text("a user's file", encoding="utf-8")
+    r = Retriever.load(index_dir, device="cpu")
+    assert type(r.corpus) is Corpus and (index_dir / "store").read_text(encoding="utf-8") == "a user's file"
+
+
+def test_processes_opening_a_missing_store_at_once_build_it_once(tmp_path, corpus):
+    import multiprocessing
+
+    tsv = tmp_path / "passages.tsv"
+    write_passages_tsv(corpus, tsv)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        manifests = pool.starmap(_open_and_manifest, [(str(tsv), str(tmp_path / "store"))] * 3)
+    assert all(m == manifests[0] for m in manifests)  # one build, opened by all: each build installs a new directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "passages.tsv", "store"]
+
+
+def _open_and_manifest(tsv: str, store: str) -> dict:
+    s = ensure_store(tsv, store)
+    assert list(s) and s.fingerprint()
+    return {"inode": os.stat(store).st_ino, **json.loads((Path(store) / "manifest.json").read_text())}
