@@ -248,3 +248,42 @@ def _open_and_manifest(tsv: str, store: str) -> dict:
     s = ensure_store(tsv, store)
     assert list(s) and s.fingerprint()
     return {"inode": os.stat(store).st_ino, **json.loads((Path(store) / "manifest.json").read_text())}
+
+
+def test_rows_of_many_ids_equal_row_of_each_in_any_order_and_name_the_first_absent(tmp_path):
+    passages = [Passage(f"p{i}", "", f"text {i}") for i in range(300)] + [Passage("é-中", "", "x")]
+    mem = Corpus.from_passages(passages)
+    _, store = _store(tmp_path, mem)
+    rng = np.random.default_rng(0)
+    ids = list(mem.ids)
+    for c in (mem, store):
+        assert c.rows(ids).tolist() == list(range(len(ids)))  # the corpus's own ids in row order
+        for sel in (rng.permutation(len(ids)), rng.choice(len(ids), 50), np.arange(len(ids))[::-1], np.arange(0)):
+            given = [ids[i] for i in sel]
+            got = c.rows(given)
+            assert got.dtype == np.int64 and got.tolist() == [mem.row(p) for p in given]
+        for absent in ("p3000", "p30 ", "q1", "p"):  # longer, same length, other bytes, a prefix
+            with pytest.raises(KeyError) as e:
+                c.rows([ids[5], absent, "p9999"])
+            assert e.value.args[0] == absent
+
+
+def test_dense_bind_over_a_store_equals_the_in_memory_bind_and_refuses_an_absent_id(tmp_path, corpus):
+    import faiss
+
+    from densepr.index.dense import DenseIndex
+
+    _, store = _store(tmp_path, corpus)
+    order = list(np.random.default_rng(1).permutation(len(corpus)))
+    for ids in (list(corpus.ids), [corpus.ids[i] for i in order]):
+        flat = faiss.IndexFlatIP(2)
+        flat.add(np.zeros((len(ids), 2), dtype=np.float32))
+        a, b = DenseIndex.from_faiss(flat, ids), DenseIndex.from_faiss(flat, ids)
+        a.bind(corpus)
+        b.bind(store)
+        assert a._rows.tolist() == b._rows.tolist() == [corpus.row(p) for p in ids]
+    flat = faiss.IndexFlatIP(2)
+    flat.add(np.zeros((2, 2), dtype=np.float32))
+    for c in (corpus, store):
+        with pytest.raises(MismatchError, match="'nope' is not in the corpus"):
+            DenseIndex.from_faiss(flat, [corpus.ids[0], "nope"]).bind(c)

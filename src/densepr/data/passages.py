@@ -102,6 +102,13 @@ class Corpus:
             self._row_of = {pid: i for i, pid in enumerate(self.ids)}
         return self._row_of[passage_id]
 
+    def rows(self, passage_ids: Sequence[str]) -> np.ndarray:
+        """Row numbers (int64) of many passage ids, as :meth:`row` gives them (KeyError naming the first
+        absent one). The common case, this corpus's own ids in row order, is found with one comparison."""
+        if len(passage_ids) == len(self.ids) and list(passage_ids) == self.ids:
+            return np.arange(len(self.ids), dtype=np.int64)
+        return np.fromiter(map(self.row, passage_ids), dtype=np.int64, count=len(passage_ids))
+
 
 _FP_ROWS = 1 << 14  # rows per block of the content hash (part of its definition)
 

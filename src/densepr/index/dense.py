@@ -413,7 +413,7 @@ class DenseIndex:
         """Map index rows to rows of ``corpus`` so searches return corpus rows."""
         check_corpus(self.manifest, corpus, "dense index")
         try:
-            self._rows = np.fromiter((corpus.row(i) for i in self.ids), dtype=np.int64, count=len(self.ids))
+            self._rows = corpus.rows(self.ids)
         except KeyError as e:
             raise MismatchError(f"dense index passage id {e.args[0]!r} is not in the corpus") from None
 
