@@ -190,10 +190,9 @@ def data_build_train(
     _check_output(val_output, "file", "validation JSON")
     _check_output(val_output.with_suffix(".qa.tsv") if val_output else None, "file", "held-out questions")
     _check_outputs_differ(output, output.with_suffix(".stats.json"), val_output, val_output.with_suffix(".qa.tsv") if val_output else None)
-    from densepr.data import load_corpus
     from densepr.fileio import write_json
     from densepr.retrieve.bm25 import BM25Index
-    from densepr.retrieve.retriever import Retriever
+    from densepr.retrieve.retriever import Retriever, open_corpus
     from densepr.train.mining import build_training_data, stats_path
 
     sets = [_load_qa(q, None, None, cache_dir) for q in qa]
@@ -206,7 +205,7 @@ def data_build_train(
         raise DenseprError(f"--skip-top must be between 0 and --depth ({depth}) - 1")
     if negatives_from is not None and mode not in (Mode.DENSE.value, Mode.HYBRID.value):
         raise DenseprError(f"--mode must be dense or hybrid, not {mode!r} (BM25 mining is the default without --negatives-from)")
-    corpus = load_corpus(index / "passages.tsv")
+    corpus = open_corpus(index)  # its passage store: nothing held per passage
     bm25 = BM25Index.load(index / "bm25", corpus=corpus)
     model_rank = None
     if negatives_from is not None:
@@ -520,7 +519,7 @@ def evaluate(
     and, when --index is given, on the answerable subset."""
     import numpy as np
 
-    from densepr.data import QA, QASet, load_corpus
+    from densepr.data import QA, QASet
     from densepr.data.runs import iter_dpr_results, read_trec_run
     from densepr.evaluate.answers import AnswerMatcher, has_answer
     from densepr.evaluate.report import rich_table
@@ -542,7 +541,12 @@ def evaluate(
         out.print(f"{results.name}: {len(judged)} judged queries ({sum(q in run for q in judged)} in the run)")
         out.print("  " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
         return
-    corpus = load_corpus(index / "passages.tsv") if index else None
+    if index:
+        from densepr.retrieve.retriever import open_corpus
+
+        corpus = open_corpus(index)  # its passage store: only the texts read are decoded
+    else:
+        corpus = None
     if results.suffix == ".json":
         recs = list(iter_dpr_results(results))
         is_regex = regex if regex is not None else "curated" in results.name.lower()

@@ -287,3 +287,43 @@ def test_dense_bind_over_a_store_equals_the_in_memory_bind_and_refuses_an_absent
     for c in (corpus, store):
         with pytest.raises(MismatchError, match="'nope' is not in the corpus"):
             DenseIndex.from_faiss(flat, [corpus.ids[0], "nope"]).bind(c)
+
+
+def _bm25_dirs(tmp_path: Path, corpus: Corpus) -> tuple[Path, Path]:
+    """Two index directories over ``corpus`` (passages.tsv, bm25/): the second's store/ path is taken by
+    something else, so the passages there are parsed into memory, as before the store."""
+    dirs = []
+    for name in ("with-store", "in-memory"):
+        d = tmp_path / name
+        write_passages_tsv(corpus, d / "passages.tsv")
+        BM25Index.build(corpus).save(d / "bm25")
+        dirs.append(d)
+    (dirs[1] / "store").mkdir()
+    return dirs[0], dirs[1]
+
+
+def test_evaluate_build_train_and_cloze_read_an_index_directory_through_its_store(tmp_path, corpus, qa_tsv, capsys):
+    from densepr.train.cloze import index_cloze_records
+    from tests.support.cli import run
+    from tests.train.test_cloze import TEXT
+
+    corpus = Corpus.from_passages([*corpus, Passage("treaty", "Treaty", TEXT)])  # one passage cloze questions can be made from
+    store_dir, mem_dir = _bm25_dirs(tmp_path, corpus)
+    trec = tmp_path / "run.trec"
+    ids = list(corpus.ids)
+    trec.write_text("".join(f"{q} Q0 {ids[(q + j) % len(ids)]} {j + 1} {9 - j} t\n" for q in range(3) for j in range(4)))
+    outs = {}
+    for d in (store_dir, mem_dir):
+        code, out, err = run(capsys, "evaluate", str(trec), "--qa", str(qa_tsv), "--index", str(d), "--ks", "1,4")
+        assert code == 0, err
+        outs[d] = out
+        o = tmp_path / f"{d.name}-train.json"
+        code, _, err = run(capsys, "data", "build-train", "--qa", str(qa_tsv), "--index", str(d), "-o", str(o), "--depth", "5",
+                           "--hard-negatives", "2", "--random-negatives", "1", "--val-fraction", "0")  # fmt: skip
+        assert code == 0, err
+        outs[d, "train"] = o.read_text()
+        outs[d, "cloze"] = index_cloze_records(d, 5, depth=3)
+    assert (store_dir / "store" / "manifest.json").is_file() and not any((mem_dir / "store").iterdir())
+    assert outs[store_dir] == outs[mem_dir] and "answerable" in outs[store_dir]
+    assert outs[store_dir, "train"] == outs[mem_dir, "train"]
+    assert outs[store_dir, "cloze"] == outs[mem_dir, "cloze"]

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from densepr.data.passages import load_corpus
 from densepr.errors import DenseprError
 from densepr.fileio import read_json
 from densepr.ranking import SearchResult, merge_shards
@@ -161,7 +160,9 @@ class _View:
     """The router's stand-in for a Retriever: the corpus (to build responses) and what /health says."""
 
     def __init__(self, info: IndexInfo) -> None:
-        self.corpus = load_corpus(info.corpus_path)
+        from densepr.retrieve.retriever import open_corpus  # here: it imports the dense side
+
+        self.corpus = open_corpus(Path(info.corpus_path).parent)  # the index directory's passage store
         self.modes, self.hybrid_lambda, self.info = info.modes, info.hybrid_lambda, info
         self.question_encoder = type("E", (), {"name": info.question_encoder})() if info.question_encoder else None
         self.dense = type("D", (), {"index_type": info.index_type})() if info.index_type else None

@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from densepr.data.passages import Corpus, load_corpus
+from densepr.data.passages import Corpus
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
 from densepr.fileio import atomic_write
@@ -115,7 +115,9 @@ def index_cloze_records(index: str | os.PathLike[str], n: int, seed: int = CLOZE
         raise DenseprError(f"{index}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
     if depth < 2:
         raise DenseprError(f"cloze questions: depth must be at least 2 (the positive and a negative), not {depth}")
-    corpus = load_corpus(index / "passages.tsv")
+    from densepr.retrieve.retriever import open_corpus  # here: it imports the dense side
+
+    corpus = open_corpus(index)  # its passage store: nothing held per passage
     return cloze_records(corpus, BM25Index.load(index / "bm25", corpus=corpus), n, seed, depth), len(corpus)
 
 
