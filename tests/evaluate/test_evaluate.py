@@ -177,3 +177,19 @@ def test_answerable_counts_on_embedded_benchmark(embedded):
     assert len(corpus) == 10033
     assert m.answerable(embedded.load_qa("nq-test")).sum() == 1503
     assert m.answerable(embedded.load_qa("curated-test")).sum() == 547
+
+
+def test_answerable_reads_each_text_once_in_order_and_keeps_only_the_candidates_tokens():
+    class Counting(list):  # passage texts that count how they are read (a passage store decodes on access)
+        gets = 0
+
+        def __getitem__(self, i):
+            Counting.gets += 1
+            return super().__getitem__(i)
+
+    texts = Counting(TEXTS * 40)
+    qas = QASet("t", [QA("q1", ("Röntgen",)), QA("q3", ("Mars",)), QA("q4", ("great lakes",))])
+    m = AnswerMatcher(texts)
+    assert m.answerable(qas).tolist() == [True, False, True]
+    # one pass over the corpus (iteration), then a read per candidate of the answers found; not every passage kept
+    assert Counting.gets <= 2 * 40 and len(m._tokens) <= 2 * 40 < len(texts)

@@ -174,9 +174,12 @@ class AnswerMatcher:
         return outs
 
     def _build_postings(self) -> dict[str, np.ndarray]:
+        # Every passage is read once, in order (a passage store decodes them block by block), and its tokens
+        # are not kept: only the candidates' are, when checked.
         lists: dict[str, list[int]] = {}
-        for row in range(len(self.texts)):
-            for tok in set(self._passage_tokens(row).split()):
+        for row, text in enumerate(self.texts):
+            toks = self._tokens.get(row)
+            for tok in set((toks if toks is not None else _joined(answer_tokens(text))).split()):
                 lists.setdefault(tok, []).append(row)
         return {t: np.asarray(v, dtype=np.int64) for t, v in lists.items()}
 
