@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import tempfile
+from array import array
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -162,14 +163,14 @@ def _analyse_chunk(task: tuple) -> dict:
     else:
         titles, texts = source[1], source[2]
     vocab: dict[str, int] = {}
-    tids: list[int] = []
+    tids = array("q")  # 8 B per term occurrence, not a Python int each
     dl = np.zeros(hi - lo, dtype=np.int32)
     for d, (t, x) in enumerate(zip(titles, texts)):
         terms = analyzer(f"{t} {x}")
         dl[d] = len(terms)
         tids.extend(vocab.setdefault(w, len(vocab)) for w in terms)
     docs = np.repeat(np.arange(hi - lo, dtype=np.int64), dl)
-    key, tf = np.unique(np.asarray(tids, dtype=np.int64) * max(hi - lo, 1) + docs, return_counts=True)
+    key, tf = np.unique(np.frombuffer(tids, dtype=np.int64) * max(hi - lo, 1) + docs, return_counts=True)
     tid, doc = np.divmod(key, max(hi - lo, 1))
     base = Path(tmp) / f"chunk{i:06d}"
     np.save(f"{base}.tid.npy", tid.astype(np.int32))
