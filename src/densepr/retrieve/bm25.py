@@ -67,16 +67,19 @@ class LuceneAnalyzer:
     def __init__(self, stemmer: str | None = "porter", stopwords: frozenset[str] = LUCENE_STOPWORDS) -> None:
         if stemmer not in ("porter", None):
             raise DenseprError(f"unknown stemmer {stemmer!r}: 'porter' (Lucene's) or none")
-        self.stopwords = stopwords
-        self._stem = None
-        if stemmer:
-            # NLTK's MARTIN_EXTENSIONS mode is Martin Porter's reference C implementation, which
-            # Lucene's PorterStemmer ports (Snowball's "porter" differs on short words, -logi, -bli).
-            from nltk.stem.porter import PorterStemmer
+        self.stopwords, self.stemmer = stopwords, stemmer
+        self._stem = None  # loaded on first use: importing nltk costs ~150 MB, which a build's merging process never needs
 
-            self._stem = lru_cache(maxsize=1 << 20)(PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem)
+    def _load_stemmer(self):
+        # NLTK's MARTIN_EXTENSIONS mode is Martin Porter's reference C implementation, which
+        # Lucene's PorterStemmer ports (Snowball's "porter" differs on short words, -logi, -bli).
+        from nltk.stem.porter import PorterStemmer
+
+        self._stem = lru_cache(maxsize=1 << 20)(PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem)
+        return self._stem
 
     def __call__(self, text: str) -> list[str]:
+        stem = (self._stem or self._load_stemmer()) if self.stemmer else None
         terms = []
         for w in _SEGMENT.split(text):
             if not w or not _TOKEN.search(w):
@@ -85,7 +88,7 @@ class LuceneAnalyzer:
             if w.endswith(("'s", "\u2019s", "\uff07s")):  # Lucene's EnglishPossessiveFilter
                 w = w[:-2]
             if w and w not in self.stopwords:
-                terms.append(self._stem(w) if self._stem else w)
+                terms.append(stem(w) if stem else w)
         return terms
 
     def many(self, texts: Sequence[str]) -> list[list[str]]:
@@ -239,7 +242,7 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     avgdl = dl.sum() / doc_count
     length = lucene_length(dl) if lengths == "lucene" else dl
     norm = model.k1 * (1 - model.b + model.b * length / max(avgdl, 1e-9))
-    step = 1 << 22
+    step = 1 << 20  # entries scored at a time: ~50 B each in temporaries
     for lo in range(0, nnz, step):
         hi = min(lo + step, nnz)
         term_of = np.searchsorted(indptr, np.arange(lo, hi), side="right") - 1
