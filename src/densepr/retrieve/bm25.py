@@ -310,10 +310,14 @@ class BM25Index:
         so every array, is the single-process build's (bm25s's, a Python ``set`` of the terms
         in order of first occurrence).
 
-        Peak memory (besides the page cache of the mapped arrays, which the kernel may evict):
-        about 150 B per vocabulary term (the term dictionary) + 40 B per term (df, idf, offsets)
-        + 24 B per passage (lengths, norms) + one chunk's postings in the merge
-        (~40 B per posting) + per worker one chunk's analysis (~1 KB per passage of 100 words).
+        Peak memory, this process: the corpus as given (a store: ~0; ``load_corpus``: ~1.1 KB per
+        passage) + ~200 B per vocabulary term (the term dictionary, df, idf, offsets) + 24 B per
+        passage (lengths, norms) + ~40 B per posting of one chunk (merge temporaries) + 12 B per
+        posting of the corpus in mapped pages (indices, scores, term frequencies: page cache,
+        which the kernel may write back and evict). Each worker: ~250 MB (Python, the analyzer)
+        + one chunk's texts + ~50 B per term occurrence of one chunk. Measured at 200,000
+        synthetic 100-word passages (415k terms, 11.1M postings, ``load_corpus``): 681 MiB in
+        this process with 2 workers, 869 MiB with 1; today's single-process build took 1,511 MiB.
 
         Args:
             lengths: ``lucene`` (document lengths rounded as Lucene stores them: Anserini's
