@@ -98,3 +98,19 @@ def test_failure_mid_merge_leaves_no_files_and_the_old_index(tmp_path, corpus, m
         BM25Index.build(_mixed_corpus(), chunk_passages=5, workdir=work)
     assert list(work.iterdir()) == []
     assert BM25Index.load(tmp_path / "bm25", corpus=corpus).search(["capital"], k=2).rows.shape == (1, 2)
+
+
+def test_cli_index_bm25_with_workers_equals_the_library_build(tmp_path, capsys, corpus, passages_tsv):
+    from tests.support.cli import run
+
+    code, out, err = run(capsys, "index", "bm25", str(passages_tsv), str(tmp_path / "bm25"), "--workers", "2", "--chunk-passages", "2")
+    assert code == 0, err
+    loaded = BM25Index.load(tmp_path / "bm25", corpus=corpus)
+    want = BM25Index.build(corpus).model
+    for name in ("data", "indices", "indptr"):  # the vocabulary order is the CLI process's own (string hashing): compare by term
+        assert loaded.model.scores[name].dtype == want.scores[name].dtype
+    terms = sorted(want.vocab_dict)
+    for model in (loaded.model, want):
+        model.columns = [(np.asarray(model.scores["indices"][a:b]).tobytes(), np.asarray(model.scores["data"][a:b]).tobytes())
+                         for a, b in ((model.scores["indptr"][model.vocab_dict[t]], model.scores["indptr"][model.vocab_dict[t] + 1]) for t in terms)]  # fmt: skip
+    assert sorted(loaded.model.vocab_dict) == terms and loaded.model.columns == want.columns
