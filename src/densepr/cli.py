@@ -240,6 +240,8 @@ def index_bm25(
     output: Annotated[Path, typer.Argument(help="Index directory to write.")],
     k1: float = 0.9,
     b: float = 0.4,
+    workers: Annotated[Optional[int], typer.Option(help="Processes analysing passages (default: every core).")] = None,
+    chunk_passages: Annotated[int, typer.Option(help="Passages per chunk a worker analyses (memory per worker grows with it).")] = 50_000,
 ) -> None:
     """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
     _check_output(output, "dir", "BM25 index")
@@ -248,7 +250,8 @@ def index_bm25(
 
     BM25Index.check_output(output)  # another artefact, or files densepr did not write: refused before the work
     corpus = load_corpus(passages)
-    BM25Index.build(corpus, k1=k1, b=b).save(output)
+    BM25Index.build(corpus, k1=k1, b=b, workers=workers or os.cpu_count() or 1, chunk_passages=chunk_passages,
+                    workdir=output.parent if output.parent.is_dir() else None, progress=True).save(output)  # fmt: skip
     out.print(f"BM25 index over {len(corpus)} passages written to {output}")
 
 

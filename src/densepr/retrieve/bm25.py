@@ -23,9 +23,13 @@ working; on load the files' checksums (sampled above 32 MiB) and the arrays' ran
 from __future__ import annotations
 
 import copy
+import json
 import os
+import tempfile
+from array import array
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import bm25s
 import numpy as np
@@ -34,8 +38,10 @@ import scipy.sparse as sp
 from bm25s.stopwords import STOPWORDS_EN
 
 from densepr.data.passages import Corpus, check_corpus
+from densepr.data.store import StoreCorpus, open_store
 from densepr.errors import DenseprError
 from densepr.fileio import FULL_HASH_BYTES, atomic_dir, check_target, read_manifest, write_manifest
+from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
 
 KIND = "bm25-index"
@@ -61,16 +67,19 @@ class LuceneAnalyzer:
     def __init__(self, stemmer: str | None = "porter", stopwords: frozenset[str] = LUCENE_STOPWORDS) -> None:
         if stemmer not in ("porter", None):
             raise DenseprError(f"unknown stemmer {stemmer!r}: 'porter' (Lucene's) or none")
-        self.stopwords = stopwords
-        self._stem = None
-        if stemmer:
-            # NLTK's MARTIN_EXTENSIONS mode is Martin Porter's reference C implementation, which
-            # Lucene's PorterStemmer ports (Snowball's "porter" differs on short words, -logi, -bli).
-            from nltk.stem.porter import PorterStemmer
+        self.stopwords, self.stemmer = stopwords, stemmer
+        self._stem = None  # loaded on first use: importing nltk costs ~150 MB, which a build's merging process never needs
 
-            self._stem = lru_cache(maxsize=1 << 20)(PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem)
+    def _load_stemmer(self):
+        # NLTK's MARTIN_EXTENSIONS mode is Martin Porter's reference C implementation, which
+        # Lucene's PorterStemmer ports (Snowball's "porter" differs on short words, -logi, -bli).
+        from nltk.stem.porter import PorterStemmer
+
+        self._stem = lru_cache(maxsize=1 << 20)(PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem)
+        return self._stem
 
     def __call__(self, text: str) -> list[str]:
+        stem = (self._stem or self._load_stemmer()) if self.stemmer else None
         terms = []
         for w in _SEGMENT.split(text):
             if not w or not _TOKEN.search(w):
@@ -79,7 +88,7 @@ class LuceneAnalyzer:
             if w.endswith(("'s", "\u2019s", "\uff07s")):  # Lucene's EnglishPossessiveFilter
                 w = w[:-2]
             if w and w not in self.stopwords:
-                terms.append(self._stem(w) if self._stem else w)
+                terms.append(stem(w) if stem else w)
         return terms
 
     def many(self, texts: Sequence[str]) -> list[list[str]]:
@@ -129,6 +138,119 @@ class _LuceneBM25(bm25s.BM25):
                 "indptr": tf.indptr.astype(np.int64), "num_docs": n_docs}  # fmt: skip
 
 
+def _corpus_source(corpus: Corpus, lo: int, hi: int) -> tuple:
+    """What a worker needs to read rows ``[lo, hi)``: the store's directory, or the chunk's texts."""
+    if isinstance(corpus, StoreCorpus):
+        return ("store", str(corpus.directory))
+    return ("rows", corpus.titles[lo:hi], corpus.texts[lo:hi])
+
+
+_WORKER_ANALYZERS: dict = {}
+_WORKER_STORES: dict = {}
+
+
+def _analyse_chunk(task: tuple) -> dict:
+    """Analyse rows ``[lo, hi)`` and write their postings (sorted by local term, then passage):
+    local term ids (int32), passages (int32, chunk-local), term frequencies (uint16, or uint32
+    if any exceeds it), per-term document frequencies, passage lengths, and the chunk's
+    vocabulary in order of first occurrence (JSON)."""
+    source, lo, hi, stemmer, tmp, i = task
+    if stemmer not in _WORKER_ANALYZERS:
+        _WORKER_ANALYZERS[stemmer] = LuceneAnalyzer(stemmer)
+    analyzer = _WORKER_ANALYZERS[stemmer]
+    if source[0] == "store":
+        if source[1] not in _WORKER_STORES:
+            _WORKER_STORES[source[1]] = open_store(source[1], verify="none")
+        store = _WORKER_STORES[source[1]]
+        titles, texts = store.titles[lo:hi], store.texts[lo:hi]
+    else:
+        titles, texts = source[1], source[2]
+    vocab: dict[str, int] = {}
+    tids = array("q")  # 8 B per term occurrence, not a Python int each
+    dl = np.zeros(hi - lo, dtype=np.int32)
+    for d, (t, x) in enumerate(zip(titles, texts)):
+        terms = analyzer(f"{t} {x}")
+        dl[d] = len(terms)
+        tids.extend(vocab.setdefault(w, len(vocab)) for w in terms)
+    docs = np.repeat(np.arange(hi - lo, dtype=np.int64), dl)
+    key, tf = np.unique(np.frombuffer(tids, dtype=np.int64) * max(hi - lo, 1) + docs, return_counts=True)
+    tid, doc = np.divmod(key, max(hi - lo, 1))
+    base = Path(tmp) / f"chunk{i:06d}"
+    np.save(f"{base}.tid.npy", tid.astype(np.int32))
+    np.save(f"{base}.doc.npy", doc.astype(np.int32))
+    np.save(f"{base}.tf.npy", tf.astype(np.uint16 if len(tf) == 0 or tf.max() <= np.iinfo(np.uint16).max else np.uint32))
+    np.save(f"{base}.df.npy", np.bincount(tid, minlength=len(vocab)).astype(np.int64))
+    np.save(f"{base}.dl.npy", dl)
+    with open(f"{base}.vocab.json", "w", encoding="utf-8") as f:
+        json.dump(list(vocab), f, ensure_ascii=False)
+    return {"base": str(base), "start": lo, "passages": hi - lo}
+
+
+def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: str, tmp: Path, progress: bool) -> tuple[dict, dict]:
+    """Merge the chunks' postings into the score matrix, exactly as ``_LuceneBM25.build_index_from_ids``
+    computes it for the whole corpus at once (same vocabulary order, same float64 arithmetic)."""
+
+    def load(c: dict, what: str) -> np.ndarray:
+        return np.load(f"{c['base']}.{what}.npy", allow_pickle=False)
+
+    def terms(c: dict) -> list[str]:
+        with open(f"{c['base']}.vocab.json", encoding="utf-8") as f:
+            return json.load(f)
+
+    unique: set[str] = set()  # bm25s's vocabulary: a set filled in order of first occurrence
+    for c in chunks:
+        unique.update(terms(c))
+    vocab = {t: i for i, t in enumerate(unique)}
+    del unique
+    n_vocab = len(vocab)
+    df = np.zeros(n_vocab, dtype=np.int64)
+    dl = np.zeros(n_docs, dtype=np.int64)
+    for c in chunks:
+        gmap = np.fromiter((vocab[t] for t in terms(c)), dtype=np.int64)
+        df[gmap] += load(c, "df")
+        dl[c["start"] : c["start"] + c["passages"]] = load(c, "dl")
+    indptr = np.zeros(n_vocab + 1, dtype=np.int64)
+    np.cumsum(df, out=indptr[1:])
+    nnz = int(indptr[-1])
+
+    def mapped(name: str, dtype) -> np.ndarray:
+        path = tmp / name
+        a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(nnz,)) if nnz else np.zeros(0, dtype=dtype)
+        if nnz:
+            path.unlink()  # the mapping stays: nothing left behind however the build ends
+        return a
+
+    indices, data = mapped("indices.npy", model.int_dtype), mapped("data.npy", model.dtype)
+    tfs = mapped("tf.npy", np.uint32)
+    cursor = indptr[:-1].copy()
+    with progress_bar(len(chunks), "BM25 merge", enabled=progress, unit="chunks") as advance:
+        for c in chunks:
+            gmap = np.fromiter((vocab[t] for t in terms(c)), dtype=np.int64)
+            tid, ldf = load(c, "tid"), load(c, "df")
+            lstart = np.zeros(len(ldf), dtype=np.int64)
+            np.cumsum(ldf[:-1], out=lstart[1:])
+            pos = cursor[gmap][tid] + np.arange(len(tid), dtype=np.int64) - lstart[tid]
+            indices[pos] = load(c, "doc") + c["start"]
+            tfs[pos] = load(c, "tf")
+            cursor[gmap] += ldf
+            for what in ("tid", "doc", "tf", "df", "dl"):
+                os.unlink(f"{c['base']}.{what}.npy")
+            os.unlink(f"{c['base']}.vocab.json")
+            advance(1)
+    doc_count = max(int((dl > 0).sum()), 1)  # Lucene's docCount: documents with the field
+    idf = np.log(1 + (doc_count - df + 0.5) / (df + 0.5))
+    avgdl = dl.sum() / doc_count
+    length = lucene_length(dl) if lengths == "lucene" else dl
+    norm = model.k1 * (1 - model.b + model.b * length / max(avgdl, 1e-9))
+    step = 1 << 20  # entries scored at a time: ~50 B each in temporaries
+    for lo in range(0, nnz, step):
+        hi = min(lo + step, nnz)
+        term_of = np.searchsorted(indptr, np.arange(lo, hi), side="right") - 1
+        tf = tfs[lo:hi].astype(np.float64)
+        data[lo:hi] = idf[term_of] * tf / (tf + norm[indices[lo:hi]])
+    return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}, vocab
+
+
 BACKENDS = ("numpy", "numba")
 # The numba scorer's first call in a process loads it from the disk cache (~0.3 s here; ~9 s to
 # compile the first time on a machine); below this many queries numpy (~2,000 q/s) answers sooner.
@@ -176,20 +298,61 @@ class BM25Index:
 
     @classmethod
     def build(
-        cls, corpus: Corpus, k1: float = 0.9, b: float = 0.4, stemmer: str | None = "porter", lengths: str = "lucene"
+        cls, corpus: Corpus, k1: float = 0.9, b: float = 0.4, stemmer: str | None = "porter", lengths: str = "lucene",
+        workers: int = 1, chunk_passages: int = 50_000, workdir: str | os.PathLike[str] | None = None, progress: bool = False,
     ) -> BM25Index:
         """Analyse ``title + " " + text`` of every passage and build the sparse score matrix.
+
+        Passages are analysed in chunks of ``chunk_passages`` rows, by ``workers`` processes
+        (spawned; each reads its rows from the store, or receives only its chunk's texts), each
+        writing its chunk's postings to ``workdir``; they are then merged into bm25s's CSC score
+        matrix in files mapped from ``workdir`` (unlinked once mapped). The vocabulary order, and
+        so every array, is the single-process build's (bm25s's, a Python ``set`` of the terms
+        in order of first occurrence).
+
+        Peak memory, this process: the corpus as given (a store: ~0; ``load_corpus``: ~1.1 KB per
+        passage) + ~200 B per vocabulary term (the term dictionary, df, idf, offsets) + 24 B per
+        passage (lengths, norms) + ~40 B per posting of one chunk (merge temporaries) + 12 B per
+        posting of the corpus in mapped pages (indices, scores, term frequencies: page cache,
+        which the kernel may write back and evict). Each worker: ~250 MB (Python, the analyzer)
+        + one chunk's texts + ~50 B per term occurrence of one chunk. Measured at 200,000
+        synthetic 100-word passages (415k terms, 11.1M postings, ``load_corpus``): 681 MiB in
+        this process with 2 workers, 869 MiB with 1; today's single-process build took 1,511 MiB.
 
         Args:
             lengths: ``lucene`` (document lengths rounded as Lucene stores them: Anserini's
                 default) or ``exact`` (Anserini's ``-bm25.accurate``).
+            workers: analysing processes (1: in this process).
+            chunk_passages: passages per chunk.
+            workdir: where the chunks' postings and the arrays are written while built (default: the temp directory).
         """
         if lengths not in ("lucene", "exact"):
             raise DenseprError(f"lengths must be 'lucene' or 'exact', not {lengths!r}")
+        if workers < 1 or chunk_passages < 1:
+            raise DenseprError(f"workers ({workers}) and chunk_passages ({chunk_passages}) must be at least 1")
         analyzer = LuceneAnalyzer(stemmer)
-        docs = [analyzer(f"{t} {x}") for t, x in zip(corpus.titles, corpus.texts)]
         model = _LuceneBM25(k1=k1, b=b, method="lucene", lengths=lengths)
-        model.index(docs, show_progress=False, create_empty_token=False)
+        n = len(corpus)
+        with tempfile.TemporaryDirectory(prefix=".bm25-build-", dir=workdir) as tmp:
+            tasks = [(_corpus_source(corpus, lo, min(lo + chunk_passages, n)), lo, min(lo + chunk_passages, n), stemmer, tmp, i)
+                     for i, lo in enumerate(range(0, n, chunk_passages))]  # fmt: skip
+            with progress_bar(n, "BM25 analyse", enabled=progress, unit="passages") as advance:
+                if workers == 1 or len(tasks) <= 1:
+                    chunks = []
+                    for t in tasks:
+                        chunks.append(_analyse_chunk(t))
+                        advance(t[2] - t[1])
+                else:
+                    import multiprocessing
+
+                    # spawn: the CLI process holds torch's threads, which fork would copy mid-state
+                    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+                        chunks = []
+                        for c in pool.imap(_analyse_chunk, tasks):
+                            chunks.append(c)
+                            advance(c["passages"])
+            model.scores, model.vocab_dict = _merge_chunks(chunks, n, model, lengths, Path(tmp), progress)
+        model.unique_token_ids_set, model.nonoccurrence_array = set(model.vocab_dict.values()), None  # as bm25s.index sets them
         manifest = {"k1": k1, "b": b, "method": "lucene", "lengths": lengths, "analyzer": analyzer.name,
                     "stemmer": stemmer, "fields": "title text", "corpus": corpus.fingerprint()}  # fmt: skip
         return cls(model, analyzer, manifest)
@@ -228,7 +391,8 @@ class BM25Index:
         check_arrays(directory, manifest, model)
         return cls(model, LuceneAnalyzer(manifest.get("stemmer")), manifest)
 
-    def search(self, queries: Sequence[str], k: int = 100, batch_size: int = 4096, backend: str | None = None) -> SearchResult:
+    def search(self, queries: Sequence[str], k: int = 100, batch_size: int = 4096, backend: str | None = None,
+               show_progress: bool = False) -> SearchResult:  # fmt: skip
         """Top-k passages per query, best first, equal scores in passage order (as Lucene breaks ties).
         Passages matching no query term are not returned (as in Lucene).
 
@@ -250,27 +414,33 @@ class BM25Index:
         # a few more than k, so that passages tied at the k-th score are cut in passage order
         fetch = min(k_eff + TIE_MARGIN, n_docs)
         model = self._scorer(backend)
-        for start in range(0, len(queries), batch_size):
-            terms = self.analyzer.many(queries[start : start + batch_size])
-            ids = [self.model.get_tokens_ids(t) for t in terms]  # bm25s's numba path takes ids (unknown terms dropped)
-            docs, sc = np.zeros((len(ids), fetch), dtype=np.int64), np.zeros((len(ids), fetch), dtype=np.float32)
-            keep = [i for i, q in enumerate(ids) if q]  # queries with no indexed term match nothing
-            if keep:
-                d, x = model.retrieve([ids[i] if backend == "numba" else terms[i] for i in keep], k=fetch, show_progress=False, n_threads=0)
-                docs[keep], sc[keep] = d, x
-            order = np.lexsort((docs, -sc), axis=-1)  # score descending, then passage order
-            docs, sc = np.take_along_axis(docs, order, -1), np.take_along_axis(sc, order, -1)
-            for r in np.flatnonzero((sc[:, k_eff - 1] > 0) & (sc[:, k_eff - 1] == sc[:, -1]) & (fetch < n_docs)):
-                full = model.get_scores_from_ids(ids[r]).astype(np.float32)  # more ties than the margin: exact, rarely
-                top = np.lexsort((np.arange(n_docs), -full))[:fetch]
-                docs[r], sc[r] = top, full[top]
-            docs, sc = docs[:, :k_eff], sc[:, :k_eff]
-            matched = sc > 0
-            rows[start : start + len(terms), :k_eff] = np.where(matched, docs + self.offset, -1)
-            scores[start : start + len(terms), :k_eff] = np.where(matched, sc, 0.0)
+        with progress_bar(len(queries), "BM25 search", show_progress, unit="q") as advance:
+            for start in range(0, len(queries), batch_size):
+                self._search_batch(queries[start : start + batch_size], start, k_eff, fetch, n_docs, model, backend, rows, scores)
+                advance(min(batch_size, len(queries) - start))
         if backend == "numba":
             _numba_warm()
         return SearchResult(rows, scores)
+
+    def _search_batch(self, batch, start, k_eff, fetch, n_docs, model, backend, rows, scores) -> None:
+        """Top-k of one batch of queries into ``rows``/``scores`` from row ``start``."""
+        terms = self.analyzer.many(batch)
+        ids = [self.model.get_tokens_ids(t) for t in terms]  # bm25s's numba path takes ids (unknown terms dropped)
+        docs, sc = np.zeros((len(ids), fetch), dtype=np.int64), np.zeros((len(ids), fetch), dtype=np.float32)
+        keep = [i for i, q in enumerate(ids) if q]  # queries with no indexed term match nothing
+        if keep:
+            d, x = model.retrieve([ids[i] if backend == "numba" else terms[i] for i in keep], k=fetch, show_progress=False, n_threads=0)
+            docs[keep], sc[keep] = d, x
+        order = np.lexsort((docs, -sc), axis=-1)  # score descending, then passage order
+        docs, sc = np.take_along_axis(docs, order, -1), np.take_along_axis(sc, order, -1)
+        for r in np.flatnonzero((sc[:, k_eff - 1] > 0) & (sc[:, k_eff - 1] == sc[:, -1]) & (fetch < n_docs)):
+            full = model.get_scores_from_ids(ids[r]).astype(np.float32)  # more ties than the margin: exact, rarely
+            top = np.lexsort((np.arange(n_docs), -full))[:fetch]
+            docs[r], sc[r] = top, full[top]
+        docs, sc = docs[:, :k_eff], sc[:, :k_eff]
+        matched = sc > 0
+        rows[start : start + len(terms), :k_eff] = np.where(matched, docs + self.offset, -1)
+        scores[start : start + len(terms), :k_eff] = np.where(matched, sc, 0.0)
 
     @property
     def num_docs(self) -> int:

@@ -170,15 +170,16 @@ class Retriever:
         depth = max(k, self.depth) if also_lambdas or any(m.fused for m in wanted) else k
         if "dense" in needed and vectors is None:
             vectors = self.encode(questions, show_progress=show_progress)
-        lists = self.lists(questions, depth, needed, vectors)
+        lists = self.lists(questions, depth, needed, vectors, show_progress)
         return rank_modes(wanted, lists.get("dense"), lists.get("bm25"), k, self.hybrid_lambda, also_lambdas)
 
-    def lists(self, questions: Sequence[str], depth: int, engines: set[str] | Sequence[str], vectors: np.ndarray | None = None) -> dict[str, SearchResult]:
+    def lists(self, questions: Sequence[str], depth: int, engines: set[str] | Sequence[str], vectors: np.ndarray | None = None,
+              show_progress: bool = False) -> dict[str, SearchResult]:  # fmt: skip
         """Each engine's own top ``depth`` (``{"bm25": ..., "dense": ...}``): what a fusion reads and
         what one searcher of a sharded deployment returns to be merged."""
         out = {}
         if "bm25" in engines:
-            out["bm25"] = self.bm25.search(questions, depth)
+            out["bm25"] = self.bm25.search(questions, depth, show_progress=show_progress)
         if "dense" in engines:
             out["dense"] = self.dense.search(vectors if vectors is not None else self.encode(questions), depth)
         return out

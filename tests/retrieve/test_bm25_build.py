@@ -1,0 +1,116 @@
+"""BM25's chunked, multi-process build: the same arrays as the single-process (bm25s) build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from densepr.data import Corpus, Passage, load_wiki_summaries
+from densepr.errors import DenseprError
+from densepr.retrieve.bm25 import BM25Index, LuceneAnalyzer, _LuceneBM25
+
+
+def reference(corpus: Corpus, lengths: str = "lucene") -> _LuceneBM25:
+    """Today's build: every passage's terms in one process, indexed by bm25s."""
+    analyzer = LuceneAnalyzer("porter")
+    model = _LuceneBM25(k1=0.9, b=0.4, method="lucene", lengths=lengths)
+    model.index([analyzer(f"{t} {x}") for t, x in zip(corpus.titles, corpus.texts)], show_progress=False, create_empty_token=False)
+    return model
+
+
+def assert_identical(index: BM25Index, model: _LuceneBM25) -> None:
+    assert list(index.model.vocab_dict.items()) == list(model.vocab_dict.items())  # same terms, ids and order
+    for name in ("data", "indices", "indptr"):
+        got, want = np.asarray(index.model.scores[name]), model.scores[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert got.tobytes() == want.tobytes(), name
+    assert index.model.scores["num_docs"] == model.scores["num_docs"]
+
+
+def _mixed_corpus() -> Corpus:
+    words = "the running runner's U.S. don't 3,000 cats cat dog dogs logical İstanbul 東京 a an of".split()
+    rng = np.random.default_rng(0)
+    rows = [Passage(str(i), " ".join(rng.choice(words, 2)), " ".join(rng.choice(words, int(rng.integers(0, 40)))))
+            for i in range(40)]  # fmt: skip
+    rows.append(Passage("empty", "", "the of a"))  # no indexed term
+    return Corpus.from_passages(rows)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chunked_build_equals_single_process(chunk, workers, tmp_path):
+    corpus = _mixed_corpus()
+    index = BM25Index.build(corpus, workers=workers, chunk_passages=chunk, workdir=tmp_path)
+    assert_identical(index, reference(corpus))
+    assert list(tmp_path.iterdir()) == []  # nothing left in the build directory
+
+
+def test_exact_lengths_and_store_corpus(tmp_path, corpus):
+    from densepr.data import write_passages_tsv
+    from densepr.data.store import build_store, open_store
+
+    write_passages_tsv(corpus, tmp_path / "passages.tsv")
+    build_store(tmp_path / "passages.tsv", tmp_path / "store")
+    store = open_store(tmp_path / "store")
+    index = BM25Index.build(store, lengths="exact", workers=2, chunk_passages=2)  # workers read their rows from the store
+    assert_identical(index, reference(corpus, "exact"))
+
+
+def test_bad_build_arguments(corpus):
+    with pytest.raises(DenseprError, match="workers"):
+        BM25Index.build(corpus, workers=0)
+
+
+def test_failed_save_leaves_the_old_index_loadable(tmp_path, corpus, monkeypatch):
+    BM25Index.build(corpus).save(tmp_path / "bm25")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bm25").iterdir()}
+    other = Corpus.from_passages([Passage("x", "t", "something else entirely")])
+    index = BM25Index.build(other)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index.model, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        index.save(tmp_path / "bm25")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bm25").iterdir()} == before
+    assert BM25Index.load(tmp_path / "bm25", corpus=corpus).num_docs == len(corpus)
+
+
+def test_embedded_corpus_arrays_are_byte_identical(embedded):
+    corpus = load_wiki_summaries(embedded.summaries)
+    index = BM25Index.build(corpus, workers=2, chunk_passages=3000)
+    assert_identical(index, reference(corpus))
+
+
+def test_failure_mid_merge_leaves_no_files_and_the_old_index(tmp_path, corpus, monkeypatch):
+    import densepr.retrieve.bm25 as bm25
+
+    BM25Index.build(corpus).save(tmp_path / "bm25")
+
+    def boom(*a, **k):
+        raise MemoryError("killed mid-merge")
+
+    monkeypatch.setattr(bm25, "lucene_length", boom)  # called after the postings are merged, before the scores
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(MemoryError):
+        BM25Index.build(_mixed_corpus(), chunk_passages=5, workdir=work)
+    assert list(work.iterdir()) == []
+    assert BM25Index.load(tmp_path / "bm25", corpus=corpus).search(["capital"], k=2).rows.shape == (1, 2)
+
+
+def test_cli_index_bm25_with_workers_equals_the_library_build(tmp_path, capsys, corpus, passages_tsv):
+    from tests.support.cli import run
+
+    code, out, err = run(capsys, "index", "bm25", str(passages_tsv), str(tmp_path / "bm25"), "--workers", "2", "--chunk-passages", "2")
+    assert code == 0, err
+    loaded = BM25Index.load(tmp_path / "bm25", corpus=corpus)
+    want = BM25Index.build(corpus).model
+    for name in ("data", "indices", "indptr"):  # the vocabulary order is the CLI process's own (string hashing): compare by term
+        assert loaded.model.scores[name].dtype == want.scores[name].dtype
+    terms = sorted(want.vocab_dict)
+    for model in (loaded.model, want):
+        model.columns = [(np.asarray(model.scores["indices"][a:b]).tobytes(), np.asarray(model.scores["data"][a:b]).tobytes())
+                         for a, b in ((model.scores["indptr"][model.vocab_dict[t]], model.scores["indptr"][model.vocab_dict[t] + 1]) for t in terms)]  # fmt: skip
+    assert sorted(loaded.model.vocab_dict) == terms and loaded.model.columns == want.columns
