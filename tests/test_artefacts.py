@@ -139,12 +139,25 @@ def test_a_disk_full_bm25_rebuild_keeps_the_previous_index(tmp_path, corpus, mon
     d = tmp_path / "bm25"
     BM25Index.build(corpus).save(d)
     files, before = _snapshot(d), BM25Index.load(d).search(QUERIES, k=5).rows
+    bigger = BM25Index.build(_big_corpus(100))  # built first: the build writes its chunks' postings with np.save too
     _fail_midway(monkeypatch, np, "save", after=2)  # bm25s writes its arrays with np.save
     with pytest.raises(NoSpaceError, match=r"bm25/indices\.csc\.index\.npy: no space left on device .*previous .*bm25 is untouched"):
-        BM25Index.build(_big_corpus(100)).save(d)
+        bigger.save(d)
     monkeypatch.undo()
     assert _snapshot(d) == files and _siblings(d) == []  # not a byte changed, nothing left beside it
     np.testing.assert_array_equal(BM25Index.load(d, corpus=corpus).search(QUERIES, k=5).rows, before)
+
+
+def test_a_disk_full_bm25_build_names_its_work_directory_and_leaves_nothing(tmp_path, corpus, monkeypatch):
+    """The chunked build writes each chunk's postings to a work directory: a full disk there is a
+    NoSpaceError naming it (not a bare [Errno 28]), and the work directory is removed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    _fail_midway(monkeypatch, np, "save", after=2)
+    with pytest.raises(NoSpaceError, match=r"\.bm25-build-[^:]*: no space left on device while writing it; nothing was replaced"):
+        BM25Index.build(_big_corpus(100), workdir=work, chunk_passages=10)
+    monkeypatch.undo()
+    assert list(work.iterdir()) == []
 
 
 def test_a_disk_full_dense_rebuild_keeps_the_previous_index(tmp_path, corpus, encoder, monkeypatch, capsys):

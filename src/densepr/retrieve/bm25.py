@@ -40,7 +40,7 @@ from bm25s.stopwords import STOPWORDS_EN
 from densepr.data.passages import Corpus, check_corpus
 from densepr.data.store import StoreCorpus, open_store
 from densepr.errors import DenseprError
-from densepr.fileio import FULL_HASH_BYTES, atomic_dir, check_target, read_manifest, write_manifest
+from densepr.fileio import FULL_HASH_BYTES, atomic_dir, check_target, no_space_names, read_manifest, write_manifest
 from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
 
@@ -333,7 +333,8 @@ class BM25Index:
         analyzer = LuceneAnalyzer(stemmer)
         model = _LuceneBM25(k1=k1, b=b, method="lucene", lengths=lengths)
         n = len(corpus)
-        with tempfile.TemporaryDirectory(prefix=".bm25-build-", dir=workdir) as tmp:
+        # a full disk while the postings are written names the build directory (removed on the way out)
+        with tempfile.TemporaryDirectory(prefix=".bm25-build-", dir=workdir) as tmp, no_space_names(tmp):
             tasks = [(_corpus_source(corpus, lo, min(lo + chunk_passages, n)), lo, min(lo + chunk_passages, n), stemmer, tmp, i)
                      for i, lo in enumerate(range(0, n, chunk_passages))]  # fmt: skip
             with progress_bar(n, "BM25 analyse", enabled=progress, unit="passages") as advance:
