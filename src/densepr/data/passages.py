@@ -113,6 +113,12 @@ class Corpus:
 _FP_ROWS = 1 << 14  # rows per block of the content hash (part of its definition)
 
 
+def ids_text(ids: Sequence[str]) -> bytes:
+    """What the fingerprint's ``ids_sha256`` hashes for ``ids``: each id and a line break, UTF-8
+    (lone surrogates passed); blocks of it concatenate to the whole corpus's."""
+    return ("\n".join(ids) + "\n").encode("utf-8", "surrogatepass")
+
+
 class _Fingerprinter:
     """:meth:`Corpus.fingerprint`, fed block by block (``_FP_ROWS`` rows a block, the last may be
     shorter), so a store built while streaming a file gets the same fingerprint as the corpus in memory."""
@@ -124,7 +130,7 @@ class _Fingerprinter:
         for part in (ids, titles, texts):
             self.h_all.update(np.fromiter(map(len, part), dtype="<i8", count=len(part)).tobytes())
             self.h_all.update("".join(part).encode("utf-8", "surrogatepass"))
-        self.h_ids.update(("\n".join(ids) + "\n").encode("utf-8", "surrogatepass"))
+        self.h_ids.update(ids_text(ids))
         self.count += len(ids)
 
     def result(self) -> dict:

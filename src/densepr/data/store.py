@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, iter_passages
+from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, ids_text, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.fileio import MANIFEST, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
@@ -55,8 +55,13 @@ FILES = (*(f"{c}s.bin" for c in COLUMNS), *(f"{c}_offsets.npy" for c in COLUMNS)
 _ENC = ("utf-8", "surrogatepass")
 
 
+def _hash(raw: bytes) -> int:
+    """The 64-bit BLAKE2b of an id's UTF-8 bytes (what id_hashes.npy holds)."""
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
 def _id_hash(pid: str) -> int:
-    return int.from_bytes(hashlib.blake2b(pid.encode(*_ENC), digest_size=8).digest(), "little")
+    return _hash(pid.encode(*_ENC))
 
 
 def source_state(path: str | os.PathLike[str]) -> dict:
@@ -175,12 +180,12 @@ class StoreCorpus(Corpus):
         vectorised search of the sorted id hashes, their ids then compared byte for byte."""
         n = len(passage_ids)
         if n == len(self):  # ids hold no whitespace, so their joined text (what the fingerprint hashes) determines them
-            if hashlib.sha256(("\n".join(passage_ids) + "\n").encode(*_ENC)).hexdigest() == self.manifest["corpus"]["ids_sha256"]:
+            if hashlib.sha256(ids_text(passage_ids)).hexdigest() == self.manifest["corpus"]["ids_sha256"]:
                 return np.arange(n, dtype=np.int64)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         raw = [p.encode(*_ENC) if isinstance(p, str) else b"" for p in passage_ids]
-        want = np.fromiter((int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") for b in raw), dtype=np.uint64, count=n)
+        want = np.fromiter(map(_hash, raw), dtype=np.uint64, count=n)
         pos = np.minimum(np.searchsorted(self._hashes, want), len(self._hashes) - 1)
         rows = self._order[pos]
         lens = np.fromiter(map(len, raw), dtype=np.int64, count=n)
