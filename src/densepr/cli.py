@@ -328,6 +328,36 @@ def index_plan(
             t.add_row(r["type"], str(r["shards"]), str(r["replicas"]) if r["fits"] else "does not fit", _gib(r["ram_per_shard"]),
                       "exact" if r["exact_merge"] else "approximate per shard")  # fmt: skip
         out.print(t)
+    _print_corpus_plan(num_passages)
+
+
+def _print_corpus_plan(num_passages: int) -> None:
+    """The passages' and BM25's measured costs (benchmarks/scale.py) at this size."""
+    from rich.table import Table
+
+    from densepr.index.corpus_plan import corpus_plan, measured_costs
+
+    costs = measured_costs()
+    rows = corpus_plan(num_passages, costs)
+    if not rows:
+        return
+    sizes = ", ".join(f"{n:,}" for n in costs["sizes"])
+    t = Table(title=f"passages and BM25 at {num_passages:,} passages (linear fit of runs at {sizes} passages; * beyond them)")
+    t.add_column("what")
+    t.add_column("cost", justify="right")
+    for r in rows:
+        v = _gib(r["value"]) if r["unit"] == "bytes" else f"{r['value']:,.1f} s"
+        t.add_row(r["what"], v + (" *" if r["extrapolated"] else ""))
+    out.print(t)
+    if costs.get("queries"):
+        q = Table(title="BM25 queries (top-100, NQ test questions), as measured")
+        for col in ("passages", "q/s batched", "q/s one at a time", "p50 ms", "Lucene q/s (one thread)"):
+            q.add_column(col, justify="right")
+        for r in costs["queries"]:
+            q.add_row(f"{r['passages']:,}", f"{r['batched_top100_qps']:,.0f}", f"{r['one_at_a_time_qps']:,.0f}", f"{r['top100_p50_ms']:.1f}",
+                      "-" if r.get("lucene_one_thread_qps") is None else f"{r['lucene_one_thread_qps']:,.0f}")  # fmt: skip
+        out.print(q)
+    out.print(f"[dim]{costs['source']}[/dim]")
 
 
 def _gib(n: float) -> str:
