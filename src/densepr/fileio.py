@@ -195,7 +195,7 @@ def open_ids(path: str | os.PathLike[str]) -> IdLines:
         return IdLines(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-_ID_CHUNK = 1 << 24  # bytes of ids scanned at a time (a multiple of the page size)
+_ID_CHUNK = 1 << 20  # bytes of ids scanned (and, to count the lines, copied) at a time: a multiple of the page size
 
 
 class IdLines(Sequence[str]):
@@ -207,7 +207,7 @@ class IdLines(Sequence[str]):
     :func:`read_ids`, bytes after the last line break (an unfinished line) are not an id."""
 
     def __init__(self, data: bytes | mmap.mmap, _root: IdLines | None = None, _lo: int = 0, _hi: int | None = None) -> None:
-        self._root = _root or self
+        self._root = self if _root is None else _root
         self._data = data
         if _root is None:
             self._ends: np.ndarray | None = None
@@ -238,13 +238,14 @@ class IdLines(Sequence[str]):
     def _scan(self, a: int, b: int) -> Iterator[memoryview]:
         """Bytes ``a:b`` of the data in chunks; a mapped file's pages are dropped from this process once
         read (they stay in the page cache), so a pass over 21M ids does not leave them resident."""
-        view = memoryview(self._root._data)
-        for lo in range(a, b, _ID_CHUNK):
-            hi = min(b, lo - lo % _ID_CHUNK + _ID_CHUNK)
+        view, lo = memoryview(self._root._data), a
+        while lo < b:
+            hi = min(b, lo - lo % _ID_CHUNK + _ID_CHUNK)  # chunks end on multiples of _ID_CHUNK
             yield view[lo:hi]
             if isinstance(self._root._data, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
                 start = lo - lo % mmap.PAGESIZE
                 self._root._data.madvise(mmap.MADV_DONTNEED, start, hi - start)
+            lo = hi
 
     def _line_ends(self) -> np.ndarray:
         root = self._root

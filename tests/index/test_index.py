@@ -150,6 +150,30 @@ def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700, **meta):
     return d
 
 
+def test_mapped_ids_read_as_read_ids_does(tmp_path, monkeypatch):
+    from densepr import fileio
+    from densepr.fileio import IdLines, open_ids, read_ids, write_ids
+
+    monkeypatch.setattr(fileio, "_ID_CHUNK", 4096)  # many chunks, ids across their edges
+    ids = [f"é{i}-{'x' * (i % 7)}" for i in range(3000)]
+    write_ids(tmp_path / "ids.txt", ids)
+    (tmp_path / "cut.txt").write_bytes((tmp_path / "ids.txt").read_bytes() + "unfinishé".encode())
+    for name in ("ids.txt", "cut.txt"):
+        mapped, listed = open_ids(tmp_path / name), read_ids(tmp_path / name)
+        assert listed == ids and mapped == ids and list(mapped) == ids and len(mapped) == 3000
+        assert [mapped[i] for i in (0, 1234, -1)] == [ids[0], ids[1234], ids[-1]] and mapped[::1000] == ids[::1000]
+        view = mapped[1000:2500]
+        assert view == ids[1000:2500] and view[-1] == ids[2499] and list(view[10:12]) == ids[1010:1012]
+        assert view.sha256() == IdLines.from_strings(ids[1000:2500]).sha256()
+        write_ids(tmp_path / "again.txt", view)
+        assert read_ids(tmp_path / "again.txt") == ids[1000:2500]
+    with pytest.raises(IndexError):
+        open_ids(tmp_path / "ids.txt")[3000]
+    assert IdLines(b"") == [] and list(IdLines(b"")[0:0]) == [] and IdLines.concat([ids[:2], mapped[2:]]) == ids
+    with pytest.raises(DenseprError, match="contains a line break"):
+        IdLines.from_strings(["a", "b\nc"])
+
+
 def test_a_loaded_index_holds_its_ids_as_bytes_and_no_row_map_when_bound_in_corpus_order(tmp_path):
     """Issue 34: 21M ids as a list of str are ~1.5 GB; the ids file's bytes are ~200 MB, and an index over a
     corpus in the same order needs no row map. (Old code: a list of str per load and an int64 map per bind.)"""
