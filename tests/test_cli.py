@@ -327,3 +327,28 @@ def test_ids_that_trec_cannot_hold_are_refused_before_indexing(tmp_path, capsys)
         code, _, err = run(capsys, "index", "bm25", str(tmp_path / "p.tsv"), str(tmp_path / "bm25"))
         assert code == 1 and f"p.tsv, line {line}: field 'id': passage id" in err and what in err, err
     assert not (tmp_path / "bm25").exists()
+
+
+def test_evaluate_answerable_subset_flag_size_limit_and_cache(tmp_path, capsys, monkeypatch):
+    """Issue 34: the answerable subset scans every passage; above a size it is skipped unless cached or asked for."""
+    from densepr.evaluate import answers
+
+    idx = tmp_path / "index"
+    idx.mkdir()
+    (idx / "passages.tsv").write_text("id\ttext\ttitle\n1\tDenali is 20,310 feet tall.\tDenali\n2\tNothing here.\tX\n", encoding="utf-8")
+    ctx = {"id": "2", "title": "X", "text": "Nothing here.", "score": 1.0, "has_answer": False}
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps([{"question": "how tall is denali", "answers": ["20,310 feet"], "ctxs": [ctx]},
+                               {"question": "where is mars", "answers": ["space"], "ctxs": [ctx]}]), encoding="utf-8")  # fmt: skip
+    args = ("evaluate", str(res), "--index", str(idx), "--ks", "1")
+    code, out, err = run(capsys, *args, "--no-answerable")
+    assert code == 0, err
+    assert "answerable" not in out and not (idx / "answerable").exists()
+    monkeypatch.setattr(answers, "ANSWERABLE_SCAN_MAX", 1)  # as if the corpus were large
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "answerable subset skipped: 2 passages (over 1)" in out and "--answerable" in out and not (idx / "answerable").exists()
+    for extra in (("--answerable",), ()):  # computed once when asked, then read from the index directory
+        code, out, err = run(capsys, *args, *extra)
+        assert code == 0, err
+        assert "1 answerable" in out and len(list((idx / "answerable").glob("*.json"))) == 1

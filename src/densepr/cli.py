@@ -547,6 +547,8 @@ def evaluate(
     regex: RegexOpt = None,
     ks: Annotated[str, typer.Option(help="Comma-separated k values to report.")] = "1,5,20,100",
     cache_dir: CacheOpt = None,
+    answerable_opt: Annotated[Optional[bool], typer.Option("--answerable/--no-answerable", help="With --index: report the answerable subset (questions with an answer in some passage: "
+                              "a scan of every passage, cached in INDEX/answerable/). Default: when cached, or when the corpus holds at most 1,000,000 passages.")] = None,
 ) -> None:
     """Top-k accuracy as DPR computes it (has_answer recomputed from passage text), on all questions
     and, when --index is given, on the answerable subset."""
@@ -554,7 +556,7 @@ def evaluate(
 
     from densepr.data import QA, QASet
     from densepr.data.runs import iter_dpr_results, read_trec_run
-    from densepr.evaluate.answers import AnswerMatcher, has_answer
+    from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, has_answer
     from densepr.evaluate.report import rich_table
     from densepr.evaluate.topk import accuracy_report
 
@@ -605,9 +607,12 @@ def evaluate(
             except KeyError as e:
                 raise DenseprError(f"{results}: passage id {e.args[0]!r} is not in {index / 'passages.tsv'}") from None
         hits = AnswerMatcher(corpus.texts).hits(rows, qas)
-    answerable = AnswerMatcher(corpus.texts).answerable(qas) if corpus is not None else None
+    answerable = answerable_subset(corpus, qas, index, answerable_opt, show_progress=True) if corpus is not None else None
     rep = accuracy_report(hits, answerable, ks=k_list)
     if answerable is None:
+        if corpus is not None and answerable_opt is None:
+            out.print(f"answerable subset skipped: {len(corpus):,} passages (over {ANSWERABLE_SCAN_MAX:,}) would all be scanned; "
+                      f"--answerable computes it once (cached in {index / 'answerable'})")  # fmt: skip
         out.print(f"{qas.name}: {rep['all']['n']} questions ({qas.match} match)")
         out.print("  " + ", ".join(f"top-{k} {rep['all'][f'top{k}']:.2f}" for k in k_list))
     else:
@@ -1045,7 +1050,7 @@ def evaluate_qa_cmd(
             _log(f"{qas.name}: resuming; {kept} finished piece(s) of questions kept in {pieces}")
         with progress_bar(None, f"read {qas.name}", True, unit="window") as advance:
             res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance, pieces=pieces,
-                              log=lambda m, name=qas.name: _log(f"{name}: {m}"))  # fmt: skip
+                              log=lambda m, name=qas.name: _log(f"{name}: {m}"), answerable_cache=index)  # fmt: skip
         results["sets"][qas.name] = {**res, "key": key}
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
         kept_note = ""

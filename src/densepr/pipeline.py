@@ -22,7 +22,7 @@ import numpy as np
 
 from densepr.data.qa import QASet
 from densepr.errors import DenseprError
-from densepr.evaluate.answers import AnswerMatcher
+from densepr.evaluate.answers import AnswerMatcher, answerable_subset
 from densepr.evaluate.qa import exact_match, f1_score, normalize_answer
 from densepr.fileio import read_json, sha256_file, write_json
 from densepr.models.reader import CONFIG_NAME, PAPER_SELECTION, Reader, Reading, Selection, best_reading
@@ -262,7 +262,8 @@ def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str
 
 def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = (Mode.BM25, Mode.DENSE, Mode.HYBRID),
                 ks: Sequence[int] = QA_KS, matcher: AnswerMatcher | None = None, gold: bool = True,
-                batch_size: int = 64, progress=None, pieces: Path | None = None, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+                batch_size: int = 64, progress=None, pieces: Path | None = None, log: Callable[[str], None] | None = None,
+                answerable_cache: Path | None = None) -> dict:  # fmt: skip
     """End-to-end EM/F1 of one QA set for several retrieval modes and k.
 
     Returns ``{"n_all", "n_answerable", "modes": {mode: {"k": {k: {"em", "f1", "em_answerable",
@@ -272,7 +273,8 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     upper bound: EM when it reads only the best-ranked answer-bearing passage (the first in the top-100
     of hybrid, else dense, else BM25), over the questions that have one. ``pieces``: a directory where
     the readings are kept piece by piece so that a killed evaluation resumes (:func:`read_in_pieces`;
-    ``log`` is told the progress after each piece).
+    ``log`` is told the progress after each piece). ``answerable_cache``: a directory (the index's) where
+    the answerable subset, a scan of every passage, is kept for the next evaluation (:func:`answerable_subset`).
     """
     t0 = time.perf_counter()
     ks = sorted(set(ks))
@@ -282,7 +284,7 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     depth = max(kmax, 100) if gold else kmax
     runs = retriever.retrieve_all(questions, depth, list(modes))
     hits = {m: matcher.hits(runs[m].rows, qas) for m in modes}
-    answerable = np.flatnonzero(matcher.answerable(qas))
+    answerable = np.flatnonzero(answerable_subset(retriever.corpus, qas, answerable_cache, True, matcher))
     # Read each question's union of passages once.
     rows_per_q: list[list[int]] = []
     gold_row = np.full(len(qas), -1)

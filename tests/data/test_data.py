@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import unicodedata
 
@@ -138,6 +139,28 @@ def test_splitter_never_drops_or_repeats_words(articles, n):
     assert [p.id for p in passages] == [str(i) for i in range(1, len(passages) + 1)]
     assert all(1 <= len(p.text.split()) <= n for p in passages)
     assert [w for p in passages for w in p.text.split()] == [w for _, t in articles for w in t.split()]
+
+
+def test_splitting_streams_articles_in_and_passages_out(tmp_path):
+    """`densepr data split` holds one article at a time (issue 34: 200k and 1M articles both ran in ~54 MB):
+    passages come out, and are written, while the articles are still being read."""
+    read = []
+
+    def articles():
+        for i in itertools.count():
+            read.append(i)
+            if i == 1000:  # written so far: the passages of the articles before, and nothing read ahead
+                assert any(f.stat().st_size > 100_000 for f in tmp_path.iterdir())  # the temporary file beside p.tsv
+                raise StopIteration
+            yield f"T{i}", " ".join(["w"] * 150)
+
+    out = tmp_path / "p.tsv"
+    first = list(itertools.islice(split_articles(articles(), 100), 3))
+    assert [p.id for p in first] == ["1", "2", "3"] and read == [0, 1]
+    read.clear()
+    with pytest.raises(RuntimeError):  # the StopIteration above, as raised inside a generator
+        write_passages_tsv(split_articles(articles(), 100), out)
+    assert read == list(range(1001)) and not out.exists()  # the failed write left nothing under the name
 
 
 # --- QA sets ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 import warnings
@@ -193,3 +194,57 @@ def test_answerable_reads_each_text_once_in_order_and_keeps_only_the_candidates_
     assert m.answerable(qas).tolist() == [True, False, True]
     # one pass over the corpus (iteration), then a read per candidate of the answers found; not every passage kept
     assert Counting.gets <= 2 * 40 and len(m._tokens) <= 2 * 40 < len(texts)
+
+
+@pytest.mark.parametrize("match", ["string", "regex"])
+def test_answerable_holds_nothing_per_passage_of_the_corpus(match):
+    """Issue 34: the old scan kept a token -> rows dict (string) or every passage's NFD text joined (regex)
+    over the whole corpus (many GB at 21M); now it holds one block of passages at a time."""
+    import tracemalloc
+
+    texts = [f"passage {i} about topic{i % 997} and place{i % 991} in year {1000 + i % 1013} word{i}" for i in range(40_000)]
+    i = 12_345  # the one passage holding the first answer
+    answers = (f"place{i % 991} in year {1000 + i % 1013}", "nowhere")
+    answers = answers if match == "string" else (rf"place{i % 991}\s+in year {1000 + i % 1013}\b", "nowhere")
+    qas = QASet("t", [QA("q1", answers), QA("q2", ("absent",)), QA("q3", ("topic5",) if match == "string" else (r"^passage 39999 ",))], match)
+    m = AnswerMatcher(texts)
+    tracemalloc.start()
+    got = m.answerable(qas)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got.tolist() == [True, False, True]
+    assert got.tolist() == [any(dpr_has_answer(q.answers, t, match) for t in texts) for q in qas.items]
+    assert peak < 2_000_000, peak  # the old postings / joined texts: 10-30 MB for these 40,000 passages
+
+
+def test_answerable_subset_is_cached_per_corpus_and_question_set(tmp_path, monkeypatch):
+    from densepr.data.passages import Corpus, Passage
+    from densepr.evaluate import answers
+
+    corpus = Corpus.from_passages(Passage(str(i), "", t) for i, t in enumerate(TEXTS))
+    qas = QASet("t", [QA("q1", ("Röntgen",)), QA("q3", ("Mars",)), QA("q4", ("great lakes",))])
+    assert answers.answerable_subset(corpus, qas, tmp_path).tolist() == [True, False, True]
+    (cached,) = (tmp_path / "answerable").glob("*.json")
+    saved = json.loads(cached.read_text())
+    assert saved["answerable"] == [0, 2] and saved["corpus"] == corpus.fingerprint() and saved["questions"] == qas.fingerprint()
+
+    class NoScan(AnswerMatcher):
+        def answerable(self, qas, show_progress=False):
+            raise AssertionError("scanned the corpus again")
+
+    assert answers.answerable_subset(corpus, qas, tmp_path, matcher=NoScan(TEXTS)).tolist() == [True, False, True]
+    # above the size limit: read from the cache; without one, skipped unless forced (and then cached)
+    monkeypatch.setattr(answers, "ANSWERABLE_SCAN_MAX", 2)
+    assert answers.answerable_subset(corpus, qas, tmp_path, matcher=NoScan(TEXTS)).tolist() == [True, False, True]
+    other = QASet("t", [QA("q2", ("31",))])
+    assert answers.answerable_subset(corpus, other, tmp_path) is None
+    assert answers.answerable_subset(corpus, other, tmp_path, force=True).tolist() == [True]
+    assert answers.answerable_subset(corpus, other, tmp_path, matcher=NoScan(TEXTS)).tolist() == [True]
+    assert answers.answerable_subset(corpus, qas, tmp_path, force=False) is None
+    # a cache of another corpus, or damaged, is not trusted: computed again (forced here) and replaced
+    edited = Corpus.from_passages(Passage(str(i), "", t.replace("Röntgen", "X")) for i, t in enumerate(TEXTS))
+    assert answers.answerable_subset(edited, qas, tmp_path, force=True).tolist() == [False, False, True]
+    for bad in ("{not json", json.dumps({**saved, "answerable": [0, 99]})):
+        cached.write_text(bad)
+        assert answers.answerable_subset(corpus, qas, tmp_path, force=True).tolist() == [True, False, True]
+        assert json.loads(cached.read_text())["answerable"] == [0, 2]

@@ -132,8 +132,8 @@ def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return (centers[rng.integers(0, 20, n)] + rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32)
 
 
-def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700):
-    """An embeddings directory holding ``vecs`` (as encode_corpus writes it), without a model."""
+def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700, **meta):
+    """An embeddings directory holding ``vecs`` (as encode_corpus writes it), without a model; ``meta``: more manifest keys."""
     from densepr.fileio import save_npy, write_ids, write_json, write_manifest
 
     d = tmp_path / "emb"
@@ -146,8 +146,64 @@ def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700):
         files += [parts[-1]["vectors"], parts[-1]["ids"]]
     write_json(d / "encoding.json", {})
     write_manifest(d, "embeddings", files, dim=vecs.shape[1], count=len(vecs), dtype="float32",
-                   encoder={"path": "synthetic", "weights_id": "x"}, question_encoder="synthetic", parts=parts)  # fmt: skip
+                   encoder={"path": "synthetic", "weights_id": "x"}, question_encoder="synthetic", parts=parts, **meta)  # fmt: skip
     return d
+
+
+def test_mapped_ids_read_as_read_ids_does(tmp_path, monkeypatch):
+    from densepr import fileio
+    from densepr.fileio import IdLines, open_ids, read_ids, write_ids
+
+    monkeypatch.setattr(fileio, "_ID_CHUNK", 4096)  # many chunks, ids across their edges
+    ids = [f"é{i}-{'x' * (i % 7)}" for i in range(3000)]
+    write_ids(tmp_path / "ids.txt", ids)
+    (tmp_path / "cut.txt").write_bytes((tmp_path / "ids.txt").read_bytes() + "unfinishé".encode())
+    for name in ("ids.txt", "cut.txt"):
+        mapped, listed = open_ids(tmp_path / name), read_ids(tmp_path / name)
+        assert listed == ids and mapped == ids and list(mapped) == ids and len(mapped) == 3000
+        assert [mapped[i] for i in (0, 1234, -1)] == [ids[0], ids[1234], ids[-1]] and mapped[::1000] == ids[::1000]
+        view = mapped[1000:2500]
+        assert view == ids[1000:2500] and view[-1] == ids[2499] and list(view[10:12]) == ids[1010:1012]
+        assert view.sha256() == IdLines.from_strings(ids[1000:2500]).sha256()
+        write_ids(tmp_path / "again.txt", view)
+        assert read_ids(tmp_path / "again.txt") == ids[1000:2500]
+    with pytest.raises(IndexError):
+        open_ids(tmp_path / "ids.txt")[3000]
+    assert IdLines(b"") == [] and list(IdLines(b"")[0:0]) == [] and IdLines.concat([ids[:2], mapped[2:]]) == ids
+    with pytest.raises(DenseprError, match="contains a line break"):
+        IdLines.from_strings(["a", "b\nc"])
+
+
+def test_a_loaded_index_holds_its_ids_as_bytes_and_no_row_map_when_bound_in_corpus_order(tmp_path):
+    """Issue 34: 21M ids as a list of str are ~1.5 GB; the ids file's bytes are ~200 MB, and an index over a
+    corpus in the same order needs no row map. (Old code: a list of str per load and an int64 map per bind.)"""
+    import tracemalloc
+
+    from densepr.data.passages import Corpus, Passage, write_passages_tsv
+    from densepr.data.store import build_store, open_store
+
+    n = 50_000
+    corpus = Corpus.from_passages(Passage(f"p{j}", "", f"text {j}") for j in range(n))
+    DenseIndex.build(_embeddings_dir(tmp_path, _clustered(n, 4), part=20_000, corpus=corpus.fingerprint())).save(tmp_path / "idx")
+    write_passages_tsv(corpus, tmp_path / "p.tsv")
+    build_store(tmp_path / "p.tsv", tmp_path / "store")
+    q = _clustered(5, 4, seed=3)
+    ref = DenseIndex.from_faiss(DenseIndex.load(tmp_path / "idx").shards[0].index, [f"p{j}" for j in range(n)])
+    ref._rows = np.arange(n)[::-1].copy()  # a map that differs from no map: rows n-1-i
+    want = ref.search(q, 10).rows
+    for c in (corpus, open_store(tmp_path / "store")):
+        tracemalloc.start()
+        index = DenseIndex.load(tmp_path / "idx", corpus=c)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert held < 200_000, held  # Python memory kept by the index: the list of 50,000 str alone is ~3 MB
+        assert index._rows is None and len(index) == n
+        assert np.array_equal(n - 1 - index.search(q, 10).rows, want)  # corpus rows = index rows
+        assert index.ids[12_345] == "p12345" and index.ids[-1] == f"p{n - 1}" and list(index.ids[3:5]) == ["p3", "p4"]
+        assert index.ids == [f"p{j}" for j in range(n)]
+        index.save(tmp_path / "again")
+        assert (tmp_path / "again" / "ids.txt").read_bytes() == (tmp_path / "idx" / "ids.txt").read_bytes()
+        assert np.array_equal(index.shard(0)._rows, np.arange(n))
 
 
 def _recall(res, exact, k):

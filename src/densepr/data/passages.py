@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 
 from densepr.errors import InputError, MismatchError
-from densepr.fileio import atomic_write
+from densepr.fileio import IdLines, atomic_write
 
 # The one size limit of every loader: a line of a line-based file (TSV, JSON lines, TREC, qrels),
 # a CSV record, or one element of a JSON-array file (training JSON, DPR result JSON). Files are
@@ -117,6 +117,17 @@ def ids_text(ids: Sequence[str]) -> bytes:
     """What the fingerprint's ``ids_sha256`` hashes for ``ids``: each id and a line break, UTF-8
     (lone surrogates passed); blocks of it concatenate to the whole corpus's."""
     return ("\n".join(ids) + "\n").encode("utf-8", "surrogatepass")
+
+
+def ids_sha256(ids: Sequence[str]) -> str:
+    """The fingerprint's ``ids_sha256`` of ``ids`` (hex), hashed block by block: no text of them all
+    is built (an :class:`~densepr.fileio.IdLines` hashes its bytes, which are that text)."""
+    if isinstance(ids, IdLines):
+        return ids.sha256()
+    h = hashlib.sha256()
+    for lo in range(0, len(ids), _FP_ROWS):
+        h.update(ids_text(ids[lo : lo + _FP_ROWS]))
+    return h.hexdigest()
 
 
 class _Fingerprinter:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, ids_text, iter_passages
+from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, ids_sha256, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.fileio import MANIFEST, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
@@ -53,6 +53,7 @@ STORE_DIR = "store"  # its name inside an index directory
 COLUMNS = ("id", "title", "text")
 FILES = (*(f"{c}s.bin" for c in COLUMNS), *(f"{c}_offsets.npy" for c in COLUMNS), "id_hashes.npy", "id_order.npy")
 _ENC = ("utf-8", "surrogatepass")
+_ROWS_BLOCK = 1 << 20  # ids looked up at a time by StoreCorpus.rows
 
 
 def _hash(raw: bytes) -> int:
@@ -180,10 +181,15 @@ class StoreCorpus(Corpus):
         vectorised search of the sorted id hashes, their ids then compared byte for byte."""
         n = len(passage_ids)
         if n == len(self):  # ids hold no whitespace, so their joined text (what the fingerprint hashes) determines them
-            if hashlib.sha256(ids_text(passage_ids)).hexdigest() == self.manifest["corpus"]["ids_sha256"]:
+            if ids_sha256(passage_ids) == self.manifest["corpus"]["ids_sha256"]:
                 return np.arange(n, dtype=np.int64)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
+        out = np.zeros(n, dtype=np.int64)
+        for lo in range(0, n, _ROWS_BLOCK):  # a block at a time: its ids' bytes and hashes are all held per id
+            out[lo : lo + _ROWS_BLOCK] = self._rows_block(passage_ids[lo : lo + _ROWS_BLOCK])
+        return out
+
+    def _rows_block(self, passage_ids: Sequence[str]) -> np.ndarray:
+        n = len(passage_ids)
         raw = [p.encode(*_ENC) if isinstance(p, str) else b"" for p in passage_ids]
         want = np.fromiter(map(_hash, raw), dtype=np.uint64, count=n)
         pos = np.minimum(np.searchsorted(self._hashes, want), len(self._hashes) - 1)

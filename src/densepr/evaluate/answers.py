@@ -14,16 +14,22 @@ Top-k accuracy over these hits is in :mod:`densepr.evaluate.topk`.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import regex
 
+from densepr.data.passages import Corpus
 from densepr.data.qa import QASet
+from densepr.errors import DenseprError
+from densepr.fileio import read_json, write_json
+from densepr.progress import progress_bar
 
 # DrQA's SimpleTokenizer, as vendored by DPR (dpr/utils/tokenizers.py).
 _ALPHA_NUM = r"[\p{L}\p{N}\p{M}]+"
@@ -101,9 +107,6 @@ class AnswerMatcher:
         self.texts = texts
         self._tokens: dict[int, str] = {}
         self._nfd: dict[int, str] = {}
-        self._postings: dict[str, np.ndarray] | None = None
-        self._concat: str | None = None
-        self._starts: np.ndarray | None = None
 
     def _passage_tokens(self, row: int) -> str:
         s = self._tokens.get(row)
@@ -173,67 +176,117 @@ class AnswerMatcher:
                         out[i, j] = hit
         return outs
 
-    def _build_postings(self) -> dict[str, np.ndarray]:
-        # Every passage is read once, in order (a passage store decodes them block by block), and its tokens
-        # are not kept: only the candidates' are, when checked.
-        lists: dict[str, list[int]] = {}
-        for row, text in enumerate(self.texts):
-            toks = self._tokens.get(row)
-            for tok in set((toks if toks is not None else _joined(answer_tokens(text))).split()):
-                lists.setdefault(tok, []).append(row)
-        return {t: np.asarray(v, dtype=np.int64) for t, v in lists.items()}
-
-    def answerable(self, qas: QASet) -> np.ndarray:
+    def answerable(self, qas: QASet, show_progress: bool = False) -> np.ndarray:
         """Which questions have an answer in *some* passage of the corpus (same rule as :meth:`hits`).
 
-        String answers use an inverted index (candidate rows contain every answer token) and
-        then the exact check; regex answers are searched in every passage.
+        One pass over the corpus, ``_SCAN_ROWS`` passages at a time, in constant memory (nothing is
+        kept per passage): each passage is tokenised and checked against the string answers sharing
+        one of its tokens (an answer's longest token is its key), or, for regex answers, the block's
+        NFD texts are searched by every pattern not yet matched. The pass stops once every question
+        is answerable. At 21M passages it is still a scan of every text (tokenising them all: hours
+        on two cores), hence :func:`answerable_subset`'s cache and size limit.
         """
         out = np.zeros(len(qas), dtype=bool)
-        if qas.match == "string" and self._postings is None:
-            self._postings = self._build_postings()
+        pending: dict[int, list[str]] = {}
         for i, qa in enumerate(qas.items):
             prepared = self._prepare(qa.answers, qas.match)
             if prepared is None:
                 out[i] = len(self.texts) > 0
-            elif qas.match == "regex":
-                out[i] = any(self._regex_anywhere(p) for p in prepared)
-            else:
-                out[i] = any(self._string_anywhere(p) for p in prepared)
+            elif prepared:
+                pending[i] = prepared
+        scan = self._regex_block if qas.match == "regex" else self._string_block
+        n = len(self.texts)
+        with progress_bar(n, "answerable questions (scan every passage)", show_progress and bool(pending), unit="psg") as advance:
+            for lo in range(0, n if pending else 0, _SCAN_ROWS):
+                hi = min(n, lo + _SCAN_ROWS)
+                for i in scan(lo, self.texts[lo:hi], pending):
+                    out[i] = True
+                    del pending[i]
+                advance(hi - lo)
+                if not pending:
+                    break
         return out
 
-    def _regex_anywhere(self, pattern: str) -> bool:
-        compiled = _compile(pattern)
-        if compiled is None:
-            return False
-        if "(?<" in pattern or "\\A" in pattern or "\\Z" in pattern:
-            # Context-sensitive patterns: check passage by passage.
-            return any(compiled.search(self._passage_nfd(r)) for r in range(len(self.texts)))
-        if self._concat is None:
-            texts = [self._passage_nfd(r) for r in range(len(self.texts))]
-            self._concat = "\n".join(texts)
-            self._starts = np.cumsum([0] + [len(t) + 1 for t in texts])
-        # Search all passages at once, separated by newlines (^, $ and \b see a newline as a
-        # passage boundary). A match may straddle two passages, so each candidate is confirmed
-        # on its own passage, and the scan resumes at the next passage (not after the match),
-        # so no passage is skipped.
-        pos = 0
-        while (m := compiled.search(self._concat, pos)) is not None:
-            row = int(np.searchsorted(self._starts, m.start(), side="right")) - 1
-            if compiled.search(self._passage_nfd(row)):
-                return True
-            pos = int(self._starts[row + 1])
-        return False
+    def _string_block(self, first: int, texts: Sequence[str], pending: dict[int, list[str]]) -> set[int]:
+        by_token: dict[str, list[tuple[int, str]]] = {}
+        for i, answers in pending.items():  # a joined answer is in a passage only if each of its tokens is
+            for a in answers:
+                by_token.setdefault(max(a.split(), key=len), []).append((i, a))
+        found: set[int] = set()
+        for row, text in enumerate(texts, first):
+            hay = self._tokens.get(row) or _joined(answer_tokens(text))
+            for tok in set(hay.split()).intersection(by_token):
+                found.update(i for i, a in by_token[tok] if a in hay)
+        return found
 
-    def _string_anywhere(self, joined_answer: str) -> bool:
-        assert self._postings is not None
-        posting = [self._postings.get(t) for t in set(joined_answer.split())]
-        if any(p is None for p in posting):
-            return False
-        posting.sort(key=len)
-        cand = posting[0]
-        for p in posting[1:]:
-            cand = np.intersect1d(cand, p, assume_unique=True)
-            if not len(cand):
-                return False
-        return any(joined_answer in self._passage_tokens(int(r)) for r in cand)
+    def _regex_block(self, first: int, texts: Sequence[str], pending: dict[int, list[str]]) -> set[int]:
+        nfd = [self._nfd.get(row) or normalize(t) for row, t in enumerate(texts, first)]
+        concat = "\n".join(nfd)
+        starts = np.cumsum([0] + [len(t) + 1 for t in nfd])
+        return {i for i, patterns in pending.items() if any(_regex_in(p, nfd, concat, starts) for p in patterns)}
+
+
+_SCAN_ROWS = 1 << 12  # passages read, tokenised and searched at a time by AnswerMatcher.answerable
+
+
+def _regex_in(pattern: str, texts: list[str], concat: str, starts: np.ndarray) -> bool:
+    """Does ``pattern`` match one of ``texts`` (NFD; ``concat``: them joined by line breaks, ``starts``: offsets)?"""
+    compiled = _compile(pattern)
+    if compiled is None:
+        return False
+    if "(?<" in pattern or "\\A" in pattern or "\\Z" in pattern:
+        # Context-sensitive patterns: check passage by passage.
+        return any(compiled.search(t) for t in texts)
+    # Search the passages at once, separated by newlines (^, $ and \b see a newline as a passage
+    # boundary). A match may straddle two passages, so each candidate is confirmed on its own passage,
+    # and the scan resumes at the next passage (not after the match), so no passage is skipped.
+    pos = 0
+    while (m := compiled.search(concat, pos)) is not None:
+        row = int(np.searchsorted(starts, m.start(), side="right")) - 1
+        if compiled.search(texts[row]):
+            return True
+        pos = int(starts[row + 1])
+    return False
+
+
+# Above this many passages, `densepr evaluate` skips the answerable subset unless it is cached or asked
+# for (--answerable): the scan tokenises every passage, ~4.5 minutes per million 100-word passages on the
+# 2-core benchmark machine (NQ test; the 21M-passage Wikipedia: ~1.6 hours), which top-k accuracy need not pay.
+ANSWERABLE_SCAN_MAX = 1_000_000
+ANSWERABLE_DIR = "answerable"  # the cache's folder in an index directory
+
+
+def answerable_subset(corpus: Corpus, qas: QASet, cache_dir: str | os.PathLike[str] | None = None, force: bool | None = None,
+                      matcher: AnswerMatcher | None = None, show_progress: bool = False) -> np.ndarray | None:  # fmt: skip
+    """:meth:`AnswerMatcher.answerable` of ``qas`` over ``corpus``, remembered in ``cache_dir/answerable/``.
+
+    The mask is read from there when a file for this set holds the same corpus fingerprint and question
+    fingerprint (a stale or damaged file is recomputed and replaced); else it is computed (one streamed
+    pass) and written there (JSON, atomically; a read-only directory only costs the next run the scan).
+    ``force``: True computes it whatever the corpus size; False skips it (None); None (default) computes
+    it when cached or when the corpus holds at most :data:`ANSWERABLE_SCAN_MAX` passages, else skips it.
+    """
+    if force is False:
+        return None
+    fp = {"corpus": corpus.fingerprint(), "questions": qas.fingerprint(), "count": len(qas)}
+    path = Path(cache_dir) / ANSWERABLE_DIR / f"{fp['questions'][:32]}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = read_json(path)
+        except DenseprError:
+            saved = None
+        rows = saved.get("answerable") if isinstance(saved, dict) and all(saved.get(k) == v for k, v in fp.items()) else None
+        if isinstance(rows, list) and all(type(r) is int and 0 <= r < len(qas) for r in rows):
+            out = np.zeros(len(qas), dtype=bool)
+            out[rows] = True
+            return out
+    if force is None and len(corpus) > ANSWERABLE_SCAN_MAX:
+        return None
+    out = (matcher or AnswerMatcher(corpus.texts)).answerable(qas, show_progress)
+    if path is not None:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            write_json(path, {**fp, "set": qas.name, "answerable": np.flatnonzero(out).tolist()}, indent=None)
+        except (OSError, DenseprError):
+            pass  # a cache: not writing it loses nothing but the next run's time
+    return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,10 +33,11 @@ import numpy as np
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import (
+    IdLines,
     atomic_dir,
     atomic_path,
     check_target,
-    read_ids,
+    open_ids,
     read_json,
     read_manifest,
     remove_tree,
@@ -119,7 +121,7 @@ class _BuildState:
         with atomic_path(self.dir / "trained.faiss") as tmp:
             faiss.write_index(index, tmp)
 
-    def save_progress(self, indexes: list[faiss.Index], parts: int, rows: int, ids: list[str]) -> None:
+    def save_progress(self, indexes: list[faiss.Index], parts: int, rows: int, ids: IdLines) -> None:
         files = []
         for i, ix in enumerate(indexes):
             files.append(f"shard-{i:05d}-{parts}.faiss")  # a new name per save: the last complete one stays valid
@@ -132,14 +134,14 @@ class _BuildState:
             for name in [*old["files"], old["ids"]]:
                 (self.dir / name).unlink(missing_ok=True)
 
-    def load_progress(self, num_shards: int) -> tuple[list[faiss.Index], int, int, list[str]] | None:
+    def load_progress(self, num_shards: int) -> tuple[list[faiss.Index], int, int, IdLines] | None:
         f = self.dir / "progress.json"
         if not f.is_file():
             return None
         st = read_json(f)
         if len(st["files"]) != num_shards:
             return None
-        return [faiss.read_index(str(self.dir / x)) for x in st["files"]], st["parts"], st["rows"], read_ids(self.dir / st["ids"])
+        return [faiss.read_index(str(self.dir / x)) for x in st["files"]], st["parts"], st["rows"], open_ids(self.dir / st["ids"])
 
 
 @dataclass
@@ -148,20 +150,24 @@ class DenseIndex:
 
     Args:
         shards: the FAISS indexes, each holding a contiguous range of rows.
-        ids: passage id of each row (all shards).
+        ids: passage id of each row (all shards): an :class:`~densepr.fileio.IdLines` (a list is
+            converted), so no Python object is held per passage.
         manifest: metadata (type, parameters, encoders, corpus, phi for hnsw).
     """
 
     shards: list[_Shard]
-    ids: list[str]
+    ids: IdLines
     manifest: dict
-    _rows: np.ndarray | None = field(default=None, repr=False)  # index row -> corpus row once bound
+    # index row -> corpus row once bound; None: the same row (unbound, or bound to a corpus with these ids in this order)
+    _rows: np.ndarray | None = field(default=None, repr=False)
     _torch: object | None = field(default=None, repr=False)  # torch tensor of vectors (GPU path)
     _gpu_res: object | None = field(default=None, repr=False)  # FAISS GPU resources, kept alive
     _exact: list | None = field(default=None, repr=False)  # memory-mapped embedding parts, for re-ranking
     _offset: int = field(default=0, repr=False)  # a shard view's first row in the whole index (rows of _exact)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ids, IdLines):
+            self.ids = IdLines.from_strings(self.ids)
         total = sum(s.index.ntotal for s in self.shards)
         if total != len(self.ids):
             raise MismatchError(f"index holds {total} vectors but {len(self.ids)} ids")
@@ -187,7 +193,7 @@ class DenseIndex:
         return len(self.ids)
 
     @classmethod
-    def from_faiss(cls, index: faiss.Index, ids: list[str], index_type: str = "flat", **manifest) -> DenseIndex:
+    def from_faiss(cls, index: faiss.Index, ids: Sequence[str], index_type: str = "flat", **manifest) -> DenseIndex:
         """Wrap an existing FAISS index (one shard)."""
         return cls([_Shard(index, 0)], ids, {"type": index_type, "dim": index.d, "count": len(ids), **manifest})
 
@@ -211,11 +217,11 @@ class DenseIndex:
                 )
             if get(first.get("type", "flat")).l2_transform and m.get("phi") != first.get("phi"):
                 raise MismatchError("hnsw shards were built with different norm bounds (phi); build them together")
-        shards, ids, offset = [], [], 0
+        shards, offset = [], 0
         for part in parts:
             shards += [_Shard(s.index, offset + s.start, s.file) for s in part.shards]
-            ids += part.ids
             offset += len(part)
+        ids = IdLines.concat(part.ids for part in parts)
         manifest = {**first, "count": len(ids)}
         manifest.pop("corpus", None)  # each part covers a slice of the corpus
         return cls(shards, ids, manifest)
@@ -265,10 +271,11 @@ class DenseIndex:
                 work.save_trained(empty)
         bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
         shards = [_Shard(faiss.clone_index(empty) if num_shards > 1 else empty, int(bounds[i])) for i in range(num_shards)]
-        ids: list[str] = []
+        id_bytes: list[bytes] = []  # each part's ids file as it is (no object per passage)
         row = done = 0
         if work is not None and (resumed := work.load_progress(num_shards)) is not None:
             indexes, done, row, ids = resumed
+            id_bytes.append(ids.tobytes())
             for s, ix in zip(shards, indexes):
                 s.index = ix
         last_save = time.monotonic()
@@ -283,18 +290,18 @@ class DenseIndex:
                     if lo < hi:
                         part = np.ascontiguousarray(vecs[lo - row : hi - row])
                         shards[s].index.add(hnsw_augment(part, phi) if phi is not None else part)
-                ids += shard_ids
+                id_bytes.append(shard_ids.tobytes() if isinstance(shard_ids, IdLines) else IdLines.from_strings(shard_ids).tobytes())
                 row += len(vecs)
                 advance(len(vecs))
                 if work is not None and time.monotonic() - last_save >= checkpoint_seconds:
-                    work.save_progress([s.index for s in shards], part_no + 1, row, ids)
+                    work.save_progress([s.index for s in shards], part_no + 1, row, IdLines(b"".join(id_bytes)))
                     last_save = time.monotonic()
         meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
         manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta,
                     "embeddings": str(emb.directory.resolve())}  # fmt: skip
         if phi is not None:
             manifest["phi"] = phi
-        return cls(shards, ids, manifest)
+        return cls(shards, IdLines(b"".join(id_bytes)), manifest)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write each shard, ``ids.txt`` and, last, the manifest beside ``directory``, then swap
@@ -341,7 +348,7 @@ class DenseIndex:
         shards = []
         for e in entries:
             shards.append(_Shard(_read_faiss(d / e["file"], manifest, mmap, int(e["count"])), int(e["start"]), e["file"]))
-        ids = read_ids(d / "ids.txt")
+        ids = open_ids(d / "ids.txt")
         if len(ids) != int(manifest["count"]):
             raise MismatchError(f"{d / 'ids.txt'}: {len(ids)} ids, the manifest says {manifest['count']}; rebuild the index")
         out = cls(shards, ids, manifest)
@@ -412,6 +419,12 @@ class DenseIndex:
     def bind(self, corpus: Corpus) -> None:
         """Map index rows to rows of ``corpus`` so searches return corpus rows."""
         check_corpus(self.manifest, corpus, "dense index")
+        fp = self.manifest.get("corpus") or {}
+        if fp.get("count") == len(self) and fp.get("ids_sha256") == self.ids.sha256():
+            # check_corpus showed ``corpus`` has the ids the index was built over; these are they, in its row order:
+            # index row i is corpus row i, with no mapping held and no id decoded (one pass over the ids' bytes)
+            self._rows = None
+            return
         try:
             self._rows = corpus.rows(self.ids)
         except KeyError as e:

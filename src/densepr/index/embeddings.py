@@ -39,7 +39,7 @@ from densepr.fileio import (
     check_file,
     check_target,
     install_dir,
-    read_ids,
+    open_ids,
     read_json,
     read_manifest,
     remove_tree,
@@ -272,7 +272,7 @@ def _part_ok(out: Path, i: int, count: int, dim: int) -> bool:
         arr = np.load(out / npy, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         return False
-    return arr.shape == (count, dim) and len(read_ids(out / ids)) == count
+    return arr.shape == (count, dim) and len(open_ids(out / ids)) == count
 
 
 @dataclass
@@ -300,7 +300,7 @@ class Embeddings:
         """Yield ``(ids, vectors)`` per part file; vectors are memory-mapped."""
         for part in self.manifest.get("parts") or self.manifest["shards"]:  # "shards": densepr 0.1's name
             vecs = np.load(self.directory / part["vectors"], mmap_mode="r", allow_pickle=False)
-            ids = read_ids(self.directory / part["ids"])
+            ids = open_ids(self.directory / part["ids"])  # mapped, decoded only when read
             if vecs.shape != (part["count"], self.dim) or len(ids) != part["count"]:
                 raise DenseprError(f"{self.directory / part['vectors']}: shape {vecs.shape} does not match the manifest")
             yield ids, vecs
