@@ -245,14 +245,15 @@ def index_bm25(
 ) -> None:
     """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
     _check_output(output, "dir", "BM25 index")
-    from densepr.data import load_corpus
+    from densepr.data.store import open_passages
     from densepr.retrieve.bm25 import BM25Index
 
     BM25Index.check_output(output)  # another artefact, or files densepr did not write: refused before the work
-    corpus = load_corpus(passages)
-    BM25Index.build(corpus, k1=k1, b=b, workers=workers or os.cpu_count() or 1, chunk_passages=chunk_passages,
-                    workdir=output.parent if output.parent.is_dir() else None, progress=True).save(output)  # fmt: skip
-    out.print(f"BM25 index over {len(corpus)} passages written to {output}")
+    corpus = open_passages(passages)  # an index directory's store, else the file streamed: never held whole
+    index = BM25Index.build(corpus, k1=k1, b=b, workers=workers or os.cpu_count() or 1, chunk_passages=chunk_passages,
+                            workdir=output.parent if output.parent.is_dir() else None, progress=True)  # fmt: skip
+    index.save(output)
+    out.print(f"BM25 index over {index.num_docs} passages written to {output}")
 
 
 @index_app.command("dense")
