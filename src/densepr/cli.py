@@ -375,7 +375,8 @@ def encode(
 
     import torch
 
-    from densepr.data import EmbeddedData, load_corpus
+    from densepr.data import EmbeddedData
+    from densepr.data.store import open_passages
     from densepr.index.embeddings import encode_corpus
     from densepr.models.encoder import load_biencoder
 
@@ -388,7 +389,7 @@ def encode(
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     shard_id, num_shards = shard_id or 0, num_shards or 1
     q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
-    corpus = load_corpus(passages)
+    corpus = open_passages(passages)  # an index directory's store, else the file streamed: read part by part
     m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, part_size=part_size, batch_size=batch_size,
                       dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=rank == 0 or world == 1)  # fmt: skip
     if m is None:
