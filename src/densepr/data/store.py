@@ -30,6 +30,10 @@ A repeated id is found after the hashes are sorted (equal neighbours) and refuse
 :meth:`Corpus.from_passages` refuses it. Opening checks the manifest (sizes, sampled hashes), the
 arrays' shapes and end offsets, and, given the source file, that it is the one the store was built
 from; ``densepr verify`` checks every byte.
+
+:class:`StreamedCorpus` is the same streaming pass without a store: a plain passages file read part by
+part by ``densepr index bm25`` and ``densepr encode``; :func:`open_passages` prefers an index
+directory's store (``passages.tsv`` with ``store/`` beside it, or a directory it can be built in).
 """
 
 from __future__ import annotations

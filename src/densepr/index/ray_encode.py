@@ -12,8 +12,10 @@ atomically, into the same embeddings directory (parts, ids, ``encoding.json``, m
   node that is left and re-runs that part (Ray Data's defaults for actor pools: ``max_restarts=-1``, ``max_task_retries=-1``).
 
 Every node reads the passages file itself, at the same path (a shared file system, or the file
-copied to each machine); the vectors travel back through Ray's object store, so the output
-directory needs to exist on the driver's machine only.
+copied to each machine); the vectors and each part's ids travel back through Ray's object store, so
+the output directory needs to exist on the driver's machine only. The driver never holds the corpus
+(it streams the file once for its count and fingerprint, or opens an index directory's store); each
+encoder actor still parses it whole (``load_corpus``), to read any part it is given.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def start_local() -> Path:
 
 
 class PartEncoder:
-    """A Ray Data actor: loads the passage encoder and the corpus once, then encodes whole parts."""
+    """A Ray Data actor: loads the passage encoder and the corpus once, then encodes whole parts
+    (returning each part's vectors and ids: the driver does not hold the corpus)."""
 
     def __init__(self, encoder: str, passages: str, fingerprint: dict, part_size: int, batch_size: int, device: str | None,
                  throttle_s: float = 0.0) -> None:  # fmt: skip
@@ -141,8 +144,9 @@ class PartEncoder:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
+        # batches of one part (the last is shorter)
         return {"part": np.asarray(parts), "vectors": np.stack(vectors), "ids": np.asarray(ids),
-                "node": np.asarray([node] * len(parts))}  # batches of one part (the last is shorter)  # fmt: skip
+                "node": np.asarray([node] * len(parts))}  # fmt: skip
 
 
 def encode_corpus_ray(

@@ -339,6 +339,10 @@ class BM25Index:
     ) -> BM25Index:
         """Analyse ``title + " " + text`` of every passage and build the sparse score matrix.
 
+        ``corpus``: a :class:`Corpus`, a passage store, or a :class:`~densepr.data.store.StreamedCorpus`
+        (a file read chunk by chunk, with at most ``workers + 1`` chunks in flight; its fingerprint is
+        computed and a repeated id refused as it is read).
+
         Passages are analysed in chunks of ``chunk_passages`` rows, by ``workers`` processes
         (spawned; each reads its rows from the store, or receives only its chunk's texts), each
         writing its chunk's postings to ``workdir``; they are then merged into bm25s's CSC score
@@ -347,8 +351,9 @@ class BM25Index:
         in order of first occurrence).
 
         Peak memory, this process: the corpus as given (a store: ~0; ``load_corpus``: ~1.1 KB per
-        passage) + ~200 B per vocabulary term (the term dictionary, df, idf, offsets) + 24 B per
-        passage (lengths, norms) + ~40 B per posting of one chunk (merge temporaries) + 12 B per
+        passage; streamed: ``(workers + 1) x chunk_passages`` passages' texts, one block of 16,384 for
+        the fingerprint, and 8 B per passage, ~56 B while sorted at the end) + ~200 B per vocabulary
+        term (the term dictionary, df, idf, offsets) + 24 B per passage (lengths, norms) + ~40 B per posting of one chunk (merge temporaries) + 12 B per
         posting of the corpus in mapped pages (indices, scores, term frequencies: page cache,
         which the kernel may write back and evict). Each worker: ~250 MB (Python, the analyzer)
         + one chunk's texts + ~50 B per term occurrence of one chunk. Measured at 200,000
