@@ -292,6 +292,24 @@ def test_the_main_job_skips_current_stages_and_reruns_from_a_stage(monkeypatch, 
     assert STAGES.index("tune") < STAGES.index("evaluate") < STAGES.index("report")
 
 
+def test_later_stages_read_the_passages_through_the_store(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
+    """The passages stage hands the stages after it out/store/ (built beside passages.tsv), not passages.tsv
+    parsed whole, in the run that writes it and in a run that finds it current (issue 34)."""
+    import densepr.reproduce as rp
+    from densepr.data import Corpus, StoreCorpus
+
+    job = _tiny_job(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert)
+    built, real_build = [], rp.BM25Index.build
+    monkeypatch.setattr(rp.BM25Index, "build", lambda c, *a, **k: built.append(c) or real_build(c, *a, **k))
+    first, _ = job()
+    assert [type(c) for c in built] == [StoreCorpus] and len(built[0]) == len(corpus)
+    assert built[0].fingerprint() == corpus.fingerprint() and (tmp_path / "out" / "store" / "manifest.json").is_file()
+    monkeypatch.setattr(Corpus, "from_passages", classmethod(lambda *a, **k: pytest.fail("passages.tsv was parsed whole")))
+    second, ran = job(force_from="bm25")  # a later run: the passages stage is current, its corpus loaded
+    assert ran["passages"] == "skipped" and ran["bm25"] == "ran" and type(built[1]) is StoreCorpus
+    assert second["results"] == first["results"]
+
+
 def test_the_main_job_on_a_fresh_machine_fetches_before_it_needs_the_model(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
     """Nothing fetched yet: the job must not look the embedded model up before its fetch step has run."""
     import densepr.reproduce as rp

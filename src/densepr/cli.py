@@ -245,14 +245,15 @@ def index_bm25(
 ) -> None:
     """Build a Lucene-style BM25 index over title + text (k1=0.9, b=0.4 as Anserini)."""
     _check_output(output, "dir", "BM25 index")
-    from densepr.data import load_corpus
+    from densepr.data.store import open_passages
     from densepr.retrieve.bm25 import BM25Index
 
     BM25Index.check_output(output)  # another artefact, or files densepr did not write: refused before the work
-    corpus = load_corpus(passages)
-    BM25Index.build(corpus, k1=k1, b=b, workers=workers or os.cpu_count() or 1, chunk_passages=chunk_passages,
-                    workdir=output.parent if output.parent.is_dir() else None, progress=True).save(output)  # fmt: skip
-    out.print(f"BM25 index over {len(corpus)} passages written to {output}")
+    corpus = open_passages(passages)  # an index directory's store, else the file streamed: never held whole
+    index = BM25Index.build(corpus, k1=k1, b=b, workers=workers or os.cpu_count() or 1, chunk_passages=chunk_passages,
+                            workdir=output.parent if output.parent.is_dir() else None, progress=True)  # fmt: skip
+    index.save(output)
+    out.print(f"BM25 index over {index.num_docs} passages written to {output}")
 
 
 @index_app.command("dense")
@@ -404,7 +405,8 @@ def encode(
 
     import torch
 
-    from densepr.data import EmbeddedData, load_corpus
+    from densepr.data import EmbeddedData
+    from densepr.data.store import open_passages
     from densepr.index.embeddings import encode_corpus
     from densepr.models.encoder import load_biencoder
 
@@ -417,7 +419,7 @@ def encode(
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     shard_id, num_shards = shard_id or 0, num_shards or 1
     q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
-    corpus = load_corpus(passages)
+    corpus = open_passages(passages)  # an index directory's store, else the file streamed: read part by part
     m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, part_size=part_size, batch_size=batch_size,
                       dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=rank == 0 or world == 1)  # fmt: skip
     if m is None:

@@ -25,6 +25,7 @@ a rerun. ``<out>/stages/<stage>.json`` records each finished stage.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.fetch import EmbeddedData, fetch_embedded
-from densepr.data.passages import Corpus, load_corpus, write_passages_tsv
+from densepr.data.passages import Corpus, write_passages_tsv
 from densepr.data.qa import QASet
 from densepr.data.runs import write_dpr_results, write_trec_run
 from densepr.data.summaries import load_wiki_summaries
@@ -55,7 +56,7 @@ from densepr.progress import progress_bar
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode
-from densepr.retrieve.retriever import Retriever
+from densepr.retrieve.retriever import Retriever, open_corpus
 from densepr.stages import RECORDS, Done, Stage, StageRunner
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
@@ -367,14 +368,12 @@ class Job:
 
         def build() -> Corpus:
             corpus = load_wiki_summaries(self.data.summaries)
-            if limit is not None:
-                corpus = Corpus.from_passages(list(corpus)[:limit], source=self.data.summaries)
-            write_passages_tsv(corpus, path)
-            self.log(f"wrote {len(corpus)} passages to {path}")
-            return corpus
+            n = write_passages_tsv(iter(corpus) if limit is None else itertools.islice(corpus, limit), path)
+            self.log(f"wrote {n} passages to {path}")
+            return open_corpus(self.cfg.out_dir)  # what later stages read: the store beside it, as a rerun loads it
 
         settings = {"summaries": sha256_file(self.data.summaries), **({"first": limit} if limit is not None else {})}
-        return Stage("passages", build, lambda: load_corpus(path), settings, (), [path])
+        return Stage("passages", build, lambda: open_corpus(self.cfg.out_dir), settings, (), [path])
 
     def bm25(self) -> Stage:
         d = self.cfg.out_dir / "bm25"

@@ -327,3 +327,52 @@ def test_evaluate_build_train_and_cloze_read_an_index_directory_through_its_stor
     assert outs[store_dir] == outs[mem_dir] and "answerable" in outs[store_dir]
     assert outs[store_dir, "train"] == outs[mem_dir, "train"]
     assert outs[store_dir, "cloze"] == outs[mem_dir, "cloze"]
+
+
+# -- a passages file streamed part by part (StreamedCorpus: `densepr index bm25` and `encode` on a plain file) --------
+def _many(n: int) -> Corpus:
+    return Corpus.from_passages(Passage(f"p{i}", f"T{i % 7}", "w " * (i % 5) + f"text {i}") for i in range(n))
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_a_streamed_file_gives_the_in_memory_corpus_block_by_block(tmp_path, suffix):
+    from densepr.data.store import StreamedCorpus
+
+    mem = _many(_FP_ROWS + 5)  # two fingerprint blocks
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".tsv":
+        write_passages_tsv(mem, path)
+    else:
+        path.write_text("".join(json.dumps({"_id": p.id, "title": p.title, "text": p.text}) + "\n" for p in mem), encoding="utf-8")
+    streamed = StreamedCorpus(path)
+    assert list(streamed.blocks(7000)) == list(mem.blocks(7000))  # the first pass also fingerprints it
+    assert streamed.fingerprint() == mem.fingerprint() and len(streamed) == len(mem)
+    assert list(streamed.blocks(1000, [16, 3, 5])) == list(mem.blocks(1000, [3, 5, 16]))
+
+
+def test_colliding_id_hashes_are_told_apart_by_the_ids_and_a_repeated_id_is_refused(tmp_path, monkeypatch):
+    """Every id given one hash: the build and the streamed pass read the colliding ids back to decide."""
+    import densepr.data.store as store
+
+    monkeypatch.setattr(store, "_id_hash", lambda pid: 42)
+    mem = _many(30)
+    write_passages_tsv(mem, tmp_path / "ok.tsv")
+    assert store.StreamedCorpus(tmp_path / "ok.tsv").fingerprint() == mem.fingerprint()
+    build_store(tmp_path / "ok.tsv", tmp_path / "store")
+    dup = Corpus(ids=[*mem.ids, "p3", "p9", "p3"], titles=[*mem.titles, "a", "b", "c"], texts=[*mem.texts, "x", "y", "z"])
+    write_passages_tsv(dup, tmp_path / "dup.tsv")
+    for fn in (lambda: store.StreamedCorpus(tmp_path / "dup.tsv").fingerprint(), lambda: build_store(tmp_path / "dup.tsv", tmp_path / "s2")):
+        with pytest.raises(InputError, match=r"dup.tsv, passage 31: field 'id': duplicate passage id 'p3' \(first seen as passage 4\)"):
+            fn()
+    assert not (tmp_path / "s2").exists()
+
+
+def test_a_file_changed_between_two_streamed_passes_is_refused(tmp_path):
+    from densepr.data.store import StreamedCorpus
+
+    write_passages_tsv(_many(10), tmp_path / "c.tsv")
+    streamed = StreamedCorpus(tmp_path / "c.tsv")
+    assert len(streamed) == 10
+    write_passages_tsv(_many(12), tmp_path / "c.tsv")
+    with pytest.raises(MismatchError, match="changed while densepr was reading it"):
+        list(streamed.blocks(4, [1]))

@@ -381,3 +381,62 @@ def test_a_new_index_type_is_one_table_entry(tmp_path, monkeypatch):
     assert loaded.spec is extra
     np.testing.assert_array_equal(loaded.search(queries, 10).rows, DenseIndex.build(emb).search(queries, 10).rows)
     assert any(r["type"] == "flat-copy" and r["bytes_per_passage"] == 64 for r in plan(1000, 16))
+
+
+# -- `densepr encode` reads the passages part by part (issue 34) ----------------------------------------------------
+@pytest.mark.parametrize("name", ["p.tsv", "p.jsonl", "idx/passages.tsv"])
+def test_cli_encode_reads_the_passages_part_by_part(tmp_path, capsys, monkeypatch, corpus, tiny_bert, name):
+    """The corpus is never parsed whole (today's CLI called load_corpus: fails there): a file is streamed,
+    each part read only once the parts before it are encoded; an index directory's passages.tsv through
+    store/ beside it. Whole runs, shards and a resumed run write the in-memory encode's part files."""
+    import json
+
+    import densepr.data.store as store
+    from densepr.data import Corpus, write_passages_tsv
+    from tests.support.cli import run
+
+    src = tmp_path / name
+    src.parent.mkdir(exist_ok=True)
+    if src.suffix == ".tsv":
+        write_passages_tsv(corpus, src)
+    else:
+        src.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in corpus), encoding="utf-8")
+    encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, tmp_path / "want", part_size=2)
+    parts = sorted(p.name for p in (tmp_path / "want").glob("part-*"))
+    monkeypatch.setattr(Corpus, "from_passages", classmethod(lambda *a, **k: pytest.fail("the corpus was parsed whole")))
+    read, encoded, ahead = [0], [0], []
+    real_iter, real_encode = store.iter_passages, Encoder.encode_passages
+
+    def counting(path):
+        read[0] = 0  # this pass's passages
+        for p in real_iter(path):
+            read[0] += 1
+            yield p
+
+    def encode(self, titles, texts, *a, **k):
+        encoded[0] += len(texts)
+        ahead.append(read[0] - encoded[0])
+        return real_encode(self, titles, texts, *a, **k)
+
+    monkeypatch.setattr(store, "iter_passages", counting)
+    monkeypatch.setattr(Encoder, "encode_passages", encode)
+    args = ("--encoder", str(tiny_bert), "--part-size", "2", "--device", "cpu")
+    code, out, err = run(capsys, "encode", str(src), str(tmp_path / "emb"), *args)
+    assert code == 0 and "12 passage vectors" in out, err
+    assert len(ahead) == 6 and (max(ahead) == 0 if src.name != "passages.tsv" else (src.parent / "store" / "manifest.json").is_file())
+
+    def same(d):
+        assert [(d / p).read_bytes() for p in parts] == [(tmp_path / "want" / p).read_bytes() for p in parts]
+        assert Embeddings.open(d, corpus).manifest["count"] == 12  # the corpus fingerprint is the in-memory corpus's
+
+    same(tmp_path / "emb")
+    for i in range(3):
+        code, _, err = run(capsys, "encode", str(src), str(tmp_path / "shards"), *args, "--shard-id", str(i), "--num-shards", "3")
+        assert code == 0, err
+    same(tmp_path / "shards")
+    (tmp_path / "emb" / "part-00004.npy").unlink()
+    (tmp_path / "emb" / "manifest.json").unlink()
+    encoded[0], ahead[:] = 0, []
+    code, _, err = run(capsys, "encode", str(src), str(tmp_path / "emb"), *args)
+    assert code == 0 and len(ahead) == 1, err  # only the missing part encoded again
+    same(tmp_path / "emb")

@@ -114,3 +114,116 @@ def test_cli_index_bm25_with_workers_equals_the_library_build(tmp_path, capsys, 
         model.columns = [(np.asarray(model.scores["indices"][a:b]).tobytes(), np.asarray(model.scores["data"][a:b]).tobytes())
                          for a, b in ((model.scores["indptr"][model.vocab_dict[t]], model.scores["indptr"][model.vocab_dict[t] + 1]) for t in terms)]  # fmt: skip
     assert sorted(loaded.model.vocab_dict) == terms and loaded.model.columns == want.columns
+
+
+# -- `densepr index bm25` on a file streamed, or through an index directory's store (issue 34) --------------------
+def _write(corpus: Corpus, path) -> None:
+    import json
+
+    from densepr.data import write_passages_tsv
+
+    if path.suffix == ".tsv":
+        write_passages_tsv(corpus, path)
+    else:
+        path.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in corpus), encoding="utf-8")
+
+
+def _files(d) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+@pytest.mark.parametrize("chunk, workers", [(1, 1), (7, 1), (1000, 1), (1, 2), (7, 2), (3, 3)])
+def test_cli_streamed_build_is_byte_identical(tmp_path, capsys, suffix, chunk, workers):
+    """Every array and the manifest are today's (the corpus parsed whole), whatever the chunks and workers."""
+    from densepr.data import load_corpus
+    from tests.support.cli import run
+
+    src = tmp_path / f"corpus{suffix}"
+    _write(_mixed_corpus(), src)
+    BM25Index.build(load_corpus(src)).save(tmp_path / "want")
+    code, out, err = run(capsys, "index", "bm25", str(src), str(tmp_path / "got"), "--workers", str(workers), "--chunk-passages", str(chunk))
+    assert code == 0, err
+    assert "over 41 passages" in out
+    assert _files(tmp_path / "got") == _files(tmp_path / "want")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, "got", "want"])  # no store, no build leftovers
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_streamed_build_never_holds_the_corpus(tmp_path, capsys, monkeypatch, workers):
+    """The file is read chunk by chunk, at most one chunk more than the workers ahead of the analysis,
+    and never parsed into a Corpus (today's CLI called load_corpus: fails there)."""
+    import densepr.data.store as store
+    import densepr.retrieve.bm25 as bm25
+    from densepr.data import load_corpus
+    from tests.support.cli import run
+
+    src = tmp_path / "corpus.tsv"
+    _write(_mixed_corpus(), src)
+    BM25Index.build(load_corpus(src)).save(tmp_path / "want")
+    monkeypatch.setattr(Corpus, "from_passages", classmethod(lambda *a, **k: pytest.fail("the corpus was parsed whole")))
+    read, ahead = [0], []
+    real_iter, real_bar = store.iter_passages, bm25.progress_bar
+
+    def counting(path):
+        for p in real_iter(path):
+            read[0] += 1
+            yield p
+
+    def bar(total, description, *a, **k):
+        done = [0]
+
+        def advance(n):
+            done[0] += n
+            if description == "BM25 analyse":
+                ahead.append(read[0] - done[0])
+
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cm():
+            with real_bar(total, description, *a, **k):
+                yield advance
+
+        return cm()
+
+    monkeypatch.setattr(store, "iter_passages", counting)
+    monkeypatch.setattr(bm25, "progress_bar", bar)
+    code, _, err = run(capsys, "index", "bm25", str(src), str(tmp_path / "got"), "--workers", str(workers), "--chunk-passages", "3")
+    assert code == 0, err
+    assert _files(tmp_path / "got") == _files(tmp_path / "want")
+    assert len(ahead) == 14 and max(ahead) <= 3 * (workers + 1)  # 41 passages in chunks of 3; a pass-ahead would read all 41
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("bad, message", [
+    ("36\tno title here\n", "corpus.tsv, line 43: expected 3 tab-separated columns"),
+    ("7\ta repeated id\tT\n", "corpus.tsv, passage 42: field 'id': duplicate passage id '7' (first seen as passage 8)"),
+])  # fmt: skip
+def test_cli_streamed_build_refuses_a_bad_line_deep_in_the_file(tmp_path, capsys, workers, bad, message):
+    from tests.support.cli import run
+
+    src = tmp_path / "corpus.tsv"
+    _write(_mixed_corpus(), src)
+    with open(src, "a", encoding="utf-8") as fh:
+        fh.write(bad + "99\tafter it\tT\n")
+    code, _, err = run(capsys, "index", "bm25", str(src), str(tmp_path / "bm25"), "--workers", str(workers), "--chunk-passages", "4")
+    assert code == 1 and message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tsv"]  # no index, no build leftovers
+
+
+def test_cli_index_directory_builds_from_its_store(tmp_path, capsys, monkeypatch):
+    """An index directory's passages.tsv is read through store/ beside it (built there first)."""
+    from densepr.data import load_corpus
+    from densepr.data.store import open_store
+    from tests.support.cli import run
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write(_mixed_corpus(), idx / "passages.tsv")
+    BM25Index.build(load_corpus(idx / "passages.tsv")).save(tmp_path / "want")
+    monkeypatch.setattr(Corpus, "from_passages", classmethod(lambda *a, **k: pytest.fail("the corpus was parsed whole")))
+    code, _, err = run(capsys, "index", "bm25", str(idx / "passages.tsv"), str(idx / "bm25"), "--workers", "2", "--chunk-passages", "5")
+    assert code == 0, err
+    assert len(open_store(idx / "store", idx / "passages.tsv")) == 41
+    assert _files(idx / "bm25") == _files(tmp_path / "want")

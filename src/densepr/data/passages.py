@@ -86,6 +86,15 @@ class Corpus:
     def __iter__(self) -> Iterator[Passage]:
         return (self[i] for i in range(len(self)))
 
+    def blocks(self, size: int, which: Iterable[int] | None = None) -> Iterator[tuple[int, list[str], list[str], list[str]]]:
+        """``(i, ids, titles, texts)`` of block ``i`` (rows ``[i size, (i + 1) size)``) for every block, or
+        those in ``which``, in order: how the encode stage and the BM25 build read a corpus part by part
+        (a :class:`~densepr.data.store.StreamedCorpus` streams the same blocks from a file)."""
+        n = len(self)
+        for i in range(-(-n // size)) if which is None else sorted(set(which)):
+            lo, hi = i * size, min(n, (i + 1) * size)
+            yield i, self.ids[lo:hi], self.titles[lo:hi], self.texts[lo:hi]
+
     def fingerprint(self) -> dict:
         """Count, sha256 of the ids, and sha256 of the content (every id, title and text, in row
         order): recorded by every index built over the corpus, so a corpus with other ids, other

@@ -30,6 +30,10 @@ A repeated id is found after the hashes are sorted (equal neighbours) and refuse
 :meth:`Corpus.from_passages` refuses it. Opening checks the manifest (sizes, sampled hashes), the
 arrays' shapes and end offsets, and, given the source file, that it is the one the store was built
 from; ``densepr verify`` checks every byte.
+
+:class:`StreamedCorpus` is the same streaming pass without a store: a plain passages file read part by
+part by ``densepr index bm25`` and ``densepr encode``; :func:`open_passages` prefers an index
+directory's store (``passages.tsv`` with ``store/`` beside it, or a directory it can be built in).
 """
 
 from __future__ import annotations
@@ -39,14 +43,14 @@ import mmap
 import operator
 import os
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, ids_sha256, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
-from densepr.fileio import MANIFEST, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
+from densepr.fileio import MANIFEST, NoSpaceError, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
 KIND = "passage-store"
 STORE_DIR = "store"  # its name inside an index directory
@@ -219,62 +223,174 @@ def build_store(source: str | os.PathLike[str], directory: str | os.PathLike[str
     state = source_state(source) if source.is_file() else None  # before reading: an edit during the build makes it stale
     with atomic_dir(directory, KIND, FILES) as build:
         offsets = [array("q", [0]) for _ in COLUMNS]
-        hashes = array("Q")
-        fp = _Fingerprinter()
-        block: list[list[str]] = [[], [], []]
+        scan = _Scan(source)
         outs = [open(build / f"{c}s.bin", "wb", buffering=1 << 20) for c in COLUMNS]  # noqa: SIM115
         try:
             for p in iter_passages(source):
-                for col, value, out, off in zip(block, (p.id, p.title, p.text), outs, offsets):
-                    col.append(value)
+                for value, out, off in zip((p.id, p.title, p.text), outs, offsets):
                     raw = value.encode(*_ENC)
                     out.write(raw)
                     off.append(off[-1] + len(raw))
-                hashes.append(_id_hash(p.id))
-                if len(block[0]) == _FP_ROWS:
-                    fp.add(*block)
-                    block = [[], [], []]
+                scan.add(p)
         finally:
             for out in outs:
                 out.close()
-        if block[0]:
-            fp.add(*block)
-        if fp.count == 0:
-            raise InputError(source, "no passages found (empty file?)")
-        h = np.frombuffer(hashes, dtype=np.uint64)
-        order = np.argsort(h, kind="stable")
-        _refuse_duplicates(source, h[order], order, build / "ids.bin", offsets[0])
+
+        def ids_of(rows: list[int]) -> list[bytes]:
+            with open(build / "ids.bin", "rb") as fh:
+                return [_read_at(fh, offsets[0][r], offsets[0][r + 1]) for r in rows]
+
+        fingerprint, sorted_hashes, order = scan.finish(ids_of)
         for c, off in zip(COLUMNS, offsets):
             save_npy(build / f"{c}_offsets.npy", np.frombuffer(off, dtype=np.int64))
-        save_npy(build / "id_hashes.npy", h[order])
+        save_npy(build / "id_hashes.npy", sorted_hashes)
         save_npy(build / "id_order.npy", order.astype(np.int64))
-        return write_manifest(build, KIND, list(FILES), corpus=fp.result(), source=state)
+        return write_manifest(build, KIND, list(FILES), corpus=fingerprint, source=state)
 
 
-def _refuse_duplicates(source: Path, sorted_hashes: np.ndarray, order: np.ndarray, ids_bin: Path, id_off: array) -> None:
+def _read_at(fh, a: int, b: int) -> bytes:
+    fh.seek(a)
+    return fh.read(b - a)
+
+
+class _Scan:
+    """What one streaming pass over a passages file gathers in bounded memory: the fingerprint (fed
+    one block of ``_FP_ROWS`` passages at a time) and every id's 64-bit hash (8 B per passage), from
+    which :meth:`finish` finds a repeated id. Shared by :func:`build_store` and :class:`StreamedCorpus`."""
+
+    def __init__(self, source: Path) -> None:
+        self.source, self.fp, self.hashes = source, _Fingerprinter(), array("Q")
+        self.block: tuple[list[str], list[str], list[str]] = ([], [], [])
+
+    def add(self, p: Passage) -> None:
+        for col, value in zip(self.block, (p.id, p.title, p.text)):
+            col.append(value)
+        self.hashes.append(_id_hash(p.id))
+        if len(self.block[0]) == _FP_ROWS:
+            self.fp.add(*self.block)
+            self.block = ([], [], [])
+
+    def finish(self, ids_of: Callable[[list[int]], list[bytes]]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """The fingerprint, the sorted id hashes and their rows; an empty file or a repeated id
+        (``ids_of(rows)``: the UTF-8 ids of those rows, asked only for rows whose hashes collide) is refused."""
+        if self.block[0]:
+            self.fp.add(*self.block)
+            self.block = ([], [], [])
+        if self.fp.count == 0:
+            raise InputError(self.source, "no passages found (empty file?)")
+        h = np.frombuffer(self.hashes, dtype=np.uint64)
+        order = np.argsort(h, kind="stable")
+        sorted_hashes = h[order]
+        del h, self.hashes
+        _refuse_duplicates(self.source, sorted_hashes, order, ids_of)
+        return self.fp.result(), sorted_hashes, order
+
+
+def _refuse_duplicates(source: Path, sorted_hashes: np.ndarray, order: np.ndarray, ids_of: Callable[[list[int]], list[bytes]]) -> None:
     """A repeated id (two rows with the same hash and the same id: equal neighbours once sorted) is
     refused as :meth:`Corpus.from_passages` refuses it: at the first repetition, naming both passages."""
+    same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
+    if not len(same):
+        return
+    rows = sorted(set(order[np.union1d(same, same + 1)].tolist()))  # every row of a run of equal hashes
+    id_at = dict(zip(rows, ids_of(rows)))
     first = None
-    with open(ids_bin, "rb") as fh:
-        def id_at(row: int) -> bytes:
-            fh.seek(id_off[row])
-            return fh.read(id_off[row + 1] - id_off[row])
-
-        same = set(np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]).tolist())
-        for i in sorted(same):
-            if i - 1 in same:
-                continue  # not the start of a run of equal hashes
-            seen: dict[bytes, int] = {}
-            j = i
-            while j < len(order) and sorted_hashes[j] == sorted_hashes[i]:  # a run: rows in file order (stable sort)
-                row, pid = int(order[j]), id_at(int(order[j]))
-                if pid in seen and (first is None or row < first[1]):
-                    first = (seen[pid], row, pid.decode(*_ENC))
-                seen.setdefault(pid, row)
-                j += 1
+    same_set = set(same.tolist())
+    for i in same.tolist():
+        if i - 1 in same_set:
+            continue  # not the start of a run of equal hashes
+        seen: dict[bytes, int] = {}
+        j = i
+        while j < len(order) and sorted_hashes[j] == sorted_hashes[i]:  # a run: rows in file order (stable sort)
+            row = int(order[j])
+            pid = id_at[row]
+            if pid in seen and (first is None or row < first[1]):
+                first = (seen[pid], row, pid.decode(*_ENC))
+            seen.setdefault(pid, row)
+            j += 1
     if first is not None:
         a, b, pid = first
         raise InputError(source, f"duplicate passage id {pid!r} (first seen as passage {a + 1})", line=b + 1, field="id", unit="passage")
+
+
+class StreamedCorpus:
+    """A passages file read part by part, never held whole: what ``densepr index bm25`` and ``densepr
+    encode`` read when the file is not an index directory's (:func:`open_passages`).
+
+    It offers what those read: ``len``, :meth:`fingerprint` and :meth:`blocks`. The count and the
+    fingerprint come from a streaming pass (the first complete :meth:`blocks` pass, or one of its
+    own), which refuses bad input as :func:`~densepr.data.passages.load_corpus` does (a repeated id
+    once the whole file is read); that pass holds one block of ``_FP_ROWS`` passages and 8 B per
+    passage (its id's hash; ~56 B per passage while they are sorted at the end). A file changed
+    (size or modification time) after that pass is refused by the passes after it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fp: dict | None = None
+        self._state: tuple | None = None
+
+    def __len__(self) -> int:
+        return self.fingerprint()["count"]
+
+    def __repr__(self) -> str:
+        return f"StreamedCorpus({str(self.path)!r})"
+
+    def fingerprint(self) -> dict:
+        """As :meth:`Corpus.fingerprint`; the first call reads the file through."""
+        if self._fp is None:
+            for _ in self.blocks(_FP_ROWS):
+                pass
+        return dict(self._fp)
+
+    def _stat(self) -> tuple:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self) -> None:
+        if self._state is not None and self._stat() != self._state:
+            raise MismatchError(f"{self.path}: changed while densepr was reading it (size or modification time); run again")
+
+    def blocks(self, size: int, which: Iterable[int] | None = None) -> Iterator[tuple[int, list[str], list[str], list[str]]]:
+        """As :meth:`Corpus.blocks`, streamed: the rows before a wanted block are parsed and dropped."""
+        want = None if which is None else set(which)
+        last = None if want is None else max(want, default=-1)
+        scan = None
+        if self._fp is None:
+            scan, self._state = _Scan(self.path), self._stat() if self.path.is_file() else None  # before reading
+        self._check_unchanged()
+        cols: tuple[list[str], list[str], list[str]] = ([], [], [])
+        row = 0
+        for p in iter_passages(self.path):
+            if scan is not None:
+                scan.add(p)
+            i = row // size
+            if want is None or i in want:
+                for col, value in zip(cols, (p.id, p.title, p.text)):
+                    col.append(value)
+            row += 1
+            if row % size == 0:
+                if cols[0]:
+                    yield i, *cols
+                    cols = ([], [], [])
+                if scan is None and last is not None and i >= last:
+                    self._check_unchanged()
+                    return
+        if cols[0]:
+            yield (row - 1) // size, *cols
+        if scan is not None:
+            self._fp = scan.finish(self._ids_of)[0]
+        self._check_unchanged()
+
+    def _ids_of(self, rows: list[int]) -> list[bytes]:
+        """The UTF-8 ids of ``rows`` (a few: those whose id hashes collide), by reading the file again."""
+        want, got = set(rows), {}
+        for r, p in enumerate(iter_passages(self.path)):
+            if r in want:
+                got[r] = p.id.encode(*_ENC)
+                if len(got) == len(want):
+                    break
+        return [got[r] for r in rows]
 
 
 def open_store(directory: str | os.PathLike[str], source: str | os.PathLike[str] | None = None, verify: str = "sample") -> StoreCorpus:
@@ -329,3 +445,30 @@ def ensure_store(source: str | os.PathLike[str], directory: str | os.PathLike[st
             if not current():
                 build_store(source, directory)
     return open_store(directory, source)
+
+
+def store_beside(tsv: str | os.PathLike[str]) -> StoreCorpus | None:
+    """The store of an index directory's ``passages.tsv`` (``store/`` beside it): opened when current;
+    built first when missing or stale (``passages.tsv`` edited since) and the directory is writable.
+    None when it cannot be used: a read-only or full directory, or a ``store/`` that is something
+    else (or a killed build's leftovers we may not own: not ours to replace). A damaged store is
+    refused (its files are named), not silently rebuilt."""
+    tsv = Path(tsv)
+    store = tsv.parent / STORE_DIR
+    if not (store / MANIFEST).is_file() and store.exists():
+        return None
+    try:
+        return ensure_store(tsv, store)
+    except (PermissionError, NoSpaceError):  # the store is an optimisation
+        return None
+
+
+def open_passages(path: str | os.PathLike[str]) -> StoreCorpus | StreamedCorpus:
+    """Passages to read part by part, never held whole: an index directory's ``passages.tsv`` through
+    its store (:func:`store_beside`), any other file (or one whose store cannot be used) streamed."""
+    path = Path(path)
+    if path.name == "passages.tsv" and path.is_file():
+        store = store_beside(path)
+        if store is not None:
+            return store
+    return StreamedCorpus(path)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.passages import Corpus, check_corpus
+from densepr.data.store import StreamedCorpus
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import (
     MANIFEST,
@@ -84,7 +85,7 @@ def shard_parts(n_parts: int, shard_id: int, num_shards: int) -> range:
 
 def encode_corpus(
     encoder: Encoder,
-    corpus: Corpus,
+    corpus: Corpus | StreamedCorpus,
     out_dir: str | os.PathLike[str],
     *,
     question_encoder: str | None = None,
@@ -104,7 +105,8 @@ def encode_corpus(
 
     Args:
         encoder: the passage encoder E_P.
-        corpus: the passages, in the order rows will be written.
+        corpus: the passages, in the order rows will be written; read part by part (:meth:`Corpus.blocks`),
+            so a passage store or a :class:`~densepr.data.store.StreamedCorpus` file is never held whole.
         out_dir: the embeddings directory.
         question_encoder: path of the matching E_Q, recorded so retrieval pairs them.
         part_size: passages per part file.
@@ -121,21 +123,25 @@ def encode_corpus(
     out = prepare(final, plan)
     if isinstance(out, dict):
         return out  # already complete with the same settings
-    n_parts = max(1, -(-len(corpus) // part_size))
-    mine = shard_parts(n_parts, shard_id, num_shards)
-    todo = sum(min(len(corpus), (i + 1) * part_size) - i * part_size for i in mine)
+    n = len(corpus)
+    mine = shard_parts(max(1, -(-n // part_size)), shard_id, num_shards)
+    todo = [i for i in mine if not _part_ok(out, i, _part_count(n, i, part_size), encoder.dim)]
     label = "encode passages" + (f" (shard {shard_id + 1}/{num_shards})" if num_shards > 1 else "")
-    with progress_bar(todo, label, show_progress, unit="psg") as advance:
-        for i in mine:
-            lo, hi = i * part_size, min(len(corpus), (i + 1) * part_size)
-            if not _part_ok(out, i, hi - lo, encoder.dim):
-                write_part(out, i, corpus.ids[lo:hi], encoder.encode_passages(corpus.titles[lo:hi], corpus.texts[lo:hi], batch_size, progress=advance), dtype)
+    with progress_bar(sum(_part_count(n, i, part_size) for i in mine), label, show_progress, unit="psg") as advance:
+        advance(sum(_part_count(n, i, part_size) for i in mine if i not in todo))
+        for i, ids, titles, texts in corpus.blocks(part_size, todo):  # only the missing parts' passages are held, one at a time
+            if not _part_ok(out, i, len(ids), encoder.dim):  # another process may have written it since
+                write_part(out, i, ids, encoder.encode_passages(titles, texts, batch_size, progress=advance), dtype)
             else:
-                advance(hi - lo)
+                advance(len(ids))
     return complete(out, final, plan, corpus, encoder.dim)
 
 
-def encoding_plan(encoder: Encoder, corpus: Corpus, question_encoder: str | None, part_size: int, dtype: str) -> dict:
+def _part_count(n: int, i: int, part_size: int) -> int:
+    return min(n, (i + 1) * part_size) - i * part_size
+
+
+def encoding_plan(encoder: Encoder, corpus: Corpus | StreamedCorpus, question_encoder: str | None, part_size: int, dtype: str) -> dict:
     """What ``encoding.json`` records, and what a resumed run must match."""
     if dtype not in ("float32", "float16"):
         raise DenseprError(f"dtype must be float32 or float16, not {dtype!r}")
@@ -177,10 +183,10 @@ def prepare(final: Path, plan: dict) -> Path | dict:
     return out
 
 
-def missing_parts(out: Path, corpus: Corpus, part_size: int, dim: int) -> list[int]:
+def missing_parts(out: Path, corpus: Corpus | StreamedCorpus, part_size: int, dim: int) -> list[int]:
     """The parts not yet (intactly) written."""
-    n_parts = max(1, -(-len(corpus) // part_size))
-    return [i for i in range(n_parts) if not _part_ok(out, i, min(len(corpus), (i + 1) * part_size) - i * part_size, dim)]
+    n = len(corpus)
+    return [i for i in range(max(1, -(-n // part_size))) if not _part_ok(out, i, _part_count(n, i, part_size), dim)]
 
 
 def write_part(out: Path, i: int, ids: list[str], vectors: np.ndarray, dtype: str) -> None:
@@ -190,7 +196,7 @@ def write_part(out: Path, i: int, ids: list[str], vectors: np.ndarray, dtype: st
     save_npy(out / npy, vectors.astype(dtype))
 
 
-def complete(out: Path, final: Path, plan: dict, corpus: Corpus, dim: int) -> dict | None:
+def complete(out: Path, final: Path, plan: dict, corpus: Corpus | StreamedCorpus, dim: int) -> dict | None:
     """The manifest once every part is written (installing a ``.building`` directory), else None."""
     manifest = finalize(out, corpus, dim)
     if manifest is None or out == final:
@@ -246,7 +252,7 @@ def _install(build: Path, final: Path, plan: dict, wait_s: float = 60.0) -> dict
     return read_manifest(final, KIND, "none")
 
 
-def finalize(out: Path, corpus: Corpus, dim: int) -> dict | None:
+def finalize(out: Path, corpus: Corpus | StreamedCorpus, dim: int) -> dict | None:
     """Write the manifest if every part is complete (else return None)."""
     plan = read_json(out / "encoding.json")
     part_size = plan["part_size"]

@@ -12,8 +12,10 @@ atomically, into the same embeddings directory (parts, ids, ``encoding.json``, m
   node that is left and re-runs that part (Ray Data's defaults for actor pools: ``max_restarts=-1``, ``max_task_retries=-1``).
 
 Every node reads the passages file itself, at the same path (a shared file system, or the file
-copied to each machine); the vectors travel back through Ray's object store, so the output
-directory needs to exist on the driver's machine only.
+copied to each machine); the vectors and each part's ids travel back through Ray's object store, so
+the output directory needs to exist on the driver's machine only. The driver never holds the corpus
+(it streams the file once for its count and fingerprint, or opens an index directory's store); each
+encoder actor still parses it whole (``load_corpus``), to read any part it is given.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.passages import load_corpus
+from densepr.data.store import open_passages
 from densepr.errors import DenseprError
 from densepr.index.embeddings import complete, encoding_plan, missing_parts, prepare, write_part
 from densepr.progress import progress_bar
@@ -117,7 +120,8 @@ def start_local() -> Path:
 
 
 class PartEncoder:
-    """A Ray Data actor: loads the passage encoder and the corpus once, then encodes whole parts."""
+    """A Ray Data actor: loads the passage encoder and the corpus once, then encodes whole parts
+    (returning each part's vectors and ids: the driver does not hold the corpus)."""
 
     def __init__(self, encoder: str, passages: str, fingerprint: dict, part_size: int, batch_size: int, device: str | None,
                  throttle_s: float = 0.0) -> None:  # fmt: skip
@@ -130,16 +134,19 @@ class PartEncoder:
         self.part_size, self.batch_size, self.throttle_s = part_size, batch_size, throttle_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        c, parts, vectors = self.corpus, [], []
+        c, parts, vectors, ids = self.corpus, [], [], []
         for i in batch["part"].tolist():
             lo, hi = i * self.part_size, min(len(c), (i + 1) * self.part_size)
             parts.append(i)
             time.sleep(self.throttle_s)
             vectors.append(self.encoder.encode_passages(c.titles[lo:hi], c.texts[lo:hi], self.batch_size))
+            ids.append("\n".join(c.ids[lo:hi]))  # ids hold no whitespace
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        return {"part": np.asarray(parts), "vectors": np.stack(vectors), "node": np.asarray([node] * len(parts))}  # batches of one part (the last is shorter)
+        # batches of one part (the last is shorter)
+        return {"part": np.asarray(parts), "vectors": np.stack(vectors), "ids": np.asarray(ids),
+                "node": np.asarray([node] * len(parts))}  # fmt: skip
 
 
 def encode_corpus_ray(
@@ -180,7 +187,7 @@ def encode_corpus_ray(
     from densepr.models.encoder import load_biencoder
 
     q_enc, p_enc = load_biencoder(encoder_path, device="cpu")  # for the plan: name, dimension, weights id
-    corpus = load_corpus(passages)
+    corpus = open_passages(passages)  # the driver reads the file once, for its count and fingerprint (or its store's)
     final = Path(out_dir)
     plan = encoding_plan(p_enc, corpus, q_enc.name, part_size, dtype)
     out = prepare(final, plan)
@@ -211,7 +218,10 @@ def encode_corpus_ray(
                 vecs = np.asarray(row["vectors"], dtype=np.float32)
                 if vecs.shape != (hi - lo, p_enc.dim):
                     raise DenseprError(f"part {i} came back with shape {vecs.shape}, not {(hi - lo, p_enc.dim)}")
-                write_part(out, i, corpus.ids[lo:hi], vecs, dtype)
+                ids = str(row["ids"]).split("\n") if hi > lo else []
+                if len(ids) != hi - lo:
+                    raise DenseprError(f"part {i} came back with {len(ids)} ids, not {hi - lo}")
+                write_part(out, i, ids, vecs, dtype)
                 advance(hi - lo)
                 if on_part is not None:
                     on_part(i, str(row["node"]))

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.passages import Corpus, load_corpus
-from densepr.data.store import STORE_DIR, ensure_store
+from densepr.data.store import store_beside
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, NoSpaceError, read_json
+from densepr.fileio import read_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.ranking import Hit, SearchResult
@@ -57,16 +57,9 @@ def rank_modes(wanted: Sequence[Mode], dense: SearchResult | None, sparse: Searc
 
 
 def open_corpus(d: Path) -> Corpus:
-    """An index directory's passages: its ``store/`` when current; built there first when missing or
-    stale (``passages.tsv`` edited since) and the directory is writable; else ``passages.tsv`` parsed
-    into memory. A damaged store is refused (its files are named), not silently rebuilt."""
-    tsv, store = d / "passages.tsv", d / STORE_DIR
-    if not (store / MANIFEST).is_file() and store.exists():
-        return load_corpus(tsv)  # something else, or a killed build's leftovers we may not own: not ours to replace
-    try:
-        return ensure_store(tsv, store)
-    except (PermissionError, NoSpaceError):  # a read-only or full index directory: the store is an optimisation
-        return load_corpus(tsv)
+    """An index directory's passages: its ``store/`` when it can be used (:func:`~densepr.data.store.store_beside`:
+    built there first when missing or stale and the directory is writable); else ``passages.tsv`` parsed into memory."""
+    return store_beside(d / "passages.tsv") or load_corpus(d / "passages.tsv")
 
 
 class Retriever:
