@@ -636,7 +636,7 @@ def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s
     if len(indptr) != n_vocab + 1:
         raise bad(f"indptr has {len(indptr)} entries for a vocabulary of {n_vocab} terms")
     if isinstance(model.vocab_dict, CompactVocab):
-        check_vocab(directory, model.vocab_dict, n_vocab, bool(full), _chunks)
+        check_vocab(directory, model.vocab_dict, n_vocab, bool(full), lambda n, whole: _chunks(n, whole, 1 << 16))  # 16 x 512 KiB read per array
     elif n_vocab and not 0 <= min(model.vocab_dict.values()) <= max(model.vocab_dict.values()) < n_vocab:
         raise bad("vocabulary ids outside the matrix")
     if len(indptr) and (int(indptr[0]) != 0 or int(indptr[-1]) != len(indices)):

@@ -18,7 +18,8 @@ query of n terms (above float32's rounding of n additions), so a passage is only
 provably cannot reach the k-th score; the margin only costs a few more completions.
 
 Memory per searching thread: 9 B per passage (float32 accumulator, int32 touched list, one mark
-byte), allocated on its first query and reused; per query, 12 B per touched passage at most.
+byte), allocated zeroed on its first query (pages become resident only once a query touches them)
+and reused; per query, 8 B per touched passage at most, freed after it.
 Needs numba (``densepr[fast]``), compiled once per machine into its disk cache.
 """
 
@@ -30,6 +31,7 @@ from functools import lru_cache
 import numpy as np
 
 _LOCAL = threading.local()
+_COMPILE = threading.Lock()
 
 
 def column_max(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
@@ -107,8 +109,7 @@ def _one(ids, k, data, indices, indptr, term_max, acc, mark, touched, out_rows, 
     if nt >= k:
         theta = _kth_largest(acc[touched[:nt]].astype(np.float64), k)
     cut = theta * tol
-    cand = np.empty(nt, dtype=np.int64)
-    full = np.empty(nt, dtype=np.float64)
+    full = np.empty(nt, dtype=np.float64)  # survivors' scores; their rows go back into touched[:nc]
     nc = 0
     for x in range(nt):
         d = touched[x]
@@ -127,7 +128,7 @@ def _one(ids, k, data, indices, indptr, term_max, acc, mark, touched, out_rows, 
                 alive = False
                 break
         if alive:
-            cand[nc] = d
+            touched[nc] = d
             full[nc] = p
             nc += 1
     cut = _kth_largest(full[:nc].copy(), k) * tol
@@ -137,7 +138,7 @@ def _one(ids, k, data, indices, indptr, term_max, acc, mark, touched, out_rows, 
     for x in range(nc):
         if full[x] < cut:
             continue
-        d = cand[x]
+        d = touched[x]
         s = np.float32(0.0)
         for t in ids:  # bm25s's own sum: float32, query order
             j = _find(indices, indptr[t], indptr[t + 1], d)
@@ -167,10 +168,12 @@ def _kernel():
     them resolve to the compiled ones), cached under numba's cache directory (set by ``numba_installed``)."""
     import numba
 
-    g = globals()
-    for name in ("_find", "_kth_largest", "_one", "_batch"):
-        g[name] = numba.njit(cache=True, nogil=True)(g[name])
-    return g["_batch"]
+    with _COMPILE:  # lru_cache may run this twice in racing threads; wrap each function once
+        g = globals()
+        for name in ("_find", "_kth_largest", "_one", "_batch"):
+            if not isinstance(g[name], numba.core.dispatcher.Dispatcher):
+                g[name] = numba.njit(cache=True, nogil=True)(g[name])
+        return g["_batch"]
 
 
 def _buffers(n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
