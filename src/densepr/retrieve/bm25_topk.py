@@ -65,15 +65,57 @@ def _find(indices, lo, hi, d):
     return -1
 
 
-def _kth_largest(values, k):
-    """The k-th largest of values (0 when fewer): the score a passage must reach to enter the top k."""
-    if len(values) < k:
+def _gallop(indices, lo, hi, d):
+    """First position in the row-sorted indices[lo:hi] holding a passage >= d (hi if none): exponential
+    then binary search from lo, so walking a column for increasing passages reads it forward only."""
+    step = 1
+    while lo + step < hi and indices[lo + step] < d:
+        lo += step
+        step *= 2
+    if lo < hi and indices[lo] >= d:
+        return lo
+    hi = min(lo + step, hi)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if indices[mid] < d:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _kth_largest(acc, rows, n, k, scratch):
+    """The k-th largest of acc[rows[:n]] (0 when fewer): the score a passage must reach to enter the
+    top k. Quickselect in ``scratch`` (no allocation: it runs after every term of every query)."""
+    if n < k:
         return 0.0
-    return np.partition(values, len(values) - k)[len(values) - k]
+    for x in range(n):
+        scratch[x] = acc[rows[x]]
+    lo, hi, want = 0, n - 1, n - k  # the want-th smallest
+    while lo < hi:
+        a, b, c = scratch[lo], scratch[(lo + hi) >> 1], scratch[hi]
+        pivot = max(min(a, b), min(max(a, b), c))  # median of three
+        i, j = lo, hi
+        while i <= j:
+            while scratch[i] < pivot:
+                i += 1
+            while scratch[j] > pivot:
+                j -= 1
+            if i <= j:
+                scratch[i], scratch[j] = scratch[j], scratch[i]
+                i += 1
+                j -= 1
+        if want <= j:
+            hi = j
+        elif want >= i:
+            lo = i
+        else:
+            break
+    return np.float64(scratch[want])
 
 
-def _one(ids, k, data, indices, indptr, term_max, acc, mark, touched, out_rows, out_scores):
-    """One query's top k into out_rows/out_scores (see the module docstring); leaves acc and mark zeroed."""
+def _one(ids, k, data, indices, indptr, term_max, acc, touched, scratch, out_rows, out_scores):
+    """One query's top k into out_rows/out_scores (see the module docstring); leaves acc zeroed."""
     n = len(ids)
     tol = 1.0 - 8.0 * (n + 2) * 2.0**-23
     uniq = np.unique(ids)
@@ -88,78 +130,102 @@ def _one(ids, k, data, indices, indptr, term_max, acc, mark, touched, out_rows, 
     rem = np.zeros(u, dtype=np.float64)  # rem[i]: bound of the terms after the i-th
     for i in range(u - 2, -1, -1):
         rem[i] = rem[i + 1] + bound[order[i + 1]]
-    nt, maxp, stop, theta = 0, 0.0, u, 0.0
-    for i in range(u):  # term at a time, highest bound first
+    # Phase 1: term at a time, highest bound first, into acc. A passage is touched once acc > 0 (zero
+    # scores are not counted: they change no sum and bm25s returns no zero-score passage); the
+    # touched list is written unconditionally and advanced only for a new passage: no branch to mispredict.
+    nt, done, stop, theta = 0, 0.0, u, 0.0
+    for i in range(u):
         t, m = uniq[order[i]], mult[order[i]]
         for j in range(indptr[t], indptr[t + 1]):
+            v = data[j]
             d = indices[j]
-            if mark[d] == 0:
-                mark[d] = 1
-                touched[nt] = d
-                nt += 1
-            for _ in range(m):
-                acc[d] += data[j]
-            if acc[d] > maxp:
-                maxp = acc[d]
-        if i < u - 1 and nt >= k and rem[i] < maxp:
-            theta = _kth_largest(acc[touched[:nt]].astype(np.float64), k)
+            touched[nt] = d
+            nt += (acc[d] == 0) & (v > 0)
+            acc[d] += v
+            for _ in range(m - 1):
+                acc[d] += v
+        done += bound[order[i]]
+        if i < u - 1 and nt >= k and rem[i] < done:  # done bounds every partial score: else no stop possible
+            theta = _kth_largest(acc, touched, nt, k, scratch)
             if rem[i] < theta * tol:
                 stop = i + 1  # no passage untouched so far can reach the top k
                 break
-    if nt >= k:
-        theta = _kth_largest(acc[touched[:nt]].astype(np.float64), k)
+    if stop == u and nt >= k:
+        theta = _kth_largest(acc, touched, nt, k, scratch)
+    # Phase 2: the candidates (touched[:nc], partial scores kept in acc, the others' zeroed) that may
+    # still reach the threshold are completed term by term: a short column is scanned, a long one
+    # searched for each candidate (galloping forward, candidates in passage order); after each term
+    # those whose bound falls short are dropped and the threshold rises to the k-th partial score.
     cut = theta * tol
-    full = np.empty(nt, dtype=np.float64)  # survivors' scores; their rows go back into touched[:nc]
+    left = rem[stop - 1] if stop > 0 else 0.0
     nc = 0
     for x in range(nt):
         d = touched[x]
-        p = np.float64(acc[d])
-        acc[d] = 0
-        mark[d] = 0
-        if p + (rem[stop - 1] if stop > 0 else 0.0) < cut:
-            continue
-        alive = True
-        for i in range(stop, u):  # complete it in the terms not accumulated
-            t = uniq[order[i]]
-            j = _find(indices, indptr[t], indptr[t + 1], d)
-            if j >= 0:
-                p += mult[order[i]] * np.float64(data[j])
-            if p + rem[i] < cut:
-                alive = False
-                break
-        if alive:
-            touched[nc] = d
-            full[nc] = p
+        if acc[d] + left >= cut:
+            touched[nc] = d  # x >= nc: already read
             nc += 1
-    cut = _kth_largest(full[:nc].copy(), k) * tol
+        else:
+            acc[d] = 0
+    in_order = stop <= 1  # one column's passages, in passage order
+    for i in range(stop, u):
+        t, m = uniq[order[i]], mult[order[i]]
+        lo, hi = indptr[t], indptr[t + 1]
+        if hi - lo <= 8 * nc:
+            for j in range(lo, hi):
+                d = indices[j]
+                if acc[d] > 0:
+                    acc[d] += m * data[j]
+        else:
+            if not in_order:
+                touched[:nc] = np.sort(touched[:nc])
+                in_order = True
+            pos = lo
+            for x in range(nc):
+                d = touched[x]
+                pos = _gallop(indices, pos, hi, d)
+                if pos < hi and indices[pos] == d:
+                    acc[d] += m * data[pos]
+        kept = 0
+        for x in range(nc):
+            d = touched[x]
+            if acc[d] + rem[i] >= cut:
+                touched[kept] = d
+                kept += 1
+            else:
+                acc[d] = 0
+        nc = kept
+        if nc >= k:  # partial scores only grow: the k-th best so far is a valid threshold
+            cut = max(cut, _kth_largest(acc, touched, nc, k, scratch) * tol)
+    if nc >= k:
+        cut = max(cut, _kth_largest(acc, touched, nc, k, scratch) * tol)
+    # The survivors' scores as bm25s computes them: float32, the query's terms in query order.
     exact_d = np.empty(nc, dtype=np.int64)
     exact_s = np.empty(nc, dtype=np.float32)
     ne = 0
     for x in range(nc):
-        if full[x] < cut:
-            continue
         d = touched[x]
-        s = np.float32(0.0)
-        for t in ids:  # bm25s's own sum: float32, query order
-            j = _find(indices, indptr[t], indptr[t + 1], d)
-            if j >= 0:
-                s += data[j]
-        exact_d[ne] = d
-        exact_s[ne] = s
-        ne += 1
-    exact_d, exact_s = exact_d[:ne], exact_s[:ne]
-    by_row = np.argsort(exact_d, kind="mergesort")
-    exact_d, exact_s = exact_d[by_row], exact_s[by_row]
+        if acc[d] >= cut:
+            sc = np.float32(0.0)
+            for t in ids:
+                j = _find(indices, indptr[t], indptr[t + 1], d)
+                if j >= 0:
+                    sc += data[j]
+            exact_d[ne] = d
+            exact_s[ne] = sc
+            ne += 1
+        acc[d] = 0
+    by_row = np.argsort(exact_d[:ne])
+    exact_d, exact_s = exact_d[:ne][by_row], exact_s[:ne][by_row]
     best = np.argsort(-exact_s, kind="mergesort")  # stable: equal scores stay in passage order
     for r in range(min(k, ne)):
         out_rows[r] = exact_d[best[r]]
         out_scores[r] = exact_s[best[r]]
 
 
-def _batch(flat, ptr, k, data, indices, indptr, term_max, acc, mark, touched, out_rows, out_scores):
+def _batch(flat, ptr, k, data, indices, indptr, term_max, acc, touched, scratch, out_rows, out_scores):
     for q in range(len(ptr) - 1):
         if ptr[q + 1] > ptr[q]:
-            _one(flat[ptr[q] : ptr[q + 1]], k, data, indices, indptr, term_max, acc, mark, touched, out_rows[q], out_scores[q])
+            _one(flat[ptr[q] : ptr[q + 1]], k, data, indices, indptr, term_max, acc, touched, scratch, out_rows[q], out_scores[q])
 
 
 @lru_cache(maxsize=1)
@@ -170,17 +236,17 @@ def _kernel():
 
     with _COMPILE:  # lru_cache may run this twice in racing threads; wrap each function once
         g = globals()
-        for name in ("_find", "_kth_largest", "_one", "_batch"):
+        for name in ("_find", "_gallop", "_kth_largest", "_one", "_batch"):
             if not isinstance(g[name], numba.core.dispatcher.Dispatcher):
                 g[name] = numba.njit(cache=True, nogil=True)(g[name])
         return g["_batch"]
 
 
 def _buffers(n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's accumulator, marks and touched list (zeroed between queries by the kernel)."""
+    """This thread's accumulator, touched list and selection scratch (the kernel leaves the accumulator zeroed)."""
     bufs = getattr(_LOCAL, "bufs", None)
     if bufs is None or len(bufs[0]) < n_docs:
-        bufs = _LOCAL.bufs = (np.zeros(n_docs, dtype=np.float32), np.zeros(n_docs, dtype=np.uint8), np.zeros(n_docs, dtype=np.int32))
+        bufs = _LOCAL.bufs = tuple(np.zeros(n_docs, dtype=dt) for dt in (np.float32, np.int32, np.float32))
     return bufs
 
 
@@ -196,6 +262,6 @@ def topk(query_ids: list[list[int]], k: int, data: np.ndarray, indices: np.ndarr
     ptr = np.zeros(len(query_ids) + 1, dtype=np.int64)
     np.cumsum([len(q) for q in query_ids], out=ptr[1:])
     flat = np.fromiter((t for q in query_ids for t in q), dtype=np.int64, count=int(ptr[-1]))
-    acc, mark, touched = _buffers(n_docs)
-    _kernel()(flat, ptr, k, data, indices, indptr, term_max, acc, mark, touched, rows, scores)
+    acc, touched, scratch = _buffers(n_docs)
+    _kernel()(flat, ptr, k, data, indices, indptr, term_max, acc, touched, scratch, rows, scores)
     return rows, scores
