@@ -179,3 +179,16 @@ def test_columns_must_list_passages_in_order(tmp_path):
     _rewrite(d, "indices.csc.index.npy", indices)
     with pytest.raises(DenseprError, match="not increasing within a term's column"):
         BM25Index.load(d)
+
+
+def test_threshold_selection_is_the_kth_largest():
+    from densepr.retrieve import bm25_topk
+
+    bm25_topk._kernel()  # the compiled functions
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 50, 1000):
+        acc = rng.integers(0, 4, n * 2).astype(np.float32)  # many equal values
+        rows = rng.permutation(n * 2)[:n].astype(np.int32)
+        for k in {1, 2, n // 2 or 1, n, n + 1}:
+            want = np.sort(acc[rows])[::-1][k - 1] if k <= n else 0.0
+            assert bm25_topk._kth_largest(acc, rows, n, k, np.zeros(n, np.float32)) == want

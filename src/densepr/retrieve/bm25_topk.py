@@ -146,12 +146,18 @@ def _one(ids, k, data, indices, indptr, term_max, acc, touched, scratch, out_row
                 acc[d] += v
         done += bound[order[i]]
         if i < u - 1 and nt >= k and rem[i] < done:  # done bounds every partial score: else no stop possible
-            theta = _kth_largest(acc, touched, nt, k, scratch)
-            if rem[i] < theta * tol:
-                stop = i + 1  # no passage untouched so far can reach the top k
+            # k touched passages above rem / tol: then rem < theta * tol, and no passage untouched so
+            # far can reach the top k. Counting them (stopping at k) is cheaper than selecting theta.
+            need, above = rem[i] / tol, 0
+            for x in range(nt):
+                if acc[touched[x]] > need:
+                    above += 1
+                    if above == k:
+                        break
+            if above == k:
+                stop = i + 1
                 break
-    if stop == u and nt >= k:
-        theta = _kth_largest(acc, touched, nt, k, scratch)
+    theta = _kth_largest(acc, touched, nt, k, scratch)
     # Phase 2: the candidates (touched[:nc], partial scores kept in acc, the others' zeroed) that may
     # still reach the threshold are completed term by term: a short column is scanned, a long one
     # searched for each candidate (galloping forward, candidates in passage order); after each term
@@ -194,7 +200,7 @@ def _one(ids, k, data, indices, indptr, term_max, acc, touched, scratch, out_row
             else:
                 acc[d] = 0
         nc = kept
-        if nc >= k:  # partial scores only grow: the k-th best so far is a valid threshold
+        if nc >= 4 * k and i < u - 1:  # partial scores only grow: the k-th best so far is a valid threshold
             cut = max(cut, _kth_largest(acc, touched, nc, k, scratch) * tol)
     if nc >= k:
         cut = max(cut, _kth_largest(acc, touched, nc, k, scratch) * tol)
