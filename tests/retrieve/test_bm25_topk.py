@@ -91,8 +91,10 @@ def test_saved_index_is_searched_through_the_compact_vocabulary(tmp_path):
     assert dict(loaded.model.vocab_dict.items()) == index.model.vocab_dict
     np.testing.assert_array_equal(loaded.term_max, index.term_max)
     qs = random_queries(4)
+    in_memory = BM25Index.load(tmp_path / "bm25", mmap=False)
     for backend in ("numpy", "numba", "pruned"):
         assert same(loaded.search(qs, k=7, backend=backend), index.search(qs, k=7, backend="numpy"))
+        assert same(in_memory.search(qs, k=7, backend=backend), index.search(qs, k=7, backend="numpy"))
     loaded.save(tmp_path / "again")  # a loaded index saves again (bm25s's JSON written from the compact vocabulary)
     assert json.loads((tmp_path / "again" / "vocab.index.json").read_text(encoding="utf-8")) == index.model.vocab_dict
     check_arrays(tmp_path / "again", json.loads((tmp_path / "again" / "manifest.json").read_text()), full=True)
