@@ -5,7 +5,8 @@ with and without the compact vocabulary.
   and the ``pruned`` one (:mod:`densepr.retrieve.bm25_topk`), batched (one ``search`` call) and one
   question at a time, top-10 and top-100, on NQ-test questions (embedded benchmark); both must
   return identical rows and scores (checked). ``--numpy N`` also times bm25s's numpy scorer on N.
-* In fresh processes: ``BM25Index.load`` seconds and RSS (before any query) with the compact
+* In fresh processes: ``BM25Index.load`` seconds and RSS (before any query; anonymous memory and
+  mapped file pages, which the kernel can drop, apart) with the compact
   vocabulary, and through bm25s's JSON dict (what every load did before it: a copy of the index
   without the compact files, loaded as from a read-only directory), and the one-off upgrade of
   such a copy (first load of a writable directory).
@@ -42,9 +43,9 @@ if mode == "dict":  # as from a read-only directory: the compact vocabulary cann
 t1 = time.perf_counter()
 index = bm25.BM25Index.load(path)
 t2 = time.perf_counter()
-rss = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS"))) * 1024
-print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "rss_bytes": rss, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "vocab": type(index.model.vocab_dict).__name__}))
+st = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "RssAnon", "RssFile"))}
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "rss_bytes": st["VmRSS"], "rss_anon_bytes": st["RssAnon"], "rss_file_bytes": st["RssFile"],
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "vocab": type(index.model.vocab_dict).__name__}))
 """
 
 
@@ -126,7 +127,8 @@ def main() -> None:
         loads["upgrade_s"] = round(time.perf_counter() - t0, 3)
     for name in ("compact", "dict"):
         x = loads[name]
-        print(f"load ({name:<7}): {x['load_s']:.3f} s, RSS {x['rss_bytes'] / 2**20:.0f} MiB after load (import {x['import_s']:.2f} s)")
+        print(f"load ({name:<7}): {x['load_s']:.3f} s, RSS {x['rss_bytes'] / 2**20:.0f} MiB after load: {x['rss_anon_bytes'] / 2**20:.0f} "
+              f"MiB anonymous, {x['rss_file_bytes'] / 2**20:.0f} MiB mapped file pages (import {x['import_s']:.2f} s)")
     print(f"first load of an old-format index (builds the compact vocabulary): {loads['upgrade_s']:.2f} s")
     out = args.out or RESULTS / f"bm25-topk-{info['passages']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -276,7 +276,9 @@ BACKENDS = ("numpy", "numba", "pruned")
 # compile the first time on a machine); below this many queries numpy (~2,000 q/s) answers sooner.
 NUMBA_WORTH_QUERIES = 1000
 TIE_MARGIN = 16
-DEFAULT_COMPILED = "pruned"  # the compiled backend search() picks: faster than numba's at every k measured (benchmarks/bm25_topk.py)
+# search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/bm25_topk.py, NQ-test
+# questions, synthetic passages, batched): pruned/numba x1.1-1.5 at top-10, x0.8-0.9 at top-20..100 (200k and 1M passages).
+PRUNED_MAX_K = 10
 _NUMBA_WARM = False
 
 
@@ -489,11 +491,13 @@ class BM25Index:
             backend: ``pruned`` (exact top-k with MaxScore pruning, :mod:`densepr.retrieve.bm25_topk`:
                 scores only the passages that can still reach the top k), ``numba`` (bm25s's compiled
                 scorer: every passage scored), both needing ``numba`` (compiled once per machine, loaded
-                from the disk cache once per process), ``numpy`` (bm25s's), or None: pruned when numba is
-                installed and either already loaded here or the batch is large enough to pay for loading
-                it (:data:`NUMBA_WORTH_QUERIES`), else numpy. All give the same passages and scores.
+                from the disk cache once per process), ``numpy`` (bm25s's), or None: when numba is installed
+                and either already loaded here or the batch is large enough to pay for loading it
+                (:data:`NUMBA_WORTH_QUERIES`), pruned up to :data:`PRUNED_MAX_K` and numba above (the
+                faster of the two, measured), else numpy. All give the same passages and scores.
         """
-        backend = backend or (DEFAULT_COMPILED if numba_installed() and (_NUMBA_WARM or len(queries) >= NUMBA_WORTH_QUERIES) else "numpy")
+        compiled = "pruned" if k <= PRUNED_MAX_K else "numba"
+        backend = backend or (compiled if numba_installed() and (_NUMBA_WARM or len(queries) >= NUMBA_WORTH_QUERIES) else "numpy")
         if backend not in BACKENDS:
             raise DenseprError(f"BM25 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend in ("numba", "pruned") and not numba_installed():
@@ -668,9 +672,9 @@ def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s
                                f"[{n_vocab}]; file altered or corrupt; rebuild the index")  # fmt: skip
         if full:
             cols, want = np.arange(n_vocab), bm25_topk.column_max(data, indptr)
-        else:  # ~1,000 terms spread over the vocabulary, short columns only: a few MiB read
-            cols = np.unique(np.linspace(0, n_vocab - 1, min(n_vocab, 1024)).astype(np.int64))
-            cols = cols[np.asarray(indptr)[cols + 1] - np.asarray(indptr)[cols] <= 1 << 16]
+        else:  # 64 terms spread over the vocabulary, short columns only: each page read stays mapped (RSS)
+            cols = np.unique(np.linspace(0, n_vocab - 1, min(n_vocab, 64)).astype(np.int64))
+            cols = cols[np.asarray(indptr)[cols + 1] - np.asarray(indptr)[cols] <= 1 << 12]
             want = np.zeros(n_vocab, dtype=np.float32)
             want[cols] = [np.asarray(data[indptr[j] : indptr[j + 1]]).max(initial=0) for j in cols.tolist()]
         wrong = cols[np.asarray(term_max)[cols] != want[cols]]

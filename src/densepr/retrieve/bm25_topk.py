@@ -58,20 +58,6 @@ def column_max(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
 # The kernel's functions, plain Python until _kernel() compiles them (module-level, so numba caches them on disk).
 
 
-def _find(indices, lo, hi, d):
-    """Position of passage d in the row-sorted slice indices[lo:hi], or -1."""
-    end = hi
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if indices[mid] < d:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < end and indices[lo] == d:
-        return lo
-    return -1
-
-
 def _gallop(indices, lo, hi, d):
     """First position in the row-sorted indices[lo:hi] holding a passage >= d (hi if none): exponential
     then binary search from lo, so walking a column for increasing passages reads it forward only."""
@@ -211,24 +197,27 @@ def _one(ids, k, data, indices, indptr, term_max, acc, touched, scratch, out_row
             cut = max(cut, _kth_largest(acc, touched, nc, k, scratch) * tol)
     if nc >= k:
         cut = max(cut, _kth_largest(acc, touched, nc, k, scratch) * tol)
-    # The survivors' scores as bm25s computes them: float32, the query's terms in query order.
+    # The survivors' scores as bm25s computes them: float32, the query's terms in query order (each
+    # survivor's sum built term by term, so its additions happen in that order), each column walked
+    # forward once for the survivors in passage order.
     exact_d = np.empty(nc, dtype=np.int64)
-    exact_s = np.empty(nc, dtype=np.float32)
     ne = 0
     for x in range(nc):
         d = touched[x]
         if acc[d] >= cut:
-            sc = np.float32(0.0)
-            for t in ids:
-                j = _find(indices, indptr[t], indptr[t + 1], d)
-                if j >= 0:
-                    sc += data[j]
             exact_d[ne] = d
-            exact_s[ne] = sc
             ne += 1
         acc[d] = 0
-    by_row = np.argsort(exact_d[:ne])
-    exact_d, exact_s = exact_d[:ne][by_row], exact_s[:ne][by_row]
+    exact_d = np.sort(exact_d[:ne])
+    exact_s = np.zeros(ne, dtype=np.float32)
+    for t in ids:
+        pos, hi = indptr[t], indptr[t + 1]
+        for x in range(ne):
+            pos = _gallop(indices, pos, hi, exact_d[x])
+            if pos == hi:
+                break
+            if indices[pos] == exact_d[x]:
+                exact_s[x] += data[pos]
     best = np.argsort(-exact_s, kind="mergesort")  # stable: equal scores stay in passage order
     for r in range(min(k, ne)):
         out_rows[r] = exact_d[best[r]]
@@ -249,7 +238,7 @@ def _kernel():
 
     with _COMPILE:  # lru_cache may run this twice in racing threads; wrap each function once
         g = globals()
-        for name in ("_find", "_gallop", "_kth_largest", "_one", "_batch"):
+        for name in ("_gallop", "_kth_largest", "_one", "_batch"):
             if not isinstance(g[name], numba.core.dispatcher.Dispatcher):
                 g[name] = numba.njit(cache=True, nogil=True)(g[name])
         return g["_batch"]
