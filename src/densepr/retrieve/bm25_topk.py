@@ -248,7 +248,8 @@ def _buffers(n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This thread's accumulator, touched list and selection scratch (the kernel leaves the accumulator zeroed)."""
     bufs = getattr(_LOCAL, "bufs", None)
     if bufs is None or len(bufs[0]) < n_docs:
-        bufs = _LOCAL.bufs = tuple(np.zeros(n_docs, dtype=dt) for dt in (np.float32, np.int32, np.float32))
+        # touched has one entry more: phase 1 writes the next slot before knowing whether the passage is new
+        bufs = _LOCAL.bufs = tuple(np.zeros(n_docs + extra, dtype=dt) for dt, extra in ((np.float32, 0), (np.int32, 1), (np.float32, 0)))
     return bufs
 
 
@@ -259,7 +260,7 @@ def topk(query_ids: list[list[int]], k: int, data: np.ndarray, indices: np.ndarr
     passages matched) and float32 scores (0 there), as the exhaustive scorer ranks them."""
     rows = np.full((len(query_ids), k), -1, dtype=np.int64)
     scores = np.zeros((len(query_ids), k), dtype=np.float32)
-    if not query_ids:
+    if not query_ids or k < 1:
         return rows, scores
     ptr = np.zeros(len(query_ids) + 1, dtype=np.int64)
     np.cumsum([len(q) for q in query_ids], out=ptr[1:])
