@@ -422,7 +422,7 @@ class BM25Index:
         return cls(model, analyzer, manifest)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write bm25s's files, the compact vocabulary (24 B per term + its UTF-8 bytes; ~70 B per
+        """Write bm25s's files, the compact vocabulary (24 B per term + its UTF-8 bytes; ~90 B per
         term more in memory while written), ``term_max.npy`` (4 B per term) and the manifest beside
         ``directory``, then swap them in (``fileio.atomic_dir``: a failed or disk-full save leaves
         the previous index as it was; a directory holding anything else than a BM25 index is refused)."""
