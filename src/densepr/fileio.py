@@ -338,6 +338,15 @@ def sampled_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A file's manifest entry: its size and sha256 (and, above ``FULL_HASH_BYTES``, its sampled sha256)."""
+    size = Path(path).stat().st_size
+    entry: dict[str, Any] = {"bytes": size, "sha256": sha256_file(path)}
+    if size > FULL_HASH_BYTES:
+        entry["sampled_sha256"] = sampled_sha256(path)
+    return entry
+
+
 def write_manifest(directory: str | os.PathLike[str], kind: str, files: list[str], **meta: Any) -> dict[str, Any]:
     """Write ``directory/manifest.json``: the artefact kind, metadata, and each file's size and
     sha256 (and, above ``FULL_HASH_BYTES``, its sampled sha256, for the check on load).
@@ -345,12 +354,7 @@ def write_manifest(directory: str | os.PathLike[str], kind: str, files: list[str
     The manifest is written last, so its presence means the artefact is complete.
     """
     directory = Path(directory)
-    entries: dict[str, dict[str, Any]] = {}
-    for name in files:
-        size = (directory / name).stat().st_size
-        entries[name] = {"bytes": size, "sha256": sha256_file(directory / name)}
-        if size > FULL_HASH_BYTES:
-            entries[name]["sampled_sha256"] = sampled_sha256(directory / name)
+    entries = {name: file_entry(directory / name) for name in files}
     manifest = {"kind": kind, "format_version": FORMAT_VERSION, **meta, "files": entries}
     write_json(directory / MANIFEST, manifest)
     return manifest

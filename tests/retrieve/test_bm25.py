@@ -157,6 +157,6 @@ def test_searches_in_threads_with_either_backend_share_one_index(corpus):
     qs = ["alpha beta", "python programming language", "gamma alpha delta"]
     want = idx.search(qs, k=5, backend="numpy")
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda i: idx.search(qs, k=5, backend=("numpy", "numba")[i % 2]), range(16)))
+        got = list(pool.map(lambda i: idx.search(qs, k=5, backend=("numpy", "numba", "pruned")[i % 3]), range(18)))
     assert all(np.array_equal(g.rows, want.rows) and np.array_equal(g.scores, want.scores) for g in got)
     assert idx.model.backend == before

@@ -14,7 +14,10 @@
 ``benchmarks/bm25_lucene.py`` runs Anserini itself on the embedded benchmark and compares.
 
 On disk an index is bm25s's files (``*.index.npy`` sparse matrix, loadable memory-mapped,
-``vocab.index.json``, ``params.index.json``) plus densepr's ``manifest.json`` (parameters,
+``vocab.index.json``, ``params.index.json``), the vocabulary as memory-mapped arrays
+(:mod:`densepr.retrieve.bm25_vocab`: ``vocab_*``, what queries are looked up in, so loading never
+builds a Python dict of the vocabulary), each term's largest score (``term_max.npy``, float32: the
+bounds :mod:`densepr.retrieve.bm25_topk` prunes with) plus densepr's ``manifest.json`` (parameters,
 analyzer, corpus fingerprint, file sizes and checksums). It is rebuilt beside the old one and
 swapped in whole (``fileio.atomic_dir``), so a server that memory-maps the old files keeps
 working; on load the files' checksums (sampled above 32 MiB) and the arrays' ranges are checked.
@@ -42,12 +45,29 @@ from bm25s.stopwords import STOPWORDS_EN
 from densepr.data.passages import Corpus, check_corpus
 from densepr.data.store import StoreCorpus, StreamedCorpus, open_store
 from densepr.errors import DenseprError
-from densepr.fileio import FULL_HASH_BYTES, atomic_dir, check_target, no_space_names, read_manifest, write_manifest
+from densepr.fileio import (
+    FULL_HASH_BYTES,
+    MANIFEST,
+    NoSpaceError,
+    atomic_dir,
+    check_target,
+    file_entry,
+    no_space_names,
+    read_manifest,
+    save_npy,
+    write_json,
+    write_manifest,
+)
 from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
+from densepr.retrieve import bm25_topk
+from densepr.retrieve.bm25_vocab import FILES as VOCAB_FILES
+from densepr.retrieve.bm25_vocab import CompactVocab, check_vocab, write_vocab
 
 KIND = "bm25-index"
 OWN_FILES = ("*.index.npy", "*.index.json")  # what bm25s writes: an interrupted (pre-atomic) build left only these
+TERM_MAX = "term_max.npy"
+COMPACT_FILES = (*VOCAB_FILES, TERM_MAX)  # what an index saved before them gains on load (see BM25Index.load)
 LUCENE_STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words)
 assert len(LUCENE_STOPWORDS) == 33
 
@@ -287,11 +307,14 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}, vocab
 
 
-BACKENDS = ("numpy", "numba")
-# The numba scorer's first call in a process loads it from the disk cache (~0.3 s here; ~9 s to
+BACKENDS = ("numpy", "numba", "pruned")
+# The numba scorers' first call in a process loads them from the disk cache (~0.3 s here; ~9 s to
 # compile the first time on a machine); below this many queries numpy (~2,000 q/s) answers sooner.
 NUMBA_WORTH_QUERIES = 1000
 TIE_MARGIN = 16
+# search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/bm25_topk.py, NQ-test
+# questions, synthetic passages, batched): pruned/numba x1.1-1.5 at top-10, x0.8-0.9 at top-20..100 (200k and 1M passages).
+PRUNED_MAX_K = 10
 _NUMBA_WARM = False
 
 
@@ -312,6 +335,31 @@ def numba_installed() -> bool:
     return True
 
 
+def _term_max_of(model: bm25s.BM25) -> np.ndarray:
+    s = model.scores
+    return bm25_topk.column_max(s["data"], s["indptr"])
+
+
+def _compact_vocab(directory: Path, manifest: dict, model: bm25s.BM25) -> tuple[dict, bool]:
+    """Give an index saved before the compact vocabulary its files (``COMPACT_FILES``), listed in its manifest:
+    built from ``model``'s dict (bm25s's JSON, already loaded) under a lock, so that searchers loading one
+    index together build them once. Returns the manifest and whether the files are now there."""
+    import fcntl
+
+    try:
+        with open(directory / ".compact-vocab.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            now = read_manifest(directory, KIND, "none")
+            if not all(f in now.get("files", {}) for f in COMPACT_FILES):  # else another process built them meanwhile
+                write_vocab(directory, model.vocab_dict)
+                save_npy(directory / TERM_MAX, _term_max_of(model))
+                now = {**now, "files": {**now["files"], **{f: file_entry(directory / f) for f in COMPACT_FILES}}}
+                write_json(directory / MANIFEST, now)  # atomic: a reader sees the old manifest or this one
+            return now, True
+    except (PermissionError, NoSpaceError, OSError):  # read-only or full: the compact vocabulary is an optimisation
+        return manifest, False
+
+
 def _numba_warm() -> None:
     global _NUMBA_WARM
     _NUMBA_WARM = True
@@ -320,9 +368,24 @@ def _numba_warm() -> None:
 class BM25Index:
     """A Lucene-style BM25 index over a :class:`Corpus` (rows are corpus row numbers)."""
 
-    def __init__(self, model: bm25s.BM25, analyzer: LuceneAnalyzer, manifest: dict) -> None:
+    def __init__(self, model: bm25s.BM25, analyzer: LuceneAnalyzer, manifest: dict, term_max: np.ndarray | None = None) -> None:
         self.model, self.analyzer, self.manifest = model, analyzer, manifest
         self._scorers: dict[str, bm25s.BM25] = {}  # backend -> shallow copy of model (see _scorer)
+        self._term_max = term_max
+
+    @property
+    def term_max(self) -> np.ndarray:
+        """Each term's largest score (float32 [V]): the ``pruned`` backend's bounds. Saved with the
+        index; computed on first use (one pass over the scores) for one loaded from a read-only
+        directory written before it."""
+        if self._term_max is None:
+            self._term_max = _term_max_of(self.model)
+        return self._term_max
+
+    def _term_ids(self, terms: list[str]) -> list[int]:
+        """bm25s's ``get_tokens_ids`` (unknown terms left out, repeats kept), in one search of the compact vocabulary."""
+        vocab = self.model.vocab_dict
+        return vocab.ids(terms) if isinstance(vocab, CompactVocab) else self.model.get_tokens_ids(terms)
 
     @property
     def k1(self) -> float:
@@ -391,19 +454,27 @@ class BM25Index:
         return cls(model, analyzer, manifest)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write bm25s's files and the manifest beside ``directory``, then swap them in
-        (``fileio.atomic_dir``: a failed or disk-full save leaves the previous index as it was;
-        a directory holding anything else than a BM25 index is refused)."""
-        with atomic_dir(directory, KIND, OWN_FILES) as tmp:
-            self.model.save(tmp, show_progress=False)
+        """Write bm25s's files, the compact vocabulary (24 B per term + its UTF-8 bytes; ~90 B per
+        term more in memory while written), ``term_max.npy`` (4 B per term) and the manifest beside
+        ``directory``, then swap them in (``fileio.atomic_dir``: a failed or disk-full save leaves
+        the previous index as it was; a directory holding anything else than a BM25 index is refused)."""
+        with atomic_dir(directory, KIND, (*OWN_FILES, *COMPACT_FILES)) as tmp:
+            model = self.model
+            if not isinstance(model.vocab_dict, dict):  # a loaded index's compact vocabulary: bm25s writes a dict
+                model = copy.copy(model)
+                model.vocab_dict = dict(self.model.vocab_dict.items())
+            model.save(tmp, show_progress=False)
+            write_vocab(tmp, model.vocab_dict)
+            save_npy(tmp / TERM_MAX, np.asarray(self.term_max, dtype=np.float32))
             files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".index.npy") or p.name.endswith(".index.json"))
+            files += COMPACT_FILES
             meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files")}
             self.manifest = write_manifest(tmp, KIND, files, **meta)
 
     @staticmethod
     def check_output(directory: str | os.PathLike[str]) -> None:
         """Refuse, before building, an output directory :meth:`save` would refuse."""
-        check_target(directory, KIND, OWN_FILES)
+        check_target(directory, KIND, (*OWN_FILES, *COMPACT_FILES))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], mmap: bool = True, corpus: Corpus | None = None) -> BM25Index:
@@ -411,18 +482,38 @@ class BM25Index:
 
         Checks: the files' sizes and checksums (``fileio.read_manifest``), the arrays' shapes and
         ranges (:func:`check_arrays`; arrays above 32 MiB on samples) and, if given, the corpus.
+
+        Queries' terms are looked up in the compact vocabulary (``vocab_*`` files, mapped:
+        :class:`~densepr.retrieve.bm25_vocab.CompactVocab` is ``model.vocab_dict``); bm25s's
+        ``vocab.index.json`` is not read. An index saved before those files existed gains them
+        here (built from its JSON once, listed in its manifest, with ``term_max.npy``) when its
+        directory is writable; a read-only one is searched through the JSON's dict, as before
+        (its ``term_max`` computed on first pruned search).
         """
+        directory = Path(directory)
         manifest = read_manifest(directory, KIND)
         if manifest.get("analyzer") != LuceneAnalyzer.name:
             raise DenseprError(f"{directory}: built with analyzer {manifest.get('analyzer')!r}, this densepr uses {LuceneAnalyzer.name!r}; rebuild the index")
         if corpus is not None:
             check_corpus(manifest, corpus, f"BM25 index {directory}")
+        compact = all(f in manifest.get("files", {}) for f in COMPACT_FILES)
         try:
-            model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
+            model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0, load_vocab=not compact)
         except (ValueError, OSError, KeyError, TypeError) as e:
             raise DenseprError(f"{directory}: bm25s cannot read it ({e}); rebuild the index") from None
-        check_arrays(directory, manifest, model)
-        return cls(model, LuceneAnalyzer(manifest.get("stemmer")), manifest)
+        if not compact:
+            check_arrays(directory, manifest, model)  # before building anything from it
+            manifest, compact = _compact_vocab(directory, manifest, model)
+        term_max = None
+        if compact:
+            model.vocab_dict = CompactVocab(directory, "r" if mmap else None)
+            model.unique_token_ids_set = range(len(model.vocab_dict))  # what bm25s's numba path filters ids with
+            try:
+                term_max = np.load(directory / TERM_MAX, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise DenseprError(f"{directory / TERM_MAX}: unreadable ({e}); rebuild the index") from None
+            check_arrays(directory, manifest, model, term_max=term_max)
+        return cls(model, LuceneAnalyzer(manifest.get("stemmer")), manifest, term_max)
 
     def search(self, queries: Sequence[str], k: int = 100, batch_size: int = 4096, backend: str | None = None,
                show_progress: bool = False) -> SearchResult:  # fmt: skip
@@ -430,39 +521,50 @@ class BM25Index:
         Passages matching no query term are not returned (as in Lucene).
 
         Args:
-            backend: ``numba`` (bm25s's compiled scorer: several times faster; needs ``numba``,
-                compiled once per machine and loaded from the disk cache once per process), ``numpy``,
-                or None: numba when installed and either already loaded here or the batch is large
-                enough to pay for loading it (:data:`NUMBA_WORTH_QUERIES`). Both give the same passages and scores.
+            backend: ``pruned`` (exact top-k with MaxScore pruning, :mod:`densepr.retrieve.bm25_topk`:
+                scores only the passages that can still reach the top k), ``numba`` (bm25s's compiled
+                scorer: every passage scored), both needing ``numba`` (compiled once per machine, loaded
+                from the disk cache once per process), ``numpy`` (bm25s's), or None: when numba is installed
+                and either already loaded here or the batch is large enough to pay for loading it
+                (:data:`NUMBA_WORTH_QUERIES`), pruned up to :data:`PRUNED_MAX_K` and numba above (the
+                faster of the two, measured), else numpy. All give the same passages and scores.
         """
-        backend = backend or ("numba" if numba_installed() and (_NUMBA_WARM or len(queries) >= NUMBA_WORTH_QUERIES) else "numpy")
+        compiled = "pruned" if k <= PRUNED_MAX_K else "numba"
+        backend = backend or (compiled if numba_installed() and (_NUMBA_WARM or len(queries) >= NUMBA_WORTH_QUERIES) else "numpy")
         if backend not in BACKENDS:
             raise DenseprError(f"BM25 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend == "numba" and not numba_installed():
-            raise DenseprError("the numba BM25 backend needs numba (pip install 'densepr[fast]')")
+        if backend in ("numba", "pruned") and not numba_installed():
+            raise DenseprError(f"the {backend} BM25 backend needs numba (pip install 'densepr[fast]')")
         n_docs = self.num_docs
         k_eff = min(k, n_docs)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
         scores = np.zeros((len(queries), k), dtype=np.float32)
         # a few more than k, so that passages tied at the k-th score are cut in passage order
         fetch = min(k_eff + TIE_MARGIN, n_docs)
-        model = self._scorer(backend)
+        model = self._scorer(backend) if backend != "pruned" else self.model
         with progress_bar(len(queries), "BM25 search", show_progress, unit="q") as advance:
             for start in range(0, len(queries), batch_size):
                 self._search_batch(queries[start : start + batch_size], start, k_eff, fetch, n_docs, model, backend, rows, scores)
                 advance(min(batch_size, len(queries) - start))
-        if backend == "numba":
+        if backend != "numpy":
             _numba_warm()
         return SearchResult(rows, scores)
 
     def _search_batch(self, batch, start, k_eff, fetch, n_docs, model, backend, rows, scores) -> None:
         """Top-k of one batch of queries into ``rows``/``scores`` from row ``start``."""
         terms = self.analyzer.many(batch)
-        ids = [self.model.get_tokens_ids(t) for t in terms]  # bm25s's numba path takes ids (unknown terms dropped)
+        ids = [self._term_ids(t) for t in terms]  # what bm25s scores (unknown terms dropped, repeats kept)
+        if backend == "pruned":
+            s = model.scores
+            docs, sc = bm25_topk.topk(ids, k_eff, s["data"], s["indices"], s["indptr"], n_docs, self.term_max)
+            matched = (docs >= 0) & (sc > 0)
+            rows[start : start + len(terms), :k_eff] = np.where(matched, docs + self.offset, -1)
+            scores[start : start + len(terms), :k_eff] = np.where(matched, sc, 0.0)
+            return
         docs, sc = np.zeros((len(ids), fetch), dtype=np.int64), np.zeros((len(ids), fetch), dtype=np.float32)
         keep = [i for i, q in enumerate(ids) if q]  # queries with no indexed term match nothing
         if keep:
-            d, x = model.retrieve([ids[i] if backend == "numba" else terms[i] for i in keep], k=fetch, show_progress=False, n_threads=0)
+            d, x = model.retrieve([ids[i] for i in keep], k=fetch, show_progress=False, n_threads=0)
             docs[keep], sc[keep] = d, x
         order = np.lexsort((docs, -sc), axis=-1)  # score descending, then passage order
         docs, sc = np.take_along_axis(docs, order, -1), np.take_along_axis(sc, order, -1)
@@ -504,10 +606,13 @@ class BM25Index:
         s = self.model.scores
         whole = sp.csc_matrix((s["data"], s["indices"], s["indptr"]), shape=(total, len(s["indptr"]) - 1))
         part = whole[lo:hi]  # rows are passages, columns terms: CSC keeps each term's entries together
+        if not part.has_sorted_indices:  # the pruned backend binary-searches each column's passages
+            part.sort_indices()
         model = copy.copy(self.model)
         model.scores = {"data": part.data.astype(s["data"].dtype, copy=False), "indices": part.indices.astype(s["indices"].dtype, copy=False),
                         "indptr": part.indptr.astype(s["indptr"].dtype, copy=False), "num_docs": hi - lo}  # fmt: skip
-        return BM25Index(model, self.analyzer, {**self.manifest, "shard": {"index": i, "of": n, "start": lo, "count": hi - lo}})
+        shard = {"index": i, "of": n, "start": lo, "count": hi - lo}
+        return BM25Index(model, self.analyzer, {**self.manifest, "shard": shard}, self.term_max)  # the whole's bounds hold for a part
 
     def _scorer(self, backend: str) -> bm25s.BM25:
         """bm25s's model with its ``backend`` set: one shallow copy per backend sharing the index's
@@ -527,10 +632,13 @@ def _chunks(n: int, full: bool, size: int = 1 << 20, samples: int = 16):
     return [slice(round(i * step), round(i * step) + size) for i in range(samples)]
 
 
-def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s.BM25 | None = None, full: bool | None = None) -> None:
+def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s.BM25 | None = None, full: bool | None = None,
+                 term_max: np.ndarray | None = None) -> None:  # fmt: skip
     """Check a BM25 index's sparse matrix: shapes, ``indptr`` starting at 0, non-decreasing and
-    ending at the number of entries, document indices within the corpus, scores finite and
-    non-negative, vocabulary ids within the matrix.
+    ending at the number of entries, document indices within the corpus and increasing within
+    each term's column, scores finite and non-negative, vocabulary ids within the matrix; the
+    compact vocabulary (:func:`~densepr.retrieve.bm25_vocab.check_vocab`) and each term's largest
+    score (``term_max.npy``: sampled terms' on load, every one with ``full``) when the index has them.
 
     Arrays up to 32 MiB (``fileio.FULL_HASH_BYTES``) are checked whole on load; larger ones on
     16 evenly spaced slices of 1M entries, so loading stays cheap; ``full=True`` (``densepr
@@ -539,8 +647,17 @@ def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s
     Raises:
         DenseprError: naming the array and what is wrong; the index must be rebuilt.
     """
+    directory = Path(directory)
+    compact = all(f in manifest.get("files", {}) for f in COMPACT_FILES)
     if model is None:
-        model = bm25s.BM25.load(str(directory), mmap=True, show_progress=False, verbosity=0)
+        model = bm25s.BM25.load(str(directory), mmap=True, show_progress=False, verbosity=0, load_vocab=not compact)
+        if compact:
+            model.vocab_dict = CompactVocab(directory)
+    if compact and term_max is None:
+        try:
+            term_max = np.load(directory / TERM_MAX, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DenseprError(f"{directory / TERM_MAX}: unreadable ({e}); rebuild the index") from None
     scores = model.scores
     data, indices, indptr = scores["data"], scores["indices"], scores["indptr"]
     n_docs = int(manifest.get("corpus", {}).get("count", scores.get("num_docs") or 0))
@@ -555,7 +672,9 @@ def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s
         raise bad(f"{scores.get('num_docs')} documents, the manifest's corpus has {n_docs}")
     if len(indptr) != n_vocab + 1:
         raise bad(f"indptr has {len(indptr)} entries for a vocabulary of {n_vocab} terms")
-    if n_vocab and not 0 <= min(model.vocab_dict.values()) <= max(model.vocab_dict.values()) < n_vocab:
+    if isinstance(model.vocab_dict, CompactVocab):
+        check_vocab(directory, model.vocab_dict, n_vocab, bool(full), lambda n, whole: _chunks(n, whole, 1 << 16))  # 16 x 512 KiB read per array
+    elif n_vocab and not 0 <= min(model.vocab_dict.values()) <= max(model.vocab_dict.values()) < n_vocab:
         raise bad("vocabulary ids outside the matrix")
     if len(indptr) and (int(indptr[0]) != 0 or int(indptr[-1]) != len(indices)):
         raise bad(f"indptr runs from {int(indptr[0])} to {int(indptr[-1])}, the matrix has {len(indices)} entries")
@@ -573,5 +692,26 @@ def check_arrays(directory: str | os.PathLike[str], manifest: dict, model: bm25s
                     raise bad(f"indptr value {int(x.max())} beyond the {len(indices)} entries")
             elif name == "indices" and (x.min() < 0 or x.max() >= n_docs):
                 raise bad(f"document index {int(x.min() if x.min() < 0 else x.max())} outside 0..{n_docs - 1}")
+            elif name == "indices":  # a column's passages increase (the pruned backend binary-searches them)
+                pos = sl.start + 1 + np.flatnonzero(x[1:] <= x[:-1])
+                starts = np.asarray(indptr)[np.minimum(np.searchsorted(indptr, pos), len(indptr) - 1)] if len(pos) else pos
+                if (starts != pos).any():
+                    raise bad(f"document indices not increasing within a term's column near entry {int(pos[starts != pos][0])}")
             elif name == "data" and not (np.isfinite(x).all() and (x >= 0).all()):
                 raise bad("a score is negative, infinite or NaN")
+    if term_max is not None:
+        if term_max.dtype != np.float32 or term_max.shape != (n_vocab,):
+            raise DenseprError(f"{directory / TERM_MAX}: {term_max.dtype} array of shape {term_max.shape}, expected float32 "
+                               f"[{n_vocab}]; file altered or corrupt; rebuild the index")  # fmt: skip
+        if full:
+            cols, want = np.arange(n_vocab), bm25_topk.column_max(data, indptr)
+        else:  # 64 terms spread over the vocabulary, short columns only: each page read stays mapped (RSS)
+            cols = np.unique(np.linspace(0, n_vocab - 1, min(n_vocab, 64)).astype(np.int64))
+            cols = cols[np.asarray(indptr)[cols + 1] - np.asarray(indptr)[cols] <= 1 << 12]
+            want = np.zeros(n_vocab, dtype=np.float32)
+            want[cols] = [np.asarray(data[indptr[j] : indptr[j + 1]]).max(initial=0) for j in cols.tolist()]
+        wrong = cols[np.asarray(term_max)[cols] != want[cols]]
+        if len(wrong):
+            j = int(wrong[0])
+            raise DenseprError(f"{directory / TERM_MAX}: term {j}'s largest score is {float(want[j])}, the file says "
+                               f"{float(term_max[j])}; file altered or corrupt; rebuild the index")  # fmt: skip
