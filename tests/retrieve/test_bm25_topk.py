@@ -194,3 +194,29 @@ def test_threshold_selection_is_the_kth_largest():
         for k in {1, 2, n // 2 or 1, n, n + 1}:
             want = np.sort(acc[rows])[::-1][k - 1] if k <= n else 0.0
             assert bm25_topk._kth_largest(acc, rows, n, k, np.zeros(n, np.float32)) == want
+
+
+def test_the_backend_follows_the_work_and_a_server_warms_the_compiled_scorers(monkeypatch, tmp_path):
+    """numpy's cost grows with queries x passages: one query over a large corpus gets the compiled
+    scorers, and a long-lived service loads them up front so single questions never fall back to numpy."""
+    from densepr.retrieve import bm25 as bm25_mod
+    from densepr.retrieve.retriever import Retriever
+    from densepr.serve.service import Service
+
+    index = BM25Index.build(random_corpus(3))
+    used = []
+    real = BM25Index._search_batch
+    monkeypatch.setattr(BM25Index, "_search_batch", lambda self, *a: (used.append(a[6]), real(self, *a))[1])
+    monkeypatch.setattr(bm25_mod, "_NUMBA_WARM", False)
+    index.search(["t0x"], 5)
+    assert used[-1] == "numpy"  # 1 query x 300 passages: less work than loading numba
+    monkeypatch.setattr(bm25_mod, "NUMBA_WORTH_WORK", 300)  # as if the corpus were large
+    index.search(["t0x"], 5)
+    assert used[-1] == "pruned"
+    monkeypatch.setattr(bm25_mod, "NUMBA_WORTH_WORK", 10**12)
+    monkeypatch.setattr(bm25_mod, "_NUMBA_WARM", False)
+    corpus = random_corpus(3)
+    Service(Retriever(corpus, index, None, None, 1.1))
+    index.search(["t0x"], 5)
+    index.search(["t0x"], 50)
+    assert used[-2:] == ["pruned", "numba"]

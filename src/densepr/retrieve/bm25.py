@@ -309,8 +309,10 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
 
 BACKENDS = ("numpy", "numba", "pruned")
 # The numba scorers' first call in a process loads them from the disk cache (~0.3 s here; ~9 s to
-# compile the first time on a machine); below this many queries numpy (~2,000 q/s) answers sooner.
-NUMBA_WORTH_QUERIES = 1000
+# compile the first time on a machine). numpy scores every passage in Python-driven array code, so its
+# cost grows with queries x passages (~2,000 q/s at 10k passages, ~2.5 q/s at 1M): below this much
+# work it answers sooner than loading them (a long-lived server loads them up front: BM25Index.warm).
+NUMBA_WORTH_WORK = 10_000_000  # queries x passages; 1,000 queries at the embedded corpus's size
 TIE_MARGIN = 16
 # search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/bm25_topk.py, NQ-test
 # questions, synthetic passages, batched): pruned/numba x1.1-1.5 at top-10, x0.8-0.9 at top-20..100 (200k and 1M passages).
@@ -526,11 +528,12 @@ class BM25Index:
                 scorer: every passage scored), both needing ``numba`` (compiled once per machine, loaded
                 from the disk cache once per process), ``numpy`` (bm25s's), or None: when numba is installed
                 and either already loaded here or the batch is large enough to pay for loading it
-                (:data:`NUMBA_WORTH_QUERIES`), pruned up to :data:`PRUNED_MAX_K` and numba above (the
+                (:data:`NUMBA_WORTH_WORK`: queries x passages), pruned up to :data:`PRUNED_MAX_K` and numba above (the
                 faster of the two, measured), else numpy. All give the same passages and scores.
         """
         compiled = "pruned" if k <= PRUNED_MAX_K else "numba"
-        backend = backend or (compiled if numba_installed() and (_NUMBA_WARM or len(queries) >= NUMBA_WORTH_QUERIES) else "numpy")
+        worth = _NUMBA_WARM or len(queries) * self.num_docs >= NUMBA_WORTH_WORK
+        backend = backend or (compiled if numba_installed() and worth else "numpy")
         if backend not in BACKENDS:
             raise DenseprError(f"BM25 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend in ("numba", "pruned") and not numba_installed():
@@ -549,6 +552,15 @@ class BM25Index:
         if backend != "numpy":
             _numba_warm()
         return SearchResult(rows, scores)
+
+    def warm(self) -> None:
+        """Load the compiled scorers now (when numba is installed), so that a long-lived process
+        (``densepr serve``) answers every later query with them, one at a time too."""
+        if numba_installed() and self.num_docs:
+            vocab = self.model.vocab_dict
+            term = vocab.term(0) if hasattr(vocab, "term") else next(iter(vocab), "")
+            for k in (1, PRUNED_MAX_K + 1):  # both compiled scorers
+                self.search([term], k, backend="pruned" if k <= PRUNED_MAX_K else "numba")
 
     def _search_batch(self, batch, start, k_eff, fetch, n_docs, model, backend, rows, scores) -> None:
         """Top-k of one batch of queries into ``rows``/``scores`` from row ``start``."""

@@ -362,6 +362,8 @@ class Service:
 
     def __init__(self, retriever, reader=None, limits: Limits | None = None, default_k_answer: int | None = None) -> None:
         self.retriever, self.reader, self.limits = retriever, reader, limits or Limits()
+        if hasattr(getattr(retriever, "bm25", None), "warm"):  # (the Ray router's stand-in searches elsewhere)
+            retriever.bm25.warm()  # one question at a time still gets the compiled scorers (numpy's cost grows with the corpus)
         lim = self.limits
         self.default_mode = "hybrid" if "hybrid" in retriever.modes else retriever.modes[0]
         self.answer_k = default_k_answer or (reader.config.top_k if reader is not None else 20)
