@@ -1,0 +1,38 @@
+"""densepr index plan: the passages' and BM25's measured costs, fitted linearly and extrapolated."""
+
+from __future__ import annotations
+
+import pytest
+
+from densepr.index import corpus_plan as cp
+
+
+def costs(sizes, per, fixed=0.0):
+    return {"sizes": sizes, "fits": {k: {**cp.fit(sizes, [fixed + per * n for n in sizes]), "sizes": sizes} for k, _, _ in cp.ROWS},
+            "queries": [], "source": "test"}  # fmt: skip
+
+
+def test_fit_recovers_a_line_and_one_size_goes_through_zero():
+    f = cp.fit([1_000_000, 5_000_000], [3e9 + 500 * 1e6, 3e9 + 500 * 5e6])
+    assert f["fixed"] == pytest.approx(3e9) and f["per_passage"] == pytest.approx(500)
+    assert cp.fit([2_000], [1_000.0]) == {"fixed": 0.0, "per_passage": 0.5}
+
+
+def test_plan_scales_every_row_and_marks_extrapolations():
+    c = costs([1_000_000, 5_000_000], per=700, fixed=1e8)
+    rows = cp.corpus_plan(21_015_324, c)
+    assert [r["key"] for r in rows] == [k for k, _, _ in cp.ROWS]
+    assert all(r["value"] == pytest.approx(1e8 + 700 * 21_015_324) and r["extrapolated"] for r in rows)
+    assert not any(r["extrapolated"] for r in cp.corpus_plan(5_000_000, c))
+    assert cp.corpus_plan(10, {}) == []
+
+
+def test_the_cli_prints_the_measured_corpus_costs(monkeypatch, capsys):
+    from tests.test_cli import run
+
+    monkeypatch.setattr(cp, "measured_costs", lambda: {**costs([1_000_000], per=1024.0), "queries": [
+        {"passages": 1_000_000, "batched_top100_qps": 300.0, "one_at_a_time_qps": 250.0, "top100_p50_ms": 3.5, "lucene_one_thread_qps": 90.0}]})  # fmt: skip
+    code, out, err = run(capsys, "index", "plan", "--num-passages", "2097152")
+    assert code == 0, err
+    assert "passages and BM25 at 2,097,152 passages" in out and "2.0 GiB *" in out  # 1 KiB x 2M, beyond the 1M measured
+    assert "BM25 queries" in out and "90" in out
