@@ -227,3 +227,25 @@ def test_cli_index_directory_builds_from_its_store(tmp_path, capsys, monkeypatch
     assert code == 0, err
     assert len(open_store(idx / "store", idx / "passages.tsv")) == 41
     assert _files(idx / "bm25") == _files(tmp_path / "want")
+
+
+def test_a_worker_keeps_no_mapping_of_the_store_after_its_chunk(tmp_path):
+    """A worker copies its chunk's texts out of the store and lets the mapping go: kept open, every
+    page it read stayed in its RSS (3.1 GB per worker a third of the way through 21M passages)."""
+    import gc
+    import os
+
+    from densepr.data.passages import write_passages_tsv
+    from densepr.data.store import build_store
+    from densepr.retrieve.bm25 import _analyse_chunk
+
+    corpus = _mixed_corpus()
+    write_passages_tsv(corpus, tmp_path / "passages.tsv")
+    build_store(tmp_path / "passages.tsv", tmp_path / "store")
+    (tmp_path / "work").mkdir()
+    out = _analyse_chunk((("store", str(tmp_path / "store")), 0, len(corpus), "porter", str(tmp_path / "work"), 0))
+    assert out["passages"] == len(corpus)
+    gc.collect()
+    with open(f"/proc/{os.getpid()}/maps") as fh:
+        maps = fh.read()
+    assert str(tmp_path / "store") not in maps
