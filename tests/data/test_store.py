@@ -98,7 +98,8 @@ def test_a_truncated_store_file_is_refused_naming_it(tmp_path, corpus):
     _store(tmp_path, corpus)
     texts = tmp_path / "store" / "texts.bin"
     texts.write_bytes(texts.read_bytes()[:-10])
-    with pytest.raises(DenseprError, match=r"store/texts.bin: \d+ bytes, manifest says \d+: file truncated or altered"):
+    with pytest.raises(DenseprError, match=r"store/texts.bin: \d+ bytes, manifest says \d+: file truncated or altered; delete the store directory: "
+                       "densepr rebuilds it from passages.tsv on the next load"):  # fmt: skip
         open_store(tmp_path / "store")
 
 

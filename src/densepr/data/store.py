@@ -54,6 +54,7 @@ from densepr.fileio import MANIFEST, NoSpaceError, atomic_dir, read_manifest, sa
 
 KIND = "passage-store"
 STORE_DIR = "store"  # its name inside an index directory
+REBUILD = "delete the store directory: densepr rebuilds it from passages.tsv on the next load"  # how a damaged store is repaired
 COLUMNS = ("id", "title", "text")
 FILES = (*(f"{c}s.bin" for c in COLUMNS), *(f"{c}_offsets.npy" for c in COLUMNS), "id_hashes.npy", "id_order.npy")
 _ENC = ("utf-8", "surrogatepass")
@@ -129,10 +130,10 @@ class StoreCorpus(Corpus):
             size = manifest["files"][f"{name}s.bin"]["bytes"]
             if len(col) != n or col._off[0] != 0 or col._off[-1] != size:
                 raise DenseprError(f"{self.directory / f'{name}_offsets.npy'}: {len(col._off)} offsets from {col._off[0]} to "
-                                   f"{col._off[-1]}, expected {n + 1} from 0 to {size} (the size of {name}s.bin); rebuild the store")  # fmt: skip
+                                   f"{col._off[-1]}, expected {n + 1} from 0 to {size} (the size of {name}s.bin); {REBUILD}")  # fmt: skip
         for name, a in (("id_hashes.npy", self._hashes), ("id_order.npy", self._order)):
             if len(a) != n:
-                raise DenseprError(f"{self.directory / name}: {len(a)} entries, expected {n}; rebuild the store")
+                raise DenseprError(f"{self.directory / name}: {len(a)} entries, expected {n}; {REBUILD}")
 
     def _map(self, path: Path) -> mmap.mmap | bytes:
         with open(path, "rb") as fh:
@@ -147,9 +148,9 @@ class StoreCorpus(Corpus):
         try:
             a = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise DenseprError(f"{path}: unreadable ({e}); rebuild the store") from None
+            raise DenseprError(f"{path}: unreadable ({e}); {REBUILD}") from None
         if a.dtype != dtype or a.ndim != 1:
-            raise DenseprError(f"{path}: {a.dtype} array of shape {a.shape}, expected 1-d {np.dtype(dtype)}; rebuild the store")
+            raise DenseprError(f"{path}: {a.dtype} array of shape {a.shape}, expected 1-d {np.dtype(dtype)}; {REBUILD}")
         return a.view(np.ndarray)  # still the mapping; a plain ndarray slices without np.memmap's per-slice overhead
 
     def __iter__(self) -> Iterator[Passage]:
@@ -400,7 +401,12 @@ def open_store(directory: str | os.PathLike[str], source: str | os.PathLike[str]
     file is refused with a :class:`MismatchError` (:func:`ensure_store` rebuilds it instead).
     """
     directory = Path(directory)
-    manifest = read_manifest(directory, KIND, verify)
+    try:
+        manifest = read_manifest(directory, KIND, verify)
+    except DenseprError as e:  # a truncated or altered file: say how to get a good store back
+        if type(e) is DenseprError and str(e).endswith("; rebuild it"):
+            raise DenseprError(f"{str(e).removesuffix('; rebuild it')}; {REBUILD}") from None
+        raise
     if source is not None:
         stale = store_stale(manifest, source)
         if stale:
@@ -415,7 +421,7 @@ def check_store(directory: str | os.PathLike[str], manifest: dict, full: bool = 
     if full:
         fp = _fingerprint(store.ids, store.titles, store.texts)
         if fp != store.fingerprint():
-            raise DenseprError(f"{directory}: its passages do not hash to the fingerprint in its manifest; rebuild the store")
+            raise DenseprError(f"{directory}: its passages do not hash to the fingerprint in its manifest; {REBUILD}")
 
 
 def store_stale(manifest: dict, source: str | os.PathLike[str]) -> str | None:
