@@ -268,7 +268,7 @@ def step_lucene(d: Path, workers: int) -> dict:
     qs = questions(QUESTIONS)
     one_s, _ = time_lucene_one_thread(jar, index, qs, work)
     run = search_lucene(jar, index, qs, corpus, work, "-bm25", 1)
-    ours = np.load(d / "densepr-top100.npy")
+    ours = np.load(d / "densepr-top100.npy", allow_pickle=False)
     k = min(LHITS, HITS)
     top = {}
     for cut in (1, 10, 100):

@@ -249,7 +249,7 @@ def index_bm25(
     from densepr.retrieve.bm25 import BM25Index
 
     BM25Index.check_output(output)  # another artefact, or files densepr did not write: refused before the work
-    corpus = open_passages(passages)  # an index directory's store, else the file streamed: never held whole
+    corpus = open_passages(passages, output)  # an index directory's store, else the file streamed: never held whole
     index = BM25Index.build(corpus, k1=k1, b=b, workers=workers or os.cpu_count() or 1, chunk_passages=chunk_passages,
                             workdir=output.parent if output.parent.is_dir() else None, progress=True)  # fmt: skip
     index.save(output)
@@ -419,7 +419,7 @@ def encode(
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     shard_id, num_shards = shard_id or 0, num_shards or 1
     q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
-    corpus = open_passages(passages)  # an index directory's store, else the file streamed: read part by part
+    corpus = open_passages(passages, output)  # an index directory's store, else the file streamed: read part by part
     m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, part_size=part_size, batch_size=batch_size,
                       dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=rank == 0 or world == 1)  # fmt: skip
     if m is None:

@@ -229,6 +229,19 @@ def test_cli_index_directory_builds_from_its_store(tmp_path, capsys, monkeypatch
     assert _files(idx / "bm25") == _files(tmp_path / "want")
 
 
+def test_cli_builds_no_store_beside_a_passages_file_elsewhere(tmp_path, capsys):
+    """A passages.tsv outside the index being built is streamed: no store (about the file's size) is
+    written into the user's folder unasked (it was, beside any writable passages.tsv)."""
+    from tests.support.cli import run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(_mixed_corpus(), data / "passages.tsv")
+    code, _, err = run(capsys, "index", "bm25", str(data / "passages.tsv"), str(tmp_path / "out" / "bm25"), "--workers", "1")
+    assert code == 0, err
+    assert sorted(p.name for p in data.iterdir()) == ["passages.tsv"]
+
+
 def test_a_worker_keeps_no_mapping_of_the_store_after_its_chunk(tmp_path):
     """A worker copies its chunk's texts out of the store and lets the mapping go: kept open, every
     page it read stayed in its RSS (3.1 GB per worker a third of the way through 21M passages)."""

@@ -469,12 +469,19 @@ def store_beside(tsv: str | os.PathLike[str]) -> StoreCorpus | None:
         return None
 
 
-def open_passages(path: str | os.PathLike[str]) -> StoreCorpus | StreamedCorpus:
+def open_passages(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> StoreCorpus | StreamedCorpus:
     """Passages to read part by part, never held whole: an index directory's ``passages.tsv`` through
-    its store (:func:`store_beside`), any other file (or one whose store cannot be used) streamed."""
+    its store (:func:`store_beside`), any other file (or one whose store cannot be used) streamed.
+
+    A ``passages.tsv`` counts as an index directory's when a store is already beside it, or when
+    ``output`` (what the caller writes) goes into the same directory (``densepr index bm25
+    idx/passages.tsv idx/bm25``); a store (about the file's size) is never built unasked beside a
+    file elsewhere."""
     path = Path(path)
     if path.name == "passages.tsv" and path.is_file():
-        store = store_beside(path)
-        if store is not None:
-            return store
+        building = output is not None and Path(output).resolve().parent == path.resolve().parent
+        if building or (path.parent / STORE_DIR / MANIFEST).is_file():
+            store = store_beside(path)
+            if store is not None:
+                return store
     return StreamedCorpus(path)
