@@ -138,8 +138,6 @@ class Searcher:
         _replica_grpc_on_loopback()
         whole = Retriever.load(index, with_encoder=False, mmap=True)
         self.retriever = whole.shard(shard, shards) if shards > 1 else whole
-        if self.retriever.bm25 is not None:
-            self.retriever.bm25.warm()  # as densepr serve: compiled scorers for single questions too
 
     def lists(self, questions: list[str], vectors: np.ndarray | None, depth: int, engines: list[str]) -> dict:
         """Each engine's top ``depth`` on this shard: ``{engine: (rows, scores)}``, rows are corpus rows."""
