@@ -40,6 +40,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -90,8 +91,6 @@ def measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         peak = {"rss": 0, "anon": 0, "largest": 0}
         lines: list[str] = []
-        import threading
-
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
         while proc.poll() is None:
@@ -262,9 +261,7 @@ def step_lucene(d: Path, workers: int) -> dict:
         (work / "collection.done").touch()
     shutil.rmtree(index, ignore_errors=True)
     corpus = open_corpus(d)
-    t0 = time.perf_counter()
     build_s = build_lucene(jar, coll, index, [], workers)
-    assert time.perf_counter() - t0 >= build_s * 0.99
     qs = questions(QUESTIONS)
     one_s, _ = time_lucene_one_thread(jar, index, qs, work)
     run = search_lucene(jar, index, qs, corpus, work, "-bm25", 1)
