@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from densepr.errors import DenseprError
@@ -309,3 +310,28 @@ def test_an_altered_onnx_tokenizer_is_refused_without_a_prompt(tmp_path, tiny_be
     write_manifest(tmp_path / "onnx", m["kind"], ["model.onnx", "densepr_onnx.json"], source=m["source"])
     with pytest.raises(DenseprError, match="cannot load the ONNX question encoder's tokenizer: .*custom code"):
         OnnxQuestionEncoder(tmp_path / "onnx")
+
+
+def test_released_pages_leave_rss_and_keep_what_was_written(tmp_path):
+    import sys
+
+    from densepr.fileio import MappedPages, release_pages, rss_bytes, save_npy_released
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RSS is read from /proc (Linux)")
+    a = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.int64, shape=(8 << 20,))  # 64 MiB
+    a[:] = np.arange(len(a))
+    touched = rss_bytes()
+    release_pages(a)
+    assert touched - rss_bytes() >= 48 << 20  # the written pages left this process ...
+    assert int(a[123_456]) == 123_456 and int(a[-1]) == len(a) - 1  # ... and were kept
+    release_pages(np.arange(10))  # an array in memory: left alone
+    save_npy_released(tmp_path / "b.npy", a, step=1 << 20)
+    np.save(tmp_path / "c.npy", np.asarray(a))
+    assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "c.npy").read_bytes()  # np.save's file exactly
+    pages = MappedPages(a, budget=8 << 20)
+    base = rss_bytes()
+    for lo in range(0, len(a), 1 << 20):
+        int(a[lo : lo + (1 << 20)].sum())  # reads 8 MiB of pages
+        pages.check()
+    assert rss_bytes() - base < 40 << 20  # held at most about the budget, not the 64 MiB read

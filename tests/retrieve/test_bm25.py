@@ -25,6 +25,40 @@ def test_analyzer_mimics_lucene_english():
     assert LuceneAnalyzer(stemmer=None)("Running dogs") == ["running", "dogs"]
 
 
+def unicode_words(text: str) -> list[str]:
+    """The analyzer's words by the Unicode (UAX#29) split alone: what words() must equal."""
+    from densepr.retrieve.bm25 import _SEGMENT, _TOKEN
+
+    return [w for w in _SEGMENT.split(text) if w and _TOKEN.search(w)]
+
+
+@pytest.mark.parametrize("alphabet", ["ascii", "mixed"])
+def test_fast_word_split_equals_the_unicode_split(alphabet):
+    import random
+
+    from densepr.retrieve.bm25 import words
+
+    # the ASCII rules' edge cases (WB6/7, WB11/12, WB13) and the characters UAX#29 treats
+    # specially around whitespace (ZWJ, marks, NBSP, ideographic space) and inside words
+    ascii_chars = [chr(c) for c in range(128)] + list("aZ09_ .,;:'\"") * 8
+    special = ["é", "\u0301", "\u00a0", "\u3000", "\u1680", "\u200d", "\U0001f600", "中", "ก", "\u2019", "\u00b7",
+               "א", "ア", "\u200b", "\u0130", "ß", "\u2028", "\ufe0f", "\u0660", "Ⅻ", "½", "²"]  # fmt: skip
+    chars = ascii_chars if alphabet == "ascii" else list("aZ09_ .,;:'\"-\t\n") + special
+    rng = random.Random(7)
+    for _ in range(20_000):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 16)))
+        got = [w for w in words(text) if w.strip("_")]  # words of only "_": the analyzer drops them
+        assert got == unicode_words(text), repr(text)
+
+
+def test_analyzer_terms_are_the_same_whether_remembered_or_not():
+    text = "The Cat's U.S. cats, 3,000 Röntgen's rays  \u200d\U0001f600 foo_bar ___ İzmir"
+    a = LuceneAnalyzer()
+    first = a(text)
+    assert a(text) == first  # second time from the remembered words
+    assert first == [a._analyse(w) for w in unicode_words(text) if a._analyse(w)]
+
+
 def smallfloat_length(n: int) -> int:
     """Lucene 8 SmallFloat.intToByte4 then byte4ToInt, transcribed."""
 

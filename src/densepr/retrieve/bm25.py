@@ -26,9 +26,11 @@ working; on load the files' checksums (sampled above 32 MiB) and the arrays' ran
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import os
+import re
 import tempfile
 from array import array
 from collections import deque
@@ -48,6 +50,7 @@ from densepr.errors import DenseprError
 from densepr.fileio import (
     FULL_HASH_BYTES,
     MANIFEST,
+    MappedPages,
     NoSpaceError,
     atomic_dir,
     check_target,
@@ -55,6 +58,7 @@ from densepr.fileio import (
     no_space_names,
     read_manifest,
     save_npy,
+    save_npy_released,
     write_json,
     write_manifest,
 )
@@ -67,7 +71,8 @@ from densepr.retrieve.bm25_vocab import CompactVocab, check_vocab, write_vocab
 KIND = "bm25-index"
 OWN_FILES = ("*.index.npy", "*.index.json")  # what bm25s writes: an interrupted (pre-atomic) build left only these
 TERM_MAX = "term_max.npy"
-COMPACT_FILES = (*VOCAB_FILES, TERM_MAX)  # what an index saved before them gains on load (see BM25Index.load)
+COMPACT_FILES = (*VOCAB_FILES, TERM_MAX)
+_BM25S_FILES = {k: inspect.signature(bm25s.BM25.save).parameters[f"{k}_name"].default for k in ("data", "indices")}  # what an index saved before them gains on load (see BM25Index.load)
 LUCENE_STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words)
 assert len(LUCENE_STOPWORDS) == 33
 
@@ -75,6 +80,33 @@ _SEGMENT = regex.compile(r"(?w)\b")  # (?w): Unicode (UAX#29) word boundaries, a
 # StandardTokenizer emits segments holding a letter or digit (and emoji); punctuation-only
 # and underscore-only segments, fractions and superscripts are dropped.
 _TOKEN = regex.compile(r"[\p{L}\p{Nd}\p{Nl}]|\p{Extended_Pictographic}")
+# UAX#29 restricted to ASCII, ~4x faster than the Unicode split: runs of letters, digits and
+# ``_`` (WB5, WB8-10, WB13a/b), joined across one ``:.'`` between letters (WB6/7) or one ``,;.'``
+# between digits (WB11/12). Equal to ``_SEGMENT``'s words on every ASCII text
+# (tests/retrieve/test_bm25.py fuzzes it against the Unicode split).
+_WORD = r"[A-Za-z0-9_]+"
+_ASCII_WORDS = re.compile(rf"{_WORD}(?:(?:(?<=[A-Za-z])[:.'](?=[A-Za-z])|(?<=[0-9])[,;.'](?=[0-9])){_WORD})*")
+_TERM_CACHE = 1 << 20  # distinct raw words remembered per analyzer (~150 MB at most), then forgotten
+
+
+# a whitespace-delimited run holding a non-ASCII character, with the whitespace before it (to which
+# UAX#29 attaches a leading ZWJ/mark: WB3d, WB4): split by the Unicode rules; the text between
+# such runs by the ASCII ones (UAX#29 breaks at whitespace; a passage has few such runs)
+_NON_ASCII_RUN = re.compile(r"(\s*+(?<!\S)[^\s\x80-\U0010ffff]*+[^\x00-\x7f\s]\S*+)")  # possessive: no backtracking
+
+
+def words(text: str) -> list[str]:
+    """The UAX#29 words of ``text`` that StandardTokenizer emits (holding a letter or digit, or an
+    emoji), and words of only ``_`` (which :meth:`LuceneAnalyzer.term` drops)."""
+    if text.isascii():
+        return _ASCII_WORDS.findall(text)
+    out: list[str] = []
+    for i, piece in enumerate(_NON_ASCII_RUN.split(text)):
+        if i % 2:
+            out += [w for w in _SEGMENT.split(piece) if w and _TOKEN.search(w)]
+        elif piece:
+            out += _ASCII_WORDS.findall(piece)
+    return out
 
 
 class LuceneAnalyzer:
@@ -91,27 +123,38 @@ class LuceneAnalyzer:
             raise DenseprError(f"unknown stemmer {stemmer!r}: 'porter' (Lucene's) or none")
         self.stopwords, self.stemmer = stopwords, stemmer
         self._stem = None  # loaded on first use: importing nltk costs ~150 MB, which a build's merging process never needs
+        self._terms: dict[str, str] = {}  # raw word -> its term ("" if dropped): one lookup per word instead of five steps
 
     def _load_stemmer(self):
         # NLTK's MARTIN_EXTENSIONS mode is Martin Porter's reference C implementation, which
         # Lucene's PorterStemmer ports (Snowball's "porter" differs on short words, -logi, -bli).
         from nltk.stem.porter import PorterStemmer
 
-        self._stem = lru_cache(maxsize=1 << 20)(PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem)
+        self._stem = PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem
         return self._stem
 
+    def term(self, word: str) -> str:
+        """The term a word (from :func:`words`) is indexed as, "" if dropped (remembered per word)."""
+        t = self._terms.get(word)
+        if t is None:
+            if len(self._terms) >= _TERM_CACHE:
+                self._terms.clear()
+            t = self._terms[word] = self._analyse(word)
+        return t
+
+    def _analyse(self, word: str) -> str:
+        if not word.strip("_"):
+            return ""  # only underscores: not a token (an ASCII word may be one)
+        w = word.replace("\u0130", "i").lower()  # Java lower-cases İ to i; Python to i + combining dot
+        if w.endswith(("'s", "\u2019s", "\uff07s")):  # Lucene's EnglishPossessiveFilter
+            w = w[:-2]
+        if not w or w in self.stopwords:
+            return ""
+        return (self._stem or self._load_stemmer())(w) if self.stemmer else w
+
     def __call__(self, text: str) -> list[str]:
-        stem = (self._stem or self._load_stemmer()) if self.stemmer else None
-        terms = []
-        for w in _SEGMENT.split(text):
-            if not w or not _TOKEN.search(w):
-                continue
-            w = w.replace("\u0130", "i").lower()  # Java lower-cases İ to i; Python to i + combining dot
-            if w.endswith(("'s", "\u2019s", "\uff07s")):  # Lucene's EnglishPossessiveFilter
-                w = w[:-2]
-            if w and w not in self.stopwords:
-                terms.append(stem(w) if stem else w)
-        return terms
+        get, term = self._terms.get, self.term
+        return [t for w in words(text) if (t := get(w)) or (t is None and (t := term(w)))]
 
     def many(self, texts: Sequence[str]) -> list[list[str]]:
         return [self(t) for t in texts]
@@ -221,15 +264,25 @@ def _analyse_chunk(task: tuple) -> dict:
         del store
     else:
         titles, texts = source[1], source[2]
-    vocab: dict[str, int] = {}
-    tids = array("q")  # 8 B per term occurrence, not a Python int each
-    dl = np.zeros(hi - lo, dtype=np.int32)
+    vocab: dict[str, int] = {}  # term -> local id, in order of first occurrence
+    ids: dict[str, int] = {}  # raw word -> its term's local id, -1 if dropped: one lookup per word
+    occ = array("q")  # every word's id (8 B each, not a Python int), dropped ones included
+    words_in = np.zeros(hi - lo, dtype=np.int64)
     for d, (t, x) in enumerate(zip(titles, texts)):
-        terms = analyzer(f"{t} {x}")
-        dl[d] = len(terms)
-        tids.extend(vocab.setdefault(w, len(vocab)) for w in terms)
-    docs = np.repeat(np.arange(hi - lo, dtype=np.int64), dl)
-    key, tf = np.unique(np.frombuffer(tids, dtype=np.int64) * max(hi - lo, 1) + docs, return_counts=True)
+        ws = words(f"{t} {x}")
+        got = list(map(ids.get, ws))
+        if None in got:  # a word new to this chunk (rarer as the chunk goes on)
+            for j, w in enumerate(ws):
+                if got[j] is None:
+                    term = analyzer.term(w)
+                    got[j] = ids[w] = vocab.setdefault(term, len(vocab)) if term else -1
+        words_in[d] = len(got)
+        occ.extend(got)
+    tids = np.frombuffer(occ, dtype=np.int64)
+    kept = tids >= 0
+    docs = np.repeat(np.arange(hi - lo, dtype=np.int64), words_in)[kept]
+    dl = np.bincount(docs, minlength=hi - lo).astype(np.int32)
+    key, tf = np.unique(tids[kept] * max(hi - lo, 1) + docs, return_counts=True)
     tid, doc = np.divmod(key, max(hi - lo, 1))
     base = Path(tmp) / f"chunk{i:06d}"
     np.save(f"{base}.tid.npy", tid.astype(np.int32))
@@ -278,6 +331,9 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
 
     indices, data = mapped("indices.npy", model.int_dtype), mapped("data.npy", model.dtype)
     tfs = mapped("tf.npy", np.uint32)
+    # the scattered writes touch pages all over the mapped arrays (12 B per posting of the corpus):
+    # released into the page cache whenever they pass MERGE_RSS, so RSS does not grow with the corpus
+    pages = MappedPages(indices, data, tfs, budget=MERGE_RSS)
     cursor = indptr[:-1].copy()
     with progress_bar(len(chunks), "BM25 merge", enabled=progress, unit="chunks") as advance:
         for c in chunks:
@@ -292,6 +348,7 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
             for what in ("tid", "doc", "tf", "df", "dl"):
                 os.unlink(f"{c['base']}.{what}.npy")
             os.unlink(f"{c['base']}.vocab.json")
+            pages.check()
             advance(1)
     doc_count = max(int((dl > 0).sum()), 1)  # Lucene's docCount: documents with the field
     idf = np.log(1 + (doc_count - df + 0.5) / (df + 0.5))
@@ -304,6 +361,8 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
         term_of = np.searchsorted(indptr, np.arange(lo, hi), side="right") - 1
         tf = tfs[lo:hi].astype(np.float64)
         data[lo:hi] = idf[term_of] * tf / (tf + norm[indices[lo:hi]])
+        pages.check()
+    pages.release()
     return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}, vocab
 
 
@@ -317,6 +376,7 @@ TIE_MARGIN = 16
 # search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/bm25_topk.py, NQ-test
 # questions, synthetic passages, batched): pruned/numba x1.1-1.5 at top-10, x0.8-0.9 at top-20..100 (200k and 1M passages).
 PRUNED_MAX_K = 10
+MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)
 _NUMBA_WARM = False
 
 
@@ -465,7 +525,14 @@ class BM25Index:
             if not isinstance(model.vocab_dict, dict):  # a loaded index's compact vocabulary: bm25s writes a dict
                 model = copy.copy(model)
                 model.vocab_dict = dict(self.model.vocab_dict.items())
+            scores = model.scores
+            mapped = {k: scores[k] for k in ("data", "indices") if isinstance(scores[k], np.memmap)}
+            if mapped:  # bm25s's np.save would read them whole into this process's RSS: written here instead
+                model = copy.copy(model)
+                model.scores = {**scores, **{k: a[:0] for k, a in mapped.items()}}
             model.save(tmp, show_progress=False)
+            for k, a in mapped.items():
+                save_npy_released(tmp / _BM25S_FILES[k], a)
             write_vocab(tmp, model.vocab_dict)
             save_npy(tmp / TERM_MAX, np.asarray(self.term_max, dtype=np.float32))
             files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".index.npy") or p.name.endswith(".index.json"))

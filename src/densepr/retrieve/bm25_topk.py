@@ -40,6 +40,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from densepr.fileio import release_pages
+
 _LOCAL = threading.local()
 _COMPILE = threading.Lock()
 
@@ -50,11 +52,17 @@ def column_max(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     indptr = np.asarray(indptr, dtype=np.int64)
     out = np.zeros(len(indptr) - 1, dtype=np.float32)
     nonempty = np.flatnonzero(np.diff(indptr) > 0)
-    step = 1 << 22  # columns at a time: bounded temporaries whatever the vocabulary
-    for lo in range(0, len(nonempty), step):
-        cols = nonempty[lo : lo + step]
+    # ~2^24 postings at a time (a column is never split): bounded temporaries, and a mapped
+    # matrix's pages released as read, whatever the corpus
+    cuts = np.unique(np.searchsorted(indptr[nonempty], np.arange(0, int(indptr[-1]), 1 << 24), side="left"))
+    cuts = [*cuts.tolist(), len(nonempty)]
+    for a, z in zip(cuts[:-1], cuts[1:]):
+        cols = nonempty[a:z]
+        if len(cols) == 0:
+            continue
         start, end = int(indptr[cols[0]]), int(indptr[cols[-1] + 1])
         out[cols] = np.maximum.reduceat(np.asarray(data[start:end]), indptr[cols] - start)
+        release_pages(data)
     return out
 
 
