@@ -314,8 +314,9 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     n_vocab = len(vocab)
     df = np.zeros(n_vocab, dtype=np.int64)
     dl = np.zeros(n_docs, dtype=np.int64)
-    for c in chunks:
-        gmap = np.fromiter((vocab[t] for t in terms(c)), dtype=np.int64)
+    for c in chunks:  # each chunk's local term ids -> global ones, kept beside its postings (read once more below)
+        gmap = np.fromiter(map(vocab.__getitem__, terms(c)), dtype=np.int64)
+        np.save(f"{c['base']}.gmap.npy", gmap)
         df[gmap] += load(c, "df")
         dl[c["start"] : c["start"] + c["passages"]] = load(c, "dl")
     indptr = np.zeros(n_vocab + 1, dtype=np.int64)
@@ -337,15 +338,14 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     cursor = indptr[:-1].copy()
     with progress_bar(len(chunks), "BM25 merge", enabled=progress, unit="chunks") as advance:
         for c in chunks:
-            gmap = np.fromiter((vocab[t] for t in terms(c)), dtype=np.int64)
-            tid, ldf = load(c, "tid"), load(c, "df")
+            gmap, tid, ldf = load(c, "gmap"), load(c, "tid"), load(c, "df")
             lstart = np.zeros(len(ldf), dtype=np.int64)
             np.cumsum(ldf[:-1], out=lstart[1:])
             pos = cursor[gmap][tid] + np.arange(len(tid), dtype=np.int64) - lstart[tid]
             indices[pos] = load(c, "doc") + c["start"]
             tfs[pos] = load(c, "tf")
             cursor[gmap] += ldf
-            for what in ("tid", "doc", "tf", "df", "dl"):
+            for what in ("tid", "doc", "tf", "df", "dl", "gmap"):
                 os.unlink(f"{c['base']}.{what}.npy")
             os.unlink(f"{c['base']}.vocab.json")
             pages.check()
