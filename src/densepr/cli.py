@@ -441,7 +441,8 @@ def export_onnx(
     is_reader = (encoder / "config.json").is_file() and "DPRReader" in read_json(encoder / "config.json").get("architectures", [])
     _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))
     try:
-        from densepr.models.onnx import export_question_encoder, export_reader
+        from densepr.models.onnx import export_question_encoder
+        from densepr.models.reader import export_reader
     except ImportError:
         raise DenseprError("export-onnx needs the onnx extra: pip install 'densepr[onnx]'") from None
     if is_reader:
@@ -529,6 +530,7 @@ def tune_hybrid(
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.tuning import tune_lambda
     from densepr.fileio import write_json
+    from densepr.retrieve.fusion import PAPER_LAMBDA
     from densepr.retrieve.retriever import Retriever
 
     sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
@@ -536,7 +538,7 @@ def tune_hybrid(
     best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k)
     write_json(index / "hybrid.json", {"lambda": best, "tuned_on": [s.name for s in sets], "questions_per_set": limit,
                                        "metric": f"top-{k} accuracy", "grid": grid})  # fmt: skip
-    out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda=1.1: {grid['1.1']:.2f}%)")
+    out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda={PAPER_LAMBDA}: {grid[str(PAPER_LAMBDA)]:.2f}%)")
     out.print(f"saved to {index / 'hybrid.json'}")
 
 
@@ -557,6 +559,7 @@ def evaluate(
     import numpy as np
 
     from densepr.data import QA, QASet
+    from densepr.data.qa import default_match
     from densepr.data.runs import iter_dpr_results, read_trec_run
     from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, has_answer
     from densepr.evaluate.report import rich_table
@@ -586,8 +589,7 @@ def evaluate(
         corpus = None
     if results.suffix == ".json":
         recs = list(iter_dpr_results(results))
-        is_regex = regex if regex is not None else "curated" in results.name.lower()
-        match = "regex" if is_regex else "string"
+        match = default_match(results.name) if regex is None else ("regex" if regex else "string")
         qas = QASet(results.name, [QA(r.question, tuple(r.answers)) for r in recs], match)
         width = max(max(len(r.ctxs) for r in recs), 1)
         hits = np.zeros((len(recs), width), dtype=bool)

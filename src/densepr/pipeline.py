@@ -56,7 +56,7 @@ class Answer:
         return asdict(self)
 
 
-def _answer(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int,
+def answer_from_readings(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int,
             selection: Selection = PAPER_SELECTION) -> Answer:  # fmt: skip
     b = best_reading(readings, k, selection, [h.score for h in hits], _keys(readings, selection))
     if b is None:
@@ -130,7 +130,7 @@ class Pipeline:
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(questions))]
         readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size, stop=stop)
         selection = self.reader.config.selection_for(mode)[0]
-        return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(questions, hits, readings)]
+        return [answer_from_readings(q, hs, rd, mode, k, selection) for q, hs, rd in zip(questions, hits, readings)]
 
 
 # -- evaluation ------------------------------------------------------------------------------------

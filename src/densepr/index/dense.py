@@ -618,6 +618,6 @@ def cluster_plan(rows: list[dict], num_passages: int, nodes: int, node_ram_gib: 
         shards = max(1, -(-int(r["ram_bytes"]) // int(budget)))
         fits = shards <= nodes
         out.append({**r, "shards": shards, "replicas": nodes // shards if fits else 0, "ram_per_shard": r["ram_bytes"] / shards,
-                    "fits": fits, "exact_merge": shards == 1 or r["type"].startswith("flat"), "encode_hours": num_passages / (rate * max(gpus, 1)) / 3600})  # fmt: skip
+                    "fits": fits, "exact_merge": shards == 1 or get(r["type"].partition("+")[0]).exact, "encode_hours": num_passages / (rate * max(gpus, 1)) / 3600})  # fmt: skip
     return out
 

@@ -216,7 +216,7 @@ class RayService(Service):
 
     def _answer_batch(self, key: tuple[str, int], items: list[str]) -> list:
         from densepr.models.reader import ReadingStopped
-        from densepr.pipeline import _answer
+        from densepr.pipeline import answer_from_readings
 
         mode, k = key
         res = self._retrieve(list(items), k, mode)
@@ -225,7 +225,7 @@ class RayService(Service):
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(items))]
         readings = self._call(self.reader_h.read, list(items), [[(h.title, h.text) for h in hs] for hs in hits])
         selection = self.reader.config.selection_for(mode)[0]
-        return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(items, hits, readings)]
+        return [answer_from_readings(q, hs, rd, mode, k, selection) for q, hs, rd in zip(items, hits, readings)]
 
     def health(self) -> dict:
         return {**super().health(), "ray": {"replicas": asdict(self.replicas), "shards": len(self.searcher_hs), "retries": self.retries}}

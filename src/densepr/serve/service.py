@@ -405,12 +405,12 @@ class Service:
         matcher = AnswerMatcher(c.texts) if answers is not None else None
         found, results = SearchResult(rows, scores), []
         for i, q in enumerate(questions):
-            prepared = AnswerMatcher._prepare(answers[i], "string") if answers is not None else None
+            prepared = AnswerMatcher.prepare(answers[i], "string") if answers is not None else None
             hits = []
             for h in found.hits(i, c):
                 d = {"rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": round(h.score, 4)}
                 if matcher is not None:
-                    d["has_answer"] = matcher._check(int(rows[i, h.rank - 1]), prepared, "string")
+                    d["has_answer"] = matcher.check_prepared(int(rows[i, h.rank - 1]), prepared, "string")
                 hits.append(d)
             results.append({"question": q, "passages": hits})
         body = {"mode": mode, "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - t0), 1)}
