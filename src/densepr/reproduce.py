@@ -58,6 +58,7 @@ from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever, open_corpus
 from densepr.stages import RECORDS, Done, Stage, StageRunner
+from densepr.train.config import span_loss_name
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
 METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
@@ -157,7 +158,7 @@ class ReaderPlan:
     max_length: int = 192  # window tokens ([CLS] question [SEP] title [SEP] text)
     lr: float = 1e-4
     head_lr: float | None = 1e-3  # the new start/end/selection heads learn from zero: their own, higher rate
-    span_loss: str = "shared"  # or "dpr": start/end softmax within each passage (DPR's loss)
+    span_loss: str = "shared"  # or "positive": start/end softmax within the positive passage (DPR's loss)
     warmup_steps: int = 10
     dropout: float = 0.0  # off: on 2 CPU cores dropout doubled the reader's step time (docs/reader.md, reader recipes)
     epochs: int = 3  # the checkpoint with the best held-out EM is kept (measured: the end of epoch 2 of 3)
@@ -1064,7 +1065,7 @@ def check_against(summary: dict, expected: dict, profile: str) -> list[str]:
 
 
 # What a committed config without these ReaderPlan fields trained: the recipe before each field was added.
-READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "dpr", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0}
+READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "positive", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0}
 
 
 def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:
@@ -1075,8 +1076,13 @@ def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:
     now = summary.get("config", {}).get("reader")
     if recorded is None or now is None:
         return False
-    # JSON has lists, not tuples; a field recorded before it existed had the value it now names explicitly
-    return json.loads(json.dumps({**READER_PLAN_BEFORE, **recorded})) != json.loads(json.dumps({**READER_PLAN_BEFORE, **now}))
+    # JSON has lists, not tuples; a field recorded before it existed had the value it now names explicitly;
+    # a span loss recorded under its old name ("dpr") is the same loss
+    def plan(p: dict) -> dict:
+        p = {**READER_PLAN_BEFORE, **p}
+        return json.loads(json.dumps({**p, "span_loss": span_loss_name(p["span_loss"])}))
+
+    return plan(recorded) != plan(now)
 
 
 def qa_figures(qa: dict | None) -> dict[str, float]:

@@ -75,3 +75,11 @@ class ReaderTrainConfig(OptimConfig):
     span_loss: str = "positive"  # positive: DPR's (span softmax within the positive); shared: over all M passages
     head_lr: float | None = None  # learning rate of the two heads (default: lr); new heads learn faster
 
+
+SPAN_LOSSES = ("positive", "shared")  # ReaderTrainConfig.span_loss (and reproduce's ReaderPlan.span_loss)
+SPAN_LOSS_ALIASES = {"dpr": "positive"}  # the name reproduce once gave DPR's loss (recorded configs may hold it)
+
+
+def span_loss_name(name: str) -> str:
+    """A span loss's one name (:data:`SPAN_LOSSES`), an old alias mapped to it; unknown names are returned as given."""
+    return SPAN_LOSS_ALIASES.get(name, name)
