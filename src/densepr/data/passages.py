@@ -36,6 +36,7 @@ MAX_FIELD_BYTES = MAX_RECORD_BYTES  # kept for compatibility: a field cannot exc
 csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))
 
 TSV_HEADER = ["id", "text", "title"]
+PASSAGES_FILE = "passages.tsv"  # an index directory's corpus (densepr.retrieve.index_dir.IndexDir)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.passages import FP_ROWS, Corpus, Fingerprinter, Passage, corpus_fingerprint, ids_sha256, iter_passages
+from densepr.data.passages import FP_ROWS, PASSAGES_FILE, Corpus, Fingerprinter, Passage, corpus_fingerprint, ids_sha256, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.fileio import MANIFEST, NoSpaceError, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
@@ -478,7 +478,7 @@ def open_passages(path: str | os.PathLike[str], output: str | os.PathLike[str] |
     idx/passages.tsv idx/bm25``); a store (about the file's size) is never built unasked beside a
     file elsewhere."""
     path = Path(path)
-    if path.name == "passages.tsv" and path.is_file():
+    if path.name == PASSAGES_FILE and path.is_file():
         building = output is not None and Path(output).resolve().parent == path.resolve().parent
         if building or (path.parent / STORE_DIR / MANIFEST).is_file():
             store = store_beside(path)

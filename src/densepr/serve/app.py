@@ -97,7 +97,7 @@ class SearchRequest(BaseModel):
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     question: str
-    k: Optional[int] = Field(None, ge=1, description="Passages read (default: the reader's tuned top-k; at most the server's max_k_answer).")
+    k: Optional[int] = Field(None, ge=1, description="Passages read (default: the k tuned with the reader for the mode, else its top-k; at most the server's max_k_answer).")
     mode: Optional[ModeName] = None
 
 
@@ -287,7 +287,7 @@ def create_app(service: Service):
             raise LimitError(413, "max_questions", f"{len(questions)} questions; the limit is {lim.max_questions} per request")
         for q in questions:
             service.check_question(q)
-        mode = service.check_k_mode(req.k, req.mode)
+        _, mode = service.check_k_mode(req.k, req.mode)
         service.check_answers(req.answers, len(questions))
 
         async def work() -> bytes:
@@ -303,8 +303,7 @@ def create_app(service: Service):
         if service.reader is None:
             raise LimitError(409, "reader", "no reader loaded; start the server with --reader DIR")
         service.check_question(req.question)
-        k = req.k or service.answer_k
-        mode = service.check_k_mode(k, req.mode, answer=True)
+        k, mode = service.check_k_mode(req.k or None, req.mode, answer=True)
         # one question, k passages: the reader's queue counts passages
         a = await timed(service.answer_batcher.submit((mode, k), req.question, cost=k, client=client_of(request)))
         return {"question": a.question, "answer": a.text, "found": a.found, "score": a.score, "passage_score": a.passage_score,
