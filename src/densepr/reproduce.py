@@ -55,10 +55,11 @@ from densepr.models.hf import check_precision
 from densepr.progress import progress_bar
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
+from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever, open_corpus
 from densepr.stages import RECORDS, Done, Stage, StageRunner
-from densepr.train.config import span_loss_name
+from densepr.train.config import MINING, span_loss_name
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
 METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
@@ -92,9 +93,9 @@ class TrainPlan:
 
     sets: tuple[str, ...] = ("nq-dev", "trivia-dev")
     questions: int | None = None  # per mining set; None: all
-    val_fraction: float = 0.1  # held out of each set: validation, and the hybrid lambda is tuned on them
-    depth: int = 100  # passages of each ranked list mined per question
-    mined_hard: int = 30  # hard negatives mined per question (a step samples ``hard_negatives`` of them)
+    val_fraction: float = MINING.val_fraction  # held out of each set: validation, and the hybrid lambda is tuned on them
+    depth: int = MINING.depth  # passages of each ranked list mined per question
+    mined_hard: int = MINING.hard_negatives  # hard negatives mined per question (a step samples ``hard_negatives`` of them)
     batch_size: int = 128
     hard_negatives: int = 1
     # 30 steps of 128 on the embedded data: 730 s on 2 CPU cores with one hard negative (sixth run). Three epochs
@@ -112,7 +113,7 @@ class TrainPlan:
     max_steps: int | None = None  # per training run (smoke)
     save_every: int = 10
     remine_mode: str = "dense"
-    skip_top: int = 0
+    skip_top: int = MINING.skip_top
     round2_init: str = "round1"  # or "initial": 1.2 top-20 points lower on NQ and TriviaQA (docs/training.md, round2_init.py)
     # >0: gradient caching in chunks of this many sequences (the same loss; training's peak memory 11.6 -> 2.3 GiB
     # at batch 128, ~15% slower: benchmarks/train_bench.py). Off: the whole run's peak below, the larger of two runs
@@ -365,7 +366,7 @@ class Job:
         return AnswerMatcher(self.corpus().texts)
 
     def passages(self) -> Stage:
-        path, limit = self.cfg.out_dir / "passages.tsv", PROFILES[self.cfg.profile].corpus_limit
+        path, limit = IndexDir(self.cfg.out_dir).passages, PROFILES[self.cfg.profile].corpus_limit
 
         def build() -> Corpus:
             corpus = load_wiki_summaries(self.data.summaries)
@@ -377,7 +378,7 @@ class Job:
         return Stage("passages", build, lambda: open_corpus(self.cfg.out_dir), settings, (), [path])
 
     def bm25(self) -> Stage:
-        d = self.cfg.out_dir / "bm25"
+        d = IndexDir(self.cfg.out_dir).bm25
 
         def build() -> BM25Index:
             index = BM25Index.build(self.corpus())
@@ -516,7 +517,7 @@ class Job:
         return _sets(self.data, self.cfg.tune_sets, self.cfg.tune_limit)
 
     def tune(self) -> Stage:
-        path, cfg = self.cfg.out_dir / "hybrid.json", self.cfg
+        path, cfg = IndexDir(self.cfg.out_dir).hybrid, self.cfg
         sets = self._tune_sets()
         names = [s.name for s in sets] if self.plan else list(cfg.tune_sets)
 
@@ -682,7 +683,7 @@ class Job:
         from densepr.models.reader import Reader
         from densepr.pipeline import tune_selection
 
-        rp, dst = self.reader_plan, self.cfg.out_dir / "reader"
+        rp, dst = self.reader_plan, IndexDir(self.cfg.out_dir).reader_dir
         held = self._heldout(rp.tune_limit)
 
         def build() -> dict:
@@ -714,7 +715,7 @@ class Job:
         from densepr.models.reader import Reader
 
         if self._reader is None:
-            self._reader = Reader.load(self.cfg.out_dir / "reader", self.cfg.device, precision=self.reader_plan.read_precision)
+            self._reader = Reader.load(IndexDir(self.cfg.out_dir).reader_dir, self.cfg.device, precision=self.reader_plan.read_precision)
         return self._reader
 
     def qa(self, qas: QASet) -> Stage:
@@ -996,7 +997,7 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     training = _training_summary(job) if job.plan else None
 
     total = round(time.perf_counter() - t_start, 1)
-    q_name = read_json(out / "dense" / "manifest.json").get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"
+    q_name = IndexDir(out).dense_manifest().get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"
     if job.plan:
         q_name = "trained here from embedded:all-MiniLM-L6-v2"
     summary = {

@@ -33,6 +33,7 @@ import numpy as np
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import (
+    MANIFEST,
     IdLines,
     atomic_dir,
     atomic_path,
@@ -379,7 +380,7 @@ class DenseIndex:
         """
         from densepr.index.embeddings import Embeddings
 
-        if not embeddings or not (Path(embeddings) / "manifest.json").is_file():
+        if not embeddings or not (Path(embeddings) / MANIFEST).is_file():
             raise DenseprError(f"re-ranking needs the embeddings directory this index was built from; {str(embeddings)!r} "
                                "is not one (pass vectors=... / --vectors, or rebuild with rerank 0)")  # fmt: skip
         emb = Embeddings.open(embeddings)
