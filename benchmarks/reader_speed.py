@@ -86,7 +86,7 @@ def main() -> None:
     systems = {"densepr": reader}
     with tempfile.TemporaryDirectory(prefix="densepr-reader-onnx-") as tmp:
         if args.onnx and args.device == "cpu":  # the same weights on ONNX Runtime (`densepr export-onnx READER OUT`)
-            from densepr.models.onnx import export_reader
+            from densepr.models.reader import export_reader
 
             export_reader(reader.name, Path(tmp) / "onnx")
             systems["densepr-onnx"] = Reader.load(Path(tmp) / "onnx", config=reader.config)

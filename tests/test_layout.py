@@ -78,3 +78,25 @@ def test_the_layout_test_sees_a_violation(tmp_path):
     bad.write_text("from densepr.train.retriever import train\n")
     assert "train.retriever" in _imports(bad, "evaluate.x")
     assert LAYER["train"] > LAYER["evaluate"]
+
+
+def test_no_import_cycles():
+    """No module imports itself through others (lazy imports count): e.g. models.onnx runs exports the
+    reader writes, and never imports models.reader back."""
+    mods = dict(_modules())
+    name = {m: m.removesuffix(".__init__") for m in mods}
+    graph = {name[m]: {i for i in _imports(p, m) if i in name.values() and i != name[m]} for m, p in mods.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += graph.get(m, ())
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert not cycles, f"modules in an import cycle: {cycles}"

@@ -62,6 +62,8 @@ def test_check_against_end_to_end_em():
     legacy = {"dpr": expected_entry({**with_qa(10.0), "config": {"reader": {"lr": 1e-4}}}, 0.5, 3.0)}
     assert not reader_recipe_changed({**same, "config": {"reader": {"lr": 1e-4, "head_lr": None, "span_loss": "dpr", "epochs": 1}}}, legacy, "dpr")
     assert reader_recipe_changed({**same, "config": {"reader": {"lr": 1e-4, "head_lr": 1e-3, "span_loss": "dpr", "epochs": 1}}}, legacy, "dpr")
+    # DPR's span loss has one name, "positive" (train/reader.py); "dpr", reproduce's old name for it, is the same loss
+    assert not reader_recipe_changed({**same, "config": {"reader": {"lr": 1e-4, "head_lr": None, "span_loss": "positive", "epochs": 1}}}, legacy, "dpr")
     other["results"]["nq-test"]["methods"]["bm25"]["all"]["top20"] = 25.0
     assert check_against(other, recorded, "dpr") == ["nq-test bm25 all top20: 25.0 vs committed 20.0 (tolerance ±0.5)"]
 

@@ -284,8 +284,8 @@ class _NoStdin:
 
 def test_an_altered_onnx_tokenizer_is_refused_without_a_prompt(tmp_path, tiny_bert, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder, export_reader, load_question_encoder
-    from densepr.models.reader import Reader, ReaderConfig
+    from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder, load_question_encoder
+    from densepr.models.reader import Reader, ReaderConfig, export_reader
 
     export_question_encoder(tiny_bert, tmp_path / "onnx")
     Reader.load(tiny_bert, "cpu", ReaderConfig(max_length=96)).save(tmp_path / "reader")

@@ -20,7 +20,7 @@ from densepr.index.types import INDEX_TYPES, IndexParams
 from densepr.progress import console
 from densepr.retrieve.modes import Mode
 from densepr.serve.service import Limits
-from densepr.train.config import ReaderTrainConfig, TrainConfig
+from densepr.train.config import MINING, ReaderTrainConfig, TrainConfig
 
 app = typer.Typer(
     name="densepr", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -48,7 +48,9 @@ def _index(index: Optional[Path]) -> Path:
     """--index, else the trained retriever's index when `make reproduce-dpr` built it, else `make reproduce`'s."""
     if index is not None:
         return index
-    return TRAINED_INDEX if (TRAINED_INDEX / "dense" / "manifest.json").is_file() else DEFAULT_INDEX
+    from densepr.retrieve.index_dir import IndexDir
+
+    return TRAINED_INDEX if IndexDir(TRAINED_INDEX).dense_manifest_path.is_file() else DEFAULT_INDEX
 IndexOpt = Annotated[Optional[Path], typer.Option(help="Index directory: passages.tsv, bm25/, dense/, hybrid.json (default: runs/dpr if `make reproduce-dpr` built it, else runs/embedded).")]
 _MODES = ", ".join(Mode.values())
 ModeOpt = Annotated[Optional[str], typer.Option(help=f"Retrieval mode: {_MODES} (default: hybrid when both indexes exist).")]
@@ -168,16 +170,16 @@ def data_build_train(
     output: Annotated[Path, typer.Option("--output", "-o", help="DPR retriever JSON to write (training part).")],
     index: IndexOpt = None,
     val_output: Annotated[Optional[Path], typer.Option(help="DPR retriever JSON for the held-out validation slice.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of each set's questions held out for validation.")] = 0.1,
-    depth: Annotated[int, typer.Option(help="Passages of each ranked list looked at per question (the paper: 100).")] = 100,
-    hard_negatives: Annotated[int, typer.Option(help="Answerless passages of BM25's (or the model's) list kept per question.")] = 30,
-    random_negatives: Annotated[int, typer.Option(help="Random answerless passages per question.")] = 10,
-    seed: int = 0,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of each set's questions held out for validation.")] = MINING.val_fraction,
+    depth: Annotated[int, typer.Option(help="Passages of each ranked list looked at per question (the paper: 100).")] = MINING.depth,
+    hard_negatives: Annotated[int, typer.Option(help="Answerless passages of BM25's (or the model's) list kept per question.")] = MINING.hard_negatives,
+    random_negatives: Annotated[int, typer.Option(help="Random answerless passages per question.")] = MINING.random_negatives,
+    seed: int = MINING.seed,
     allow_test: Annotated[bool, typer.Option("--allow-test", help="Permit mining a *test* set (never do this for reported results).")] = False,
     negatives_from: Annotated[Optional[Path], typer.Option(help="Index directory of a trained model over the same passages.tsv (passages.tsv, dense/ [, bm25/]): "
                               "hard negatives from its own top-k, positives from its or BM25's.")] = None,
     mode: Annotated[str, typer.Option(help="With --negatives-from: the model's ranking, dense or hybrid.")] = Mode.DENSE.value,
-    skip_top: Annotated[int, typer.Option(help="Answerless passages ranked above this are not used as hard negatives (likely unlabelled positives).")] = 0,
+    skip_top: Annotated[int, typer.Option(help="Answerless passages ranked above this are not used as hard negatives (likely unlabelled positives).")] = MINING.skip_top,
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -192,6 +194,7 @@ def data_build_train(
     _check_outputs_differ(output, output.with_suffix(".stats.json"), val_output, val_output.with_suffix(".qa.tsv") if val_output else None)
     from densepr.fileio import write_json
     from densepr.retrieve.bm25 import BM25Index
+    from densepr.retrieve.index_dir import IndexDir
     from densepr.retrieve.retriever import Retriever, open_corpus
     from densepr.train.mining import build_training_data, stats_path
 
@@ -206,12 +209,12 @@ def data_build_train(
     if negatives_from is not None and mode not in (Mode.DENSE.value, Mode.HYBRID.value):
         raise DenseprError(f"--mode must be dense or hybrid, not {mode!r} (BM25 mining is the default without --negatives-from)")
     corpus = open_corpus(index)  # its passage store: nothing held per passage
-    bm25 = BM25Index.load(index / "bm25", corpus=corpus)
+    bm25 = BM25Index.load(IndexDir(index).bm25, corpus=corpus)
     model_rank = None
     if negatives_from is not None:
         model = Retriever.load(negatives_from, device=device)
         if model.corpus.fingerprint() != corpus.fingerprint():
-            raise DenseprError(f"{negatives_from}: its passages.tsv differs from {index / 'passages.tsv'} (corpus fingerprints differ); "
+            raise DenseprError(f"{negatives_from}: its passages.tsv differs from {IndexDir(index).passages} (corpus fingerprints differ); "
                                "re-mine with a model index over the same corpus")  # fmt: skip
         if model.bm25 is None:
             model.bm25 = bm25  # hybrid may borrow --index's BM25: same corpus
@@ -441,7 +444,8 @@ def export_onnx(
     is_reader = (encoder / "config.json").is_file() and "DPRReader" in read_json(encoder / "config.json").get("architectures", [])
     _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))
     try:
-        from densepr.models.onnx import export_question_encoder, export_reader
+        from densepr.models.onnx import export_question_encoder
+        from densepr.models.reader import export_reader
     except ImportError:
         raise DenseprError("export-onnx needs the onnx extra: pip install 'densepr[onnx]'") from None
     if is_reader:
@@ -525,19 +529,23 @@ def tune_hybrid(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Choose the hybrid weight lambda (dense + lambda * BM25) on dev questions; saves it for retrieval."""
-    _check_output(index / "hybrid.json", "file", "tuned weight")
+    from densepr.retrieve.index_dir import IndexDir
+
+    hybrid_json = IndexDir(index).hybrid
+    _check_output(hybrid_json, "file", "tuned weight")
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.tuning import tune_lambda
     from densepr.fileio import write_json
+    from densepr.retrieve.fusion import PAPER_LAMBDA
     from densepr.retrieve.retriever import Retriever
 
     sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
     r = Retriever.load(index, device=device)
     best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k)
-    write_json(index / "hybrid.json", {"lambda": best, "tuned_on": [s.name for s in sets], "questions_per_set": limit,
+    write_json(hybrid_json, {"lambda": best, "tuned_on": [s.name for s in sets], "questions_per_set": limit,
                                        "metric": f"top-{k} accuracy", "grid": grid})  # fmt: skip
-    out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda=1.1: {grid['1.1']:.2f}%)")
-    out.print(f"saved to {index / 'hybrid.json'}")
+    out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda={PAPER_LAMBDA}: {grid[str(PAPER_LAMBDA)]:.2f}%)")
+    out.print(f"saved to {hybrid_json}")
 
 
 @app.command("evaluate")
@@ -557,10 +565,12 @@ def evaluate(
     import numpy as np
 
     from densepr.data import QA, QASet
+    from densepr.data.qa import default_match
     from densepr.data.runs import iter_dpr_results, read_trec_run
     from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, has_answer
     from densepr.evaluate.report import rich_table
     from densepr.evaluate.topk import accuracy_report
+    from densepr.retrieve.index_dir import IndexDir
 
     try:
         k_list = sorted({int(x) for x in ks.split(",") if x.strip()})
@@ -586,8 +596,7 @@ def evaluate(
         corpus = None
     if results.suffix == ".json":
         recs = list(iter_dpr_results(results))
-        is_regex = regex if regex is not None else "curated" in results.name.lower()
-        match = "regex" if is_regex else "string"
+        match = default_match(results.name) if regex is None else ("regex" if regex else "string")
         qas = QASet(results.name, [QA(r.question, tuple(r.answers)) for r in recs], match)
         width = max(max(len(r.ctxs) for r in recs), 1)
         hits = np.zeros((len(recs), width), dtype=bool)
@@ -607,7 +616,7 @@ def evaluate(
             try:
                 rows[int(qid), : len(docs)] = [corpus.row(d) for d, _ in docs]
             except KeyError as e:
-                raise DenseprError(f"{results}: passage id {e.args[0]!r} is not in {index / 'passages.tsv'}") from None
+                raise DenseprError(f"{results}: passage id {e.args[0]!r} is not in {IndexDir(index).passages}") from None
         hits = AnswerMatcher(corpus.texts).hits(rows, qas)
     answerable = answerable_subset(corpus, qas, index, answerable_opt, show_progress=True) if corpus is not None else None
     rep = accuracy_report(hits, answerable, ks=k_list)
@@ -1183,11 +1192,12 @@ def verify_cmd(
     from densepr.index.dense import check_index
     from densepr.retrieve.bm25 import KIND as BM25_KIND
     from densepr.retrieve.bm25 import check_arrays
+    from densepr.retrieve.index_dir import IndexDir
 
     corpora: dict[Path, object] = {}
 
     def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
-        tsv = d.parent / "passages.tsv"
+        tsv = IndexDir(d.parent).passages
         if manifest.get("corpus") and tsv.is_file():
             if tsv not in corpora:
                 corpora[tsv] = load_corpus(tsv)

@@ -24,9 +24,10 @@ from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher, answerable_subset
 from densepr.evaluate.qa import exact_match, f1_score, normalize_answer
-from densepr.fileio import read_json, sha256_file, write_json
-from densepr.models.reader import CONFIG_NAME, PAPER_SELECTION, Reader, Reading, Selection, best_reading
+from densepr.fileio import MANIFEST, read_json, sha256_file, write_json
+from densepr.models.reader import PAPER_SELECTION, Reader, Reading, Selection, best_reading
 from densepr.ranking import Hit
+from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.modes import GOLD_ORDER, Mode
 from densepr.retrieve.retriever import Retriever
 
@@ -56,7 +57,7 @@ class Answer:
         return asdict(self)
 
 
-def _answer(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int,
+def answer_from_readings(question: str, hits: list[Hit], readings: Sequence[Reading], mode: str, k: int,
             selection: Selection = PAPER_SELECTION) -> Answer:  # fmt: skip
     b = best_reading(readings, k, selection, [h.score for h in hits], _keys(readings, selection))
     if b is None:
@@ -70,13 +71,16 @@ def _keys(readings: Sequence[Reading], selection: Selection) -> list[str] | None
     return [normalize_answer(r.text) for r in readings] if selection.aggregate else None
 
 
-READER_DIR = "reader"  # an index directory's own reader (what ``densepr reproduce --profile dpr`` writes)
-
-
 def find_reader(index: str | os.PathLike[str]) -> Path | None:
     """The reader stored beside an index (``<index>/reader/``), or None."""
-    path = Path(index) / READER_DIR
-    return path if (path / CONFIG_NAME).is_file() else None
+    return IndexDir(index).reader()
+
+
+def answer_k(reader: Reader, mode: str) -> int:
+    """Passages read per question when no k is asked for (``densepr answer``, ``POST /answer``, Ray's
+    ``/answer`` all use this rule): the k tuned with the reader's passage selection for ``mode``
+    (``densepr tune-reader``), else the reader's validation-tuned ``top_k``."""
+    return reader.config.selection_for(mode)[1] or reader.config.top_k
 
 
 class Pipeline:
@@ -85,8 +89,7 @@ class Pipeline:
     Args:
         retriever: finds passages.
         reader: reads them.
-        k: passages read per question (default: the k tuned with the reader's passage selection
-            for ``mode``, else its validation-tuned ``top_k``).
+        k: passages read per question, in every mode (default: :func:`answer_k` of the mode asked).
         mode: retrieval mode (default: hybrid when both indexes exist).
 
     The answer's passage is chosen by the selection tuned for the mode (``densepr tune-reader``,
@@ -94,11 +97,15 @@ class Pipeline:
     """
 
     def __init__(self, retriever: Retriever, reader: Reader, k: int | None = None, mode: str | None = None) -> None:
-        self.retriever, self.reader = retriever, reader
+        self.retriever, self.reader, self.fixed_k = retriever, reader, k
         self.mode = mode or retriever.default_mode
-        self.k = k or reader.config.selection_for(self.mode)[1] or reader.config.top_k
+        self.k = self.k_for(self.mode)
         if self.k <= 0:
             raise DenseprError("k must be positive")
+
+    def k_for(self, mode: str) -> int:
+        """Passages read per question in ``mode``: the ``k`` this pipeline was given, else :func:`answer_k`."""
+        return self.fixed_k or answer_k(self.reader, mode)
 
     @classmethod
     def load(cls, index: str | os.PathLike[str], reader: str | os.PathLike[str] | None = None, device: str | None = None,
@@ -121,7 +128,8 @@ class Pipeline:
         """Answer a batch: one retrieval call, then all passages read in shared batches. ``stop``: asked
         between the reader's batches (:meth:`Reader.read`); True ends the call with
         :class:`~densepr.models.reader.ReadingStopped`."""
-        k, mode = k or self.k, mode or self.mode
+        mode = mode or self.mode
+        k = k or self.k_for(mode)
         if k <= 0:
             raise DenseprError("k must be positive")
         for q in questions:
@@ -130,7 +138,7 @@ class Pipeline:
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(questions))]
         readings = self.reader.read(questions, [[(h.title, h.text) for h in hs] for hs in hits], batch_size, stop=stop)
         selection = self.reader.config.selection_for(mode)[0]
-        return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(questions, hits, readings)]
+        return [answer_from_readings(q, hs, rd, mode, k, selection) for q, hs, rd in zip(questions, hits, readings)]
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -250,9 +258,10 @@ def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str
     question encoder), the questions and answers, the modes, ks, ``gold`` and the reader's precision."""
     base, _, variant = str(reader_dir).partition("#")
     reader_dir, index = Path(base), Path(index)
-    parts = [index / n for n in ("passages.tsv", "hybrid.json", "bm25/manifest.json", "dense/manifest.json")]
-    if (index / "dense/manifest.json").is_file():
-        parts.append(Path(read_json(index / "dense/manifest.json").get("question_encoder", index / "dense")))
+    d = IndexDir(index)
+    parts = [d.passages, d.hybrid, d.bm25 / MANIFEST, d.dense_manifest_path]
+    if d.dense_manifest_path.is_file():
+        parts.append(Path(d.dense_manifest().get("question_encoder", d.dense)))
     key = {"reader": _identity(reader_dir, [reader_dir]), "index": _identity(index, parts), "questions": qas.fingerprint(),
            "modes": list(modes), "ks": sorted(set(ks)), "gold": gold, "precision": precision}  # fmt: skip
     if variant:  # only then: keys of plain reader directories stay as they were written

@@ -55,9 +55,11 @@ from densepr.models.hf import check_precision
 from densepr.progress import progress_bar
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
+from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever, open_corpus
 from densepr.stages import RECORDS, Done, Stage, StageRunner
+from densepr.train.config import MINING, span_loss_name
 
 # Table rows: every retrieval mode, the hybrid with the tuned lambda and with the paper's 1.1.
 METHODS = (Mode.BM25, Mode.DENSE, Mode.HYBRID, f"hybrid-{PAPER_LAMBDA}", Mode.RRF)
@@ -91,9 +93,9 @@ class TrainPlan:
 
     sets: tuple[str, ...] = ("nq-dev", "trivia-dev")
     questions: int | None = None  # per mining set; None: all
-    val_fraction: float = 0.1  # held out of each set: validation, and the hybrid lambda is tuned on them
-    depth: int = 100  # passages of each ranked list mined per question
-    mined_hard: int = 30  # hard negatives mined per question (a step samples ``hard_negatives`` of them)
+    val_fraction: float = MINING.val_fraction  # held out of each set: validation, and the hybrid lambda is tuned on them
+    depth: int = MINING.depth  # passages of each ranked list mined per question
+    mined_hard: int = MINING.hard_negatives  # hard negatives mined per question (a step samples ``hard_negatives`` of them)
     batch_size: int = 128
     hard_negatives: int = 1
     # 30 steps of 128 on the embedded data: 730 s on 2 CPU cores with one hard negative (sixth run). Three epochs
@@ -111,7 +113,7 @@ class TrainPlan:
     max_steps: int | None = None  # per training run (smoke)
     save_every: int = 10
     remine_mode: str = "dense"
-    skip_top: int = 0
+    skip_top: int = MINING.skip_top
     round2_init: str = "round1"  # or "initial": 1.2 top-20 points lower on NQ and TriviaQA (docs/training.md, round2_init.py)
     # >0: gradient caching in chunks of this many sequences (the same loss; training's peak memory 11.6 -> 2.3 GiB
     # at batch 128, ~15% slower: benchmarks/train_bench.py). Off: the whole run's peak below, the larger of two runs
@@ -157,7 +159,7 @@ class ReaderPlan:
     max_length: int = 192  # window tokens ([CLS] question [SEP] title [SEP] text)
     lr: float = 1e-4
     head_lr: float | None = 1e-3  # the new start/end/selection heads learn from zero: their own, higher rate
-    span_loss: str = "shared"  # or "dpr": start/end softmax within each passage (DPR's loss)
+    span_loss: str = "shared"  # or "positive": start/end softmax within the positive passage (DPR's loss)
     warmup_steps: int = 10
     dropout: float = 0.0  # off: on 2 CPU cores dropout doubled the reader's step time (docs/reader.md, reader recipes)
     epochs: int = 3  # the checkpoint with the best held-out EM is kept (measured: the end of epoch 2 of 3)
@@ -364,7 +366,7 @@ class Job:
         return AnswerMatcher(self.corpus().texts)
 
     def passages(self) -> Stage:
-        path, limit = self.cfg.out_dir / "passages.tsv", PROFILES[self.cfg.profile].corpus_limit
+        path, limit = IndexDir(self.cfg.out_dir).passages, PROFILES[self.cfg.profile].corpus_limit
 
         def build() -> Corpus:
             corpus = load_wiki_summaries(self.data.summaries)
@@ -376,7 +378,7 @@ class Job:
         return Stage("passages", build, lambda: open_corpus(self.cfg.out_dir), settings, (), [path])
 
     def bm25(self) -> Stage:
-        d = self.cfg.out_dir / "bm25"
+        d = IndexDir(self.cfg.out_dir).bm25
 
         def build() -> BM25Index:
             index = BM25Index.build(self.corpus())
@@ -515,7 +517,7 @@ class Job:
         return _sets(self.data, self.cfg.tune_sets, self.cfg.tune_limit)
 
     def tune(self) -> Stage:
-        path, cfg = self.cfg.out_dir / "hybrid.json", self.cfg
+        path, cfg = IndexDir(self.cfg.out_dir).hybrid, self.cfg
         sets = self._tune_sets()
         names = [s.name for s in sets] if self.plan else list(cfg.tune_sets)
 
@@ -681,7 +683,7 @@ class Job:
         from densepr.models.reader import Reader
         from densepr.pipeline import tune_selection
 
-        rp, dst = self.reader_plan, self.cfg.out_dir / "reader"
+        rp, dst = self.reader_plan, IndexDir(self.cfg.out_dir).reader_dir
         held = self._heldout(rp.tune_limit)
 
         def build() -> dict:
@@ -713,7 +715,7 @@ class Job:
         from densepr.models.reader import Reader
 
         if self._reader is None:
-            self._reader = Reader.load(self.cfg.out_dir / "reader", self.cfg.device, precision=self.reader_plan.read_precision)
+            self._reader = Reader.load(IndexDir(self.cfg.out_dir).reader_dir, self.cfg.device, precision=self.reader_plan.read_precision)
         return self._reader
 
     def qa(self, qas: QASet) -> Stage:
@@ -995,7 +997,7 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     training = _training_summary(job) if job.plan else None
 
     total = round(time.perf_counter() - t_start, 1)
-    q_name = read_json(out / "dense" / "manifest.json").get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"
+    q_name = IndexDir(out).dense_manifest().get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"
     if job.plan:
         q_name = "trained here from embedded:all-MiniLM-L6-v2"
     summary = {
@@ -1064,7 +1066,7 @@ def check_against(summary: dict, expected: dict, profile: str) -> list[str]:
 
 
 # What a committed config without these ReaderPlan fields trained: the recipe before each field was added.
-READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "dpr", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0}
+READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "positive", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0}
 
 
 def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:
@@ -1075,8 +1077,13 @@ def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:
     now = summary.get("config", {}).get("reader")
     if recorded is None or now is None:
         return False
-    # JSON has lists, not tuples; a field recorded before it existed had the value it now names explicitly
-    return json.loads(json.dumps({**READER_PLAN_BEFORE, **recorded})) != json.loads(json.dumps({**READER_PLAN_BEFORE, **now}))
+    # JSON has lists, not tuples; a field recorded before it existed had the value it now names explicitly;
+    # a span loss recorded under its old name ("dpr") is the same loss
+    def plan(p: dict) -> dict:
+        p = {**READER_PLAN_BEFORE, **p}
+        return json.loads(json.dumps({**p, "span_loss": span_loss_name(p["span_loss"])}))
+
+    return plan(recorded) != plan(now)
 
 
 def qa_figures(qa: dict | None) -> dict[str, float]:

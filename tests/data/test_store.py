@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from densepr import fileio
-from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, load_corpus, write_passages_tsv
+from densepr.data.passages import FP_ROWS, Corpus, Passage, corpus_fingerprint, load_corpus, write_passages_tsv
 from densepr.data.store import StoreCorpus, build_store, ensure_store, open_store
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.retrieve.bm25 import BM25Index
@@ -41,7 +41,7 @@ def _assert_same(store: StoreCorpus, mem: Corpus) -> None:
         store[len(mem)]
     fp = mem.fingerprint()
     assert store.fingerprint() == fp  # recorded at build time...
-    assert _fingerprint(store.ids, store.titles, store.texts) == fp  # ...and what the stored columns hash to
+    assert corpus_fingerprint(store.ids, store.titles, store.texts) == fp  # ...and what the stored columns hash to
 
 
 def test_store_round_trip_equals_the_in_memory_corpus(tmp_path, corpus):
@@ -52,7 +52,7 @@ def test_store_round_trip_equals_the_in_memory_corpus(tmp_path, corpus):
 
 def test_store_round_trip_over_several_fingerprint_blocks_and_odd_values(tmp_path):
     # more rows than one fingerprint block; empty titles, non-ASCII text, and (JSON lines only) a lone surrogate
-    n = 2 * _FP_ROWS + 7
+    n = 2 * FP_ROWS + 7
     passages = [Passage(f"p{i}", "" if i % 3 else f"Tïtle {i}", f"word {i} é 中文" * (i % 4)) for i in range(n)]
     tsv_corpus = Corpus.from_passages(passages)
     _, store = _store(tmp_path, tsv_corpus)
@@ -339,7 +339,7 @@ def _many(n: int) -> Corpus:
 def test_a_streamed_file_gives_the_in_memory_corpus_block_by_block(tmp_path, suffix):
     from densepr.data.store import StreamedCorpus
 
-    mem = _many(_FP_ROWS + 5)  # two fingerprint blocks
+    mem = _many(FP_ROWS + 5)  # two fingerprint blocks
     path = tmp_path / f"c{suffix}"
     if suffix == ".tsv":
         write_passages_tsv(mem, path)

@@ -70,8 +70,7 @@ def _queries(tmp_path):
 
 def test_reader_export_reads_as_pytorch_and_is_inference_only(tmp_path, capsys, index_dir):
     """An exported reader gives the same readings (selection logits, spans) as the PyTorch reader it came from."""
-    from densepr.models.onnx import export_reader
-    from densepr.models.reader import Reader, ReaderConfig
+    from densepr.models.reader import Reader, ReaderConfig, export_reader
     from tests.support.cli import run
     from tests.support.tiny import PASSAGES, make_tiny_bert
 

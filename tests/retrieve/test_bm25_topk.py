@@ -74,7 +74,7 @@ def test_compact_vocab_round_trip_and_collisions(tmp_path, monkeypatch):
     assert v["alpha"] == 2 and "gamma" not in v and v.get("gamma") is None and 7 not in v
     assert v.ids(["beta", "gamma", "beta", "日"]) == [1, 1, 0]  # repeats kept, unknown terms left out
     # Every term with the same hash: lookups still find the right term by comparing its bytes.
-    monkeypatch.setattr(bm25_vocab, "_hash", lambda raw: 42)
+    monkeypatch.setattr(bm25_vocab, "hash64", lambda raw: 42)
     write_vocab(tmp_path / "c", vocab)
     v = CompactVocab(tmp_path / "c")
     assert [v.get_id(t) for t in vocab] == list(vocab.values()) and v.ids(["zeta", "alpha"]) == [2]

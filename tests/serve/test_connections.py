@@ -435,3 +435,40 @@ def test_serve_refuses_bad_connection_options(capsys, tmp_path, option, value):
 
     code, _, err = run(capsys, "serve", "--index", str(tmp_path), option, value)
     assert code != 0 and f"error: {option}" in err and "Traceback" not in err, err
+
+
+def test_uvicorn_internals_the_guard_uses():
+    """densepr.serve.connections subclasses uvicorn's H11Protocol: the methods it overrides or calls,
+    with these parameters, the attributes it reads, and h11's; fails when an upgrade changes them
+    (pyproject bounds uvicorn and h11: check here before raising a bound)."""
+    import inspect
+
+    import h11
+    import uvicorn
+    from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+    from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+    from uvicorn.server import ServerState
+
+    assert isinstance(DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, int)
+    overridden = {"__init__": ["config", "server_state", "app_state", "_loop"], "connection_made": ["transport"],
+                  "connection_lost": ["exc"], "data_received": ["data"], "eof_received": [], "shutdown": [],
+                  "pause_writing": [], "resume_writing": [], "handle_events": [], "on_response_complete": [],
+                  "send_400_response": ["msg"]}  # fmt: skip
+    for name, params in overridden.items():
+        assert list(inspect.signature(getattr(H11Protocol, name)).parameters)[1:] == params, name
+    config = uvicorn.Config(lambda scope, receive, send: None, ws="none", lifespan="off", http=H11Protocol)
+    config.load()
+    assert hasattr(config, "h11_max_incomplete_event_size")
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = H11Protocol(config, ServerState(), {}, loop)
+    finally:
+        loop.close()
+    assert {"config", "conn", "connections", "loop", "transport", "client", "cycle"} <= set(vars(protocol))
+    assert isinstance(protocol.conn, h11.Connection) and isinstance(protocol.connections, set)
+    cycle = inspect.getsource(RequestResponseCycle.__init__)
+    assert all(f"self.{a} =" in cycle for a in ("scope", "disconnected", "message_event", "response_started"))
+    assert list(inspect.signature(h11.Connection.__init__).parameters)[1:3] == ["our_role", "max_incomplete_event_size"]
+    conn = h11.Connection(h11.SERVER)
+    assert {"their_state", "our_state", "trailing_data"} <= {a for a in dir(conn)} and conn.trailing_data == (b"", False)
+    assert all(hasattr(h11, s) for s in ("IDLE", "SEND_BODY", "SEND_RESPONSE", "DONE", "MUST_CLOSE", "Request", "InformationalResponse"))

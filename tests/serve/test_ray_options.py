@@ -35,16 +35,18 @@ def test_serve_ray_passes_keep_alive_to_the_proxy():
     assert HTTPOptions(**http_options("127.0.0.1", 8123)).keep_alive_timeout_s == HTTPOptions().keep_alive_timeout_s  # Ray's default
 
 
+def encoder_of(app) -> str:
+    """The model the question-encoder deployment of a bound Ray Serve app loads."""
+    router = app._bound_deployment  # the router's init args: info, reader, limits, encoder app, ...
+    return router.init_args[3]._bound_deployment.init_args[0]
+
+
 def test_serve_ray_uses_the_question_encoder_given(index_dir, tmp_path, tiny_bert):
     """`serve --ray --question-encoder X` binds the encoder deployment to X (an ONNX export's #int8
     kept), not to the index's; without it, the index's."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
     from densepr.fileio import read_json
     from densepr.serve.ray_app import build_app
-
-    def encoder_of(app) -> str:
-        router = app._bound_deployment  # the router's init args: info, reader, limits, encoder app, ...
-        return router.init_args[3]._bound_deployment.init_args[0]
 
     other = tmp_path / "other-encoder"
     other.mkdir()
@@ -67,3 +69,22 @@ def test_serve_ray_checks_the_host_header_as_the_single_process_server(index_dir
     assert set(LOOPBACK_NAMES) <= set(allowed(build_app(index_dir)))
     assert allowed(build_app(index_dir, host="0.0.0.0")) is None
     assert allowed(build_app(index_dir, limits=Limits(allowed_hosts=("search.example",)), host="0.0.0.0")) == ("search.example",)
+
+
+def test_serve_ray_command_passes_the_question_encoder_on(index_dir, tmp_path, capsys, monkeypatch):
+    """From the command line: `densepr serve --ray local --question-encoder X` builds the application with
+    X as its question encoder (the command once dropped the option: the index's encoder was served)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
+    from densepr.serve import ray_app
+
+    built = []
+
+    def start(index, reader=None, limits=None, replicas=None, question_encoder=None, **kw):  # instead of starting Ray
+        built.append(ray_app.build_app(index, reader, limits, replicas, question_encoder=question_encoder))
+
+    monkeypatch.setattr(ray_app, "run", start)
+    other = tmp_path / "other-encoder"
+    other.mkdir()
+    code, _, err = run(capsys, "serve", "--index", str(index_dir), "--ray", "local", "--question-encoder", str(other))
+    assert code == 0, err
+    assert [encoder_of(app) for app in built] == [str(other.resolve())]

@@ -14,6 +14,7 @@ import pytest
 from densepr.models.reader import Reader, ReaderConfig
 from densepr.pipeline import Pipeline
 from densepr.retrieve.retriever import Retriever
+from tests.support.answers import TUNED_K, answer_everywhere
 from tests.support.ray_cluster import cluster  # noqa: F401  (the shared cluster fixture)
 from tests.support.tiny import make_tiny_bert
 
@@ -48,7 +49,8 @@ def served(cluster, tmp_path_factory, tiny_bert):  # noqa: F811
     encode_corpus(Encoder.load(tiny_bert, device="cpu"), corpus, d / "emb")
     DenseIndex.build(d / "emb", num_shards=2).save(d / "index/dense")
     reader = d / "reader"  # a reader directory (its config sized for the tiny model)
-    Reader.load(make_tiny_bert(d / "reader-init", seed=3, dropout=0.0), "cpu", ReaderConfig(max_length=96, stride=16, top_k=3)).save(reader)
+    cfg = ReaderConfig(max_length=96, stride=16, top_k=3, selection=TUNED_K)  # DPR's rule; a tuned k for hybrid and bm25
+    Reader.load(make_tiny_bert(d / "reader-init", seed=3, dropout=0.0), "cpu", cfg).save(reader)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(d / "index", reader, replicas=Replicas(searcher=2, cpus=0.25)), name="densepr", route_prefix="/", blocking=False)
@@ -95,6 +97,15 @@ def test_ray_serve_equals_single_process(served):
     assert evil.status_code == 400 and evil.json()["limit"] == "allowed_hosts", evil.text
     page = httpx.get(url + "/")
     assert page.status_code == 200 and 'id="answer"' in page.text
+
+
+@pytest.mark.parametrize("mode,want", [(None, ("hybrid", 2)), ("bm25", ("bm25", 4)), ("dense", ("dense", 3))])
+def test_cli_http_and_ray_answer_a_question_the_same_way(served, capsys, mode, want):
+    """No k asked: `densepr answer`, `densepr serve` and `densepr serve --ray` read the same k (tuned with
+    the reader for the mode, else its top_k) in the same default mode, and give the same answer."""
+    url, index, reader = served
+    got = answer_everywhere(capsys, index, reader, mode, ray_url=url)
+    assert got["cli"][:2] == want and got["http"] == got["cli"] and got["ray"] == got["cli"], got
 
 
 def test_a_killed_replica_loses_no_request(served):

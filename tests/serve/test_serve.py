@@ -26,6 +26,7 @@ from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
 from densepr.retrieve.retriever import Retriever  # noqa: E402
 from densepr.serve.app import create_app, server_config  # noqa: E402
 from densepr.serve.service import Limits, Service  # noqa: E402
+from tests.support.answers import TUNED_K, answer_everywhere  # noqa: E402
 from tests.support.tiny import make_tiny_bert  # noqa: E402
 
 
@@ -905,3 +906,14 @@ def test_a_lingering_close_waits_for_the_answer_to_go_out_then_gives_up(monkeypa
         assert t2.events[-1] == "close" and "abort" not in t2.events
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode,want", [(None, ("hybrid", 2)), ("bm25", ("bm25", 4)), ("dense", ("dense", 3))])
+def test_cli_and_http_answer_a_question_the_same_way(index_dir, tmp_path, capsys, mode, want):
+    """No k asked: both read the k tuned with the reader for the mode, else its top_k (3), in the same
+    default mode, and give the same answer (the server once read top_k whatever the mode's tuned k)."""
+    reader = tmp_path / "reader"
+    cfg = ReaderConfig(max_length=96, top_k=3, selection=TUNED_K)
+    Reader.load(make_tiny_bert(tmp_path / "reader-init", seed=4, dropout=0.0), "cpu", cfg).save(reader)
+    got = answer_everywhere(capsys, index_dir, reader, mode)
+    assert got["cli"][:2] == want and got["http"] == got["cli"], got

@@ -251,3 +251,26 @@ def test_build_train_refuses_another_corpus_and_other_modes(tmp_path, capsys, qa
     code, stdout, err = run(capsys, "data", "build-train", "--qa", str(qa_tsv), "--index", str(index_dir), "-o", str(out),
                             "--negatives-from", str(other), "--device", "cpu")  # fmt: skip
     assert code == 1 and "is a directory" in err and "fingerprint" not in err, err
+
+
+def test_mining_defaults_have_one_home():
+    """mine(), build_training_data(), `densepr data build-train` and reproduce's TrainPlan take their
+    defaults from MiningConfig, and it refuses what cannot be mined."""
+    import inspect
+
+    from densepr.cli import data_build_train
+    from densepr.errors import DenseprError
+    from densepr.reproduce import TrainPlan
+    from densepr.train.config import MINING, MiningConfig
+    from densepr.train.mining import build_training_data
+
+    want = {"val_fraction": MINING.val_fraction, "depth": MINING.depth, "hard_negatives": MINING.hard_negatives,
+            "random_negatives": MINING.random_negatives, "seed": MINING.seed, "skip_top": MINING.skip_top}  # fmt: skip
+    for fn in (mine, build_training_data, data_build_train):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in want if k in params} == {k: v for k, v in want.items() if k in params}, fn.__name__
+    plan = TrainPlan()
+    assert (plan.val_fraction, plan.depth, plan.mined_hard, plan.skip_top) == (MINING.val_fraction, MINING.depth, MINING.hard_negatives, MINING.skip_top)
+    for bad in ({"val_fraction": 1.0}, {"skip_top": 100}, {"skip_top": -1}):
+        with pytest.raises(DenseprError):
+            MiningConfig(**bad)

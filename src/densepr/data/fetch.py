@@ -27,7 +27,7 @@ from pathlib import Path
 
 from densepr.data.qa import QASet, load_qa
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_write, read_json, remove_tree, sha256_file, writable_dir, write_json
+from densepr.fileio import MANIFEST, atomic_write, read_json, remove_tree, sha256_file, writable_dir, write_json
 
 CACHE_ENV = "DENSEPR_CACHE"
 
@@ -236,7 +236,7 @@ def fetch_embedded(
             for ex in s.files
         },
     }
-    write_json(root / "manifest.json", manifest)
+    write_json(root / MANIFEST, manifest)
     return root
 
 
@@ -266,7 +266,7 @@ class EmbeddedData:
 
     @property
     def available(self) -> bool:
-        return (self.root / "manifest.json").is_file()
+        return (self.root / MANIFEST).is_file()
 
     @property
     def summaries(self) -> Path:
@@ -296,7 +296,7 @@ class EmbeddedData:
         return load_qa(spec, match=match, limit=limit)
 
     def manifest(self) -> dict:
-        return read_json(self._need("manifest.json"))
+        return read_json(self._need(MANIFEST))
 
 
 def clear_embedded(cache_dir: str | os.PathLike[str] | None = None) -> None:

@@ -36,6 +36,7 @@ MAX_FIELD_BYTES = MAX_RECORD_BYTES  # kept for compatibility: a field cannot exc
 csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))
 
 TSV_HEADER = ["id", "text", "title"]
+PASSAGES_FILE = "passages.tsv"  # an index directory's corpus (densepr.retrieve.index_dir.IndexDir)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Corpus:
         changed once built)."""
         key = (len(self.ids), id(self.ids), id(self.titles), id(self.texts))
         if self._fingerprint is None or self._fingerprint[0] != key:
-            self._fingerprint = (key, _fingerprint(self.ids, self.titles, self.texts))
+            self._fingerprint = (key, corpus_fingerprint(self.ids, self.titles, self.texts))
         return dict(self._fingerprint[1])
 
     def row(self, passage_id: str) -> int:
@@ -119,7 +120,7 @@ class Corpus:
         return np.fromiter(map(self.row, passage_ids), dtype=np.int64, count=len(passage_ids))
 
 
-_FP_ROWS = 1 << 14  # rows per block of the content hash (part of its definition)
+FP_ROWS = 1 << 14  # rows per block of the content hash (part of its definition)
 
 
 def ids_text(ids: Sequence[str]) -> bytes:
@@ -134,13 +135,13 @@ def ids_sha256(ids: Sequence[str]) -> str:
     if isinstance(ids, IdLines):
         return ids.sha256()
     h = hashlib.sha256()
-    for lo in range(0, len(ids), _FP_ROWS):
-        h.update(ids_text(ids[lo : lo + _FP_ROWS]))
+    for lo in range(0, len(ids), FP_ROWS):
+        h.update(ids_text(ids[lo : lo + FP_ROWS]))
     return h.hexdigest()
 
 
-class _Fingerprinter:
-    """:meth:`Corpus.fingerprint`, fed block by block (``_FP_ROWS`` rows a block, the last may be
+class Fingerprinter:
+    """:meth:`Corpus.fingerprint`, fed block by block (``FP_ROWS`` rows a block, the last may be
     shorter), so a store built while streaming a file gets the same fingerprint as the corpus in memory."""
 
     def __init__(self) -> None:
@@ -157,14 +158,14 @@ class _Fingerprinter:
         return {"count": self.count, "ids_sha256": self.h_ids.hexdigest(), "content_sha256": self.h_all.hexdigest()}
 
 
-def _fingerprint(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str]) -> dict:
-    """See :meth:`Corpus.fingerprint`. Per block of ``_FP_ROWS`` rows and per column (ids, titles,
+def corpus_fingerprint(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str]) -> dict:
+    """See :meth:`Corpus.fingerprint`. Per block of ``FP_ROWS`` rows and per column (ids, titles,
     texts), the content hash takes every value's length (int64) then the values concatenated
     (UTF-8): so no choice of texts hashes alike by moving characters between fields or rows.
     About 0.9 s per million 270-character passages."""
-    fp = _Fingerprinter()
-    for lo in range(0, len(ids), _FP_ROWS):
-        fp.add(ids[lo : lo + _FP_ROWS], titles[lo : lo + _FP_ROWS], texts[lo : lo + _FP_ROWS])
+    fp = Fingerprinter()
+    for lo in range(0, len(ids), FP_ROWS):
+        fp.add(ids[lo : lo + FP_ROWS], titles[lo : lo + FP_ROWS], texts[lo : lo + FP_ROWS])
     return fp.result()
 
 
@@ -363,7 +364,7 @@ def iter_passages_tsv(path: str | os.PathLike[str]) -> Iterator[Passage]:
         yield Passage(pid, title, text)
 
 
-def _flat(text: str) -> str:
+def flat_field(text: str) -> str:
     return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
@@ -378,7 +379,7 @@ def write_passages_tsv(passages: Iterable[Passage], path: str | os.PathLike[str]
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
         writer.writerow(TSV_HEADER)
         for p in passages:
-            writer.writerow([check_id(p.id, path, line=n + 1, unit="passage"), _flat(p.text), _flat(p.title)])
+            writer.writerow([check_id(p.id, path, line=n + 1, unit="passage"), flat_field(p.text), flat_field(p.title)])
             n += 1
     return n
 

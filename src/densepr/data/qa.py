@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from densepr.data.passages import _flat, iter_jsonl, iter_tsv_rows
+from densepr.data.passages import flat_field, iter_jsonl, iter_tsv_rows
 from densepr.errors import InputError
 from densepr.fileio import atomic_write
 
@@ -105,6 +105,12 @@ def iter_qa_jsonl(path: str | os.PathLike[str]) -> Iterator[QA]:
         yield QA(q, _answers(obj[key], path, lineno))
 
 
+def default_match(name: str) -> str:
+    """How a QA file's answers are matched when not said: ``regex`` for CuratedTREC (its file name holds
+    "curated"), else ``string``."""
+    return "regex" if "curated" in name.lower() else "string"
+
+
 def load_qa(
     path: str | os.PathLike[str], name: str | None = None, match: str | None = None, limit: int | None = None
 ) -> QASet:
@@ -133,7 +139,7 @@ def load_qa(
     if not items:
         raise InputError(path, "no questions found (empty file?)")
     if match is None:
-        match = "regex" if "curated" in path.name.lower() else "string"
+        match = default_match(path.name)
     if match not in ("string", "regex"):
         raise ValueError(f"match must be 'string' or 'regex', not {match!r}")
     return QASet(name or path.name, items, match)
@@ -144,4 +150,4 @@ def write_qa_tsv(qas: QASet, path: str | os.PathLike[str]) -> None:
     with atomic_write(path) as fh:
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
         for qa in qas.items:
-            writer.writerow([_flat(qa.question), json.dumps(list(qa.answers), ensure_ascii=False)])  # one question per line
+            writer.writerow([flat_field(qa.question), json.dumps(list(qa.answers), ensure_ascii=False)])  # one question per line

@@ -24,7 +24,7 @@ that hash), so no id-to-row dict is built. Values that are lone surrogates (poss
 are stored with ``surrogatepass``, as the fingerprint encodes them.
 
 Building streams the file through the parsers of :mod:`densepr.data.passages`; it holds 32 bytes
-per passage (three offsets and a hash) plus one block of ``_FP_ROWS`` passages for the fingerprint,
+per passage (three offsets and a hash) plus one block of ``FP_ROWS`` passages for the fingerprint,
 and about 56 bytes per passage while it sorts the hashes (~1.2 GB at 21M passages).
 A repeated id is found after the hashes are sorted (equal neighbours) and refused like
 :meth:`Corpus.from_passages` refuses it. Opening checks the manifest (sizes, sampled hashes), the
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.passages import _FP_ROWS, Corpus, Passage, _fingerprint, _Fingerprinter, ids_sha256, iter_passages
+from densepr.data.passages import FP_ROWS, PASSAGES_FILE, Corpus, Fingerprinter, Passage, corpus_fingerprint, ids_sha256, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.fileio import MANIFEST, NoSpaceError, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
 
@@ -57,17 +57,17 @@ STORE_DIR = "store"  # its name inside an index directory
 REBUILD = "delete the store directory: densepr rebuilds it from passages.tsv on the next load"  # how a damaged store is repaired
 COLUMNS = ("id", "title", "text")
 FILES = (*(f"{c}s.bin" for c in COLUMNS), *(f"{c}_offsets.npy" for c in COLUMNS), "id_hashes.npy", "id_order.npy")
-_ENC = ("utf-8", "surrogatepass")
+TEXT_ENCODING = ("utf-8", "surrogatepass")
 _ROWS_BLOCK = 1 << 20  # ids looked up at a time by StoreCorpus.rows
 
 
-def _hash(raw: bytes) -> int:
+def hash64(raw: bytes) -> int:
     """The 64-bit BLAKE2b of an id's UTF-8 bytes (what id_hashes.npy holds)."""
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
 def _id_hash(pid: str) -> int:
-    return _hash(pid.encode(*_ENC))
+    return hash64(pid.encode(*TEXT_ENCODING))
 
 
 def source_state(path: str | os.PathLike[str]) -> dict:
@@ -97,13 +97,13 @@ class _Column(Sequence[str]):
         if not 0 <= i < self._n:
             raise IndexError("passage row out of range")
         a, b = self._off[i : i + 2].tolist()
-        return self._data[a:b].decode(*_ENC)
+        return self._data[a:b].decode(*TEXT_ENCODING)
 
     def _block(self, lo: int, hi: int) -> list[str]:
         off = self._off[lo : hi + 1].tolist()
         base = off[0]
         blob = self._data[base : off[-1]]
-        return [blob[a - base : b - base].decode(*_ENC) for a, b in zip(off, off[1:])]
+        return [blob[a - base : b - base].decode(*TEXT_ENCODING) for a, b in zip(off, off[1:])]
 
     def __iter__(self) -> Iterator[str]:
         for lo in range(0, self._n, 4096):
@@ -195,8 +195,8 @@ class StoreCorpus(Corpus):
 
     def _rows_block(self, passage_ids: Sequence[str]) -> np.ndarray:
         n = len(passage_ids)
-        raw = [p.encode(*_ENC) if isinstance(p, str) else b"" for p in passage_ids]
-        want = np.fromiter(map(_hash, raw), dtype=np.uint64, count=n)
+        raw = [p.encode(*TEXT_ENCODING) if isinstance(p, str) else b"" for p in passage_ids]
+        want = np.fromiter(map(hash64, raw), dtype=np.uint64, count=n)
         pos = np.minimum(np.searchsorted(self._hashes, want), len(self._hashes) - 1)
         rows = self._order[pos]
         lens = np.fromiter(map(len, raw), dtype=np.int64, count=n)
@@ -229,7 +229,7 @@ def build_store(source: str | os.PathLike[str], directory: str | os.PathLike[str
         try:
             for p in iter_passages(source):
                 for value, out, off in zip((p.id, p.title, p.text), outs, offsets):
-                    raw = value.encode(*_ENC)
+                    raw = value.encode(*TEXT_ENCODING)
                     out.write(raw)
                     off.append(off[-1] + len(raw))
                 scan.add(p)
@@ -256,18 +256,18 @@ def _read_at(fh, a: int, b: int) -> bytes:
 
 class _Scan:
     """What one streaming pass over a passages file gathers in bounded memory: the fingerprint (fed
-    one block of ``_FP_ROWS`` passages at a time) and every id's 64-bit hash (8 B per passage), from
+    one block of ``FP_ROWS`` passages at a time) and every id's 64-bit hash (8 B per passage), from
     which :meth:`finish` finds a repeated id. Shared by :func:`build_store` and :class:`StreamedCorpus`."""
 
     def __init__(self, source: Path) -> None:
-        self.source, self.fp, self.hashes = source, _Fingerprinter(), array("Q")
+        self.source, self.fp, self.hashes = source, Fingerprinter(), array("Q")
         self.block: tuple[list[str], list[str], list[str]] = ([], [], [])
 
     def add(self, p: Passage) -> None:
         for col, value in zip(self.block, (p.id, p.title, p.text)):
             col.append(value)
         self.hashes.append(_id_hash(p.id))
-        if len(self.block[0]) == _FP_ROWS:
+        if len(self.block[0]) == FP_ROWS:
             self.fp.add(*self.block)
             self.block = ([], [], [])
 
@@ -306,7 +306,7 @@ def _refuse_duplicates(source: Path, sorted_hashes: np.ndarray, order: np.ndarra
             row = int(order[j])
             pid = id_at[row]
             if pid in seen and (first is None or row < first[1]):
-                first = (seen[pid], row, pid.decode(*_ENC))
+                first = (seen[pid], row, pid.decode(*TEXT_ENCODING))
             seen.setdefault(pid, row)
             j += 1
     if first is not None:
@@ -321,7 +321,7 @@ class StreamedCorpus:
     It offers what those read: ``len``, :meth:`fingerprint` and :meth:`blocks`. The count and the
     fingerprint come from a streaming pass (the first complete :meth:`blocks` pass, or one of its
     own), which refuses bad input as :func:`~densepr.data.passages.load_corpus` does (a repeated id
-    once the whole file is read); that pass holds one block of ``_FP_ROWS`` passages and 8 B per
+    once the whole file is read); that pass holds one block of ``FP_ROWS`` passages and 8 B per
     passage (its id's hash; ~56 B per passage while they are sorted at the end). A file changed
     (size or modification time) after that pass is refused by the passes after it.
     """
@@ -340,7 +340,7 @@ class StreamedCorpus:
     def fingerprint(self) -> dict:
         """As :meth:`Corpus.fingerprint`; the first call reads the file through."""
         if self._fp is None:
-            for _ in self.blocks(_FP_ROWS):
+            for _ in self.blocks(FP_ROWS):
                 pass
         return dict(self._fp)
 
@@ -388,7 +388,7 @@ class StreamedCorpus:
         want, got = set(rows), {}
         for r, p in enumerate(iter_passages(self.path)):
             if r in want:
-                got[r] = p.id.encode(*_ENC)
+                got[r] = p.id.encode(*TEXT_ENCODING)
                 if len(got) == len(want):
                     break
         return [got[r] for r in rows]
@@ -419,7 +419,7 @@ def check_store(directory: str | os.PathLike[str], manifest: dict, full: bool = 
     ``full``, that its columns hash to the fingerprint it records (every value read)."""
     store = StoreCorpus(directory, manifest)
     if full:
-        fp = _fingerprint(store.ids, store.titles, store.texts)
+        fp = corpus_fingerprint(store.ids, store.titles, store.texts)
         if fp != store.fingerprint():
             raise DenseprError(f"{directory}: its passages do not hash to the fingerprint in its manifest; {REBUILD}")
 
@@ -478,7 +478,7 @@ def open_passages(path: str | os.PathLike[str], output: str | os.PathLike[str] |
     idx/passages.tsv idx/bm25``); a store (about the file's size) is never built unasked beside a
     file elsewhere."""
     path = Path(path)
-    if path.name == "passages.tsv" and path.is_file():
+    if path.name == PASSAGES_FILE and path.is_file():
         building = output is not None and Path(output).resolve().parent == path.resolve().parent
         if building or (path.parent / STORE_DIR / MANIFEST).is_file():
             store = store_beside(path)

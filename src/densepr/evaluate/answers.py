@@ -53,7 +53,7 @@ def answer_tokens(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=4096)
-def _compile(pattern: str) -> re.Pattern[str] | None:
+def compile_pattern(pattern: str) -> re.Pattern[str] | None:
     try:
         with warnings.catch_warnings():  # answer files hold odd patterns; warnings are noise here
             warnings.simplefilter("ignore")
@@ -64,7 +64,7 @@ def _compile(pattern: str) -> re.Pattern[str] | None:
 
 def regex_match(text: str, pattern: str) -> bool:
     """DPR's ``regex_match`` (the text should already be NFD-normalised)."""
-    compiled = _compile(pattern)
+    compiled = compile_pattern(pattern)
     return compiled is not None and compiled.search(text) is not None
 
 
@@ -121,7 +121,7 @@ class AnswerMatcher:
         return s
 
     @staticmethod
-    def _prepare(answers: Sequence[str], match: str) -> list[str] | None:
+    def prepare(answers: Sequence[str], match: str) -> list[str] | None:
         """Joined answer token strings, or None when some answer has no tokens (matches all)."""
         if match == "regex":
             return list(answers)
@@ -133,7 +133,7 @@ class AnswerMatcher:
             joined.append(_joined(toks))
         return joined
 
-    def _check(self, row: int, prepared: list[str] | None, match: str) -> bool:
+    def check_prepared(self, row: int, prepared: list[str] | None, match: str) -> bool:
         if prepared is None:
             return True
         if match == "regex":
@@ -143,7 +143,7 @@ class AnswerMatcher:
         return any(p in hay for p in prepared)
 
     def has_answer(self, row: int, answers: Sequence[str], match: str = "string") -> bool:
-        return self._check(row, self._prepare(answers, match), match)
+        return self.check_prepared(row, self.prepare(answers, match), match)
 
     def hits(self, rows: np.ndarray, qas: QASet) -> np.ndarray:
         """``has_answer`` for every retrieved passage.
@@ -165,14 +165,14 @@ class AnswerMatcher:
                 raise ValueError(f"{len(rows)} result lists for {len(qas)} questions")
         outs = [np.zeros(rows.shape, dtype=bool) for rows in runs]
         for i, qa in enumerate(qas.items):
-            prepared = self._prepare(qa.answers, qas.match)
+            prepared = self.prepare(qa.answers, qas.match)
             seen: dict[int, bool] = {}
             for rows, out in zip(runs, outs):
                 for j, row in enumerate(rows[i].tolist()):
                     if row >= 0:
                         hit = seen.get(row)
                         if hit is None:
-                            hit = seen[row] = self._check(row, prepared, qas.match)
+                            hit = seen[row] = self.check_prepared(row, prepared, qas.match)
                         out[i, j] = hit
         return outs
 
@@ -189,7 +189,7 @@ class AnswerMatcher:
         out = np.zeros(len(qas), dtype=bool)
         pending: dict[int, list[str]] = {}
         for i, qa in enumerate(qas.items):
-            prepared = self._prepare(qa.answers, qas.match)
+            prepared = self.prepare(qa.answers, qas.match)
             if prepared is None:
                 out[i] = len(self.texts) > 0
             elif prepared:
@@ -231,7 +231,7 @@ _SCAN_ROWS = 1 << 12  # passages read, tokenised and searched at a time by Answe
 
 def _regex_in(pattern: str, texts: list[str], concat: str, starts: np.ndarray) -> bool:
     """Does ``pattern`` match one of ``texts`` (NFD; ``concat``: them joined by line breaks, ``starts``: offsets)?"""
-    compiled = _compile(pattern)
+    compiled = compile_pattern(pattern)
     if compiled is None:
         return False
     if "(?<" in pattern or "\\A" in pattern or "\\Z" in pattern:

@@ -7,7 +7,7 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
-from densepr.evaluate.answers import _compile, normalize
+from densepr.evaluate.answers import compile_pattern, normalize
 
 PUNCTUATION = frozenset(string.punctuation)
 
@@ -26,7 +26,7 @@ def exact_match(prediction: str, answers: Sequence[str], match: str = "string") 
     (CuratedTREC), DrQA's rule: the pattern matches at the start of the prediction."""
     if match == "regex":
         for a in answers:
-            c = _compile(a)
+            c = compile_pattern(a)
             if c is not None and c.match(normalize(prediction)) is not None:
                 return True
         return False

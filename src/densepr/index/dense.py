@@ -33,6 +33,7 @@ import numpy as np
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
 from densepr.fileio import (
+    MANIFEST,
     IdLines,
     atomic_dir,
     atomic_path,
@@ -379,7 +380,7 @@ class DenseIndex:
         """
         from densepr.index.embeddings import Embeddings
 
-        if not embeddings or not (Path(embeddings) / "manifest.json").is_file():
+        if not embeddings or not (Path(embeddings) / MANIFEST).is_file():
             raise DenseprError(f"re-ranking needs the embeddings directory this index was built from; {str(embeddings)!r} "
                                "is not one (pass vectors=... / --vectors, or rebuild with rerank 0)")  # fmt: skip
         emb = Embeddings.open(embeddings)
@@ -618,6 +619,6 @@ def cluster_plan(rows: list[dict], num_passages: int, nodes: int, node_ram_gib: 
         shards = max(1, -(-int(r["ram_bytes"]) // int(budget)))
         fits = shards <= nodes
         out.append({**r, "shards": shards, "replicas": nodes // shards if fits else 0, "ram_per_shard": r["ram_bytes"] / shards,
-                    "fits": fits, "exact_merge": shards == 1 or r["type"].startswith("flat"), "encode_hours": num_passages / (rate * max(gpus, 1)) / 3600})  # fmt: skip
+                    "fits": fits, "exact_merge": shards == 1 or get(r["type"].partition("+")[0]).exact, "encode_hours": num_passages / (rate * max(gpus, 1)) / 3600})  # fmt: skip
     return out
 

@@ -46,7 +46,7 @@ def _quantize(tmp: Path) -> str:
     return "model.int8.onnx"
 
 
-def _write_export(out: str | os.PathLike[str], kind: str, int8: bool, source: str, write: Callable[[Path], None], **meta) -> dict:
+def write_export(out: str | os.PathLike[str], kind: str, int8: bool, source: str, write: Callable[[Path], None], **meta) -> dict:
     """Build an export beside ``out`` and swap it in whole (``fileio.atomic_dir``: an export of the same
     kind is replaced, anything else at ``out``, or where a symlinked ``out`` points, is refused untouched):
     ``write(tmp)`` puts the tokenizer, settings and ``model.onnx``; then the int8 model (``int8``),
@@ -97,7 +97,7 @@ def export_question_encoder(encoder_path: str | os.PathLike[str], out: str | os.
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "vector": {0: "batch"}},
                               opset_version=17, dynamo=False)  # fmt: skip
 
-    return _write_export(out, KIND, int8, q_enc.name, write, config=asdict(q_enc.config), dim=q_enc.dim)
+    return write_export(out, KIND, int8, q_enc.name, write, config=asdict(q_enc.config), dim=q_enc.dim)
 
 
 class OnnxQuestionEncoder:
@@ -154,42 +154,6 @@ def load_question_encoder(path: str | os.PathLike[str], device: str | None = Non
 
 
 # -- the reader -------------------------------------------------------------------------------------
-def export_reader(reader_path: str | os.PathLike[str], out: str | os.PathLike[str], int8: bool = False) -> dict:
-    """Export a trained reader (a ``DPRReader`` directory) to ``out``: ``model.onnx`` (input ids and
-    mask -> start, end and selection logits), optionally ``model.int8.onnx``, the tokenizer and the
-    reader's ``densepr_reader.json`` (windows, tuned k and selection). ``Reader.load(out)`` reads it."""
-    import torch
-
-    from densepr.models.reader import Reader
-
-    reader = Reader.load(reader_path, device="cpu")
-
-    class Logits(torch.nn.Module):  # plain tensors out, in DPRReader's order
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            o = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-            return o.start_logits, o.end_logits, o.relevance_logits
-
-    def write(tmp: Path) -> None:
-        reader.tokenizer.save_pretrained(tmp)
-        reader.config.save(tmp)
-        q = reader.question_ids("who")  # any short input: the axes are dynamic
-        t = reader.tokenize_texts(["Karpukhin and others wrote it in 2020, at Facebook AI."])[0]
-        inputs, _ = reader.collate([w for i in range(2) for w in reader.windows(q, [], t, i)])
-        axes = {0: "batch", 1: "seq"}
-        with torch.inference_mode():
-            torch.onnx.export(Logits(reader.model).eval(), (inputs["input_ids"], inputs["attention_mask"]), str(tmp / "model.onnx"),
-                              input_names=["input_ids", "attention_mask"], output_names=["start", "end", "relevance"],
-                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "start": axes, "end": axes, "relevance": {0: "batch"}},
-                              opset_version=17, dynamo=False)  # fmt: skip
-
-    return _write_export(out, READER_KIND, int8, reader.name, write,
-                         max_position_embeddings=int(reader.model.config.max_position_embeddings))
-
-
 class OnnxReaderModel:
     """DPRReader's forward on ONNX Runtime (CPU, inference only): called as the transformers model is,
     it returns the same three logits as torch tensors. :meth:`densepr.models.reader.Reader.load` uses it

@@ -512,3 +512,38 @@ def find_answer_spans(reader: Reader, text: Tokenized, passage_text: str, answer
             if ids[i] == a_ids[0] and ids[i : i + k] == a_ids:
                 spans.add((i, i + k - 1))
     return sorted(spans)
+
+
+# -- ONNX export (here, not in models.onnx: that module runs exports and must not import the reader) --
+def export_reader(reader_path: str | os.PathLike[str], out: str | os.PathLike[str], int8: bool = False) -> dict:
+    """Export a trained reader (a ``DPRReader`` directory) to ``out``: ``model.onnx`` (input ids and
+    mask -> start, end and selection logits), optionally ``model.int8.onnx``, the tokenizer and the
+    reader's ``densepr_reader.json`` (windows, tuned k and selection). ``Reader.load(out)`` reads it."""
+    from densepr.models.onnx import READER_KIND, write_export
+
+    reader = Reader.load(reader_path, device="cpu")
+
+    class Logits(torch.nn.Module):  # plain tensors out, in DPRReader's order
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            o = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            return o.start_logits, o.end_logits, o.relevance_logits
+
+    def write(tmp: Path) -> None:
+        reader.tokenizer.save_pretrained(tmp)
+        reader.config.save(tmp)
+        q = reader.question_ids("who")  # any short input: the axes are dynamic
+        t = reader.tokenize_texts(["Karpukhin and others wrote it in 2020, at Facebook AI."])[0]
+        inputs, _ = reader.collate([w for i in range(2) for w in reader.windows(q, [], t, i)])
+        axes = {0: "batch", 1: "seq"}
+        with torch.inference_mode():
+            torch.onnx.export(Logits(reader.model).eval(), (inputs["input_ids"], inputs["attention_mask"]), str(tmp / "model.onnx"),
+                              input_names=["input_ids", "attention_mask"], output_names=["start", "end", "relevance"],
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "start": axes, "end": axes, "relevance": {0: "batch"}},
+                              opset_version=17, dynamo=False)  # fmt: skip
+
+    return write_export(out, READER_KIND, int8, reader.name, write,
+                         max_position_embeddings=int(reader.model.config.max_position_embeddings))

@@ -5,7 +5,7 @@ DPR's 21M passages (~8M terms) that costs seconds and ~1 GB. An index directory 
 
     vocab_terms.bin      every term's UTF-8 bytes, concatenated in term-id order
     vocab_offsets.npy    int64 [V + 1]: term id i is bytes ``off[i]:off[i + 1]`` of vocab_terms.bin
-    vocab_hashes.npy     uint64 [V]: the 64-bit BLAKE2b of every term (the passage store's ``_hash``), sorted
+    vocab_hashes.npy     uint64 [V]: the 64-bit BLAKE2b of every term (the passage store's ``hash64``), sorted
     vocab_ids.npy        int64 [V]: the term id of each entry of vocab_hashes (equal hashes in id order)
 
 A term is found by hashing it, binary-searching ``vocab_hashes`` and comparing the bytes of the
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.store import _ENC, _hash
+from densepr.data.store import TEXT_ENCODING, hash64
 from densepr.errors import DenseprError
 from densepr.fileio import atomic_write, save_npy
 
@@ -40,10 +40,10 @@ def write_vocab(directory: str | os.PathLike[str], vocab: Mapping[str, int]) -> 
     for t, i in vocab.items():
         if not 0 <= i < n or terms[i] is not None:
             raise DenseprError(f"{directory}: the BM25 vocabulary's ids are not 0..{n - 1} (term {t!r} has id {i}); rebuild the index")
-        terms[i] = t.encode(*_ENC)
+        terms[i] = t.encode(*TEXT_ENCODING)
     off = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, terms), dtype=np.int64, count=n), out=off[1:])
-    hashes = np.fromiter(map(_hash, terms), dtype=np.uint64, count=n)
+    hashes = np.fromiter(map(hash64, terms), dtype=np.uint64, count=n)
     order = np.argsort(hashes, kind="stable")
     with atomic_write(directory / "vocab_terms.bin", "wb") as fh:
         for lo in range(0, n, 1 << 16):
@@ -88,7 +88,7 @@ class CompactVocab(Mapping[str, int]):
 
     def term(self, i: int) -> str:
         a, b = self.offsets[i : i + 2].tolist()
-        return self.blob[a:b].decode(*_ENC)
+        return self.blob[a:b].decode(*TEXT_ENCODING)
 
     def _find(self, raw: bytes, h: int, i: int) -> int:
         """The id of ``raw`` (hash ``h``) from position ``i`` of the sorted hashes on, or -1."""
@@ -105,16 +105,16 @@ class CompactVocab(Mapping[str, int]):
         """``term``'s id, or -1 when it is not in the vocabulary."""
         if not isinstance(term, str):
             return -1
-        raw = term.encode(*_ENC)
-        h = _hash(raw)
+        raw = term.encode(*TEXT_ENCODING)
+        h = hash64(raw)
         return self._find(raw, h, int(np.searchsorted(self.hashes, np.uint64(h))))
 
     def ids(self, terms: Sequence[str]) -> list[int]:
         """The ids of ``terms`` in order, unknown terms left out (bm25s's ``get_tokens_ids``): one search for all."""
         if not terms or not self._n:
             return []
-        raw = [t.encode(*_ENC) for t in terms]
-        h = np.fromiter(map(_hash, raw), dtype=np.uint64, count=len(raw))
+        raw = [t.encode(*TEXT_ENCODING) for t in terms]
+        h = np.fromiter(map(hash64, raw), dtype=np.uint64, count=len(raw))
         pos = np.searchsorted(self.hashes, h).tolist()
         found = (self._find(r, int(x), p) for r, x, p in zip(raw, h.tolist(), pos))
         return [t for t in found if t >= 0]
@@ -133,7 +133,7 @@ class CompactVocab(Mapping[str, int]):
             off = self.offsets[lo : min(lo + 4096, self._n) + 1].tolist()
             base = off[0]
             blob = self.blob[base : off[-1]]
-            yield from (blob[a - base : b - base].decode(*_ENC) for a, b in zip(off, off[1:]))
+            yield from (blob[a - base : b - base].decode(*TEXT_ENCODING) for a, b in zip(off, off[1:]))
 
     def __repr__(self) -> str:
         return f"CompactVocab({str(self.directory)!r}, {self._n} terms)"
@@ -180,5 +180,5 @@ def check_vocab(directory: str | os.PathLike[str], vocab: CompactVocab, n_vocab:
     for p in positions:
         t = int(vocab.order[p])
         a, b = vocab.offsets[t : t + 2].tolist()
-        if _hash(vocab.blob[a:b]) != int(vocab.hashes[p]):
+        if hash64(vocab.blob[a:b]) != int(vocab.hashes[p]):
             raise bad("vocab_hashes.npy", f"entry {p} is not the hash of term {t} (in vocab_terms.bin)")

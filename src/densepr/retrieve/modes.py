@@ -51,5 +51,15 @@ class Mode(str, Enum):
         return tuple(m.value for m in cls)
 
 
+def available_modes(engines: set[str] | frozenset[str]) -> list[str]:
+    """The modes that indexes ``engines`` (``{"bm25", "dense"}`` or a part) can run, in :class:`Mode` order."""
+    return [m.value for m in Mode if all(n in engines for n in m.needs)]
+
+
+def default_mode(modes: list[str]) -> Mode:
+    """The mode used when none is asked for: hybrid when both indexes exist, else the one there is."""
+    return Mode.HYBRID if Mode.HYBRID in modes else Mode(modes[0])
+
+
 # What evaluate-qa reads when it looks for the passage holding the gold answer: best lists first.
 GOLD_ORDER = (Mode.HYBRID, Mode.DENSE, Mode.RRF, Mode.BM25)

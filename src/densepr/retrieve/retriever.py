@@ -5,33 +5,26 @@ passages, score every passage of the union as ``dense + lambda * bm25``, where a
 missing from one list gets that list's lowest score for this question, and re-rank.
 Reciprocal-rank fusion scores ``sum 1 / (60 + rank)`` over the lists that hold a passage.
 
-An *index directory* (what ``densepr reproduce`` and the stage commands write) holds::
-
-    passages.tsv      # the corpus, DPR TSV layout
-    store/            # optional: passages.tsv as a memory-mapped store (densepr.data.store), made on load
-    bm25/             # BM25 index (densepr.retrieve.bm25)
-    dense/            # FAISS index (densepr.index.dense); its manifest names the question encoder
-    hybrid.json       # optional: the lambda tuned on a dev set
+An *index directory* (:class:`~densepr.retrieve.index_dir.IndexDir`: its layout) is what :meth:`Retriever.load` loads.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from densepr.data.passages import Corpus, load_corpus
 from densepr.data.store import store_beside
 from densepr.errors import DenseprError
-from densepr.fileio import read_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.ranking import Hit, SearchResult
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_hybrid, fuse_rrf
-from densepr.retrieve.modes import Mode
+from densepr.retrieve.index_dir import IndexDir
+from densepr.retrieve.modes import Mode, available_modes, default_mode
 
 FUSION_DEPTH = 1000  # passages each engine contributes to a fusion (hybrid, RRF)
 
@@ -56,10 +49,11 @@ def rank_modes(wanted: Sequence[Mode], dense: SearchResult | None, sparse: Searc
     return out
 
 
-def open_corpus(d: Path) -> Corpus:
+def open_corpus(d: str | os.PathLike[str] | IndexDir) -> Corpus:
     """An index directory's passages: its ``store/`` when it can be used (:func:`~densepr.data.store.store_beside`:
     built there first when missing or stale and the directory is writable); else ``passages.tsv`` parsed into memory."""
-    return store_beside(d / "passages.tsv") or load_corpus(d / "passages.tsv")
+    tsv = (d if isinstance(d, IndexDir) else IndexDir(d)).passages
+    return store_beside(tsv) or load_corpus(tsv)
 
 
 class Retriever:
@@ -99,14 +93,13 @@ class Retriever:
         """Load an index directory (see module docstring); the parts present decide the modes.
         ``with_encoder=False``: no question encoder (the caller passes query vectors, e.g. a searcher
         behind a separate encoder service)."""
-        d = Path(directory)
-        if not (d / "passages.tsv").is_file():
-            raise DenseprError(f"{d}: not an index directory (no passages.tsv); build one with `densepr reproduce` or the stage commands")
+        d = IndexDir(directory).check()
+        engines = d.engines()
         corpus = open_corpus(d)
-        bm25 = BM25Index.load(d / "bm25", corpus=corpus) if (d / "bm25").is_dir() else None
+        bm25 = BM25Index.load(d.bm25, corpus=corpus) if "bm25" in engines else None
         dense = encoder = None
-        if (d / "dense").is_dir():
-            dense = DenseIndex.load(d / "dense", corpus=corpus, mmap=mmap)
+        if "dense" in engines:
+            dense = DenseIndex.load(d.dense, corpus=corpus, mmap=mmap)
             if with_encoder:
                 if question_encoder is not None:  # a torch encoder directory, or an ONNX export (`densepr export-onnx`)
                     from densepr.models.onnx import load_question_encoder
@@ -116,21 +109,26 @@ class Retriever:
                     encoder = Encoder.load(dense.manifest["question_encoder"], device=device)
                 dense.to_device(str(encoder.device))  # exact search on the GPU when there is one
         if hybrid_lambda is None:
-            hybrid_lambda = read_json(d / "hybrid.json")["lambda"] if (d / "hybrid.json").is_file() else PAPER_LAMBDA
-        if bm25 is None and dense is None:
-            raise DenseprError(f"{d}: holds neither bm25/ nor dense/; nothing to search")
+            hybrid_lambda = d.hybrid_lambda()
         return cls(corpus, bm25, dense, encoder, hybrid_lambda)
 
     @property
     def modes(self) -> list[str]:
         """The modes this retriever can run (those whose indexes it holds)."""
-        have = {"bm25": self.bm25 is not None, "dense": self.dense is not None}
-        return [m.value for m in Mode if all(have[n] for n in m.needs)]
+        return available_modes({n for n, i in (("bm25", self.bm25), ("dense", self.dense)) if i is not None})
 
     @property
     def default_mode(self) -> Mode:
-        """Hybrid when both indexes exist, else the one there is."""
-        return Mode.HYBRID if Mode.HYBRID in self.modes else Mode(self.modes[0])
+        """Hybrid when both indexes exist, else the one there is (:func:`~densepr.retrieve.modes.default_mode`)."""
+        return default_mode(self.modes)
+
+    def describe(self) -> dict:
+        """What ``/health`` says of it: passages, modes, the question encoder's name, the dense index type,
+        BM25, lambda."""
+        enc = self.question_encoder
+        return {"passages": len(self.corpus), "modes": self.modes, "question_encoder": enc.name if enc is not None else None,
+                "index_type": self.dense.index_type if self.dense is not None else None, "bm25": self.bm25 is not None,
+                "hybrid_lambda": self.hybrid_lambda}  # fmt: skip
 
     def check_mode(self, mode: str | Mode) -> Mode:
         """``mode`` as a :class:`Mode`, or a clear error when unknown or this retriever lacks its indexes."""

@@ -32,9 +32,9 @@ import numpy as np
 from ray import serve
 
 from densepr.errors import DenseprError
-from densepr.fileio import read_json
 from densepr.ranking import SearchResult, merge_shards
-from densepr.retrieve.modes import Mode
+from densepr.retrieve.index_dir import IndexDir
+from densepr.retrieve.modes import Mode, default_mode
 from densepr.serve.service import Limits, Service
 
 ENCODER_BATCH = 16  # router calls (each one micro-batch of questions) the encoder runs in one forward pass
@@ -67,18 +67,10 @@ class IndexInfo:
 
     @classmethod
     def read(cls, index: str | Path) -> IndexInfo:
-        from densepr.retrieve.fusion import PAPER_LAMBDA
-
-        d = Path(index)
-        if not (d / "passages.tsv").is_file():
-            raise DenseprError(f"{d}: not an index directory (no passages.tsv)")
-        have = {"bm25": (d / "bm25").is_dir(), "dense": (d / "dense" / "manifest.json").is_file()}
-        if not any(have.values()):
-            raise DenseprError(f"{d}: holds neither bm25/ nor dense/; nothing to search")
-        manifest = read_json(d / "dense" / "manifest.json") if have["dense"] else {}
-        lam = read_json(d / "hybrid.json")["lambda"] if (d / "hybrid.json").is_file() else PAPER_LAMBDA
-        return cls(str((d / "passages.tsv").resolve()), [m.value for m in Mode if all(have[n] for n in m.needs)],
-                   manifest.get("question_encoder"), manifest.get("type"), have["bm25"], lam, len(manifest.get("shards") or [None]))  # fmt: skip
+        d = IndexDir(index).check()
+        manifest = d.dense_manifest()
+        return cls(str(d.passages.resolve()), d.modes, manifest.get("question_encoder"), manifest.get("type"), "bm25" in d.engines(),
+                   d.hybrid_lambda(), len(manifest.get("shards") or [None]))  # fmt: skip
 
     def shards(self, wanted: int | None) -> int:
         """Searcher shards: ``wanted``, else the dense index's; a dense index fixes the number."""
@@ -156,17 +148,26 @@ class ReaderReplica:
         return self.reader.read(questions, passages)
 
 
-class _View:
-    """The router's stand-in for a Retriever: the corpus (to build responses) and what /health says."""
+class RouterIndex:
+    """What the router holds of the index (retrieval is the searchers'): the passages, to build responses,
+    and what :class:`IndexInfo` says, for the mode rules and ``/health``. The part of
+    :class:`~densepr.retrieve.retriever.Retriever`'s interface that :class:`Service` uses outside retrieval."""
 
     def __init__(self, info: IndexInfo) -> None:
         from densepr.retrieve.retriever import open_corpus  # here: it imports the dense side
 
+        self.info, self.modes, self.hybrid_lambda = info, info.modes, info.hybrid_lambda
         self.corpus = open_corpus(Path(info.corpus_path).parent)  # the index directory's passage store
-        self.modes, self.hybrid_lambda, self.info = info.modes, info.hybrid_lambda, info
-        self.question_encoder = type("E", (), {"name": info.question_encoder})() if info.question_encoder else None
-        self.dense = type("D", (), {"index_type": info.index_type})() if info.index_type else None
-        self.bm25 = True if info.bm25 else None
+
+    @property
+    def default_mode(self) -> Mode:
+        return default_mode(self.modes)
+
+    def describe(self) -> dict:
+        """As :meth:`Retriever.describe`."""
+        i = self.info
+        return {"passages": len(self.corpus), "modes": self.modes, "question_encoder": i.question_encoder,
+                "index_type": i.index_type, "bm25": i.bm25, "hybrid_lambda": self.hybrid_lambda}  # fmt: skip
 
 
 class RayService(Service):
@@ -178,7 +179,7 @@ class RayService(Service):
             from densepr.models.reader import Reader
 
             local_reader = Reader.load(reader_path, "cpu")
-        super().__init__(_View(info), local_reader, limits)
+        super().__init__(RouterIndex(info), local_reader, limits)
         self.encoder_h, self.searcher_hs, self.reader_h, self.replicas = encoder, list(searcher), reader, replicas
         self.retries = 0
 
@@ -216,7 +217,7 @@ class RayService(Service):
 
     def _answer_batch(self, key: tuple[str, int], items: list[str]) -> list:
         from densepr.models.reader import ReadingStopped
-        from densepr.pipeline import _answer
+        from densepr.pipeline import answer_from_readings
 
         mode, k = key
         res = self._retrieve(list(items), k, mode)
@@ -225,7 +226,7 @@ class RayService(Service):
         hits = [res.hits(i, self.retriever.corpus) for i in range(len(items))]
         readings = self._call(self.reader_h.read, list(items), [[(h.title, h.text) for h in hs] for hs in hits])
         selection = self.reader.config.selection_for(mode)[0]
-        return [_answer(q, hs, rd, mode, k, selection) for q, hs, rd in zip(items, hits, readings)]
+        return [answer_from_readings(q, hs, rd, mode, k, selection) for q, hs, rd in zip(items, hits, readings)]
 
     def health(self) -> dict:
         return {**super().health(), "ray": {"replicas": asdict(self.replicas), "shards": len(self.searcher_hs), "retries": self.retries}}

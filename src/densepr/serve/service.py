@@ -365,15 +365,34 @@ class Service:
         if hasattr(getattr(retriever, "bm25", None), "warm"):  # (the Ray router's stand-in searches elsewhere)
             retriever.bm25.warm()  # one question at a time still gets the compiled scorers (numpy's cost grows with the corpus)
         lim = self.limits
-        self.default_mode = "hybrid" if "hybrid" in retriever.modes else retriever.modes[0]
-        self.answer_k = default_k_answer or (reader.config.top_k if reader is not None else 20)
-        if reader is not None and self.answer_k > lim.max_k_answer:
-            raise DenseprError(f"the reader's default k ({self.answer_k}) is over max_k_answer ({lim.max_k_answer}): raise the limit")
+        self.default_k_answer = default_k_answer
+        if reader is not None:
+            over = {m: k for m in retriever.modes if (k := self.answer_k_for(m)) > lim.max_k_answer}
+            if over:
+                m, k = max(over.items(), key=lambda mk: mk[1])
+                raise DenseprError(f"the reader's default k for {m} ({k}) is over max_k_answer ({lim.max_k_answer}): raise the limit")
         self.search_batcher = MicroBatcher(self._search_batch, lim.max_batch, lim.max_wait_ms, lim.max_queue, "retriever")
         # the reader's queue counts passages (k per question): its cost, unlike the retriever's, grows with k
         self.answer_batcher = MicroBatcher(self._answer_batch, lim.max_batch, lim.max_wait_ms, lim.max_answer_passages_queued,
                                            "reader", unit="passage", limit="max_answer_passages_queued")  # fmt: skip
         self.post_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="densepr-post")
+
+    @property
+    def default_mode(self) -> str:
+        """The mode of a request that names none: the retriever's rule (hybrid when it can)."""
+        return str(self.retriever.default_mode)
+
+    def answer_k_for(self, mode: str) -> int:
+        """Passages /answer reads when the request names no k: the pipeline's rule
+        (:func:`densepr.pipeline.answer_k`), so ``densepr answer`` and ``/answer`` read as many."""
+        from densepr.pipeline import answer_k
+
+        return self.default_k_answer or answer_k(self.reader, mode)
+
+    @property
+    def answer_k(self) -> int | None:
+        """The default k of /answer in the default mode (None without a reader)."""
+        return self.answer_k_for(self.default_mode) if self.reader is not None else None
 
     # -- model calls (worker thread) -------------------------------------------------------
     def _retrieve(self, questions: list[str], k: int, mode: str) -> SearchResult:
@@ -405,12 +424,12 @@ class Service:
         matcher = AnswerMatcher(c.texts) if answers is not None else None
         found, results = SearchResult(rows, scores), []
         for i, q in enumerate(questions):
-            prepared = AnswerMatcher._prepare(answers[i], "string") if answers is not None else None
+            prepared = AnswerMatcher.prepare(answers[i], "string") if answers is not None else None
             hits = []
             for h in found.hits(i, c):
                 d = {"rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": round(h.score, 4)}
                 if matcher is not None:
-                    d["has_answer"] = matcher._check(int(rows[i, h.rank - 1]), prepared, "string")
+                    d["has_answer"] = matcher.check_prepared(int(rows[i, h.rank - 1]), prepared, "string")
                 hits.append(d)
             results.append({"question": q, "passages": hits})
         body = {"mode": mode, "k": k, "results": results, "took_ms": round(1000 * (time.perf_counter() - t0), 1)}
@@ -451,24 +470,28 @@ class Service:
         if total > lim.max_answers_total_chars:
             raise LimitError(413, "max_answers_total_chars", f"answers hold {total} characters; the limit is {lim.max_answers_total_chars} per request")
 
-    def check_k_mode(self, k: int, mode: str | None, answer: bool = False) -> str:
-        """The mode to use; ``k`` within ``max_k`` (and ``max_k_answer`` for ``answer``)."""
-        if k > self.limits.max_k:
-            raise LimitError(422, "max_k", f"k={k} is over the limit of {self.limits.max_k}")
-        if answer and k > self.limits.max_k_answer:
-            raise LimitError(422, "max_k_answer", f"k={k} passages to read is over the /answer limit of {self.limits.max_k_answer}")
+    def check_mode(self, mode: str | None) -> str:
+        """The mode to use: ``mode``, else the default; one this index has."""
         mode = mode or self.default_mode
         if mode not in self.retriever.modes:
             raise LimitError(422, "mode", f"mode {mode!r} is not available; this index has: {', '.join(self.retriever.modes)}")
         return mode
 
+    def check_k_mode(self, k: int | None, mode: str | None, answer: bool = False) -> tuple[int, str]:
+        """The ``(k, mode)`` to use: ``mode`` or the default, ``k`` or (for ``answer``) the reader's k for that
+        mode (:meth:`answer_k_for`); ``k`` within ``max_k`` (and ``max_k_answer`` for ``answer``)."""
+        if k is None:  # the reader's k depends on the mode
+            k = self.answer_k_for(self.check_mode(mode))
+        if k > self.limits.max_k:
+            raise LimitError(422, "max_k", f"k={k} is over the limit of {self.limits.max_k}")
+        if answer and k > self.limits.max_k_answer:
+            raise LimitError(422, "max_k_answer", f"k={k} passages to read is over the /answer limit of {self.limits.max_k_answer}")
+        return k, self.check_mode(mode)
+
     def health(self) -> dict:
-        r = self.retriever
-        enc = r.question_encoder
-        return {"status": "ok", "passages": len(r.corpus), "modes": r.modes,
-                "model": model_name(enc.name) if enc is not None else None,
-                "index_type": r.dense.index_type if r.dense is not None else None,
-                "bm25": r.bm25 is not None, "hybrid_lambda": r.hybrid_lambda,
+        r = self.retriever.describe()
+        return {"status": "ok", "passages": r["passages"], "modes": r["modes"], "model": model_name(r["question_encoder"]),
+                "index_type": r["index_type"], "bm25": r["bm25"], "hybrid_lambda": r["hybrid_lambda"],
                 "reader": model_name(self.reader.name) if self.reader is not None else None,
                 "answer_k": self.answer_k, "limits": asdict(self.limits),
                 "micro_batches": {"search": [self.search_batcher.batches, self.search_batcher.items],

@@ -20,13 +20,13 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from densepr.data.passages import Corpus
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
 from densepr.fileio import atomic_write
 from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.index_dir import IndexDir
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
@@ -110,15 +110,15 @@ def cloze_records(corpus: Corpus, bm25: BM25Index, n: int, seed: int = CLOZE_SEE
 def index_cloze_records(index: str | os.PathLike[str], n: int, seed: int = CLOZE_SEED, depth: int = 20) -> tuple[list[dict], int]:
     """:func:`cloze_records` over an index directory's ``passages.tsv`` and ``bm25/``; also returns the
     number of passages they were made from."""
-    index = Path(index)
-    if not (index / "passages.tsv").is_file() or not (index / "bm25").is_dir():
-        raise DenseprError(f"{index}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
+    index = IndexDir(index)
+    if not index.passages.is_file() or not index.bm25.is_dir():
+        raise DenseprError(f"{index.path}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
     if depth < 2:
         raise DenseprError(f"cloze questions: depth must be at least 2 (the positive and a negative), not {depth}")
     from densepr.retrieve.retriever import open_corpus  # here: it imports the dense side
 
     corpus = open_corpus(index)  # its passage store: nothing held per passage
-    return cloze_records(corpus, BM25Index.load(index / "bm25", corpus=corpus), n, seed, depth), len(corpus)
+    return cloze_records(corpus, BM25Index.load(index.bm25, corpus=corpus), n, seed, depth), len(corpus)
 
 
 def write_cloze(records: Sequence[dict], path: str | os.PathLike[str]) -> None:

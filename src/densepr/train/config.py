@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from densepr.errors import DenseprError
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -75,3 +77,33 @@ class ReaderTrainConfig(OptimConfig):
     span_loss: str = "positive"  # positive: DPR's (span softmax within the positive); shared: over all M passages
     head_lr: float | None = None  # learning rate of the two heads (default: lr); new heads learn faster
 
+
+SPAN_LOSSES = ("positive", "shared")  # ReaderTrainConfig.span_loss (and reproduce's ReaderPlan.span_loss)
+SPAN_LOSS_ALIASES = {"dpr": "positive"}  # the name reproduce once gave DPR's loss (recorded configs may hold it)
+
+
+def span_loss_name(name: str) -> str:
+    """A span loss's one name (:data:`SPAN_LOSSES`), an old alias mapped to it; unknown names are returned as given."""
+    return SPAN_LOSS_ALIASES.get(name, name)
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """How questions are mined into training data: the one home of the defaults of :func:`mine`,
+    :func:`build_training_data`, ``densepr data build-train`` and reproduce's ``TrainPlan``."""
+
+    val_fraction: float = 0.1  # of each set's questions held out for validation
+    depth: int = 100  # passages of each ranked list looked at per question (the paper: 100)
+    hard_negatives: int = 30  # answerless passages of the negatives list kept per question, best first
+    random_negatives: int = 10  # random answerless passages per question
+    seed: int = 0
+    skip_top: int = 0  # answerless passages ranked above this (0-based) are not hard negatives
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise DenseprError("the validation fraction must be in [0, 1)")
+        if not 0 <= self.skip_top < self.depth:
+            raise DenseprError(f"skip_top must be between 0 and depth ({self.depth}) - 1")
+
+
+MINING = MiningConfig()  # the defaults

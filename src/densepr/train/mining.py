@@ -31,10 +31,13 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.fileio import write_json
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BM25Index
+from densepr.train.config import MINING, MiningConfig
 
 Ranking = Callable[[Sequence[str], int], SearchResult] | Sequence[SearchResult]
 """A ranked list per question: a search function ``(questions, k) -> SearchResult``, or one
 precomputed :class:`SearchResult` per set (rows in the set's question order)."""
+
+
 
 
 @dataclass
@@ -73,14 +76,14 @@ def mine(
     corpus: Corpus,
     bm25: BM25Index,
     *,
-    depth: int = 100,
-    hard_negatives: int = 30,
-    random_negatives: int = 10,
-    seed: int = 0,
+    depth: int = MINING.depth,
+    hard_negatives: int = MINING.hard_negatives,
+    random_negatives: int = MINING.random_negatives,
+    seed: int = MINING.seed,
     stats: MiningStats | None = None,
     negatives_from: Ranking | None = None,
     positives_also: Mapping[str, Ranking] | None = None,
-    skip_top: int = 0,
+    skip_top: int = MINING.skip_top,
 ) -> Iterator[TrainRecord]:
     """Yield one :class:`TrainRecord` per question with an answer-bearing passage in one of the lists.
 
@@ -182,14 +185,14 @@ def build_training_data(
     output: str | os.PathLike[str],
     val_output: str | os.PathLike[str] | None = None,
     *,
-    val_fraction: float = 0.1,
-    depth: int = 100,
-    hard_negatives: int = 30,
-    random_negatives: int = 10,
-    seed: int = 0,
+    val_fraction: float = MINING.val_fraction,
+    depth: int = MINING.depth,
+    hard_negatives: int = MINING.hard_negatives,
+    random_negatives: int = MINING.random_negatives,
+    seed: int = MINING.seed,
     negatives_from: Ranking | None = None,
     negatives_name: str = "bm25",
-    skip_top: int = 0,
+    skip_top: int = MINING.skip_top,
 ) -> dict:
     """Mine training data (what ``densepr data build-train`` does): hold out ``val_fraction`` of each
     set's questions, mine the rest into ``output`` and the held-out part into ``val_output``.
@@ -200,10 +203,7 @@ def build_training_data(
     configuration). ``negatives_from``/``skip_top`` as :func:`mine`; ``negatives_name`` labels
     that ranking in the report (e.g. ``"dense"``).
     """
-    if not 0 <= val_fraction < 1:
-        raise DenseprError("the validation fraction must be in [0, 1)")
-    if not 0 <= skip_top < depth:
-        raise DenseprError(f"skip_top must be between 0 and depth ({depth}) - 1")
+    MiningConfig(val_fraction, depth, hard_negatives, random_negatives, seed, skip_top)  # checks them
     splits = [split_holdout(s, val_fraction, seed) for s in sets]
     if val_output is not None and val_fraction > 0 and any(v.match != "string" for _, v in splits):
         raise DenseprError("held-out questions of regex-matched sets cannot be pooled; mine them separately")

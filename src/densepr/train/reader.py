@@ -35,11 +35,10 @@ from densepr.models.hf import autocast, check_precision
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, save_models_dir, start_run
-from densepr.train.config import ReaderTrainConfig
+from densepr.train.config import SPAN_LOSSES, ReaderTrainConfig, span_loss_name
 from densepr.train.optim import adamw, linear_schedule, optimizer_step
 
 EVAL_KS = (1, 5, 10, 20, 50)
-SPAN_LOSSES = ("positive", "shared")
 
 
 def _heads(reader: Reader) -> list[torch.nn.Module]:
@@ -185,7 +184,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.passages < 1 or cfg.batch_size < 1:
         raise DenseprError("--passages and --batch-size must be positive")
-    if cfg.span_loss not in SPAN_LOSSES:
+    if span_loss_name(cfg.span_loss) not in SPAN_LOSSES:
         raise DenseprError(f"--span-loss {cfg.span_loss!r}: choose one of {', '.join(SPAN_LOSSES)}")
     check_precision(cfg.precision, "--precision")
     ckpt = start_run(out, cfg, resume, log=log)

@@ -1,0 +1,98 @@
+"""The index directory: the one home of its layout (what ``densepr reproduce`` and the stage commands write)::
+
+    passages.tsv      # the corpus, DPR TSV layout
+    store/            # optional: passages.tsv as a memory-mapped store (densepr.data.store), made on load
+    bm25/             # BM25 index (densepr.retrieve.bm25)
+    dense/            # FAISS index (densepr.index.dense); its manifest names the question encoder
+    hybrid.json       # optional: the lambda tuned on a dev set (`densepr tune-hybrid`)
+    reader/           # optional: a reader trained for it (`densepr reproduce --profile dpr`)
+
+:class:`IndexDir` names these paths and reads what can be known without loading an index (the
+modes, lambda, the question encoder, the reader); :meth:`densepr.retrieve.retriever.Retriever.load`
+loads it, the Ray router reads it, the CLI, reproduce and the QA pipeline write and read it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from densepr.data.passages import PASSAGES_FILE
+from densepr.errors import DenseprError
+from densepr.fileio import MANIFEST, read_json
+from densepr.retrieve.fusion import PAPER_LAMBDA
+from densepr.retrieve.modes import Mode, available_modes, default_mode
+
+READER_DIR = "reader"
+
+
+class IndexDir:
+    """Paths and light facts of one index directory (see module docstring); nothing is loaded."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"IndexDir({str(self.path)!r})"
+
+    # -- the layout ---------------------------------------------------------------------------
+    @property
+    def passages(self) -> Path:
+        return self.path / PASSAGES_FILE
+
+    @property
+    def bm25(self) -> Path:
+        return self.path / "bm25"
+
+    @property
+    def dense(self) -> Path:
+        return self.path / "dense"
+
+    @property
+    def dense_manifest_path(self) -> Path:
+        return self.dense / MANIFEST
+
+    @property
+    def hybrid(self) -> Path:
+        """The tuned hybrid weight (``{"lambda": ..., ...}``)."""
+        return self.path / "hybrid.json"
+
+    @property
+    def reader_dir(self) -> Path:
+        return self.path / READER_DIR
+
+    # -- what it holds -------------------------------------------------------------------------
+    def engines(self) -> set[str]:
+        """The indexes present: ``"bm25"``, ``"dense"``."""
+        return {n for n, p in (("bm25", self.bm25), ("dense", self.dense)) if p.is_dir()}
+
+    def check(self) -> IndexDir:
+        """This directory, or a clear error when it is not a searchable index directory."""
+        if not self.passages.is_file():
+            raise DenseprError(f"{self.path}: not an index directory (no {PASSAGES_FILE}); build one with `densepr reproduce` or the stage commands")
+        if not self.engines():
+            raise DenseprError(f"{self.path}: holds neither bm25/ nor dense/; nothing to search")
+        return self
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes its indexes can run."""
+        return available_modes(self.engines())
+
+    @property
+    def default_mode(self) -> Mode:
+        return default_mode(self.modes)
+
+    def hybrid_lambda(self) -> float:
+        """The tuned weight of BM25 in hybrid, else the paper's."""
+        return float(read_json(self.hybrid)["lambda"]) if self.hybrid.is_file() else PAPER_LAMBDA
+
+    def dense_manifest(self) -> dict:
+        """The dense index's manifest (``{}`` without a dense index): its type, shards, question encoder."""
+        return read_json(self.dense_manifest_path) if self.dense_manifest_path.is_file() else {}
+
+    def reader(self) -> Path | None:
+        """The reader stored beside the index, or None."""
+        from densepr.models.reader import CONFIG_NAME  # here: the reader module imports torch
+
+        return self.reader_dir if (self.reader_dir / CONFIG_NAME).is_file() else None
