@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.cli import run
+from tests.support.tiny import make_tiny_bert
 
 
 @pytest.mark.parametrize("flags", [["--read-timeout", "3"], ["--max-connections", "64"], ["--read-timeout", "10", "--max-connections", "256"],
@@ -48,11 +49,23 @@ def test_serve_ray_uses_the_question_encoder_given(index_dir, tmp_path, tiny_ber
     from densepr.fileio import read_json
     from densepr.serve.ray_app import build_app
 
-    other = tmp_path / "other-encoder"
-    other.mkdir()
+    other = make_tiny_bert(tmp_path / "other-encoder", seed=1)  # as wide as the index's
     assert encoder_of(build_app(index_dir, question_encoder=str(other))) == str(other.resolve())
     assert encoder_of(build_app(index_dir, question_encoder=f"{other}#int8")) == f"{other.resolve()}#int8"
     assert encoder_of(build_app(index_dir)) == read_json(index_dir / "dense/manifest.json")["question_encoder"]
+
+
+def test_serve_ray_refuses_a_question_encoder_of_another_width_before_starting(index_dir, tmp_path):
+    """As single-process serving does (Retriever), before any replica loads it."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
+    from densepr.errors import DenseprError
+    from densepr.serve.ray_app import build_app
+
+    wide = make_tiny_bert(tmp_path / "wide-encoder", hidden=48)
+    with pytest.raises(DenseprError, match="48-d vectors, the dense index holds 32-d"):
+        build_app(index_dir, question_encoder=str(wide))
+    with pytest.raises(DenseprError, match="not a question encoder directory"):
+        build_app(index_dir, question_encoder=str(tmp_path))
 
 
 def test_serve_ray_checks_the_host_header_as_the_single_process_server(index_dir):
@@ -83,8 +96,7 @@ def test_serve_ray_command_passes_the_question_encoder_on(index_dir, tmp_path, c
         built.append(ray_app.build_app(index, reader, limits, replicas, question_encoder=question_encoder))
 
     monkeypatch.setattr(ray_app, "run", start)
-    other = tmp_path / "other-encoder"
-    other.mkdir()
+    other = make_tiny_bert(tmp_path / "other-encoder", seed=1)
     code, _, err = run(capsys, "serve", "--index", str(index_dir), "--ray", "local", "--question-encoder", str(other))
     assert code == 0, err
     assert [encoder_of(app) for app in built] == [str(other.resolve())]

@@ -153,6 +153,21 @@ def load_question_encoder(path: str | os.PathLike[str], device: str | None = Non
     return Encoder.load(path, device=device)
 
 
+def question_encoder_dim(path: str | os.PathLike[str]) -> int:
+    """The vector size a question encoder (as :func:`load_question_encoder` takes it) gives, read from
+    its config alone (no weights loaded): what a server checks against its index before starting replicas."""
+    base = str(path)[: -len("#int8")] if str(path).endswith("#int8") else str(path)
+    if is_onnx_dir(base):
+        return int(read_json(Path(base) / CONFIG_NAME)["dim"])
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise DenseprError(f"{base}: not a question encoder directory ({e})") from None
+    return int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)  # as Encoder.dim
+
+
 # -- the reader -------------------------------------------------------------------------------------
 class OnnxReaderModel:
     """DPRReader's forward on ONNX Runtime (CPU, inference only): called as the transformers model is,

@@ -64,13 +64,14 @@ class IndexInfo:
     bm25: bool
     hybrid_lambda: float | None
     dense_shards: int = 1
+    dense_dim: int | None = None
 
     @classmethod
     def read(cls, index: str | Path) -> IndexInfo:
         d = IndexDir(index).check()
         manifest = d.dense_manifest()
         return cls(str(d.passages.resolve()), d.modes, manifest.get("question_encoder"), manifest.get("type"), "bm25" in d.engines(),
-                   d.hybrid_lambda(), len(manifest.get("shards") or [None]))  # fmt: skip
+                   d.hybrid_lambda(), len(manifest.get("shards") or [None]), manifest.get("dim"))  # fmt: skip
 
     def shards(self, wanted: int | None) -> int:
         """Searcher shards: ``wanted``, else the dense index's; a dense index fixes the number."""
@@ -259,6 +260,12 @@ def build_app(index: str | Path, reader: str | Path | None = None, limits: Limit
     if question_encoder and info.question_encoder:  # absolute: replicas may run elsewhere; an ONNX export's #int8 kept
         base, sep, tag = str(question_encoder).partition("#")
         info.question_encoder = str(Path(base).resolve()) + sep + tag if Path(base).exists() else str(question_encoder)
+        from densepr.models.onnx import question_encoder_dim
+
+        dim = question_encoder_dim(info.question_encoder)  # before any replica starts, as Retriever refuses it
+        if info.dense_dim is not None and dim != info.dense_dim:
+            raise DenseprError(f"question encoder {question_encoder} gives {dim}-d vectors, the dense index holds "
+                               f"{info.dense_dim}-d vectors: they were not built as a pair")  # fmt: skip
     cpu = {"num_cpus": replicas.cpus}
     gpu = {**cpu, "num_gpus": 1} if device and device.startswith("cuda") else cpu
     encoder = QuestionEncoder.options(num_replicas=replicas.encoder, ray_actor_options=gpu, max_ongoing_requests=ENCODER_BATCH * 2).bind(info.question_encoder, device) if info.question_encoder else None  # fmt: skip
