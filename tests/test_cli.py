@@ -289,9 +289,9 @@ def test_two_outputs_on_one_path_and_tune_hybrid_output(tmp_path, capsys, no_wor
 
 
 def test_unwritable_output_parent_is_refused_first(tmp_path, capsys, no_work, monkeypatch):
-    import densepr.cli
+    import densepr.cli.common
 
-    monkeypatch.setattr(densepr.cli.os, "access", lambda p, mode: False)  # as a non-root user on a read-only directory
+    monkeypatch.setattr(densepr.cli.common.os, "access", lambda p, mode: False)  # as a non-root user on a read-only directory
     code, _, err = run(capsys, "index", "bm25", "p.tsv", str(tmp_path / "new" / "bm25"))
     assert code == 1 and err.strip() == f"error: {tmp_path / 'new' / 'bm25'}: cannot write in {tmp_path} (permission denied or read-only)"
 
