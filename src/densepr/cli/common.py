@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -12,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from densepr.errors import DenseprError
+from densepr.errors import ConfigError, DenseprError
 from densepr.progress import console
 from densepr.retrieve.modes import Mode
 
@@ -54,6 +56,16 @@ def _default(cls: type, name: str) -> Any:
     """The default of dataclass field ``cls.name``: options fall back to the one definition in the library."""
     field = cls.__dataclass_fields__[name]
     return field.default if field.default is not MISSING else field.default_factory()
+
+
+@contextmanager
+def _options(**renamed: str) -> Iterator[None]:
+    """A library config's :class:`ConfigError` worded with the option that set the field: ``--max-k`` for
+    ``max_k``, or the option named here where the names differ (``timeout_s="--timeout"``)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise DenseprError(f"{renamed.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
 
 
 def _log(msg: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from densepr.cli.common import DeviceOpt, IndexOpt, _check_output, _default, _index, _log, out
+from densepr.cli.common import DeviceOpt, IndexOpt, _check_output, _default, _index, _log, _options, out
 from densepr.errors import DenseprError
 from densepr.serve.service import Limits
 
@@ -63,25 +63,16 @@ def serve_cmd(
     from densepr.models.reader import Reader
     from densepr.retrieve.retriever import Retriever
 
-    for name, v in (("--max-question-chars", max_question_chars), ("--max-k", max_k), ("--max-questions", max_questions),
-                    ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch), ("--timeout", timeout),
-                    ("--max-queue", max_queue), ("--max-answers", max_answers), ("--max-answer-chars", max_answer_chars),
-                    ("--max-answers-total-chars", max_answers_total_chars), ("--read-timeout", read_timeout),
-                    ("--timeout-keep-alive", timeout_keep_alive), ("--max-connections", max_connections),
-                    ("--max-connections-per-client", max_connections_per_client), ("--first-byte-timeout", first_byte_timeout),
-                    ("--send-timeout", send_timeout),
-                    ("--max-k-answer", max_k_answer), ("--max-answer-passages-queued", max_answer_passages_queued)):  # fmt: skip
-        if v <= 0:
-            raise DenseprError(f"{name} must be positive")
-    if max_wait_ms < 0:
-        raise DenseprError("--max-wait-ms must not be negative")
-    limits = Limits(max_question_chars=max_question_chars, max_k=max_k, max_questions=max_questions, max_body_bytes=max_body_bytes,
-                    timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
-                    max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
-                    keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
-                    first_byte_timeout_s=first_byte_timeout, send_timeout_s=send_timeout,
-                    max_k_answer=max_k_answer, max_answer_passages_queued=max_answer_passages_queued,
-                    allowed_hosts=_allowed_hosts(allowed_hosts))  # fmt: skip
+    renamed = {"timeout_s": "--timeout", "read_timeout_s": "--read-timeout", "keep_alive_s": "--timeout-keep-alive",
+               "first_byte_timeout_s": "--first-byte-timeout", "send_timeout_s": "--send-timeout"}  # fmt: skip
+    with _options(**renamed):  # Limits checks its values
+        limits = Limits(max_question_chars=max_question_chars, max_k=max_k, max_questions=max_questions, max_body_bytes=max_body_bytes,
+                        timeout_s=timeout, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_answers=max_answers,
+                        max_answer_chars=max_answer_chars, max_answers_total_chars=max_answers_total_chars, read_timeout_s=read_timeout,
+                        keep_alive_s=timeout_keep_alive, max_connections=max_connections, max_connections_per_client=max_connections_per_client,
+                        first_byte_timeout_s=first_byte_timeout, send_timeout_s=send_timeout,
+                        max_k_answer=max_k_answer, max_answer_passages_queued=max_answer_passages_queued,
+                        allowed_hosts=_allowed_hosts(allowed_hosts))  # fmt: skip
     from densepr.pipeline import find_reader
 
     if ray is not None:
