@@ -92,15 +92,13 @@ def tune_hybrid(
     _check_output(hybrid_json, "file", "tuned weight")
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.tuning import tune_lambda
-    from densepr.fileio import write_json
     from densepr.retrieve.fusion import PAPER_LAMBDA
     from densepr.retrieve.retriever import Retriever
 
     sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
     r = Retriever.load(index, device=device)
     best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k)
-    write_json(hybrid_json, {"lambda": best, "tuned_on": [s.name for s in sets], "questions_per_set": limit,
-                                       "metric": f"top-{k} accuracy", "grid": grid})  # fmt: skip
+    IndexDir(index).write_hybrid(best, grid, [s.name for s in sets], limit, f"top-{k} accuracy")
     out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda={PAPER_LAMBDA}: {grid[str(PAPER_LAMBDA)]:.2f}%)")
     out.print(f"saved to {hybrid_json}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from densepr.data.passages import PASSAGES_FILE
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, read_json
+from densepr.fileio import MANIFEST, read_json, write_json
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode, available_modes, default_mode
 
@@ -86,6 +86,11 @@ class IndexDir:
     def hybrid_lambda(self) -> float:
         """The tuned weight of BM25 in hybrid, else the paper's."""
         return float(read_json(self.hybrid)["lambda"]) if self.hybrid.is_file() else PAPER_LAMBDA
+
+    def write_hybrid(self, lam: float, grid: dict[str, float], tuned_on: list[str], questions_per_set: int | None, metric: str) -> None:
+        """Store the tuned weight (what :meth:`hybrid_lambda` reads) with how it was chosen: the sets,
+        questions per set, the metric and its value at each lambda tried."""
+        write_json(self.hybrid, {"lambda": lam, "tuned_on": tuned_on, "questions_per_set": questions_per_set, "metric": metric, "grid": grid})
 
     def dense_manifest(self) -> dict:
         """The dense index's manifest (``{}`` without a dense index): its type, shards, question encoder."""
