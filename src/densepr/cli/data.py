@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from densepr.cli.common import CacheOpt, DeviceOpt, IndexOpt, _check_output, _check_outputs_differ, _index, _load_qa, _log, out
+from densepr.cli.common import CacheOpt, DeviceOpt, IndexOpt, _check_output, _check_outputs_differ, _index, _load_qa, _log, _options, out
 from densepr.errors import DenseprError
 from densepr.retrieve.modes import Mode
 from densepr.train.config import MINING
@@ -96,42 +96,27 @@ def data_build_train(
     _check_output(val_output, "file", "validation JSON")
     _check_output(val_output.with_suffix(".qa.tsv") if val_output else None, "file", "held-out questions")
     _check_outputs_differ(output, output.with_suffix(".stats.json"), val_output, val_output.with_suffix(".qa.tsv") if val_output else None)
-    from densepr.fileio import write_json
     from densepr.retrieve.bm25 import BM25Index
     from densepr.retrieve.index_dir import IndexDir
-    from densepr.retrieve.retriever import Retriever, open_corpus
-    from densepr.train.mining import build_training_data, stats_path
+    from densepr.retrieve.retriever import open_corpus
+    from densepr.train.config import MiningConfig
+    from densepr.train.mining import build_training_data, check_remine_mode, model_ranking, refuse_test_sets
 
     sets = [_load_qa(q, None, None, cache_dir) for q in qa]
-    tests = [s.name for s in sets if "test" in s.name.lower()]
-    if tests and not allow_test:
-        raise DenseprError(f"refusing to build training data from test set(s) {', '.join(tests)}; train on dev/train sets (or --allow-test)")
-    if not 0 <= val_fraction < 1:
-        raise DenseprError("--val-fraction must be in [0, 1)")
-    if skip_top < 0 or skip_top >= depth:
-        raise DenseprError(f"--skip-top must be between 0 and --depth ({depth}) - 1")
-    if negatives_from is not None and mode not in (Mode.DENSE.value, Mode.HYBRID.value):
-        raise DenseprError(f"--mode must be dense or hybrid, not {mode!r} (BM25 mining is the default without --negatives-from)")
+    refuse_test_sets(sets, allow_test)
+    with _options():  # MiningConfig checks the values, before anything is loaded
+        MiningConfig(val_fraction, depth, hard_negatives, random_negatives, seed, skip_top)
+    if negatives_from is not None:
+        check_remine_mode(mode)
     corpus = open_corpus(index)  # its passage store: nothing held per passage
     bm25 = BM25Index.load(IndexDir(index).bm25, corpus=corpus)
     model_rank = None
     if negatives_from is not None:
-        model = Retriever.load(negatives_from, device=device)
-        if model.corpus.fingerprint() != corpus.fingerprint():
-            raise DenseprError(f"{negatives_from}: its passages.tsv differs from {IndexDir(index).passages} (corpus fingerprints differ); "
-                               "re-mine with a model index over the same corpus")  # fmt: skip
-        if model.bm25 is None:
-            model.bm25 = bm25  # hybrid may borrow --index's BM25: same corpus
-        mode = model.check_mode(mode).value  # a clear error when the model's index lacks what the mode needs
-
-        def model_rank(questions, k):
-            return model.retrieve(questions, k, mode)
-
+        model_rank, mode = model_ranking(negatives_from, index, corpus, bm25, mode, device)
     report = build_training_data(sets, corpus, bm25, output, val_output, val_fraction=val_fraction, depth=depth,
                                  hard_negatives=hard_negatives, random_negatives=random_negatives, seed=seed,
-                                 negatives_from=model_rank, negatives_name=mode, skip_top=skip_top)  # fmt: skip
-    report["config"]["negatives_from"] = str(negatives_from) if negatives_from else None
-    write_json(stats_path(output), report)
+                                 negatives_from=model_rank, negatives_name=mode, skip_top=skip_top,
+                                 record={"negatives_from": str(negatives_from) if negatives_from else None})  # fmt: skip
     for part in ("train", "validation"):
         if part in report:
             r = report[part]
