@@ -51,21 +51,11 @@ def data_split(
 ) -> None:
     """Split articles into disjoint passages of 100 words, title kept (DPR's corpus rule)."""
     _check_output(output, "file", "passages TSV", inputs=(articles,))
-    from densepr.data.passages import iter_jsonl, split_articles, write_passages_tsv
-    from densepr.errors import InputError
-
-    def read():
-        for lineno, obj in iter_jsonl(articles):
-            title, text = obj.get("title", ""), obj.get("text")
-            if not isinstance(text, str):
-                raise InputError(articles, "missing or non-string text", line=lineno, field="text")
-            if not isinstance(title, str):
-                raise InputError(articles, "title must be a string", line=lineno, field="title")
-            yield title, text
+    from densepr.data.passages import read_articles, split_articles, write_passages_tsv
 
     if words <= 0:
         raise DenseprError("--words must be positive")
-    n = write_passages_tsv(split_articles(read(), words), output)
+    n = write_passages_tsv(split_articles(read_articles(articles), words), output)
     out.print(f"wrote {n} passages of up to {words} words to {output}")
 
 
