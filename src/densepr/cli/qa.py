@@ -151,31 +151,6 @@ def answer_cmd(
     out.print(Panel(body, title=f"#{h.rank}  {h.title}  [dim](id {h.id})[/dim]", title_align="left"))
 
 
-def _read_qa_results(output: Path) -> dict:
-    """The sets an earlier ``evaluate-qa`` wrote into ``output`` (none when absent or unreadable: read again)."""
-    from densepr.fileio import read_json
-
-    if not (output / "qa-results.json").is_file():
-        return {}
-    try:
-        sets = read_json(output / "qa-results.json").get("sets", {})
-    except (DenseprError, AttributeError) as e:
-        _log(f"{output}/qa-results.json: unreadable ({e}); its sets are read again")
-        return {}
-    return sets if isinstance(sets, dict) else {}
-
-
-def _write_qa(output: Path, results: dict) -> None:
-    from densepr.evaluate.report import plot_qa, qa_markdown
-    from densepr.fileio import atomic_write, write_json
-
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "qa-results.json", results)
-    with atomic_write(output / "qa-results.md") as fh:
-        fh.write(qa_markdown(results))
-    plot_qa(results, output / "qa-em.png")
-
-
 def tune_reader_cmd(
     qa: Annotated[str, typer.Option("--qa", help="Held-out questions (a QA file or set name) never trained on, e.g. runs/dpr/train-data/train-dev.qa.tsv.")],
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory to tune; the choice is stored in its densepr_reader.json (default: <index>/reader, else runs/reader/best).")] = None,
@@ -237,14 +212,14 @@ def evaluate_qa_cmd(
     index = _index(index)
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
-    from densepr.evaluate.report import qa_markdown
+    from densepr.evaluate.report import QA_RESULTS, qa_markdown, read_qa_results, write_qa_results
     from densepr.fileio import file_name, remove_tree, writable_dir
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
     from densepr.retrieve.retriever import Retriever
 
-    writable_dir(output, "QA results", ("qa-results.json", "qa-results.md", "qa-em.png", "pieces/"))  # a user's folder: refused, untouched
+    writable_dir(output, "QA results", (*QA_RESULTS, "pieces/"))  # a user's folder: refused, untouched
 
     k_list = _int_list(ks, "--ks")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
@@ -255,7 +230,7 @@ def evaluate_qa_cmd(
     rd = Reader.load(reader_dir, device, precision=precision)
     matcher = AnswerMatcher(r.corpus.texts)
     results = {"reader": rd.name, "precision": precision, "index": str(index), "ks": k_list, "modes": mode_list, "limit": limit, "sets": {}}
-    before = _read_qa_results(output) if resume else {}
+    before = read_qa_results(output, _log) if resume else {}
     for spec in qa:
         qas = _load_qa(spec, limit, regex, cache_dir)
         key = reading_key(reader_dir, index, qas, mode_list, k_list, gold, precision)
@@ -281,7 +256,7 @@ def evaluate_qa_cmd(
             kept_note = f" ({resumed['pieces_kept']} kept piece(s) included)"
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s{kept_note}; best EM "
              + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
-        _write_qa(output, results)  # after every set: a long run keeps what it finished
+        write_qa_results(output, results)  # after every set: a long run keeps what it finished
         remove_tree(set_pieces)  # the set's result is written: its pieces are no longer needed
         if not any((output / "pieces").iterdir()):
             (output / "pieces").rmdir()
