@@ -177,27 +177,16 @@ def encode(
                               gpus_per_actor=ray_gpus, device=device, show_progress=True)  # fmt: skip
         out.print(f"{m['count']} passage vectors ({m['dim']}-d, {dtype}) in {len(m['parts'])} part(s) written to {output} (Ray)")
         return
-    import os
-
-    import torch
-
     from densepr.data import EmbeddedData
     from densepr.data.store import open_passages
-    from densepr.index.embeddings import encode_corpus
+    from densepr.index.embeddings import encode_corpus, process_share
     from densepr.models.encoder import load_biencoder
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1 and shard_id is None and num_shards is None:
-        shard_id, num_shards = rank, world  # one shard per torchrun process
-        if device is None and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        if device in (None, "cpu"):
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    shard_id, num_shards = shard_id or 0, num_shards or 1
+    shard_id, num_shards, device, show_progress = process_share(shard_id, num_shards, device)  # under torchrun: its rank's
     q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
     corpus = open_passages(passages, output)  # an index directory's store, else the file streamed: read part by part
     m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, part_size=part_size, batch_size=batch_size,
-                      dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=rank == 0 or world == 1)  # fmt: skip
+                      dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=show_progress)  # fmt: skip
     if m is None:
         out.print(f"shard {shard_id + 1}/{num_shards} encoded into {output}; other shards still to finish")
     else:
