@@ -264,3 +264,17 @@ def test_qa_results_are_written_and_read_back_by_the_report_module(tmp_path):
     (tmp_path / "qa" / "qa-results.json").write_text("[1, 2]")  # not what it wrote: read again, and said so
     said = []
     assert read_qa_results(tmp_path / "qa", said.append) == {} and "unreadable" in said[0]
+
+
+def test_dpr_results_are_judged_from_the_passage_text(tmp_path):
+    """has_answer recomputed from each passage's text (the file's own flags ignored), regex for CuratedTREC by name."""
+    from densepr.evaluate.answers import judge_dpr_results
+
+    recs = [{"question": "who wrote python", "answers": ["Guido"], "ctxs": [{"text": "Python", "has_answer": True}, {"text": "by Guido van Rossum"}]},
+            {"question": "how many", "answers": ["\\d+ lakes"], "ctxs": [{"text": "the 5 lakes"}]}]  # fmt: skip
+    for name, match, want in (("r.json", "string", [[False, True], [False, False]]), ("curated-r.json", "regex", [[False, True], [True, False]])):
+        (tmp_path / name).write_text(json.dumps(recs))
+        qas, hits = judge_dpr_results(tmp_path / name)
+        assert (qas.name, qas.match, qas.questions) == (name, match, ["who wrote python", "how many"])
+        assert hits.tolist() == want
+    assert judge_dpr_results(tmp_path / "r.json", "regex")[0].match == "regex"  # --regex given

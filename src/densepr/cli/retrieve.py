@@ -118,10 +118,8 @@ def evaluate(
     and, when --index is given, on the answerable subset."""
     import numpy as np
 
-    from densepr.data import QA, QASet
-    from densepr.data.qa import default_match
-    from densepr.data.runs import iter_dpr_results, read_trec_run
-    from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, has_answer
+    from densepr.data.runs import read_trec_run
+    from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, judge_dpr_results
     from densepr.evaluate.report import rich_table
     from densepr.evaluate.topk import accuracy_report
     from densepr.retrieve.index_dir import IndexDir
@@ -149,14 +147,7 @@ def evaluate(
     else:
         corpus = None
     if results.suffix == ".json":
-        recs = list(iter_dpr_results(results))
-        match = default_match(results.name) if regex is None else ("regex" if regex else "string")
-        qas = QASet(results.name, [QA(r.question, tuple(r.answers)) for r in recs], match)
-        width = max(max(len(r.ctxs) for r in recs), 1)
-        hits = np.zeros((len(recs), width), dtype=bool)
-        for i, r in enumerate(recs):
-            for j, c in enumerate(r.ctxs):
-                hits[i, j] = has_answer(r.answers, c["text"], match)
+        qas, hits = judge_dpr_results(results, None if regex is None else ("regex" if regex else "string"))
     else:
         if qa is None or corpus is None:
             raise DenseprError("a TREC run needs --qa (its questions) and --index (its passages)")
