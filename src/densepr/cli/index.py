@@ -200,37 +200,9 @@ def verify_cmd(
 ) -> None:
     """Check every artefact under a directory: files against their manifest (sizes and sha256), BM25
     arrays' ranges, dense index shards, and each index's corpus against the passages.tsv beside it."""
-    from densepr.data import load_corpus
-    from densepr.data.passages import check_corpus
-    from densepr.data.store import KIND as STORE_KIND
-    from densepr.data.store import check_store
-    from densepr.fileio import verify_tree
-    from densepr.index.dense import KIND as DENSE_KIND
-    from densepr.index.dense import check_index
-    from densepr.retrieve.bm25 import KIND as BM25_KIND
-    from densepr.retrieve.bm25 import check_arrays
-    from densepr.retrieve.index_dir import IndexDir
+    from densepr.retrieve.index_dir import verify_artefacts
 
-    corpora: dict[Path, object] = {}
-
-    def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
-        tsv = IndexDir(d.parent).passages
-        if manifest.get("corpus") and tsv.is_file():
-            if tsv not in corpora:
-                corpora[tsv] = load_corpus(tsv)
-            check_corpus(manifest, corpora[tsv], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
-
-    def structure(d: Path, manifest: dict) -> None:
-        if manifest["kind"] == BM25_KIND:
-            check_arrays(d, manifest, full=not quick)
-        elif manifest["kind"] == DENSE_KIND:
-            check_index(d, manifest)
-        elif manifest["kind"] == STORE_KIND:
-            check_store(d, manifest, full=not quick)
-        corpus_beside(d, manifest)
-
-    kinds = (BM25_KIND, DENSE_KIND, "embeddings", STORE_KIND)
-    results = verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys(kinds, structure))
+    results = verify_artefacts(directory, quick)
     if not results:
         raise DenseprError(f"{directory}: no manifest.json found; nothing densepr wrote is here")
     bad = 0

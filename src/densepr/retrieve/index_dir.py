@@ -101,3 +101,41 @@ class IndexDir:
         from densepr.models.reader import CONFIG_NAME  # here: the reader module imports torch
 
         return self.reader_dir if (self.reader_dir / CONFIG_NAME).is_file() else None
+
+
+def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> list[tuple[Path, str, str | None]]:
+    """Check every artefact under ``directory`` (``densepr verify``): ``[(directory, kind, None or the problem), ...]``.
+
+    Files against their manifest (every byte's sha256, or with ``quick`` the checks done on load: sizes
+    and sampled sha256), BM25 arrays' ranges, dense index shards, passage stores, and each index's corpus
+    against the ``passages.tsv`` of the index directory it is in.
+    """
+    from densepr.data.passages import check_corpus, load_corpus
+    from densepr.data.store import KIND as STORE_KIND
+    from densepr.data.store import check_store
+    from densepr.fileio import verify_tree
+    from densepr.index.dense import KIND as DENSE_KIND  # here: the dense index module imports torch
+    from densepr.index.dense import check_index
+    from densepr.retrieve.bm25 import KIND as BM25_KIND
+    from densepr.retrieve.bm25 import check_arrays
+
+    corpora: dict[Path, object] = {}
+
+    def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
+        tsv = IndexDir(d.parent).passages
+        if manifest.get("corpus") and tsv.is_file():
+            if tsv not in corpora:
+                corpora[tsv] = load_corpus(tsv)
+            check_corpus(manifest, corpora[tsv], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
+
+    def structure(d: Path, manifest: dict) -> None:
+        if manifest["kind"] == BM25_KIND:
+            check_arrays(d, manifest, full=not quick)
+        elif manifest["kind"] == DENSE_KIND:
+            check_index(d, manifest)
+        elif manifest["kind"] == STORE_KIND:
+            check_store(d, manifest, full=not quick)
+        corpus_beside(d, manifest)
+
+    kinds = (BM25_KIND, DENSE_KIND, "embeddings", STORE_KIND)
+    return verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys(kinds, structure))
