@@ -288,10 +288,27 @@ def test_two_outputs_on_one_path_and_tune_hybrid_output(tmp_path, capsys, no_wor
     assert code == 1 and err.startswith(f"error: {tmp_path / 'hybrid.json'}: is a directory")
 
 
-def test_unwritable_output_parent_is_refused_first(tmp_path, capsys, no_work, monkeypatch):
-    import densepr.cli
+def test_serve_limits_are_checked_by_limits_and_named_by_their_option(tmp_path, capsys):
+    """Limits refuses what would refuse every request (any front end); the CLI names its own option."""
+    from densepr.errors import ConfigError
+    from densepr.serve.service import Limits
 
-    monkeypatch.setattr(densepr.cli.os, "access", lambda p, mode: False)  # as a non-root user on a read-only directory
+    with pytest.raises(ConfigError, match="^max_k must be positive"):
+        Limits(max_k=0)
+    with pytest.raises(ConfigError, match="^max_wait_ms must not be negative"):
+        Limits(max_wait_ms=-1)
+    Limits(max_wait_ms=0, max_connections_per_client=None)  # no waiting for company; no per-client cap
+    for flags, want in ((("--max-k", "0"), "--max-k must be positive"), (("--timeout", "0"), "--timeout must be positive"),
+                        (("--timeout-keep-alive", "-1"), "--timeout-keep-alive must be positive"),
+                        (("--max-wait-ms", "-1"), "--max-wait-ms must not be negative")):  # fmt: skip
+        code, _, err = run(capsys, "serve", "--index", str(tmp_path), *flags)
+        assert code == 1 and err.strip() == f"error: {want}", (flags, err)
+
+
+def test_unwritable_output_parent_is_refused_first(tmp_path, capsys, no_work, monkeypatch):
+    import densepr.cli.common
+
+    monkeypatch.setattr(densepr.cli.common.os, "access", lambda p, mode: False)  # as a non-root user on a read-only directory
     code, _, err = run(capsys, "index", "bm25", "p.tsv", str(tmp_path / "new" / "bm25"))
     assert code == 1 and err.strip() == f"error: {tmp_path / 'new' / 'bm25'}: cannot write in {tmp_path} (permission denied or read-only)"
 

@@ -40,6 +40,11 @@ def test_verify_passes_on_what_densepr_wrote(artefacts, capsys):
     kinds = {line.split()[1] for line in out.splitlines() if line.startswith("ok")}
     assert {"bm25-index", "dense-index", "encoder", "reader"} <= kinds
     assert "artefacts verified" in out
+    from densepr.retrieve.index_dir import verify_artefacts  # what the command prints
+
+    for quick in (False, True):
+        found = verify_artefacts(artefacts, quick)
+        assert {k for _, k, _ in found} >= kinds and all(problem is None for _, _, problem in found)
 
 
 @pytest.mark.parametrize("victim", ["dense/index.faiss", "bm25/params.index.json", "encoder/model.safetensors", "reader/model.safetensors"])

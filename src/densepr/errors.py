@@ -37,3 +37,12 @@ class InputError(DenseprError):
 
 class MismatchError(DenseprError):
     """Two artefacts that must agree do not (index vs encoder dimension, shards of different models)."""
+
+
+class ConfigError(DenseprError):
+    """A setting out of its range. ``field`` names the dataclass field, so a front end can name its own
+    option instead (the CLI: ``--max-k`` for ``max_k``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"{field} {problem}")

@@ -132,6 +132,17 @@ def test_split_article_into_disjoint_100_word_passages():
     assert split_article("Empty", "   ") == []
 
 
+def test_articles_are_read_streamed_and_a_bad_record_is_named(tmp_path):
+    from densepr.data.passages import read_articles
+
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"title": "T", "text": "one two"}\n\n{"text": "no title"}\n{"title": 3, "text": "x"}\n', encoding="utf-8")
+    got = read_articles(path)
+    assert [next(got), next(got)] == [("T", "one two"), ("", "no title")]  # read as split, a record at a time
+    with pytest.raises(InputError, match=r"a.jsonl, line 4: field 'title': title must be a string"):
+        next(got)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.text(max_size=5), st.text(max_size=300)), max_size=5), st.integers(1, 20))
 def test_splitter_never_drops_or_repeats_words(articles, n):

@@ -248,3 +248,33 @@ def test_answerable_subset_is_cached_per_corpus_and_question_set(tmp_path, monke
         cached.write_text(bad)
         assert answers.answerable_subset(corpus, qas, tmp_path, force=True).tolist() == [True, False, True]
         assert json.loads(cached.read_text())["answerable"] == [0, 2]
+
+
+def test_qa_results_are_written_and_read_back_by_the_report_module(tmp_path):
+    """evaluate-qa's files (qa-results.json, .md, qa-em.png) and what a resumed run keeps of them."""
+    from densepr.evaluate.report import QA_RESULTS, read_qa_results, write_qa_results
+
+    per_k = {"1": {"em": 50.0, "em_answerable": 60.0, "f1": 55.0, "retrieval_topk": 70.0}}
+    results = {"ks": [1], "sets": {"qa.tsv": {"n_all": 2, "n_answerable": 1, "modes": {"bm25": {"k": per_k}}, "key": "abc"}}}
+    write_qa_results(tmp_path / "qa", results)
+    assert sorted(p.name for p in (tmp_path / "qa").iterdir()) == sorted(QA_RESULTS)
+    assert "| qa.tsv (2 q, 1 answerable) | bm25 | 50.0 |" in (tmp_path / "qa" / "qa-results.md").read_text()
+    assert read_qa_results(tmp_path / "qa") == results["sets"]
+    assert read_qa_results(tmp_path / "none") == {}
+    (tmp_path / "qa" / "qa-results.json").write_text("[1, 2]")  # not what it wrote: read again, and said so
+    said = []
+    assert read_qa_results(tmp_path / "qa", said.append) == {} and "unreadable" in said[0]
+
+
+def test_dpr_results_are_judged_from_the_passage_text(tmp_path):
+    """has_answer recomputed from each passage's text (the file's own flags ignored), regex for CuratedTREC by name."""
+    from densepr.evaluate.answers import judge_dpr_results
+
+    recs = [{"question": "who wrote python", "answers": ["Guido"], "ctxs": [{"text": "Python", "has_answer": True}, {"text": "by Guido van Rossum"}]},
+            {"question": "how many", "answers": ["\\d+ lakes"], "ctxs": [{"text": "the 5 lakes"}]}]  # fmt: skip
+    for name, match, want in (("r.json", "string", [[False, True], [False, False]]), ("curated-r.json", "regex", [[False, True], [True, False]])):
+        (tmp_path / name).write_text(json.dumps(recs))
+        qas, hits = judge_dpr_results(tmp_path / name)
+        assert (qas.name, qas.match, qas.questions) == (name, match, ["who wrote python", "how many"])
+        assert hits.tolist() == want
+    assert judge_dpr_results(tmp_path / "r.json", "regex")[0].match == "regex"  # --regex given

@@ -442,3 +442,26 @@ def test_cli_encode_reads_the_passages_part_by_part(tmp_path, capsys, monkeypatc
     code, _, err = run(capsys, "encode", str(src), str(tmp_path / "emb"), *args)
     assert code == 0 and len(ahead) == 1, err  # only the missing part encoded again
     same(tmp_path / "emb")
+
+
+def test_each_torchrun_process_encodes_its_own_shard(monkeypatch):
+    """`densepr encode` under torchrun: shard RANK of WORLD_SIZE unless shards are given; progress on rank 0 only."""
+    import os
+
+    import torch
+
+    from densepr.index.embeddings import process_share
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert process_share(None, None, None) == (0, 1, None, True)
+    assert process_share(2, 3, "cpu") == (2, 3, "cpu", True)
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        assert process_share(None, None, "cpu") == (1, 2, "cpu", False)
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)  # its share of the CPU
+        assert process_share(0, 4, "cpu") == (0, 4, "cpu", False)  # shards given: those
+    finally:
+        torch.set_num_threads(threads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -86,6 +88,19 @@ def test_retriever_over_an_index_directory(index_dir, corpus):
         assert res.rows.shape == (2, 5) and (res.rows < len(corpus)).all()
     write_json(index_dir / "hybrid.json", {"lambda": 0.25})
     assert Retriever.load(index_dir, device="cpu").hybrid_lambda == 0.25
+
+
+def test_the_tuned_lambda_is_written_and_read_by_the_index_directory(tmp_path):
+    """IndexDir writes hybrid.json (densepr tune-hybrid) and reads its lambda back; the paper's without one."""
+    from densepr.retrieve.fusion import PAPER_LAMBDA
+    from densepr.retrieve.index_dir import IndexDir
+
+    d = IndexDir(tmp_path)
+    assert d.hybrid_lambda() == PAPER_LAMBDA
+    d.write_hybrid(0.5, {"0.5": 61.0, "1.1": 60.0}, ["nq-dev"], 100, "top-20 accuracy")
+    assert d.hybrid_lambda() == 0.5
+    assert json.loads(d.hybrid.read_text()) == {"lambda": 0.5, "tuned_on": ["nq-dev"], "questions_per_set": 100,
+                                                "metric": "top-20 accuracy", "grid": {"0.5": 61.0, "1.1": 60.0}}  # fmt: skip
 
 
 def test_retriever_errors(index_dir, tmp_path, corpus):

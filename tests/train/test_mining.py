@@ -274,3 +274,28 @@ def test_mining_defaults_have_one_home():
     for bad in ({"val_fraction": 1.0}, {"skip_top": 100}, {"skip_top": -1}):
         with pytest.raises(DenseprError):
             MiningConfig(**bad)
+
+
+def test_mining_guards_are_the_librarys_and_the_cli_names_its_options(tmp_path, capsys, qa_tsv, index_dir):
+    """What may be mined is decided in train.mining / MiningConfig (any caller); build-train words it with its options."""
+    from densepr.data import QA, QASet
+    from densepr.errors import ConfigError, DenseprError
+    from densepr.train.config import MiningConfig
+    from densepr.train.mining import check_remine_mode, refuse_test_sets
+
+    sets = [QASet("nq-test", [QA("who wrote python", ("guido",))], "string")]
+    with pytest.raises(DenseprError, match="refusing to build training data from test set"):
+        refuse_test_sets(sets)
+    refuse_test_sets(sets, allow_test=True)
+    for mode in ("dense", "hybrid"):
+        check_remine_mode(mode)
+    with pytest.raises(DenseprError, match="--mode must be dense or hybrid"):
+        check_remine_mode("bm25")
+    with pytest.raises(ConfigError) as e:
+        MiningConfig(skip_top=100)
+    assert e.value.field == "skip_top"
+    for flags, want in ((("--val-fraction", "1"), "--val-fraction must be in [0, 1)"),
+                        (("--skip-top", "10", "--depth", "10"), "--skip-top must be between 0 and depth (10) - 1")):  # fmt: skip
+        code, _, err = run(capsys, "data", "build-train", "--qa", str(qa_tsv), "--index", str(index_dir), "-o", str(tmp_path / "t.json"), *flags)
+        assert code == 1 and err.strip() == f"error: {want}", (flags, err)
+    assert not (tmp_path / "t.json").exists()

@@ -454,6 +454,18 @@ def split_article(title: str, text: str, words: int = 100) -> list[tuple[str, st
     return [(title, " ".join(tokens[i : i + words])) for i in range(0, len(tokens), words)]
 
 
+def read_articles(path: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
+    """``(title, text)`` of each article of a JSON-lines file (``{"title": ..., "text": ...}``, the title
+    optional), streamed, for :func:`split_articles`; a bad record is an :class:`InputError` naming its line and field."""
+    for lineno, obj in iter_jsonl(path):
+        title, text = obj.get("title", ""), obj.get("text")
+        if not isinstance(text, str):
+            raise InputError(path, "missing or non-string text", line=lineno, field="text")
+        if not isinstance(title, str):
+            raise InputError(path, "title must be a string", line=lineno, field="title")
+        yield title, text
+
+
 def split_articles(
     articles: Iterable[tuple[str, str]], words: int = 100, first_id: int = 1
 ) -> Iterator[Passage]:

@@ -26,7 +26,7 @@ import numpy as np
 import regex
 
 from densepr.data.passages import Corpus
-from densepr.data.qa import QASet
+from densepr.data.qa import QA, QASet, default_match
 from densepr.errors import DenseprError
 from densepr.fileio import read_json, write_json
 from densepr.progress import progress_bar
@@ -94,6 +94,24 @@ def has_answer(answers: Sequence[str], text: str, match: str = "string") -> bool
         if not toks or _joined(toks) in haystack:
             return True  # an answer with no tokens matches anything, as in DPR's loop
     return False
+
+
+def judge_dpr_results(path: str | os.PathLike[str], match: str | None = None) -> tuple[QASet, np.ndarray]:
+    """A DPR result JSON judged as DPR's evaluation does: its questions (a set named after the file;
+    ``match`` by default by that name, regex for CuratedTREC) and whether each of its passages holds an
+    answer, recomputed from the passage's text: ``(questions, longest list)``, False past a shorter list."""
+    from densepr.data.runs import iter_dpr_results
+
+    path = Path(path)
+    recs = list(iter_dpr_results(path))
+    match = match or default_match(path.name)
+    qas = QASet(path.name, [QA(r.question, tuple(r.answers)) for r in recs], match)
+    width = max(max(len(r.ctxs) for r in recs), 1)
+    hits = np.zeros((len(recs), width), dtype=bool)
+    for i, r in enumerate(recs):
+        for j, c in enumerate(r.ctxs):
+            hits[i, j] = has_answer(r.answers, c["text"], match)
+    return qas, hits
 
 
 class AnswerMatcher:

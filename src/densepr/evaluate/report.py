@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from densepr.fileio import atomic_write
+from densepr.errors import DenseprError
+from densepr.fileio import atomic_write, read_json, write_json
 
 KS = (1, 5, 20, 100)
 
@@ -209,3 +211,30 @@ def plot_qa(results: dict, path: str | os.PathLike[str]) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     _save_png(fig, path)
+
+
+QA_RESULTS = ("qa-results.json", "qa-results.md", "qa-em.png")  # what write_qa_results writes into its directory
+
+
+def write_qa_results(output: str | os.PathLike[str], results: dict) -> None:
+    """``densepr evaluate-qa``'s files in ``output`` (each written atomically): ``results`` as qa-results.json,
+    its tables (:func:`qa_markdown`) as qa-results.md, and the EM plot (:func:`plot_qa`) as qa-em.png."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "qa-results.json", results)
+    with atomic_write(output / "qa-results.md") as fh:
+        fh.write(qa_markdown(results))
+    plot_qa(results, output / "qa-em.png")
+
+
+def read_qa_results(output: str | os.PathLike[str], log: Callable[[str], None] = lambda _: None) -> dict:
+    """The sets an earlier :func:`write_qa_results` wrote into ``output`` (none when absent or unreadable: read again)."""
+    output = Path(output)
+    if not (output / "qa-results.json").is_file():
+        return {}
+    try:
+        sets = read_json(output / "qa-results.json").get("sets", {})
+    except (DenseprError, AttributeError) as e:
+        log(f"{output}/qa-results.json: unreadable ({e}); its sets are read again")
+        return {}
+    return sets if isinstance(sets, dict) else {}

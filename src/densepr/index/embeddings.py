@@ -83,6 +83,25 @@ def shard_parts(n_parts: int, shard_id: int, num_shards: int) -> range:
     return range(int(bounds[shard_id]), int(bounds[shard_id + 1]))
 
 
+def process_share(shard_id: int | None, num_shards: int | None, device: str | None) -> tuple[int, int, str | None, bool]:
+    """This process's share of an encoding: ``(shard_id, num_shards, device, show_progress)``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) with no shard given, each process encodes shard ``RANK`` of
+    ``WORLD_SIZE``, on ``cuda:LOCAL_RANK`` when there is a GPU, else with its share of the CPU's
+    threads (set here). Otherwise the shard given (default: all, shard 0 of 1). Only rank 0 shows progress.
+    """
+    import torch
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and shard_id is None and num_shards is None:
+        shard_id, num_shards = rank, world  # one shard per torchrun process
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if device in (None, "cpu"):
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return shard_id or 0, num_shards or 1, device, rank == 0 or world == 1
+
+
 def encode_corpus(
     encoder: Encoder,
     corpus: Corpus | StreamedCorpus,

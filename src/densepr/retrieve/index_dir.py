@@ -19,7 +19,7 @@ from pathlib import Path
 
 from densepr.data.passages import PASSAGES_FILE
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, read_json
+from densepr.fileio import MANIFEST, read_json, write_json
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode, available_modes, default_mode
 
@@ -87,6 +87,11 @@ class IndexDir:
         """The tuned weight of BM25 in hybrid, else the paper's."""
         return float(read_json(self.hybrid)["lambda"]) if self.hybrid.is_file() else PAPER_LAMBDA
 
+    def write_hybrid(self, lam: float, grid: dict[str, float], tuned_on: list[str], questions_per_set: int | None, metric: str) -> None:
+        """Store the tuned weight (what :meth:`hybrid_lambda` reads) with how it was chosen: the sets,
+        questions per set, the metric and its value at each lambda tried."""
+        write_json(self.hybrid, {"lambda": lam, "tuned_on": tuned_on, "questions_per_set": questions_per_set, "metric": metric, "grid": grid})
+
     def dense_manifest(self) -> dict:
         """The dense index's manifest (``{}`` without a dense index): its type, shards, question encoder."""
         return read_json(self.dense_manifest_path) if self.dense_manifest_path.is_file() else {}
@@ -96,3 +101,41 @@ class IndexDir:
         from densepr.models.reader import CONFIG_NAME  # here: the reader module imports torch
 
         return self.reader_dir if (self.reader_dir / CONFIG_NAME).is_file() else None
+
+
+def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> list[tuple[Path, str, str | None]]:
+    """Check every artefact under ``directory`` (``densepr verify``): ``[(directory, kind, None or the problem), ...]``.
+
+    Files against their manifest (every byte's sha256, or with ``quick`` the checks done on load: sizes
+    and sampled sha256), BM25 arrays' ranges, dense index shards, passage stores, and each index's corpus
+    against the ``passages.tsv`` of the index directory it is in.
+    """
+    from densepr.data.passages import check_corpus, load_corpus
+    from densepr.data.store import KIND as STORE_KIND
+    from densepr.data.store import check_store
+    from densepr.fileio import verify_tree
+    from densepr.index.dense import KIND as DENSE_KIND  # here: the dense index module imports torch
+    from densepr.index.dense import check_index
+    from densepr.retrieve.bm25 import KIND as BM25_KIND
+    from densepr.retrieve.bm25 import check_arrays
+
+    corpora: dict[Path, object] = {}
+
+    def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
+        tsv = IndexDir(d.parent).passages
+        if manifest.get("corpus") and tsv.is_file():
+            if tsv not in corpora:
+                corpora[tsv] = load_corpus(tsv)
+            check_corpus(manifest, corpora[tsv], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
+
+    def structure(d: Path, manifest: dict) -> None:
+        if manifest["kind"] == BM25_KIND:
+            check_arrays(d, manifest, full=not quick)
+        elif manifest["kind"] == DENSE_KIND:
+            check_index(d, manifest)
+        elif manifest["kind"] == STORE_KIND:
+            check_store(d, manifest, full=not quick)
+        corpus_beside(d, manifest)
+
+    kinds = (BM25_KIND, DENSE_KIND, "embeddings", STORE_KIND)
+    return verify_tree(directory, "sample" if quick else "sha256", dict.fromkeys(kinds, structure))

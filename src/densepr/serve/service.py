@@ -18,11 +18,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import PurePath
 from typing import Any
 
-from densepr.errors import DenseprError
+from densepr.errors import ConfigError, DenseprError
 from densepr.ranking import SearchResult
 
 log = logging.getLogger("densepr.serve")
@@ -56,6 +56,19 @@ class Limits:
     first_byte_timeout_s: float = 3.0  # a new connection must send its first byte within this, else it is closed
     send_timeout_s: float = 60.0  # a response must be sent within this from its start, else the connection is closed
     allowed_hosts: tuple[str, ...] | None = None  # Host names answered (any port; "*.x" subdomains, "*" any); None: by the bind address
+
+    def __post_init__(self) -> None:
+        """Refuse a limit that would refuse every request, or time out at once: every number must be
+        positive (``max_wait_ms`` may be 0: no waiting for company)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "allowed_hosts" or value is None:
+                continue
+            if f.name == "max_wait_ms":
+                if value < 0:
+                    raise ConfigError(f.name, "must not be negative")
+            elif value <= 0:
+                raise ConfigError(f.name, "must be positive")
 
 
 class ApiError(Exception):

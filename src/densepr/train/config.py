@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from densepr.errors import DenseprError
+from densepr.errors import ConfigError
 
 
 @dataclass(kw_only=True)
@@ -101,9 +101,9 @@ class MiningConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
-            raise DenseprError("the validation fraction must be in [0, 1)")
+            raise ConfigError("val_fraction", "must be in [0, 1)")
         if not 0 <= self.skip_top < self.depth:
-            raise DenseprError(f"skip_top must be between 0 and depth ({self.depth}) - 1")
+            raise ConfigError("skip_top", f"must be between 0 and depth ({self.depth}) - 1")
 
 
 MINING = MiningConfig()  # the defaults

@@ -31,6 +31,8 @@ from densepr.evaluate.answers import AnswerMatcher
 from densepr.fileio import write_json
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.index_dir import IndexDir
+from densepr.retrieve.modes import Mode
 from densepr.train.config import MINING, MiningConfig
 
 Ranking = Callable[[Sequence[str], int], SearchResult] | Sequence[SearchResult]
@@ -178,6 +180,49 @@ def heldout_path(val_output: str | os.PathLike[str]) -> Path:
     return Path(val_output).with_suffix(".qa.tsv")
 
 
+def refuse_test_sets(sets: Sequence[QASet], allow_test: bool = False) -> None:
+    """Training data is never mined from a *test* set (its questions would then be trained on), unless ``allow_test``."""
+    tests = [s.name for s in sets if "test" in s.name.lower()]
+    if tests and not allow_test:
+        raise DenseprError(f"refusing to build training data from test set(s) {', '.join(tests)}; train on dev/train sets (or --allow-test)")
+
+
+REMINE_MODES = (Mode.DENSE, Mode.HYBRID)  # a trained model's rankings re-mined with (BM25 is mining's default)
+
+
+def check_remine_mode(mode: str) -> None:
+    """Refuse a mode a trained model's ranking cannot be re-mined with (before anything is loaded)."""
+    if mode not in REMINE_MODES:
+        raise DenseprError(f"--mode must be dense or hybrid, not {mode!r} (BM25 mining is the default without --negatives-from)")
+
+
+def model_ranking(
+    model_dir: str | os.PathLike[str], index: str | os.PathLike[str], corpus: Corpus, bm25: BM25Index, mode: str, device: str | None = None
+) -> tuple[Callable[[Sequence[str], int], SearchResult], str]:
+    """Re-mining with a trained model: the ranking of index directory ``model_dir`` in ``mode`` (dense
+    or hybrid), a :data:`Ranking` for :func:`mine`, and the mode's name.
+
+    Its passages must be ``corpus`` (index directory ``index``'s, that ``bm25`` indexes): its rows
+    then name the same passages; else a clear error. Hybrid borrows ``bm25`` when the model's
+    index has none (the same corpus). A mode its index cannot run is refused by name.
+    """
+    from densepr.retrieve.retriever import Retriever  # here: loading a model needs torch
+
+    check_remine_mode(mode)
+    model = Retriever.load(model_dir, device=device)
+    if model.corpus.fingerprint() != corpus.fingerprint():
+        raise DenseprError(f"{model_dir}: its passages.tsv differs from {IndexDir(index).passages} (corpus fingerprints differ); "
+                           "re-mine with a model index over the same corpus")  # fmt: skip
+    if model.bm25 is None:
+        model.bm25 = bm25
+    name = model.check_mode(mode).value
+
+    def rank(questions: Sequence[str], k: int) -> SearchResult:
+        return model.retrieve(questions, k, name)
+
+    return rank, name
+
+
 def build_training_data(
     sets: Sequence[QASet],
     corpus: Corpus,
@@ -193,6 +238,7 @@ def build_training_data(
     negatives_from: Ranking | None = None,
     negatives_name: str = "bm25",
     skip_top: int = MINING.skip_top,
+    record: Mapping[str, object] | None = None,
 ) -> dict:
     """Mine training data (what ``densepr data build-train`` does): hold out ``val_fraction`` of each
     set's questions, mine the rest into ``output`` and the held-out part into ``val_output``.
@@ -201,7 +247,7 @@ def build_training_data(
     questions as ``<val_output>.qa.tsv`` (to tune or validate on questions never trained on) and
     ``<output>.stats.json`` (the returned report: counts per set, where positives came from, the
     configuration). ``negatives_from``/``skip_top`` as :func:`mine`; ``negatives_name`` labels
-    that ranking in the report (e.g. ``"dense"``).
+    that ranking in the report (e.g. ``"dense"``); ``record``: more settings for the report's configuration.
     """
     MiningConfig(val_fraction, depth, hard_negatives, random_negatives, seed, skip_top)  # checks them
     splits = [split_holdout(s, val_fraction, seed) for s in sets]
@@ -212,7 +258,7 @@ def build_training_data(
     train_stats, val_stats = MiningStats(), MiningStats()
     n_train = write_train_records(mine([t for t, _ in splits], corpus, bm25, stats=train_stats, **kw), output)
     config = {**{k: v for k, v in kw.items() if k != "negatives_from"}, "val_fraction": val_fraction,
-              "sets": [s.name for s in sets], "mode": negatives_name if negatives_from is not None else "bm25"}  # fmt: skip
+              "sets": [s.name for s in sets], "mode": negatives_name if negatives_from is not None else "bm25", **(record or {})}  # fmt: skip
     report = {"train": {"file": str(output), "records": n_train, **train_stats.as_dict()}, "config": config}
     if val_output is not None and val_fraction > 0:
         n_val = write_train_records(mine([v for _, v in splits], corpus, bm25, stats=val_stats, **kw), val_output)
