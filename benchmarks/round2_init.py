@@ -30,7 +30,8 @@ from densepr.evaluate.topk import accuracy_report
 from densepr.fileio import write_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
-from densepr.reproduce import Job, ReproduceConfig
+from densepr.reproduce import Job, ReproduceConfig, retrieval
+from densepr.reproduce.training import mine, remine, train_and_encode
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever
 
@@ -62,12 +63,12 @@ def main() -> None:
     job = Job(cfg, print, show_progress=True)
     plan, runner = job.plan, job.runner
     fetch_embedded(None, verify=False, log=print)
-    runner.run(job.passages())
-    runner.run(job.bm25())
-    runner.run(job.mine())
+    runner.run(retrieval.passages(job))
+    runner.run(retrieval.bm25(job))
+    runner.run(mine(job))
     round1_epochs = args.round1_epochs or plan.epochs
-    job.train_and_encode("round1", "mine", plan.hard_negatives, round1_epochs, None, "dense-round1")
-    runner.run(job.remine())
+    train_and_encode(job, "round1", "mine", plan.hard_negatives, round1_epochs, None, "dense-round1")
+    runner.run(remine(job))
     indexes = {f"round 1 ({round1_epochs} epoch{'s' if round1_epochs > 1 else ''})": "dense-round1"}
     for init, e, h in variants:
         default_epochs, start = replace(plan, round2_init=init, epochs=round1_epochs).round2()
@@ -75,7 +76,7 @@ def main() -> None:
         # what reproduce trains keeps its stage names, so reproduce reuses it; the other variants take its slots
         name = init + (f"-{epochs}ep" if epochs != default_epochs else "") + (f"-{hard}hn" if hard != plan.hard_negatives else "")
         model, index = ("round2", "dense") if name == plan.round2_init else (f"round2-{name}", f"dense-round2-{name}")
-        job.train_and_encode(model, "remine", hard, epochs, start, index, slot="round2")
+        train_and_encode(job, model, "remine", hard, epochs, start, index, slot="round2")
         indexes[f"round 2 from {init} weights ({epochs} epoch{'s' if epochs > 1 else ''}, {hard} hard neg.)"] = index
 
     corpus, matcher = job.corpus(), job.matcher()
