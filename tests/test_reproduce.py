@@ -67,6 +67,24 @@ def test_check_against_end_to_end_em():
     assert check_against(other, recorded, "dpr") == ["nq-test bm25 all top20: 25.0 vs committed 20.0 (tolerance ±0.5)"]
 
 
+def test_the_regression_check_policy_compares_only_default_runs_unless_given_figures_and_records_per_profile(tmp_path):
+    """The policy `densepr reproduce --check/--write-expected` applies, in the library (it was in cli.py)."""
+    from densepr.reproduce import PROFILES, record_expected, regression_check
+
+    summary = {**_summary(21.5), "date": "d", "machine": {}, "config": {}}
+    figures = tmp_path / "expected.json"
+    record_expected({**_summary(20.0), "date": "d", "machine": {}, "config": {}}, figures, "smoke")
+    record_expected(summary, figures, "full", tolerance=2.0)
+    recorded = load_expected(figures)
+    assert recorded["smoke"]["tolerance"] == PROFILES["smoke"].tolerance and recorded["full"]["tolerance"] == 2.0  # both kept
+    # another setup than the embedded defaults: not compared with the packaged figures, but with explicitly given ones
+    custom = ReproduceConfig(profile="smoke", k=50)
+    assert not regression_check(summary, custom).compared
+    found = regression_check(summary, custom, figures)
+    assert found.compared and not found.em_unchecked
+    assert found.problems == ("nq-test bm25 all top20: 21.5 vs committed 20.0 (tolerance ±1.0)",)
+    assert regression_check(summary, ReproduceConfig(profile="full", k=50), figures).problems == ()
+
 def test_packaged_expected_figures_cover_the_profiles_ci_and_the_readme_run():
     from densepr.reproduce import PROFILES
 
