@@ -6,7 +6,7 @@ recorded (finished, at the run's current settings) into one ``qa-results.json`` 
 ``densepr evaluate-qa`` (with each set's question limit, seconds and passages read), renders its tables
 and plot with the same code as the run's report, and lists the sets still being read and how far.
 
-    python benchmarks/qa_sets.py --run runs/dpr [--limit all] [--add DIR] -o benchmarks/results/qa/full
+    python benchmarks/reader/qa_sets.py --run runs/dpr [--limit all] [--add DIR] -o benchmarks/reader/results/qa/full
 
 ``--add DIR`` (repeatable) adds the sets a ``densepr evaluate-qa ... -o DIR`` of the same run read (e.g. in
 bfloat16, to finish the largest sets sooner), each labelled with its reader precision; a set the run itself
@@ -16,10 +16,12 @@ recorded is kept from the run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
 from densepr.evaluate.report import plot_qa, qa_markdown
@@ -81,7 +83,7 @@ def main() -> None:
         md += "\nStill being read (finished pieces of 250 questions): " + ", ".join(f"{n} {p}" for n, p in pending.items()) + "\n"
     print(md)
     args.output.mkdir(parents=True, exist_ok=True)
-    write_json(args.output / "qa-results.json", {**results, "pending_pieces": pending, "command": f"python benchmarks/qa_sets.py --run {args.run} --limit {args.limit}{''.join(f' --add {a}' for a in args.add)} -o {args.output}",
+    write_json(args.output / "qa-results.json", {**results, "pending_pieces": pending, "command": f"python benchmarks/reader/qa_sets.py --run {args.run} --limit {args.limit}{''.join(f' --add {a}' for a in args.add)} -o {args.output}",
                                                  "date": time.strftime("%Y-%m-%d"), "machine": machine_info()})  # fmt: skip
     with atomic_write(args.output / "qa-results.md") as fh:
         fh.write(md)

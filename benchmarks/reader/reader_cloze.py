@@ -1,14 +1,14 @@
 """Does cloze pre-training on the corpus lift densepr's reader? EM given the answer passage, with and without.
 
 The reader goal of issue 15 (EM >= 50% given the answer-bearing passage) is not reached with the ~4.2 k
-labelled questions the embedded data offers (benchmarks/reader_data.py: +1.9 EM for the last doubling).
+labelled questions the embedded data offers (benchmarks/reader/reader_data.py: +1.9 EM for the last doubling).
 Cloze pre-training makes training questions from the corpus's own sentences (:mod:`densepr.train.cloze`,
 ``densepr cloze-data``; Dhingra et al. 2018, Lewis et al. 2019): a name, year or number blanked with a
 wh-word, the passage without that sentence as the context, BM25's top passages as negatives. Only the
 retrieval corpus's own text is used, no test question or answer.
 
 Readers, each with the run's reader recipe, then read on the best-ranked answer-bearing passage of
-the same held-out questions (as benchmarks/reader_data.py):
+the same held-out questions (as benchmarks/reader/reader_data.py):
 
 - ``labelled``: the run's reader data only (``--epochs`` epochs from the embedded MiniLM);
 - ``cloze``: ``--cloze`` cloze questions only (one epoch), no labelled question;
@@ -18,27 +18,32 @@ The run's own recipe with cloze pre-training (3 epochs, best held-out checkpoint
 --profile dpr --reader-cloze N`` (stage ``reader-cloze``); ``--readers none --compare NAME=DIR`` reads such
 readers on the same held-out answer passages.
 
-    python benchmarks/reader_cloze.py --run runs/dpr [--cloze 8000] [--epochs 2] [--eval 500] [--workdir DIR]
-    python benchmarks/reader_cloze.py --run runs/dpr --readers none --compare cloze=runs/dpr-cloze/reader --compare shipped=runs/dpr/reader
+    python benchmarks/reader/reader_cloze.py --run runs/dpr [--cloze 8000] [--epochs 2] [--eval 500] [--workdir DIR]
+    python benchmarks/reader/reader_cloze.py --run runs/dpr --readers none --compare cloze=runs/dpr-cloze/reader --compare shipped=runs/dpr/reader
 
 Each reader is kept under ``--workdir``; a reader whose training finished with the same configuration is
-not trained again, so a killed run continues. Prints a table, writes benchmarks/results/reader/cloze.json.
+not trained again, so a killed run continues. Prints a table, writes benchmarks/reader/results/cloze.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
 from reader_data import usable_rows, write_subset
 
 from densepr.data import EmbeddedData
 from densepr.fileio import read_json, write_json
 from densepr.train.cloze import index_cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 READERS = ("labelled", "cloze", "cloze+labelled")
 
@@ -73,7 +78,7 @@ def main() -> None:
                     help="another trained reader to read beside them, e.g. shipped=runs/dpr/reader (the one `reproduce` trains: 3 epochs, best checkpoint)")
     ap.add_argument("--readers", default="labelled,cloze,cloze+labelled",
                     help="which readers to train and read, from labelled, cloze, cloze+labelled; none: only the --compare ones")
-    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "cloze.json")
+    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "cloze.json")
     args = ap.parse_args()
     wanted = [r.strip() for r in args.readers.split(",") if r.strip() and r.strip() != "none"]
     if set(wanted) - set(READERS) or not (wanted or args.compare):
@@ -136,7 +141,7 @@ def main() -> None:
     for r in rows:
         cells = [f"{r['questions']:,}" if r["questions"] else "", r["epochs"] or "", r["steps"] or "", r["best_step"] or "", r["train_seconds"] or ""]
         print(f"| {r['reader']} | " + " | ".join(map(str, cells)) + f" | {r['em']} | {r['f1']} |")
-    write_json(args.json, {"command": f"python benchmarks/reader_cloze.py --run {args.run} --cloze {args.cloze} --epochs {args.epochs} --eval {args.eval} --readers {args.readers}"
+    write_json(args.json, {"command": f"python benchmarks/reader/reader_cloze.py --run {args.run} --cloze {args.cloze} --epochs {args.epochs} --eval {args.eval} --readers {args.readers}"
                            + (f" --labelled-reader {args.labelled_reader}" if args.labelled_reader else "") + "".join(f" --compare {c}" for c in args.compare),
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1),
                            "held_out_questions": len(gold), "recipe": recipe, "cloze_data": cloze_info, "results": rows})  # fmt: skip

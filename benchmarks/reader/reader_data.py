@@ -7,14 +7,14 @@ trained retriever's top 20 hold an answer); the paper's reader trains on NQ-trai
 TriviaQA's, ...). This measures whether the reader is data-bound: readers trained on seeded random subsets
 of a ``densepr reproduce --profile dpr`` run's reader data (NQ and TriviaQA questions in their proportion),
 each for ``--epochs`` epochs with the run's reader recipe, then the exact match and F1 of their best span in
-the best-ranked answer-bearing passage of the same held-out questions (as benchmarks/reader_peer.py). The EM
+the best-ranked answer-bearing passage of the same held-out questions (as benchmarks/reader/reader_peer.py). The EM
 gained per doubling of the questions between consecutive sizes is printed beside the measured points, with the
 number of questions at which the last rate would reach 50%: an extrapolation, labelled as such.
 
-    python benchmarks/reader_data.py --run runs/dpr [--questions 1000,2000,all] [--epochs 2] [--eval 500]
+    python benchmarks/reader/reader_data.py --run runs/dpr [--questions 1000,2000,all] [--epochs 2] [--eval 500]
 
 Each size's reader is kept under ``--workdir``; a size whose reader finished is not trained again, so a
-killed run continues. Prints a table and writes benchmarks/results/reader/data-curve.json.
+killed run continues. Prints a table and writes benchmarks/reader/results/data-curve.json.
 """
 
 from __future__ import annotations
@@ -23,15 +23,20 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
 
 from densepr.data import EmbeddedData
 from densepr.fileio import atomic_write, read_json, write_json
 from densepr.train.config import ReaderTrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def usable_rows(files: list[Path], heldout: Path, depth: int) -> dict[Path, list[dict]]:
@@ -68,7 +73,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="training precision (fp32, bf16: bf16 autocast on the CPU); the readers of each are kept apart")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", type=Path, default=Path("runs/reader-data-curve"))
-    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "data-curve.json")
+    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "data-curve.json")
     args = ap.parse_args()
     try:
         sizes = [None if s.strip() == "all" else int(s) for s in args.questions.split(",") if s.strip()]
@@ -120,7 +125,7 @@ def main() -> None:
     if "questions_for_em_50_at_last_rate" in fit:
         q50 = fit["questions_for_em_50_at_last_rate"]
         print(f"50% EM at the last rate: {f'{q50:,} questions' if q50 else 'never (no rise)'} (an extrapolation, not measured)")
-    write_json(args.json, {"command": f"python benchmarks/reader_data.py --run {args.run} --questions {args.questions} --epochs {args.epochs} --eval {args.eval} --precision {args.precision}",
+    write_json(args.json, {"command": f"python benchmarks/reader/reader_data.py --run {args.run} --questions {args.questions} --epochs {args.epochs} --eval {args.eval} --precision {args.precision}",
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1),
                            "held_out_questions": len(gold), "recipe": recipe, "results": rows, "growth": fit})  # fmt: skip
     print(f"wrote {args.json}")

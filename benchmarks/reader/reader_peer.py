@@ -13,20 +13,23 @@ trained retriever's top passages for nq-dev + trivia-dev, held-out questions rem
 
 Then both read, for the same held-out questions, only the best-ranked answer-bearing passage of the
 retriever's list (``<run>/reader-data/heldout.json``) and the exact match (DPR's normalisation) and F1
-of their best span are reported. Prints a table; writes ``benchmarks/results/reader-peer.json``.
+of their best span are reported. Prints a table; writes ``benchmarks/reader/results/reader-peer.json``.
 
-    python benchmarks/reader_peer.py --run runs/dpr [--steps 60] [--eval 500] [--device cpu]
+    python benchmarks/reader/reader_peer.py --run runs/dpr [--steps 60] [--eval 500] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, gold_passages, machine_info, reader_recipe, span_scores
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import gold_passages, machine_info, reader_recipe, span_scores
 
 from densepr.data import EmbeddedData
 from densepr.errors import DenseprError
@@ -34,6 +37,8 @@ from densepr.fileio import write_json
 from densepr.models.reader import Reader
 from densepr.train.config import ReaderTrainConfig
 from densepr.train.reader import load_reader_examples, train_reader
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def hf_features(tok, questions, contexts, max_length: int, stride: int):
@@ -100,7 +105,7 @@ def main() -> None:
     ap.add_argument("--hf-lr", type=float, default=5e-5, help="the Trainer's learning rate (its default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", type=Path, default=Path("runs/reader-peer"))
-    ap.add_argument("--out", default="reader-peer.json", help="file name under benchmarks/results/")
+    ap.add_argument("--out", default="reader-peer.json", help="file name under benchmarks/reader/results/")
     args = ap.parse_args()
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -163,7 +168,7 @@ def main() -> None:
                     "passages_per_question": cfg.passages, "lr": cfg.lr, "head_lr": cfg.head_lr, "span_loss": cfg.span_loss, **densepr_scores},
         "huggingface": {"seconds": round(hf_seconds, 1), "steps": hf_steps, "windows_trained": hf_steps * cfg.batch_size,
                         "answer_bearing_windows": len(rows), "lr": args.hf_lr, **hf_scores},
-        "command": f"python benchmarks/reader_peer.py --run {args.run} --steps {args.steps} --eval {args.eval}",
+        "command": f"python benchmarks/reader/reader_peer.py --run {args.run} --steps {args.steps} --eval {args.eval}",
     }  # fmt: skip
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions ({args.run}), equal wall time")
     print("| reader | train s | steps | EM | F1 |\n|---|---:|---:|---:|---:|")

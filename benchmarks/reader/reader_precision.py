@@ -11,20 +11,23 @@ for each, one after the other on an otherwise idle machine, and reports:
 - how often a passage's best span (its text) is the same as float32's;
 - exact match at every k under DPR's rule and the fused selection, and EM given the answer passage.
 
-    python benchmarks/reader_precision.py --run runs/dpr [--sets nq-test,trivia-test] [--questions 200]
+    python benchmarks/reader/reader_precision.py --run runs/dpr [--sets nq-test,trivia-test] [--questions 200]
 
-Prints a table and writes benchmarks/results/reader/precision.json.
+Prints a table and writes benchmarks/reader/results/precision.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.evaluate.answers import AnswerMatcher
@@ -33,6 +36,8 @@ from densepr.models.hf import cpu_has_bf16
 from densepr.models.reader import Reader
 from densepr.pipeline import evaluate_qa
 from densepr.retrieve.retriever import Retriever
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def same_spans(a: Path, b: Path) -> tuple[int, int]:
@@ -77,7 +82,7 @@ def main() -> None:
     ap.add_argument("--onnx", type=Path, help="a `densepr export-onnx READER DIR --int8` directory, for --precisions onnx/int8")
     ap.add_argument("--modes", default="dense,bm25")
     ap.add_argument("--ks", default="1,5,10,20")
-    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader" / "precision.json")
+    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "precision.json")
     args = ap.parse_args()
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     modes, ks = args.modes.split(","), [int(k) for k in args.ks.split(",")]
@@ -119,7 +124,7 @@ def main() -> None:
         fused = r["em"][modes[0]]["fused"] or r["em"][modes[0]]["paper"]
         print(f"| {r['set']} | {r['precision']} | {r['read_seconds']} | {r['passages_per_s']} | {r['speedup']}x | "
               f"{100 * r['same_span']:.1f}% | {fused[str(max(ks))]} | {r['em_given_passage']} |")
-    write_json(args.json, {"command": f"python benchmarks/reader_precision.py --run {args.run} --sets {args.sets} --questions {args.questions} "
+    write_json(args.json, {"command": f"python benchmarks/reader/reader_precision.py --run {args.run} --sets {args.sets} --questions {args.questions} "
                                       f"--precisions {args.precisions}{f' --onnx {args.onnx}' if args.onnx else ''} --modes {args.modes} --ks {args.ks}",
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "cpu_native_bf16": cpu_has_bf16(),
                            "threads": torch.get_num_threads(), "results": rows})  # fmt: skip

@@ -16,9 +16,9 @@ answer, to compare readers rather than retrievers) and reader directories. Each 
   (:func:`densepr.pipeline.choose_selection` over its grid, retrieval scores included), chosen on
   another result file's questions, then applied here at every k.
 
-    python benchmarks/reader_rules.py RESULTS.json READER [READER ...] [--depth 20] [--limit N] [--tune HELD.json] [-o OUT.json]
+    python benchmarks/reader/reader_rules.py RESULTS.json READER [READER ...] [--depth 20] [--limit N] [--tune HELD.json] [-o OUT.json]
 
-Prints a table and writes JSON (default ``benchmarks/results/reader/rules.json``).
+Prints a table and writes JSON (default ``benchmarks/reader/results/rules.json``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--tune", type=Path, default=None, help="result JSON of held-out questions to tune the selection on")
-    ap.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "results" / "reader" / "rules.json")
+    ap.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "results" / "rules.json")
     args = ap.parse_args()
     recs = list(iter_dpr_results(args.results))[: args.limit]
     tune = list(iter_dpr_results(args.tune)) if args.tune else None
@@ -95,7 +95,7 @@ def main() -> None:
     print(f"{'reader':<24}" + "".join(f"{c[:12]:>13}" for c in cols))
     for r, v in rows.items():
         print(f"{Path(r).name if len(r) > 24 else r:<24}" + "".join(f"{v[c]:>13}" for c in cols))
-    write_json(args.output, {"command": "python benchmarks/reader_rules.py " + " ".join([str(args.results), *args.readers, "--depth", str(args.depth)]
+    write_json(args.output, {"command": "python benchmarks/reader/reader_rules.py " + " ".join([str(args.results), *args.readers, "--depth", str(args.depth)]
                                                                                        + (["--limit", str(args.limit)] if args.limit else [])
                                                                                        + (["--tune", str(args.tune)] if args.tune else [])),
                              "readers": rows})  # fmt: skip

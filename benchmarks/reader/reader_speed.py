@@ -12,20 +12,23 @@ in overlapping windows, so a few may differ).
 
 Both read the same BM25 top-100 passages of the first NQ test questions over the embedded
 corpus. Per-question latency is one question at a time (median over questions); throughput
-is all questions in one call. Prints a table, writes ``benchmarks/results/reader-speed[-DEVICE].json``.
+is all questions in one call. Prints a table, writes ``benchmarks/reader/results/reader-speed[-DEVICE].json``.
 
-    python benchmarks/reader_speed.py [--reader runs/reader/best] [--questions 16] [--device cpu] [--no-onnx]
+    python benchmarks/reader/reader_speed.py [--reader runs/reader/best] [--questions 16] [--device cpu] [--no-onnx]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
 from densepr.data import EmbeddedData, load_corpus
@@ -69,7 +72,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=None, help="window size (default: the reader's own)")
-    ap.add_argument("-o", "--output", type=Path, default=None, help="JSON to write (default: results/reader-speed[-DEVICE].json)")
+    ap.add_argument("-o", "--output", type=Path, default=None, help="JSON to write (default: benchmarks/reader/results/reader-speed[-DEVICE].json)")
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the reader exported to ONNX Runtime (CPU; needs densepr[onnx])")
     args = ap.parse_args()
@@ -99,7 +102,7 @@ def main() -> None:
                   f"{x['speedup']:>8}x {x['same_answer']:>12.2f} {x['batched_questions_per_s']:>12}")  # fmt: skip
     name = "reader-speed.json" if args.device == "cpu" else f"reader-speed-{args.device.split(':')[0]}.json"
     path = args.output or RESULTS / name
-    write_json(path, {"command": "python benchmarks/reader_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "onnx" and v not in (False, None))
+    write_json(path, {"command": "python benchmarks/reader/reader_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "onnx" and v not in (False, None))
                                 + ("" if args.onnx else " --no-onnx"),
                                 "machine": machine_info(), "device": args.device, "reader": reader.name,
                                 "max_length": reader.config.max_length, "rows": rows})  # fmt: skip

@@ -21,9 +21,9 @@ Needs Java 11+ and, once, network access to PyPI: the pinned pyserini wheel is d
 ``pip download`` (sha256-checked) and only its Anserini jar is kept, in
 ``<cache>/tools/anserini-0.12.0-fatjar.jar`` (``<cache>`` as for ``densepr data fetch``:
 ``$DENSEPR_CACHE`` or ``~/.cache/densepr``). Needs the embedded data (``densepr data fetch``).
-Prints tables and writes ``benchmarks/results/bm25-lucene.json``.
+Prints tables and writes ``benchmarks/retrieval/results/bm25-lucene.json``.
 
-    python benchmarks/bm25_lucene.py [--limit N] [--sets nq-test ...] [--threads 1] [--work-dir DIR] [--wheel-dir DIR]
+    python benchmarks/retrieval/bm25_lucene.py [--limit N] [--sets nq-test ...] [--threads 1] [--work-dir DIR] [--wheel-dir DIR]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
 from densepr.data import Corpus, EmbeddedData, QASet, default_cache_dir, load_wiki_summaries
@@ -495,7 +497,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    command = "python benchmarks/bm25_lucene.py" + (f" --limit {args.limit}" if args.limit else "") + \
+    command = "python benchmarks/retrieval/bm25_lucene.py" + (f" --limit {args.limit}" if args.limit else "") + \
         ("" if args.sets == list(EmbeddedData.TEST_SETS) else " --sets " + " ".join(args.sets)) + f" --threads {args.threads}"  # fmt: skip
     jversion = java_version()
     data = EmbeddedData()

@@ -11,11 +11,11 @@ with and without the compact vocabulary.
   without the compact files, loaded as from a read-only directory), and the one-off upgrade of
   such a copy (first load of a writable directory).
 
-    python benchmarks/synthetic_corpus.py --passages 200000 --output DATA/passages.tsv
+    python benchmarks/scale/synthetic_corpus.py --passages 200000 --output DATA/passages.tsv
     densepr index bm25 DATA/passages.tsv DATA/bm25 --workers 1
-    python benchmarks/bm25_topk.py DATA/bm25 [--questions 3610] [--numpy 300]
+    python benchmarks/retrieval/bm25_topk.py DATA/bm25 [--questions 3610] [--numpy 300]
 
-Writes ``benchmarks/results/bm25-topk-<passages>.json``. The machine may be shared: compare ratios.
+Writes ``benchmarks/retrieval/results/bm25-topk-<passages>.json``. The machine may be shared: compare ratios.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("index", type=Path, help="a BM25 index directory (densepr index bm25)")
     ap.add_argument("--questions", type=int, default=3610, help="NQ-test questions to run (3,610 in all)")
     ap.add_argument("--numpy", type=int, default=0, help="also time the numpy backend on this many questions")
-    ap.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results/bm25-topk-<passages>.json)")
+    ap.add_argument("--out", type=Path, help="JSON output (default: benchmarks/retrieval/results/bm25-topk-<passages>.json)")
     args = ap.parse_args()
 
     from densepr.data import EmbeddedData

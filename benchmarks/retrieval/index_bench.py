@@ -15,10 +15,10 @@ Two data sets:
   ``runs/embedded``), with NQ-test questions; also top-20 accuracy (DPR's ``has_answer``) on
   all five test sets for each type, against exact search.
 
-    python benchmarks/index_bench.py synthetic [--n 1000000] [--dim 768]
-    python benchmarks/index_bench.py embedded [--index-dir runs/embedded]
+    python benchmarks/retrieval/index_bench.py synthetic [--n 1000000] [--dim 768]
+    python benchmarks/retrieval/index_bench.py embedded [--index-dir runs/embedded]
 
-Writes ``benchmarks/results/index-<dataset>.json`` (and, for ``embedded``, the measured costs the
+Writes ``benchmarks/retrieval/results/index-<dataset>.json`` (and, for ``embedded``, the measured costs the
 memory planner ``densepr index plan`` shows: ``src/densepr/resources/index-costs.json``).
 """
 
@@ -193,6 +193,7 @@ def main() -> None:
         return
     if args.dataset is None:
         ap.error("choose a dataset: synthetic or embedded")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
     from common import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="densepr-index-bench-"))
@@ -222,7 +223,7 @@ def main() -> None:
             r["recall_at_100"] = round(recall(np.load(work / f"rows-{r['label']}.npy", allow_pickle=False), exact), 4)
             r["memory_vs_flat"] = round(r["disk_bytes"] / flat["disk_bytes"], 4)
             r["batch1_speedup_vs_flat"] = round(r["queries_per_s_batch1"] / flat["queries_per_s_batch1"], 2)
-        result = {"command": "python benchmarks/index_bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+        result = {"command": "python benchmarks/retrieval/index_bench.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                   "machine": machine_info(), "data": label, "queries": len(queries), "k": 100, "rows": rows}  # fmt: skip
         if args.dataset == "embedded":
             result["top20"] = embedded_accuracy(args.index_dir, work, [r for r in rows if "error" not in r], json.loads(args.params))
@@ -313,7 +314,7 @@ def write_costs(result: dict) -> None:
         change = result["top20"][r["label"]]["change_vs_exact"]
         costs[key] = {"recall_at_100": r["recall_at_100"], "top20_change": min(change.values()), "setting": r["setting"],
                       "source": f"{result['data']}, {result['date']} (top-20: worst of 5 test sets)"}  # fmt: skip
-    path = Path(__file__).parents[1] / "src" / "densepr" / "resources" / "index-costs.json"
+    path = Path(__file__).resolve().parents[2] / "src" / "densepr" / "resources" / "index-costs.json"
     write_json(path, costs)
     print(f"wrote {path}")
 

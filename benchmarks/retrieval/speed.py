@@ -7,21 +7,24 @@
 * exact FAISS search queries/s at batch 1 and 256, and as a fraction of this machine's
   measured matrix-multiply rate.
 
-Prints a table and writes ``benchmarks/results/speed.json``. Needs the embedded data
+Prints a table and writes ``benchmarks/retrieval/results/speed.json``. Needs the embedded data
 (``densepr data fetch``) and the ``compare`` extra (``pip install -e .[compare]``).
 
-    python benchmarks/speed.py [--passages 1024] [--rounds 3] [--bm25-queries 200]
+    python benchmarks/retrieval/speed.py [--passages 1024] [--rounds 3] [--bm25-queries 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
 from densepr.data import EmbeddedData, load_wiki_summaries
@@ -138,7 +141,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     gflops = matmul_gflops()
     results = {
-        "command": "python benchmarks/speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"),
+        "command": "python benchmarks/retrieval/speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_info(),
         "encoding": bench_encoding(data, args.passages, args.batch_size, args.rounds),

@@ -5,9 +5,9 @@ of each kind and reports recall@100 against exact search at two efSearch values:
 passage vectors of a ``densepr reproduce`` run (held-out passages as queries) and the synthetic
 generator of ``index_bench.py`` with and without its cluster structure.
 
-    python benchmarks/synthetic_check.py [--embeddings runs/ft-hn/embeddings]
+    python benchmarks/retrieval/synthetic_check.py [--embeddings runs/ft-hn/embeddings]
 
-Writes ``benchmarks/results/index-synthetic-check.json``.
+Writes ``benchmarks/retrieval/results/index-synthetic-check.json``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
         rows[f"synthetic, {clusters} clusters" if clusters else "synthetic, one Gaussian"] = hnsw_recall(x, q)
     for name, r in rows.items():
         print(f"{name:60s} recall@100 efSearch 128: {r['recall_at_100_ef128']:.3f}  512: {r['recall_at_100_ef512']:.3f}")
-    write_json(ib.RESULTS / "index-synthetic-check.json", {"command": "python benchmarks/synthetic_check.py", "date": time.strftime("%Y-%m-%d"), "rows": rows})
+    write_json(ib.RESULTS / "index-synthetic-check.json", {"command": "python benchmarks/retrieval/synthetic_check.py", "date": time.strftime("%Y-%m-%d"), "rows": rows})
 
 
 if __name__ == "__main__":

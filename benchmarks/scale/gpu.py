@@ -13,23 +13,28 @@ hub. Every figure goes through densepr's own code:
   hard negative per question, separate towers; questions/s over the median step;
 * ``reader``: :meth:`Reader.read` of 100 passages for one question; median latency.
 
-    python benchmarks/gpu.py                 # on the GPU machine
-    python benchmarks/gpu.py --tiny          # the same code at toy sizes on a CPU (what the test runs)
+    python benchmarks/scale/gpu.py                 # on the GPU machine
+    python benchmarks/scale/gpu.py --tiny          # the same code at toy sizes on a CPU (what the test runs)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 
 from densepr.fileio import write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by device name, from the vendors' data sheets.
 BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}

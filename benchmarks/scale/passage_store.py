@@ -8,9 +8,9 @@ fresh process, so its RSS is its own: RSS (VmRSS) just before and just after ``l
 id, title and text). The store is built once per size beforehand (its build time and peak RSS are
 reported too). Page cache is not RSS: mapped pages count only once touched.
 
-    python benchmarks/passage_store.py [--sizes 20000 200000] [--work /tmp/densepr-store-bench]
+    python benchmarks/scale/passage_store.py [--sizes 20000 200000] [--work /tmp/densepr-store-bench]
 
-Prints a table; writes benchmarks/results/passage-store.json.
+Prints a table; writes benchmarks/scale/results/passage-store.json.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
     if slopes:
         print(f"RSS growth per added passage ({rows[0]['n']} -> {rows[-1]['n']}): " + ", ".join(f"{k} {v} B" for k, v in slopes.items()))
     RESULTS.mkdir(exist_ok=True)
-    out = {"command": "python benchmarks/passage_store.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
+    out = {"command": "python benchmarks/scale/passage_store.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
            "rows": rows, "rss_bytes_per_added_passage": slopes}  # fmt: skip
     (RESULTS / "passage-store.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {RESULTS / 'passage-store.json'}")

@@ -5,7 +5,7 @@ each step in a fresh process, measured from outside (``/proc`` polled every 0.2 
 and its children: peak RSS of all of them together, its anonymous part, i.e. what page cache
 cannot take back, and the largest single process):
 
-* ``corpus``: N synthetic passages (``benchmarks/synthetic_corpus.py``; a prefix of a larger
+* ``corpus``: N synthetic passages (``benchmarks/scale/synthetic_corpus.py``; a prefix of a larger
   corpus already written, same seed, is copied instead of generated);
 * ``store``: the passage store built from ``passages.tsv`` (what the first open does);
 * ``bm25``: ``densepr index bm25 <d>/passages.tsv <d>/bm25 --workers W`` (analysis in W worker
@@ -17,17 +17,17 @@ cannot take back, and the largest single process):
 * ``serve``: ``densepr serve --index <d>`` (BM25), 100 sequential ``/search`` requests (k=100):
   p50/p95 latency and the server's RSS after them;
 * ``lucene`` (N <= ``--lucene-max``): Anserini 0.12's ``IndexCollection`` (from the pyserini
-  0.12 jar, as ``benchmarks/bm25_lucene.py``) over the same passages on the same W threads,
+  0.12 jar, as ``benchmarks/retrieval/bm25_lucene.py``) over the same passages on the same W threads,
   and its one-thread search of the same questions (``IndexSearcher.search``: block-max WAND),
   with top-k agreement with densepr's lists;
-* ``dense`` (N <= ``--dense-max``): N x 768 synthetic vectors (``benchmarks/index_bench.py``'s
+* ``dense`` (N <= ``--dense-max``): N x 768 synthetic vectors (``benchmarks/retrieval/index_bench.py``'s
   generator) as ``densepr index dense --type ivf-pq --rerank 10``: build wall and peak RSS, then
   load RSS and one-query latency.
 
 Resumable: each step's result is ``<d>/scale-<step>.json``, skipped when present (``--redo
-STEP`` reruns it). The table and ``benchmarks/results/scale.json`` gather every size measured.
+STEP`` reruns it). The table and ``benchmarks/scale/results/scale.json`` gather every size measured.
 
-    python benchmarks/scale.py --sizes 1000000 5000000 21015324 --work-dir /data/scale [--workers 2]
+    python benchmarks/scale/scale.py --sizes 1000000 5000000 21015324 --work-dir /data/scale [--workers 2]
         [--steps corpus store bm25 load queries serve lucene dense] [--lucene-max 1000000] [--dense-max 1000000]
 """
 
@@ -45,8 +45,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results" / "scale.json"
+HERE = Path(__file__).resolve().parent  # benchmarks/scale/
+BENCH = HERE.parent  # benchmarks/: common.py; retrieval/ holds bm25_lucene.py and index_bench.py
+RESULTS = HERE / "results" / "scale.json"
 STEPS = ("corpus", "store", "bm25", "load", "queries", "serve", "lucene", "dense")
 QUESTIONS = 1000  # NQ test questions searched (batched); one at a time: the first ONE_AT_A_TIME
 ONE_AT_A_TIME = 200
@@ -237,7 +238,7 @@ def step_serve(d: Path) -> dict:
 
 
 def step_lucene(d: Path, workers: int) -> dict:
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH / "retrieval"))
     import numpy as np
     from bm25_lucene import HITS as LHITS
     from bm25_lucene import build_lucene, ensure_jar, java_version, search_lucene, time_lucene_one_thread
@@ -280,7 +281,7 @@ def step_lucene(d: Path, workers: int) -> dict:
 
 
 def step_dense(d: Path, n: int) -> dict:
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH / "retrieval"))
     from index_bench import write_synthetic
 
     emb, idx = d / "emb768", d / "dense-ivfpq"
@@ -324,7 +325,7 @@ def step_corpus(d: Path, n: int, work: Path) -> dict:
             break
     else:
         tmp.unlink(missing_ok=True)
-        subprocess.run([sys.executable, str(BENCH / "synthetic_corpus.py"), "--passages", str(n), "--output", str(tsv)], check=True)
+        subprocess.run([sys.executable, str(HERE / "synthetic_corpus.py"), "--passages", str(n), "--output", str(tsv)], check=True)
         how = "generated"
     return {"passages": n, "how": how, "wall_s": round(time.perf_counter() - t0, 1), "tsv_bytes": tsv.stat().st_size}
 
@@ -403,8 +404,8 @@ def write_costs(results: dict) -> None:
     ]  # fmt: skip
     m = results.get("machine", {})
     COSTS.write_text(json.dumps({"sizes": sorted(sizes), "fits": fits, "queries": queries,
-                                 "source": f"benchmarks/scale.py, synthetic 100-word passages, {m.get('cores', '?')} cores, "
-                                           f"{time.strftime('%Y-%m-%d')} (benchmarks/results/scale.json)"}, indent=1) + "\n")  # fmt: skip
+                                 "source": f"benchmarks/scale/scale.py, synthetic 100-word passages, {m.get('cores', '?')} cores, "
+                                           f"{time.strftime('%Y-%m-%d')} (benchmarks/scale/results/scale.json)"}, indent=1) + "\n")  # fmt: skip
 
 
 def main() -> None:

@@ -44,9 +44,9 @@ continues where it stopped) and renamed over OUTPUT at the end. Same TSV layout 
 (vocabulary, hapax fraction, top-100 word frequencies, passage length, BM25 terms and distinct
 terms per passage, BM25 vocabulary) and with the
 Heaps prediction at its full size; prints a table and writes
-``benchmarks/results/synthetic-corpus.json`` (fitted parameters included).
+``benchmarks/scale/results/synthetic-corpus.json`` (fitted parameters included).
 
-    python benchmarks/synthetic_corpus.py --passages N --output PATH [--seed S] [--check]
+    python benchmarks/scale/synthetic_corpus.py --passages N --output PATH [--seed S] [--check]
 """
 
 from __future__ import annotations
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passages", type=int, required=True)
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check", action="store_true", help="compare with the embedded corpus; write " + str(RESULTS.relative_to(Path(__file__).parents[1])))
+    ap.add_argument("--check", action="store_true", help="compare with the embedded corpus; write " + str(RESULTS.relative_to(Path(__file__).parents[2])))
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         from densepr.machine import machine_info
         print_check(res, params)
         write_json(args.results, {"machine": machine_info(), "params": params, "generate": {**run, "fit_seconds": round(fit_s, 1)}, "check": res,
-                                  "command": "python benchmarks/synthetic_corpus.py " + " ".join(argv if argv is not None else sys.argv[1:])})  # fmt: skip
+                                  "command": "python benchmarks/scale/synthetic_corpus.py " + " ".join(argv if argv is not None else sys.argv[1:])})  # fmt: skip
         print(f"\nwrote {args.results}")
     return 0
 

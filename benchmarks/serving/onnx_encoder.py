@@ -8,21 +8,24 @@ The index's own question encoder is exported with ``densepr export-onnx --int8``
 * accuracy: NQ test top-20 / top-100 (all questions) over the index's dense index, every question
   encoded by each encoder (batches of 128), so the cost of each in retrieval quality is measured.
 
-Prints a table and writes ``benchmarks/results/onnx-encoder.json``.
+Prints a table and writes ``benchmarks/serving/results/onnx-encoder.json``.
 
-    python benchmarks/onnx_encoder.py [--index runs/dpr] [--questions 300] [--rounds 3]
+    python benchmarks/serving/onnx_encoder.py [--index runs/dpr] [--questions 300] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.evaluate.answers import AnswerMatcher
@@ -30,6 +33,8 @@ from densepr.fileio import read_json, write_json
 from densepr.models.encoder import Encoder
 from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder
 from densepr.retrieve.retriever import Retriever
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -76,7 +81,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['encoder']} | {r['batch1_median_ms']} | {r['batch1_p95_ms']} | {r['speedup_vs_eager']}x | {r['nq_top20']} | {r['nq_top100']} |")
     out = RESULTS / "onnx-encoder.json"
-    write_json(out, {"command": f"python benchmarks/onnx_encoder.py --index {args.index} --questions {args.questions} --rounds {args.rounds}",
+    write_json(out, {"command": f"python benchmarks/serving/onnx_encoder.py --index {args.index} --questions {args.questions} --rounds {args.rounds}",
                      "machine": machine_info(), "question_encoder": source, "index": str(args.index), "rows": rows})  # fmt: skip
     print(f"written to {out}")
 

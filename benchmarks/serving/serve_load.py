@@ -5,7 +5,7 @@ off: ``--max-batch 1``) a server is started as a separate process on a free loop
 warmed up, then ``--clients`` concurrent clients send real NQ test questions to
 ``POST /search`` for ``--seconds`` seconds each (one request in flight per client). Reports
 requests/s, p50/p95/p99 latency and errors per setting and concurrency, the throughput ratio,
-and writes ``benchmarks/results/serve-load.json``.
+and writes ``benchmarks/serving/results/serve-load.json``.
 
 ``--scenario overload``: one server with its default limits, attacked for ``--seconds`` by
 ``--flood-clients`` clients that each send ``--flood-questions`` NQ questions per request as
@@ -15,10 +15,10 @@ headers (reconnecting when cut off); meanwhile an innocent client sends one ques
 on at once, and one search measures what they cost. Reports status counts, latency
 percentiles (all from the client side, over separate processes), /health latency, the
 server's RSS (``/proc``) before, at peak and after, its queue counters, and writes
-``benchmarks/results/serve-overload.json``.
+``benchmarks/serving/results/serve-overload.json``.
 
-    python benchmarks/serve_load.py [--index runs/embedded] [--mode dense] [--clients 1,16] [--seconds 20]
-    python benchmarks/serve_load.py --scenario overload --index runs/embedded --seconds 15
+    python benchmarks/serving/serve_load.py [--index runs/embedded] [--mode dense] [--clients 1,16] [--seconds 20]
+    python benchmarks/serving/serve_load.py --scenario overload --index runs/embedded --seconds 15
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
 from densepr.data import EmbeddedData
@@ -263,7 +265,7 @@ def run_overload(args, questions: list[str]) -> None:
     print(f"RSS MiB: before {r['rss_before_mb'].get('VmRSS')}, peak sampled {r['rss_peak_mb']}, after flood {r['rss_after_flood_mb'].get('VmRSS')}, "
           f"end {r['rss_end_mb'].get('VmRSS')} (VmHWM {r['rss_end_mb'].get('VmHWM')})")  # fmt: skip
     print(f"abandoned: {r['abandoned']}")
-    cmd = "python benchmarks/serve_load.py --scenario overload " + " ".join(
+    cmd = "python benchmarks/serving/serve_load.py --scenario overload " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("scenario", "clients"))
     write_json(OVERLOAD_RESULTS, {"command": cmd, "machine": machine_info(), "threads": os.cpu_count(), "load_average_at_end": os.getloadavg(),
                                   "mode": args.mode, "k": args.k, **r})  # fmt: skip
@@ -306,7 +308,7 @@ def main() -> None:
         off = next(r for r in rows if r["clients"] == c and r["max_batch"] == 1)
         ratio[str(c)] = round(on["requests_per_s"] / off["requests_per_s"], 2) if off["requests_per_s"] else None
     print("throughput micro-batching / one at a time, by clients:", ratio)
-    write_json(RESULTS, {"command": "python benchmarks/serve_load.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+    write_json(RESULTS, {"command": "python benchmarks/serving/serve_load.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
                          "machine": machine_info(), "threads": os.cpu_count(), "mode": args.mode, "k": args.k,
                          "rows": rows, "throughput_ratio": ratio})  # fmt: skip
     print(f"written to {RESULTS}")

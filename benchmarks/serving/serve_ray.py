@@ -2,10 +2,10 @@
 ``@serve.batch``, searcher, as separate replicas) on this machine: the same index, the same bounded
 loopback load (real NQ test questions to ``POST /search``, one request in flight per client), at 1 and
 16 clients. Reports requests/s, p50/p95/p99 and errors side by side, the ratio, and writes
-``benchmarks/results/serve-ray.json``. The Ray server runs a local Ray (``--ray local``) started by
+``benchmarks/serving/results/serve-ray.json``. The Ray server runs a local Ray (``--ray local``) started by
 the server process; its start-up is not timed.
 
-    python benchmarks/serve_ray.py [--index runs/embedded] [--mode dense] [--clients 1,16] [--seconds 20]
+    python benchmarks/serving/serve_ray.py [--index runs/embedded] [--mode dense] [--clients 1,16] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 from serve_load import free_port, load, start_server, wait_ready
 
 from densepr.data import EmbeddedData
 from densepr.fileio import write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def start_ray_server(index: Path, replicas: str) -> tuple[subprocess.Popen, str]:
@@ -78,7 +81,7 @@ def main() -> None:
         print(f"| {r['server']} | {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
     print("throughput Ray / one process, by clients:", ratio)
     out = RESULTS / "serve-ray.json"
-    write_json(out, {"command": "python benchmarks/serve_ray.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+    write_json(out, {"command": "python benchmarks/serving/serve_ray.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
                      "machine": machine_info(), "mode": args.mode, "k": args.k, "replicas": args.replicas, "rows": rows, "ratio": ratio})  # fmt: skip
     print(f"written to {out}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 33 item 8: the serve tests (not the Ray cluster tests) run N times (default 20) beside two CPU hogs at the
 # tests' own priority, one line per run. Run from the repository root with the project's venv:
-#   bash benchmarks/serve_tests_under_load.sh 20 | tee benchmarks/results/serve-tests-under-load.txt
+#   bash benchmarks/serving/serve_tests_under_load.sh 20 | tee benchmarks/serving/results/serve-tests-under-load.txt
 set -u
 n=${1:-20}
 python3 -c 'while 1: pass' & h1=$!

@@ -6,7 +6,7 @@ invocation that ran the stage), top-k accuracy of every retrieval method, the re
 (steps, loss, validation) and end-to-end exact match of every mode and selection rule. The first run is
 the reference: seconds as ratios to it, figures as differences from it.
 
-    python benchmarks/compare_runs.py --run fp32=runs/dpr --run bf16=runs/dpr-bf16 -o benchmarks/results/dpr-bf16
+    python benchmarks/training/compare_runs.py --run fp32=runs/dpr --run bf16=runs/dpr-bf16 -o benchmarks/training/results/dpr-bf16
 
 Writes ``compare.md`` and ``compare.json`` in ``-o``.
 """
@@ -14,8 +14,10 @@ Writes ``compare.md`` and ``compare.json`` in ``-o``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
 from densepr.fileio import atomic_write, read_json, write_json
@@ -127,7 +129,7 @@ def main() -> None:
     text = "\n".join(md) + "\n"
     with atomic_write(args.output / "compare.md") as fh:
         fh.write(text)
-    write_json(args.output / "compare.json", {"command": "python benchmarks/compare_runs.py " + " ".join(f"--run {s}" for s in args.run) + f" -o {args.output}",
+    write_json(args.output / "compare.json", {"command": "python benchmarks/training/compare_runs.py " + " ".join(f"--run {s}" for s in args.run) + f" -o {args.output}",
                                               "machine": machine_info(), "runs": {n: r["dir"] for n, r in runs.items()},
                                               "seconds": {n: r["seconds"] for n, r in runs.items()}, "totals_s": totals,
                                               "topk": topk, "training": training, "em": {n: {k: em[n][k] for k in keys} for n in names},

@@ -5,7 +5,7 @@ No training here: the "model" is whatever index directory you give (a trained DP
 zero-shot embedded encoder's as a stand-in). Run from the repository root:
 
     densepr reproduce --profile smoke --output runs/smoke     # passages.tsv, bm25/, dense/, hybrid.json
-    python benchmarks/remining.py --index runs/smoke --limit 1000
+    python benchmarks/training/remining.py --index runs/smoke --limit 1000
 
 Survival: questions kept by BM25 mining (DPR's rule), by the model's list alone, and by the union
 (the model's list, else BM25's: what ``data build-train --negatives-from`` does).
@@ -20,22 +20,27 @@ in the *text*) already calls answerless, so every hit is a candidate unlabelled 
 
 ``suspect`` is any of the three. Per rank bucket, the rates are over *every* answerless passage of
 the top ``depth`` of the kept questions (what ``skip_top`` would remove); per ``skip_top``, over
-the ``--hard`` hard negatives actually mined. Writes benchmarks/results/remining.json.
+the ``--hard`` hard negatives actually mined. Writes benchmarks/training/results/remining.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-from common import RESULTS, machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.evaluate.answers import answer_tokens, has_answer, normalize
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.retriever import Retriever
 from densepr.train.mining import MiningStats, mine
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 BUCKETS = ((0, 1), (1, 3), (3, 5), (5, 10), (10, 30), (30, 100))
 PROXIES = ("title", "substring", "tokens")
@@ -68,7 +73,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=100)
     ap.add_argument("--hard", type=int, default=30, help="hard negatives kept per question")
     ap.add_argument("--skips", default="0,1,3,5")
-    ap.add_argument("--out", default="remining.json", help="file name under benchmarks/results/")
+    ap.add_argument("--out", default="remining.json", help="file name under benchmarks/training/results/")
     args = ap.parse_args()
     skips = [int(x) for x in args.skips.split(",")]
     t_all = time.perf_counter()
@@ -150,7 +155,7 @@ def main() -> None:
             + ", ".join(f"{k}: {v['suspect']} (of {v['answerless']})" for k, v in by_rank[mode].items())
             + f"  [{time.perf_counter() - t0:.1f}s]"
         )
-    out = {"command": "python benchmarks/remining.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+    out = {"command": "python benchmarks/training/remining.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
            "model": retriever.question_encoder.name.split("/")[-1] if retriever.question_encoder else None,
            "hybrid_lambda": retriever.hybrid_lambda,
            "proxies": {"title": "has_answer on the title", "substring": "NFD lower-cased answer is a substring of the lower-cased title + text",

@@ -7,23 +7,25 @@ passages -> BM25 -> mine -> round 1 -> re-mine with round 1 -> round 2 from each
 and the answerable subset). Both round 2 models train on the same re-mined data in the same run,
 so the comparison does not carry the ±1-point spread between runs of CPU training.
 
-    python benchmarks/round2_init.py --output runs/round2-init [--inits initial,round1] [--sets nq-test,trivia-test]
-    python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:2 -o round2-epochs.json  # 1 vs 2 epochs
-    python benchmarks/round2_init.py --output runs/round2-init --inits round1,round1:1:2 -o round2-hard.json  # 1 vs 2 hard negatives
-    python benchmarks/round2_init.py --output runs/round1-3ep --round1-epochs 3 --inits round1 -o round1-epochs.json  # a longer round 1
+    python benchmarks/training/round2_init.py --output runs/round2-init [--inits initial,round1] [--sets nq-test,trivia-test]
+    python benchmarks/training/round2_init.py --output runs/round2-init --inits round1,round1:2 -o round2-epochs.json  # 1 vs 2 epochs
+    python benchmarks/training/round2_init.py --output runs/round2-init --inits round1,round1:1:2 -o round2-hard.json  # 1 vs 2 hard negatives
+    python benchmarks/training/round2_init.py --output runs/round1-3ep --round1-epochs 3 --inits round1 -o round1-epochs.json  # a longer round 1
 
 ``--output`` can be a ``reproduce --profile dpr`` output directory: its finished stages are reused.
-Prints a table and writes benchmarks/results/round2-init.json.
+Prints a table and writes benchmarks/training/results/round2-init.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import RESULTS, machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 
 from densepr.data.fetch import fetch_embedded
 from densepr.evaluate.topk import accuracy_report
@@ -34,6 +36,8 @@ from densepr.reproduce import Job, ReproduceConfig, retrieval
 from densepr.reproduce.training import mine, remine, train_and_encode
 from densepr.retrieve.modes import Mode
 from densepr.retrieve.retriever import Retriever
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -98,7 +102,7 @@ def main() -> None:
     print(f"{'method':<44}" + "".join(f"{s:>22}" for s in sets))
     for label, per in rows.items():
         print(f"{label:<44}" + "".join(f"{per[s]['answerable']['top20']:>13.1f} / {per[s]['answerable']['top100']:<6.1f}" for s in sets))
-    write_json(args.json, {"command": "python benchmarks/round2_init.py --output " + str(args.output) + " --inits " + ",".join(inits)
+    write_json(args.json, {"command": "python benchmarks/training/round2_init.py --output " + str(args.output) + " --inits " + ",".join(inits)
                            + " --sets " + ",".join(sets) + (f" --round1-epochs {args.round1_epochs}" if args.round1_epochs else "") + (f" --limit {args.limit}" if args.limit else "") + f" --profile {args.profile}", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
                            "seconds": round(time.perf_counter() - t_start, 1), "stage_seconds": runner.timings(),
                            "plan": {"epochs": plan.epochs, "round1_epochs": round1_epochs, "round2_epochs": plan.round2_epochs, "hard_negatives": plan.hard_negatives, "lr": plan.lr, "batch_size": plan.batch_size},

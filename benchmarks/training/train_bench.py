@@ -15,9 +15,9 @@ as ``title [SEP] text``, dot-product similarity with scale 1, AdamW. Configurati
 Each runs in a fresh process (so peak memory is its own): one warm-up step, then ``--steps``
 timed steps; questions/s is B over the median step time. A configuration the kernel kills
 for lack of memory is recorded as such. Prints a table and writes
-``benchmarks/results/train-speed-b<batch>.json``.
+``benchmarks/training/results/train-speed-b<batch>.json``.
 
-    python benchmarks/train_bench.py [--batch-size 128] [--steps 2] [--chunk 8]
+    python benchmarks/training/train_bench.py [--batch-size 128] [--steps 2] [--chunk 8]
 """
 
 from __future__ import annotations
@@ -123,12 +123,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=8, help="gradient-cache chunk / CachedMNRL mini-batch")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    ap.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/train-speed-b<batch>.json")
+    ap.add_argument("--output", type=Path, default=None, help="default: benchmarks/training/results/train-speed-b<batch>.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.batch_size, args.steps, args.chunk)))
         return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
     from common import machine_info
 
     from densepr.fileio import write_json
@@ -156,7 +157,7 @@ def main() -> None:
         ratios["bf16_speedup_over_plain"] = round(by["densepr-bf16"]["questions_per_s"] / by["densepr"]["questions_per_s"], 3)
     if "densepr" in by and "densepr-gradcache" in by:
         ratios["memory_gradcache_over_plain"] = round(by["densepr-gradcache"]["peak_rss_gib"] / by["densepr"]["peak_rss_gib"], 3)
-    result = {"command": "python benchmarks/train_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("batch_size", "steps", "chunk"))
+    result = {"command": "python benchmarks/training/train_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("batch_size", "steps", "chunk"))
               + " --configs " + " ".join(args.configs),
               "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "rows": rows, "ratios": ratios}  # fmt: skip
     from rich.console import Console

@@ -9,25 +9,30 @@ the loss and gradient move:
 - the reader (DPRReader from the embedded MiniLM): ``--windows`` windows of ``--length`` tokens;
 - one tower of the bi-encoder (the embedded MiniLM, [CLS]): ``--passages`` passages of ``--length`` tokens.
 
-    python benchmarks/train_precision.py [--windows 64] [--passages 64] [--length 160] [--steps 3]
+    python benchmarks/training/train_precision.py [--windows 64] [--passages 64] [--length 160] [--steps 3]
 
 Timing only: whether bf16 training reaches the same accuracy needs a training run. Prints a table and writes
-benchmarks/results/train-precision.json.
+benchmarks/training/results/train-precision.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.fileio import write_json
 from densepr.models.hf import autocast, cpu_has_bf16
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure(model: torch.nn.Module, loss_fn, steps: int) -> dict:
@@ -93,7 +98,7 @@ def main() -> None:
     for name, r in rows.items():
         shape = f"{args.windows if name == 'reader' else args.passages} x {args.length}"
         print(f"| {name} | {shape} | {r['fp32']['seconds']} | {r['bf16-autocast']['seconds']} | {r['speedup']}x | {r['loss_rel_diff']} | {r['grad_norm_rel_diff']} |")
-    write_json(args.json, {"command": f"python benchmarks/train_precision.py --windows {args.windows} --passages {args.passages} --length {args.length} --steps {args.steps}",
+    write_json(args.json, {"command": f"python benchmarks/training/train_precision.py --windows {args.windows} --passages {args.passages} --length {args.length} --steps {args.steps}",
                            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "cpu_native_bf16": cpu_has_bf16(),
                            "threads": torch.get_num_threads(), "results": rows})  # fmt: skip
     print(f"wrote {args.json}")

@@ -4,8 +4,8 @@ Each ``--run NAME=DIR`` is the output directory of a ``densepr reproduce`` run (
 ``results.json``); BM25 is taken from the first. Each ``--train NAME=DIR`` is a ``densepr train``
 run directory, whose validation history and best checkpoint are summarised.
 
-    python benchmarks/training_report.py --run zero-shot=runs/embedded --run fine-tuned=runs/ft-hn \\
-        --train fine-tuned=runs/train-hn --out benchmarks/results/training
+    python benchmarks/training/training_report.py --run zero-shot=runs/embedded --run fine-tuned=runs/ft-hn \\
+        --train fine-tuned=runs/train-hn --out benchmarks/training/results/finetune
 
 Writes ``results.md`` and ``results.json`` in ``--out`` and copies each training run's
 ``metrics.jsonl`` and ``config.json`` there.
@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="append", default=[], help="NAME=DIR of a `densepr reproduce` output")
     ap.add_argument("--train", action="append", default=[], help="NAME=DIR of a `densepr train` output")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/training"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/training/results/finetune"))
     args = ap.parse_args()
     runs = {name: json.loads((d / "results.json").read_text()) for name, d in pairs(args.run).items()}
     first = next(iter(runs.values()))
