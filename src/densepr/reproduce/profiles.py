@@ -54,7 +54,7 @@ class TrainPlan:
     batch_size: int = 128
     hard_negatives: int = 1
     # 30 steps of 128 on the embedded data: 730 s on 2 CPU cores with one hard negative (sixth run). Three epochs
-    # (benchmarks/round2_init.py --round1-epochs 3): NQ / TriviaQA answerable top-20 after round 2 61.0 / 62.4
+    # (benchmarks/training/round2_init.py --round1-epochs 3): NQ / TriviaQA answerable top-20 after round 2 61.0 / 62.4
     # instead of 59.1 / 61.1, for 1,570 s more training here (and the ablation's): past the 2-hour aim, so 1.
     epochs: int = 1
     round2_epochs: int = 1  # from round 1's weights (from the initial ones: ``epochs``)
@@ -71,12 +71,12 @@ class TrainPlan:
     skip_top: int = 0
     round2_init: str = "round1"  # or "initial": 1.2 top-20 points lower on NQ and TriviaQA (docs/training.md, round2_init.py)
     # >0: gradient caching in chunks of this many sequences (the same loss; training's peak memory 11.6 -> 2.3 GiB
-    # at batch 128, ~15% slower: benchmarks/train_bench.py). Off: the whole run's peak below, the larger of two runs
+    # at batch 128, ~15% slower: benchmarks/training/train_bench.py). Off: the whole run's peak below, the larger of two runs
     # measured with /usr/bin/time on 2026-12-05; below that much available memory the job says how to fit (memory_notice).
     grad_cache_chunk: int = 0
     full_graph_peak_gib: float | None = 13.7
     # fp32, or bf16 autocast for both retrievers' and the reader's training (models.hf.autocast: 1.4x a step on CPUs
-    # with native bf16, benchmarks/train_precision.py); the committed figures are float32 runs'
+    # with native bf16, benchmarks/training/train_precision.py); the committed figures are float32 runs'
     precision: str = "fp32"
 
     def round2(self) -> tuple[int, str | None]:
