@@ -44,7 +44,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/retrieval/speed.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,7 @@
-"""What every benchmark shares: where results go and what they ran on, and the reader benchmarks'
-held-out answer passages and recipe. Scripts run from the repository root (``python benchmarks/<name>.py``);
-this folder is then on ``sys.path``, so ``import common`` works."""
+"""What every benchmark shares: what they ran on, and the reader benchmarks' held-out answer passages and
+recipe. Scripts live in one folder per group (``benchmarks/<group>/<name>.py``, README.md) and write their
+results beside them (``benchmarks/<group>/results/``); each puts this folder on ``sys.path`` before
+``from common import ...``, so that works from any group and any working directory."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from densepr.machine import machine_info
-
-RESULTS = Path(__file__).parent / "results"
 
 # Reader settings a benchmark decides itself (how long, what is validated), not taken from the run's recipe.
 _NOT_RECIPE = ("epochs", "max_steps", "save_every", "dev_limit", "eval_every", "max_questions", "init")
@@ -92,4 +91,4 @@ def train_reader_once(cfg, run_dir: Path, device: str, name: str) -> dict:
     return record
 
 
-__all__ = ["RESULTS", "given_passage_scores", "gold_passages", "machine_info", "reader_recipe", "span_scores", "train_reader_once"]
+__all__ = ["given_passage_scores", "gold_passages", "machine_info", "reader_recipe", "span_scores", "train_reader_once"]

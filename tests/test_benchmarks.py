@@ -12,7 +12,7 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
 
 def test_gpu_script_runs_every_measurement_at_tiny_sizes(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "gpu.py", "--tiny", "--device", "cpu", "--out", str(out)], cwd=BENCH,
+    proc = subprocess.run([sys.executable, "gpu.py", "--tiny", "--device", "cpu", "--out", str(out)], cwd=BENCH / "scale",
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -48,7 +48,7 @@ def test_reader_rules_script_reports_every_rule(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(recs), encoding="utf-8")
     out = tmp_path / "rules.json"
     proc = subprocess.run([sys.executable, "reader_rules.py", str(tmp_path / "r.json"), str(reader), "--depth", "6", "-o", str(out)],
-                          cwd=BENCH, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=BENCH / "reader", capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())["readers"][str(reader)]
     assert row["questions"] == 3 and all(f"{r}@{k}" in row for r in ("paper", "span", "sel+span") for k in (1, 5, 10, 20))
@@ -68,12 +68,12 @@ def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
         (run / "stages" / f"qa-{name}.json").write_text(json.dumps({"settings": {"set": f"{name}-test", "limit": limit, "ks": [1, 5]},
                                                                     "finished": "2026-12-05T10:00:00", "seconds": 61.0}))  # fmt: skip
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "-o", str(out)], cwd=BENCH / "reader", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "qa-results.json").read_text())
     assert list(res["sets"]) == ["d-test", "a-test"] and res["pending_pieces"] == {"b": 1}  # largest first; c was read at 100
     assert "d-test (2000 q, 1000 answerable)" in (out / "qa-results.md").read_text() and (out / "qa-em.png").stat().st_size > 0
-    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--limit", "5", "-o", str(out)], cwd=BENCH, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--limit", "5", "-o", str(out)], cwd=BENCH / "reader", capture_output=True, text=True)
     assert proc.returncode == 1 and "no end-to-end set recorded yet with --qa-limit 5" in proc.stderr
     # an evaluate-qa output of the same run adds the sets the run has not read (labelled with its precision)
     extra = tmp_path / "extra"
@@ -83,7 +83,7 @@ def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
     (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 5], "limit": None,
                                                        "sets": {"e-test": {**res, "resumed": {"pieces_kept": 3, "their_seconds": 0.0, "pieces_without_seconds": 3}}, "a-test": res}}))  # fmt: skip
     (run / "stages" / "qa-e-test.partial").mkdir()  # the run's own unfinished read of a set evaluate-qa finished
-    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH / "reader", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "qa-results.json").read_text())["pending_pieces"] == {"b": 1}
     assert "| 9 | bf16 |" not in (out / "qa-results.md").read_text() and "≥ 9 (3 kept pieces untimed)" in (out / "qa-results.md").read_text()
@@ -91,7 +91,7 @@ def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
     assert list(got) == ["e-test", "d-test", "a-test"] and got["e-test"]["precision"] == "bf16"
     assert got["a-test"]["n_all"] == 700 and got["a-test"]["precision"] == "fp32"  # the run's own reading is kept
     (extra / "qa-results.json").write_text(json.dumps({"precision": "bf16", "ks": [1, 20], "limit": None, "sets": {"e-test": res}}))
-    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "qa_sets.py", "--run", str(run), "--add", str(extra), "-o", str(out)], cwd=BENCH / "reader", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "read at ks [1, 20], the run at [1, 5]" in proc.stderr
 
 
@@ -115,7 +115,7 @@ def test_compare_runs_puts_seconds_as_ratios_and_figures_side_by_side(tmp_path):
     _fake_run(tmp_path / "b", seconds=(60.0, 40.0, 1.0), top20=31.0, em=10.0, late=("qa-x",))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "compare_runs.py", "--run", f"fp32={tmp_path / 'a'}", "--run", f"bf16={tmp_path / 'b'}", "-o", str(out)],
-                          cwd=BENCH, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=BENCH / "training", capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads((out / "compare.json").read_text())
     # b's qa stage was recorded after its report: not part of its results, left out of its total
@@ -124,7 +124,7 @@ def test_compare_runs_puts_seconds_as_ratios_and_figures_side_by_side(tmp_path):
     assert "| train | 100 | 60 | 0.60x |" in md and "no seconds for qa-x" in md
     assert "| x-test | dense | 30.0 / 60.0 | 31.0 / 62.0 |" in md and "Largest top-k difference from `fp32`: 2.00 points" in md
     assert "| x-test | dense | paper | all | 10.0 / 10.0 | 10.0 / 10.0 |" in md and "equal to `fp32`'s: 4 of 4" in md
-    proc = subprocess.run([sys.executable, "compare_runs.py", "--run", f"a={tmp_path / 'a'}", "--run", f"b={tmp_path}", "-o", str(out)], cwd=BENCH, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "compare_runs.py", "--run", f"a={tmp_path / 'a'}", "--run", f"b={tmp_path}", "-o", str(out)], cwd=BENCH / "training", capture_output=True, text=True)
     assert proc.returncode != 0 and "DIR/results.json" in proc.stderr
 
 
@@ -161,11 +161,11 @@ def _synthetic_corpus_module():
 
     if not EmbeddedData().available:
         pytest.skip("the embedded corpus is not fetched (densepr data fetch): synthetic_corpus.py fits its statistics on it")
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH / "scale"))
     try:
         import synthetic_corpus
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(str(BENCH / "scale"))
     return synthetic_corpus
 
 
@@ -217,9 +217,51 @@ def test_synthetic_corpus_cli_writes_and_checks(tmp_path):
     _synthetic_corpus_module()
     out, res = tmp_path / "p.tsv", tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "synthetic_corpus.py", "--passages", "300", "--output", str(out), "--check", "--results", str(res)],
-                          cwd=BENCH, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=BENCH / "scale", capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(res.read_text())
     assert got["check"]["passages"] == 300 and got["params"]["heaps"]["beta"] > 0 and "vocabulary growth" in proc.stdout
-    proc = subprocess.run([sys.executable, "synthetic_corpus.py", "--passages", "0", "--output", str(out)], cwd=BENCH, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "synthetic_corpus.py", "--passages", "0", "--output", str(out)], cwd=BENCH / "scale", capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --passages must be positive")
+
+
+GROUPS = ("retrieval", "reader", "training", "serving", "scale")
+
+
+def test_every_benchmark_is_in_a_group_folder_and_listed_in_the_readme():
+    readme = (BENCH / "README.md").read_text(encoding="utf-8")
+    loose = sorted(p.name for p in BENCH.glob("*") if p.suffix in (".py", ".sh") and p.name != "common.py")
+    assert not loose, f"benchmarks outside a group folder ({', '.join(GROUPS)}): {loose}"
+    scripts = [p for g in GROUPS for p in (BENCH / g).glob("*") if p.suffix in (".py", ".sh")]
+    assert len(scripts) > 20
+    unlisted = sorted(str(p.relative_to(BENCH)) for p in scripts if f"]({p.relative_to(BENCH)})" not in readme)
+    assert not unlisted, f"benchmarks/README.md does not list {unlisted}"
+
+
+def test_every_benchmark_script_starts_from_the_repository_root():
+    """``python benchmarks/<group>/<script>.py --help`` from the root: each finds common.py and its siblings.
+    One process for all (torch imported once), each script with only its own folder first on sys.path, as
+    ``python script.py`` has it, and the benchmark modules an earlier script imported forgotten."""
+    code = f"""
+import runpy, sys
+from pathlib import Path
+bench, failed = Path({str(BENCH)!r}), []
+base_path, base_modules = list(sys.path), set(sys.modules)
+for script in sorted(p for g in {GROUPS!r} for p in (bench / g).glob("*.py")):
+    sys.path[:] = [str(script.parent), *base_path[1:]]
+    sys.argv = [str(script), "--help"]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            failed.append(f"{{script.name}}: exit {{e.code}}")
+    except Exception as e:
+        failed.append(f"{{script.name}}: {{type(e).__name__}}: {{e}}")
+    for name in set(sys.modules) - base_modules:
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(bench)):
+            del sys.modules[name]
+print("FAILED", failed)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BENCH.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("FAILED []"), proc.stdout[-2000:]

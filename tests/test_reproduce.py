@@ -12,6 +12,7 @@ from densepr.data import load_qa
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.topk import topk_curve
 from densepr.evaluate.tuning import tune_lambda
+from densepr.fileio import read_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import encode_corpus
 from densepr.models.encoder import Encoder
@@ -68,6 +69,24 @@ def test_check_against_end_to_end_em():
     assert check_against(other, recorded, "dpr") == ["nq-test bm25 all top20: 25.0 vs committed 20.0 (tolerance ±0.5)"]
 
 
+def test_the_regression_check_policy_compares_only_default_runs_unless_given_figures_and_records_per_profile(tmp_path):
+    """The policy `densepr reproduce --check/--write-expected` applies, in the library (it was in cli.py)."""
+    from densepr.reproduce import PROFILES, record_expected, regression_check
+
+    summary = {**_summary(21.5), "date": "d", "machine": {}, "config": {}}
+    figures = tmp_path / "expected.json"
+    record_expected({**_summary(20.0), "date": "d", "machine": {}, "config": {}}, figures, "smoke")
+    record_expected(summary, figures, "full", tolerance=2.0)
+    recorded = load_expected(figures)
+    assert recorded["smoke"]["tolerance"] == PROFILES["smoke"].tolerance and recorded["full"]["tolerance"] == 2.0  # both kept
+    # another setup than the embedded defaults: not compared with the packaged figures, but with explicitly given ones
+    custom = ReproduceConfig(profile="smoke", k=50)
+    assert not regression_check(summary, custom).compared
+    found = regression_check(summary, custom, figures)
+    assert found.compared and not found.em_unchecked
+    assert found.problems == ("nq-test bm25 all top20: 21.5 vs committed 20.0 (tolerance ±1.0)",)
+    assert regression_check(summary, ReproduceConfig(profile="full", k=50), figures).problems == ()
+
 def test_packaged_expected_figures_cover_the_profiles_ci_and_the_readme_run():
     from densepr.reproduce import PROFILES
 
@@ -122,7 +141,7 @@ def test_read_precision_overrides_the_reader_plan_and_only_a_non_default_one_ent
         with pytest.raises(DenseprError, match=message):
             ReproduceConfig(**bad)
     qas = QASet("set-a", [QA("who wrote hamlet", ("Shakespeare",))])
-    settings = {p: rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", read_precision=p), lambda m: None, False).qa(qas).fingerprinted
+    settings = {p: rp.reading.qa(rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", read_precision=p), lambda m: None, False), qas).fingerprinted
                 for p in ("fp32", "bf16")}  # fmt: skip
     assert "precision" not in settings["fp32"] and settings["bf16"]["precision"] == "bf16"  # float32 runs keep their records
     # a summary recorded before the field existed read in float32: its EM is still compared
@@ -145,8 +164,8 @@ def test_train_precision_reaches_both_trainers_and_only_a_non_default_one_enters
     stages = {}
     for p in ("fp32", "bf16"):
         job = rp.Job(ReproduceConfig(out_dir=tmp_path, profile="dpr", train_precision=p), lambda m: None, False)
-        stages[p] = job.train("round1", "mine", 1, 1)
-        assert stages[p].settings["precision"] == p and job.train_reader().settings["precision"] == p
+        stages[p] = rp.training.train(job, "round1", "mine", 1, 1)
+        assert stages[p].settings["precision"] == p and rp.reading.train_reader(job).settings["precision"] == p
     assert "precision" not in stages["fp32"].fingerprinted and stages["bf16"].fingerprinted["precision"] == "bf16"
 
 
@@ -157,8 +176,8 @@ def test_gradient_caching_is_a_training_setting_still_checked_against_the_commit
     default, cached = ReproduceConfig(profile="dpr"), ReproduceConfig(profile="dpr", grad_cache_chunk=8)
     assert default.plan.grad_cache_chunk == 0 and cached.plan.grad_cache_chunk == 8
     # it reaches every training run's settings (so its fingerprint), and the default's settings are unchanged
-    assert rp._plan_settings(cached.plan, 1, 1)["grad_cache_chunk"] == 8
-    assert rp._placeholder_config(default.plan, 1, 1).grad_cache_chunk == 0
+    assert rp.training._plan_settings(cached.plan, 1, 1)["grad_cache_chunk"] == 8
+    assert rp.training._placeholder_config(default.plan, 1, 1).grad_cache_chunk == 0
     # the same loss computed in pieces: the run is still compared with the committed figures
     assert uses_defaults(cached) and not uses_defaults(ReproduceConfig(profile="dpr", round2_init="initial"))
     for bad in ({"profile": "full", "grad_cache_chunk": 8}, {"profile": "dpr", "grad_cache_chunk": -1}):
@@ -173,7 +192,7 @@ def test_epochs_are_training_settings_and_a_run_with_other_epochs_is_not_checked
     longer = ReproduceConfig(profile="dpr", epochs=3, round2_epochs=2)
     assert (longer.plan.epochs, longer.plan.round2_epochs) == (3, 2) and longer.plan.round2() == (2, "round1")
     assert ReproduceConfig(profile="dpr", epochs=3, round2_init="initial").plan.round2() == (3, None)
-    assert rp._plan_settings(longer.plan, 1, longer.plan.epochs)["epochs"] == 3
+    assert rp.training._plan_settings(longer.plan, 1, longer.plan.epochs)["epochs"] == 3
     # other epochs give other figures: not compared with the committed ones
     assert uses_defaults(ReproduceConfig(profile="dpr")) and not uses_defaults(longer)
     assert not uses_defaults(ReproduceConfig(profile="dpr", round2_epochs=2))
@@ -195,7 +214,7 @@ def test_a_machine_short_of_memory_is_told_how_to_fit_the_training():
     assert rp.memory_notice(None, 1.0) is None and rp.memory_notice(plan, None) is None
     available = rp.available_memory_gib()
     assert available is None or available > 0
-    assert rp._trains_on_cpu("cpu") and not rp._trains_on_cpu("cuda")  # on a GPU the activations are not in host memory
+    assert rp.training._trains_on_cpu("cpu") and not rp.training._trains_on_cpu("cuda")  # on a GPU the activations are not in host memory
 
 
 def test_tune_lambda_picks_the_best_grid_point(corpus, qa_tsv, tiny_bert, tmp_path):
@@ -250,10 +269,10 @@ def _tiny_job(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
     import densepr.reproduce as rp
 
     data = _TinyData(tmp_path, corpus, qa_tsv, tiny_bert)
-    monkeypatch.setattr(rp, "EmbeddedData", lambda cache_dir=None: data)
-    monkeypatch.setattr(rp, "fetch_embedded", lambda *a, **kw: None)
-    monkeypatch.setattr(rp, "load_wiki_summaries", lambda path: corpus)
-    monkeypatch.setattr(rp, "plot_topk", lambda curves, path, *a: path.write_bytes(b"png"))
+    monkeypatch.setattr(rp.context, "EmbeddedData", lambda cache_dir=None: data)
+    monkeypatch.setattr(rp.main, "fetch_embedded", lambda *a, **kw: None)
+    monkeypatch.setattr(rp.retrieval, "load_wiki_summaries", lambda path: corpus)
+    monkeypatch.setattr(rp.report, "plot_topk", lambda curves, path, *a: path.write_bytes(b"png"))
 
     def job(**kw):
         cfg = rp.ReproduceConfig(out_dir=tmp_path / "out", profile="smoke", datasets=("set-a", "set-b"), tune_sets=("dev",),
@@ -297,12 +316,11 @@ def test_the_main_job_skips_current_stages_and_reruns_from_a_stage(monkeypatch, 
 def test_later_stages_read_the_passages_through_the_store(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
     """The passages stage hands the stages after it out/store/ (built beside passages.tsv), not passages.tsv
     parsed whole, in the run that writes it and in a run that finds it current (issue 34)."""
-    import densepr.reproduce as rp
     from densepr.data import Corpus, StoreCorpus
 
     job = _tiny_job(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert)
-    built, real_build = [], rp.BM25Index.build
-    monkeypatch.setattr(rp.BM25Index, "build", lambda c, *a, **k: built.append(c) or real_build(c, *a, **k))
+    built, real_build = [], BM25Index.build
+    monkeypatch.setattr(BM25Index, "build", lambda c, *a, **k: built.append(c) or real_build(c, *a, **k))
     first, _ = job()
     assert [type(c) for c in built] == [StoreCorpus] and len(built[0]) == len(corpus)
     assert built[0].fingerprint() == corpus.fingerprint() and (tmp_path / "out" / "store" / "manifest.json").is_file()
@@ -332,8 +350,8 @@ def test_the_main_job_on_a_fresh_machine_fetches_before_it_needs_the_model(monke
 
     data = Unfetched(tmp_path, corpus, qa_tsv, tiny_bert)
     job = _tiny_job(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert)
-    monkeypatch.setattr(rp, "EmbeddedData", lambda cache_dir=None: data)
-    monkeypatch.setattr(rp, "fetch_embedded", lambda *a, **kw: setattr(data, "fetched", True))
+    monkeypatch.setattr(rp.context, "EmbeddedData", lambda cache_dir=None: data)
+    monkeypatch.setattr(rp.main, "fetch_embedded", lambda *a, **kw: setattr(data, "fetched", True))
     summary, ran = job()
     assert data.fetched and ran["fetch"] == "always" and ran["dense"] == "ran"
     assert summary["results"]["set-a"]["methods"]["dense"]["all"]["top20"] >= 0
@@ -349,10 +367,10 @@ def _tiny_dpr(setattr, setitem, root, corpus, qa_tsv, model_dir, reader_kw=None,
                                      tune_limit=None, qa_limit=None, ks=(1, 3)), **(reader_kw or {})})  # fmt: skip
     setitem(rp.PROFILES, "dpr-tiny", rp.Profile(None, None, corpus_limit=10, train=plan, reader=reader))
     data = _TinyData(root, corpus, qa_tsv, model_dir)
-    setattr(rp, "EmbeddedData", lambda cache_dir=None: data)
-    setattr(rp, "fetch_embedded", lambda *a, **kw: None)
-    setattr(rp, "load_wiki_summaries", lambda path: corpus)
-    setattr(rp, "plot_topk", lambda curves, path, *a: path.write_bytes(b"png"))
+    setattr(rp.context, "EmbeddedData", lambda cache_dir=None: data)
+    setattr(rp.main, "fetch_embedded", lambda *a, **kw: None)
+    setattr(rp.retrieval, "load_wiki_summaries", lambda path: corpus)
+    setattr(rp.report, "plot_topk", lambda curves, path, *a: path.write_bytes(b"png"))
     return lambda out, **kw: rp.ReproduceConfig(out_dir=out, profile="dpr-tiny", datasets=("set-a",), k=5, depth=12, device="cpu", **kw)
 
 
@@ -376,13 +394,13 @@ def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, t
     methods = first["results"]["set-a"]["methods"]
     assert list(methods) == [str(m) for m in rp.DPR_METHODS]
     # each model is a real, different training run; round 2 started from round 1's weights on re-mined data
-    cfg2 = rp.read_json(out / "models" / "round2" / "config.json")
+    cfg2 = read_json(out / "models" / "round2" / "config.json")
     assert cfg2["init"] == str(out / "models" / "round1" / "best") and cfg2["train_file"].endswith("round2.json")
-    assert rp.read_json(out / "models" / "inbatch" / "config.json")["hard_negatives"] == 0
+    assert read_json(out / "models" / "inbatch" / "config.json")["hard_negatives"] == 0
     assert first["training"]["mined"]["remine"]["positive_from"].get("model", 0) > 0
     assert {m: r["steps"] for m, r in first["training"]["runs"].items()} == {"inbatch": 2, "round1": 2, "round2": 2}
     # the output directory's dense/ is round 2's index: search uses the trained retriever out of the box
-    manifest = rp.read_json(out / "dense" / "manifest.json")
+    manifest = read_json(out / "dense" / "manifest.json")
     assert manifest["question_encoder"].startswith(str((out / "models" / "round2" / "best").resolve()))
     r = Retriever.load(out, device="cpu")
     assert r.modes == ["bm25", "dense", "hybrid", "rrf"] and r.search("who wrote hamlet", k=3)
@@ -391,10 +409,10 @@ def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, t
     assert "round 2 (re-mined)" in report
     # the reader: trained on the trained retriever's results for the non-held-out questions, tuned, read end to end
     held = {q.question for q in load_qa(out / "train-data" / "train-dev.qa.tsv").items}
-    reader_cfg = rp.read_json(out / "models" / "reader" / "config.json")
+    reader_cfg = read_json(out / "models" / "reader" / "config.json")
     assert reader_cfg["holdout"] == [str(out / "train-data" / "train-dev.qa.tsv")] and reader_cfg["max_steps"] == 2
-    assert held and {r["question"] for r in rp.read_json(out / "reader-data" / "heldout.json")} == held
-    tuned = rp.read_json(out / "reader" / "densepr_reader.json")["selection"]
+    assert held and {r["question"] for r in read_json(out / "reader-data" / "heldout.json")} == held
+    tuned = read_json(out / "reader" / "densepr_reader.json")["selection"]
     assert set(tuned) == {"dense", "bm25"} and all(t["k"] in (1, 3) for t in tuned.values())
     qa = first["qa"]["sets"]["set-a"]
     assert qa["n_all"] == len(load_qa(out.parent / "qa.tsv").items) and set(qa["modes"]) == {"dense", "bm25"}
@@ -412,15 +430,15 @@ def test_the_dpr_profile_trains_remines_and_evaluates_every_model(monkeypatch, t
     # round 2 from the initial weights is a setting: round 2 and later rerun
     third, ran = job(round2_init="initial")
     assert [s for s, status in ran.items() if status == "ran"] == after
-    assert rp.read_json(out / "models" / "round2" / "config.json")["init"] == str(tiny_bert)
+    assert read_json(out / "models" / "round2" / "config.json")["init"] == str(tiny_bert)
     # gradient caching (--grad-cache-chunk) is a training setting: every model retrains with it, mining does not rerun
     _, ran = job(round2_init="initial", grad_cache_chunk=2)
     assert [s for s, status in ran.items() if status == "ran"][:2] == ["train-inbatch", "dense-inbatch"] and ran["mine"] == "skipped"
-    assert all(rp.read_json(out / "models" / m / "config.json")["grad_cache_chunk"] == 2 for m in ("inbatch", "round1", "round2"))
+    assert all(read_json(out / "models" / m / "config.json")["grad_cache_chunk"] == 2 for m in ("inbatch", "round1", "round2"))
     # --round2-epochs reruns round 2 and what follows, round 1 stays
     _, ran = job(grad_cache_chunk=2, round2_epochs=2)
     assert ran["train-round1"] == "skipped" and [s for s, status in ran.items() if status == "ran"] == after
-    assert rp.read_json(out / "models" / "round2" / "config.json")["epochs"] == 2
+    assert read_json(out / "models" / "round2" / "config.json")["epochs"] == 2
 
 
 def test_a_killed_training_stage_resumes_from_its_checkpoint(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
@@ -518,7 +536,7 @@ import densepr.reproduce as rp
 def fetch(*a, **kw):  # the first run is busy (holding its lock) until killed
     pathlib.Path({str(ready)!r}).write_text("x")
     time.sleep(600)
-rp.fetch_embedded = fetch
+rp.main.fetch_embedded = fetch
 rp.run(rp.ReproduceConfig(out_dir=pathlib.Path({str(out)!r}), profile="smoke"), log=lambda m: None)
 """], cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     try:
@@ -581,7 +599,7 @@ def test_the_dpr_profile_under_torchrun_trains_on_every_process_and_matches_one_
             a = load_file(str(multi / "models" / model / "best" / tower / "model.safetensors"))
             b = load_file(str(tmp_path / "single" / "models" / model / "best" / tower / "model.safetensors"))
             assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), (model, tower)
-    assert rp.read_json(multi / "results.json")["results"] == rp.read_json(tmp_path / "single" / "results.json")["results"]
+    assert read_json(multi / "results.json")["results"] == read_json(tmp_path / "single" / "results.json")["results"]
 
 
 def test_cloze_pretraining_is_an_opt_in_reader_stage_that_train_reader_then_starts_from(monkeypatch, tmp_path, qa_tsv, tiny_bert):
@@ -608,22 +626,22 @@ def test_cloze_pretraining_is_an_opt_in_reader_stage_that_train_reader_then_star
 
     ran = job()
     assert "reader-cloze" not in ran and ran["train-reader"] == "ran"
-    plain = rp.read_json(out / "stages" / "train-reader.json")["fingerprint"]
-    assert rp.read_json(out / "models" / "reader" / "config.json")["init"] == str(tiny_bert)
+    plain = read_json(out / "stages" / "train-reader.json")["fingerprint"]
+    assert read_json(out / "models" / "reader" / "config.json")["init"] == str(tiny_bert)
 
     ran = job(reader_cloze=3)
     assert ran["reader-cloze"] == ran["train-reader"] == ran["tune-reader"] == "ran" and ran["train-round2"] == ran["reader-data"] == "skipped"
-    made = rp.read_json(out / "cloze" / "cloze.json")
+    made = read_json(out / "cloze" / "cloze.json")
     assert len(made) == 3 and all(r["ctxs"][0]["has_answer"] and has_answer(r["answers"], r["ctxs"][0]["text"]) for r in made)
-    pre = rp.read_json(out / "models" / "reader-cloze" / "config.json")
+    pre = read_json(out / "models" / "reader-cloze" / "config.json")
     assert pre["init"] == str(tiny_bert) and pre["epochs"] == 1 and pre["dev_file"] is None
-    assert rp.read_json(out / "models" / "reader" / "config.json")["init"] == str(out / "models" / "reader-cloze" / "final")
-    assert rp.read_json(out / "stages" / "train-reader.json")["settings"]["init"] == "reader-cloze"
+    assert read_json(out / "models" / "reader" / "config.json")["init"] == str(out / "models" / "reader-cloze" / "final")
+    assert read_json(out / "stages" / "train-reader.json")["settings"]["init"] == "reader-cloze"
     assert {s for s, status in job(reader_cloze=3).items() if status == "ran"} == set()  # current: nothing reruns
 
     ran = job()  # off again: the reader retrains from the embedded weights, with its old fingerprint
     assert "reader-cloze" not in ran and ran["train-reader"] == "ran"
-    assert rp.read_json(out / "stages" / "train-reader.json")["fingerprint"] == plain
+    assert read_json(out / "stages" / "train-reader.json")["fingerprint"] == plain
 
     assert not rp.uses_defaults(rp.ReproduceConfig(profile="dpr", reader_cloze=8000))  # not compared with the committed figures
     assert rp.uses_defaults(rp.ReproduceConfig(profile="dpr", reader_cloze=0))

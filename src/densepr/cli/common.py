@@ -33,9 +33,9 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache root (default $DENSEPR_CACHE or ~/.cache/densepr).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="torch device (default: cuda if available, else cpu).")]
 PrecisionOpt = Annotated[str, typer.Option(help="Reader weights when reading: fp32, bf16, or auto (bf16 on CPUs with native bf16, AVX512-BF16/AMX: "
-                                                "1.64x faster reading measured there, 98.6% of spans identical; benchmarks/reader_precision.py).")]
+                                                "1.64x faster reading measured there, 98.6% of spans identical; benchmarks/reader/reader_precision.py).")]
 TrainPrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, or bf16 autocast on the CPU (auto: where the CPU has native bf16; 1.4x a step measured "
-                                                                   "there, benchmarks/train_precision.py; weights and optimizer stay float32).")]  # fmt: skip
+                                                                   "there, benchmarks/training/train_precision.py; weights and optimizer stay float32).")]  # fmt: skip
 DEFAULT_INDEX = Path("runs/embedded")  # `make reproduce`'s output
 TRAINED_INDEX = Path("runs/dpr")  # `make reproduce-dpr`'s: the trained retriever (and reader/)
 

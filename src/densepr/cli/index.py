@@ -110,7 +110,7 @@ def index_plan(
 
 
 def _print_corpus_plan(num_passages: int) -> None:
-    """The passages' and BM25's measured costs (benchmarks/scale.py) at this size."""
+    """The passages' and BM25's measured costs (benchmarks/scale/scale.py) at this size."""
     from rich.table import Table
 
     from densepr.index.corpus_plan import corpus_plan, measured_costs

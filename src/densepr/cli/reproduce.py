@@ -63,17 +63,7 @@ def reproduce(
     _check_output(output, "dir", "index and results")
     _check_output(write_expected, "file", "expected figures")
     from densepr.evaluate.report import rich_table
-    from densepr.fileio import read_json, write_json
-    from densepr.reproduce import (
-        PROFILES,
-        ReproduceConfig,
-        check_against,
-        expected_entry,
-        load_expected,
-        reader_recipe_changed,
-        run,
-        uses_defaults,
-    )
+    from densepr.reproduce import ReproduceConfig, record_expected, regression_check, run
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
@@ -86,21 +76,18 @@ def reproduce(
         return
     out.print(rich_table(summary["results"], names=summary["method_names"], title=f"top-k accuracy (%), profile {profile}"))
     if write_expected:
-        current = read_json(write_expected) if write_expected.is_file() else {}
-        current[profile] = expected_entry(summary, tolerance if tolerance is not None else PROFILES[profile].tolerance,
-                                          PROFILES[profile].qa_tolerance)
-        write_json(write_expected, current)
+        record_expected(summary, write_expected, profile, tolerance)
         out.print(f"recorded as the expected figures for profile {profile!r} in {write_expected}")
     elif check:
-        if expected is None and not uses_defaults(cfg):  # an explicit --expected says what this run should match
+        result = regression_check(summary, cfg, expected)
+        if not result.compared:
             out.print("[yellow]not compared with the committed figures: the run does not use the embedded defaults "
                       "(pass --expected FILE to compare with figures recorded for this setup)[/yellow]")  # fmt: skip
             return
-        committed = load_expected(expected)
-        problems = check_against(summary, committed, profile)
-        if reader_recipe_changed(summary, committed, profile):
+        if result.em_unchecked:
             out.print("[yellow]end-to-end EM not compared: the committed figures were recorded with another reader recipe "
                       "(ReaderPlan); record this run's with --write-expected[/yellow]")  # fmt: skip
+        problems = result.problems
         if problems:
             console.print(f"[red]regression check failed[/red] ({len(problems)} differences):")
             for p in problems[:30]:

@@ -1,6 +1,6 @@
 """What the passages and their BM25 index cost at a given corpus size, from measurements.
 
-``benchmarks/scale.py`` measures the passage store and BM25 (build wall and peak memory, disk,
+``benchmarks/scale/scale.py`` measures the passage store and BM25 (build wall and peak memory, disk,
 ``Retriever.load`` time and memory, queries/s) at several corpus sizes and packages a linear
 fit ``cost = fixed + per_passage * N`` of each in ``resources/corpus-costs.json``, with the sizes
 and machine it came from. ``densepr index plan`` shows them beside the dense index types' costs

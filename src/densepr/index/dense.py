@@ -582,7 +582,7 @@ def bytes_per_vector(index_type: str, dim: int, hnsw_m: int = 32, pq_m: int | No
 
 def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> list[dict]:
     """Per index type: bytes per passage, total RAM and disk, and the accuracy cost measured by
-    ``benchmarks/index_bench.py`` (packaged as ``resources/index-costs.json``)."""
+    ``benchmarks/retrieval/index_bench.py`` (packaged as ``resources/index-costs.json``)."""
     import json
     from importlib import resources
 

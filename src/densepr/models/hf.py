@@ -52,7 +52,7 @@ def check_precision(precision: str, flag: str = "precision") -> str:
 def inference_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype:
     """The weights' dtype for inference on ``device``. ``fp32``: as trained. ``bf16``: bfloat16 weights
     (on a CPU without native bf16 this is emulated and slower). ``auto``: bfloat16 on CPUs with native
-    bf16, where reading measured 1.64x faster (benchmarks/reader_precision.py), else float32. GPUs
+    bf16, where reading measured 1.64x faster (benchmarks/reader/reader_precision.py), else float32. GPUs
     keep float32 weights either way: :func:`autocast` already runs them in half precision."""
     if device.type != "cpu" or check_precision(precision) == "fp32":
         return torch.float32
@@ -63,7 +63,7 @@ def autocast(device: torch.device, training: bool = False, precision: str = "fp3
     """The mixed-precision policy: bfloat16 on GPUs that have it; for inference float16 on
     older GPUs (no gradients to underflow); float32 on the CPU unless ``precision`` asks for bf16
     autocast there (``bf16``, or ``auto`` on a CPU with native bf16: a step measured 1.4x faster,
-    benchmarks/train_precision.py, and a reader so trained as accurate, docs/training.md). Inference on such a
+    benchmarks/training/train_precision.py, and a reader so trained as accurate, docs/training.md). Inference on such a
     CPU can use bf16 weights instead (:func:`inference_dtype`)."""
     if device.type != "cuda":
         if inference_dtype(device, precision) == torch.bfloat16:

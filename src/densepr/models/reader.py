@@ -56,7 +56,7 @@ from densepr.models.hf import (
 CONFIG_NAME = "densepr_reader.json"
 MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
 MIN_TEXT_TOKENS = 16  # a window must hold at least this much passage text
-CPU_BATCH_TOKENS = 2048  # padded tokens per inference batch on CPU (benchmarks/reader_speed.py)
+CPU_BATCH_TOKENS = 2048  # padded tokens per inference batch on CPU (benchmarks/reader/reader_speed.py)
 
 
 @dataclass(frozen=True)

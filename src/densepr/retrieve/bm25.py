@@ -11,7 +11,7 @@
   Porter's C version: words of 1-2 letters untouched, ``logi -> log``, ``bli -> ble``).
 * Indexed field: ``title + " " + text`` (Pyserini's DPR index stores ``title\\ntext``).
 
-``benchmarks/bm25_lucene.py`` runs Anserini itself on the embedded benchmark and compares.
+``benchmarks/retrieval/bm25_lucene.py`` runs Anserini itself on the embedded benchmark and compares.
 
 On disk an index is bm25s's files (``*.index.npy`` sparse matrix, loadable memory-mapped,
 ``vocab.index.json``, ``params.index.json``), the vocabulary as memory-mapped arrays
@@ -373,7 +373,7 @@ BACKENDS = ("numpy", "numba", "pruned")
 # work it answers sooner than loading them (a long-lived server loads them up front: BM25Index.warm).
 NUMBA_WORTH_WORK = 10_000_000  # queries x passages; 1,000 queries at the embedded corpus's size
 TIE_MARGIN = 16
-# search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/bm25_topk.py, NQ-test
+# search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/retrieval/bm25_topk.py, NQ-test
 # questions, synthetic passages, batched): pruned/numba x1.1-1.5 at top-10, x0.8-0.9 at top-20..100 (200k and 1M passages).
 PRUNED_MAX_K = 10
 MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)

@@ -23,7 +23,7 @@ Cost per query: the postings of the terms accumulated (phase 1; on 200k syntheti
 NQ questions ~20% of the query's postings at top-10, ~26% at top-100), a few passes over the
 passages touched, and for each candidate left a gallop or a scan in the other terms' columns;
 nothing proportional to N (bm25s: N zeroed floats, all postings, then a top-k over N). Measured
-(benchmarks/bm25_topk.py, batched, 200k and 1M passages): x1.1-1.3 bm25s's numba scorer at
+(benchmarks/retrieval/bm25_topk.py, batched, 200k and 1M passages): x1.1-1.3 bm25s's numba scorer at
 top-10, x0.65-0.9 at top-100 (the bounds, one per term, leave many candidates to complete there;
 block-max bounds would tighten them).
 

@@ -8,7 +8,7 @@ so the answer is found by matching the rest of the sentence to the context, not 
 passages for the question (the source passage left out) follow as negatives, ``has_answer`` by DPR's rule,
 so the output is DPR's retrieval JSON and :func:`densepr.train.reader.train_reader` trains on it as on
 real questions. A reader pre-trained on such questions, then trained on labelled ones, extracts more
-answers than one trained on the labelled ones alone (benchmarks/reader_cloze.py; docs/reader.md).
+answers than one trained on the labelled ones alone (benchmarks/reader/reader_cloze.py; docs/reader.md).
 
 Only the corpus's text is used: no question or answer of any QA set.
 """
