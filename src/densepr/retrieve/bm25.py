@@ -373,9 +373,19 @@ BACKENDS = ("numpy", "numba", "pruned")
 # work it answers sooner than loading them (a long-lived server loads them up front: BM25Index.warm).
 NUMBA_WORTH_WORK = 10_000_000  # queries x passages; 1,000 queries at the embedded corpus's size
 TIE_MARGIN = 16
-# search()'s default compiled backend: pruned up to this k, else numba. Measured (benchmarks/retrieval/bm25_topk.py, NQ-test
-# questions, synthetic passages, batched): pruned/numba x1.1-1.5 at top-10, x0.8-0.9 at top-20..100 (200k and 1M passages).
+# search()'s default compiled backend: pruned up to PRUNED_MAX_K, and up to PRUNED_LARGE_K from PRUNED_LARGE_N passages,
+# else numba. Measured (benchmarks/retrieval/bm25_topk.py, NQ-test questions, synthetic passages), pruned/numba: top-10
+# x1.1-1.8 at 200k-1M, x1.3-1.9 at 5M, x3.1-4.1 at 21M; top-100 x0.5-0.9 at 200k-1M, x1.02 at 5M, x2.4 at 21M (where
+# the exhaustive scorer's array of one score per passage no longer fits the CPU caches).
 PRUNED_MAX_K = 10
+PRUNED_LARGE_K, PRUNED_LARGE_N = 100, 5_000_000
+
+
+def pruned_pays(k: int, num_docs: int) -> bool:
+    """Whether MaxScore (``pruned``) beats scoring every passage (``numba``) for a top-``k`` over ``num_docs``."""
+    return k <= PRUNED_MAX_K or (k <= PRUNED_LARGE_K and num_docs >= PRUNED_LARGE_N)
+
+
 MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)
 _NUMBA_WARM = False
 
@@ -595,10 +605,10 @@ class BM25Index:
                 scorer: every passage scored), both needing ``numba`` (compiled once per machine, loaded
                 from the disk cache once per process), ``numpy`` (bm25s's), or None: when numba is installed
                 and either already loaded here or the batch is large enough to pay for loading it
-                (:data:`NUMBA_WORTH_WORK`: queries x passages), pruned up to :data:`PRUNED_MAX_K` and numba above (the
-                faster of the two, measured), else numpy. All give the same passages and scores.
+                (:data:`NUMBA_WORTH_WORK`: queries x passages), the faster of pruned and numba as measured
+                (:func:`pruned_pays`), else numpy. All give the same passages and scores.
         """
-        compiled = "pruned" if k <= PRUNED_MAX_K else "numba"
+        compiled = "pruned" if pruned_pays(k, self.num_docs) else "numba"
         worth = _NUMBA_WARM or len(queries) * self.num_docs >= NUMBA_WORTH_WORK
         backend = backend or (compiled if numba_installed() and worth else "numpy")
         if backend not in BACKENDS:
@@ -626,8 +636,8 @@ class BM25Index:
         if numba_installed() and self.num_docs:
             vocab = self.model.vocab_dict
             term = vocab.term(0) if hasattr(vocab, "term") else next(iter(vocab), "")
-            for k in (1, PRUNED_MAX_K + 1):  # both compiled scorers
-                self.search([term], k, backend="pruned" if k <= PRUNED_MAX_K else "numba")
+            for backend in ("pruned", "numba"):  # both compiled scorers
+                self.search([term], PRUNED_MAX_K + 1, backend=backend)
 
     def _search_batch(self, batch, start, k_eff, fetch, n_docs, model, backend, rows, scores) -> None:
         """Top-k of one batch of queries into ``rows``/``scores`` from row ``start``."""
