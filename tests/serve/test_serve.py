@@ -866,7 +866,7 @@ def test_an_answer_sent_before_closing_survives_a_client_still_sending(index_dir
 def test_a_lingering_close_waits_for_the_answer_to_go_out_then_gives_up(monkeypatch):
     """The linger ends LINGER_S after the last byte of the answer left, never while it is still being sent
     (a large answer to a slow reader); a client that closes ends it at once."""
-    import densepr.serve.app as app_mod
+    import densepr.serve.connections as app_mod
 
     monkeypatch.setattr(app_mod, "LINGER_S", 0.05)
 

@@ -162,7 +162,7 @@ def question_encoder_dim(path: str | os.PathLike[str]) -> int:
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(base)
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=False)  # never the folder's code
     except (OSError, ValueError) as e:
         raise DenseprError(f"{base}: not a question encoder directory ({e})") from None
     return int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)  # as Encoder.dim
