@@ -192,7 +192,7 @@ class MappedPages:
         now = rss_bytes()
         if now - self.base > self.budget:
             release_pages(*self.arrays)
-            self.base = min(self.base, rss_bytes())
+            self.base = rss_bytes()
 
     def release(self) -> None:
         release_pages(*self.arrays)

@@ -151,6 +151,17 @@ def answer_cmd(
     out.print(Panel(body, title=f"#{h.rank}  {h.title}  [dim](id {h.id})[/dim]", title_align="left"))
 
 
+def _retriever_for(index: Path, modes: str, device: str | None):
+    """The index's retriever and the comma-separated ``--modes``, each checked against what it holds."""
+    from densepr.retrieve.retriever import Retriever
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    r = Retriever.load(index, device=device)
+    for m in mode_list:
+        r.check_mode(m)
+    return r, mode_list
+
+
 def tune_reader_cmd(
     qa: Annotated[str, typer.Option("--qa", help="Held-out questions (a QA file or set name) never trained on, e.g. runs/dpr/train-data/train-dev.qa.tsv.")],
     reader: Annotated[Optional[Path], typer.Option(help="Reader directory to tune; the choice is stored in its densepr_reader.json (default: <index>/reader, else runs/reader/best).")] = None,
@@ -168,13 +179,9 @@ def tune_reader_cmd(
     from densepr.models.reader import Reader
     from densepr.pipeline import tune_selection
     from densepr.progress import progress_bar
-    from densepr.retrieve.retriever import Retriever
 
     k_list = _int_list(ks, "--ks")
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    r = Retriever.load(index, device=device)
-    for m in mode_list:
-        r.check_mode(m)
+    r, mode_list = _retriever_for(index, modes, device)
     path = _default_reader(reader, index)
     rd = Reader.load(path, device)
     qas = _load_qa(qa, limit, regex, cache_dir)
@@ -217,15 +224,11 @@ def evaluate_qa_cmd(
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
-    from densepr.retrieve.retriever import Retriever
 
     writable_dir(output, "QA results", (*QA_RESULTS, "pieces/"))  # a user's folder: refused, untouched
 
     k_list = _int_list(ks, "--ks")
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    r = Retriever.load(index, device=device)
-    for m in mode_list:
-        r.check_mode(m)
+    r, mode_list = _retriever_for(index, modes, device)
     reader_dir = _default_reader(reader, index)
     rd = Reader.load(reader_dir, device, precision=precision)
     matcher = AnswerMatcher(r.corpus.texts)

@@ -71,8 +71,9 @@ from densepr.retrieve.bm25_vocab import CompactVocab, check_vocab, write_vocab
 KIND = "bm25-index"
 OWN_FILES = ("*.index.npy", "*.index.json")  # what bm25s writes: an interrupted (pre-atomic) build left only these
 TERM_MAX = "term_max.npy"
-COMPACT_FILES = (*VOCAB_FILES, TERM_MAX)
-_BM25S_FILES = {k: inspect.signature(bm25s.BM25.save).parameters[f"{k}_name"].default for k in ("data", "indices")}  # what an index saved before them gains on load (see BM25Index.load)
+COMPACT_FILES = (*VOCAB_FILES, TERM_MAX)  # what an index saved before them gains on load (see BM25Index.load)
+# bm25s.BM25.save's file names for the score arrays BM25Index.save writes itself
+_BM25S_FILES = {k: inspect.signature(bm25s.BM25.save).parameters[f"{k}_name"].default for k in ("data", "indices")}
 LUCENE_STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (33 words)
 assert len(LUCENE_STOPWORDS) == 33
 
@@ -153,8 +154,7 @@ class LuceneAnalyzer:
         return (self._stem or self._load_stemmer())(w) if self.stemmer else w
 
     def __call__(self, text: str) -> list[str]:
-        get, term = self._terms.get, self.term
-        return [t for w in words(text) if (t := get(w)) or (t is None and (t := term(w)))]
+        return [t for t in map(self.term, words(text)) if t]
 
     def many(self, texts: Sequence[str]) -> list[list[str]]:
         return [self(t) for t in texts]
@@ -531,15 +531,12 @@ class BM25Index:
         ``directory``, then swap them in (``fileio.atomic_dir``: a failed or disk-full save leaves
         the previous index as it was; a directory holding anything else than a BM25 index is refused)."""
         with atomic_dir(directory, KIND, (*OWN_FILES, *COMPACT_FILES)) as tmp:
-            model = self.model
+            model = copy.copy(self.model)  # what bm25s writes, adapted below; self.model is left as it is
             if not isinstance(model.vocab_dict, dict):  # a loaded index's compact vocabulary: bm25s writes a dict
-                model = copy.copy(model)
-                model.vocab_dict = dict(self.model.vocab_dict.items())
-            scores = model.scores
-            mapped = {k: scores[k] for k in ("data", "indices") if isinstance(scores[k], np.memmap)}
-            if mapped:  # bm25s's np.save would read them whole into this process's RSS: written here instead
-                model = copy.copy(model)
-                model.scores = {**scores, **{k: a[:0] for k, a in mapped.items()}}
+                model.vocab_dict = dict(model.vocab_dict.items())
+            # mapped score arrays: bm25s's np.save would read them whole into this process's RSS, so written here
+            mapped = {k: a for k in ("data", "indices") if isinstance(a := model.scores[k], np.memmap)}
+            model.scores = {**model.scores, **{k: a[:0] for k, a in mapped.items()}}
             model.save(tmp, show_progress=False)
             for k, a in mapped.items():
                 save_npy_released(tmp / _BM25S_FILES[k], a)
