@@ -1,6 +1,7 @@
 """Training speed and memory: densepr's DPR step against sentence-transformers' MNRL, side by side.
 
-Every configuration trains the embedded all-MiniLM-L6-v2 (mean pooling, no normalisation,
+Every configuration trains the embedded all-MiniLM-L6-v2, or ``--model DIR`` (e.g. the 12-layer
+all-mpnet-base-v2 of ``densepr data fetch --model mpnet``) (mean pooling, no normalisation,
 one shared encoder so both sides do the same work) on the same batches: B questions from
 the embedded NQ-dev, each with its BM25-mined positive and one BM25 hard negative, passages
 as ``title [SEP] text``, dot-product similarity with scale 1, AdamW. Configurations:
@@ -8,6 +9,7 @@ as ``title [SEP] text``, dot-product similarity with scale 1, AdamW. Configurati
 * ``densepr``: :func:`densepr.train.retriever.loss_and_backward`, the whole batch in one graph;
 * ``densepr-gradcache``: the same with gradient caching (chunks of ``--chunk`` sequences);
 * ``densepr-bf16``: ``densepr`` under bf16 autocast (``train --precision bf16``; weights stay float32);
+* ``densepr-gradcache-bf16``: both (what a BERT-base-size model needs on a CPU: bounded memory, bf16 speed);
 * ``st-mnrl``: sentence-transformers' ``MultipleNegativesRankingLoss(scale=1, dot_score)`` on
   (question, positive, hard negative) triplets: the same objective;
 * ``st-cached-mnrl``: its ``CachedMultipleNegativesRankingLoss`` (mini-batch ``--chunk``).
@@ -17,7 +19,7 @@ timed steps; questions/s is B over the median step time. A configuration the ker
 for lack of memory is recorded as such. Prints a table and writes
 ``benchmarks/training/results/train-speed-b<batch>.json``.
 
-    python benchmarks/training/train_bench.py [--batch-size 128] [--steps 2] [--chunk 8]
+    python benchmarks/training/train_bench.py [--batch-size 128] [--steps 2] [--chunk 8] [--model DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train-speed-b{batch}.json"
-CONFIGS = ("densepr", "densepr-gradcache", "densepr-bf16", "st-mnrl", "st-cached-mnrl")
+CONFIGS = ("densepr", "densepr-gradcache", "densepr-bf16", "densepr-gradcache-bf16", "st-mnrl", "st-cached-mnrl")
 
 
 def make_batches(batch_size: int, steps: int) -> list[tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]]:
@@ -56,7 +58,7 @@ def make_batches(batch_size: int, steps: int) -> list[tuple[list[str], list[tupl
     return out
 
 
-def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
+def run_one(config: str, batch_size: int, steps: int, chunk: int, model: Path | None = None) -> dict:
     """Train ``steps + 1`` steps in this process; returns timings and peak memory."""
     import torch
 
@@ -67,7 +69,7 @@ def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
 
     torch.manual_seed(0)
     batches = make_batches(batch_size, steps + 1)
-    model_dir = EmbeddedData().model_dir
+    model_dir = model or EmbeddedData().model_dir
     times, losses = [], []
     if config.startswith("densepr"):
         enc = Encoder.load(model_dir, EncoderConfig("mean", False, 256), device="cpu")
@@ -78,8 +80,8 @@ def run_one(config: str, batch_size: int, steps: int, chunk: int) -> dict:
             passages = [p for pair in zip(pos, neg) for p in pair]
             q_in = enc.collate(enc.tokenize_questions(qs))
             p_in = enc.collate(enc.tokenize_passages([t for t, _ in passages], [x for _, x in passages]))
-            loss, _ = loss_and_backward(model, q_in, p_in, torch.arange(0, 2 * len(qs), 2), Dist(), chunk if config.endswith("gradcache") else 0,
-                                        "bf16" if config.endswith("bf16") else "fp32")  # fmt: skip
+            loss, _ = loss_and_backward(model, q_in, p_in, torch.arange(0, 2 * len(qs), 2), Dist(), chunk if "gradcache" in config else 0,
+                                        "bf16" if "bf16" in config else "fp32")  # fmt: skip
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
@@ -123,11 +125,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=8, help="gradient-cache chunk / CachedMNRL mini-batch")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--model", type=Path, default=None, help="encoder directory (default: the embedded all-MiniLM-L6-v2)")
     ap.add_argument("--output", type=Path, default=None, help="default: benchmarks/training/results/train-speed-b<batch>.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.batch_size, args.steps, args.chunk)))
+        print(json.dumps(run_one(args.one, args.batch_size, args.steps, args.chunk, args.model)))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
     from common import machine_info
@@ -137,6 +140,7 @@ def main() -> None:
     rows = []
     for config in args.configs:  # one fresh process each: peak memory is that configuration's
         cmd = [sys.executable, __file__, "--one", config, "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--chunk", str(args.chunk)]
+        cmd += ["--model", str(args.model)] if args.model else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode < 0 or proc.returncode == 137:
             # Killed by a signal: on this machine that is the kernel's out-of-memory killer.
@@ -157,13 +161,14 @@ def main() -> None:
         ratios["bf16_speedup_over_plain"] = round(by["densepr-bf16"]["questions_per_s"] / by["densepr"]["questions_per_s"], 3)
     if "densepr" in by and "densepr-gradcache" in by:
         ratios["memory_gradcache_over_plain"] = round(by["densepr-gradcache"]["peak_rss_gib"] / by["densepr"]["peak_rss_gib"], 3)
-    result = {"command": "python benchmarks/training/train_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("batch_size", "steps", "chunk"))
+    result = {"command": "python benchmarks/training/train_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("batch_size", "steps", "chunk", "model") and v is not None)
               + " --configs " + " ".join(args.configs),
-              "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "rows": rows, "ratios": ratios}  # fmt: skip
+              "date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "model": str(args.model or "embedded all-MiniLM-L6-v2"),
+              "rows": rows, "ratios": ratios}  # fmt: skip
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training step, batch {args.batch_size} questions x (positive + 1 hard negative), all-MiniLM-L6-v2, CPU")
+    table = Table(title=f"training step, batch {args.batch_size} questions x (positive + 1 hard negative), {args.model.name if args.model else 'all-MiniLM-L6-v2'}, CPU")
     for col in ("configuration", "s/step", "questions/s", "peak RSS (GiB)", "first loss"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for r in rows:
