@@ -27,7 +27,7 @@ from densepr.retrieve.modes import Mode
 
 
 def retrieve(
-    qa: Annotated[Optional[str], typer.Option("--qa", help="QA file (DPR TSV or JSON lines) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")] = None,
+    qa: Annotated[Optional[str], typer.Option("--qa", help="QA file (DPR TSV, JSON lines or parquet) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")] = None,
     queries: Annotated[Optional[Path], typer.Option(help="Instead of --qa: queries without answers (BEIR queries.jsonl or qid<TAB>text).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="DPR result JSON to write.")] = None,
     trec: Annotated[Optional[Path], typer.Option(help="TREC run file to write.")] = None,
