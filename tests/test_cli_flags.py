@@ -58,3 +58,16 @@ def test_bm25_search_bar_moves_within_a_batch(monkeypatch, corpus):
     res = index.search(["who created python"] * 200, 3, show_progress=True)
     assert len(steps) >= 4 and sum(steps) == 200 and max(steps) <= 64
     assert (res.rows == index.search(["who created python"] * 200, 3).rows).all()  # the same ranking without the bar
+
+
+def test_tune_lambda_shows_its_searches(capsys, index_dir, qa_tsv):
+    """Was: tune-hybrid's BM25 searches and question encoding ran with no bar."""
+    from densepr.data import load_qa
+    from densepr.evaluate.answers import AnswerMatcher
+    from densepr.evaluate.tuning import tune_lambda
+    from densepr.retrieve.retriever import Retriever
+
+    r = Retriever.load(index_dir, device="cpu")
+    tune_lambda(r, AnswerMatcher(r.corpus.texts), [load_qa(qa_tsv)], grid=(0.5, 1.1), k=1, show_progress=True)
+    err = capsys.readouterr().err
+    assert "BM25 search" in err and "encode questions" in err

@@ -98,7 +98,7 @@ def tune_hybrid(
 
     sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
     r = Retriever.load(index, device=device)
-    best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k)
+    best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k, show_progress=True)
     IndexDir(index).write_hybrid(best, grid, [s.name for s in sets], limit, f"top-{k} accuracy")
     out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda={PAPER_LAMBDA}: {grid[str(PAPER_LAMBDA)]:.2f}%)")
     out.print(f"saved to {hybrid_json}")
