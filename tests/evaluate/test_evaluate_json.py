@@ -94,3 +94,19 @@ def test_qrels_sharing_no_query_with_the_run_is_an_error_naming_both_files(tmp_p
     assert code == 1 and out == ""
     line = err.strip()
     assert "\n" not in line and "run.trec" in line and "qrels.tsv" in line and "share no query id" in line
+
+
+def test_evaluate_trec_run_topk_json_ranks_ties_as_trec_eval(tmp_path, capsys):
+    """A TREC run judged for top-k accuracy: tied passages in trec_eval's order (docid descending), not the file's."""
+    from densepr.data import Passage, write_passages_tsv
+
+    write_passages_tsv([Passage("1", "Paris", "Paris is the capital of France"), Passage("2", "Rome", "Rome is in Italy"),
+                        Passage("3", "X", "nothing here")], tmp_path / "passages.tsv")  # fmt: skip
+    (tmp_path / "qa.tsv").write_text("capital of france\t['Paris']\nwhere is rome\t['Italy']\nmars\t['Olympus']\n")
+    (tmp_path / "run.trec").write_text("0 Q0 1 1 2.0 t\n0 Q0 3 2 2.0 t\n1 Q0 2 1 5.0 t\n")  # q0: '1' listed first, tied with '3'
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run.trec"), "--qa", str(tmp_path / "qa.tsv"), "--index", str(tmp_path),
+                         "--ks", "1,2", "--json", "--per-query")  # fmt: skip
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["all"] == {"n": 3, "top1": 33.33, "top2": 66.67} and got["answerable"] == {"n": 2, "top1": 50.0, "top2": 100.0}
+    assert [(q["qid"], q["first_hit"], q["answerable"]) for q in got["per_query"]] == [("0", 2, True), ("1", 1, True), ("2", None, False)]
