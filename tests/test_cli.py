@@ -187,6 +187,7 @@ WRITERS = [
     ("file", ("retrieve", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}")),
     ("file", ("retrieve", "--queries", "{missing}.tsv", "--trec", "{out}", "--index", "{missing}")),
     ("file", ("cloze-data", "-o", "{out}", "--index", "{missing}")),
+    ("file", ("evaluate", "{missing}.trec", "--qrels", "{missing}.tsv", "-o", "{out}")),
     ("file", ("reproduce", "-o", "{tmp}/repro", "--write-expected", "{out}", "--cache-dir", "{missing}")),
     ("dir", ("data", "fetch", "--cache-dir", "{out}")),
     ("dir", ("index", "bm25", "{missing}.tsv", "{out}")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -13,10 +14,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def set_quiet(quiet: bool = True) -> None:
+    """``--quiet``: no progress bars and no log lines on stderr, here and in the libraries that draw their
+    own (Hugging Face, tqdm); results (stdout) still print, and so do errors (:func:`densepr.cli.main`
+    un-quiets the console for them)."""
+    console.quiet = quiet
+    # read when those libraries are first imported, which the CLI does lazily, after this; restored when un-quieted
+    for name, value in _QUIET_ENV.items():
+        if quiet and name not in _saved_env:
+            _saved_env[name] = os.environ.get(name)
+            os.environ[name] = value
+        elif not quiet and name in _saved_env:
+            old = _saved_env.pop(name)
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+_saved_env: dict[str, str | None] = {}
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a bar with count, rate and time left when ``enabled``."""
-    if not enabled:
+    """Yield ``advance(n)``; shows a bar with count, rate and time left when ``enabled`` (and not ``--quiet``)."""
+    if not enabled or console.quiet:
         yield lambda n: None
         return
     columns = (

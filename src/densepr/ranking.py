@@ -5,7 +5,7 @@ The one value every search returns (BM25, FAISS, fusions), and the one place a r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,3 +79,12 @@ def merge_shards(results: Sequence[SearchResult], k: int) -> SearchResult:
     rows = np.concatenate([r.rows for r in results], axis=1)
     scores = np.concatenate([r.scores for r in results], axis=1).astype(np.float64)
     return top_k_by_score(rows, np.where(rows >= 0, scores, -np.inf), k)
+
+
+def trec_order(scored: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``(docid, score)`` pairs in the one order every metric of a scored run uses: score descending,
+    then docid descending (string order), as trec_eval (``comp_sim_docno``: ``strcmp(docno2, docno1)``)
+    and so pytrec_eval rank them. A run file's rank column and line order are ignored, so nDCG, MRR@10,
+    recall and top-k accuracy all see the same list, also when a tie straddles a cut-off."""
+    by_docid = sorted(scored, key=lambda h: h[0], reverse=True)
+    return sorted(by_docid, key=lambda h: -h[1])  # stable: equal scores keep docid descending

@@ -1,7 +1,8 @@
 """``densepr``: a thin command line over the library, one subcommand per pipeline stage.
 
 Errors from bad input print one line (file, line, field, what was expected) and exit 1;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. ``--quiet`` (before or after the command) drops progress bars
+and log lines; ``--version`` prints the installed version.
 
 Commands only parse options, check where they will write (before any work) and call the library.
 One module per command group:
@@ -28,7 +29,7 @@ from densepr.cli.common import DEFAULT_INDEX, TRAINED_INDEX, _error_line, _index
 from densepr.cli.data import data_build_train
 from densepr.cli.reproduce import _qa_limit
 from densepr.errors import DenseprError
-from densepr.progress import console
+from densepr.progress import console, set_quiet
 
 __all__ = ["DEFAULT_INDEX", "TRAINED_INDEX", "_index", "_qa_limit", "app", "data_build_train", "main"]
 
@@ -65,13 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    set_quiet("--quiet" in args)  # anywhere, like --debug: one definition for every command
+    args = [a for a in args if a != "--quiet"]
     try:
         app(args=args, prog_name="densepr")
     except (DenseprError, OSError) as e:
         if debug:
             raise
+        set_quiet(False)  # errors print even under --quiet
         console.print(f"error: {_error_line(e)}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
+        set_quiet(False)
         console.print("interrupted", style="red")
         sys.exit(130)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from densepr.errors import ConfigError, DenseprError
-from densepr.progress import console
+from densepr.progress import console, set_quiet
 from densepr.retrieve.modes import Mode
 
 app = typer.Typer(
@@ -26,6 +26,28 @@ data_app = typer.Typer(no_args_is_help=True, help="Fetch the embedded benchmark;
 index_app = typer.Typer(no_args_is_help=True, help="Build BM25 and dense (FAISS) indexes.")
 app.add_typer(data_app, name="data")
 app.add_typer(index_app, name="index")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("densepr")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from densepr import __version__ as v
+        typer.echo(f"densepr {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print densepr's version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or log lines (stderr); results and errors still print. "
+                                                       "Also accepted after the command, e.g. `densepr index bm25 ... --quiet`.")] = False,
+) -> None:  # fmt: skip
+    if quiet:
+        set_quiet()
 
 # stdout: tables and results (wide when piped, so tables stay readable); logs and errors: stderr.
 out = Console(width=None if sys.stdout.isatty() else 160)

@@ -32,7 +32,7 @@ def data_fetch(
 
 def data_passages(
     output: Annotated[Path, typer.Argument(help="Where to write the DPR passages TSV.")],
-    source: Annotated[Optional[Path], typer.Option(help="A .jsonl or .tsv passage file to convert (default: the embedded Wikipedia summaries).")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="A .jsonl, .tsv or .parquet passage file to convert (default: the embedded Wikipedia summaries).")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Write passages in DPR's TSV layout (id, text, title), from the embedded corpus or another file."""

@@ -15,7 +15,7 @@ from densepr.index.types import INDEX_TYPES, IndexParams
 
 
 def index_bm25(
-    passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout or .jsonl).")],
+    passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout, .jsonl or .parquet).")],
     output: Annotated[Path, typer.Argument(help="Index directory to write.")],
     k1: float = 0.9,
     b: float = 0.4,
@@ -147,7 +147,7 @@ def _fmt(x: float | None, signed: bool = False) -> str:
 
 
 def encode(
-    passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout or .jsonl).")],
+    passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout, .jsonl or .parquet).")],
     output: Annotated[Path, typer.Argument(help="Embeddings directory to write (resumes if present).")],
     encoder: Annotated[Optional[Path], typer.Option(help="Model directory, or a checkpoint with question_encoder/ and passage_encoder/ (default: embedded all-MiniLM-L6-v2).")] = None,
     batch_size: int = 64,

@@ -19,6 +19,7 @@ from densepr.cli.common import (
     _check_outputs_differ,
     _index,
     _load_qa,
+    _log,
     out,
 )
 from densepr.errors import DenseprError
@@ -26,7 +27,7 @@ from densepr.retrieve.modes import Mode
 
 
 def retrieve(
-    qa: Annotated[Optional[str], typer.Option("--qa", help="QA file (DPR TSV or JSON lines) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")] = None,
+    qa: Annotated[Optional[str], typer.Option("--qa", help="QA file (DPR TSV, JSON lines or parquet) or an embedded set: nq-test, trivia-test, wq-test, curated-test, squad-test, nq-dev, trivia-dev.")] = None,
     queries: Annotated[Optional[Path], typer.Option(help="Instead of --qa: queries without answers (BEIR queries.jsonl or qid<TAB>text).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="DPR result JSON to write.")] = None,
     trec: Annotated[Optional[Path], typer.Option(help="TREC run file to write.")] = None,
@@ -97,7 +98,7 @@ def tune_hybrid(
 
     sets = [_load_qa(q, limit, None, cache_dir) for q in qa]
     r = Retriever.load(index, device=device)
-    best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k)
+    best, grid = tune_lambda(r, AnswerMatcher(r.corpus.texts), sets, k=k, show_progress=True)
     IndexDir(index).write_hybrid(best, grid, [s.name for s in sets], limit, f"top-{k} accuracy")
     out.print(f"lambda = {best} (top-{k} {grid[str(best)]:.2f}% on {', '.join(s.name for s in sets)}; lambda={PAPER_LAMBDA}: {grid[str(PAPER_LAMBDA)]:.2f}%)")
     out.print(f"saved to {hybrid_json}")
@@ -113,15 +114,21 @@ def evaluate(
     cache_dir: CacheOpt = None,
     answerable_opt: Annotated[Optional[bool], typer.Option("--answerable/--no-answerable", help="With --index: report the answerable subset (questions with an answer in some passage: "
                               "a scan of every passage, cached in INDEX/answerable/). Default: when cached, or when the corpus holds at most 1,000,000 passages.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout instead of text (shape: densepr.evaluate.summary).")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the results JSON to this file.")] = None,
+    per_query: Annotated[bool, typer.Option("--per-query", help="In the JSON: each question's values too (top-k hits and first hit; or each trec_eval metric).")] = False,
 ) -> None:
     """Top-k accuracy as DPR computes it (has_answer recomputed from passage text), on all questions
-    and, when --index is given, on the answerable subset."""
+    and, when --index is given, on the answerable subset; or, with --qrels, trec_eval metrics.
+
+    Every scored list is ranked by score descending, then docid descending (trec_eval's order;
+    a TREC run's rank column is ignored); a DPR result JSON is judged in its own order, as DPR does."""
     import numpy as np
 
     from densepr.data.runs import read_trec_run
     from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, judge_dpr_results
     from densepr.evaluate.report import rich_table
-    from densepr.evaluate.topk import accuracy_report
+    from densepr.evaluate.summary import topk_summary
     from densepr.retrieve.index_dir import IndexDir
 
     try:
@@ -130,15 +137,22 @@ def evaluate(
         raise DenseprError(f"--ks must be comma-separated integers, got {ks!r}") from None
     if not k_list or k_list[0] <= 0:
         raise DenseprError("--ks values must be positive")
+    if per_query and not (as_json or output):
+        raise DenseprError("--per-query needs --json or --output (per-question values are written as JSON)")
+    _check_output(output, "file", "results JSON", (results, qrels))
     if qrels is not None:
         from densepr.data import read_qrels_tsv
-        from densepr.evaluate.qrels import qrels_metrics
+        from densepr.evaluate.qrels import check_overlap
+        from densepr.evaluate.summary import qrels_summary
 
         run = {q: dict(docs) for q, docs in read_trec_run(results).items()}
         judged = read_qrels_tsv(qrels)
-        metrics = qrels_metrics(run, judged)
-        out.print(f"{results.name}: {len(judged)} judged queries ({sum(q in run for q in judged)} in the run)")
-        out.print("  " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+        check_overlap(run, judged, results, qrels)
+        summary = qrels_summary(run, judged, results, qrels, per_query=per_query)
+        if _emit_json(summary, as_json, output):
+            return
+        out.print(f"{results.name}: {summary['judged']} judged queries ({summary['in_run']} in the run)")
+        out.print("  " + ", ".join(f"{m} {v:.4f}" for m, v in summary["metrics"].items()))
         return
     if index:
         from densepr.retrieve.retriever import open_corpus
@@ -164,16 +178,34 @@ def evaluate(
                 raise DenseprError(f"{results}: passage id {e.args[0]!r} is not in {IndexDir(index).passages}") from None
         hits = AnswerMatcher(corpus.texts).hits(rows, qas)
     answerable = answerable_subset(corpus, qas, index, answerable_opt, show_progress=True) if corpus is not None else None
-    rep = accuracy_report(hits, answerable, ks=k_list)
+    summary = topk_summary(hits, k_list, results, qas.name, qas.match, answerable, per_query=per_query)
+    rep = {s: summary[s] for s in ("all", "answerable") if s in summary}
+    if answerable is None and corpus is not None and answerable_opt is None:
+        (_log if as_json else out.print)(f"answerable subset skipped: {len(corpus):,} passages (over {ANSWERABLE_SCAN_MAX:,}) would all be "
+                                         f"scanned; --answerable computes it once (cached in {index / 'answerable'})")  # fmt: skip
+    if _emit_json(summary, as_json, output):
+        return
     if answerable is None:
-        if corpus is not None and answerable_opt is None:
-            out.print(f"answerable subset skipped: {len(corpus):,} passages (over {ANSWERABLE_SCAN_MAX:,}) would all be scanned; "
-                      f"--answerable computes it once (cached in {index / 'answerable'})")  # fmt: skip
         out.print(f"{qas.name}: {rep['all']['n']} questions ({qas.match} match)")
         out.print("  " + ", ".join(f"top-{k} {rep['all'][f'top{k}']:.2f}" for k in k_list))
     else:
         table = {qas.name: {"n_all": len(qas), "n_answerable": int(answerable.sum()), "methods": {results.stem: rep}}}
         out.print(rich_table(table, k_list))
+
+
+def _emit_json(summary: dict, as_json: bool, output: Optional[Path]) -> bool:
+    """Write ``summary`` to ``output`` (atomically) and/or stdout; True when stdout got it (no text wanted)."""
+    import json
+
+    from densepr.fileio import write_json
+
+    if output is not None:
+        write_json(output, summary)
+    if as_json:
+        typer.echo(json.dumps(summary, ensure_ascii=False, indent=2))
+    elif output is not None:
+        _log(f"results written to {output}")
+    return as_json
 
 
 def search(

@@ -7,6 +7,7 @@ Formats (see README, "Formats"):
   ``csv.reader(delimiter="\\t")``; so do we).
 * JSON lines: one ``{"id": ..., "title": ..., "text": ...}`` object per line (BEIR's
   ``corpus.jsonl`` with ``_id`` is accepted too).
+* Parquet (``id``/``_id``, ``text``, ``title`` columns) and, from Python, a ``datasets.Dataset``: :mod:`densepr.data.parquet`.
 """
 
 from __future__ import annotations
@@ -420,22 +421,29 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
 
 
 def iter_passages(path: str | os.PathLike[str]) -> Iterator[Passage]:
-    """Stream the passages of a DPR TSV (``.tsv``) or JSON-lines (``.jsonl``/``.json``) file, by its suffix."""
+    """Stream the passages of a DPR TSV (``.tsv``), JSON-lines (``.jsonl``/``.json``) or parquet (``.parquet``)
+    file, by its suffix; or, from Python, of a ``datasets.Dataset`` (:mod:`densepr.data.parquet`)."""
+    from densepr.data.parquet import is_dataset, iter_passage_rows
+
+    if is_dataset(path) or Path(path).suffix == ".parquet":
+        return (Passage(*r) for r in iter_passage_rows(path, check_id))
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".jsonl", ".json"):
         return iter_passages_jsonl(path)
     if suffix in (".tsv", ".csv", ".txt"):
         return iter_passages_tsv(path)
-    raise InputError(path, f"unknown passage file type {suffix!r}: expected .tsv (DPR layout) or .jsonl")
+    raise InputError(path, f"unknown passage file type {suffix!r}: expected .tsv (DPR layout), .jsonl or .parquet")
 
 
 def load_corpus(path: str | os.PathLike[str]) -> Corpus:
-    """Load passages from a DPR TSV (``.tsv``) or JSON-lines (``.jsonl``/``.json``) file."""
-    path = Path(path)
-    corpus = Corpus.from_passages(iter_passages(path), path)
+    """Load passages from a DPR TSV (``.tsv``), JSON-lines (``.jsonl``/``.json``) or parquet file, or a ``datasets.Dataset``."""
+    from densepr.data.parquet import dataset_name, is_dataset
+
+    source = dataset_name(path, "dataset") if is_dataset(path) else Path(path)
+    corpus = Corpus.from_passages(iter_passages(path), source)
     if len(corpus) == 0:
-        raise InputError(path, "no passages found (empty file?)")
+        raise InputError(source, "no passages found (empty file?)")
     return corpus
 
 

@@ -5,6 +5,7 @@
   ``csv.reader(delimiter="\\t")``. The literal is parsed with ``ast.literal_eval``, never ``eval``.
 * JSON lines: ``{"question": ..., "answer": [...]}`` (Pyserini's ``topics.dpr.*``; the key
   ``answers`` is accepted too). For CuratedTREC the answers are regular expressions.
+* Parquet (``question`` and ``answers`` columns) and, from Python, a ``datasets.Dataset``: :mod:`densepr.data.parquet`.
 """
 
 from __future__ import annotations
@@ -114,23 +115,34 @@ def default_match(name: str) -> str:
 def load_qa(
     path: str | os.PathLike[str], name: str | None = None, match: str | None = None, limit: int | None = None
 ) -> QASet:
-    """Load a QA file, detecting its format from its first non-blank character (``{`` = JSON lines).
+    """Load a QA file, detecting its format: parquet (by suffix or magic bytes), else by its first
+    non-blank character (``{`` = JSON lines, else DPR TSV).
 
     Args:
-        path: DPR TSV/CSV or JSON-lines file.
+        path: DPR TSV/CSV, JSON-lines or parquet file (``question`` and ``answers`` columns); from
+            Python also a ``datasets.Dataset`` with those columns.
         name: a label for reports (default: the file name).
         match: ``string`` (DPR's token match) or ``regex`` (CuratedTREC); default ``regex``
             when the file name contains "curated", else ``string``.
         limit: keep only the first ``limit`` questions.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file not found")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a QA file")
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    it = iter_qa_jsonl(path) if head.startswith(b"{") else iter_qa_tsv(path)
+    from densepr.data.parquet import dataset_name, is_dataset, is_parquet, iter_qa_table
+
+    if is_dataset(path):
+        it = (QA(q, a) for q, a in iter_qa_table(path))
+        path = Path(dataset_name(path, "dataset"))  # its label in reports
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(path, "file not found")
+        if path.is_dir():
+            raise InputError(path, "is a directory, expected a QA file")
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if is_parquet(path):
+            it = (QA(q, a) for q, a in iter_qa_table(path))
+        else:
+            it = iter_qa_jsonl(path) if head.startswith(b"{") else iter_qa_tsv(path)
     items = []
     for qa in it:
         items.append(qa)

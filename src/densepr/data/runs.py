@@ -23,7 +23,7 @@ import numpy as np
 from densepr.data.passages import Corpus, RecordReader, check_id, iter_lines
 from densepr.errors import InputError
 from densepr.fileio import atomic_write
-from densepr.ranking import SearchResult
+from densepr.ranking import SearchResult, trec_order
 
 
 def write_dpr_results(
@@ -103,7 +103,8 @@ def write_trec_run(
 
 
 def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, float]]]:
-    """Read a TREC run: ``{qid: [(docid, score), ...]}`` ordered by score, best first."""
+    """Read a TREC run: ``{qid: [(docid, score), ...]}`` in :func:`densepr.ranking.trec_order` (score
+    descending, then docid descending, as trec_eval ranks them; the rank column is ignored)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "is not a file")
@@ -123,6 +124,4 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, flo
         run.setdefault(parts[0], []).append((parts[2], score))
     if not run:
         raise InputError(path, "no results found (empty file?)")
-    for hits in run.values():
-        hits.sort(key=lambda h: -h[1])
-    return run
+    return {q: trec_order(hits) for q, hits in run.items()}

@@ -18,12 +18,14 @@ LAMBDA_GRID = (0.0, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.
 
 
 def tune_lambda(
-    retriever: Retriever, matcher: AnswerMatcher, dev_sets: Sequence[QASet], grid: Sequence[float] = LAMBDA_GRID, k: int = 20
+    retriever: Retriever, matcher: AnswerMatcher, dev_sets: Sequence[QASet], grid: Sequence[float] = LAMBDA_GRID, k: int = 20,
+    show_progress: bool = False,
 ) -> tuple[float, dict[str, float]]:
-    """Pick the hybrid lambda with the best mean top-k accuracy over ``dev_sets`` (DPR tuned on dev)."""
+    """Pick the hybrid lambda with the best mean top-k accuracy over ``dev_sets`` (DPR tuned on dev);
+    ``show_progress``: bars for encoding the questions and the BM25 search."""
     cands = []
     for qas in dev_sets:
-        both = retriever.retrieve_all(qas.questions, retriever.depth, ["bm25", "dense"])
+        both = retriever.retrieve_all(qas.questions, retriever.depth, ["bm25", "dense"], show_progress)
         cands.append((qas, HybridCandidates(both["dense"], both["bm25"])))
     scores = {}
     for lam in grid:

@@ -106,7 +106,7 @@ def tune(job: Job) -> Stage:
     names = [s.name for s in sets] if job.plan else list(cfg.tune_sets)
 
     def build() -> tuple[float, dict]:
-        best, grid = tune_lambda(job.retriever(), job.matcher(), sets)
+        best, grid = tune_lambda(job.retriever(), job.matcher(), sets, show_progress=job.show_progress)
         index_dir.write_hybrid(best, grid, names, cfg.tune_limit, "top-20 accuracy")
         return best, grid
 

@@ -386,6 +386,7 @@ def pruned_pays(k: int, num_docs: int) -> bool:
     return k <= PRUNED_MAX_K or (k <= PRUNED_LARGE_K and num_docs >= PRUNED_LARGE_N)
 
 
+PROGRESS_STEP = 64  # queries per batch while a bar shows: enough to keep numba's threads busy, ~2 s at 21M passages
 MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)
 _NUMBA_WARM = False
 
@@ -619,6 +620,8 @@ class BM25Index:
         # a few more than k, so that passages tied at the k-th score are cut in passage order
         fetch = min(k_eff + TIE_MARGIN, n_docs)
         model = self._scorer(backend) if backend != "pruned" else self.model
+        # a bar moves every PROGRESS_STEP queries (was: once per 4,096, so 1,000 queries showed 0 until done)
+        batch_size = min(batch_size, PROGRESS_STEP) if show_progress else batch_size
         with progress_bar(len(queries), "BM25 search", show_progress, unit="q") as advance:
             for start in range(0, len(queries), batch_size):
                 self._search_batch(queries[start : start + batch_size], start, k_eff, fetch, n_docs, model, backend, rows, scores)
