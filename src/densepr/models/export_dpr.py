@@ -13,7 +13,9 @@ checkpoint has a projection), unnormalised. So only what those classes compute e
   ``(questions, titles, texts)`` layout is the reader's ``[CLS] question [SEP] title [SEP] text``.
 
 The tokenizers are the model's own (``DPRQuestionEncoderTokenizer`` / ``DPRContextEncoderTokenizer`` /
-``DPRReaderTokenizer`` by ``AutoTokenizer``); densepr's settings files are left out. Each export is
+``DPRReaderTokenizer`` by ``AutoTokenizer``). densepr's settings file (``densepr_encoder.json``, CLS and the
+max length; ``densepr_reader.json``: windows, tuned k) goes along, so densepr loads an export back as it was
+(transformers ignores it). Each export is
 built beside ``OUT`` and reloaded there by transformers, which must report no missing or unexpected
 weight, before it is moved into place (``fileio.atomic_dir``); an existing ``OUT`` is never replaced.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from densepr.errors import DenseprError
 from densepr.fileio import MANIFEST, atomic_dir, read_json, write_dir_manifest, write_json
+from densepr.models.encoder import Encoder, EncoderConfig
 from densepr.models.hf import check_model_dir, load_errors, quiet_transformers
 
 KIND = "dpr-export"
@@ -60,27 +63,25 @@ def _dpr_tower(path: Path, tower: str):
     """``(model, tokenizer)``: the encoder at ``path`` as a DPR ``tower``, or a one-line reason why it cannot be."""
     import transformers
 
-    from densepr.models.encoder import Encoder
-
     if source_kind(path) == "reader":
         raise DenseprError(f"{path}: a reader, not an encoder; export it on its own (densepr export-model {path} OUT --format dpr)")
     enc = Encoder.load(path, device="cpu")  # checks the manifest, the weights and the tokenizer
     cfg, model_type = enc.model.config, enc.model.config.model_type
+    if model_type not in ("bert", "dpr"):
+        raise DenseprError(f"{path}: model type {model_type!r}; DPR's classes hold a BERT encoder only "
+                           "(use the folder as it is with transformers' AutoModel or sentence-transformers)")  # fmt: skip
+    if model_type == "bert" and enc.config.pooling != "cls":
+        raise DenseprError(f"{path}: {enc.config.pooling} pooling; DPR's classes read the [CLS] vector only "
+                           "(use the folder as it is with sentence-transformers)")  # fmt: skip
     if enc.config.normalize:
         raise DenseprError(f"{path}: the encoder L2-normalises its vectors and DPR's classes do not; not exportable as DPR")
     if model_type == "dpr":  # DPR's own checkpoint, trained on: rename its tower
         own = next(p for _, p, _ in TOWERS.values() if any(k.startswith(p) for k in enc.model.state_dict()))
         weights = {k[len(own):]: v for k, v in enc.model.state_dict().items()}
         dpr_cfg = transformers.DPRConfig(**{k: getattr(cfg, k) for k in (*BERT_KEYS, "projection_dim") if hasattr(cfg, k)})
-    elif model_type == "bert":
-        if enc.config.pooling != "cls":
-            raise DenseprError(f"{path}: {enc.config.pooling} pooling; DPR's classes read the [CLS] vector only "
-                               "(export CLS-pooled encoders, or use the folder as it is with sentence-transformers)")  # fmt: skip
+    else:
         weights = {f"bert_model.{k}": v for k, v in enc.model.state_dict().items() if not k.startswith("pooler.")}
         dpr_cfg = transformers.DPRConfig(**{k: getattr(cfg, k) for k in BERT_KEYS if hasattr(cfg, k)}, projection_dim=0)
-    else:
-        raise DenseprError(f"{path}: model type {model_type!r}; DPR's classes hold a BERT encoder only "
-                           "(use the folder as it is with transformers' AutoModel or sentence-transformers)")  # fmt: skip
     arch, prefix, _ = TOWERS[tower]
     dpr_cfg.architectures = [arch]
     model = getattr(transformers, arch)(dpr_cfg)
@@ -88,15 +89,16 @@ def _dpr_tower(path: Path, tower: str):
     if missing or unexpected:
         raise DenseprError(f"{path}: the weights do not fill {arch} ({len(missing)} missing, e.g. "
                            f"{(missing or unexpected)[0]!r}; {len(unexpected)} unexpected)")  # fmt: skip
-    return model.eval(), enc.tokenizer
+    return model.eval(), enc.tokenizer, EncoderConfig("cls", False, enc.config.max_length)
 
 
-def _write(model, tokenizer, tokenizer_class: str, directory: Path) -> None:
+def _write(model, tokenizer, settings, tokenizer_class: str, directory: Path) -> None:
     """Save a DPR model directory, then reload it as transformers will: no weight may be missing or unexpected."""
     import transformers
 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    settings.save(directory)
     tc_path = directory / "tokenizer_config.json"  # AutoTokenizer then gives DPR's tokenizer, as for facebook/dpr-*
     write_json(tc_path, {**(read_json(tc_path) if tc_path.is_file() else {}), "tokenizer_class": tokenizer_class})
     arch = model.config.architectures[0]
@@ -123,8 +125,8 @@ def export_dpr_encoders(source: str | os.PathLike[str], out: str | os.PathLike[s
     q_dir, p_dir = (source / "question_encoder", source / "passage_encoder") if kind == "bi-encoder" else (source, source)
     towers = {"question_encoder": _dpr_tower(q_dir, "question_encoder"), "ctx_encoder": _dpr_tower(p_dir, "ctx_encoder")}
     with atomic_dir(out, KIND) as tmp:
-        for name, (model, tokenizer) in towers.items():
-            _write(model, tokenizer, TOWERS[name][2], tmp / name)
+        for name, (model, tokenizer, settings) in towers.items():
+            _write(model, tokenizer, settings, TOWERS[name][2], tmp / name)
         write_dir_manifest(tmp, KIND, source=str(source.resolve()), format="dpr")
     return {"format": "dpr", "source": kind, "dirs": [str(out / name) for name in towers]}
 
@@ -132,6 +134,8 @@ def export_dpr_encoders(source: str | os.PathLike[str], out: str | os.PathLike[s
 def export_dpr_reader(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict:
     """Write ``out`` as a ``DPRReader`` directory from a trained densepr reader."""
     import transformers
+
+    from densepr.models.reader import ReaderConfig
 
     quiet_transformers()
     source, out = Path(source), Path(out)
@@ -148,7 +152,7 @@ def export_dpr_reader(source: str | os.PathLike[str], out: str | os.PathLike[str
     if info.get("missing_keys"):
         raise DenseprError(f"{path}: reader weights missing ({info['missing_keys'][0]!r}, ...); corrupt checkpoint")
     with atomic_dir(out, KIND) as tmp:
-        _write(model.eval(), tokenizer, "DPRReaderTokenizer", tmp)
+        _write(model.eval(), tokenizer, ReaderConfig.from_dir(path), "DPRReaderTokenizer", tmp)
         write_dir_manifest(tmp, KIND, source=str(source.resolve()), format="dpr")
     return {"format": "dpr", "source": "reader", "dirs": [str(out)]}
 
