@@ -43,12 +43,13 @@ def _st_equals_densepr(path: Path, titles=TITLES, texts=LONG, qs=QS) -> None:
     assert model.max_seq_length == enc.config.max_length
     np.testing.assert_allclose(model.encode(qs), enc.encode_questions(qs), atol=1e-5, rtol=1e-4)
     ours = enc.encode_passages(titles, texts)
-    np.testing.assert_allclose(model.encode([f"{t} [SEP] {x}" for t, x in zip(titles, texts)]), ours, atol=1e-5, rtol=1e-4)
+    if enc.tokenizer.sep_token == "[SEP]":  # BERT's, as the docs write it
+        np.testing.assert_allclose(model.encode([f"{t} [SEP] {x}" for t, x in zip(titles, texts)]), ours, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(model.encode([passage_text(enc.tokenizer, t, x) for t, x in zip(titles, texts)]), ours, atol=1e-5, rtol=1e-4)
     # DPR scores by dot product: sentence-transformers' similarity must be the same number
     want = "cosine" if enc.config.normalize else "dot"
     assert model.similarity_fn_name == want
-    np.testing.assert_allclose(model.similarity(model.encode(qs[:2]), model.encode(["a [SEP] b"])).numpy(),
+    np.testing.assert_allclose(model.similarity(model.encode(qs[:2]), model.encode([passage_text(enc.tokenizer, "a", "b")])).numpy(),
                                enc.encode_questions(qs[:2]) @ enc.encode_passages(["a"], ["b"]).T, rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
@@ -158,15 +159,28 @@ def test_dpr_reader(bert, tmp_path):
 
 
 # -- refusals and bad input --------------------------------------------------------------------------
-def _tiny_mpnet(path: Path) -> Path:
-    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+def _tiny_mpnet(path: Path, pooling: str = "cls", normalize: bool = False) -> Path:
+    """A random 1-layer MPNet with an MPNet tokenizer (pairs joined by ``</s></s>``)."""
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(make_tiny_bert(path))
+    from tests.support.tiny import _vocab
+
+    tok = MPNetTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *_vocab()]))})
+    torch.manual_seed(0)
     cfg = MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                      max_position_embeddings=130)  # fmt: skip
+                      max_position_embeddings=130, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     MPNetModel(cfg).save_pretrained(path, safe_serialization=True)
-    (path / "densepr_encoder.json").write_text(json.dumps({"pooling": "cls", "normalize": False, "max_length": 64}))
+    tok.save_pretrained(path)
+    (path / "densepr_encoder.json").write_text(json.dumps({"pooling": pooling, "normalize": normalize, "max_length": 64}))
     return path
+
+
+def test_sentence_transformers_reproduces_saved_mpnet(tmp_path):
+    """Another pair template: MPNet joins title and text with ``</s></s>``, which :func:`passage_text` writes."""
+    src = _tiny_mpnet(tmp_path / "src", "mean", True)
+    Encoder.load(src, device="cpu").save(tmp_path / "enc")
+    assert passage_text(Encoder.load(tmp_path / "enc", device="cpu").tokenizer, "T", "x") == "T </s></s> x"
+    _st_equals_densepr(tmp_path / "enc")
 
 
 @pytest.mark.parametrize("case,needle", [("mean", "mean pooling"), ("normalised", "L2-normalises"), ("mpnet", "'mpnet'")])

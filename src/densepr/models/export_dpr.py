@@ -111,7 +111,7 @@ def _write(model, tokenizer, settings, tokenizer_class: str, directory: Path) ->
 
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DenseprError(f"{out}: already exists; give a new directory (an export never replaces anything)")
+        raise DenseprError(f"{out}: already exists; refusing to replace it (an export writes a new directory: give another, or delete it first)")
 
 
 def export_dpr_encoders(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict:
