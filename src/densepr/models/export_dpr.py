@@ -103,7 +103,7 @@ def _write(model, tokenizer, settings, tokenizer_class: str, directory: Path) ->
     write_json(tc_path, {**(read_json(tc_path) if tc_path.is_file() else {}), "tokenizer_class": tokenizer_class})
     arch = model.config.architectures[0]
     with load_errors(directory, arch):
-        _, info = getattr(transformers, arch).from_pretrained(directory, use_safetensors=True, output_loading_info=True)
+        _, info = getattr(transformers, arch).from_pretrained(directory, use_safetensors=True, output_loading_info=True, trust_remote_code=False)
     bad = [*info.get("missing_keys", []), *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
     if bad:
         raise DenseprError(f"{directory}: transformers reloads the {arch} with {len(bad)} weights missing or unexpected, e.g. {bad[0]!r}")
@@ -147,7 +147,7 @@ def export_dpr_reader(source: str | os.PathLike[str], out: str | os.PathLike[str
     if "DPRReader" not in (config.get("architectures") or []):
         raise DenseprError(f"{path}: a reader of model type {config.get('model_type')!r}; DPRReader holds a BERT encoder only")
     with load_errors(path, "reader"):
-        model, info = transformers.DPRReader.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+        model, info = transformers.DPRReader.from_pretrained(path, use_safetensors=True, output_loading_info=True, trust_remote_code=False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if info.get("missing_keys"):
         raise DenseprError(f"{path}: reader weights missing ({info['missing_keys'][0]!r}, ...); corrupt checkpoint")
