@@ -194,6 +194,7 @@ WRITERS = [
     ("dir", ("index", "dense", "{missing}", "{out}")),
     ("dir", ("encode", "{missing}.tsv", "{out}", "--encoder", "{missing}")),
     ("dir", ("export-onnx", "{missing}", "{out}")),
+    ("dir", ("export-model", "{missing}", "{out}")),
     ("dir", ("train", "--train", "{missing}.json", "-o", "{out}", "--init", "{missing}")),
     ("dir", ("train-reader", "--train", "{missing}.json", "-o", "{out}", "--init", "{missing}")),
     ("dir", ("evaluate-qa", "--qa", "{missing}.tsv", "-o", "{out}", "--index", "{missing}", "--reader", "{missing}")),

@@ -91,6 +91,10 @@ def _export(ctx, out):
     return run(ctx["capsys"], "export-onnx", str(ctx["tiny_bert"]), str(out))
 
 
+def _export_dpr(ctx, out):
+    return run(ctx["capsys"], "export-model", str(ctx["tiny_bert"]), str(out), "--format", "dpr")
+
+
 def _export_reader(ctx, out):
     from densepr.models.reader import Reader, ReaderConfig
 
@@ -194,6 +198,7 @@ def _reproduce(ctx, out):
 WRITERS = {
     "export-onnx": (_export, "out", "out"),
     "export-onnx-reader": (_export_reader, "out", "out"),
+    "export-model-dpr": (_export_dpr, "out", "out"),
     "train": (_train, "run", "run"),
     "train-best": (_train, "run", "run/best"),
     "train-reader": (_train_reader, "run", "run"),

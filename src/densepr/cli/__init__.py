@@ -15,6 +15,7 @@ One module per command group:
 - ``train``: ``train`` (the bi-encoder);
 - ``qa``: ``cloze-data``, ``train-reader``, ``answer``, ``tune-reader``, ``evaluate-qa``;
 - ``serve``: ``serve``, ``export-onnx`` (the ONNX models it serves on CPUs);
+- ``export``: ``export-model`` (DPR's Hugging Face classes);
 - ``reproduce``: ``reproduce``.
 
 The table below registers them, in the order ``densepr --help`` lists them.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from densepr.cli import data, index, qa, reproduce, retrieve, serve, train
+from densepr.cli import data, export, index, qa, reproduce, retrieve, serve, train
 from densepr.cli.common import DEFAULT_INDEX, TRAINED_INDEX, _error_line, _index, app, data_app, index_app
 from densepr.cli.data import data_build_train
 from densepr.cli.reproduce import _qa_limit
@@ -36,6 +37,7 @@ __all__ = ["DEFAULT_INDEX", "TRAINED_INDEX", "_index", "_qa_limit", "app", "data
 for _typer, _name, _command in (
     (app, "encode", index.encode),
     (app, "export-onnx", serve.export_onnx),
+    (app, "export-model", export.export_model),
     (app, "retrieve", retrieve.retrieve),
     (app, "tune-hybrid", retrieve.tune_hybrid),
     (app, "evaluate", retrieve.evaluate),

@@ -12,7 +12,9 @@ Pooling is a setting stored with the model in ``densepr_encoder.json``:
   models such as all-MiniLM-L6-v2 were trained with), optionally L2-normalised.
 
 Without that file the setting is read from sentence-transformers' own files
-(``modules.json``, ``1_Pooling/config.json``) when present, else DPR's ``cls``.
+(``modules.json``, ``1_Pooling/config.json``) when present, else DPR's ``cls``. ``Encoder.save`` writes
+those files too, so ``SentenceTransformer(dir).encode`` gives densepr's vectors; a passage is then the one
+string ``title [SEP] text`` (:mod:`densepr.models.st_files`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from densepr.errors import DenseprError
 from densepr.fileio import write_json
 from densepr.models.hf import autocast, check_model_dir, check_vocab, default_device, load_errors, quiet_transformers, save_model_dir
+from densepr.models.st_files import write_st_files
 
 CONFIG_NAME = "densepr_encoder.json"
 POOLINGS = ("cls", "mean")
@@ -125,8 +128,14 @@ class Encoder(nn.Module):
         return enc.to(device or default_device()).eval()
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write weights (safetensors), tokenizer and ``densepr_encoder.json``: loadable by ``AutoModel``."""
-        save_model_dir(path, self.model, self.tokenizer, self.config.save, "encoder", name=self.name)
+        """Write weights (safetensors), tokenizer, ``densepr_encoder.json`` and sentence-transformers' files
+        (:mod:`densepr.models.st_files`): loadable by ``AutoModel`` and ``SentenceTransformer`` alike."""
+        def settings(d: Path) -> None:
+            self.config.save(d)
+            c = self.config
+            write_st_files(d, c.pooling, c.normalize, c.max_length, self.model.config.hidden_size, self.model.config.model_type)
+
+        save_model_dir(path, self.model, self.tokenizer, settings, "encoder", name=self.name)
 
     @property
     def dim(self) -> int:
