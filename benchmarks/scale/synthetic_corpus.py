@@ -418,7 +418,7 @@ def token_stats(texts, marks: list[int], top_words: list[str]) -> dict:
 
 
 def bm25_terms(texts, titles) -> dict:
-    from densepr.retrieve.bm25 import LuceneAnalyzer
+    from densepr.retrieve.bm25_analyzer import LuceneAnalyzer
 
     an = LuceneAnalyzer()
     terms = [an(f"{t} {x}") for t, x in zip(titles, texts)]

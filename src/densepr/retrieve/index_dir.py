@@ -116,8 +116,8 @@ def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> 
     from densepr.fileio import verify_tree
     from densepr.index.dense import KIND as DENSE_KIND  # here: the dense index module imports torch
     from densepr.index.dense import check_index
-    from densepr.retrieve.bm25 import KIND as BM25_KIND
-    from densepr.retrieve.bm25 import check_arrays
+    from densepr.retrieve.bm25_files import KIND as BM25_KIND
+    from densepr.retrieve.bm25_files import check_arrays
 
     corpora: dict[Path, object] = {}
 
