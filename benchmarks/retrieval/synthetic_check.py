@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--embeddings", type=Path, default=Path("runs/ft-hn/embeddings"))
     args = ap.parse_args()
-    from densepr.fileio import write_json
+    from densepr.fileio.atomic import write_json
     from densepr.index.embeddings import Embeddings
 
     faiss.omp_set_num_threads(1)

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -24,7 +24,8 @@ from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher, answerable_subset
 from densepr.evaluate.qa import exact_match, f1_score, normalize_answer
-from densepr.fileio import MANIFEST, read_json, sha256_file, write_json
+from densepr.fileio.atomic import read_json, write_json
+from densepr.fileio.manifest import MANIFEST, sha256_file
 from densepr.models.reader import PAPER_SELECTION, Reader, Reading, Selection, best_reading
 from densepr.ranking import Hit
 from densepr.retrieve.index_dir import IndexDir

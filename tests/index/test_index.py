@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import atomic_write
+from densepr.fileio.atomic import atomic_write
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder
@@ -134,7 +134,9 @@ def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700, **meta):
     """An embeddings directory holding ``vecs`` (as encode_corpus writes it), without a model; ``meta``: more manifest keys."""
-    from densepr.fileio import save_npy, write_ids, write_json, write_manifest
+    from densepr.fileio.atomic import save_npy, write_json
+    from densepr.fileio.ids import write_ids
+    from densepr.fileio.manifest import write_manifest
 
     d = tmp_path / "emb"
     d.mkdir()
@@ -151,10 +153,10 @@ def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700, **meta):
 
 
 def test_mapped_ids_read_as_read_ids_does(tmp_path, monkeypatch):
-    from densepr import fileio
-    from densepr.fileio import IdLines, open_ids, read_ids, write_ids
+    from densepr.fileio import ids as id_files
+    from densepr.fileio.ids import IdLines, open_ids, read_ids, write_ids
 
-    monkeypatch.setattr(fileio, "_ID_CHUNK", 4096)  # many chunks, ids across their edges
+    monkeypatch.setattr(id_files, "_ID_CHUNK", 4096)  # many chunks, ids across their edges
     ids = [f"é{i}-{'x' * (i % 7)}" for i in range(3000)]
     write_ids(tmp_path / "ids.txt", ids)
     (tmp_path / "cut.txt").write_bytes((tmp_path / "ids.txt").read_bytes() + "unfinishé".encode())

@@ -9,7 +9,7 @@ import pytest
 
 from densepr.data import Corpus, Passage
 from densepr.errors import DenseprError
-from densepr.fileio import file_entry
+from densepr.fileio.manifest import file_entry
 from densepr.ranking import merge_shards
 from densepr.retrieve import bm25_vocab
 from densepr.retrieve.bm25 import BM25Index

@@ -46,7 +46,7 @@ def test_serve_ray_uses_the_question_encoder_given(index_dir, tmp_path, tiny_ber
     """`serve --ray --question-encoder X` binds the encoder deployment to X (an ONNX export's #int8
     kept), not to the index's; without it, the index's."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
-    from densepr.fileio import read_json
+    from densepr.fileio.atomic import read_json
     from densepr.serve.ray_app import build_app
 
     other = make_tiny_bert(tmp_path / "other-encoder", seed=1)  # as wide as the index's

@@ -53,7 +53,7 @@ def index_dense(
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
     _check_output(output, "dir", "dense index", inputs=(embeddings,))
     _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
-    from densepr.fileio import remove_tree
+    from densepr.fileio.dirs import remove_tree
     from densepr.index.dense import DenseIndex
     from densepr.index.types import IndexParams
 

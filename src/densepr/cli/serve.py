@@ -109,7 +109,7 @@ def export_onnx(
 ) -> None:
     """Export the question encoder (`densepr serve --question-encoder OUTPUT[#int8]`) or a reader
     (`--reader OUTPUT[#int8]`) to ONNX for CPU serving."""
-    from densepr.fileio import read_json
+    from densepr.fileio.atomic import read_json
 
     is_reader = (encoder / "config.json").is_file() and "DPRReader" in read_json(encoder / "config.json").get("architectures", [])
     _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))

@@ -32,21 +32,10 @@ import numpy as np
 
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import (
-    MANIFEST,
-    IdLines,
-    atomic_dir,
-    atomic_path,
-    check_target,
-    open_ids,
-    read_json,
-    read_manifest,
-    remove_tree,
-    writable_dir,
-    write_ids,
-    write_json,
-    write_manifest,
-)
+from densepr.fileio.atomic import atomic_path, read_json, write_json
+from densepr.fileio.dirs import atomic_dir, check_target, remove_tree, writable_dir
+from densepr.fileio.ids import IdLines, open_ids, write_ids
+from densepr.fileio.manifest import MANIFEST, read_manifest, write_manifest
 from densepr.index.embeddings import Embeddings
 from densepr.index.types import INDEX_TYPES, IndexParams, IndexType, get
 from densepr.progress import progress_bar

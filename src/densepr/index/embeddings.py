@@ -35,22 +35,10 @@ import numpy as np
 from densepr.data.passages import Corpus, check_corpus
 from densepr.data.store import StreamedCorpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import (
-    MANIFEST,
-    check_file,
-    check_target,
-    install_dir,
-    open_ids,
-    read_json,
-    read_manifest,
-    remove_tree,
-    save_npy,
-    sibling_abandoned,
-    sibling_prefix,
-    write_ids,
-    write_json,
-    write_manifest,
-)
+from densepr.fileio.atomic import read_json, save_npy, write_json
+from densepr.fileio.dirs import check_target, install_dir, remove_tree, sibling_abandoned, sibling_prefix
+from densepr.fileio.ids import open_ids, write_ids
+from densepr.fileio.manifest import MANIFEST, check_file, read_manifest, write_manifest
 from densepr.models.encoder import Encoder
 from densepr.progress import progress_bar
 

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from densepr.errors import DenseprError
-from densepr.fileio import sha256_file, write_json
+from densepr.fileio.atomic import write_json
+from densepr.fileio.manifest import sha256_file
 from densepr.models.hf import (
     autocast,
     check_model_dir,

@@ -18,7 +18,8 @@ from densepr.data.runs import write_dpr_results, write_trec_run
 from densepr.data.summaries import load_wiki_summaries
 from densepr.evaluate.topk import accuracy_report, topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import file_name, read_json, sha256_file, write_json
+from densepr.fileio.atomic import file_name, read_json, write_json
+from densepr.fileio.manifest import sha256_file
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import load_biencoder

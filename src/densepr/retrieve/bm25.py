@@ -42,7 +42,10 @@ import scipy.sparse as sp
 from densepr.data.passages import Corpus, check_corpus
 from densepr.data.store import StreamedCorpus
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_dir, check_target, read_manifest, save_npy, save_npy_released, write_manifest
+from densepr.fileio.atomic import save_npy
+from densepr.fileio.dirs import atomic_dir, check_target
+from densepr.fileio.manifest import read_manifest, write_manifest
+from densepr.fileio.pages import save_npy_released
 from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
 from densepr.retrieve import bm25_topk

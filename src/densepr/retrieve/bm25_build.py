@@ -19,7 +19,8 @@ import scipy.sparse as sp
 from densepr.data.passages import Corpus
 from densepr.data.store import StoreCorpus, StreamedCorpus, open_store
 from densepr.errors import DenseprError
-from densepr.fileio import MappedPages, no_space_names
+from densepr.fileio.atomic import no_space_names
+from densepr.fileio.pages import MappedPages
 from densepr.progress import progress_bar
 from densepr.retrieve.bm25_analyzer import LuceneAnalyzer, words
 

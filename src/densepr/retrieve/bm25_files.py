@@ -11,7 +11,8 @@ import bm25s
 import numpy as np
 
 from densepr.errors import DenseprError
-from densepr.fileio import FULL_HASH_BYTES, MANIFEST, NoSpaceError, file_entry, read_manifest, save_npy, write_json
+from densepr.fileio.atomic import NoSpaceError, save_npy, write_json
+from densepr.fileio.manifest import FULL_HASH_BYTES, MANIFEST, file_entry, read_manifest
 from densepr.retrieve import bm25_topk
 from densepr.retrieve.bm25_vocab import FILES as VOCAB_FILES
 from densepr.retrieve.bm25_vocab import CompactVocab, check_vocab, write_vocab
