@@ -23,7 +23,7 @@ import numpy as np
 
 
 def hnsw_recall(x: np.ndarray, q: np.ndarray) -> dict:
-    from densepr.index.dense import hnsw_augment
+    from densepr.index.dense_build import hnsw_augment
 
     flat = faiss.IndexFlatIP(x.shape[1])
     flat.add(x)

@@ -326,7 +326,7 @@ def test_combining_index_directories_checks_they_belong_together(tmp_path, corpu
 
 
 def test_plan_counts_bytes():
-    from densepr.index.dense import plan
+    from densepr.index.dense_plan import plan
 
     rows = {r["type"]: r for r in plan(21_015_324, 768)}
     assert rows["flat"]["ram_bytes"] == 21_015_324 * 768 * 4  # the 65 GB DPR's users know
@@ -337,7 +337,7 @@ def test_plan_counts_bytes():
 
 
 def test_cluster_plan_shards_replicas_and_encode_hours():
-    from densepr.index.dense import PAPER_ENCODE_RATE, cluster_plan, plan
+    from densepr.index.dense_plan import PAPER_ENCODE_RATE, cluster_plan, plan
 
     rows = {r["type"]: r for r in cluster_plan(plan(21_015_324, 768), 21_015_324, nodes=4, node_ram_gib=64, gpus=8)}
     flat = rows["flat"]  # 60.1 GiB in 44.8 GiB per node (70% of 64): two shards, two replicas of the whole index
@@ -371,7 +371,7 @@ def test_a_new_index_type_is_one_table_entry(tmp_path, monkeypatch):
     import faiss
 
     from densepr.index import types
-    from densepr.index.dense import plan
+    from densepr.index.dense_plan import plan
 
     extra = types.IndexType("flat-copy", "a second name for exact float32 search", lambda dim, p: faiss.IndexFlatIP(dim),
                             lambda dim, p: 4 * dim, exact=True)  # fmt: skip
