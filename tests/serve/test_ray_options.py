@@ -73,8 +73,8 @@ def test_serve_ray_checks_the_host_header_as_the_single_process_server(index_dir
     bound to loopback, none on another address, and --allowed-hosts as given."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
     from densepr.serve.app import LOOPBACK_NAMES
+    from densepr.serve.limits import Limits
     from densepr.serve.ray_app import build_app
-    from densepr.serve.service import Limits
 
     def allowed(app):
         return tuple(app._bound_deployment.init_args[2]["allowed_hosts"] or ()) or None  # the router's limits
