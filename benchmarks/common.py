@@ -19,7 +19,7 @@ def reader_recipe(run: Path) -> dict:
     """The reader training settings (ReaderTrainConfig fields) that ``densepr reproduce --profile dpr``
     used in ``run`` (its train-reader stage record), or today's :class:`densepr.reproduce.ReaderPlan`
     where the run has none; without the settings a benchmark sets itself (steps, epochs, validation)."""
-    from densepr.fileio import read_json
+    from densepr.fileio.atomic import read_json
     from densepr.reproduce import ReaderPlan
     from densepr.train.config import ReaderTrainConfig
 
@@ -70,7 +70,8 @@ def train_reader_once(cfg, run_dir: Path, device: str, name: str) -> dict:
     returns that record ``{config, seconds, steps}``."""
     import json
 
-    from densepr.fileio import read_json, remove_tree, write_json
+    from densepr.fileio.atomic import read_json, write_json
+    from densepr.fileio.dirs import remove_tree
     from densepr.train.checkpoint import check_run_dir
     from densepr.train.reader import train_reader
 

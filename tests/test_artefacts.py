@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from densepr import fileio
 from densepr.data import Corpus, Passage, write_passages_tsv
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import MANIFEST, NoSpaceError
+from densepr.fileio import atomic, dirs
+from densepr.fileio import manifest as manifests
+from densepr.fileio.atomic import NoSpaceError
+from densepr.fileio.manifest import MANIFEST
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder
@@ -180,15 +182,15 @@ def test_a_disk_full_dense_rebuild_keeps_the_previous_index(tmp_path, corpus, en
 def test_failed_writes_name_the_file(tmp_path, monkeypatch):
     _fail_midway(monkeypatch, np, "save")
     with pytest.raises(NoSpaceError, match=r"x\.npy: no space left on device while writing it; nothing was replaced"):
-        fileio.save_npy(tmp_path / "x.npy", np.zeros(3))
+        atomic.save_npy(tmp_path / "x.npy", np.zeros(3))
     assert list(tmp_path.iterdir()) == []
     quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     with pytest.raises(NoSpaceError, match=r"y\.json: disk quota exceeded"):
-        with fileio.atomic_write(tmp_path / "y.json") as fh:
+        with atomic.atomic_write(tmp_path / "y.json") as fh:
             fh.write("{")
             raise quota
     with pytest.raises(OSError, match="Permission"):  # other errors pass through unchanged
-        with fileio.atomic_write(tmp_path / "z.json"):
+        with atomic.atomic_write(tmp_path / "z.json"):
             raise PermissionError(errno.EACCES, "Permission denied")
 
 
@@ -259,10 +261,10 @@ def test_unfinished_encoding_with_other_settings_is_refused(tmp_path, corpus, en
 def test_killed_builds_leave_nothing_the_next_build_keeps(tmp_path, corpus):
     d = tmp_path / "bm25"
     BM25Index.build(corpus).save(d)
-    stale = tmp_path / f".bm25.building-999999999@{fileio._HOST}-abcd"  # a build whose process is gone
+    stale = tmp_path / f".bm25.building-999999999@{dirs._HOST}-abcd"  # a build whose process is gone
     stale.mkdir()
     (stale / "data.csc.index.npy").write_bytes(b"half")
-    live = tmp_path / f".bm25.building-{os.getpid()}@{fileio._HOST}-efgh"  # one still running: kept
+    live = tmp_path / f".bm25.building-{os.getpid()}@{dirs._HOST}-efgh"  # one still running: kept
     live.mkdir()
     BM25Index.build(corpus).save(d)
     assert not stale.exists() and live.exists()
@@ -271,7 +273,7 @@ def test_killed_builds_leave_nothing_the_next_build_keeps(tmp_path, corpus):
 def test_the_swap_falls_back_to_rename_where_exchange_is_missing(tmp_path, corpus, monkeypatch):
     d = tmp_path / "bm25"
     BM25Index.build(corpus).save(d)
-    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(dirs, "_exchange", lambda a, b: False)
     BM25Index.build(_big_corpus(50)).save(d)
     assert BM25Index.load(d).manifest["corpus"]["count"] == 50 and _siblings(d) == []
 
@@ -320,8 +322,8 @@ def test_bytes_changed_in_place_are_refused_on_load(index_dir, victim):
 
 
 def test_large_files_are_checked_on_samples_on_load_and_whole_by_verify(tmp_path, corpus, monkeypatch, capsys):
-    monkeypatch.setattr(fileio, "FULL_HASH_BYTES", 1024)  # every file of this index counts as large
-    monkeypatch.setattr(fileio, "SAMPLE_BLOCK", 64)
+    monkeypatch.setattr(manifests, "FULL_HASH_BYTES", 1024)  # every file of this index counts as large
+    monkeypatch.setattr(manifests, "SAMPLE_BLOCK", 64)
     d = tmp_path / "dense"
     vecs = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
     from tests.index.test_index import _embeddings_dir
@@ -348,7 +350,7 @@ def _rewrite_array(d: Path, name: str, change) -> None:
     np.save(d / name, arr)
     m = json.loads((d / MANIFEST).read_text())
     meta = {k: v for k, v in m.items() if k not in ("kind", "format_version", "files")}
-    fileio.write_manifest(d, m["kind"], list(m["files"]), **meta)
+    manifests.write_manifest(d, m["kind"], list(m["files"]), **meta)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def test_torch_topk_is_exact():
     import numpy as np
     import torch
 
-    from densepr.index.dense import torch_topk
+    from densepr.index.dense_search import torch_topk
 
     rng = np.random.default_rng(0)
     x, q = rng.standard_normal((1000, 16)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)

@@ -293,7 +293,7 @@ def test_two_outputs_on_one_path_and_tune_hybrid_output(tmp_path, capsys, no_wor
 def test_serve_limits_are_checked_by_limits_and_named_by_their_option(tmp_path, capsys):
     """Limits refuses what would refuse every request (any front end); the CLI names its own option."""
     from densepr.errors import ConfigError
-    from densepr.serve.service import Limits
+    from densepr.serve.limits import Limits
 
     with pytest.raises(ConfigError, match="^max_k must be positive"):
         Limits(max_k=0)

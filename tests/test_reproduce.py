@@ -12,7 +12,7 @@ from densepr.data import load_qa
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.topk import topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import read_json
+from densepr.fileio.atomic import read_json
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import encode_corpus
 from densepr.models.encoder import Encoder
@@ -527,7 +527,7 @@ def test_a_second_reproduce_run_into_the_same_directory_is_refused_until_the_fir
     import time
     from pathlib import Path
 
-    from densepr.fileio import dir_lock
+    from densepr.fileio.dirs import dir_lock
 
     out, ready = tmp_path / "out", tmp_path / "ready"
     first = subprocess.Popen([sys.executable, "-c", f"""

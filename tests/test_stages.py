@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_dir, read_manifest, write_dir_manifest
+from densepr.fileio.dirs import atomic_dir
+from densepr.fileio.manifest import read_manifest, write_dir_manifest
 from densepr.stages import Stage, StageRunner
 
 ORDER = ("a", "b", "c")

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, remove_tree, write_manifest
+from densepr.fileio.dirs import remove_tree
+from densepr.fileio.manifest import MANIFEST, write_manifest
 from densepr.retrieve.bm25 import BM25Index
 from tests.support.cli import run
 
@@ -320,7 +321,7 @@ def test_an_altered_onnx_tokenizer_is_refused_without_a_prompt(tmp_path, tiny_be
 def test_released_pages_leave_rss_and_keep_what_was_written(tmp_path):
     import sys
 
-    from densepr.fileio import MappedPages, release_pages, rss_bytes, save_npy_released
+    from densepr.fileio.pages import MappedPages, release_pages, rss_bytes, save_npy_released
 
     if not sys.platform.startswith("linux"):
         pytest.skip("RSS is read from /proc (Linux)")

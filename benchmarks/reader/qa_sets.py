@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import machine_info
 
 from densepr.evaluate.report import plot_qa, qa_markdown
-from densepr.fileio import atomic_write, read_json, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
 
 
 def seconds_cell(res: dict) -> str:

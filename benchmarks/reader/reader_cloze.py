@@ -39,7 +39,7 @@ from common import given_passage_scores, gold_passages, machine_info, reader_rec
 from reader_data import usable_rows, write_subset
 
 from densepr.data import EmbeddedData
-from densepr.fileio import read_json, write_json
+from densepr.fileio.atomic import read_json, write_json
 from densepr.train.cloze import index_cloze_records, write_cloze
 from densepr.train.config import ReaderTrainConfig
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import given_passage_scores, gold_passages, machine_info, reader_recipe, train_reader_once
 
 from densepr.data import EmbeddedData
-from densepr.fileio import atomic_write, read_json, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
 from densepr.train.config import ReaderTrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,7 +33,7 @@ from common import gold_passages, machine_info, reader_recipe, span_scores
 
 from densepr.data import EmbeddedData
 from densepr.errors import DenseprError
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.reader import Reader
 from densepr.train.config import ReaderTrainConfig
 from densepr.train.reader import load_reader_examples, train_reader
@@ -118,7 +118,7 @@ def main() -> None:
     rp = reader_recipe(args.run)  # densepr's side trains as the run's reader did (M, loss, learning rates), for --steps
     gold = gold_passages(heldout, args.eval)
 
-    from densepr.fileio import remove_tree, writable_dir
+    from densepr.fileio.dirs import remove_tree, writable_dir
 
     writable_dir(args.workdir, "reader_peer work directory", ("densepr/", "hf/"))  # anything else there: refused, not deleted
     remove_tree(args.workdir)  # a fresh run each time: both sides start from the initial weights

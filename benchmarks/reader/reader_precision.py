@@ -31,7 +31,7 @@ from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.evaluate.answers import AnswerMatcher
-from densepr.fileio import read_json, write_json
+from densepr.fileio.atomic import read_json, write_json
 from densepr.models.hf import cpu_has_bf16
 from densepr.models.reader import Reader
 from densepr.pipeline import evaluate_qa

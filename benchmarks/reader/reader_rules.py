@@ -30,7 +30,7 @@ from densepr.data.qa import QA, QASet
 from densepr.data.runs import iter_dpr_results
 from densepr.evaluate.answers import has_answer
 from densepr.evaluate.qa import exact_match, normalize_answer
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.reader import Reader, Selection, best_reading
 from densepr.pipeline import choose_selection
 

@@ -33,7 +33,7 @@ from common import machine_info
 
 from densepr.data import EmbeddedData, load_corpus
 from densepr.evaluate.qa import exact_match
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.reader import Reader, best_reading
 from densepr.retrieve.bm25 import BM25Index
 

@@ -55,7 +55,9 @@ from densepr.data.runs import read_trec_run
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.evaluate.topk import accuracy_report, first_hit_rank
-from densepr.fileio import remove_tree, sha256_file, writable_dir, write_json
+from densepr.fileio.atomic import write_json
+from densepr.fileio.dirs import remove_tree, writable_dir
+from densepr.fileio.manifest import sha256_file
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BACKENDS, BM25Index
 

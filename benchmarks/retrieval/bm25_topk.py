@@ -40,7 +40,7 @@ t0 = time.perf_counter()
 import densepr.retrieve.bm25 as bm25
 mode, path = sys.argv[1], sys.argv[2]
 if mode == "dict":  # as from a read-only directory: the compact vocabulary cannot be written
-    bm25._compact_vocab = lambda directory, manifest, model: (manifest, False)
+    bm25.add_compact_vocab = lambda directory, manifest, model: (manifest, False)
 t1 = time.perf_counter()
 index = bm25.BM25Index.load(path)
 t2 = time.perf_counter()
@@ -61,7 +61,7 @@ def load_in_fresh_process(mode: str, path: Path, repeats: int = 3) -> dict:
 
 def legacy_copy(index: Path, to: Path) -> Path:
     """A copy of ``index`` as saved before the compact vocabulary: without its files, nor their manifest entries."""
-    from densepr.retrieve.bm25 import COMPACT_FILES
+    from densepr.retrieve.bm25_files import COMPACT_FILES
 
     shutil.copytree(index, to, copy_function=os.link)  # hard links: nothing is written into them (9 GB at 21M)
     manifest = json.loads((to / "manifest.json").read_text())

@@ -65,7 +65,9 @@ def write_synthetic(directory: Path, n: int, dim: int, n_queries: int, seed: int
     N(0, I), spread 0.5), the topical structure real passage embeddings have; with 0 it is one
     Gaussian, a worst case for approximate search (no neighbourhood stands out).
     """
-    from densepr.fileio import save_npy, write_ids, write_json, write_manifest
+    from densepr.fileio.atomic import save_npy, write_json
+    from densepr.fileio.ids import write_ids
+    from densepr.fileio.manifest import write_manifest
 
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((64, dim)).astype(np.float32) / 8
@@ -228,7 +230,7 @@ def main() -> None:
         if args.dataset == "embedded":
             result["top20"] = embedded_accuracy(args.index_dir, work, [r for r in rows if "error" not in r], json.loads(args.params))
         print_table(result)
-        from densepr.fileio import write_json
+        from densepr.fileio.atomic import write_json
 
         name = f"index-{args.dataset}" + (f"-{args.n // 1000}k-{args.dim}-c{args.clusters}" if args.dataset == "synthetic" else "") + (f"-{args.tag}" if args.tag else "") + ".json"
         write_json(RESULTS / name, result)
@@ -301,7 +303,7 @@ def chosen(rows: list[dict], goal: float) -> dict[str, dict]:
 def write_costs(result: dict) -> None:
     """The measured accuracy costs the memory planner shows: per type, its fastest setting reaching
     recall 0.99 (else its most accurate); compressed types twice, without and with re-ranking."""
-    from densepr.fileio import write_json
+    from densepr.fileio.atomic import write_json
 
     rows = [r for r in result["rows"] if "error" not in r]
     groups: dict[str, list[dict]] = {}

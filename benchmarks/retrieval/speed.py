@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import machine_info
 
 from densepr.data import EmbeddedData, load_wiki_summaries
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.retrieve.bm25 import BM25Index

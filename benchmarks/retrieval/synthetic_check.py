@@ -23,7 +23,7 @@ import numpy as np
 
 
 def hnsw_recall(x: np.ndarray, q: np.ndarray) -> dict:
-    from densepr.index.dense import hnsw_augment
+    from densepr.index.dense_build import hnsw_augment
 
     flat = faiss.IndexFlatIP(x.shape[1])
     flat.add(x)
@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--embeddings", type=Path, default=Path("runs/ft-hn/embeddings"))
     args = ap.parse_args()
-    from densepr.fileio import write_json
+    from densepr.fileio.atomic import write_json
     from densepr.index.embeddings import Embeddings
 
     faiss.omp_set_num_threads(1)

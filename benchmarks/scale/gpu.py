@@ -7,7 +7,7 @@ hub. Every figure goes through densepr's own code:
 * ``encode``: :meth:`Encoder.encode_passages` (length-sorted batches, bf16 autocast) on ``--passages``
   100-word passages with titles; passages/s, and the fraction of the GPU's dense bf16 peak that is
   (forward FLOPs: 2 x parameters x tokens + attention);
-* ``search``: exact flat search (:func:`densepr.index.dense.torch_topk`, the ``--device cuda`` path) over
+* ``search``: exact flat search (:func:`densepr.index.dense_search.torch_topk`, the ``--device cuda`` path) over
   1M and 10M x 768 float16 vectors, top-100, batches of 1,024 questions; questions/s;
 * ``train``: one DPR step (:func:`densepr.train.gradcache.loss_and_backward` + AdamW) at batch 128, one
   hard negative per question, separate towers; questions/s over the median step;
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,7 +92,7 @@ def bench_encode(model: Path, device: str, n: int, batch: int, rng) -> dict:
 
 
 def bench_search(device: str, sizes: list[int], dim: int, queries: int, k: int = 100) -> list[dict]:
-    from densepr.index.dense import torch_topk
+    from densepr.index.dense_search import torch_topk
 
     out = []
     dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.passages import TSV_HEADER, iter_passages_tsv
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 
 RESULTS = Path(__file__).parent / "results" / "synthetic-corpus.json"
 PAPER_PASSAGES = 21_015_324  # psgs_w100.tsv
@@ -418,7 +418,7 @@ def token_stats(texts, marks: list[int], top_words: list[str]) -> dict:
 
 
 def bm25_terms(texts, titles) -> dict:
-    from densepr.retrieve.bm25 import LuceneAnalyzer
+    from densepr.retrieve.bm25_analyzer import LuceneAnalyzer
 
     an = LuceneAnalyzer()
     terms = [an(f"{t} {x}") for t, x in zip(titles, texts)]

@@ -29,7 +29,7 @@ from common import machine_info
 
 from densepr.data import EmbeddedData
 from densepr.evaluate.answers import AnswerMatcher
-from densepr.fileio import read_json, write_json
+from densepr.fileio.atomic import read_json, write_json
 from densepr.models.encoder import Encoder
 from densepr.models.onnx import OnnxQuestionEncoder, export_question_encoder
 from densepr.retrieve.retriever import Retriever

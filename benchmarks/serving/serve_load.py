@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import machine_info
 
 from densepr.data import EmbeddedData
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 
 RESULTS = Path(__file__).parent / "results" / "serve-load.json"
 OVERLOAD_RESULTS = Path(__file__).parent / "results" / "serve-overload.json"

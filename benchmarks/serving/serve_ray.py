@@ -22,7 +22,7 @@ from common import machine_info
 from serve_load import free_port, load, start_server, wait_ready
 
 from densepr.data import EmbeddedData
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
 from common import machine_info
 
-from densepr.fileio import atomic_write, read_json, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
 from densepr.reproduce import qa_figures
 
 KS = ("top1", "top5", "top20", "top100")

@@ -29,7 +29,7 @@ from common import machine_info
 
 from densepr.data.fetch import fetch_embedded
 from densepr.evaluate.topk import accuracy_report
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
 from densepr.reproduce import Job, ReproduceConfig, retrieval

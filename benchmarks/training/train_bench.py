@@ -135,7 +135,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
     from common import machine_info
 
-    from densepr.fileio import write_json
+    from densepr.fileio.atomic import write_json
 
     rows = []
     for config in args.configs:  # one fresh process each: peak memory is that configuration's

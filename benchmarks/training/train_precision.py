@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: com
 from common import machine_info
 
 from densepr.data import EmbeddedData
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.hf import autocast, cpu_has_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,7 +24,9 @@ from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher, answerable_subset
 from densepr.evaluate.qa import exact_match, f1_score, normalize_answer
-from densepr.fileio import MANIFEST, read_json, sha256_file, write_json
+from densepr.fileio.atomic import read_json, write_json
+from densepr.fileio.identity import file_identity
+from densepr.fileio.manifest import MANIFEST
 from densepr.models.reader import PAPER_SELECTION, Reader, Reading, Selection, best_reading
 from densepr.ranking import Hit
 from densepr.retrieve.index_dir import IndexDir
@@ -239,17 +241,6 @@ def read_in_pieces(reader: Reader, questions: Sequence[str], passages: Sequence[
     return out
 
 
-IDENTITY_HASH_BYTES = 16 << 20  # files below this are identified by content, larger ones by size and time
-
-
-def _identity(root: Path, paths: Sequence[Path]) -> list:
-    """Each file under ``paths``: its content's sha256 when small, else its size and modification time
-    (hashing a 21M-passage corpus or a model's weights at every call would take long)."""
-    files = sorted({f for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()})
-    return [[os.path.relpath(f, root), sha256_file(f) if f.stat().st_size < IDENTITY_HASH_BYTES else [f.stat().st_size, f.stat().st_mtime_ns]]
-            for f in files]  # fmt: skip
-
-
 def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str], qas: QASet, modes: Sequence[str],
                 ks: Sequence[int], gold: bool, precision: str) -> str:  # fmt: skip
     """sha256 of what one :func:`evaluate_qa` of ``qas`` depends on, so that kept pieces of its readings
@@ -262,7 +253,9 @@ def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str
     parts = [d.passages, d.hybrid, d.bm25 / MANIFEST, d.dense_manifest_path]
     if d.dense_manifest_path.is_file():
         parts.append(Path(d.dense_manifest().get("question_encoder", d.dense)))
-    key = {"reader": _identity(reader_dir, [reader_dir]), "index": _identity(index, parts), "questions": qas.fingerprint(),
+    # each file's identity by the "quick" rule (content when small, else size and time): hashing a 21M-passage
+    # corpus or a model's weights at every call would take long
+    key = {"reader": file_identity(reader_dir, [reader_dir], "quick"), "index": file_identity(index, parts, "quick"), "questions": qas.fingerprint(),
            "modes": list(modes), "ks": sorted(set(ks)), "gold": gold, "precision": precision}  # fmt: skip
     if variant:  # only then: keys of plain reader directories stay as they were written
         key["variant"] = variant

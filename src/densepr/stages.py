@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, atomic_write, read_json, read_manifest, remove_tree, sha256_file, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
+from densepr.fileio.dirs import remove_tree
+from densepr.fileio.manifest import MANIFEST, read_manifest, sha256_file
 
 # Part of every fingerprint: bump it when a stage's code changes what it writes, so old caches rerun.
 CODE_VERSION = "densepr-stages-1"

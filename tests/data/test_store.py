@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from densepr import fileio
 from densepr.data.passages import FP_ROWS, Corpus, Passage, corpus_fingerprint, load_corpus, write_passages_tsv
 from densepr.data.store import StoreCorpus, build_store, ensure_store, open_store
 from densepr.errors import DenseprError, InputError, MismatchError
+from densepr.fileio import atomic
+from densepr.fileio import manifest as manifests
 from densepr.retrieve.bm25 import BM25Index
 
 
@@ -114,7 +115,7 @@ def test_altered_bytes_are_refused_naming_the_file(tmp_path, corpus):
 
 
 def test_altered_bytes_of_a_large_file_are_caught_by_the_sampled_hash(tmp_path, corpus, monkeypatch):
-    monkeypatch.setattr(fileio, "FULL_HASH_BYTES", 16)  # every file is "large": checked on samples, as at 21M passages
+    monkeypatch.setattr(manifests, "FULL_HASH_BYTES", 16)  # every file is "large": checked on samples, as at 21M passages
     _store(tmp_path, corpus)
     assert "sampled_sha256" in json.loads((tmp_path / "store" / "manifest.json").read_text())["files"]["texts.bin"]
     texts = tmp_path / "store" / "texts.bin"
@@ -129,9 +130,9 @@ def test_offsets_that_do_not_match_their_data_are_refused(tmp_path, corpus):
     _store(tmp_path, corpus)
     d = tmp_path / "store"
     off = np.load(d / "text_offsets.npy")
-    fileio.save_npy(d / "text_offsets.npy", off[:-1])  # one row short, then the manifest rewritten to match
+    atomic.save_npy(d / "text_offsets.npy", off[:-1])  # one row short, then the manifest rewritten to match
     manifest = json.loads((d / "manifest.json").read_text())
-    fileio.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
+    manifests.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
     with pytest.raises(DenseprError, match=r"store/text_offsets.npy: 12 offsets from 0 to \d+, expected 13"):
         open_store(d)
 
@@ -213,7 +214,7 @@ def test_verify_checks_a_store_against_its_fingerprint_and_the_passages_beside_i
     d = index_dir / "store"
     (d / "texts.bin").write_bytes((d / "texts.bin").read_bytes().replace(b"Mozart", b"MOZART"))
     manifest = json.loads((d / "manifest.json").read_text())
-    fileio.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
+    manifests.write_manifest(d, "passage-store", list(manifest["files"]), corpus=manifest["corpus"], source=manifest["source"])
     code, out, _ = run(capsys, "verify", str(d), "--quick")
     assert code == 0  # sizes and hashes agree with the manifest
     code, out, _ = run(capsys, "verify", str(d))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import atomic_write
+from densepr.fileio.atomic import atomic_write
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import Encoder
@@ -134,7 +134,9 @@ def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700, **meta):
     """An embeddings directory holding ``vecs`` (as encode_corpus writes it), without a model; ``meta``: more manifest keys."""
-    from densepr.fileio import save_npy, write_ids, write_json, write_manifest
+    from densepr.fileio.atomic import save_npy, write_json
+    from densepr.fileio.ids import write_ids
+    from densepr.fileio.manifest import write_manifest
 
     d = tmp_path / "emb"
     d.mkdir()
@@ -151,10 +153,10 @@ def _embeddings_dir(tmp_path, vecs: np.ndarray, part: int = 700, **meta):
 
 
 def test_mapped_ids_read_as_read_ids_does(tmp_path, monkeypatch):
-    from densepr import fileio
-    from densepr.fileio import IdLines, open_ids, read_ids, write_ids
+    from densepr.fileio import ids as id_files
+    from densepr.fileio.ids import IdLines, open_ids, read_ids, write_ids
 
-    monkeypatch.setattr(fileio, "_ID_CHUNK", 4096)  # many chunks, ids across their edges
+    monkeypatch.setattr(id_files, "_ID_CHUNK", 4096)  # many chunks, ids across their edges
     ids = [f"é{i}-{'x' * (i % 7)}" for i in range(3000)]
     write_ids(tmp_path / "ids.txt", ids)
     (tmp_path / "cut.txt").write_bytes((tmp_path / "ids.txt").read_bytes() + "unfinishé".encode())
@@ -324,7 +326,7 @@ def test_combining_index_directories_checks_they_belong_together(tmp_path, corpu
 
 
 def test_plan_counts_bytes():
-    from densepr.index.dense import plan
+    from densepr.index.dense_plan import plan
 
     rows = {r["type"]: r for r in plan(21_015_324, 768)}
     assert rows["flat"]["ram_bytes"] == 21_015_324 * 768 * 4  # the 65 GB DPR's users know
@@ -335,7 +337,7 @@ def test_plan_counts_bytes():
 
 
 def test_cluster_plan_shards_replicas_and_encode_hours():
-    from densepr.index.dense import PAPER_ENCODE_RATE, cluster_plan, plan
+    from densepr.index.dense_plan import PAPER_ENCODE_RATE, cluster_plan, plan
 
     rows = {r["type"]: r for r in cluster_plan(plan(21_015_324, 768), 21_015_324, nodes=4, node_ram_gib=64, gpus=8)}
     flat = rows["flat"]  # 60.1 GiB in 44.8 GiB per node (70% of 64): two shards, two replicas of the whole index
@@ -369,7 +371,7 @@ def test_a_new_index_type_is_one_table_entry(tmp_path, monkeypatch):
     import faiss
 
     from densepr.index import types
-    from densepr.index.dense import plan
+    from densepr.index.dense_plan import plan
 
     extra = types.IndexType("flat-copy", "a second name for exact float32 search", lambda dim, p: faiss.IndexFlatIP(dim),
                             lambda dim, p: 4 * dim, exact=True)  # fmt: skip

@@ -9,7 +9,9 @@ import pytest
 
 from densepr.data import Corpus, Passage
 from densepr.errors import DenseprError, MismatchError
-from densepr.retrieve.bm25 import BM25Index, LuceneAnalyzer, lucene_length
+from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.bm25_analyzer import LuceneAnalyzer
+from densepr.retrieve.bm25_build import lucene_length
 
 
 def test_analyzer_mimics_lucene_english():
@@ -27,7 +29,7 @@ def test_analyzer_mimics_lucene_english():
 
 def unicode_words(text: str) -> list[str]:
     """The analyzer's words by the Unicode (UAX#29) split alone: what words() must equal."""
-    from densepr.retrieve.bm25 import _SEGMENT, _TOKEN
+    from densepr.retrieve.bm25_analyzer import _SEGMENT, _TOKEN
 
     return [w for w in _SEGMENT.split(text) if w and _TOKEN.search(w)]
 
@@ -36,7 +38,7 @@ def unicode_words(text: str) -> list[str]:
 def test_fast_word_split_equals_the_unicode_split(alphabet):
     import random
 
-    from densepr.retrieve.bm25 import words
+    from densepr.retrieve.bm25_analyzer import words
 
     # the ASCII rules' edge cases (WB6/7, WB11/12, WB13) and the characters UAX#29 treats
     # specially around whitespace (ZWJ, marks, NBSP, ideographic space) and inside words

@@ -7,18 +7,20 @@ import pytest
 
 from densepr.data import Corpus, Passage, load_wiki_summaries
 from densepr.errors import DenseprError
-from densepr.retrieve.bm25 import BM25Index, LuceneAnalyzer, _LuceneBM25
+from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.bm25_analyzer import LuceneAnalyzer
+from densepr.retrieve.bm25_build import LuceneBM25
 
 
-def reference(corpus: Corpus, lengths: str = "lucene") -> _LuceneBM25:
+def reference(corpus: Corpus, lengths: str = "lucene") -> LuceneBM25:
     """Today's build: every passage's terms in one process, indexed by bm25s."""
     analyzer = LuceneAnalyzer("porter")
-    model = _LuceneBM25(k1=0.9, b=0.4, method="lucene", lengths=lengths)
+    model = LuceneBM25(k1=0.9, b=0.4, method="lucene", lengths=lengths)
     model.index([analyzer(f"{t} {x}") for t, x in zip(corpus.titles, corpus.texts)], show_progress=False, create_empty_token=False)
     return model
 
 
-def assert_identical(index: BM25Index, model: _LuceneBM25) -> None:
+def assert_identical(index: BM25Index, model: LuceneBM25) -> None:
     assert list(index.model.vocab_dict.items()) == list(model.vocab_dict.items())  # same terms, ids and order
     for name in ("data", "indices", "indptr"):
         got, want = np.asarray(index.model.scores[name]), model.scores[name]
@@ -84,7 +86,7 @@ def test_embedded_corpus_arrays_are_byte_identical(embedded):
 
 
 def test_failure_mid_merge_leaves_no_files_and_the_old_index(tmp_path, corpus, monkeypatch):
-    import densepr.retrieve.bm25 as bm25
+    import densepr.retrieve.bm25_build as bm25
 
     BM25Index.build(corpus).save(tmp_path / "bm25")
 
@@ -154,7 +156,7 @@ def test_cli_streamed_build_never_holds_the_corpus(tmp_path, capsys, monkeypatch
     """The file is read chunk by chunk, at most one chunk more than the workers ahead of the analysis,
     and never parsed into a Corpus (today's CLI called load_corpus: fails there)."""
     import densepr.data.store as store
-    import densepr.retrieve.bm25 as bm25
+    import densepr.retrieve.bm25_build as bm25
     from densepr.data import load_corpus
     from tests.support.cli import run
 
@@ -250,7 +252,7 @@ def test_a_worker_keeps_no_mapping_of_the_store_after_its_chunk(tmp_path):
 
     from densepr.data.passages import write_passages_tsv
     from densepr.data.store import build_store
-    from densepr.retrieve.bm25 import _analyse_chunk
+    from densepr.retrieve.bm25_build import _analyse_chunk
 
     corpus = _mixed_corpus()
     write_passages_tsv(corpus, tmp_path / "passages.tsv")

@@ -9,10 +9,11 @@ import pytest
 
 from densepr.data import Corpus, Passage
 from densepr.errors import DenseprError
-from densepr.fileio import file_entry
+from densepr.fileio.manifest import file_entry
 from densepr.ranking import merge_shards
 from densepr.retrieve import bm25_vocab
-from densepr.retrieve.bm25 import COMPACT_FILES, TERM_MAX, BM25Index, check_arrays
+from densepr.retrieve.bm25 import BM25Index
+from densepr.retrieve.bm25_files import COMPACT_FILES, TERM_MAX, check_arrays
 from densepr.retrieve.bm25_vocab import CompactVocab, write_vocab
 
 numba = pytest.importorskip("numba", reason="numba is not installed (pip install 'densepr[fast]')")
@@ -110,7 +111,7 @@ def _make_old_format(d) -> None:
 
 
 def test_index_saved_before_the_compact_vocabulary_loads(tmp_path, monkeypatch):
-    import densepr.retrieve.bm25 as bm25
+    import densepr.retrieve.bm25_files as bm25_files
 
     corpus = random_corpus(5)
     index = BM25Index.build(corpus)
@@ -119,7 +120,7 @@ def test_index_saved_before_the_compact_vocabulary_loads(tmp_path, monkeypatch):
     qs = random_queries(5)
     want = index.search(qs, k=5, backend="numpy")
     # A directory it may not write in: searched through bm25s's dict, the bounds computed on use.
-    monkeypatch.setattr(bm25, "write_vocab", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(bm25_files, "write_vocab", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     ro = BM25Index.load(tmp_path / "bm25", corpus=corpus)
     assert isinstance(ro.model.vocab_dict, dict) and not (tmp_path / "bm25" / TERM_MAX).exists()
     assert same(ro.search(qs, k=5, backend="pruned"), want) and same(ro.search(qs, k=5, backend="numba"), want)

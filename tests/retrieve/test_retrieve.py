@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from densepr.data.runs import read_trec_run, write_dpr_results, write_trec_run
 from densepr.errors import DenseprError
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.encoder import Encoder
 from densepr.ranking import SearchResult
 from densepr.retrieve.fusion import fuse_hybrid, fuse_rrf

@@ -21,7 +21,8 @@ from densepr.errors import DenseprError  # noqa: E402
 from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
 from densepr.retrieve.retriever import Retriever  # noqa: E402
 from densepr.serve.app import create_app  # noqa: E402
-from densepr.serve.service import Limits, Service  # noqa: E402
+from densepr.serve.limits import Limits  # noqa: E402
+from densepr.serve.service import Service  # noqa: E402
 from tests.serve.test_serve import _post, _Server, _status_and_body  # noqa: E402
 from tests.support.tiny import make_tiny_bert  # noqa: E402
 

@@ -19,7 +19,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 
 from densepr.retrieve.retriever import Retriever  # noqa: E402
 from densepr.serve.app import create_app, server_config  # noqa: E402
-from densepr.serve.service import Limits, Service  # noqa: E402
+from densepr.serve.limits import Limits  # noqa: E402
+from densepr.serve.service import Service  # noqa: E402
 from tests.serve.test_serve import _free_port, _post, _status_and_body  # noqa: E402
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"

@@ -46,7 +46,7 @@ def test_serve_ray_uses_the_question_encoder_given(index_dir, tmp_path, tiny_ber
     """`serve --ray --question-encoder X` binds the encoder deployment to X (an ONNX export's #int8
     kept), not to the index's; without it, the index's."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
-    from densepr.fileio import read_json
+    from densepr.fileio.atomic import read_json
     from densepr.serve.ray_app import build_app
 
     other = make_tiny_bert(tmp_path / "other-encoder", seed=1)  # as wide as the index's
@@ -73,8 +73,8 @@ def test_serve_ray_checks_the_host_header_as_the_single_process_server(index_dir
     bound to loopback, none on another address, and --allowed-hosts as given."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
     from densepr.serve.app import LOOPBACK_NAMES
+    from densepr.serve.limits import Limits
     from densepr.serve.ray_app import build_app
-    from densepr.serve.service import Limits
 
     def allowed(app):
         return tuple(app._bound_deployment.init_args[2]["allowed_hosts"] or ()) or None  # the router's limits

@@ -25,7 +25,8 @@ from hypothesis import strategies as st  # noqa: E402
 from densepr.models.reader import Reader, ReaderConfig  # noqa: E402
 from densepr.retrieve.retriever import Retriever  # noqa: E402
 from densepr.serve.app import create_app, server_config  # noqa: E402
-from densepr.serve.service import Limits, Service  # noqa: E402
+from densepr.serve.limits import Limits  # noqa: E402
+from densepr.serve.service import Service  # noqa: E402
 from tests.support.answers import TUNED_K, answer_everywhere  # noqa: E402
 from tests.support.tiny import make_tiny_bert  # noqa: E402
 

@@ -26,7 +26,7 @@ from densepr.data.beir import read_qrels_tsv, read_queries
 from densepr.data.runs import iter_dpr_results, read_trec_run
 from densepr.data.training import iter_train_records
 from densepr.errors import InputError
-from densepr.fileio import read_json
+from densepr.fileio.atomic import read_json
 from densepr.pipeline import load_piece
 
 HUGE = "x" * 200_000  # one 200 kB field on one line: accepted (well under the limit)

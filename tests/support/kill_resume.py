@@ -112,7 +112,8 @@ def passages_tsv(path: Path, n: int) -> Path:
 def synthetic_embeddings(out: Path, n: int = 100_000, dim: int = 64, part: int = 5_000) -> Path:
     """An embeddings directory of random vectors, in densepr's layout (for index building)."""
     from densepr.data import Corpus, Passage
-    from densepr.fileio import save_npy, write_ids, write_json
+    from densepr.fileio.atomic import save_npy, write_json
+    from densepr.fileio.ids import write_ids
     from densepr.index.embeddings import finalize
 
     corpus = Corpus.from_passages(Passage(str(i), "", "") for i in range(n))
@@ -269,7 +270,7 @@ def scenario_evaluate_qa(tmp: Path, init: Path, points: Sequence[Point] = (START
         return (lambda: any((out / "pieces").glob("*/*/"))) if p == START else (lambda: pieces() >= p)
 
     def clean() -> bool:
-        from densepr.fileio import read_json
+        from densepr.fileio.atomic import read_json
 
         return not (out / "qa-results.json").exists() and all(isinstance(read_json(f), dict) for f in (out / "pieces").glob("*/*/readings-*.json"))
 

@@ -53,7 +53,7 @@ def index_dense(
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
     _check_output(output, "dir", "dense index", inputs=(embeddings,))
     _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
-    from densepr.fileio import remove_tree
+    from densepr.fileio.dirs import remove_tree
     from densepr.index.dense import DenseIndex
     from densepr.index.types import IndexParams
 
@@ -83,7 +83,7 @@ def index_plan(
     with --nodes, how to spread it over a cluster (`densepr serve --ray`) and how long encoding takes."""
     from rich.table import Table
 
-    from densepr.index.dense import PAPER_ENCODE_RATE, cluster_plan, plan
+    from densepr.index.dense_plan import PAPER_ENCODE_RATE, cluster_plan, plan
 
     rows = plan(num_passages, dim, hnsw_m=hnsw_m, pq_m=pq_m)
     table = Table(title=f"{num_passages:,} passages x {dim} dims")

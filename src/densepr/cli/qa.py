@@ -220,7 +220,8 @@ def evaluate_qa_cmd(
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
     from densepr.evaluate.report import QA_RESULTS, qa_markdown, read_qa_results, write_qa_results
-    from densepr.fileio import file_name, remove_tree, writable_dir
+    from densepr.fileio.atomic import file_name
+    from densepr.fileio.dirs import remove_tree, writable_dir
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar

@@ -10,7 +10,7 @@ import typer
 
 from densepr.cli.common import DeviceOpt, IndexOpt, _check_output, _default, _index, _log, _options, out
 from densepr.errors import DenseprError
-from densepr.serve.service import Limits
+from densepr.serve.limits import Limits
 
 
 def _allowed_hosts(value: str | None) -> tuple[str, ...] | None:
@@ -57,7 +57,8 @@ def serve_cmd(
     index = _index(index)
     try:
         from densepr.serve.app import create_app, serve
-        from densepr.serve.service import Limits, Service
+        from densepr.serve.limits import Limits
+        from densepr.serve.service import Service
     except ImportError:
         raise DenseprError("`densepr serve` needs the serve extra: pip install 'densepr[serve]'") from None
     from densepr.models.reader import Reader
@@ -109,7 +110,7 @@ def export_onnx(
 ) -> None:
     """Export the question encoder (`densepr serve --question-encoder OUTPUT[#int8]`) or a reader
     (`--reader OUTPUT[#int8]`) to ONNX for CPU serving."""
-    from densepr.fileio import read_json
+    from densepr.fileio.atomic import read_json
 
     is_reader = (encoder / "config.json").is_file() and "DPRReader" in read_json(encoder / "config.json").get("architectures", [])
     _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from densepr.data.qa import QASet, load_qa
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, atomic_write, read_json, remove_tree, sha256_file, writable_dir, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
+from densepr.fileio.dirs import remove_tree, writable_dir
+from densepr.fileio.manifest import MANIFEST, sha256_file
 
 CACHE_ENV = "DENSEPR_CACHE"
 

@@ -25,7 +25,8 @@ from typing import BinaryIO
 import numpy as np
 
 from densepr.errors import InputError, MismatchError
-from densepr.fileio import IdLines, atomic_write
+from densepr.fileio.atomic import atomic_write
+from densepr.fileio.ids import IdLines
 
 # The one size limit of every loader: a line of a line-based file (TSV, JSON lines, TREC, qrels),
 # a CSV record, or one element of a JSON-array file (training JSON, DPR result JSON). Files are

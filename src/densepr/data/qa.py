@@ -21,7 +21,7 @@ from pathlib import Path
 
 from densepr.data.passages import flat_field, iter_jsonl, iter_tsv_rows
 from densepr.errors import InputError
-from densepr.fileio import atomic_write
+from densepr.fileio.atomic import atomic_write
 
 
 @dataclass(frozen=True)

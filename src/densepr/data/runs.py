@@ -22,7 +22,7 @@ import numpy as np
 
 from densepr.data.passages import Corpus, RecordReader, check_id, iter_lines
 from densepr.errors import InputError
-from densepr.fileio import atomic_write
+from densepr.fileio.atomic import atomic_write
 from densepr.ranking import SearchResult, trec_order
 
 

@@ -50,7 +50,9 @@ import numpy as np
 
 from densepr.data.passages import FP_ROWS, PASSAGES_FILE, Corpus, Fingerprinter, Passage, corpus_fingerprint, ids_sha256, iter_passages
 from densepr.errors import DenseprError, InputError, MismatchError
-from densepr.fileio import MANIFEST, NoSpaceError, atomic_dir, read_manifest, sampled_sha256, save_npy, write_manifest
+from densepr.fileio.atomic import NoSpaceError, save_npy
+from densepr.fileio.dirs import atomic_dir
+from densepr.fileio.manifest import MANIFEST, read_manifest, sampled_sha256, write_manifest
 
 KIND = "passage-store"
 STORE_DIR = "store"  # its name inside an index directory

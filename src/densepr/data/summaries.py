@@ -12,7 +12,7 @@ import os
 
 from densepr.data.passages import Corpus, Passage
 from densepr.errors import InputError
-from densepr.fileio import read_json
+from densepr.fileio.atomic import read_json
 
 
 def load_wiki_summaries(path: str | os.PathLike[str]) -> Corpus:

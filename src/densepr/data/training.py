@@ -23,7 +23,7 @@ import ijson
 
 from densepr.data.passages import Passage, RecordReader, check_id
 from densepr.errors import InputError
-from densepr.fileio import atomic_write
+from densepr.fileio.atomic import atomic_write
 
 RECORD_FIELDS = {"dataset", "question", "answers", "positive_ctxs", "negative_ctxs", "hard_negative_ctxs", "id", "qid"}
 CTX_FIELDS = {"title", "text", "passage_id", "id", "psg_id", "score", "title_score", "has_answer"}

@@ -28,7 +28,7 @@ import regex
 from densepr.data.passages import Corpus
 from densepr.data.qa import QA, QASet, default_match
 from densepr.errors import DenseprError
-from densepr.fileio import read_json, write_json
+from densepr.fileio.atomic import read_json, write_json
 from densepr.progress import progress_bar
 
 # DrQA's SimpleTokenizer, as vendored by DPR (dpr/utils/tokenizers.py).

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_write, read_json, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
 
 KS = (1, 5, 20, 100)
 

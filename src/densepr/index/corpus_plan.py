@@ -4,7 +4,7 @@
 ``Retriever.load`` time and memory, queries/s) at several corpus sizes and packages a linear
 fit ``cost = fixed + per_passage * N`` of each in ``resources/corpus-costs.json``, with the sizes
 and machine it came from. ``densepr index plan`` shows them beside the dense index types' costs
-(:func:`densepr.index.dense.plan`). Sizes beyond the largest measured are extrapolations, and are
+(:func:`densepr.index.dense_plan.plan`). Sizes beyond the largest measured are extrapolations, and are
 marked so.
 """
 

@@ -16,15 +16,17 @@ shard's vector count and dimension, and the ids count are checked.
 
 A sharded index (``--num-shards``) is searched shard by shard and the lists merged, which
 gives exactly the ranking one index over all rows would give.
+
+Modules: this one holds :class:`DenseIndex` (save, load, search, shard views); building is in
+:mod:`~densepr.index.dense_build`, torch top-k in :mod:`~densepr.index.dense_search`, sizing and
+cluster plans in :mod:`~densepr.index.dense_plan`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -32,117 +34,17 @@ import numpy as np
 
 from densepr.data.passages import Corpus, check_corpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import (
-    MANIFEST,
-    IdLines,
-    atomic_dir,
-    atomic_path,
-    check_target,
-    open_ids,
-    read_json,
-    read_manifest,
-    remove_tree,
-    writable_dir,
-    write_ids,
-    write_json,
-    write_manifest,
-)
+from densepr.fileio.dirs import atomic_dir, check_target
+from densepr.fileio.ids import IdLines, open_ids, write_ids
+from densepr.fileio.manifest import MANIFEST, read_manifest, write_manifest
+from densepr.index.dense_build import Shard, build_shards, take_rows
+from densepr.index.dense_search import TORCH_CPU_MAX, torch_topk
 from densepr.index.embeddings import Embeddings
-from densepr.index.types import INDEX_TYPES, IndexParams, IndexType, get
-from densepr.progress import progress_bar
+from densepr.index.types import IndexParams, IndexType, get
 from densepr.ranking import SearchResult
 
 KIND = "dense-index"
 OWN_FILES = ("*.faiss", "ids.txt")  # what a save writes: an interrupted (pre-atomic) save left only these
-
-
-# Batched exact search on a CPU: one torch GEMM + top-k per block beats FAISS's blocked BLAS + heaps on
-# small indexes (10k x 384, batch 256: 1.7x) but not on large ones (100k x 768: 0.85x; 1M x 768: 0.65x),
-# measured on the 2-core benchmark machine (docs/speed-and-scale.md, Scale).
-TORCH_CPU_MAX = 16_000_000  # vectors x dims
-
-
-def hnsw_augment(x: np.ndarray, phi: float) -> np.ndarray:
-    """DPR's inner-product-to-L2 transform of passage vectors: append ``sqrt(phi - |x|^2)``."""
-    norms = (x.astype(np.float64) ** 2).sum(1)
-    extra = np.sqrt(np.maximum(phi - norms, 0.0)).astype(np.float32)
-    return np.hstack([x, extra[:, None]])
-
-
-def _take_rows(parts, rows: np.ndarray) -> np.ndarray:
-    """float32 vectors of the sorted global ``rows``, from ``parts`` (arrays in row order, e.g.
-    memory-mapped files): one forward pass, reading only those rows."""
-    out, start = [], 0
-    for vecs in parts:
-        local = rows[(rows >= start) & (rows < start + len(vecs))] - start
-        out.append(np.asarray(vecs[local], dtype=np.float32))
-        start += len(vecs)
-    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
-
-
-def _train_sample(emb: Embeddings, size: int, seed: int) -> np.ndarray:
-    """A uniform sample of up to ``size`` vectors, read shard by shard (memory-mapped)."""
-    n = len(emb)
-    pick = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    return _take_rows((vecs for _, vecs in emb.parts()), pick)
-
-
-@dataclass
-class _Shard:
-    index: faiss.Index
-    start: int  # first global row
-    file: str = ""
-
-
-class _BuildState:
-    """A resumable build's work directory: ``trained.faiss``, ``shard-*.faiss``, ``ids.txt``, ``progress.json``.
-
-    ``progress.json`` is written last, so the files it names are complete; ``key`` (type,
-    parameters, embeddings files) must match, else the directory is from another build and
-    is cleared.
-    """
-
-    OWN = ("build.json", "progress.json", "trained.faiss", "shard-*.faiss", "ids-*.txt")
-
-    def __init__(self, directory: Path, key: dict) -> None:
-        # a folder densepr did not write (or another artefact) at the work path is refused, never cleared
-        self.dir, self.key = writable_dir(directory, "dense index build", self.OWN), json.loads(json.dumps(key))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "build.json"
-        if not meta.is_file() or read_json(meta) != self.key:
-            remove_tree(self.dir)
-            self.dir.mkdir(parents=True)
-            write_json(meta, self.key)
-
-    def load_trained(self) -> faiss.Index | None:
-        f = self.dir / "trained.faiss"
-        return faiss.read_index(str(f)) if f.is_file() else None
-
-    def save_trained(self, index: faiss.Index) -> None:
-        with atomic_path(self.dir / "trained.faiss") as tmp:
-            faiss.write_index(index, tmp)
-
-    def save_progress(self, indexes: list[faiss.Index], parts: int, rows: int, ids: IdLines) -> None:
-        files = []
-        for i, ix in enumerate(indexes):
-            files.append(f"shard-{i:05d}-{parts}.faiss")  # a new name per save: the last complete one stays valid
-            with atomic_path(self.dir / files[-1]) as tmp:
-                faiss.write_index(ix, tmp)
-        write_ids(self.dir / f"ids-{parts}.txt", ids)
-        old = read_json(self.dir / "progress.json") if (self.dir / "progress.json").is_file() else None
-        write_json(self.dir / "progress.json", {"parts": parts, "rows": rows, "files": files, "ids": f"ids-{parts}.txt"})
-        if old:  # the previous save is no longer needed
-            for name in [*old["files"], old["ids"]]:
-                (self.dir / name).unlink(missing_ok=True)
-
-    def load_progress(self, num_shards: int) -> tuple[list[faiss.Index], int, int, IdLines] | None:
-        f = self.dir / "progress.json"
-        if not f.is_file():
-            return None
-        st = read_json(f)
-        if len(st["files"]) != num_shards:
-            return None
-        return [faiss.read_index(str(self.dir / x)) for x in st["files"]], st["parts"], st["rows"], open_ids(self.dir / st["ids"])
 
 
 @dataclass
@@ -156,7 +58,7 @@ class DenseIndex:
         manifest: metadata (type, parameters, encoders, corpus, phi for hnsw).
     """
 
-    shards: list[_Shard]
+    shards: list[Shard]
     ids: IdLines
     manifest: dict
     # index row -> corpus row once bound; None: the same row (unbound, or bound to a corpus with these ids in this order)
@@ -196,7 +98,7 @@ class DenseIndex:
     @classmethod
     def from_faiss(cls, index: faiss.Index, ids: Sequence[str], index_type: str = "flat", **manifest) -> DenseIndex:
         """Wrap an existing FAISS index (one shard)."""
-        return cls([_Shard(index, 0)], ids, {"type": index_type, "dim": index.d, "count": len(ids), **manifest})
+        return cls([Shard(index, 0)], ids, {"type": index_type, "dim": index.d, "count": len(ids), **manifest})
 
     @classmethod
     def combine(cls, parts: list[DenseIndex]) -> DenseIndex:
@@ -220,7 +122,7 @@ class DenseIndex:
                 raise MismatchError("hnsw shards were built with different norm bounds (phi); build them together")
         shards, offset = [], 0
         for part in parts:
-            shards += [_Shard(s.index, offset + s.start, s.file) for s in part.shards]
+            shards += [Shard(s.index, offset + s.start, s.file) for s in part.shards]
             offset += len(part)
         ids = IdLines.concat(part.ids for part in parts)
         manifest = {**first, "count": len(ids)}
@@ -249,60 +151,7 @@ class DenseIndex:
         progress record, each atomically); a rerun with the same inputs continues after the
         last saved embeddings part and gives the same index.
         """
-        spec = get(index_type)
-        emb = embeddings if isinstance(embeddings, Embeddings) else Embeddings.open(embeddings)
-        n, dim = len(emb), emb.dim
-        if num_shards < 1 or num_shards > max(n, 1):
-            raise DenseprError(f"--num-shards must be between 1 and the {n} vectors")
-        p = (params or IndexParams()).resolved(n, dim)
-        phi = None
-        if spec.l2_transform:  # first pass: the largest squared norm, for DPR's transform
-            phi = max(float((np.asarray(v, dtype=np.float64) ** 2).sum(1).max()) for _, v in emb.parts())
-        work = _BuildState(Path(work_dir), {"type": index_type, "params": asdict(p), "shards": num_shards, "count": n, "dim": dim,
-                           "embeddings": emb.manifest.get("files", {})}) if work_dir is not None else None  # fmt: skip
-        empty = work.load_trained() if work is not None else None
-        if empty is None:
-            empty = spec.make(dim, p)
-            if spec.trained:
-                sample = _train_sample(emb, spec.train_size(p), p.seed)
-                if spec.ivf and len(sample) < (p.nlist or 1):
-                    raise DenseprError(f"{len(sample)} vectors cannot train {p.nlist} IVF cells; lower --nlist")
-                empty.train(sample)
-            if work is not None:
-                work.save_trained(empty)
-        bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
-        shards = [_Shard(faiss.clone_index(empty) if num_shards > 1 else empty, int(bounds[i])) for i in range(num_shards)]
-        id_bytes: list[bytes] = []  # each part's ids file as it is (no object per passage)
-        row = done = 0
-        if work is not None and (resumed := work.load_progress(num_shards)) is not None:
-            indexes, done, row, ids = resumed
-            id_bytes.append(ids.tobytes())
-            for s, ix in zip(shards, indexes):
-                s.index = ix
-        last_save = time.monotonic()
-        with progress_bar(n, f"index passages ({index_type})", show_progress, unit="vec") as advance:
-            advance(row)
-            for part_no, (shard_ids, vecs) in enumerate(emb.parts()):
-                if part_no < done:
-                    continue
-                vecs = np.asarray(vecs, dtype=np.float32)
-                for s in range(num_shards):  # an embeddings shard may straddle index shards
-                    lo, hi = max(bounds[s], row), min(bounds[s + 1], row + len(vecs))
-                    if lo < hi:
-                        part = np.ascontiguousarray(vecs[lo - row : hi - row])
-                        shards[s].index.add(hnsw_augment(part, phi) if phi is not None else part)
-                id_bytes.append(shard_ids.tobytes() if isinstance(shard_ids, IdLines) else IdLines.from_strings(shard_ids).tobytes())
-                row += len(vecs)
-                advance(len(vecs))
-                if work is not None and time.monotonic() - last_save >= checkpoint_seconds:
-                    work.save_progress([s.index for s in shards], part_no + 1, row, IdLines(b"".join(id_bytes)))
-                    last_save = time.monotonic()
-        meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
-        manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta,
-                    "embeddings": str(emb.directory.resolve())}  # fmt: skip
-        if phi is not None:
-            manifest["phi"] = phi
-        return cls(shards, IdLines(b"".join(id_bytes)), manifest)
+        return cls(*build_shards(embeddings, index_type, params, num_shards, show_progress, work_dir, checkpoint_seconds))
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write each shard, ``ids.txt`` and, last, the manifest beside ``directory``, then swap
@@ -348,7 +197,7 @@ class DenseIndex:
             manifest["params"] = {**manifest.get("params", {}), **search}
         shards = []
         for e in entries:
-            shards.append(_Shard(_read_faiss(d / e["file"], manifest, mmap, int(e["count"])), int(e["start"]), e["file"]))
+            shards.append(Shard(_read_faiss(d / e["file"], manifest, mmap, int(e["count"])), int(e["start"]), e["file"]))
         ids = open_ids(d / "ids.txt")
         if len(ids) != int(manifest["count"]):
             raise MismatchError(f"{d / 'ids.txt'}: {len(ids)} ids, the manifest says {manifest['count']}; rebuild the index")
@@ -394,7 +243,7 @@ class DenseIndex:
         """Exact inner products of each query with its candidate rows, top ``k`` of them."""
         valid = ix >= 0
         flat = np.unique(ix[valid])
-        vecs = _take_rows(self._exact, flat + self._offset)
+        vecs = take_rows(self._exact, flat + self._offset)
         pos = np.searchsorted(flat, np.where(valid, ix, flat[0] if len(flat) else 0))
         sc = np.empty(ix.shape, dtype=np.float32)
         for a in range(0, len(q), 32):  # [32, candidates, dim] at a time
@@ -413,7 +262,7 @@ class DenseIndex:
             raise DenseprError(f"dense shard {i}: this index has {len(self.shards)} shard(s) (build more with `densepr index dense --num-shards N`)")
         s = self.shards[i]
         lo, hi = s.start, s.start + s.index.ntotal
-        view = DenseIndex([_Shard(s.index, 0, s.file)], self.ids[lo:hi], self.manifest, _exact=self._exact, _offset=lo + self._offset)
+        view = DenseIndex([Shard(s.index, 0, s.file)], self.ids[lo:hi], self.manifest, _exact=self._exact, _offset=lo + self._offset)
         view._rows = self._rows[lo:hi] if self._rows is not None else np.arange(lo, hi, dtype=np.int64)
         return view
 
@@ -526,27 +375,6 @@ class DenseIndex:
         return torch_topk(q, k, views if views is not None else [self._torch], block)
 
 
-def torch_topk(q: np.ndarray, k: int, parts: list, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k over ``parts`` (torch ``[n_i, dim]`` tensors, in row order) as one matrix
-    product per block of passages, keeping a running top-k, so the [queries x passages] score matrix
-    never exists whole. Returns ``(scores, rows)`` as numpy arrays."""
-    import torch
-
-    dev, dtype = parts[0].device, parts[0].dtype
-    qt = torch.as_tensor(q).to(device=dev, dtype=dtype)
-    best_sc = torch.full((len(q), 0), -torch.inf, device=dev)
-    best_ix = torch.zeros((len(q), 0), dtype=torch.long, device=dev)
-    offset = 0
-    for vecs in parts:  # shards in row order
-        for start in range(0, len(vecs), block):
-            sc = (qt @ vecs[start : start + block].T).float()
-            sc, ix = torch.topk(sc, min(k, sc.shape[1]), dim=1)
-            best_sc, order = torch.topk(torch.cat([best_sc, sc], 1), min(k, best_sc.shape[1] + sc.shape[1]), dim=1)
-            best_ix = torch.gather(torch.cat([best_ix, ix + offset + start], 1), 1, order)
-        offset += len(vecs)
-    return best_sc.cpu().numpy(), best_ix.cpu().numpy()
-
-
 def _read_faiss(path: Path, manifest: dict, mmap: bool, count: int | None = None) -> faiss.Index:
     spec, flags = get(manifest.get("type", "flat")), 0
     if mmap and spec.mmap:
@@ -569,56 +397,3 @@ def check_index(directory: str | os.PathLike[str], manifest: dict) -> None:
     """What :meth:`DenseIndex.load` checks beyond the files, without keeping the index
     (``densepr verify``): each shard's count, dimension and metric, the ids count."""
     DenseIndex.load(directory, mmap=True, rerank=0)
-
-
-# -- planning ----------------------------------------------------------------------------------
-COSTS_RESOURCE = "index-costs.json"
-
-
-def bytes_per_vector(index_type: str, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> float:
-    """Bytes each passage costs in an index of ``index_type`` (vectors, codes, graph links, ids)."""
-    return get(index_type).bytes_per_vector(dim, IndexParams(hnsw_m=hnsw_m, pq_m=pq_m or max(1, dim // 4)))
-
-
-def plan(num_passages: int, dim: int, hnsw_m: int = 32, pq_m: int | None = None) -> list[dict]:
-    """Per index type: bytes per passage, total RAM and disk, and the accuracy cost measured by
-    ``benchmarks/retrieval/index_bench.py`` (packaged as ``resources/index-costs.json``)."""
-    import json
-    from importlib import resources
-
-    try:
-        costs = json.loads(resources.files("densepr").joinpath("resources", COSTS_RESOURCE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        costs = {}
-    p = IndexParams(hnsw_m=hnsw_m, pq_m=pq_m).resolved(num_passages, dim)
-    rows = []
-    for t, spec in INDEX_TYPES.items():
-        per = spec.bytes_per_vector(dim, p)
-        total = per * num_passages + spec.fixed_bytes(dim, p)
-        rows.append({"type": t, "bytes_per_passage": per, "ram_bytes": total, "disk_bytes": total, "measured": costs.get(t)})
-        if spec.pq:  # codes in RAM; float32 vectors on disk, read k x R rows per query
-            rows.append({"type": f"{t}+rerank", "bytes_per_passage": per, "ram_bytes": total,
-                         "disk_bytes": total + 4 * dim * num_passages, "measured": costs.get(f"{t}+rerank")})  # fmt: skip
-    return rows
-
-
-# DPR's own figure (Section 4.2 / Appendix): 21M passages encoded in 8.8 hours on 8 GPUs, BERT-base.
-PAPER_ENCODE_RATE = 21_015_324 / (8.8 * 3600 * 8)  # passages per second per GPU (~83)
-
-
-def cluster_plan(rows: list[dict], num_passages: int, nodes: int, node_ram_gib: float, gpus: int,
-                 rate: float = PAPER_ENCODE_RATE, headroom: float = 0.7) -> list[dict]:  # fmt: skip
-    """Spread each index type of :func:`plan` over ``nodes`` machines of ``node_ram_gib``: the shards it
-    needs (each within ``headroom`` of a node's RAM; the rest is for the process, the corpus text, the
-    OS), the replicas of the whole index the nodes then hold, RAM per shard, and the encoding hours at
-    ``rate`` passages/s per GPU on ``gpus`` GPUs. Merged top-k over shards is exact for flat shards
-    only: per-shard HNSW/IVF/PQ results differ from one big index's (approximate either way)."""
-    budget = node_ram_gib * 2**30 * headroom
-    out = []
-    for r in rows:
-        shards = max(1, -(-int(r["ram_bytes"]) // int(budget)))
-        fits = shards <= nodes
-        out.append({**r, "shards": shards, "replicas": nodes // shards if fits else 0, "ram_per_shard": r["ram_bytes"] / shards,
-                    "fits": fits, "exact_merge": shards == 1 or get(r["type"].partition("+")[0]).exact, "encode_hours": num_passages / (rate * max(gpus, 1)) / 3600})  # fmt: skip
-    return out
-

@@ -35,22 +35,11 @@ import numpy as np
 from densepr.data.passages import Corpus, check_corpus
 from densepr.data.store import StreamedCorpus
 from densepr.errors import DenseprError, MismatchError
-from densepr.fileio import (
-    MANIFEST,
-    check_file,
-    check_target,
-    install_dir,
-    open_ids,
-    read_json,
-    read_manifest,
-    remove_tree,
-    save_npy,
-    sibling_abandoned,
-    sibling_prefix,
-    write_ids,
-    write_json,
-    write_manifest,
-)
+from densepr.fileio.atomic import read_json, save_npy, write_json
+from densepr.fileio.dirs import check_target, install_dir, remove_tree, sibling_abandoned, sibling_prefix
+from densepr.fileio.identity import file_identity
+from densepr.fileio.ids import open_ids, write_ids
+from densepr.fileio.manifest import MANIFEST, check_file, read_manifest, write_manifest
 from densepr.models.encoder import Encoder
 from densepr.progress import progress_bar
 
@@ -58,17 +47,23 @@ KIND = "embeddings"
 OWN_FILES = ("encoding.json", "part-*.npy", "part-*.ids")  # what encoding writes before the manifest
 
 
-def encoder_info(encoder: Encoder) -> dict:
-    """What identifies an encoder in manifests: path, pooling, dimension and a weights hash."""
+def weights_id(directory: str | os.PathLike[str]) -> str:
+    """The ``weights_id`` of the encoder saved in ``directory`` (16 hex digits): its ``*.safetensors`` files'
+    names, sizes and first MiB (:func:`~densepr.fileio.identity.file_identity`, rule ``head``: cheap, and
+    differs between checkpoints). Stored in embeddings and index manifests: never change it."""
     h = hashlib.sha256()
-    root = Path(encoder.name)
-    for f in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:  # header + first MiB: cheap, and differs between checkpoints
-            h.update(fh.read(1 << 20))
+    root = Path(directory)
+    for name, (size, head) in file_identity(root, sorted(root.glob("*.safetensors")) if root.is_dir() else [], "head"):
+        h.update(name.encode())
+        h.update(str(size).encode())
+        h.update(head)
+    return h.hexdigest()[:16]
+
+
+def encoder_info(encoder: Encoder) -> dict:
+    """What identifies an encoder in manifests: path, pooling, dimension and a weights hash (:func:`weights_id`)."""
     return {"path": encoder.name, "pooling": encoder.config.pooling, "normalize": encoder.config.normalize,
-            "max_length": encoder.config.max_length, "dim": encoder.dim, "weights_id": h.hexdigest()[:16]}  # fmt: skip
+            "max_length": encoder.config.max_length, "dim": encoder.dim, "weights_id": weights_id(encoder.name)}  # fmt: skip
 
 
 def _part_names(i: int) -> tuple[str, str]:

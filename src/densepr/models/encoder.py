@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densepr.errors import DenseprError
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.hf import autocast, check_model_dir, check_vocab, default_device, load_errors, quiet_transformers, save_model_dir
 from densepr.models.st_files import write_st_files
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from densepr.errors import DenseprError
-from densepr.fileio import check_dir_manifest, writable_dir, write_dir_manifest
+from densepr.fileio.dirs import writable_dir
+from densepr.fileio.manifest import check_dir_manifest, write_dir_manifest
 
 
 def quiet_transformers() -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_dir, read_json, write_dir_manifest, write_json
+from densepr.fileio.atomic import read_json, write_json
+from densepr.fileio.dirs import atomic_dir
+from densepr.fileio.manifest import write_dir_manifest
 from densepr.models.encoder import EncoderConfig
 from densepr.models.hf import load_errors
 
@@ -67,7 +69,7 @@ def _session(path: Path, kind: str, int8: bool, threads: int | None):
         import onnxruntime as ort
     except ImportError:
         raise DenseprError("ONNX models need onnxruntime: pip install 'densepr[onnx]'") from None
-    from densepr.fileio import read_manifest
+    from densepr.fileio.manifest import read_manifest
 
     read_manifest(path, kind)  # sizes and hashes: a damaged export is refused
     cfg = read_json(path / CONFIG_NAME)

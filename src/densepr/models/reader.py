@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from densepr.errors import DenseprError
-from densepr.fileio import sha256_file, write_json
+from densepr.fileio.atomic import write_json
+from densepr.fileio.identity import file_identity
 from densepr.models.hf import (
     autocast,
     check_model_dir,
@@ -286,8 +287,8 @@ class Reader(nn.Module):
         else:
             base = Path(self.name.removesuffix("#int8"))
             h.update(self.name[len(str(base)) :].encode())
-            for f in sorted(p for p in base.rglob("*") if p.is_file()):
-                h.update(f"{f.relative_to(base).as_posix()} {sha256_file(f)}".encode())
+            for name, sha in file_identity(base, [base], "sha256"):
+                h.update(f"{name} {sha}".encode())
         return h.hexdigest()
 
     @property

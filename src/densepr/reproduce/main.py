@@ -12,7 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from densepr.data.fetch import fetch_embedded
-from densepr.fileio import dir_lock, writable_dir, write_json
+from densepr.fileio.atomic import write_json
+from densepr.fileio.dirs import dir_lock, writable_dir
 from densepr.machine import machine_info
 from densepr.reproduce.context import Job, _sets, process_group
 from densepr.reproduce.profiles import ReproduceConfig, _dense_stage

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from densepr.data.qa import QASet
 from densepr.data.runs import write_dpr_results
-from densepr.fileio import file_name, read_json, remove_tree, write_json
+from densepr.fileio.atomic import file_name, read_json, write_json
+from densepr.fileio.dirs import remove_tree
 from densepr.progress import progress_bar
 from densepr.reproduce.context import Job
 from densepr.reproduce.training import _mining_sets, _same_run
@@ -140,7 +141,7 @@ def tune_reader(job: Job) -> Stage:
                 job.log(f"reader, {mode}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span "
                          f"x{best['span']:g} + retriever x{best['retriever']:g}, aggregation {best['aggregate']:g} "
                          f"(DPR's rule: {best['paper_em']:.1f} at k={best['paper_k']})")  # fmt: skip
-        from densepr.fileio import atomic_dir
+        from densepr.fileio.dirs import atomic_dir
         from densepr.models.hf import MODEL_FILES
 
         with atomic_dir(dst, "reader", MODEL_FILES) as tmp:  # built beside, swapped in; no fixed-name sibling deleted

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from densepr.fileio import read_json, write_json
+from densepr.fileio.atomic import read_json, write_json
 from densepr.reproduce.profiles import PROFILES, ReproduceConfig
 from densepr.train.config import span_loss_name
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from densepr.evaluate.report import ablation_table, markdown_table, paper_table, plot_qa, plot_topk, qa_markdown
-from densepr.fileio import atomic_write, read_json, write_json
+from densepr.fileio.atomic import atomic_write, read_json, write_json
 from densepr.reproduce.context import Job
 from densepr.reproduce.profiles import DPR_MODELS
 from densepr.stages import Stage

@@ -18,7 +18,9 @@ from densepr.data.runs import write_dpr_results, write_trec_run
 from densepr.data.summaries import load_wiki_summaries
 from densepr.evaluate.topk import accuracy_report, topk_curve
 from densepr.evaluate.tuning import tune_lambda
-from densepr.fileio import file_name, read_json, sha256_file, write_json
+from densepr.fileio.atomic import file_name, read_json, write_json
+from densepr.fileio.identity import file_identity
+from densepr.fileio.manifest import sha256_file
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import load_biencoder
@@ -69,8 +71,8 @@ def dense(job: Job, name: str = "dense", model: Callable[[], str] | None = None,
     settings: dict = {"batch_size": job.cfg.passage_batch_size}
     if model is None:
         root = Path(job.encoder_path)
-        settings.update(encoder=job.encoder_path, weights={str(f.relative_to(root)): sha256_file(f) for f in sorted(root.rglob("*"))
-                                                             if f.suffix in (".safetensors", ".bin")})  # fmt: skip
+        weights = [f for f in root.rglob("*") if f.suffix in (".safetensors", ".bin")]
+        settings.update(encoder=job.encoder_path, weights=dict(file_identity(root, weights, "sha256")))
         model = lambda: job.encoder_path  # noqa: E731
 
     def build() -> DenseIndex:

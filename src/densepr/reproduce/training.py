@@ -13,7 +13,8 @@ from pathlib import Path
 
 from densepr.data.qa import QASet
 from densepr.errors import DenseprError
-from densepr.fileio import read_json, remove_tree
+from densepr.fileio.atomic import read_json
+from densepr.fileio.dirs import remove_tree
 from densepr.reproduce.context import Job, _sets
 from densepr.reproduce.profiles import TrainPlan, _dense_stage
 from densepr.reproduce.retrieval import dense

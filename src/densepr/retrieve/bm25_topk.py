@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from densepr.fileio import release_pages
+from densepr.fileio.pages import release_pages
 
 _LOCAL = threading.local()
 _COMPILE = threading.Lock()

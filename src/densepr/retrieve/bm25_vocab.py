@@ -26,7 +26,7 @@ import numpy as np
 
 from densepr.data.store import TEXT_ENCODING, hash64
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_write, save_npy
+from densepr.fileio.atomic import atomic_write, save_npy
 
 FILES = ("vocab_terms.bin", "vocab_offsets.npy", "vocab_hashes.npy", "vocab_ids.npy")
 _DTYPES = {"vocab_offsets.npy": np.int64, "vocab_hashes.npy": np.uint64, "vocab_ids.npy": np.int64}

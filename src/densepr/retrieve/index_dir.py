@@ -19,7 +19,8 @@ from pathlib import Path
 
 from densepr.data.passages import PASSAGES_FILE
 from densepr.errors import DenseprError
-from densepr.fileio import MANIFEST, read_json, write_json
+from densepr.fileio.atomic import read_json, write_json
+from densepr.fileio.manifest import MANIFEST
 from densepr.retrieve.fusion import PAPER_LAMBDA
 from densepr.retrieve.modes import Mode, available_modes, default_mode
 
@@ -113,11 +114,11 @@ def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> 
     from densepr.data.passages import check_corpus, load_corpus
     from densepr.data.store import KIND as STORE_KIND
     from densepr.data.store import check_store
-    from densepr.fileio import verify_tree
+    from densepr.fileio.manifest import verify_tree
     from densepr.index.dense import KIND as DENSE_KIND  # here: the dense index module imports torch
     from densepr.index.dense import check_index
-    from densepr.retrieve.bm25 import KIND as BM25_KIND
-    from densepr.retrieve.bm25 import check_arrays
+    from densepr.retrieve.bm25_files import KIND as BM25_KIND
+    from densepr.retrieve.bm25_files import check_arrays
 
     corpora: dict[Path, object] = {}
 

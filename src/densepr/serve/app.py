@@ -66,14 +66,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from densepr.errors import DenseprError
 from densepr.retrieve.modes import Mode
-from densepr.serve.service import (
-    ApiError,
-    LimitError,
-    Limits,
-    Service,
-    as_api_error,
-    dump_json,
-)
+from densepr.serve.limits import ApiError, LimitError, Limits, as_api_error, dump_json
+from densepr.serve.service import Service
 
 log = logging.getLogger("densepr.serve.app")
 

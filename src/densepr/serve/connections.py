@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import socket
 
-from densepr.serve.service import Limits, dump_json
+from densepr.serve.limits import Limits, dump_json
 
 
 def raw_json_response(status: int, reason: str, body: dict, headers: dict[str, str] | None = None) -> bytes:

@@ -35,7 +35,8 @@ from densepr.errors import DenseprError
 from densepr.ranking import SearchResult, merge_shards
 from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.modes import Mode, default_mode
-from densepr.serve.service import Limits, Service
+from densepr.serve.limits import Limits
+from densepr.serve.service import Service
 
 ENCODER_BATCH = 16  # router calls (each one micro-batch of questions) the encoder runs in one forward pass
 RETRIES = 1  # a call that fails because its replica died is sent once more (Ray Serve routes it to a live one)

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from densepr.errors import DenseprError
-from densepr.fileio import atomic_dir, atomic_path, check_dir_manifest, read_json, writable_dir, write_dir_manifest, write_json
+from densepr.fileio.atomic import atomic_path, read_json, write_json
+from densepr.fileio.dirs import atomic_dir, writable_dir
+from densepr.fileio.manifest import check_dir_manifest, write_dir_manifest
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from densepr.data.passages import Corpus
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
-from densepr.fileio import atomic_write
+from densepr.fileio.atomic import atomic_write
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.index_dir import IndexDir
 

@@ -28,7 +28,7 @@ from densepr.data.qa import QASet, write_qa_tsv
 from densepr.data.training import TrainRecord, write_train_records
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import AnswerMatcher
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.ranking import SearchResult
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.index_dir import IndexDir

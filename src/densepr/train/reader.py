@@ -30,7 +30,7 @@ from densepr.data.runs import iter_dpr_results
 from densepr.errors import DenseprError, InputError
 from densepr.evaluate.answers import has_answer
 from densepr.evaluate.qa import exact_match, f1_score
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.hf import autocast, check_precision
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
 from densepr.progress import console, progress_bar

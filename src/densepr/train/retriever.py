@@ -44,7 +44,7 @@ from densepr.data.passages import Passage
 from densepr.data.training import iter_train_records
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
-from densepr.fileio import write_json
+from densepr.fileio.atomic import write_json
 from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
 from densepr.models.hf import check_precision
 from densepr.progress import console, progress_bar

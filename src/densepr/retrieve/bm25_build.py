@@ -1,0 +1,259 @@
+"""Building a BM25 index's score matrix: passages analysed in chunks (by worker processes), their
+postings merged into bm25s's CSC matrix with Lucene 8's scores (:class:`densepr.retrieve.bm25.BM25Index.build`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import scipy.sparse as sp
+
+from densepr.data.passages import Corpus
+from densepr.data.store import StoreCorpus, StreamedCorpus, open_store
+from densepr.errors import DenseprError
+from densepr.fileio.atomic import no_space_names
+from densepr.fileio.pages import MappedPages
+from densepr.progress import progress_bar
+from densepr.retrieve.bm25_analyzer import LuceneAnalyzer, words
+
+MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)
+
+
+def lucene_length(length: np.ndarray) -> np.ndarray:
+    """Document lengths as Lucene 8 stores and decodes them (``SmallFloat.intToByte4`` then
+    ``byte4ToInt``): exact below 24, then rounded down to 4 significant bits."""
+    n = np.asarray(length, dtype=np.int64)
+    free = 24  # NUM_FREE_VALUES = 255 - longToInt4(Integer.MAX_VALUE)
+    x = np.maximum(n - free, 0)
+    bits = np.where(x > 0, np.floor(np.log2(np.maximum(x, 1))).astype(np.int64) + 1, 0)
+    shift = np.maximum(bits - 4, 0)  # keep the top 4 bits
+    rounded = (x >> shift) << shift
+    return np.where(n < free, n, free + rounded)
+
+
+class LuceneBM25(bm25s.BM25):
+    """bm25s with Lucene's exact score matrix (document-length rounding, docCount-based avgdl).
+
+    bm25s invites overriding ``build_index_from_ids``; retrieval, saving and memory-mapped
+    loading stay bm25s's.
+    """
+
+    def __init__(self, *args, lengths: str = "lucene", **kw) -> None:
+        super().__init__(*args, **kw)
+        self.lengths = lengths
+
+    def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
+        self.nonoccurrence_array = None  # only BM25L/BM25+ use it
+        n_docs, n_vocab = len(corpus_token_ids), len(unique_token_ids)
+        dl = np.fromiter(map(len, corpus_token_ids), dtype=np.int64, count=n_docs)
+        rows = np.repeat(np.arange(n_docs, dtype=np.int64), dl)
+        cols = np.fromiter((t for doc in corpus_token_ids for t in doc), dtype=np.int64, count=int(dl.sum()))
+        tf = sp.csc_matrix((np.ones(len(cols), dtype=np.float64), (rows, cols)), shape=(n_docs, n_vocab))
+        tf.sum_duplicates()  # counts per (document, term)
+        df = np.diff(tf.indptr)
+        doc_count = max(int((dl > 0).sum()), 1)  # Lucene's docCount: documents with the field
+        idf = np.log(1 + (doc_count - df + 0.5) / (df + 0.5))
+        avgdl = dl.sum() / doc_count
+        length = lucene_length(dl) if self.lengths == "lucene" else dl
+        norm = self.k1 * (1 - self.b + self.b * length / max(avgdl, 1e-9))
+        term_of = np.repeat(np.arange(n_vocab), df)
+        data = idf[term_of] * tf.data / (tf.data + norm[tf.indices])
+        return {"data": data.astype(self.dtype), "indices": tf.indices.astype(self.int_dtype),
+                "indptr": tf.indptr.astype(np.int64), "num_docs": n_docs}  # fmt: skip
+
+
+def _chunk_sources(corpus: Corpus | StreamedCorpus, size: int) -> Iterator[tuple[tuple, int, int]]:
+    """``(source, lo, hi)`` per chunk of ``size`` rows, read lazily: what a worker needs to read rows
+    ``[lo, hi)`` (the store's directory, or the chunk's titles and texts)."""
+    if isinstance(corpus, StoreCorpus):
+        n = len(corpus)
+        yield from ((("store", str(corpus.directory)), lo, min(lo + size, n)) for lo in range(0, n, size))
+        return
+    for i, _ids, titles, texts in corpus.blocks(size):
+        yield ("rows", titles, texts), i * size, i * size + len(texts)
+
+
+def _analyse_all(tasks: Iterator[tuple], workers: int, advance: Callable[[int], None]) -> list[dict]:
+    """:func:`_analyse_chunk` over ``tasks`` in order: here (one worker, or one chunk), else by up to
+    ``workers`` spawned processes with at most one chunk more than them in flight, so that a streamed
+    corpus is read no further ahead than that (``Pool.imap`` would read every task ahead in a thread)."""
+    head = list(itertools.islice(tasks, workers)) if workers > 1 else []  # fewer chunks than workers: fewer processes
+    procs = len(head)
+    tasks = itertools.chain(iter(lambda: head.pop(0) if head else None, None), tasks)  # head's chunks not held once sent
+    chunks = []
+    if procs <= 1:
+        for t in tasks:
+            chunks.append(_analyse_chunk(t))
+            advance(t[2] - t[1])
+        return chunks
+    import multiprocessing
+
+    # spawn: the CLI process holds torch's threads, which fork would copy mid-state
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        pending: deque = deque()
+        for t in tasks:
+            pending.append(pool.apply_async(_analyse_chunk, (t,)))
+            del t  # the chunk's texts are the pool's now (sent to a worker, then dropped)
+            while len(pending) > procs:
+                chunks.append(pending.popleft().get())
+                advance(chunks[-1]["passages"])
+        while pending:
+            chunks.append(pending.popleft().get())
+            advance(chunks[-1]["passages"])
+    return chunks
+
+
+_WORKER_ANALYZERS: dict = {}
+
+
+def _analyse_chunk(task: tuple) -> dict:
+    """Analyse rows ``[lo, hi)`` and write their postings (sorted by local term, then passage):
+    local term ids (int32), passages (int32, chunk-local), term frequencies (uint16, or uint32
+    if any exceeds it), per-term document frequencies, passage lengths, and the chunk's
+    vocabulary in order of first occurrence (JSON)."""
+    source, lo, hi, stemmer, tmp, i = task
+    if stemmer not in _WORKER_ANALYZERS:
+        _WORKER_ANALYZERS[stemmer] = LuceneAnalyzer(stemmer)
+    analyzer = _WORKER_ANALYZERS[stemmer]
+    if source[0] == "store":
+        # opened per chunk (~15 ms): the mapping, and with it the pages read, goes when the chunk's texts are
+        # copied out, so a worker's RSS stays one chunk's (kept open, it grew by every text read: 7 GB at 21M)
+        store = open_store(source[1], verify="none")
+        titles, texts = store.titles[lo:hi], store.texts[lo:hi]
+        del store
+    else:
+        titles, texts = source[1], source[2]
+    vocab: dict[str, int] = {}  # term -> local id, in order of first occurrence
+    ids: dict[str, int] = {}  # raw word -> its term's local id, -1 if dropped: one lookup per word
+    occ = array("q")  # every word's id (8 B each, not a Python int), dropped ones included
+    words_in = np.zeros(hi - lo, dtype=np.int64)
+    for d, (t, x) in enumerate(zip(titles, texts)):
+        ws = words(f"{t} {x}")
+        got = list(map(ids.get, ws))
+        if None in got:  # a word new to this chunk (rarer as the chunk goes on)
+            for j, w in enumerate(ws):
+                if got[j] is None:
+                    term = analyzer.term(w)
+                    got[j] = ids[w] = vocab.setdefault(term, len(vocab)) if term else -1
+        words_in[d] = len(got)
+        occ.extend(got)
+    tids = np.frombuffer(occ, dtype=np.int64)
+    kept = tids >= 0
+    docs = np.repeat(np.arange(hi - lo, dtype=np.int64), words_in)[kept]
+    dl = np.bincount(docs, minlength=hi - lo).astype(np.int32)
+    key, tf = np.unique(tids[kept] * max(hi - lo, 1) + docs, return_counts=True)
+    tid, doc = np.divmod(key, max(hi - lo, 1))
+    base = Path(tmp) / f"chunk{i:06d}"
+    np.save(f"{base}.tid.npy", tid.astype(np.int32))
+    np.save(f"{base}.doc.npy", doc.astype(np.int32))
+    np.save(f"{base}.tf.npy", tf.astype(np.uint16 if len(tf) == 0 or tf.max() <= np.iinfo(np.uint16).max else np.uint32))
+    np.save(f"{base}.df.npy", np.bincount(tid, minlength=len(vocab)).astype(np.int64))
+    np.save(f"{base}.dl.npy", dl)
+    with open(f"{base}.vocab.json", "w", encoding="utf-8") as f:
+        json.dump(list(vocab), f, ensure_ascii=False)
+    return {"base": str(base), "start": lo, "passages": hi - lo}
+
+
+def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: str, tmp: Path, progress: bool) -> tuple[dict, dict]:
+    """Merge the chunks' postings into the score matrix, exactly as ``LuceneBM25.build_index_from_ids``
+    computes it for the whole corpus at once (same vocabulary order, same float64 arithmetic)."""
+
+    def load(c: dict, what: str) -> np.ndarray:
+        return np.load(f"{c['base']}.{what}.npy", allow_pickle=False)
+
+    def terms(c: dict) -> list[str]:
+        with open(f"{c['base']}.vocab.json", encoding="utf-8") as f:
+            return json.load(f)
+
+    unique: set[str] = set()  # bm25s's vocabulary: a set filled in order of first occurrence
+    for c in chunks:
+        unique.update(terms(c))
+    vocab = {t: i for i, t in enumerate(unique)}
+    del unique
+    n_vocab = len(vocab)
+    df = np.zeros(n_vocab, dtype=np.int64)
+    dl = np.zeros(n_docs, dtype=np.int64)
+    for c in chunks:  # each chunk's local term ids -> global ones, kept beside its postings (read once more below)
+        gmap = np.fromiter(map(vocab.__getitem__, terms(c)), dtype=np.int64)
+        np.save(f"{c['base']}.gmap.npy", gmap)
+        df[gmap] += load(c, "df")
+        dl[c["start"] : c["start"] + c["passages"]] = load(c, "dl")
+    indptr = np.zeros(n_vocab + 1, dtype=np.int64)
+    np.cumsum(df, out=indptr[1:])
+    nnz = int(indptr[-1])
+
+    def mapped(name: str, dtype) -> np.ndarray:
+        path = tmp / name
+        a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(nnz,)) if nnz else np.zeros(0, dtype=dtype)
+        if nnz:
+            path.unlink()  # the mapping stays: nothing left behind however the build ends
+        return a
+
+    indices, data = mapped("indices.npy", model.int_dtype), mapped("data.npy", model.dtype)
+    tfs = mapped("tf.npy", np.uint32)
+    # the scattered writes touch pages all over the mapped arrays (12 B per posting of the corpus):
+    # released into the page cache whenever they pass MERGE_RSS, so RSS does not grow with the corpus
+    pages = MappedPages(indices, data, tfs, budget=MERGE_RSS)
+    cursor = indptr[:-1].copy()
+    with progress_bar(len(chunks), "BM25 merge", enabled=progress, unit="chunks") as advance:
+        for c in chunks:
+            gmap, tid, ldf = load(c, "gmap"), load(c, "tid"), load(c, "df")
+            lstart = np.zeros(len(ldf), dtype=np.int64)
+            np.cumsum(ldf[:-1], out=lstart[1:])
+            pos = cursor[gmap][tid] + np.arange(len(tid), dtype=np.int64) - lstart[tid]
+            indices[pos] = load(c, "doc") + c["start"]
+            tfs[pos] = load(c, "tf")
+            cursor[gmap] += ldf
+            for what in ("tid", "doc", "tf", "df", "dl", "gmap"):
+                os.unlink(f"{c['base']}.{what}.npy")
+            os.unlink(f"{c['base']}.vocab.json")
+            pages.check()
+            advance(1)
+    doc_count = max(int((dl > 0).sum()), 1)  # Lucene's docCount: documents with the field
+    idf = np.log(1 + (doc_count - df + 0.5) / (df + 0.5))
+    avgdl = dl.sum() / doc_count
+    length = lucene_length(dl) if lengths == "lucene" else dl
+    norm = model.k1 * (1 - model.b + model.b * length / max(avgdl, 1e-9))
+    step = 1 << 20  # entries scored at a time: ~50 B each in temporaries
+    for lo in range(0, nnz, step):
+        hi = min(lo + step, nnz)
+        term_of = np.searchsorted(indptr, np.arange(lo, hi), side="right") - 1
+        tf = tfs[lo:hi].astype(np.float64)
+        data[lo:hi] = idf[term_of] * tf / (tf + norm[indices[lo:hi]])
+        pages.check()
+    pages.release()
+    return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}, vocab
+
+
+def build_model(
+    corpus: Corpus | StreamedCorpus, k1: float, b: float, stemmer: str | None, lengths: str, workers: int,
+    chunk_passages: int, workdir: str | os.PathLike[str] | None, progress: bool,
+) -> tuple[bm25s.BM25, LuceneAnalyzer, dict]:
+    """The score matrix (a bm25s model), analyzer and manifest of ``corpus``'s index: see :meth:`BM25Index.build`."""
+    if lengths not in ("lucene", "exact"):
+        raise DenseprError(f"lengths must be 'lucene' or 'exact', not {lengths!r}")
+    if workers < 1 or chunk_passages < 1:
+        raise DenseprError(f"workers ({workers}) and chunk_passages ({chunk_passages}) must be at least 1")
+    analyzer = LuceneAnalyzer(stemmer)
+    model = LuceneBM25(k1=k1, b=b, method="lucene", lengths=lengths)
+    total = None if isinstance(corpus, StreamedCorpus) else len(corpus)  # a streamed file's count is known once read
+    # a full disk while the postings are written names the build directory (removed on the way out)
+    with tempfile.TemporaryDirectory(prefix=".bm25-build-", dir=workdir) as tmp, no_space_names(tmp):
+        tasks = ((src, lo, hi, stemmer, tmp, i) for i, (src, lo, hi) in enumerate(_chunk_sources(corpus, chunk_passages)))
+        with progress_bar(total, "BM25 analyse", enabled=progress, unit="passages") as advance:
+            chunks = _analyse_all(tasks, workers, advance)
+        n = sum(c["passages"] for c in chunks)
+        fingerprint = corpus.fingerprint()  # a streamed file's: computed while read (a repeated id refused then)
+        model.scores, model.vocab_dict = _merge_chunks(chunks, n, model, lengths, Path(tmp), progress)
+    model.unique_token_ids_set, model.nonoccurrence_array = set(model.vocab_dict.values()), None  # as bm25s.index sets them
+    manifest = {"k1": k1, "b": b, "method": "lucene", "lengths": lengths, "analyzer": analyzer.name,
+                "stemmer": stemmer, "fields": "title text", "corpus": fingerprint}  # fmt: skip
+    return model, analyzer, manifest
