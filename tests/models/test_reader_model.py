@@ -159,3 +159,5 @@ def test_mpnet_question_encoder_and_reader_export_to_onnx(tmp_path, mpnet_dir, c
     assert code == 0 and "reader exported" in out, err
     for a, b in zip(_logits(Reader.load(tmp_path / "r", "cpu")), _logits(Reader.load(tmp_path / "ro"))):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    code, _, err = run(capsys, "export-onnx", str(tmp_path / "ro"), str(tmp_path / "again"))  # an export is not exported again
+    assert code == 1 and "not a Hugging Face model directory" in err and "Traceback" not in err
