@@ -163,11 +163,14 @@ GPU_TRAIN = TrainPlan(model="mpnet", batch_size=128, hard_negatives=1, epochs=40
 GPU_READER = ReaderPlan(model="mpnet", passages=24, batch_size=16, max_length=350, lr=2e-5, head_lr=1e-3, warmup_steps=50, dropout=0.1,
                         epochs=3, save_every=1000, dev_limit=500, tune_limit=None, qa_limit=None)  # fmt: skip
 # Not measured (no GPU was lent to the session that wrote it): estimated from the FLOPs at ~35% of an H100's 989 bf16
-# TFLOP/s, with the embedded data's sizes (docs/training.md: 3,923 round-1 and 5,206 round-2 training questions, ~128
-# tokens a passage). Retriever: 6 x 85M weights x ~35k tokens a step = 1.8e16 FLOPs, ~0.1 s with its overheads;
-# 1,200 + 1,200 + 1,600 steps ~ 7 min, plus 120 epoch ends (validation, a 2.6 GB checkpoint each) ~ 10 min. Reader:
+# TFLOP/s, with the embedded data's sizes (docs/training.md: 3,923 round-1 and 5,206 round-2 training questions; MPNet's
+# tokenizer: 107 tokens a passage on average, 189 at the 95th percentile, so a batch of 256 pads to ~250; questions 12).
+# Retriever: 6 x 85M weights x ~67k tokens a step = 3.4e16 FLOPs, ~0.15 s with its overheads; 1,200 + 1,200 + 1,600
+# steps ~ 10 min, plus 120 epoch ends (validation, a 2.6 GB checkpoint each) ~ 10 min. Reader:
 # ~750 steps of 16 x 24 windows ~ 2 min, tuning and 28k test questions x 20 passages x 2 modes read ~ 8 min. BM25,
-# mining and evaluation on the host CPUs (16 cores) ~ 10 min. Disk: ~13 GB of checkpoints under the output.
+# mining and evaluation on the host CPUs (16 cores) ~ 10 min. Disk: ~13 GB of checkpoints under the output. GPU memory:
+# ~0.5 MB of bf16 activations a token over 12 layers (Korthikanti et al., 2022) x ~70k tokens a step ~ 35 GB, without
+# gradient caching (--grad-cache-chunk 32 for a smaller GPU).
 GPU_EXPECTED = "about 45 min on one H100-class GPU (an estimate from FLOPs, not yet measured), ~13 GB of disk"
 
 PROFILES = {
