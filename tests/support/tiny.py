@@ -73,3 +73,30 @@ def counting_encodes(encoder) -> Iterator[list[int]]:
         yield calls
     finally:
         del encoder.encode_passages
+
+
+def make_tiny_mpnet(path: Path, seed: int = 0, hidden: int = 32, dropout: float = 0.0, max_positions: int = 130) -> Path:
+    """Write a random 2-layer MPNet (no token_type_ids) with an MPNet WordPiece tokenizer and
+    sentence-transformers' files as all-mpnet-base-v2 has them (mean pooling, then Normalize)."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]  # MPNet's ids: <s> 0, <pad> 1, </s> 2
+    words = [w for w in dict.fromkeys(_vocab()) if not (w.startswith("[") and w.endswith("]"))]
+    tok = MPNetTokenizerFast(vocab={w: i for i, w in enumerate(specials + words)}, do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = MPNetConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+                      max_position_embeddings=max_positions, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                      pad_token_id=1, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    MPNetModel(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, "pooling_mode_cls_token": False,
+                                                                "pooling_mode_mean_tokens": True}))  # fmt: skip
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))  # fmt: skip
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    return path

@@ -52,7 +52,7 @@ def train_reader_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (checkpoint/, best/, metrics.jsonl).")],
     dev_file: Annotated[Optional[Path], typer.Option("--dev", help="DPR result JSON of held-out questions: EM each epoch, best kept, top-k tuned.")] = _default(ReaderTrainConfig, "dev_file"),
     holdout: Annotated[Optional[list[Path]], typer.Option("--holdout", help="QA file(s) whose questions are never trained on (e.g. the --dev questions).")] = None,
-    init: Annotated[Optional[Path], typer.Option(help="BERT-family model directory or DPRReader checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Encoder directory (BERT, MiniLM, MPNet, ...), trained reader or DPRReader checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,
     passages: Annotated[int, typer.Option(help="M: passages per question per step, 1 positive + M-1 negatives (the paper: 24).")] = _default(ReaderTrainConfig, "passages"),
     batch_size: Annotated[int, typer.Option(help="Questions per step.")] = _default(ReaderTrainConfig, "batch_size"),
     epochs: int = _default(ReaderTrainConfig, "epochs"),

@@ -27,7 +27,8 @@ def _qa_limit(value: str | None) -> int | None:
 def reproduce(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output (index) directory.")] = DEFAULT_INDEX,
     profile: Annotated[str, typer.Option(help="full: zero-shot, every test question; smoke: 300 per test set (CI); dpr: the paper's experiment "
-                                             "(mine, train DPR, re-mine, train round 2, a reader, evaluate; 95 min measured in one run on 2 CPU cores); dpr-smoke: the same in minutes (CI).")] = "full",
+                                             "(mine, train DPR, re-mine, train round 2, a reader, evaluate; 95 min measured in one run on 2 CPU cores); dpr-smoke: the same in minutes (CI); dpr-gpu: the paper's sizes with the 12-layer all-mpnet-base-v2 "
+                                             "(batch 128, 40 epochs, bf16; needs --device cuda; ~45 min on one H100, estimated).")] = "full",
     encoder: Annotated[Optional[Path], typer.Option(help="Encoder or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2, zero-shot).")] = None,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Compare with the committed figures (runs on the defaults only).")] = True,
     expected: Annotated[Optional[Path], typer.Option(help="Committed figures to compare with (default: densepr's packaged ones, for the embedded defaults; given explicitly, compared whatever the setup, e.g. a fine-tuned encoder's).")] = None,

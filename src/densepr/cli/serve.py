@@ -112,7 +112,9 @@ def export_onnx(
     (`--reader OUTPUT[#int8]`) to ONNX for CPU serving."""
     from densepr.fileio.atomic import read_json
 
-    is_reader = (encoder / "config.json").is_file() and "DPRReader" in read_json(encoder / "config.json").get("architectures", [])
+    hf = (encoder / "config.json").is_file()  # a torch model directory (an ONNX export has none)
+    is_reader = hf and ("DPRReader" in read_json(encoder / "config.json").get("architectures", [])
+                        or (encoder / "densepr_reader.json").is_file())  # a trained reader on an MPNet, ... (models.reader_model)
     _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))
     try:
         from densepr.models.onnx import export_question_encoder

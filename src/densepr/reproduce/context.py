@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from densepr.data.fetch import EmbeddedData
 from densepr.data.passages import Corpus
@@ -37,6 +38,8 @@ class Job:
         self.plan = cfg.plan
         self.methods = DPR_METHODS if self.plan else METHODS
         self.names = DPR_NAMES if self.plan else METHOD_NAMES
+        if self.plan is not None and self.plan.model != "embedded":
+            self.names = {**DPR_NAMES, "dense-zeroshot": f"dense ({Path(self.plan.model).name}, zero-shot)"}
         self.reader_plan = cfg.reader
         self._retriever: Retriever | None = None
         self._reader = None
@@ -46,7 +49,25 @@ class Job:
     def encoder_path(self) -> str:
         # Looked up when a stage needs it: the job fetches the embedded data first, so on a fresh
         # machine the model is not there yet when the job is set up.
-        return self.cfg.encoder or str(self.data.model_dir)
+        if self.cfg.encoder:
+            return self.cfg.encoder
+        return self.model_dir(self.plan.model) if self.plan is not None else str(self.data.model_dir)
+
+    def model_dir(self, name: str) -> str:
+        """A plan's starting model (``TrainPlan.model``, ``ReaderPlan.model``): ``embedded`` (all-MiniLM-L6-v2),
+        a model ``densepr data fetch --model NAME`` fetched (``mpnet``), or a model directory."""
+        from densepr.data.pretrained import MODELS, pretrained_dir
+
+        if name == "embedded":
+            return str(self.data.model_dir)
+        return str(pretrained_dir(name, self.cfg.cache_dir)) if name in MODELS else name
+
+    def pretrained_models(self) -> list[str]:
+        """The fetched models (``densepr data fetch --model``) this run's plans start from: the job fetches them."""
+        from densepr.data.pretrained import MODELS
+
+        names = [p.model for p in (self.plan, self.reader_plan) if p is not None]
+        return sorted({n for n in names if n in MODELS})
 
     def timed(self, name: str, fn: Callable, *args, **kw):
         t0 = time.perf_counter()

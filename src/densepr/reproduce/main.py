@@ -12,11 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from densepr.data.fetch import fetch_embedded
+from densepr.data.pretrained import fetch_pretrained
 from densepr.fileio.atomic import write_json
 from densepr.fileio.dirs import dir_lock, writable_dir
 from densepr.machine import machine_info
 from densepr.reproduce.context import Job, _sets, process_group
-from densepr.reproduce.profiles import ReproduceConfig, _dense_stage
+from densepr.reproduce.profiles import PROFILES, ReproduceConfig, _dense_stage
 from densepr.reproduce.reading import qa, reader_cloze, reader_data, train_reader, tune_reader
 from densepr.reproduce.report import _training_summary, qa_results, report
 from densepr.reproduce.retrieval import bm25, dense, evaluate, passages, tune
@@ -55,6 +56,10 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     if _trains_on_cpu(cfg.device) and (notice := memory_notice(job.plan, available_memory_gib())) is not None:
         log(notice)  # the measured peak is host memory for CPU training; on a GPU the activations live there
     runner.timed("fetch", fetch_embedded, cfg.cache_dir, verify=False, log=log)
+    for name in job.pretrained_models():  # e.g. profile dpr-gpu's all-mpnet-base-v2
+        runner.timed(f"fetch-{name}", fetch_pretrained, name, cfg.cache_dir, verify=False, log=log)
+    if PROFILES[cfg.profile].expected:
+        log(f"profile {cfg.profile}: {PROFILES[cfg.profile].expected}")
     runner.run(passages(job))
     runner.run(bm25(job))
     if job.plan is None:
@@ -104,7 +109,7 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     total = round(time.perf_counter() - t_start, 1)
     q_name = IndexDir(out).dense_manifest().get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"
     if job.plan:
-        q_name = "trained here from embedded:all-MiniLM-L6-v2"
+        q_name = f"trained here from {'embedded:all-MiniLM-L6-v2' if job.plan.model == 'embedded' else job.plan.model}"
     summary = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("cache_dir", "out_dir", "device", "force_from")},
                    "encoder": q_name, "hybrid_lambda": best, **({"train": asdict(job.plan)} if job.plan else {}),

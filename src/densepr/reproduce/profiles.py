@@ -1,7 +1,7 @@
 """Profiles and plans: what a ``densepr reproduce`` run does, before anything runs.
 
 The table's methods, the profiles (``full``, ``smoke``: zero-shot; ``dpr``, ``dpr-smoke``: the paper's
-experiment), the training and reader recipes (:class:`TrainPlan`, :class:`ReaderPlan`, every default
+experiment; ``dpr-gpu``: the same at the paper's sizes on a GPU), the training and reader recipes (:class:`TrainPlan`, :class:`ReaderPlan`, every default
 defined once), :class:`ReproduceConfig` (a run's settings, checked up front) and each profile's stage
 order (what ``--from`` accepts).
 """
@@ -47,6 +47,9 @@ class TrainPlan:
     ``skip_top`` ranks), from round 1's weights (``round2_init="round1"``) or the initial ones.
     """
 
+    # the model both towers start from: "embedded" (all-MiniLM-L6-v2), a model `densepr data fetch --model NAME`
+    # fetches ("mpnet": all-mpnet-base-v2, 12 layers x 768, BERT-base size), or a model directory
+    model: str = "embedded"
     sets: tuple[str, ...] = ("nq-dev", "trivia-dev")
     questions: int | None = None  # per mining set; None: all
     val_fraction: float = MINING.val_fraction  # held out of each set: validation, and the hybrid lambda is tuned on them
@@ -109,6 +112,7 @@ class ReaderPlan:
     DPR's rule (one epoch: 14.2, 6.2), 41.0 given the answer passage (33.8).
     """
 
+    model: str = "embedded"  # the encoder the reader starts from (new heads), as TrainPlan.model
     depth: int = 20  # retrieved passages per training question: positives and negatives come from these
     passages: int = 2  # M per question per step: 1 answer-bearing + M-1 answerless
     batch_size: int = 32
@@ -144,7 +148,30 @@ class Profile:
     reader: ReaderPlan | None = None  # None: no reader stages (needs ``train``)
     tolerance: float = 0.5  # regression tolerance when recording expected figures
     qa_tolerance: float = 3.0  # the same for end-to-end EM (a few hundred questions; reader training on CPU)
+    gpu: bool = False  # sized for a GPU: refused where the run's device is the CPU
+    expected: str = ""  # the expected wall time, said when the run starts
 
+
+# Profile dpr-gpu (`densepr reproduce --profile dpr-gpu --device cuda`): the paper's sizes on one GPU. Both towers and the
+# reader start from all-mpnet-base-v2 (12 layers x 768, 110M parameters: BERT-base size; fetched by the job), the retriever
+# at batch 128 with one BM25 hard negative for 40 epochs (Section 5.2; round 2 another 40 from round 1's weights, the
+# in-batch ablation 40 too) at the paper's lr 1e-5 with warm-up, the reader at M = 24 passages x 16 questions and windows
+# of 350 tokens (Section 6.1) with this project's measured recipe (shared normalisation, heads at 1e-3), bf16 autocast,
+# every test question read end to end. Still cosine similarity at scale 20: MPNet was trained for it, as MiniLM.
+GPU_TRAIN = TrainPlan(model="mpnet", batch_size=128, hard_negatives=1, epochs=40, round2_epochs=40, lr=1e-5, warmup_steps=100,
+                      save_every=1000, precision="bf16", full_graph_peak_gib=None)  # fmt: skip
+GPU_READER = ReaderPlan(model="mpnet", passages=24, batch_size=16, max_length=350, lr=2e-5, head_lr=1e-3, warmup_steps=50, dropout=0.1,
+                        epochs=3, save_every=1000, dev_limit=500, tune_limit=None, qa_limit=None)  # fmt: skip
+# Not measured (no GPU was lent to the session that wrote it): estimated from the FLOPs at ~35% of an H100's 989 bf16
+# TFLOP/s, with the embedded data's sizes (docs/training.md: 3,923 round-1 and 5,206 round-2 training questions; MPNet's
+# tokenizer: 107 tokens a passage on average, 189 at the 95th percentile, so a batch of 256 pads to ~250; questions 12).
+# Retriever: 6 x 85M weights x ~67k tokens a step = 3.4e16 FLOPs, ~0.15 s with its overheads; 1,200 + 1,200 + 1,600
+# steps ~ 10 min, plus 120 epoch ends (validation, a 2.6 GB checkpoint each) ~ 10 min. Reader:
+# ~750 steps of 16 x 24 windows ~ 2 min, tuning and 28k test questions x 20 passages x 2 modes read ~ 8 min. BM25,
+# mining and evaluation on the host CPUs (16 cores) ~ 10 min. Disk: ~13 GB of checkpoints under the output. GPU memory:
+# ~0.5 MB of bf16 activations a token over 12 layers (Korthikanti et al., 2022) x ~70k tokens a step ~ 35 GB, without
+# gradient caching (--grad-cache-chunk 32 for a smaller GPU).
+GPU_EXPECTED = "about 45 min on one H100-class GPU (an estimate from FLOPs, not yet measured), ~13 GB of disk"
 
 PROFILES = {
     "full": Profile(None, 1000),
@@ -158,6 +185,7 @@ PROFILES = {
                          train=TrainPlan(questions=600, batch_size=8, epochs=1, round2_epochs=1, max_steps=4, warmup_steps=1, save_every=2, full_graph_peak_gib=None),
                          reader=ReaderPlan(passages=4, batch_size=4, epochs=1, max_steps=3, warmup_steps=1, save_every=2, dev_limit=20,
                                            tune_limit=40, qa_limit=30, ks=(1, 5))),
+    "dpr-gpu": Profile(None, None, tolerance=2.0, gpu=True, train=GPU_TRAIN, reader=GPU_READER, expected=GPU_EXPECTED),
 }  # fmt: skip
 
 
@@ -233,12 +261,23 @@ class ReproduceConfig:
             self.reader = replace(self.reader, read_precision=check_precision(self.read_precision, "--read-precision"))
         if self.plan is not None and self.encoder is not None:
             raise DenseprError("profile dpr trains from the embedded encoder; --encoder applies to the zero-shot profiles")
+        if prof.gpu and _device_type(self.device) != "cuda":
+            raise DenseprError(f"profile {self.profile} is sized for a GPU ({prof.expected}); the device here is "
+                               f"{self.device or 'the CPU'}: run it with --device cuda on a GPU machine, or use --profile dpr")  # fmt: skip
         self.out_dir = Path(self.out_dir)
         order = stage_order(self.profile)
         if self.force_from is not None and self.force_from not in order:
             raise DenseprError(f"--from {self.force_from!r}: no such stage; stages: {', '.join(order)}")
 
 
+
+
+def _device_type(device: str | None) -> str:
+    import torch
+
+    from densepr.models.hf import default_device
+
+    return (torch.device(device) if device else default_device()).type
 
 
 # The main job's stages, in order (``densepr reproduce --from STAGE`` reruns one and all after it).

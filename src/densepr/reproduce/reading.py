@@ -82,7 +82,7 @@ def reader_cloze(job: Job) -> Stage:
     from densepr.train.cloze import CLOZE_SEED, cloze_records, write_cloze
 
     rp, run_dir, data = job.reader_plan, job.cfg.out_dir / "models" / "reader-cloze", job.cfg.out_dir / "cloze" / "cloze.json"
-    cfg = _reader_config(job, [data], run_dir, str(job.data.model_dir), epochs=1)
+    cfg = _reader_config(job, [data], run_dir, job.model_dir(rp.model), epochs=1)
 
     def build() -> Path:
         bm25 = job.runner.done["bm25"].get()
@@ -92,12 +92,13 @@ def reader_cloze(job: Job) -> Stage:
         _train_reader_run(job, cfg, "train reader (cloze)")
         return run_dir / "final"
 
-    settings = {"questions": rp.cloze, "seed": CLOZE_SEED, **{k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "init")}}
+    settings = {"questions": rp.cloze, "seed": CLOZE_SEED, **{k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "init")},
+                **({"init": rp.model} if rp.model != "embedded" else {})}  # fmt: skip
     return Stage("reader-cloze", build, lambda: run_dir / "final", settings, ("passages", "bm25"), [data, run_dir / "final"])
 
 
 def train_reader(job: Job) -> Stage:
-    """DPR's reader from the embedded MiniLM weights (new heads; or from ``reader-cloze``'s reader when
+    """DPR's reader from ``ReaderPlan.model``'s weights (the embedded MiniLM by default; new heads; or from ``reader-cloze``'s reader when
     ``ReaderPlan.cloze`` > 0) into ``models/reader/``; its ``best/`` (by held-out EM) is the output. A
     killed run resumes from its last checkpoint."""
     from densepr.train.mining import heldout_path
@@ -106,7 +107,7 @@ def train_reader(job: Job) -> Stage:
     train_files, dev_file = _reader_files(job)
     held = heldout_path(job.cfg.out_dir / "train-data" / "train-dev.json")
     cloze = rp.cloze > 0
-    init = job.cfg.out_dir / "models" / "reader-cloze" / "final" if cloze else job.data.model_dir
+    init = job.cfg.out_dir / "models" / "reader-cloze" / "final" if cloze else job.model_dir(rp.model)
     cfg = _reader_config(job, train_files, run_dir, str(init), dev_file=str(dev_file), holdout=[str(held)], epochs=rp.epochs,
                               dev_limit=rp.dev_limit)  # fmt: skip
 
@@ -115,7 +116,7 @@ def train_reader(job: Job) -> Stage:
         return run_dir / "best"
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("train_files", "output_dir", "dev_file", "holdout", "init")}
-    settings["init"] = "reader-cloze" if cloze else "embedded"
+    settings["init"] = "reader-cloze" if cloze else rp.model  # "embedded" (MiniLM): as before models existed
     upstream = ("reader-data", "reader-cloze") if cloze else ("reader-data",)
     return Stage("train-reader", build, lambda: run_dir / "best", settings, upstream, [run_dir / "best"],
                  added={"precision": "fp32"})  # fmt: skip

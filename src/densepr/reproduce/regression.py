@@ -65,7 +65,7 @@ def check_against(summary: dict, expected: dict, profile: str) -> list[str]:
 
 
 # What a committed config without these ReaderPlan fields trained: the recipe before each field was added.
-READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "positive", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0}
+READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "positive", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0, "model": "embedded"}
 
 
 def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:
@@ -107,7 +107,7 @@ def expected_entry(summary: dict, tolerance: float, qa_tolerance: float | None =
 
 def uses_defaults(cfg: ReproduceConfig) -> bool:
     """Only a run on the embedded defaults can be compared with the committed figures."""
-    default = ReproduceConfig(profile=cfg.profile)
+    default = ReproduceConfig(profile=cfg.profile, device=cfg.device)  # the device: a GPU profile checks it
     # gradient caching computes the same loss in pieces: its run is checked against the same figures
     plan = replace(cfg.plan, grad_cache_chunk=0) if cfg.plan is not None else None
     return cfg.encoder is None and plan == default.plan and cfg.datasets == default.datasets and cfg.tune_sets == default.tune_sets and cfg.k == default.k and cfg.depth == default.depth and cfg.reader == default.reader
@@ -131,6 +131,8 @@ def regression_check(summary: dict, cfg: ReproduceConfig, expected: str | os.Pat
     if expected is None and not uses_defaults(cfg):
         return RegressionCheck(compared=False)
     committed = load_expected(expected)
+    if expected is None and PROFILES[cfg.profile].gpu and cfg.profile not in committed:
+        return RegressionCheck(compared=False)  # a GPU profile's first runs: nothing recorded yet to compare with
     problems = check_against(summary, committed, cfg.profile)
     return RegressionCheck(True, reader_recipe_changed(summary, committed, cfg.profile), tuple(problems))
 

@@ -72,7 +72,7 @@ def train(job: Job, model: str, data: str, hard_negatives: int, epochs: int, ini
 
     plan, run_dir = job.plan, job.cfg.out_dir / "models" / model
     prefix = {"mine": "train", "remine": "round2"}[data]
-    init_dir = str(job.data.model_dir) if init is None else None
+    init_dir = job.model_dir(plan.model) if init is None else None
 
     def config() -> TrainConfig:
         d = job.cfg.out_dir / "train-data"
@@ -96,7 +96,7 @@ def train(job: Job, model: str, data: str, hard_negatives: int, epochs: int, ini
 
     settings = {k: v for k, v in asdict(_placeholder_config(plan, hard_negatives, epochs)).items()
                 if k not in ("train_file", "dev_file", "output_dir", "init")}  # fmt: skip
-    settings["init"] = "embedded" if init is None else f"train-{init}"
+    settings["init"] = plan.model if init is None else f"train-{init}"  # "embedded" (MiniLM): as before models existed
     upstream = (data, *(() if init is None else (f"train-{init}",)))
     return Stage(f"train-{model}", build, lambda: _trained(run_dir), settings, upstream, [run_dir / "best"], distributed=True,
                  added={"precision": "fp32"})  # fmt: skip

@@ -57,7 +57,7 @@ class ReaderTrainConfig(OptimConfig):
 
     train_files: list[str]
     output_dir: str
-    init: str  # a BERT-family model directory or a DPRReader checkpoint
+    init: str  # an encoder directory (BERT, MiniLM, MPNet, ...), a trained reader or a DPRReader checkpoint
     dev_file: str | None = None
     holdout: list[str] = field(default_factory=list)  # QA files whose questions must not be trained on
     match: str = "string"  # how answers are located: string, or regex (CuratedTREC)

@@ -10,7 +10,7 @@ Questions without a positive are dropped. Each step reads, per question, one pos
 
 Output directory (like the retriever's)::
 
-    checkpoint/   # latest: reader/ (Hugging Face DPRReader), optimizer.safetensors, trainer_state.json
+    checkpoint/   # latest: reader/ (DPRReader, or encoder + heads: models.reader_model), optimizer.safetensors, trainer_state.json
     best/         # the reader with the best validation EM; densepr_reader.json holds the tuned top-k
     metrics.jsonl, config.json
 """
@@ -33,6 +33,7 @@ from densepr.evaluate.qa import exact_match, f1_score
 from densepr.fileio.atomic import write_json
 from densepr.models.hf import autocast, check_precision
 from densepr.models.reader import Reader, Window, best_reading, find_answer_spans
+from densepr.models.reader_model import reader_heads
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, save_models_dir, start_run
 from densepr.train.config import SPAN_LOSSES, ReaderTrainConfig, span_loss_name
@@ -42,9 +43,8 @@ EVAL_KS = (1, 5, 10, 20, 50)
 
 
 def _heads(reader: Reader) -> list[torch.nn.Module]:
-    """The selection and span heads of a DPRReader (new, randomly initialised weights at the start)."""
-    sp = reader.model.span_predictor
-    return [sp.qa_outputs, sp.qa_classifier]
+    """The selection and span heads (new, randomly initialised weights at the start)."""
+    return reader_heads(reader.model)
 
 
 
@@ -196,7 +196,7 @@ def train_reader(cfg: ReaderTrainConfig, resume: bool = False, device: str | Non
     except DenseprError as e:
         raise DenseprError(f"cannot load {'checkpoint ' + str(ckpt) if ckpt else 'the initial model'}: {e}") from None
     if not isinstance(reader.model, torch.nn.Module):
-        raise DenseprError(f"{src}: an ONNX reader is for inference; train from a DPRReader or BERT directory")
+        raise DenseprError(f"{src}: an ONNX reader is for inference; train from a DPRReader or an encoder directory (BERT, MPNet, ...)")
     if cfg.dropout is not None:
         for mod in reader.modules():
             if isinstance(mod, torch.nn.Dropout):
