@@ -48,6 +48,7 @@ from densepr.fileio import (
     write_manifest,
 )
 from densepr.index.embeddings import Embeddings
+from densepr.index.encoder_ref import with_relative_path
 from densepr.index.types import INDEX_TYPES, IndexParams, IndexType, get
 from densepr.progress import progress_bar
 from densepr.ranking import SearchResult
@@ -297,7 +298,7 @@ class DenseIndex:
                 if work is not None and time.monotonic() - last_save >= checkpoint_seconds:
                     work.save_progress([s.index for s in shards], part_no + 1, row, IdLines(b"".join(id_bytes)))
                     last_save = time.monotonic()
-        meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
+        meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "question_encoder_info", "corpus") if k in emb.manifest}
         manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta,
                     "embeddings": str(emb.directory.resolve())}  # fmt: skip
         if phi is not None:
@@ -316,6 +317,7 @@ class DenseIndex:
                 entries.append({"file": s.file, "start": s.start, "count": int(s.index.ntotal)})
             write_ids(d / "ids.txt", self.ids)
             meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files", "shards")}
+            meta = with_relative_path(meta, directory)  # the index finds its encoder after both are moved (index.encoder_ref)
             self.manifest = write_manifest(d, KIND, [e["file"] for e in entries] + ["ids.txt"], **meta, shards=entries)
 
     @staticmethod

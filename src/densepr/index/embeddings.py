@@ -56,6 +56,7 @@ from densepr.progress import progress_bar
 
 KIND = "embeddings"
 OWN_FILES = ("encoding.json", "part-*.npy", "part-*.ids")  # what encoding writes before the manifest
+QE_KEY = "question_encoder_info"  # the question encoder by content, beside its path (see index.encoder_ref)
 
 
 def encoder_info(encoder: Encoder) -> dict:
@@ -107,7 +108,7 @@ def encode_corpus(
     corpus: Corpus | StreamedCorpus,
     out_dir: str | os.PathLike[str],
     *,
-    question_encoder: str | None = None,
+    question_encoder: Encoder | str | None = None,
     part_size: int = 100_000,
     batch_size: int = 64,
     dtype: str = "float32",
@@ -127,7 +128,8 @@ def encode_corpus(
         corpus: the passages, in the order rows will be written; read part by part (:meth:`Corpus.blocks`),
             so a passage store or a :class:`~densepr.data.store.StreamedCorpus` file is never held whole.
         out_dir: the embeddings directory.
-        question_encoder: path of the matching E_Q, recorded so retrieval pairs them.
+        question_encoder: the matching E_Q (default: ``encoder``, one model for both), recorded by path and
+            weights id so retrieval pairs them (``index.encoder_ref``); a path alone is recorded as it is.
         part_size: passages per part file.
         batch_size: passages per forward pass.
         dtype: ``float32`` or ``float16`` storage.
@@ -160,13 +162,18 @@ def _part_count(n: int, i: int, part_size: int) -> int:
     return min(n, (i + 1) * part_size) - i * part_size
 
 
-def encoding_plan(encoder: Encoder, corpus: Corpus | StreamedCorpus, question_encoder: str | None, part_size: int, dtype: str) -> dict:
+def encoding_plan(encoder: Encoder, corpus: Corpus | StreamedCorpus, question_encoder: Encoder | str | None, part_size: int,
+                  dtype: str) -> dict:  # fmt: skip
     """What ``encoding.json`` records, and what a resumed run must match."""
     if dtype not in ("float32", "float16"):
         raise DenseprError(f"dtype must be float32 or float16, not {dtype!r}")
     if part_size <= 0:
         raise DenseprError("the part size must be positive")
-    return {"encoder": encoder_info(encoder), "question_encoder": question_encoder or encoder.name,
+    if question_encoder is None or question_encoder == encoder.name:
+        question_encoder = encoder
+    q = question_encoder if isinstance(question_encoder, Encoder) else None
+    by_content = {QE_KEY: encoder_info(q)} if q is not None else {}  # a bare path: recorded as it is
+    return {"encoder": encoder_info(encoder), "question_encoder": q.name if q is not None else str(question_encoder), **by_content,
             "corpus": corpus.fingerprint(), "part_size": part_size, "dtype": dtype}  # fmt: skip
 
 
@@ -286,7 +293,7 @@ def finalize(out: Path, corpus: Corpus | StreamedCorpus, dim: int) -> dict | Non
         files += [npy, ids]
     return write_manifest(out, KIND, files + ["encoding.json"], dim=dim, count=len(corpus), dtype=plan["dtype"],
                           encoder=plan["encoder"], question_encoder=plan["question_encoder"],
-                          corpus=plan["corpus"], parts=parts)  # fmt: skip
+                          **{k: plan[k] for k in (QE_KEY,) if k in plan}, corpus=plan["corpus"], parts=parts)  # fmt: skip
 
 
 def _part_ok(out: Path, i: int, count: int, dim: int) -> bool:

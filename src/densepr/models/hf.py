@@ -2,8 +2,9 @@
 
 Both towers of the bi-encoder and the reader are Hugging Face model directories
 (``config.json``, safetensors weights, tokenizer files, plus densepr's own settings file and a
-``manifest.json``). Loading never runs remote code and never reads pickle; a directory with a
-manifest is checked against it first, so a truncated or altered file is refused with a message.
+``manifest.json``). Loading never runs remote code and never unpickles objects (a ``pytorch_model.bin``
+from elsewhere is read by torch's ``weights_only`` unpickler: tensors only, see :func:`weights_source`); a
+directory with a manifest is checked against it first, so a truncated or altered file is refused with a message.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def check_model_dir(path: str | os.PathLike[str], kind: str) -> Path:
                            "give a directory with config.json, weights and tokenizer files")  # fmt: skip
     check_dir_manifest(path, (kind,))  # a truncated or altered file is refused here, clearly
     return path
+
+
+def weights_source(path: Path) -> dict:
+    """from_pretrained's arguments for ``path``'s weights: safetensors when there are any; else a
+    ``pytorch_model.bin`` (older Hub checkpoints) read by torch's ``weights_only`` unpickler, which
+    builds tensors only and refuses any other object, so a checkpoint cannot run code."""
+    if any(path.glob("*.safetensors")) or not any(path.glob("pytorch_model*.bin")):
+        return {"use_safetensors": True}
+    return {"use_safetensors": False, "weights_only": True}
 
 
 @contextlib.contextmanager
