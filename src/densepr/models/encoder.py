@@ -32,13 +32,13 @@ from densepr.errors import DenseprError
 from densepr.fileio import write_json
 from densepr.models.hf import (
     autocast,
+    bin_state_dict,
     check_model_dir,
     check_vocab,
     default_device,
     load_errors,
     quiet_transformers,
     save_model_dir,
-    weights_source,
 )
 
 CONFIG_NAME = "densepr_encoder.json"
@@ -102,7 +102,8 @@ class Encoder(nn.Module):
     def load(
         cls, path: str | os.PathLike[str], config: EncoderConfig | None = None, device: str | torch.device | None = None
     ) -> Encoder:
-        """Load a Hugging Face model directory (safetensors weights; remote code is never run)."""
+        """Load a Hugging Face model directory (safetensors weights, or a pytorch_model.bin read as tensors only;
+        remote code is never run)."""
         import transformers
 
         quiet_transformers()
@@ -121,8 +122,9 @@ class Encoder(nn.Module):
                     raise DenseprError(f"{path}: {arch} is not a DPR question or context encoder")
                 model_cls = getattr(transformers, arch)
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir(path), trust_remote_code=False)
-            model, info = model_cls.from_pretrained(path, config=hf_config, trust_remote_code=False, output_loading_info=True,
-                                                    **weights_source(path))  # fmt: skip
+            state = bin_state_dict(path)  # a pytorch_model.bin checkpoint: its tensors, read without running code
+            model, info = model_cls.from_pretrained(None if state is not None else path, config=hf_config, state_dict=state,
+                                                    trust_remote_code=False, use_safetensors=True, output_loading_info=True)  # fmt: skip
         # A pooler head absent from sentence-transformers checkpoints is harmless (unused);
         # any other missing weight means the checkpoint does not match the model.
         missing = [k for k in info.get("missing_keys", []) if ".pooler." not in f".{k}"]
