@@ -123,6 +123,8 @@ class Encoder(nn.Module):
                 model_cls = getattr(transformers, arch)
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir(path), trust_remote_code=False)
             state = bin_state_dict(path)  # a pytorch_model.bin checkpoint: its tensors, read without running code
+            if state is not None and model_cls is transformers.AutoModel:  # weights given, not a folder: name the class
+                model_cls = transformers.MODEL_MAPPING[type(hf_config)]
             model, info = model_cls.from_pretrained(None if state is not None else path, config=hf_config, state_dict=state,
                                                     trust_remote_code=False, use_safetensors=True, output_loading_info=True)  # fmt: skip
         # A pooler head absent from sentence-transformers checkpoints is harmless (unused);
