@@ -16,14 +16,14 @@ Tevatron's JSON-lines training data is read too (one object per line; the first 
      "positive_passages": [{"docid": "...", "title": "...", "text": "..."}],
      "negative_passages": [...]}                                    # its (BM25) hard negatives
 
-``negative_passages`` become ``hard_negative_ctxs``. A JSON-lines line may also hold a DPR record.
+``negative_passages`` become ``hard_negative_ctxs``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +108,9 @@ def parse_record(obj: object, path: Path, rec: int) -> TrainRecord:
 
 def parse_tevatron(obj: dict, path: Path, line: int) -> TrainRecord:
     """One Tevatron JSON-lines record (see module docstring); raises :class:`InputError` naming line and field."""
+    if not {"query", "positive_passages"} & set(obj):
+        raise InputError(path, "expected a JSON array of DPR records (first character '['), or JSON lines of Tevatron "
+                         "records (query, positive_passages, negative_passages)", line=line)  # fmt: skip
     unknown = set(obj) - TEVATRON_FIELDS
     if unknown:
         raise InputError(path, f"unknown field(s) {sorted(unknown)} in a Tevatron record (expected {sorted(TEVATRON_FIELDS)})", line=line)
@@ -141,11 +144,6 @@ def parse_tevatron(obj: dict, path: Path, line: int) -> TrainRecord:
     return TrainRecord(q, list(answers), lists[0], hard_negative_ctxs=lists[1], dataset="tevatron")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, object, Callable[[object, Path, int], TrainRecord]]]:
-    for line, obj in iter_jsonl(path):
-        yield line, obj, parse_tevatron if "query" in obj or "positive_passages" in obj else parse_record
-
-
 def iter_train_records(
     path: str | os.PathLike[str], skip_bad: bool = False, stats: dict | None = None
 ) -> Iterator[TrainRecord]:
@@ -172,9 +170,9 @@ def iter_train_records(
         if not head:
             raise InputError(path, "empty file, expected a JSON array of records")
         if head.startswith(b"{"):  # JSON lines (Tevatron's layout)
-            for line, obj, parse in _jsonl_records(path):
+            for line, obj in iter_jsonl(path):
                 try:
-                    record = parse(obj, path, line)
+                    record = parse_tevatron(obj, path, line)
                 except InputError:
                     if not skip_bad:
                         raise
