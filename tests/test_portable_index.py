@@ -114,3 +114,18 @@ def test_bundled_encoder_travels_inside_the_index(tmp_path, capsys, qa_tsv, pass
     assert _ranking(tmp_path / "after.json") == _ranking(tmp_path / "before.json")
     code, out, err = run(capsys, "verify", str(moved))
     assert code == 0, out + err
+
+
+def test_an_unfinished_encoding_from_before_resumes(tmp_path, capsys, passages_tsv, tiny_bert):
+    emb = tmp_path / "emb"
+    args = ("encode", str(passages_tsv), str(emb), "--encoder", str(tiny_bert), "--part-size", "5", "--device", "cpu")
+    assert run(capsys, *args)[0] == 0
+    (emb / MANIFEST).unlink()
+    (emb / "part-00002.npy").unlink()  # killed before its last part
+    plan = read_json(emb / "encoding.json")
+    del plan["question_encoder_info"]  # as densepr wrote encoding.json before
+    (emb / "encoding.json").write_text(json.dumps(plan))
+    first = (emb / "part-00000.npy").stat().st_mtime_ns
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert (emb / MANIFEST).is_file() and (emb / "part-00000.npy").stat().st_mtime_ns == first  # resumed, not redone

@@ -172,6 +172,9 @@ def encoding_plan(encoder: Encoder, corpus: Corpus | StreamedCorpus, question_en
     if question_encoder is None or question_encoder == encoder.name:
         question_encoder = encoder
     q = question_encoder if isinstance(question_encoder, Encoder) else None
+    if q is not None and q.dim != encoder.dim:
+        raise MismatchError(f"question encoder {q.name} gives {q.dim}-d vectors, passage encoder {encoder.name} "
+                            f"{encoder.dim}-d: they are not two towers of one model")  # fmt: skip
     by_content = {QE_KEY: encoder_info(q)} if q is not None else {}  # a bare path: recorded as it is
     return {"encoder": encoder_info(encoder), "question_encoder": q.name if q is not None else str(question_encoder), **by_content,
             "corpus": corpus.fingerprint(), "part_size": part_size, "dtype": dtype}  # fmt: skip
@@ -183,7 +186,7 @@ def prepare(final: Path, plan: dict) -> Path | dict:
     check_target(final, KIND, OWN_FILES)
     out = final
     if (final / MANIFEST).is_file():  # a complete directory: done already, or re-encoded beside it
-        if _plan_of(final) == plan:
+        if _same_plan(final, plan):
             try:
                 return read_manifest(final, KIND)
             except DenseprError:
@@ -193,12 +196,12 @@ def prepare(final: Path, plan: dict) -> Path | dict:
             if sibling_abandoned(claimed, out, "installing"):
                 os.rename(claimed, out) if not out.exists() else remove_tree(claimed)
         check_target(out, KIND, OWN_FILES)
-        if (out / "encoding.json").is_file() and _plan_of(out) != plan:
+        if (out / "encoding.json").is_file() and not _same_plan(out, plan):
             remove_tree(out)  # an abandoned re-encode with other settings
         out.mkdir(parents=True, exist_ok=True)
-        if _plan_of(final) == plan:
+        if _same_plan(final, plan):
             _reuse_parts(final, out, read_json(final / MANIFEST))
-    elif (final / "encoding.json").is_file() and _plan_of(final) != plan:
+    elif (final / "encoding.json").is_file() and not _same_plan(final, plan):
         raise MismatchError(
             f"{final} holds an unfinished encoding with another encoder, corpus, part size or dtype; "
             "finish it with the same settings, or use a new directory (or delete this one)"
@@ -228,6 +231,15 @@ def complete(out: Path, final: Path, plan: dict, corpus: Corpus | StreamedCorpus
     if manifest is None or out == final:
         return manifest
     return _install(out, final, plan)
+
+
+def _same_plan(directory: Path, plan: dict) -> bool:
+    """``directory`` was (or is being) encoded with ``plan``; one written before manifests named the
+    question encoder by content (no ``question_encoder_info``) counts as the same when all else is."""
+    old = _plan_of(directory)
+    if old is not None and QE_KEY not in old:
+        plan = {k: v for k, v in plan.items() if k != QE_KEY}
+    return old == plan
 
 
 def _plan_of(directory: Path) -> dict | None:
@@ -265,7 +277,7 @@ def _install(build: Path, final: Path, plan: dict, wait_s: float = 60.0) -> dict
     except FileNotFoundError:  # another process is installing it
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if _plan_of(final) == plan and (final / MANIFEST).is_file():
+            if _same_plan(final, plan) and (final / MANIFEST).is_file():
                 return read_manifest(final, KIND)
             time.sleep(0.2)
         return None
