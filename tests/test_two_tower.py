@@ -157,6 +157,10 @@ def test_tevatron_folders_with_the_tokenizer_beside_them(tmp_path, vocab_dir):
     (ckpt / "pooler.pt").write_bytes(b"")  # a trained linear pooler densepr does not apply: refused, not ignored
     with pytest.raises(DenseprError, match="pooler"):
         load_biencoder(ckpt, device="cpu")
+    tied = make_tiny_bert(tmp_path / "tied", seed=8)  # Tevatron's tied encoder: one folder, its pooler inside
+    (tied / "pooler.pt").write_bytes(b"")
+    with pytest.raises(DenseprError, match="pooler"):
+        load_biencoder(tied, device="cpu")
 
 
 # -- pytorch_model.bin: tensors only ----------------------------------------------------------------

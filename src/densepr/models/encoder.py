@@ -110,9 +110,10 @@ class Encoder(nn.Module):
         path = check_model_dir(path, "encoder")
         with load_errors(path, "encoder"):
             hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-            if (path.parent / "pooler.pt").is_file() and path.name in ("query_model", "passage_model"):
-                raise DenseprError(f"{path.parent}: a Tevatron checkpoint with a trained pooler (pooler.pt), which densepr "
-                                   "does not apply; vectors would differ from Tevatron's")  # fmt: skip
+            pooler = [d / "pooler.pt" for d in (path, path.parent) if (d / "pooler.pt").is_file()]
+            if pooler and (pooler[0].parent == path or path.name in ("query_model", "passage_model")):
+                raise DenseprError(f"{pooler[0]}: a Tevatron checkpoint with a trained pooler, which densepr does not "
+                                   "apply; its vectors would differ from Tevatron's")  # fmt: skip
             model_cls = transformers.AutoModel
             if hf_config.model_type == "dpr":
                 # AutoModel maps every "dpr" config to DPRQuestionEncoder, which would load a
@@ -297,6 +298,8 @@ def load_biencoder(
     ``passage`` replace that tower (given alone, one is used for both). A DPR context encoder is
     refused as the question tower (:func:`check_question_encoder`).
     """
+    if path is None and question is None and passage is None:
+        raise DenseprError("no encoder given: a model directory, a two-tower checkpoint, or the question and passage encoders")
     q_dir, p_dir = tower_dirs(path) if path is not None else (None, None)
     q_dir, p_dir = Path(question or q_dir or passage), Path(passage or p_dir or question)
     q_enc = Encoder.load(q_dir, device=device)
