@@ -69,7 +69,10 @@ def index_dense(
 
     if question_encoder is not None:
         set_question_encoder(index, question_encoder)
-    save_bundled(index, output) if bundle_encoder else index.save(output)
+    if bundle_encoder:
+        save_bundled(index, output)
+    else:
+        index.save(output)
     remove_tree(work)  # checked as the build's own when the build opened it
     shards = f" in {num_shards} shards" if num_shards > 1 else ""
     out.print(f"{type} index of {len(index)} x {index.dim} vectors{shards} written to {output}")
