@@ -51,7 +51,7 @@ def candidates(manifest: dict, directory: str | os.PathLike[str]) -> list[Path]:
     info = manifest.get(KEY) or {}
     out = []
     if info.get("relative_path"):
-        out.append(Path(directory) / info["relative_path"])
+        out.append(Path(os.path.normpath(Path(directory) / info["relative_path"])))
     for p in (info.get("path"), manifest.get("question_encoder")):
         if p and Path(p) not in out:
             out.append(Path(p))
