@@ -49,9 +49,11 @@ def index_dense(
     rerank: Annotated[int, typer.Option(help="Compressed types: re-score the top k x RERANK exactly from the embeddings on disk (0 = off).")] = _default(IndexParams, "rerank"),
     train_size: Annotated[int, typer.Option(help="Vectors sampled to train quantisers.")] = _default(IndexParams, "train_size"),
     checkpoint_seconds: Annotated[float, typer.Option(help="Save build progress at most this often (a killed build resumes from it).")] = 300.0,
+    question_encoder: Annotated[Optional[Path], typer.Option(help="Record this question encoder for retrieval instead of the one the embeddings name (e.g. the DPRQuestionEncoder matching DPRContextEncoder passages).")] = None,
+    bundle_encoder: Annotated[bool, typer.Option("--bundle-encoder", help="Copy the question encoder into the index (question_encoder/), so the index works wherever it is copied.")] = False,
 ) -> None:
     """Build a FAISS index from passage embeddings (exact, compressed or approximate); resumes a killed build."""
-    _check_output(output, "dir", "dense index", inputs=(embeddings,))
+    _check_output(output, "dir", "dense index", inputs=(embeddings, question_encoder))
     _check_output(output.with_name(output.name + ".building"), "dir", "build's work directory", inputs=(embeddings,))
     from densepr.fileio.dirs import remove_tree
     from densepr.index.dense import DenseIndex
@@ -63,7 +65,14 @@ def index_dense(
     work = output.with_name(output.name + ".building")  # resumable: a killed build continues from here
     index = DenseIndex.build(embeddings, type, params, num_shards=num_shards, show_progress=True, work_dir=work,
                              checkpoint_seconds=checkpoint_seconds)  # fmt: skip
-    index.save(output)
+    from densepr.index.encoder_ref import save_bundled, set_question_encoder
+
+    if question_encoder is not None:
+        set_question_encoder(index, question_encoder)
+    if bundle_encoder:
+        save_bundled(index, output)
+    else:
+        index.save(output)
     remove_tree(work)  # checked as the build's own when the build opened it
     shards = f" in {num_shards} shards" if num_shards > 1 else ""
     out.print(f"{type} index of {len(index)} x {index.dim} vectors{shards} written to {output}")
@@ -149,7 +158,9 @@ def _fmt(x: float | None, signed: bool = False) -> str:
 def encode(
     passages: Annotated[Path, typer.Argument(help="Passages (.tsv DPR layout, .jsonl or .parquet).")],
     output: Annotated[Path, typer.Argument(help="Embeddings directory to write (resumes if present).")],
-    encoder: Annotated[Optional[Path], typer.Option(help="Model directory, or a checkpoint with question_encoder/ and passage_encoder/ (default: embedded all-MiniLM-L6-v2).")] = None,
+    encoder: Annotated[Optional[Path], typer.Option(help="Model directory, or a two-tower checkpoint: question_encoder/ + passage_encoder/ (densepr), query_encoder/ + passage_encoder/ (Haystack) or query_model/ + passage_model/ (Tevatron) (default: embedded all-MiniLM-L6-v2).")] = None,
+    question_encoder: Annotated[Optional[Path], typer.Option(help="The question tower recorded for retrieval (replaces --encoder's; alone: used for both).")] = None,
+    passage_encoder: Annotated[Optional[Path], typer.Option(help="The passage tower that encodes PASSAGES (replaces --encoder's; alone: used for both).")] = None,
     batch_size: int = 64,
     part_size: Annotated[int, typer.Option(help="Passages per .npy part file (the unit of resumption).")] = 100_000,
     dtype: Annotated[str, typer.Option(help="float32 or float16 storage.")] = "float32",
@@ -165,10 +176,12 @@ def encode(
     """Encode passages as `title [SEP] text` into .npy parts plus ids; several processes can share
     the work (`--shard-id I --num-shards N`, or `torchrun --nproc-per-node K -m densepr encode ...`),
     or a Ray cluster (`--ray auto`): the same directory format, resumable, a lost node's part re-run."""
-    _check_output(output, "dir", "embeddings", inputs=(encoder,))
+    _check_output(output, "dir", "embeddings", inputs=(encoder, question_encoder, passage_encoder))
     if ray is not None:
         if shard_id is not None or num_shards is not None:
             raise DenseprError("--ray splits the work itself: drop --shard-id/--num-shards")
+        if question_encoder is not None or passage_encoder is not None:
+            raise DenseprError("--ray takes --encoder (a model, or a two-tower checkpoint), not --question-encoder/--passage-encoder")
         from densepr.data import EmbeddedData
         from densepr.index.ray_encode import encode_corpus_ray
 
@@ -183,9 +196,10 @@ def encode(
     from densepr.models.encoder import load_biencoder
 
     shard_id, num_shards, device, show_progress = process_share(shard_id, num_shards, device)  # under torchrun: its rank's
-    q_enc, p_enc = load_biencoder(encoder or EmbeddedData(cache_dir).model_dir, device=device)
+    base = encoder or (None if question_encoder or passage_encoder else EmbeddedData(cache_dir).model_dir)
+    q_enc, p_enc = load_biencoder(base, device=device, question=question_encoder, passage=passage_encoder)
     corpus = open_passages(passages, output)  # an index directory's store, else the file streamed: read part by part
-    m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc.name, part_size=part_size, batch_size=batch_size,
+    m = encode_corpus(p_enc, corpus, output, question_encoder=q_enc, part_size=part_size, batch_size=batch_size,
                       dtype=dtype, shard_id=shard_id, num_shards=num_shards, show_progress=show_progress)  # fmt: skip
     if m is None:
         out.print(f"shard {shard_id + 1}/{num_shards} encoded into {output}; other shards still to finish")

@@ -12,7 +12,7 @@ from densepr.train.config import TrainConfig
 
 
 def train_cmd(
-    train_file: Annotated[Path, typer.Option("--train", help="DPR retriever JSON (what `data build-train` writes, or biencoder-*.json).")],
+    train_file: Annotated[Path, typer.Option("--train", help="DPR retriever JSON (what `data build-train` writes, or biencoder-*.json), or Tevatron JSON lines (query, positive_passages, negative_passages).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (checkpoint/, best/, metrics.jsonl).")],
     dev_file: Annotated[Optional[Path], typer.Option("--dev", help="Held-out DPR retriever JSON for validation each epoch.")] = _default(TrainConfig, "dev_file"),
     init: Annotated[Optional[Path], typer.Option(help="Initial model directory or bi-encoder checkpoint (default: embedded all-MiniLM-L6-v2).")] = None,

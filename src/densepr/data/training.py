@@ -9,6 +9,14 @@ The file is one JSON array of records::
 
 The official files are several GB, so records are streamed with ijson (C backend) and
 never held all at once.
+
+Tevatron's JSON-lines training data is read too (one object per line; the first character ``{``)::
+
+    {"query_id": "...", "query": "...", "answers": [...],          # answers: optional
+     "positive_passages": [{"docid": "...", "title": "...", "text": "..."}],
+     "negative_passages": [...]}                                    # its (BM25) hard negatives
+
+``negative_passages`` become ``hard_negative_ctxs``.
 """
 
 from __future__ import annotations
@@ -21,13 +29,15 @@ from pathlib import Path
 
 import ijson
 
-from densepr.data.passages import Passage, RecordReader, check_id
+from densepr.data.passages import Passage, RecordReader, check_id, iter_jsonl
 from densepr.errors import InputError
 from densepr.fileio.atomic import atomic_write
 
 RECORD_FIELDS = {"dataset", "question", "answers", "positive_ctxs", "negative_ctxs", "hard_negative_ctxs", "id", "qid"}
 CTX_FIELDS = {"title", "text", "passage_id", "id", "psg_id", "score", "title_score", "has_answer"}
 CTX_LISTS = ("positive_ctxs", "negative_ctxs", "hard_negative_ctxs")
+TEVATRON_FIELDS = {"query_id", "query", "answers", "positive_passages", "negative_passages"}
+TEVATRON_PASSAGE_FIELDS = {"docid", "title", "text"}
 
 
 @dataclass
@@ -96,13 +106,51 @@ def parse_record(obj: object, path: Path, rec: int) -> TrainRecord:
     return TrainRecord(q, list(answers), dataset=str(obj.get("dataset", "")), **lists)
 
 
+def parse_tevatron(obj: dict, path: Path, line: int) -> TrainRecord:
+    """One Tevatron JSON-lines record (see module docstring); raises :class:`InputError` naming line and field."""
+    if not {"query", "positive_passages"} & set(obj):
+        raise InputError(path, "expected a JSON array of DPR records (first character '['), or JSON lines of Tevatron "
+                         "records (query, positive_passages, negative_passages)", line=line)  # fmt: skip
+    unknown = set(obj) - TEVATRON_FIELDS
+    if unknown:
+        raise InputError(path, f"unknown field(s) {sorted(unknown)} in a Tevatron record (expected {sorted(TEVATRON_FIELDS)})", line=line)
+    q = obj.get("query")
+    if not isinstance(q, str) or not q.strip():
+        raise InputError(path, "missing or empty query", line=line, field="query")
+    answers = obj.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise InputError(path, "answers must be a list of strings", line=line, field="answers")
+    lists = []
+    for name in ("positive_passages", "negative_passages"):
+        value = obj.get(name, [])
+        if not isinstance(value, list):
+            raise InputError(path, f"expected a list, found {type(value).__name__}", line=line, field=name)
+        psgs = []
+        for i, c in enumerate(value):
+            where = f"{name}[{i}]"
+            if not isinstance(c, dict) or set(c) - TEVATRON_PASSAGE_FIELDS:
+                raise InputError(path, f"{where}: expected an object with {sorted(TEVATRON_PASSAGE_FIELDS)}", line=line, field=name)
+            text, title, pid = c.get("text"), c.get("title", ""), c.get("docid", "")
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(path, f"{where}: missing or empty 'text'", line=line, field="text")
+            if not isinstance(title, str) or not isinstance(pid, (str, int)) or isinstance(pid, bool):
+                raise InputError(path, f"{where}: 'title' must be a string, 'docid' a string or integer", line=line, field=name)
+            if pid != "":
+                check_id(str(pid), path, what=f"{where}: docid", line=line, field="docid")
+            psgs.append(Passage(str(pid), title, text))
+        lists.append(psgs)
+    if not lists[0]:
+        raise InputError(path, "no positive passage", line=line, field="positive_passages")
+    return TrainRecord(q, list(answers), lists[0], hard_negative_ctxs=lists[1], dataset="tevatron")
+
+
 def iter_train_records(
     path: str | os.PathLike[str], skip_bad: bool = False, stats: dict | None = None
 ) -> Iterator[TrainRecord]:
-    """Stream and validate the records of a DPR retriever JSON file.
+    """Stream and validate the records of a DPR retriever JSON file, or of a JSON-lines file (Tevatron's).
 
     Args:
-        path: the JSON array file.
+        path: the JSON array file, or the JSON-lines file.
         skip_bad: skip (and count) invalid records instead of raising on the first one.
         stats: if given, filled with ``{"read": n, "skipped": m}`` as the stream advances.
 
@@ -121,8 +169,20 @@ def iter_train_records(
         head = fh.read(64).lstrip()
         if not head:
             raise InputError(path, "empty file, expected a JSON array of records")
+        if head.startswith(b"{"):  # JSON lines (Tevatron's layout)
+            for line, obj in iter_jsonl(path):
+                try:
+                    record = parse_tevatron(obj, path, line)
+                except InputError:
+                    if not skip_bad:
+                        raise
+                    stats["skipped"] += 1
+                    continue
+                stats["read"] += 1
+                yield record
+            return
         if not head.startswith(b"["):
-            raise InputError(path, "expected a JSON array of records (first character '[')")
+            raise InputError(path, "expected a JSON array of records (first character '[') or JSON lines (first character '{')")
         fh.seek(3 if bom else 0)
         source = RecordReader(fh, path)  # one record at a time, each at most MAX_RECORD_BYTES
         try:

@@ -40,6 +40,7 @@ from densepr.fileio.manifest import MANIFEST, read_manifest, write_manifest
 from densepr.index.dense_build import Shard, build_shards, take_rows
 from densepr.index.dense_search import TORCH_CPU_MAX, torch_topk
 from densepr.index.embeddings import Embeddings
+from densepr.index.encoder_ref import with_relative_path
 from densepr.index.types import IndexParams, IndexType, get
 from densepr.ranking import SearchResult
 
@@ -165,6 +166,7 @@ class DenseIndex:
                 entries.append({"file": s.file, "start": s.start, "count": int(s.index.ntotal)})
             write_ids(d / "ids.txt", self.ids)
             meta = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "files", "shards")}
+            meta = with_relative_path(meta, directory)  # the index finds its encoder after both are moved (index.encoder_ref)
             self.manifest = write_manifest(d, KIND, [e["file"] for e in entries] + ["ids.txt"], **meta, shards=entries)
 
     @staticmethod

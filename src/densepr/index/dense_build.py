@@ -164,7 +164,7 @@ def build_shards(
             if work is not None and time.monotonic() - last_save >= checkpoint_seconds:
                 work.save_progress([s.index for s in shards], part_no + 1, row, IdLines(b"".join(id_bytes)))
                 last_save = time.monotonic()
-    meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "corpus") if k in emb.manifest}
+    meta = {k: emb.manifest[k] for k in ("encoder", "question_encoder", "question_encoder_info", "corpus") if k in emb.manifest}
     manifest = {"type": index_type, "metric": "inner_product", "dim": dim, "count": n, "params": asdict(p), **meta,
                 "embeddings": str(emb.directory.resolve())}  # fmt: skip
     if phi is not None:

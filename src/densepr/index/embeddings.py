@@ -45,6 +45,7 @@ from densepr.progress import progress_bar
 
 KIND = "embeddings"
 OWN_FILES = ("encoding.json", "part-*.npy", "part-*.ids")  # what encoding writes before the manifest
+QE_KEY = "question_encoder_info"  # the question encoder by content, beside its path (see index.encoder_ref)
 
 
 def weights_id(directory: str | os.PathLike[str]) -> str:
@@ -102,7 +103,7 @@ def encode_corpus(
     corpus: Corpus | StreamedCorpus,
     out_dir: str | os.PathLike[str],
     *,
-    question_encoder: str | None = None,
+    question_encoder: Encoder | str | None = None,
     part_size: int = 100_000,
     batch_size: int = 64,
     dtype: str = "float32",
@@ -122,7 +123,8 @@ def encode_corpus(
         corpus: the passages, in the order rows will be written; read part by part (:meth:`Corpus.blocks`),
             so a passage store or a :class:`~densepr.data.store.StreamedCorpus` file is never held whole.
         out_dir: the embeddings directory.
-        question_encoder: path of the matching E_Q, recorded so retrieval pairs them.
+        question_encoder: the matching E_Q (default: ``encoder``, one model for both), recorded by path and
+            weights id so retrieval pairs them (``index.encoder_ref``); a path alone is recorded as it is.
         part_size: passages per part file.
         batch_size: passages per forward pass.
         dtype: ``float32`` or ``float16`` storage.
@@ -155,13 +157,21 @@ def _part_count(n: int, i: int, part_size: int) -> int:
     return min(n, (i + 1) * part_size) - i * part_size
 
 
-def encoding_plan(encoder: Encoder, corpus: Corpus | StreamedCorpus, question_encoder: str | None, part_size: int, dtype: str) -> dict:
+def encoding_plan(encoder: Encoder, corpus: Corpus | StreamedCorpus, question_encoder: Encoder | str | None, part_size: int,
+                  dtype: str) -> dict:  # fmt: skip
     """What ``encoding.json`` records, and what a resumed run must match."""
     if dtype not in ("float32", "float16"):
         raise DenseprError(f"dtype must be float32 or float16, not {dtype!r}")
     if part_size <= 0:
         raise DenseprError("the part size must be positive")
-    return {"encoder": encoder_info(encoder), "question_encoder": question_encoder or encoder.name,
+    if question_encoder is None or question_encoder == encoder.name:
+        question_encoder = encoder
+    q = question_encoder if isinstance(question_encoder, Encoder) else None
+    if q is not None and q.dim != encoder.dim:
+        raise MismatchError(f"question encoder {q.name} gives {q.dim}-d vectors, passage encoder {encoder.name} "
+                            f"{encoder.dim}-d: they are not two towers of one model")  # fmt: skip
+    by_content = {QE_KEY: encoder_info(q)} if q is not None else {}  # a bare path: recorded as it is
+    return {"encoder": encoder_info(encoder), "question_encoder": q.name if q is not None else str(question_encoder), **by_content,
             "corpus": corpus.fingerprint(), "part_size": part_size, "dtype": dtype}  # fmt: skip
 
 
@@ -171,7 +181,7 @@ def prepare(final: Path, plan: dict) -> Path | dict:
     check_target(final, KIND, OWN_FILES)
     out = final
     if (final / MANIFEST).is_file():  # a complete directory: done already, or re-encoded beside it
-        if _plan_of(final) == plan:
+        if _same_plan(final, plan):
             try:
                 return read_manifest(final, KIND)
             except DenseprError:
@@ -181,12 +191,12 @@ def prepare(final: Path, plan: dict) -> Path | dict:
             if sibling_abandoned(claimed, out, "installing"):
                 os.rename(claimed, out) if not out.exists() else remove_tree(claimed)
         check_target(out, KIND, OWN_FILES)
-        if (out / "encoding.json").is_file() and _plan_of(out) != plan:
+        if (out / "encoding.json").is_file() and not _same_plan(out, plan):
             remove_tree(out)  # an abandoned re-encode with other settings
         out.mkdir(parents=True, exist_ok=True)
-        if _plan_of(final) == plan:
+        if _same_plan(final, plan):
             _reuse_parts(final, out, read_json(final / MANIFEST))
-    elif (final / "encoding.json").is_file() and _plan_of(final) != plan:
+    elif (final / "encoding.json").is_file() and not _same_plan(final, plan):
         raise MismatchError(
             f"{final} holds an unfinished encoding with another encoder, corpus, part size or dtype; "
             "finish it with the same settings, or use a new directory (or delete this one)"
@@ -216,6 +226,15 @@ def complete(out: Path, final: Path, plan: dict, corpus: Corpus | StreamedCorpus
     if manifest is None or out == final:
         return manifest
     return _install(out, final, plan)
+
+
+def _same_plan(directory: Path, plan: dict) -> bool:
+    """``directory`` was (or is being) encoded with ``plan``; one written before manifests named the
+    question encoder by content (no ``question_encoder_info``) counts as the same when all else is."""
+    old = _plan_of(directory)
+    if old is not None and QE_KEY not in old:
+        plan = {k: v for k, v in plan.items() if k != QE_KEY}
+    return old == plan
 
 
 def _plan_of(directory: Path) -> dict | None:
@@ -253,7 +272,7 @@ def _install(build: Path, final: Path, plan: dict, wait_s: float = 60.0) -> dict
     except FileNotFoundError:  # another process is installing it
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if _plan_of(final) == plan and (final / MANIFEST).is_file():
+            if _same_plan(final, plan) and (final / MANIFEST).is_file():
                 return read_manifest(final, KIND)
             time.sleep(0.2)
         return None
@@ -281,7 +300,7 @@ def finalize(out: Path, corpus: Corpus | StreamedCorpus, dim: int) -> dict | Non
         files += [npy, ids]
     return write_manifest(out, KIND, files + ["encoding.json"], dim=dim, count=len(corpus), dtype=plan["dtype"],
                           encoder=plan["encoder"], question_encoder=plan["question_encoder"],
-                          corpus=plan["corpus"], parts=parts)  # fmt: skip
+                          **{k: plan[k] for k in (QE_KEY,) if k in plan}, corpus=plan["corpus"], parts=parts)  # fmt: skip
 
 
 def _part_ok(out: Path, i: int, count: int, dim: int) -> bool:

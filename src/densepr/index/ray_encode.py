@@ -189,7 +189,7 @@ def encode_corpus_ray(
     q_enc, p_enc = load_biencoder(encoder_path, device="cpu")  # for the plan: name, dimension, weights id
     corpus = open_passages(passages)  # the driver reads the file once, for its count and fingerprint (or its store's)
     final = Path(out_dir)
-    plan = encoding_plan(p_enc, corpus, q_enc.name, part_size, dtype)
+    plan = encoding_plan(p_enc, corpus, q_enc, part_size, dtype)
     out = prepare(final, plan)
     if isinstance(out, dict):
         return out

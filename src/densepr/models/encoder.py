@@ -32,7 +32,16 @@ from torch import nn
 
 from densepr.errors import DenseprError
 from densepr.fileio.atomic import write_json
-from densepr.models.hf import autocast, check_model_dir, check_vocab, default_device, load_errors, quiet_transformers, save_model_dir
+from densepr.models.hf import (
+    autocast,
+    bin_state_dict,
+    check_model_dir,
+    check_vocab,
+    default_device,
+    load_errors,
+    quiet_transformers,
+    save_model_dir,
+)
 from densepr.models.st_files import write_st_files
 
 CONFIG_NAME = "densepr_encoder.json"
@@ -96,13 +105,18 @@ class Encoder(nn.Module):
     def load(
         cls, path: str | os.PathLike[str], config: EncoderConfig | None = None, device: str | torch.device | None = None
     ) -> Encoder:
-        """Load a Hugging Face model directory (safetensors weights; remote code is never run)."""
+        """Load a Hugging Face model directory (safetensors weights, or a pytorch_model.bin read as tensors only;
+        remote code is never run)."""
         import transformers
 
         quiet_transformers()
         path = check_model_dir(path, "encoder")
         with load_errors(path, "encoder"):
             hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+            pooler = [d / "pooler.pt" for d in (path, path.parent) if (d / "pooler.pt").is_file()]
+            if pooler and (pooler[0].parent == path or path.name in ("query_model", "passage_model")):
+                raise DenseprError(f"{pooler[0]}: a Tevatron checkpoint with a trained pooler, which densepr does not "
+                                   "apply; its vectors would differ from Tevatron's")  # fmt: skip
             model_cls = transformers.AutoModel
             if hf_config.model_type == "dpr":
                 # AutoModel maps every "dpr" config to DPRQuestionEncoder, which would load a
@@ -111,10 +125,12 @@ class Encoder(nn.Module):
                 if arch not in ("DPRQuestionEncoder", "DPRContextEncoder"):
                     raise DenseprError(f"{path}: {arch} is not a DPR question or context encoder")
                 model_cls = getattr(transformers, arch)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            model, info = model_cls.from_pretrained(
-                path, config=hf_config, trust_remote_code=False, use_safetensors=True, output_loading_info=True
-            )
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir(path), trust_remote_code=False)
+            state = bin_state_dict(path)  # a pytorch_model.bin checkpoint: its tensors, read without running code
+            if state is not None and model_cls is transformers.AutoModel:  # weights given, not a folder: name the class
+                model_cls = transformers.MODEL_MAPPING[type(hf_config)]
+            model, info = model_cls.from_pretrained(None if state is not None else path, config=hf_config, state_dict=state,
+                                                    trust_remote_code=False, use_safetensors=True, output_loading_info=True)  # fmt: skip
         # A pooler head absent from sentence-transformers checkpoints is harmless (unused);
         # any other missing weight means the checkpoint does not match the model.
         missing = [k for k in info.get("missing_keys", []) if ".pooler." not in f".{k}"]
@@ -136,6 +152,11 @@ class Encoder(nn.Module):
             write_st_files(d, c.pooling, c.normalize, c.max_length, self.model.config.hidden_size, self.model.config.model_type)
 
         save_model_dir(path, self.model, self.tokenizer, settings, "encoder", name=self.name)
+
+    @property
+    def is_context_encoder(self) -> bool:
+        """A DPR context (passage) encoder: trained for passages only, never for questions."""
+        return type(self.model).__name__ == "DPRContextEncoder"
 
     @property
     def dim(self) -> int:
@@ -240,16 +261,58 @@ class BiEncoder(nn.Module):
         return F.cross_entropy(self.scale * self.similarity(q, p).float(), positive)
 
 
-def load_biencoder(
-    path: str | os.PathLike[str], device: str | torch.device | None = None
-) -> tuple[Encoder, Encoder]:
-    """Load ``(question_encoder, passage_encoder)`` from a checkpoint directory.
+# Two-tower checkpoint layouts (question folder, passage folder): densepr's (what `densepr train` writes),
+# Haystack's DensePassageRetriever.save, and Tevatron's with untied encoders (its tokenizer beside them).
+TOWER_LAYOUTS = (("question_encoder", "passage_encoder"), ("query_encoder", "passage_encoder"), ("query_model", "passage_model"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
-    A directory with ``question_encoder/`` and ``passage_encoder/`` (what ``densepr train``
-    writes) gives two towers; a plain model directory is used for both.
-    """
+
+def tower_dirs(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(question_dir, passage_dir)`` of a two-tower checkpoint in any of :data:`TOWER_LAYOUTS`, else
+    ``(path, path)``: one model for both."""
     path = Path(path)
-    if (path / "question_encoder").is_dir() and (path / "passage_encoder").is_dir():
-        return Encoder.load(path / "question_encoder", device=device), Encoder.load(path / "passage_encoder", device=device)
-    enc = Encoder.load(path, device=device)
-    return enc, enc
+    for q, p in TOWER_LAYOUTS:
+        if (path / q).is_dir() and (path / p).is_dir():
+            return path / q, path / p
+    return path, path
+
+
+def tokenizer_dir(path: Path) -> Path:
+    """Where a tower's tokenizer is: its own folder, else (Tevatron) the checkpoint folder above it."""
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        return path
+    up = path.parent
+    if path.name in {n for layout in TOWER_LAYOUTS for n in layout} and any((up / f).is_file() for f in TOKENIZER_FILES):
+        return up
+    return path
+
+
+def check_question_encoder(encoder, where: str = "") -> None:
+    """Refuse a DPR context encoder as the question tower: it was trained for passages, and questions
+    encoded with it rank differently, silently."""
+    if getattr(encoder, "is_context_encoder", False):
+        raise DenseprError(f"{where or encoder.name}: a DPRContextEncoder encodes passages only, never questions; "
+                           "give the matching question encoder with --question-encoder")  # fmt: skip
+
+
+def load_biencoder(
+    path: str | os.PathLike[str] | None = None, device: str | torch.device | None = None, *,
+    question: str | os.PathLike[str] | None = None, passage: str | os.PathLike[str] | None = None,
+) -> tuple[Encoder, Encoder]:  # fmt: skip
+    """Load ``(question_encoder, passage_encoder)``.
+
+    ``path``: a two-tower checkpoint (:data:`TOWER_LAYOUTS`: densepr's ``question_encoder/`` +
+    ``passage_encoder/``, Haystack's ``query_encoder/`` + ``passage_encoder/``, Tevatron's
+    ``query_model/`` + ``passage_model/``), or one model directory used for both. ``question`` /
+    ``passage`` replace that tower (given alone, one is used for both). A DPR context encoder is
+    refused as the question tower (:func:`check_question_encoder`).
+    """
+    if path is None and question is None and passage is None:
+        raise DenseprError("no encoder given: a model directory, a two-tower checkpoint, or the question and passage encoders")
+    q_dir, p_dir = tower_dirs(path) if path is not None else (None, None)
+    q_dir, p_dir = Path(question or q_dir or passage), Path(passage or p_dir or question)
+    q_enc = Encoder.load(q_dir, device=device)
+    p_enc = q_enc if q_dir.resolve() == p_dir.resolve() else Encoder.load(p_dir, device=device)
+    if q_enc.is_context_encoder:
+        check_question_encoder(q_enc, f"{q_dir}{' (used for questions and passages)' if p_enc is q_enc else ''}")
+    return q_enc, p_enc

@@ -2,8 +2,9 @@
 
 Both towers of the bi-encoder and the reader are Hugging Face model directories
 (``config.json``, safetensors weights, tokenizer files, plus densepr's own settings file and a
-``manifest.json``). Loading never runs remote code and never reads pickle; a directory with a
-manifest is checked against it first, so a truncated or altered file is refused with a message.
+``manifest.json``). Loading never runs remote code and never unpickles objects (a ``pytorch_model.bin``
+from elsewhere is read by torch's ``weights_only`` unpickler: tensors only, see :func:`bin_state_dict`); a
+directory with a manifest is checked against it first, so a truncated or altered file is refused with a message.
 """
 
 from __future__ import annotations
@@ -83,6 +84,27 @@ def check_model_dir(path: str | os.PathLike[str], kind: str) -> Path:
                            "give a directory with config.json, weights and tokenizer files")  # fmt: skip
     check_dir_manifest(path, (kind,))  # a truncated or altered file is refused here, clearly
     return path
+
+
+def bin_state_dict(path: Path) -> dict | None:
+    """The weights of a checkpoint that ships only ``pytorch_model.bin`` (older Hub checkpoints, Haystack's,
+    Tevatron's), else None (safetensors are read by transformers). Read with torch's ``weights_only``
+    unpickler, which builds tensors only: a file holding any other object (code to run) is refused."""
+    if any(path.glob("*.safetensors")):
+        return None
+    files = sorted(path.glob("pytorch_model*.bin"))  # one file, or the shards of a large checkpoint
+    if not files:
+        return None
+    state: dict = {}
+    for f in files:
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # pickle's UnpicklingError (not imported: no pickle here) for any non-tensor object
+            if type(e).__name__ == "UnpicklingError":
+                raise DenseprError(f"{f}: refused: it holds Python objects besides tensors, which could run code when "
+                                   "loaded; save the weights as safetensors where the checkpoint is trusted") from None  # fmt: skip
+            raise DenseprError(f"{f}: cannot read the weights: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return state
 
 
 @contextlib.contextmanager

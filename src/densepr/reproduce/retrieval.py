@@ -79,7 +79,7 @@ def dense(job: Job, name: str = "dense", model: Callable[[], str] | None = None,
         path = Path(model())
         q_enc, p_enc = load_biencoder(path.resolve() if path.exists() else path, device=job.cfg.device)
         corpus = job.corpus()
-        job.timed(f"encode passages ({name})", encode_corpus, p_enc, corpus, emb_dir, question_encoder=q_enc.name,
+        job.timed(f"encode passages ({name})", encode_corpus, p_enc, corpus, emb_dir, question_encoder=q_enc,
                    batch_size=job.cfg.passage_batch_size, show_progress=job.show_progress)  # fmt: skip
         index = DenseIndex.build(Embeddings.open(emb_dir, corpus))
         index.save(d_index)

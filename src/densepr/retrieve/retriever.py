@@ -19,7 +19,8 @@ from densepr.data.passages import Corpus, load_corpus
 from densepr.data.store import store_beside
 from densepr.errors import DenseprError
 from densepr.index.dense import DenseIndex
-from densepr.models.encoder import Encoder
+from densepr.index.encoder_ref import load_recorded
+from densepr.models.encoder import Encoder, check_question_encoder
 from densepr.ranking import Hit, SearchResult
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_hybrid, fuse_rrf
@@ -105,8 +106,9 @@ class Retriever:
                     from densepr.models.onnx import load_question_encoder
 
                     encoder = load_question_encoder(question_encoder, device)
-                else:
-                    encoder = Encoder.load(dense.manifest["question_encoder"], device=device)
+                    check_question_encoder(encoder)
+                else:  # the one it was built with: by its path relative to the index, then the recorded one
+                    encoder = load_recorded(dense.manifest, d.dense, device)
                 dense.to_device(str(encoder.device))  # exact search on the GPU when there is one
         if hybrid_lambda is None:
             hybrid_lambda = d.hybrid_lambda()

@@ -45,7 +45,7 @@ from densepr.data.training import iter_train_records
 from densepr.errors import DenseprError
 from densepr.evaluate.answers import has_answer
 from densepr.fileio.atomic import write_json
-from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig
+from densepr.models.encoder import BiEncoder, Encoder, EncoderConfig, tower_dirs
 from densepr.models.hf import check_precision
 from densepr.progress import console, progress_bar
 from densepr.train.checkpoint import append_metrics, restore, save_best, save_checkpoint, save_models_dir, start_run
@@ -180,8 +180,7 @@ def validate(model: BiEncoder, examples: Sequence[Example], hard: int, ks: Seque
 
 def _load_model(cfg: TrainConfig, device: torch.device, source: Path | None = None) -> BiEncoder:
     src = Path(source or cfg.init)
-    pair = (src / "question_encoder").is_dir() and (src / "passage_encoder").is_dir()
-    q_dir, p_dir = (src / "question_encoder", src / "passage_encoder") if pair else (src, src)
+    q_dir, p_dir = tower_dirs(src)  # densepr's, Haystack's or Tevatron's two folders, else one model for both
     base = EncoderConfig.from_dir(q_dir)
     enc_cfg = EncoderConfig(cfg.pooling or base.pooling, cfg.normalize, cfg.max_length)
     q = Encoder.load(q_dir, enc_cfg, device)
