@@ -175,6 +175,23 @@ def test_pytorch_model_bin_loads_with_the_same_vectors(tmp_path, tiny_bert):
     np.testing.assert_array_equal(a.encode_passages(t, x), b.encode_passages(t, x))
 
 
+
+def test_pytorch_model_bin_checkpoints_get_their_own_weights_id(tmp_path, tiny_bert):
+    """A .bin-only checkpoint is identified by its .bin files (not the empty hash every such checkpoint would
+    share), so a moved index refuses another .bin checkpoint; a safetensors checkpoint's id is unchanged."""
+    from densepr.index.embeddings import weights_id
+
+    binned = bert_bin_only(tiny_bert, tmp_path / "bin")
+    other = tmp_path / "other"
+    shutil.copytree(binned, other)
+    state = torch.load(other / "pytorch_model.bin", weights_only=True)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, other / "pytorch_model.bin")
+    empty = weights_id(tmp_path / "nothing-here")
+    assert len({weights_id(binned), weights_id(other), empty}) == 3
+    assert weights_id(binned) == weights_id(binned)
+    assert weights_id(tiny_bert) != empty
+
 class _Payload:
     """An object whose unpickling runs code (what a malicious checkpoint ships)."""
 

@@ -51,10 +51,12 @@ QE_KEY = "question_encoder_info"  # the question encoder by content, beside its 
 def weights_id(directory: str | os.PathLike[str]) -> str:
     """The ``weights_id`` of the encoder saved in ``directory`` (16 hex digits): its ``*.safetensors`` files'
     names, sizes and first MiB (:func:`~densepr.fileio.identity.file_identity`, rule ``head``: cheap, and
-    differs between checkpoints). Stored in embeddings and index manifests: never change it."""
+    differs between checkpoints); for a checkpoint with only ``pytorch_model*.bin`` (models.hf.bin_state_dict),
+    those files. Stored in embeddings and index manifests: never change it."""
     h = hashlib.sha256()
     root = Path(directory)
-    for name, (size, head) in file_identity(root, sorted(root.glob("*.safetensors")) if root.is_dir() else [], "head"):
+    files = sorted(root.glob("*.safetensors")) or sorted(root.glob("pytorch_model*.bin")) if root.is_dir() else []
+    for name, (size, head) in file_identity(root, files, "head"):
         h.update(name.encode())
         h.update(str(size).encode())
         h.update(head)
