@@ -57,6 +57,8 @@ def test_export_onnx_tells_a_reader_from_its_config(tmp_path, config, reader):
     if config is not None:
         (tmp_path / "config.json").write_text(json.dumps(config))
     assert is_reader_dir(tmp_path) is reader
+    (tmp_path / "densepr_reader.json").write_text("{}")  # densepr's reader settings: a reader on any encoder
+    assert is_reader_dir(tmp_path) is (config is not None)
 
 
 def test_ray_replicas_are_parsed_and_checked():

@@ -9,10 +9,11 @@ from densepr.fileio.atomic import read_json
 
 
 def is_reader_dir(path: str | os.PathLike[str]) -> bool:
-    """``path`` holds a DPR reader (a Hugging Face ``DPRReader`` checkpoint: what ``densepr train-reader`` saves),
-    not an encoder: ``densepr export-onnx`` exports it as a reader."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
+    """``path`` holds a reader (a Hugging Face ``DPRReader`` checkpoint, or a torch model directory with
+    densepr's reader settings beside it: what ``densepr train-reader`` saves), not an encoder:
+    ``densepr export-onnx`` exports it as a reader. An ONNX export (no ``config.json``) is neither."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
         return False
-    data = read_json(config)  # malformed JSON: a located InputError
-    return isinstance(data, dict) and "DPRReader" in (data.get("architectures") or [])
+    data = read_json(path / "config.json")  # malformed JSON: a located InputError
+    return (isinstance(data, dict) and "DPRReader" in (data.get("architectures") or [])) or (path / "densepr_reader.json").is_file()
