@@ -112,20 +112,20 @@ def test_only_default_runs_are_compared():
 
 
 def test_qa_limit_overrides_the_reader_plan_and_is_not_compared_with_the_defaults():
-    from densepr.cli import _qa_limit
+    from densepr.cli import parse_qa_limit
     from densepr.errors import DenseprError
 
     default = ReproduceConfig(profile="dpr")
     assert default.reader is not None and default.reader.qa_limit == 100 and uses_defaults(default)
-    every = ReproduceConfig(profile="dpr", qa_limit=_qa_limit("all"))
+    every = ReproduceConfig(profile="dpr", qa_limit=parse_qa_limit("all"))
     assert every.reader.qa_limit is None and not uses_defaults(every)
-    assert ReproduceConfig(profile="dpr-smoke", qa_limit=_qa_limit("7")).reader.qa_limit == 7
+    assert ReproduceConfig(profile="dpr-smoke", qa_limit=parse_qa_limit("7")).reader.qa_limit == 7
     assert ReproduceConfig(profile="full").reader is None
     for bad in ({"profile": "full", "qa_limit": 5}, {"profile": "dpr", "qa_limit": 0}):
         with pytest.raises(DenseprError, match="qa-limit"):
             ReproduceConfig(**bad)
     with pytest.raises(DenseprError, match="'some'"):
-        _qa_limit("some")
+        parse_qa_limit("some")
 
 
 def test_read_precision_overrides_the_reader_plan_and_only_a_non_default_one_enters_the_qa_fingerprint(tmp_path):
@@ -214,7 +214,7 @@ def test_a_machine_short_of_memory_is_told_how_to_fit_the_training():
     assert rp.memory_notice(None, 1.0) is None and rp.memory_notice(plan, None) is None
     available = rp.available_memory_gib()
     assert available is None or available > 0
-    assert rp.training._trains_on_cpu("cpu") and not rp.training._trains_on_cpu("cuda")  # on a GPU the activations are not in host memory
+    assert rp.training.trains_on_cpu("cpu") and not rp.training.trains_on_cpu("cuda")  # on a GPU the activations are not in host memory
 
 
 def test_tune_lambda_picks_the_best_grid_point(corpus, qa_tsv, tiny_bert, tmp_path):
@@ -590,7 +590,9 @@ def test_the_dpr_profile_under_torchrun_trains_on_every_process_and_matches_one_
     torch.multiprocessing.spawn(_torchrun_worker, args=(2, _free_port(), str(tmp_path), str(qa_tsv), str(bert)), nprocs=2, join=True)
     multi = tmp_path / "multi"
     records = sorted(p.stem for p in (multi / "stages").glob("*.json"))
-    assert records == sorted([*rp.DPR_STAGES[:-2], "evaluate-set-a", "report"])
+    # every stage of the profile (with a reader) once, the per-set ones per set; reader-cloze is opt-in (off)
+    per_set = {"evaluate": ["evaluate-set-a"], "qa": ["qa-set-a"], "reader-cloze": []}
+    assert records == sorted(x for s in rp.DPR_STAGES for x in per_set.get(s, [s]))
     assert json.loads((multi / "models" / "round2" / "checkpoint" / "trainer_state.json").read_text())["world"] == 2
     config = _tiny_dpr(monkeypatch.setattr, monkeypatch.setitem, tmp_path, corpus, qa_tsv, bert, batch_size=4)
     rp.run(config(tmp_path / "single"), log=lambda m: None)

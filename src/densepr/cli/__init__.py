@@ -28,11 +28,11 @@ import sys
 from densepr.cli import data, export, index, qa, reproduce, retrieve, serve, train
 from densepr.cli.common import DEFAULT_INDEX, TRAINED_INDEX, _error_line, _index, app, data_app, index_app
 from densepr.cli.data import data_build_train
-from densepr.cli.reproduce import _qa_limit
+from densepr.cli.reproduce import parse_qa_limit
 from densepr.errors import DenseprError
 from densepr.progress import console, set_quiet
 
-__all__ = ["DEFAULT_INDEX", "TRAINED_INDEX", "_index", "_qa_limit", "app", "data_build_train", "main"]
+__all__ = ["DEFAULT_INDEX", "TRAINED_INDEX", "_index", "app", "data_build_train", "main", "parse_qa_limit"]
 
 for _typer, _name, _command in (
     (app, "encode", index.encode),

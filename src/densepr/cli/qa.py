@@ -219,14 +219,14 @@ def evaluate_qa_cmd(
     index = _index(index)
     _check_output(output, "dir", "QA results", inputs=(index, reader))
     from densepr.evaluate.answers import AnswerMatcher
+    from densepr.evaluate.pieces import PIECES, SetPieces
     from densepr.evaluate.report import QA_RESULTS, qa_markdown, read_qa_results, write_qa_results
-    from densepr.fileio.atomic import file_name
-    from densepr.fileio.dirs import remove_tree, writable_dir
+    from densepr.fileio.dirs import writable_dir
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
     from densepr.progress import progress_bar
 
-    writable_dir(output, "QA results", (*QA_RESULTS, "pieces/"))  # a user's folder: refused, untouched
+    writable_dir(output, "QA results", (*QA_RESULTS, f"{PIECES}/"))  # a user's folder: refused, untouched
 
     k_list = _int_list(ks, "--ks")
     r, mode_list = _retriever_for(index, modes, device)
@@ -242,13 +242,9 @@ def evaluate_qa_cmd(
             results["sets"][qas.name] = before[qas.name]
             _log(f"{qas.name}: already read into {output} with the same inputs; kept (--no-resume reads it again)")
             continue
-        set_pieces = output / "pieces" / file_name(qas.name)
-        for other in set_pieces.glob("*") if set_pieces.is_dir() else ():
-            if other.name != key[:16] or not resume:
-                remove_tree(other)  # pieces of other inputs (another reader, k, ...), or --no-resume
-        pieces = set_pieces / key[:16]
-        pieces.mkdir(parents=True, exist_ok=True)
-        if kept := len(list(pieces.glob("readings-*.json"))):
+        set_pieces = SetPieces(output, qas.name, key)
+        pieces = set_pieces.directory
+        if kept := set_pieces.open(resume):  # pieces of other inputs (another reader, k, ...), or --no-resume, removed
             _log(f"{qas.name}: resuming; {kept} finished piece(s) of questions kept in {pieces}")
         with progress_bar(None, f"read {qas.name}", True, unit="window") as advance:
             res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance, pieces=pieces,
@@ -261,8 +257,6 @@ def evaluate_qa_cmd(
         _log(f"{qas.name}: {len(qas)} questions, {res['passages_read']} passages read in {res['seconds']:.0f} s{kept_note}; best EM "
              + ", ".join(f"{m} {v:.1f}" for m, v in best.items()))  # fmt: skip
         write_qa_results(output, results)  # after every set: a long run keeps what it finished
-        remove_tree(set_pieces)  # the set's result is written: its pieces are no longer needed
-        if not any((output / "pieces").iterdir()):
-            (output / "pieces").rmdir()
+        set_pieces.close()  # the set's result is written: its pieces are no longer needed
     out.print(qa_markdown(results))
     out.print(f"written to {output}/qa-results.json, qa-results.md, qa-em.png")

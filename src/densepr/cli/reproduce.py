@@ -12,7 +12,7 @@ from densepr.errors import DenseprError
 from densepr.progress import console
 
 
-def _qa_limit(value: str | None) -> int | None:
+def parse_qa_limit(value: str | None) -> int | None:
     """--qa-limit: a positive number, 'all' (None) or absent (-1: the profile's)."""
     if value is None:
         return -1
@@ -68,7 +68,7 @@ def reproduce(
 
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
-                          epochs=epochs, round2_epochs=round2_epochs, qa_limit=_qa_limit(qa_limit), read_precision=read_precision,
+                          epochs=epochs, round2_epochs=round2_epochs, qa_limit=parse_qa_limit(qa_limit), read_precision=read_precision,
                           train_precision=train_precision, reader_cloze=reader_cloze)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)

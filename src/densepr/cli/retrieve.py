@@ -123,9 +123,7 @@ def evaluate(
 
     Every scored list is ranked by score descending, then docid descending (trec_eval's order;
     a TREC run's rank column is ignored); a DPR result JSON is judged in its own order, as DPR does."""
-    import numpy as np
-
-    from densepr.data.runs import read_trec_run
+    from densepr.data.runs import read_trec_run, trec_run_rows
     from densepr.evaluate.answers import ANSWERABLE_SCAN_MAX, AnswerMatcher, answerable_subset, judge_dpr_results
     from densepr.evaluate.report import rich_table
     from densepr.evaluate.summary import topk_summary
@@ -166,16 +164,7 @@ def evaluate(
         if qa is None or corpus is None:
             raise DenseprError("a TREC run needs --qa (its questions) and --index (its passages)")
         qas = _load_qa(qa, None, regex, cache_dir)
-        run = read_trec_run(results)
-        width = max((len(v) for v in run.values()), default=1)
-        rows = np.full((len(qas), width), -1, dtype=np.int64)
-        for qid, docs in run.items():
-            if not qid.isdigit() or int(qid) >= len(qas):
-                raise DenseprError(f"{results}: query id {qid!r} is not a question number of {qa} (0..{len(qas) - 1})")
-            try:
-                rows[int(qid), : len(docs)] = [corpus.row(d) for d, _ in docs]
-            except KeyError as e:
-                raise DenseprError(f"{results}: passage id {e.args[0]!r} is not in {IndexDir(index).passages}") from None
+        rows = trec_run_rows(results, len(qas), corpus, qa, IndexDir(index).passages)
         hits = AnswerMatcher(corpus.texts).hits(rows, qas)
     answerable = answerable_subset(corpus, qas, index, answerable_opt, show_progress=True) if corpus is not None else None
     summary = topk_summary(hits, k_list, results, qas.name, qas.match, answerable, per_query=per_query)

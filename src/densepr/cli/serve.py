@@ -86,11 +86,7 @@ def serve_cmd(
                                "limit); drop it, or serve without --ray")  # fmt: skip
         from densepr.serve.ray_app import Replicas, run
 
-        try:
-            spec = {k.strip(): v for k, v in (kv.split("=", 1) for kv in ray_replicas.split(","))} if ray_replicas else {}
-            replicas = Replicas(**{k: float(v) if k == "cpus" else int(v) for k, v in spec.items()})
-        except (ValueError, TypeError) as e:
-            raise DenseprError(f"--ray-replicas {ray_replicas!r}: expected name=count pairs of router, encoder, searcher, reader, shards, cpus ({e})") from None
+        replicas = Replicas.parse(ray_replicas)
         _log(f"serving {index} on Ray ({ray}) at http://{host}:{port}/  (replicas: {replicas})")
         run(index, reader or find_reader(index), limits, replicas, address=ray, host=host, port=port, device=device,
             keep_alive_s=timeout_keep_alive if "timeout_keep_alive" in given else None, question_encoder=question_encoder)  # fmt: skip
@@ -110,11 +106,9 @@ def export_onnx(
 ) -> None:
     """Export the question encoder (`densepr serve --question-encoder OUTPUT[#int8]`) or a reader
     (`--reader OUTPUT[#int8]`) to ONNX for CPU serving."""
-    from densepr.fileio.atomic import read_json
+    from densepr.models.kind import is_reader_dir
 
-    hf = (encoder / "config.json").is_file()  # a torch model directory (an ONNX export has none)
-    is_reader = hf and ("DPRReader" in read_json(encoder / "config.json").get("architectures", [])
-                        or (encoder / "densepr_reader.json").is_file())  # a trained reader on an MPNet, ... (models.reader_model)
+    is_reader = is_reader_dir(encoder)
     _check_output(output, "dir", "ONNX reader" if is_reader else "ONNX question encoder", inputs=(encoder,))
     try:
         from densepr.models.onnx import export_question_encoder

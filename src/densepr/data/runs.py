@@ -21,7 +21,7 @@ import ijson
 import numpy as np
 
 from densepr.data.passages import Corpus, RecordReader, check_id, iter_lines
-from densepr.errors import InputError
+from densepr.errors import DenseprError, InputError
 from densepr.fileio.atomic import atomic_write
 from densepr.ranking import SearchResult, trec_order
 
@@ -125,3 +125,25 @@ def read_trec_run(path: str | os.PathLike[str]) -> dict[str, list[tuple[str, flo
     if not run:
         raise InputError(path, "no results found (empty file?)")
     return {q: trec_order(hits) for q, hits in run.items()}
+
+
+def trec_run_rows(path: str | os.PathLike[str], n_questions: int, corpus: Corpus, qa: str = "the QA set",
+                  passages: str | os.PathLike[str] = "the corpus") -> np.ndarray:  # fmt: skip
+    """The TREC run at ``path`` as corpus rows per question (``[n_questions, depth]``, -1 past a question's
+    hits): its query ids must be question numbers (``0..n_questions - 1``, as :func:`write_trec_run` writes
+    for a QA set) and its passage ids ``corpus``'s (``qa`` and ``passages`` name them in errors).
+
+    Raises:
+        DenseprError: a query id that is not a question number, or a passage id not in the corpus.
+    """
+    run = read_trec_run(path)
+    width = max((len(v) for v in run.values()), default=1)
+    rows = np.full((n_questions, width), -1, dtype=np.int64)
+    for qid, docs in run.items():
+        if not qid.isdigit() or int(qid) >= n_questions:
+            raise DenseprError(f"{path}: query id {qid!r} is not a question number of {qa} (0..{n_questions - 1})")
+        try:
+            rows[int(qid), : len(docs)] = [corpus.row(d) for d, _ in docs]
+        except KeyError as e:
+            raise DenseprError(f"{path}: passage id {e.args[0]!r} is not in {passages}") from None
+    return rows

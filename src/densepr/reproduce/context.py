@@ -19,7 +19,7 @@ from densepr.data.qa import QASet
 from densepr.evaluate.answers import AnswerMatcher
 from densepr.index.dense import DenseIndex
 from densepr.models.encoder import Encoder
-from densepr.reproduce.profiles import DPR_METHODS, DPR_NAMES, METHOD_NAMES, METHODS, ReproduceConfig, _dense_stage, stage_order
+from densepr.reproduce.profiles import DPR_METHODS, DPR_NAMES, METHOD_NAMES, METHODS, ReproduceConfig, dense_stage, stage_order
 from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.retriever import Retriever
 from densepr.stages import StageRunner
@@ -94,7 +94,7 @@ class Job:
     def dense_only(self, model: str) -> Retriever:
         """A dense-only retriever over ``dense-<model>/`` (profile dpr's other encoders)."""
         if model not in self._dense_only:
-            dense = self.runner.done[_dense_stage(model)].get()
+            dense = self.runner.done[dense_stage(model)].get()
             self._dense_only[model] = Retriever(self.corpus(), None, dense, self._question_encoder(dense), depth=self.cfg.depth)
         return self._dense_only[model]
 
@@ -138,6 +138,6 @@ def process_group(device: str | None) -> tuple[int, Callable]:
     return dist.get_rank(), sync
 
 
-def _sets(data: EmbeddedData, names: Sequence[str], limit: int | None) -> list[QASet]:
+def load_sets(data: EmbeddedData, names: Sequence[str], limit: int | None) -> list[QASet]:
     """Embedded sets by name, or QA files by path (e.g. a held-out slice written by build-train)."""
     return [data.resolve_qa(n, limit=limit) for n in names]

@@ -16,12 +16,12 @@ from densepr.data.pretrained import fetch_pretrained
 from densepr.fileio.atomic import write_json
 from densepr.fileio.dirs import dir_lock, writable_dir
 from densepr.machine import machine_info
-from densepr.reproduce.context import Job, _sets, process_group
-from densepr.reproduce.profiles import PROFILES, ReproduceConfig, _dense_stage
+from densepr.reproduce.context import Job, load_sets, process_group
+from densepr.reproduce.profiles import PROFILES, ReproduceConfig, dense_stage
 from densepr.reproduce.reading import qa, reader_cloze, reader_data, train_reader, tune_reader
-from densepr.reproduce.report import _training_summary, qa_results, report
+from densepr.reproduce.report import qa_results, report, training_summary
 from densepr.reproduce.retrieval import bm25, dense, evaluate, passages, tune
-from densepr.reproduce.training import _trains_on_cpu, available_memory_gib, memory_notice, mine, remine, train_and_encode
+from densepr.reproduce.training import available_memory_gib, memory_notice, mine, remine, train_and_encode, trains_on_cpu
 from densepr.retrieve.index_dir import IndexDir
 from densepr.stages import RECORDS
 
@@ -53,7 +53,7 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     sync(None)
     job = Job(cfg, log, show_progress, rank, sync)
     runner = job.runner
-    if _trains_on_cpu(cfg.device) and (notice := memory_notice(job.plan, available_memory_gib())) is not None:
+    if trains_on_cpu(cfg.device) and (notice := memory_notice(job.plan, available_memory_gib())) is not None:
         log(notice)  # the measured peak is host memory for CPU training; on a GPU the activations live there
     runner.timed("fetch", fetch_embedded, cfg.cache_dir, verify=False, log=log)
     for name in job.pretrained_models():  # e.g. profile dpr-gpu's all-mpnet-base-v2
@@ -72,13 +72,13 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
                                                 ("round2", "remine", plan.hard_negatives, *plan.round2())):
             if data == "remine":
                 runner.run(remine(job))
-            train_and_encode(job, model, data, hard, epochs, init, _dense_stage(model))
+            train_and_encode(job, model, data, hard, epochs, init, dense_stage(model))
     best, grid_scores = runner.run(tune(job)).get()
     tuned_on = "the held-out dev questions" if job.plan else ", ".join(cfg.tune_sets)
     log(f"hybrid lambda tuned on {tuned_on}: {best} (dev top-20 {grid_scores[str(best)]}%)")
 
     results, evaluated = {}, {}
-    for qas in _sets(job.data, cfg.datasets, cfg.limit):
+    for qas in load_sets(job.data, cfg.datasets, cfg.limit):
         done = runner.run(evaluate(job, qas))
         entry = results[qas.name] = done.get()[0]
         evaluated[qas.name] = done.stage.name
@@ -93,7 +93,7 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
         runner.run(train_reader(job))
         for mode, c in runner.run(tune_reader(job)).get().items():
             log(f"reader ({mode}): k={c['k']}, held-out EM {c['em']} (DPR's rule: {c['paper_em']} at k={c['paper_k']})")
-        sets = _sets(job.data, cfg.datasets, rp.qa_limit)
+        sets = load_sets(job.data, cfg.datasets, rp.qa_limit)
         for qas in sorted(sets, key=len):  # smallest first: in a long full-set run the finished sets come soonest
             done = runner.run(qa(job, qas))
             qa_done[qas.name] = done.stage.name
@@ -104,7 +104,7 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     runner.run(report(job, evaluated, qa_done))
     if rank != 0:
         return {}  # rank 0 writes and returns the results
-    training = _training_summary(job) if job.plan else None
+    training = training_summary(job) if job.plan else None
 
     total = round(time.perf_counter() - t_start, 1)
     q_name = IndexDir(out).dense_manifest().get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"

@@ -25,7 +25,7 @@ METHOD_NAMES = {**{m.value: m.label for m in Mode}, "hybrid": "hybrid (tuned λ)
 DPR_MODELS = ("inbatch", "round1", "round2")
 
 
-def _dense_stage(model: str) -> str:
+def dense_stage(model: str) -> str:
     """The index (and stage) a DPR model's passages are encoded into: ``dense`` for the final one."""
     return "dense" if model == DPR_MODELS[-1] else f"dense-{model}"
 

@@ -14,7 +14,7 @@ from densepr.fileio.atomic import file_name, read_json, write_json
 from densepr.fileio.dirs import remove_tree
 from densepr.progress import progress_bar
 from densepr.reproduce.context import Job
-from densepr.reproduce.training import _mining_sets, _same_run
+from densepr.reproduce.training import mining_sets, same_run
 from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.modes import Mode
 from densepr.stages import Stage
@@ -36,7 +36,7 @@ def reader_data(job: Job) -> Stage:
     """The final retriever's (dense) top ``depth`` for every mining question, with ``has_answer``:
     ``reader-data/<set>.json`` (DPR's result JSON; the trainer drops the held-out questions) and
     ``reader-data/heldout.json`` (the held-out questions: validation)."""
-    rp, sets = job.reader_plan, [*_mining_sets(job), _heldout(job, None)]
+    rp, sets = job.reader_plan, [*mining_sets(job), _heldout(job, None)]
     files = [*_reader_files(job)[0], _reader_files(job)[1]]
 
     def build() -> list[Path]:
@@ -67,7 +67,7 @@ def _train_reader_run(job: Job, cfg, timer: str) -> None:
     from densepr.train.reader import train_reader
 
     run_dir = Path(cfg.output_dir)
-    resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), cfg)
+    resume = (run_dir / "config.json").is_file() and same_run(read_json(run_dir / "config.json"), cfg)
     if not resume:
         remove_tree(run_dir)  # a run of other settings (or none): start afresh
     job.timed(timer, train_reader, cfg, resume=resume, device=job.cfg.device, show_progress=job.show_progress, log=job.log)

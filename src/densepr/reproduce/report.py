@@ -81,7 +81,7 @@ def mining_table(mined: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _training_summary(job: Job) -> dict:
+def training_summary(job: Job) -> dict:
     """Profile dpr: questions mined per round and each model's training run (steps, wall time, last validation)."""
     done, out = job.runner.done, job.cfg.out_dir
     runs = {}

@@ -24,7 +24,7 @@ from densepr.fileio.manifest import sha256_file
 from densepr.index.dense import DenseIndex
 from densepr.index.embeddings import Embeddings, encode_corpus
 from densepr.models.encoder import load_biencoder
-from densepr.reproduce.context import Job, _sets
+from densepr.reproduce.context import Job, load_sets
 from densepr.reproduce.profiles import PROFILES
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA
@@ -98,7 +98,7 @@ def _tune_sets(job: Job) -> list[QASet]:
         from densepr.train.mining import heldout_path
 
         return [job.data.resolve_qa(str(heldout_path(job.cfg.out_dir / "train-data" / "train-dev.json")), limit=job.cfg.tune_limit)]
-    return _sets(job.data, job.cfg.tune_sets, job.cfg.tune_limit)
+    return load_sets(job.data, job.cfg.tune_sets, job.cfg.tune_limit)
 
 
 def tune(job: Job) -> Stage:

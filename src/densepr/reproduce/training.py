@@ -15,14 +15,14 @@ from densepr.data.qa import QASet
 from densepr.errors import DenseprError
 from densepr.fileio.atomic import read_json
 from densepr.fileio.dirs import remove_tree
-from densepr.reproduce.context import Job, _sets
-from densepr.reproduce.profiles import TrainPlan, _dense_stage
+from densepr.reproduce.context import Job, load_sets
+from densepr.reproduce.profiles import TrainPlan, dense_stage
 from densepr.reproduce.retrieval import dense
 from densepr.stages import Done, Stage
 
 
-def _mining_sets(job: Job) -> list[QASet]:
-    return _sets(job.data, job.plan.sets, job.plan.questions)
+def mining_sets(job: Job) -> list[QASet]:
+    return load_sets(job.data, job.plan.sets, job.plan.questions)
 
 
 def _mine(job: Job, name: str, prefix: str, upstream: Sequence[str], negatives_from: Callable[[], Callable] | None) -> Stage:
@@ -31,7 +31,7 @@ def _mine(job: Job, name: str, prefix: str, upstream: Sequence[str], negatives_f
 
     plan, d = job.plan, job.cfg.out_dir / "train-data"
     train_file, dev_file = d / f"{prefix}.json", d / f"{prefix}-dev.json"
-    sets = _mining_sets(job)
+    sets = mining_sets(job)
     outputs = [train_file, dev_file, heldout_path(dev_file), stats_path(train_file)]
 
     def build() -> dict:
@@ -86,7 +86,7 @@ def train(job: Job, model: str, data: str, hard_negatives: int, epochs: int, ini
         cfg, runner = config(), job.runner
         resume = None
         if runner.rank == 0:
-            resume = (run_dir / "config.json").is_file() and _same_run(read_json(run_dir / "config.json"), cfg)
+            resume = (run_dir / "config.json").is_file() and same_run(read_json(run_dir / "config.json"), cfg)
             if not resume:
                 remove_tree(run_dir)  # a run of other settings (or none): start afresh
         resume = runner.sync(resume)
@@ -110,7 +110,7 @@ def train_and_encode(job: Job, model: str, data: str, hard_negatives: int, epoch
     stage = train(job, model, data, hard_negatives, epochs, init)
     enc = dense(job, index, model=lambda: str(done.get()), upstream=(stage.name,))
     if slot is not None:
-        stage, enc = replace(stage, group=f"train-{slot}"), replace(enc, group=_dense_stage(slot))
+        stage, enc = replace(stage, group=f"train-{slot}"), replace(enc, group=dense_stage(slot))
     done = job.runner.run(stage)
     job.runner.run(enc)
     return done
@@ -123,7 +123,7 @@ def _train_device(device: str | None) -> str | None:
     return device
 
 
-def _same_run(saved: dict, cfg) -> bool:
+def same_run(saved: dict, cfg) -> bool:
     """Whether a training run directory holds a run of these settings (so it may be resumed)."""
     from densepr.train.checkpoint import config_diff
 
@@ -164,7 +164,7 @@ def memory_notice(plan: TrainPlan | None, available_gib: float | None) -> str | 
             "(the same loss; training's peak ~2.3 GiB, ~15% slower).")  # fmt: skip
 
 
-def _trains_on_cpu(device: str | None) -> bool:
+def trains_on_cpu(device: str | None) -> bool:
     import torch
 
     from densepr.models.hf import default_device

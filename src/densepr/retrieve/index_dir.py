@@ -27,6 +27,18 @@ from densepr.retrieve.modes import Mode, available_modes, default_mode
 READER_DIR = "reader"
 
 
+class _Path:
+    """An entry of the layout: ``IndexDir(d).bm25`` is ``d/bm25`` (read-only)."""
+
+    def __init__(self, *parts: str, doc: str | None = None) -> None:
+        self.parts, self.__doc__ = parts, doc or f"``<index>/{'/'.join(parts)}``."
+
+    def __get__(self, obj: IndexDir | None, owner: type) -> Path:
+        if obj is None:
+            return self  # type: ignore[return-value]  # the descriptor itself, on the class
+        return obj.path.joinpath(*self.parts)
+
+
 class IndexDir:
     """Paths and light facts of one index directory (see module docstring); nothing is loaded."""
 
@@ -36,31 +48,13 @@ class IndexDir:
     def __repr__(self) -> str:
         return f"IndexDir({str(self.path)!r})"
 
-    # -- the layout ---------------------------------------------------------------------------
-    @property
-    def passages(self) -> Path:
-        return self.path / PASSAGES_FILE
-
-    @property
-    def bm25(self) -> Path:
-        return self.path / "bm25"
-
-    @property
-    def dense(self) -> Path:
-        return self.path / "dense"
-
-    @property
-    def dense_manifest_path(self) -> Path:
-        return self.dense / MANIFEST
-
-    @property
-    def hybrid(self) -> Path:
-        """The tuned hybrid weight (``{"lambda": ..., ...}``)."""
-        return self.path / "hybrid.json"
-
-    @property
-    def reader_dir(self) -> Path:
-        return self.path / READER_DIR
+    # -- the layout: one line a path ------------------------------------------------------------
+    passages = _Path(PASSAGES_FILE)
+    bm25 = _Path("bm25")
+    dense = _Path("dense")
+    dense_manifest_path = _Path("dense", MANIFEST)
+    hybrid = _Path("hybrid.json", doc="The tuned hybrid weight (``{\"lambda\": ..., ...}``).")
+    reader_dir = _Path(READER_DIR)
 
     # -- what it holds -------------------------------------------------------------------------
     def engines(self) -> set[str]:

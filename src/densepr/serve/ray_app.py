@@ -53,6 +53,28 @@ class Replicas:
     shards: int | None = None  # searcher shards; None: the dense index's shard count (1 without one)
     cpus: float = 1.0  # CPUs each replica reserves (Ray Serve's default); fractions pack several on a node
 
+    def __post_init__(self) -> None:
+        for name in ("router", "encoder", "searcher", "reader", "shards"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+        if not self.cpus > 0:
+            raise ValueError(f"cpus must be positive, not {self.cpus!r}")
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Replicas:
+        """``router=2,encoder=1,searcher=4,reader=2,shards=2,cpus=0.5`` (``densepr serve --ray-replicas``);
+        None or "": the defaults.
+
+        Raises:
+            DenseprError: not name=count pairs of these names, or a count out of range.
+        """
+        try:
+            pairs = {k.strip(): v for k, v in (kv.split("=", 1) for kv in spec.split(","))} if spec else {}
+            return cls(**{k: float(v) if k == "cpus" else int(v) for k, v in pairs.items()})
+        except (ValueError, TypeError) as e:
+            raise DenseprError(f"--ray-replicas {spec!r}: expected name=count pairs of router, encoder, searcher, reader, shards, cpus ({e})") from None
+
 
 @dataclass
 class IndexInfo:
