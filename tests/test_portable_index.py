@@ -129,3 +129,18 @@ def test_an_unfinished_encoding_from_before_resumes(tmp_path, capsys, passages_t
     code, _, err = run(capsys, *args)
     assert code == 0, err
     assert (emb / MANIFEST).is_file() and (emb / "part-00000.npy").stat().st_mtime_ns == first  # resumed, not redone
+
+
+def test_the_ray_app_finds_a_moved_index_encoder_as_retrieve_does(built, tmp_path):
+    """``serve --ray`` replicas get the encoder's folder from IndexInfo: found relative to the moved index (not
+    the stale absolute path), a missing one named with the flag, an explicit one not looked up."""
+    from densepr.errors import DenseprError
+    from densepr.serve.ray_app import IndexInfo
+
+    root, _ = built
+    moved = Path(shutil.move(root, tmp_path / "elsewhere" / "b"))
+    assert IndexInfo.read(moved / "index").question_encoder == str((moved / "enc").resolve())
+    shutil.rmtree(moved / "enc")
+    with pytest.raises(DenseprError, match="--question-encoder"):
+        IndexInfo.read(moved / "index")
+    assert IndexInfo.read(moved / "index", locate_encoder=False).question_encoder == str((root / "enc").resolve())

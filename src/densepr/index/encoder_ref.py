@@ -58,14 +58,16 @@ def candidates(manifest: dict, directory: str | os.PathLike[str]) -> list[Path]:
     return out
 
 
-def load_recorded(manifest: dict, directory: str | os.PathLike[str], device: str | None = None):
-    """The question encoder ``directory/manifest.json`` records (see module docstring).
+def locate(manifest: dict, directory: str | os.PathLike[str]) -> Path:
+    """The folder of the question encoder ``directory/manifest.json`` records: the first place tried (see
+    :func:`candidates`) that holds a model whose weights id is the manifest's; nothing is loaded (what a
+    process that loads it elsewhere, a Ray replica, needs).
 
     Raises:
         MismatchError: an encoder is there but its weights are not the ones the index was built with.
-        DenseprError: no encoder at any recorded place; or it is a DPR context encoder.
+        DenseprError: no encoder at any recorded place.
     """
-    from densepr.models.encoder import Encoder, check_question_encoder
+    from densepr.index.embeddings import weights_id
 
     mpath = Path(directory) / MANIFEST
     want = (manifest.get(KEY) or {}).get("weights_id")
@@ -74,19 +76,30 @@ def load_recorded(manifest: dict, directory: str | os.PathLike[str], device: str
     for path in tried:
         if not (path / "config.json").is_file():
             continue
-        enc = Encoder.load(path, device=device)
-        got = encoder_info(enc)["weights_id"]
-        if want and got != want:
+        if want and (got := weights_id(path)) != want:
             wrong.append(f"{path} (weights {got})")
             continue
-        check_question_encoder(enc, f"{mpath}: question encoder {path}")
-        return enc
+        return path
     if wrong:
         raise MismatchError(f"{mpath}: the question encoder found is not the one this index was built with (weights {want}): "
                             f"{'; '.join(wrong)}; pass --question-encoder DIR to use another encoder on purpose")  # fmt: skip
     where = " nor ".join(str(p) for p in tried) or "(no path recorded)"
     raise DenseprError(f"{mpath}: the question encoder this index was built with is not at {where} (moved or deleted?); "
                        "pass --question-encoder DIR with its model directory")  # fmt: skip
+
+
+def load_recorded(manifest: dict, directory: str | os.PathLike[str], device: str | None = None):
+    """The question encoder ``directory/manifest.json`` records, found by :func:`locate` and loaded.
+
+    Raises:
+        MismatchError, DenseprError: as :func:`locate`; DenseprError also when it is a DPR context encoder.
+    """
+    from densepr.models.encoder import Encoder, check_question_encoder
+
+    path = locate(manifest, directory)
+    enc = Encoder.load(path, device=device)
+    check_question_encoder(enc, f"{Path(directory) / MANIFEST}: question encoder {path}")
+    return enc
 
 
 def set_question_encoder(index, path: str | os.PathLike[str]) -> None:

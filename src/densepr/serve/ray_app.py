@@ -90,10 +90,17 @@ class IndexInfo:
     dense_dim: int | None = None
 
     @classmethod
-    def read(cls, index: str | Path) -> IndexInfo:
+    def read(cls, index: str | Path, locate_encoder: bool = True) -> IndexInfo:
+        """``locate_encoder``: find the recorded question encoder where the index directory says (relative
+        path first: a moved index works, index.encoder_ref), its weights checked; off when another is given."""
+        from densepr.index.encoder_ref import locate
+
         d = IndexDir(index).check()
         manifest = d.dense_manifest()
-        return cls(str(d.passages.resolve()), d.modes, manifest.get("question_encoder"), manifest.get("type"), "bm25" in d.engines(),
+        encoder = manifest.get("question_encoder")
+        if encoder and locate_encoder:
+            encoder = str(locate(manifest, d.dense).resolve())  # absolute: replicas may run in another directory
+        return cls(str(d.passages.resolve()), d.modes, encoder, manifest.get("type"), "bm25" in d.engines(),
                    d.hybrid_lambda(), len(manifest.get("shards") or [None]), manifest.get("dim"))  # fmt: skip
 
     def shards(self, wanted: int | None) -> int:
@@ -277,7 +284,7 @@ def build_app(index: str | Path, reader: str | Path | None = None, limits: Limit
     address the proxy binds, which gives the default ``Host`` allow-list (:func:`default_allowed_hosts`)."""
     from densepr.serve.app import default_allowed_hosts
 
-    info, replicas, limits = IndexInfo.read(index), replicas or Replicas(), limits or Limits()
+    info, replicas, limits = IndexInfo.read(index, not question_encoder), replicas or Replicas(), limits or Limits()
     if limits.allowed_hosts is None:
         limits = replace(limits, allowed_hosts=default_allowed_hosts(host))
     if question_encoder and info.question_encoder:  # absolute: replicas may run elsewhere; an ONNX export's #int8 kept
