@@ -149,6 +149,19 @@ def test_cli_export_index(tmp_path, capsys):
         assert code == 1 and message in err and "Traceback" not in err
     code, _, err = run(capsys, "export-index", str(tmp_path), "--format", "parquet", "-o", str(tmp_path / "q.parquet"))
     assert code == 1 and "neither a dense index nor an index directory" in err
+    code, out, err = run(capsys, "verify", str(tmp_path / "ps"))  # the export's manifest: every byte checked
+    assert code == 0 and "1 of 1 artefacts verified" in out, err
+
+
+def test_cli_export_run_errors(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('[{"question": "q", "answers": []}]')
+    code, _, err = run(capsys, "export-run", str(tmp_path / "bad.json"), "-o", str(tmp_path / "out.json"))
+    assert code == 1 and "bad.json" in err and "ctxs" in err and "Traceback" not in err
+    code, _, err = run(capsys, "export-run", str(tmp_path / "bad.json"), "-o", str(tmp_path), "--format", "pyserini")
+    assert code == 1 and "is a directory" in err
+    code, _, err = run(capsys, "export-run", str(tmp_path / "bad.json"), "-o", str(tmp_path / "o.json"), "--format", "trec")
+    assert code == 1 and "expected pyserini" in err
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "o.json").exists()
 
 
 def _pyserini_topk(path: Path, topk: list[int]) -> dict[int, float]:
