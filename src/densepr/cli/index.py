@@ -225,7 +225,7 @@ def export_index(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory (pyserini) or .parquet file to write.")],
     passages: Annotated[Optional[Path], typer.Option(help="parquet: the passages file, when INDEX is a dense index directory alone.")] = None,
     vectors: Annotated[Optional[Path], typer.Option(help="parquet: the embeddings directory the index was built from (default: the one it records).")] = None,
-    row_group_size: Annotated[int, typer.Option(help="parquet: passages per row group (held in memory at a time).")] = 50_000,
+    row_group_size: Annotated[int, typer.Option(help="parquet: passages per row group (held in memory at a time).")] = 10_000,
 ) -> None:
     """Export a dense index for other tools: Pyserini's FAISS layout (hnsw scored by inner product, shards
     merged), or parquet (ids, titles, texts, vectors) for Qdrant, LanceDB, Milvus and the like."""
