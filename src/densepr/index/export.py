@@ -13,13 +13,14 @@
     over the original vectors, scored by inner product, with densepr's ``efSearch``. A sharded hnsw index
     is refused: HNSW graphs cannot be merged.
 
-  Peak memory: the merged index (one-shard flat: none, the file is linked); hnsw: its graph and its
-  vectors twice.
+  Peak memory: the merged index and one more shard (one-shard flat: none, the file is linked); hnsw: its
+  graph and its vectors twice.
 
 * ``parquet``: one row per passage, ``id``, ``title``, ``text`` (from the index directory's passages) and
   ``vector`` (``fixed_size_list<float32>[dim]``), written a row group at a time, so neither the corpus nor
   the vectors are ever held whole. The vectors are the embeddings the index was built from (exact), else
-  the ones a flat or hnsw index stores. The file's metadata (``densepr`` key) records the metric (inner
+  the ones a flat or hnsw index stores. A passages file without a store is read twice (its ids are checked
+  against the index's first). The file's metadata (``densepr`` key) records the metric (inner
   product), dimension and encoders.
 
 Both are written beside their final name and renamed into place (``fileio``): a failed export leaves
