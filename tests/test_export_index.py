@@ -221,3 +221,55 @@ def test_dpr_results_without_has_answer_are_judged_by_dprs_rule(tmp_path):
     with pytest.raises(DenseprError, match="score 'high' is not a number"):
         dpr_results_to_pyserini(src, tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
+
+
+# -- the parquet file loaded into vector stores, as the README's recipes do (each skipped where the client is not installed) --
+def _qdrant(f: pq.ParquetFile, queries: np.ndarray, tmp: Path) -> list[tuple[list[str], list[float]]]:
+    from qdrant_client import QdrantClient, models
+
+    dim = f.schema_arrow.field("vector").type.list_size
+    client = QdrantClient(path=str(tmp / "qdrant"))  # local mode; url="http://localhost:6333" for a server
+    client.create_collection("passages", vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT))
+    row = 0
+    for b in f.iter_batches(batch_size=10_000):  # point ids are integers or UUIDs: the row; the passage id goes in the payload
+        vecs = b.column("vector").flatten().to_numpy().reshape(-1, dim)
+        client.upload_collection("passages", vectors=vecs, payload=b.select(["id", "title", "text"]).to_pylist(), ids=range(row, row + len(vecs)))
+        row += len(vecs)
+    hits = [client.query_points("passages", query=q.tolist(), limit=10).points for q in queries]
+    client.close()
+    return [([h.payload["id"] for h in hs], [h.score for h in hs]) for hs in hits]
+
+
+def _lancedb(f: pq.ParquetFile, queries: np.ndarray, tmp: Path) -> list[tuple[list[str], list[float]]]:
+    import lancedb
+
+    tbl = lancedb.connect(str(tmp / "lancedb")).create_table("passages", f.iter_batches(batch_size=10_000), schema=f.schema_arrow)
+    hits = [tbl.search(q.tolist()).distance_type("dot").limit(10).to_list() for q in queries]
+    return [([h["id"] for h in hs], [1 - h["_distance"] for h in hs]) for hs in hits]  # LanceDB's dot distance is 1 - q.p
+
+
+def _milvus(f: pq.ParquetFile, queries: np.ndarray, tmp: Path) -> list[tuple[list[str], list[float]]]:
+    pytest.importorskip("milvus_lite")
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(str(tmp / "milvus.db"))  # Milvus Lite: a local file
+    client.create_collection("passages", dimension=f.schema_arrow.field("vector").type.list_size, primary_field_name="id",
+                             id_type="string", max_length=512, metric_type="IP")  # fmt: skip
+    for b in f.iter_batches(batch_size=10_000):
+        client.insert("passages", b.to_pylist())
+    hits = client.search("passages", data=queries.tolist(), limit=10, output_fields=["title", "text"])
+    client.close()
+    return [([h["id"] for h in hs], [h["distance"] for h in hs]) for hs in hits]
+
+
+@pytest.mark.parametrize(("client", "load"), [("qdrant_client", _qdrant), ("lancedb", _lancedb), ("pymilvus", _milvus)])
+def test_parquet_loads_into_vector_stores_with_densepr_top_k(tmp_path, client, load):
+    pytest.importorskip(client)
+    idx = _make_index(tmp_path)
+    export_parquet(idx, tmp_path / "p.parquet", row_group=256)
+    q = np.random.default_rng(2).standard_normal((4, DIM), dtype=np.float32)
+    mine = DenseIndex.load(idx / "dense")
+    res = mine.search(q, k=10)
+    got = load(pq.ParquetFile(tmp_path / "p.parquet"), q, tmp_path)
+    assert [ids for ids, _ in got] == [[mine.ids[r] for r in row] for row in res.rows]
+    np.testing.assert_allclose([s for _, s in got], res.scores, rtol=1e-4, atol=1e-4)
