@@ -10,7 +10,7 @@ One module per command group:
 - ``common``: the typer apps, options shared by several commands, output checks, the default index, one-line errors;
 - ``data``: ``data fetch``, ``data passages``, ``data split``, ``data build-train``;
 - ``index``: ``index bm25``, ``index dense``, ``index plan``, ``encode`` (the embeddings a dense index is built from),
-  ``verify`` (every artefact an index directory holds);
+  ``verify`` (every artefact an index directory holds), ``export-index`` and ``export-run`` (for Pyserini and vector stores);
 - ``retrieve``: ``retrieve``, ``tune-hybrid``, ``evaluate``, ``search``;
 - ``train``: ``train`` (the bi-encoder);
 - ``qa``: ``cloze-data``, ``train-reader``, ``answer``, ``tune-reader``, ``evaluate-qa``;
@@ -51,6 +51,8 @@ for _typer, _name, _command in (
     (app, "evaluate-qa", qa.evaluate_qa_cmd),
     (app, "serve", serve.serve_cmd),
     (app, "verify", index.verify_cmd),
+    (app, "export-index", index.export_index),
+    (app, "export-run", index.export_run),
     (data_app, "fetch", data.data_fetch),
     (data_app, "passages", data.data_passages),
     (data_app, "split", data.data_split),

@@ -230,3 +230,46 @@ def verify_cmd(
     out.print(f"{len(results) - bad} of {len(results)} artefacts verified ({what}; index structure and corpus)")
     if bad:
         raise typer.Exit(1)
+
+
+def export_index(
+    index: Annotated[Path, typer.Argument(help="Index directory (with dense/ and passages.tsv) or a dense index directory.")],
+    format: Annotated[str, typer.Option("--format", help="pyserini: a directory with `index` + `docid` for Pyserini's FaissSearcher; "
+                                                         "parquet: id, title, text, vector per passage, for vector stores.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory (pyserini) or .parquet file to write.")],
+    passages: Annotated[Optional[Path], typer.Option(help="parquet: the passages file, when INDEX is a dense index directory alone.")] = None,
+    vectors: Annotated[Optional[Path], typer.Option(help="parquet: the embeddings directory the index was built from (default: the one it records).")] = None,
+    row_group_size: Annotated[int, typer.Option(help="parquet: passages per row group (held in memory at a time).")] = 10_000,
+) -> None:
+    """Export a dense index for other tools: Pyserini's FAISS layout (hnsw scored by inner product, shards
+    merged), or parquet (ids, titles, texts, vectors) for Qdrant, LanceDB, Milvus and the like."""
+    from densepr.index import export
+
+    if format == "pyserini":
+        _check_output(output, "dir", "Pyserini index", inputs=(index,))
+        export.check_pyserini_output(output)
+        m = export.export_pyserini(index, output)
+        notes = "".join(f"; note: {x}" for x in m["notes"])
+        out.print(f"{m['type']} index of {m['count']} x {m['dim']} vectors ({m['how']}) written to {output} as index + docid{notes}")
+    elif format == "parquet":
+        _check_output(output, "file", "parquet file", inputs=(index,))
+        m = export.export_parquet(index, output, passages=passages, vectors=vectors, row_group=row_group_size, show_progress=True)
+        out.print(f"{m['count']} passages with {m['dim']}-d vectors (from {m['vectors']}) in {m['row_groups']} row group(s) written to {output}")
+    else:
+        raise DenseprError(f"--format {format!r}: expected pyserini or parquet")
+
+
+def export_run(
+    results: Annotated[Path, typer.Argument(help="DPR result JSON, as `densepr retrieve --output` writes it.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Retrieval JSON to write.")],
+    format: Annotated[str, typer.Option("--format", help="pyserini: the JSON `python -m pyserini.eval.evaluate_dpr_retrieval --retrieval` reads.")] = "pyserini",
+    regex: Annotated[Optional[bool], typer.Option("--regex/--no-regex", help="Where a passage has no has_answer: answers are regexes (default: yes for CuratedTREC files).")] = None,
+) -> None:
+    """Convert retrieval results for another tool's evaluation (Pyserini's DPR top-k accuracy)."""
+    _check_output(output, "file", "retrieval JSON", inputs=(results,))
+    if format != "pyserini":
+        raise DenseprError(f"--format {format!r}: expected pyserini")
+    from densepr.evaluate.pyserini_run import dpr_results_to_pyserini
+
+    n = dpr_results_to_pyserini(results, output, None if regex is None else ("regex" if regex else "string"))
+    out.print(f"{n} questions written to {output} (Pyserini's DPR retrieval JSON)")
