@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,compare,tensorboard,serve,e2e,ray,onnx,fast]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,compare,tensorboard,serve,e2e,ray,onnx,fast,interop]'
 	touch $(STAMP)
 
 install: $(STAMP)
