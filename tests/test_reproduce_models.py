@@ -86,6 +86,9 @@ def test_the_default_profiles_stage_settings_are_those_recorded_before_the_model
         assert rp.training.train(job, "round1", "mine", 1, 1).fingerprinted == DPR_TRAIN_ROUND1
         cloze = _job(rp.ReproduceConfig(out_dir=tmp_path / "o", profile="dpr", reader_cloze=100, **kw))
         assert "init" not in rp.reading.reader_cloze(cloze).fingerprinted  # absent when the reader starts from the embedded MiniLM
+        assert rp.report.report(job, {}).fingerprinted["dense"] == "DPR trained here (all-MiniLM-L6-v2 initial weights)"
+    job = _job(rp.ReproduceConfig(out_dir=tmp_path / "o", profile="dpr", retriever_model="mpnet"))
+    assert rp.report.report(job, {}).fingerprinted["dense"] == "DPR trained here (mpnet:all-mpnet-base-v2 initial weights)"
 
 
 def test_the_reader_model_changes_the_reader_stages_only_and_the_retriever_model_the_retrievers(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):
@@ -130,6 +133,7 @@ def test_a_run_with_another_reader_model_reruns_the_reader_stages_only(monkeypat
         return summary, {r["stage"]: r["status"] for r in summary["stages"]}
 
     first, _ = job()
+    assert "The reader: trained here" not in (out / "results.md").read_text()  # the default's report as before
     # (here the stand-in data's "embedded" model is the tiny BERT)
     assert first["config"]["encoder"] == first["config"]["reader_encoder"] == "trained here from embedded:all-MiniLM-L6-v2"
     summary, ran = job(reader_model=mpnet)
@@ -140,6 +144,7 @@ def test_a_run_with_another_reader_model_reruns_the_reader_stages_only(monkeypat
     assert isinstance(Reader.load(out / "reader", "cpu").model, SpanReader)  # the shipped reader/ is the MPNet one
     assert summary["config"]["reader_encoder"] == f"trained here from {mpnet}" and summary["config"]["reader"]["model"] == mpnet
     assert summary["results"] == first["results"]  # the retrieval figures are the resumed ones
+    assert f"The reader: trained here from {mpnet} (new heads)." in (out / "results.md").read_text()
     _, ran = job(reader_model=mpnet)  # and then current
     assert {s for s, status in ran.items() if status == "ran"} == set()
 

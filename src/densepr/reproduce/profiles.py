@@ -214,7 +214,11 @@ class ReproduceConfig:
     read_precision: str | None = None  # profile dpr: override ReaderPlan.read_precision
     train_precision: str | None = None  # profile dpr: override TrainPlan.precision (retrievers' and reader's training)
     reader_cloze: int | None = None  # profile dpr: override ReaderPlan.cloze (cloze questions to pre-train the reader on; 0: off)
-    # the training profiles: override ReaderPlan.model / TrainPlan.model (both towers): "embedded", "mpnet" or a model directory
+    # the training profiles: override ReaderPlan.model / TrainPlan.model (both towers): "embedded", "mpnet" or a model directory.
+    # Profile dpr with an MPNet reader on 2 CPU cores, estimated (not measured): its reader stages measured 2,388 s with MiniLM
+    # (train-reader 1,852 + tune-reader 136 + qa 400; docs/training.md, sixth run) and MPNet costs ~8x a token (2x the layers,
+    # 4x the width squared): ~19,100 s, so the whole run ~6.2 h instead of 95 min (fp32); ~4.5 h with --train-precision bf16
+    # and --read-precision bf16 (1.4x a training step, 1.64x reading, measured on CPUs with native bf16)
     reader_model: str | None = None
     retriever_model: str | None = None
     limit: int | None = field(default=None, init=False)
@@ -293,7 +297,7 @@ def check_model(name: str, flag: str) -> str:
         return name
     path = Path(name).expanduser()
     if not path.exists():
-        raise DenseprError(f"{flag} {name!r}: no such model directory; name one, or a model: embedded, {', '.join(MODELS)}")
+        raise DenseprError(f"{flag} {name!r}: no such model directory, nor a model name ({', '.join(('embedded', *MODELS))})")
     if not (path / "config.json").is_file():
         raise DenseprError(f"{flag} {name!r}: not a model directory (no config.json in it)")
     return str(path.resolve())
