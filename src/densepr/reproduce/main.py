@@ -17,7 +17,7 @@ from densepr.fileio.atomic import write_json
 from densepr.fileio.dirs import dir_lock, writable_dir
 from densepr.machine import machine_info
 from densepr.reproduce.context import Job, load_sets, process_group
-from densepr.reproduce.profiles import PROFILES, ReproduceConfig, dense_stage
+from densepr.reproduce.profiles import PROFILES, ReproduceConfig, dense_stage, model_label
 from densepr.reproduce.reading import qa, reader_cloze, reader_data, train_reader, tune_reader
 from densepr.reproduce.report import qa_results, report, training_summary
 from densepr.reproduce.retrieval import bm25, dense, evaluate, passages, tune
@@ -109,10 +109,11 @@ def _run(cfg: ReproduceConfig, log: Callable[[str], None], show_progress: bool, 
     total = round(time.perf_counter() - t_start, 1)
     q_name = IndexDir(out).dense_manifest().get("question_encoder") if cfg.encoder else "embedded:all-MiniLM-L6-v2"
     if job.plan:
-        q_name = f"trained here from {'embedded:all-MiniLM-L6-v2' if job.plan.model == 'embedded' else job.plan.model}"
+        q_name = f"trained here from {model_label(job.plan.model)}"
     summary = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("cache_dir", "out_dir", "device", "force_from")},
-                   "encoder": q_name, "hybrid_lambda": best, **({"train": asdict(job.plan)} if job.plan else {}),
+                   "encoder": q_name, **({"reader_encoder": f"trained here from {model_label(job.reader_plan.model)}"} if job.reader_plan else {}),
+                   "hybrid_lambda": best, **({"train": asdict(job.plan)} if job.plan else {}),
                    **({"reader": asdict(job.reader_plan)} if job.reader_plan else {})},
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(),

@@ -214,6 +214,13 @@ class ReproduceConfig:
     read_precision: str | None = None  # profile dpr: override ReaderPlan.read_precision
     train_precision: str | None = None  # profile dpr: override TrainPlan.precision (retrievers' and reader's training)
     reader_cloze: int | None = None  # profile dpr: override ReaderPlan.cloze (cloze questions to pre-train the reader on; 0: off)
+    # the training profiles: override ReaderPlan.model / TrainPlan.model (both towers): "embedded", "mpnet" or a model directory.
+    # Profile dpr with an MPNet reader on 2 CPU cores, estimated (not measured): its reader stages measured 2,388 s with MiniLM
+    # (train-reader 1,852 + tune-reader 136 + qa 400; docs/training.md, sixth run) and MPNet costs ~8x a token (2x the layers,
+    # 4x the width squared): ~19,100 s, so the whole run ~6.2 h instead of 95 min (fp32); ~4.5 h with --train-precision bf16
+    # and --read-precision bf16 (1.4x a training step, 1.64x reading, measured on CPUs with native bf16)
+    reader_model: str | None = None
+    retriever_model: str | None = None
     limit: int | None = field(default=None, init=False)
     tune_limit: int | None = field(default=None, init=False)
     plan: TrainPlan | None = field(default=None, init=False)
@@ -259,8 +266,16 @@ class ReproduceConfig:
                 raise DenseprError(f"--read-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
             # a bad value: one clear error before any stage runs
             self.reader = replace(self.reader, read_precision=check_precision(self.read_precision, "--read-precision"))
+        if self.retriever_model is not None:
+            if self.plan is None:
+                raise DenseprError(f"--retriever-model applies to the training profiles (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
+            self.plan = replace(self.plan, model=check_model(self.retriever_model, "--retriever-model"))
+        if self.reader_model is not None:
+            if self.reader is None:
+                raise DenseprError(f"--reader-model applies to the profiles with a reader (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
+            self.reader = replace(self.reader, model=check_model(self.reader_model, "--reader-model"))
         if self.plan is not None and self.encoder is not None:
-            raise DenseprError("profile dpr trains from the embedded encoder; --encoder applies to the zero-shot profiles")
+            raise DenseprError("the training profiles train from TrainPlan.model (--retriever-model); --encoder applies to the zero-shot profiles")
         if prof.gpu and _device_type(self.device) != "cuda":
             raise DenseprError(f"profile {self.profile} is sized for a GPU ({prof.expected}); the device here is "
                                f"{self.device or 'the CPU'}: run it with --device cuda on a GPU machine, or use --profile dpr")  # fmt: skip
@@ -270,6 +285,31 @@ class ReproduceConfig:
             raise DenseprError(f"--from {self.force_from!r}: no such stage; stages: {', '.join(order)}")
 
 
+
+
+def check_model(name: str, flag: str) -> str:
+    """A starting model named on the command line (``--reader-model``, ``--retriever-model``): ``embedded``, a model
+    ``densepr data fetch --model NAME`` fetches (the job fetches it), or a model directory (made absolute, so the
+    stage settings name the same one from any working directory)."""
+    from densepr.data.pretrained import MODELS
+
+    if name == "embedded" or name in MODELS:
+        return name
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DenseprError(f"{flag} {name!r}: no such model directory, nor a model name ({', '.join(('embedded', *MODELS))})")
+    if not (path / "config.json").is_file():
+        raise DenseprError(f"{flag} {name!r}: not a model directory (no config.json in it)")
+    return str(path.resolve())
+
+
+def model_label(name: str) -> str:
+    """What a plan's starting model is, for the run's summary: ``embedded:all-MiniLM-L6-v2``, ``mpnet:all-mpnet-base-v2``, or the directory."""
+    from densepr.data.pretrained import MODELS
+
+    if name == "embedded":
+        return "embedded:all-MiniLM-L6-v2"
+    return f"{name}:{MODELS[name].folder}" if name in MODELS else name
 
 
 def _device_type(device: str | None) -> str:

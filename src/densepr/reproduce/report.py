@@ -10,7 +10,7 @@ import numpy as np
 from densepr.evaluate.report import ablation_table, markdown_table, paper_table, plot_qa, plot_topk, qa_markdown
 from densepr.fileio.atomic import atomic_write, read_json, write_json
 from densepr.reproduce.context import Job
-from densepr.reproduce.profiles import DPR_MODELS
+from densepr.reproduce.profiles import DPR_MODELS, model_label
 from densepr.stages import Stage
 
 
@@ -18,7 +18,8 @@ def report(job: Job, evaluated: dict[str, str], qa: dict[str, str] | None = None
     """curves.json, results.md and topk.png from the evaluated sets (``{set: its stage}``)."""
     out, cfg = job.cfg.out_dir, job.cfg
     if job.plan is not None:
-        dense_name = "DPR trained here (all-MiniLM-L6-v2 initial weights)"
+        start = "all-MiniLM-L6-v2" if job.plan.model == "embedded" else model_label(job.plan.model)  # the default's words: its record stays current
+        dense_name = f"DPR trained here ({start} initial weights)"
     else:
         dense_name = "all-MiniLM-L6-v2, zero-shot" if cfg.encoder is None else str(cfg.encoder)
 
@@ -52,6 +53,8 @@ def report(job: Job, evaluated: dict[str, str], qa: dict[str, str] | None = None
                       "questions of each set)\n",
                       "DPR's rule: the passage with the best selection logit; fused: selection tuned on held-out questions "
                       "(`tune-reader`).\n", qa_markdown(read)]  # fmt: skip
+            if job.reader_plan.model != "embedded":
+                parts.insert(-1, f"The reader: trained here from {model_label(job.reader_plan.model)} (new heads).\n")
             plot_qa(read, out / "qa-em.png")
         with atomic_write(out / "results.md") as fh:
             fh.write("\n".join(parts))
