@@ -195,6 +195,7 @@ WRITERS = [
     ("dir", ("encode", "{missing}.tsv", "{out}", "--encoder", "{missing}")),
     ("dir", ("export-onnx", "{missing}", "{out}")),
     ("dir", ("export-model", "{missing}", "{out}")),
+    ("dir", ("convert", "{missing}", "-o", "{out}")),
     ("dir", ("export-index", "{missing}", "--format", "pyserini", "-o", "{out}")),
     ("file", ("export-index", "{missing}", "--format", "parquet", "-o", "{out}")),
     ("file", ("export-run", "{missing}.json", "-o", "{out}")),

@@ -71,3 +71,22 @@ def test_tune_lambda_shows_its_searches(capsys, index_dir, qa_tsv):
     tune_lambda(r, AnswerMatcher(r.corpus.texts), [load_qa(qa_tsv)], grid=(0.5, 1.1), k=1, show_progress=True)
     err = capsys.readouterr().err
     assert "BM25 search" in err and "encode questions" in err
+
+
+def test_evaluate_qa_shows_its_retrieval(tmp_path, capsys, index_dir, qa_tsv):
+    """Was: evaluate-qa (and tune-reader) encoded the questions and ran BM25's search with no bar; --quiet drops them."""
+    from densepr.models.reader import Reader, ReaderConfig
+    from tests.support.tiny import make_tiny_bert
+
+    reader = tmp_path / "reader"
+    Reader.load(make_tiny_bert(tmp_path / "init", seed=3, dropout=0.0), "cpu", ReaderConfig(max_length=96, stride=16, top_k=2)).save(reader)
+    args = ("evaluate-qa", "--qa", str(qa_tsv), "--index", str(index_dir), "--reader", str(reader), "--modes", "bm25,dense",
+            "--ks", "1,2", "--no-gold", "--device", "cpu")  # fmt: skip
+    code, out, err = run(capsys, *args, "-o", str(tmp_path / "qa"))
+    assert code == 0, err
+    assert "encode questions" in err and "BM25 search" in err and "read qa.tsv" in err
+    code, out, err = run(capsys, *args, "-o", str(tmp_path / "qa2"), "--quiet")
+    assert code == 0 and err == "" and "qa.tsv" in out
+    code, out, err = run(capsys, "tune-reader", "--qa", str(qa_tsv), "--index", str(index_dir), "--reader", str(reader), "--modes", "bm25",
+                         "--ks", "1,2", "--device", "cpu")  # fmt: skip
+    assert code == 0 and "BM25 search" in err and "read qa.tsv (bm25)" in err, err

@@ -96,6 +96,12 @@ def _export_dpr(ctx, out):
     return run(ctx["capsys"], "export-model", str(ctx["tiny_bert"]), str(out), "--format", "dpr")
 
 
+def _convert(ctx, out):
+    from tests.models.test_two_tower import bert_bin_only
+
+    return run(ctx["capsys"], "convert", str(bert_bin_only(ctx["tiny_bert"], ctx["tmp_path"] / "bin")), "-o", str(out))
+
+
 def _export_reader(ctx, out):
     from densepr.models.reader import Reader, ReaderConfig
 
@@ -200,6 +206,7 @@ WRITERS = {
     "export-onnx": (_export, "out", "out"),
     "export-onnx-reader": (_export_reader, "out", "out"),
     "export-model-dpr": (_export_dpr, "out", "out"),
+    "convert": (_convert, "out", "out"),
     "train": (_train, "run", "run"),
     "train-best": (_train, "run", "run/best"),
     "train-reader": (_train_reader, "run", "run"),

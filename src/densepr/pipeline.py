@@ -10,6 +10,7 @@ that several modes retrieved.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from densepr.fileio.atomic import read_json, write_json
 from densepr.fileio.identity import file_identity
 from densepr.fileio.manifest import MANIFEST
 from densepr.models.reader import PAPER_SELECTION, Reader, Reading, Selection, best_reading
+from densepr.progress import progress_bar
 from densepr.ranking import Hit
 from densepr.retrieve.index_dir import IndexDir
 from densepr.retrieve.modes import GOLD_ORDER, Mode
@@ -262,10 +264,21 @@ def reading_key(reader_dir: str | os.PathLike[str], index: str | os.PathLike[str
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _reading_bar(progress, show: bool, label: str):
+    """The reading's ``advance``: the caller's, else a bar of its own once retrieval's bars are done (one live bar
+    at a time), else none."""
+    if progress is not None or not show:
+        yield progress
+        return
+    with progress_bar(None, label, True, unit="window") as advance:
+        yield advance
+
+
 def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequence[str] = (Mode.BM25, Mode.DENSE, Mode.HYBRID),
                 ks: Sequence[int] = QA_KS, matcher: AnswerMatcher | None = None, gold: bool = True,
                 batch_size: int = 64, progress=None, pieces: Path | None = None, log: Callable[[str], None] | None = None,
-                answerable_cache: Path | None = None) -> dict:  # fmt: skip
+                answerable_cache: Path | None = None, show_progress: bool = False) -> dict:  # fmt: skip
     """End-to-end EM/F1 of one QA set for several retrieval modes and k.
 
     Returns ``{"n_all", "n_answerable", "modes": {mode: {"k": {k: {"em", "f1", "em_answerable",
@@ -277,6 +290,8 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     the readings are kept piece by piece so that a killed evaluation resumes (:func:`read_in_pieces`;
     ``log`` is told the progress after each piece). ``answerable_cache``: a directory (the index's) where
     the answerable subset, a scan of every passage, is kept for the next evaluation (:func:`answerable_subset`).
+    ``show_progress``: bars for the retrieval (encoding the questions, BM25's search) and, unless ``progress``
+    (an ``advance(windows)``) is given, the reading.
     """
     t0 = time.perf_counter()
     ks = sorted(set(ks))
@@ -284,7 +299,7 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
     matcher = matcher or AnswerMatcher(retriever.corpus.texts)
     questions = qas.questions
     depth = max(kmax, 100) if gold else kmax
-    runs = retriever.retrieve_all(questions, depth, list(modes))
+    runs = retriever.retrieve_all(questions, depth, list(modes), show_progress)
     hits = {m: matcher.hits(runs[m].rows, qas) for m in modes}
     answerable = np.flatnonzero(answerable_subset(retriever.corpus, qas, answerable_cache, True, matcher))
     # Read each question's union of passages once.
@@ -306,8 +321,9 @@ def evaluate_qa(retriever: Retriever, reader: Reader, qas: QASet, modes: Sequenc
         rows_per_q.append(list(seen))
     c = retriever.corpus
     times = PieceTimes()
-    readings = read_in_pieces(reader, questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], pieces, batch_size, progress,
-                              log=log, times=times)  # fmt: skip
+    with _reading_bar(progress, show_progress, f"read {qas.name}") as progress:
+        readings = read_in_pieces(reader, questions, [[(c.titles[r], c.texts[r]) for r in rows] for rows in rows_per_q], pieces, batch_size,
+                                  progress, log=log, times=times)  # fmt: skip
     lookup = [dict(zip(rows, rd)) for rows, rd in zip(rows_per_q, readings)]
     # answer aggregation compares normalised answers: normalise each passage's once, not once per k
     keys = [{r: normalize_answer(x.text) for r, x in lk.items()} for lk in lookup] if any(reader.config.selection_for(m)[0].aggregate for m in modes) else None
@@ -386,11 +402,13 @@ def choose_selection(readings: Sequence[Sequence[Reading]], scores: Sequence[Seq
 
 
 def tune_selection(retriever: Retriever, reader: Reader, qas: QASet, mode: str, ks: Sequence[int] = QA_KS,
-                   grid: Sequence[Selection] = SELECTION_GRID, batch_size: int = 64, progress=None) -> dict:  # fmt: skip
-    """Retrieve and read held-out questions once, then :func:`choose_selection` for ``mode``."""
+                   grid: Sequence[Selection] = SELECTION_GRID, batch_size: int = 64, progress=None, show_progress: bool = False) -> dict:  # fmt: skip
+    """Retrieve and read held-out questions once, then :func:`choose_selection` for ``mode`` (``show_progress``:
+    as :func:`evaluate_qa`'s)."""
     mode = retriever.check_mode(mode).value
-    res = retriever.retrieve(qas.questions, max(ks), mode)
+    res = retriever.retrieve(qas.questions, max(ks), mode, show_progress)
     c = retriever.corpus
     rows = [[int(r) for r in res.rows[i] if r >= 0] for i in range(len(qas))]
-    readings = reader.read(qas.questions, [[(c.titles[r], c.texts[r]) for r in rs] for rs in rows], batch_size, progress)
+    with _reading_bar(progress, show_progress, f"read {qas.name} ({mode})") as progress:
+        readings = reader.read(qas.questions, [[(c.titles[r], c.texts[r]) for r in rs] for rs in rows], batch_size, progress)
     return choose_selection(readings, [res.scores[i, : len(rs)] for i, rs in enumerate(rows)], qas, ks, grid)

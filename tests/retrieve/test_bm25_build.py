@@ -167,8 +167,8 @@ def test_cli_streamed_build_never_holds_the_corpus(tmp_path, capsys, monkeypatch
     read, ahead = [0], []
     real_iter, real_bar = store.iter_passages, bm25.progress_bar
 
-    def counting(path):
-        for p in real_iter(path):
+    def counting(path, bytes_read=None):
+        for p in real_iter(path, bytes_read):
             read[0] += 1
             yield p
 
@@ -191,6 +191,7 @@ def test_cli_streamed_build_never_holds_the_corpus(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(store, "iter_passages", counting)
     monkeypatch.setattr(bm25, "progress_bar", bar)
+    monkeypatch.setattr(bm25, "analyse_total", lambda corpus: (41, "passages"))  # the bar in passages (not the file's bytes)
     code, _, err = run(capsys, "index", "bm25", str(src), str(tmp_path / "got"), "--workers", str(workers), "--chunk-passages", "3")
     assert code == 0, err
     assert _files(tmp_path / "got") == _files(tmp_path / "want")

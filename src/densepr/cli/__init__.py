@@ -15,7 +15,7 @@ One module per command group:
 - ``train``: ``train`` (the bi-encoder);
 - ``qa``: ``cloze-data``, ``train-reader``, ``answer``, ``tune-reader``, ``evaluate-qa``;
 - ``serve``: ``serve``, ``export-onnx`` (the ONNX models it serves on CPUs);
-- ``export``: ``export-model`` (DPR's Hugging Face classes);
+- ``export``: ``export-model`` (DPR's Hugging Face classes), ``convert`` (pytorch_model.bin checkpoints to safetensors);
 - ``reproduce``: ``reproduce``.
 
 The table below registers them, in the order ``densepr --help`` lists them.
@@ -38,6 +38,7 @@ for _typer, _name, _command in (
     (app, "encode", index.encode),
     (app, "export-onnx", serve.export_onnx),
     (app, "export-model", export.export_model),
+    (app, "convert", export.convert),
     (app, "retrieve", retrieve.retrieve),
     (app, "tune-hybrid", retrieve.tune_hybrid),
     (app, "evaluate", retrieve.evaluate),

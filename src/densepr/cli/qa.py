@@ -178,7 +178,6 @@ def tune_reader_cmd(
     index = _index(index)
     from densepr.models.reader import Reader
     from densepr.pipeline import tune_selection
-    from densepr.progress import progress_bar
 
     k_list = _int_list(ks, "--ks")
     r, mode_list = _retriever_for(index, modes, device)
@@ -186,8 +185,7 @@ def tune_reader_cmd(
     rd = Reader.load(path, device)
     qas = _load_qa(qa, limit, regex, cache_dir)
     for m in mode_list:
-        with progress_bar(None, f"read {qas.name} ({m})", True, unit="window") as advance:
-            best = tune_selection(r, rd, qas, m, k_list, progress=advance)
+        best = tune_selection(r, rd, qas, m, k_list, show_progress=True)
         rd.config.selection[m] = {**best, "tuned_on": str(qa)}
         out.print(f"{m}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span x{best['span']:g} "
                   f"+ retriever x{best['retriever']:g}, aggregation {best['aggregate']:g} "
@@ -224,7 +222,6 @@ def evaluate_qa_cmd(
     from densepr.fileio.dirs import writable_dir
     from densepr.models.reader import Reader
     from densepr.pipeline import evaluate_qa, reading_key
-    from densepr.progress import progress_bar
 
     writable_dir(output, "QA results", (*QA_RESULTS, f"{PIECES}/"))  # a user's folder: refused, untouched
 
@@ -246,9 +243,8 @@ def evaluate_qa_cmd(
         pieces = set_pieces.directory
         if kept := set_pieces.open(resume):  # pieces of other inputs (another reader, k, ...), or --no-resume, removed
             _log(f"{qas.name}: resuming; {kept} finished piece(s) of questions kept in {pieces}")
-        with progress_bar(None, f"read {qas.name}", True, unit="window") as advance:
-            res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, advance, pieces=pieces,
-                              log=lambda m, name=qas.name: _log(f"{name}: {m}"), answerable_cache=index)  # fmt: skip
+        res = evaluate_qa(r, rd, qas, mode_list, k_list, matcher, gold, batch_size, pieces=pieces,
+                          log=lambda m, name=qas.name: _log(f"{name}: {m}"), answerable_cache=index, show_progress=True)  # fmt: skip
         results["sets"][qas.name] = {**res, "key": key}
         best = {m: max(res["modes"][m]["k"].values(), key=lambda v: v["em"])["em"] for m in mode_list}
         kept_note = ""

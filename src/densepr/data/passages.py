@@ -249,8 +249,15 @@ def _lines(first: int, last: int) -> str:
     return f"line {first}" if first == last else f"lines {first}..{last}"
 
 
-def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+class BytesRead:
+    """The bytes of a file a streaming reader has consumed so far (``n``): what a bar over its size advances by."""
+
+    n = 0
+
+
+def iter_lines(path: str | os.PathLike[str], read: BytesRead | None = None) -> Iterator[tuple[int, str]]:
     """``(line_number, text)`` of each line of a UTF-8 file (a BOM tolerated; the line end kept).
+    ``read``, when given, counts the bytes consumed (up to the end of the line last yielded).
 
     Reads at most :data:`MAX_RECORD_BYTES` per line: a longer line (a file without line breaks,
     a binary file) is refused with its line number once that much has been read, never read whole.
@@ -272,6 +279,8 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
             if len(raw) > limit + raw.endswith(b"\n"):
                 raise InputError(path, f"line longer than {_mib(limit)}, the limit for one line; a file without line breaks, "
                                  "or not a text file of this kind?", line=lineno)  # fmt: skip
+            if read is not None:
+                read.n += len(raw)
             try:
                 yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -303,14 +312,14 @@ class RecordReader:
         self.mark, self.record = self.pos, self.record + 1
 
 
-def iter_tsv_rows(path: str | os.PathLike[str], columns: tuple[str, ...] = ()) -> Iterator[tuple[int, list[str]]]:
+def iter_tsv_rows(path: str | os.PathLike[str], columns: tuple[str, ...] = (), read: BytesRead | None = None) -> Iterator[tuple[int, list[str]]]:
     """``(line_number, fields)`` of each non-blank row of a tab-separated, CSV-quoted file.
 
     Read as DPR reads its files (``csv.reader(delimiter="\\t")``); a BOM and CRLF line ends are
     tolerated. One row is one line: a field holding a line break is an unbalanced quote that
     swallowed the lines after it (what ``csv`` does silently), refused with the line where the quote
     opened. Undecodable bytes and over-long lines raise :class:`InputError` with the line;
-    ``columns`` names the fields in messages.
+    ``columns`` names the fields in messages; ``read`` counts the bytes consumed (:func:`iter_lines`).
     """
     path = Path(path)
     limit = MAX_RECORD_BYTES
@@ -319,7 +328,7 @@ def iter_tsv_rows(path: str | os.PathLike[str], columns: tuple[str, ...] = ()) -
     state = {"start": 1, "chars": 0}
 
     def feed() -> Iterator[str]:
-        for lineno, text in iter_lines(path):
+        for lineno, text in iter_lines(path, read):
             state["chars"] += len(text)
             if state["chars"] > limit:  # a quote left open, swallowing line after line
                 raise InputError(path, f"unbalanced quote: the field opened at line {state['start']} runs past line {lineno} "
@@ -349,14 +358,14 @@ def iter_tsv_rows(path: str | os.PathLike[str], columns: tuple[str, ...] = ()) -
             yield start, row
 
 
-def iter_passages_tsv(path: str | os.PathLike[str]) -> Iterator[Passage]:
+def iter_passages_tsv(path: str | os.PathLike[str], read: BytesRead | None = None) -> Iterator[Passage]:
     """Stream passages from a DPR passages TSV (``id, text, title``; header optional).
 
     Raises:
         InputError: naming the line and column of a malformed row (wrong column count, a bad id,
             an unbalanced quote).
     """
-    for n, (lineno, row) in enumerate(iter_tsv_rows(path, TSV_HEADER)):
+    for n, (lineno, row) in enumerate(iter_tsv_rows(path, TSV_HEADER, read)):
         if n == 0 and [c.strip().lower() for c in row] == TSV_HEADER:
             continue
         if len(row) != 3:
@@ -386,10 +395,10 @@ def write_passages_tsv(passages: Iterable[Passage], path: str | os.PathLike[str]
     return n
 
 
-def iter_passages_jsonl(path: str | os.PathLike[str]) -> Iterator[Passage]:
+def iter_passages_jsonl(path: str | os.PathLike[str], read: BytesRead | None = None) -> Iterator[Passage]:
     """Stream passages from JSON lines with ``id`` (or BEIR's ``_id``), ``title`` (optional) and ``text``."""
     path = Path(path)
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, read):
         pid = obj.get("id", obj.get("_id"))
         if pid is None:
             raise InputError(path, "missing passage id (expected 'id' or '_id')", line=lineno, field="id")
@@ -404,10 +413,10 @@ def iter_passages_jsonl(path: str | os.PathLike[str]) -> Iterator[Passage]:
         yield Passage(pid, title, text)
 
 
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | os.PathLike[str], read: BytesRead | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file (lines bounded as :func:`iter_lines`)."""
     path = Path(path)
-    for lineno, line in iter_lines(path):
+    for lineno, line in iter_lines(path, read):
         if not line.strip():
             continue
         try:
@@ -421,9 +430,10 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict]]:
         yield lineno, obj
 
 
-def iter_passages(path: str | os.PathLike[str]) -> Iterator[Passage]:
+def iter_passages(path: str | os.PathLike[str], read: BytesRead | None = None) -> Iterator[Passage]:
     """Stream the passages of a DPR TSV (``.tsv``), JSON-lines (``.jsonl``/``.json``) or parquet (``.parquet``)
-    file, by its suffix; or, from Python, of a ``datasets.Dataset`` (:mod:`densepr.data.parquet`)."""
+    file, by its suffix; or, from Python, of a ``datasets.Dataset`` (:mod:`densepr.data.parquet`).
+    ``read`` counts the bytes of a TSV or JSON-lines file consumed so far (parquet's are not counted)."""
     from densepr.data.parquet import is_dataset, iter_passage_rows
 
     if is_dataset(path) or Path(path).suffix == ".parquet":
@@ -431,9 +441,9 @@ def iter_passages(path: str | os.PathLike[str]) -> Iterator[Passage]:
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".jsonl", ".json"):
-        return iter_passages_jsonl(path)
+        return iter_passages_jsonl(path, read)
     if suffix in (".tsv", ".csv", ".txt"):
-        return iter_passages_tsv(path)
+        return iter_passages_tsv(path, read)
     raise InputError(path, f"unknown passage file type {suffix!r}: expected .tsv (DPR layout), .jsonl or .parquet")
 
 

@@ -48,7 +48,17 @@ from pathlib import Path
 
 import numpy as np
 
-from densepr.data.passages import FP_ROWS, PASSAGES_FILE, Corpus, Fingerprinter, Passage, corpus_fingerprint, ids_sha256, iter_passages
+from densepr.data.passages import (
+    FP_ROWS,
+    PASSAGES_FILE,
+    BytesRead,
+    Corpus,
+    Fingerprinter,
+    Passage,
+    corpus_fingerprint,
+    ids_sha256,
+    iter_passages,
+)
 from densepr.errors import DenseprError, InputError, MismatchError
 from densepr.fileio.atomic import NoSpaceError, save_npy
 from densepr.fileio.dirs import atomic_dir
@@ -355,7 +365,8 @@ class StreamedCorpus:
             raise MismatchError(f"{self.path}: changed while densepr was reading it (size or modification time); run again")
 
     def blocks(self, size: int, which: Iterable[int] | None = None) -> Iterator[tuple[int, list[str], list[str], list[str]]]:
-        """As :meth:`Corpus.blocks`, streamed: the rows before a wanted block are parsed and dropped."""
+        """As :meth:`Corpus.blocks`, streamed: the rows before a wanted block are parsed and dropped. ``self.read.n``:
+        the bytes this pass has consumed (up to the end of the block last yielded)."""
         want = None if which is None else set(which)
         last = None if want is None else max(want, default=-1)
         scan = None
@@ -363,8 +374,8 @@ class StreamedCorpus:
             scan, self._state = _Scan(self.path), self._stat() if self.path.is_file() else None  # before reading
         self._check_unchanged()
         cols: tuple[list[str], list[str], list[str]] = ([], [], [])
-        row = 0
-        for p in iter_passages(self.path):
+        row, self.read = 0, BytesRead()
+        for p in iter_passages(self.path, self.read):
             if scan is not None:
                 scan.add(p)
             i = row // size

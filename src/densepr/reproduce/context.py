@@ -78,15 +78,20 @@ class Job:
     def corpus(self) -> Corpus:
         return self.runner.done["passages"].get()
 
-    def _question_encoder(self, index: DenseIndex) -> Encoder:
-        return Encoder.load(index.manifest["question_encoder"], device=self.cfg.device)
+    def _question_encoder(self, index: DenseIndex, stage: str) -> Encoder:
+        """The question encoder the dense index ``<out>/<stage>/`` records, looked for relative to that directory
+        first (:func:`~densepr.index.encoder_ref.load_recorded`): a moved run directory, whose trained encoders
+        moved with it, resumes."""
+        from densepr.index.encoder_ref import load_recorded
+
+        return load_recorded(index.manifest, self.cfg.out_dir / stage, self.cfg.device)
 
     def retriever(self) -> Retriever:
         """BM25 + the final dense index + its E_Q, with the tuned lambda (loaded on first use)."""
         if self._retriever is None:
             done = self.runner.done
             dense = done["dense"].get()
-            self._retriever = Retriever(self.corpus(), done["bm25"].get(), dense, self._question_encoder(dense), depth=self.cfg.depth)
+            self._retriever = Retriever(self.corpus(), done["bm25"].get(), dense, self._question_encoder(dense, "dense"), depth=self.cfg.depth)
         if "tune" in self.runner.done:
             self._retriever.hybrid_lambda = self.runner.done["tune"].get()[0]
         return self._retriever
@@ -95,7 +100,7 @@ class Job:
         """A dense-only retriever over ``dense-<model>/`` (profile dpr's other encoders)."""
         if model not in self._dense_only:
             dense = self.runner.done[dense_stage(model)].get()
-            self._dense_only[model] = Retriever(self.corpus(), None, dense, self._question_encoder(dense), depth=self.cfg.depth)
+            self._dense_only[model] = Retriever(self.corpus(), None, dense, self._question_encoder(dense, dense_stage(model)), depth=self.cfg.depth)
         return self._dense_only[model]
 
     def matcher(self) -> AnswerMatcher:

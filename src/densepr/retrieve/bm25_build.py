@@ -25,6 +25,7 @@ from densepr.progress import progress_bar
 from densepr.retrieve.bm25_analyzer import LuceneAnalyzer, words
 
 MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)
+TICK_ROWS = 2_000  # passages analysed between two moves of the analyse bar (a chunk is 50,000 by default)
 
 
 def lucene_length(length: np.ndarray) -> np.ndarray:
@@ -70,18 +71,66 @@ class LuceneBM25(bm25s.BM25):
                 "indptr": tf.indptr.astype(np.int64), "num_docs": n_docs}  # fmt: skip
 
 
-def _chunk_sources(corpus: Corpus | StreamedCorpus, size: int) -> Iterator[tuple[tuple, int, int]]:
-    """``(source, lo, hi)`` per chunk of ``size`` rows, read lazily: what a worker needs to read rows
-    ``[lo, hi)`` (the store's directory, or the chunk's titles and texts)."""
+def analyse_total(corpus: Corpus | StreamedCorpus) -> tuple[int, str]:
+    """The analyse bar's total and unit, known before the corpus is read: its passages (a corpus, a store, a
+    parquet file's row count from its footer), or a streamed text file's size in bytes (read once, so never
+    counted first)."""
+    if not isinstance(corpus, StreamedCorpus):
+        return len(corpus), "passages"
+    from densepr.data.parquet import is_parquet
+
+    if is_parquet(corpus.path):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(corpus.path).metadata.num_rows, "passages"
+        except Exception:  # not readable: the build refuses it, naming the file, once it reads it
+            return 0, "passages"
+    return (corpus.path.stat().st_size if corpus.path.is_file() else 0), "bytes"
+
+
+def _chunk_sources(corpus: Corpus | StreamedCorpus, size: int, unit: str) -> Iterator[tuple[tuple, int, int, int]]:
+    """``(source, lo, hi, units)`` per chunk of ``size`` rows, read lazily: what a worker needs to read rows
+    ``[lo, hi)`` (the store's directory, or the chunk's titles and texts), and the chunk's share of the
+    analyse bar (its passages, or the bytes of the file it was read from)."""
     if isinstance(corpus, StoreCorpus):
         n = len(corpus)
-        yield from ((("store", str(corpus.directory)), lo, min(lo + size, n)) for lo in range(0, n, size))
+        yield from ((("store", str(corpus.directory)), lo, min(lo + size, n), min(lo + size, n) - lo) for lo in range(0, n, size))
         return
+    read = 0
     for i, _ids, titles, texts in corpus.blocks(size):
-        yield ("rows", titles, texts), i * size, i * size + len(texts)
+        if unit == "bytes":  # the file read up to the end of this chunk's last passage
+            units, read = corpus.read.n - read, corpus.read.n
+        else:
+            units = len(texts)
+        yield ("rows", titles, texts), i * size, i * size + len(texts), units
 
 
-def _analyse_all(tasks: Iterator[tuple], workers: int, advance: Callable[[int], None]) -> list[dict]:
+class _Bar:
+    """The analyse bar's advances: each chunk's share (:func:`_chunk_sources`) moved as its passages are analysed
+    (every :data:`TICK_ROWS`, told by :func:`_analyse_chunk`, here or from a worker) and completed with its result."""
+
+    def __init__(self, advance: Callable[[int], None]) -> None:
+        self.advance, self.chunks, self.shown = advance, {}, 0  # chunk -> [passages, units, units shown]
+
+    def add(self, i: int, passages: int, units: int) -> None:
+        self.chunks[i] = [passages, units, 0]
+
+    def tick(self, i: int, done: int) -> None:
+        c = self.chunks.get(i)
+        if c is None:  # a worker's last tick read after its chunk's result
+            return
+        shown = c[1] * done // max(c[0], 1)
+        self.advance(shown - c[2])
+        self.shown += shown - c[2]
+        c[2] = shown
+
+    def done(self, i: int) -> None:
+        self.tick(i, self.chunks[i][0])
+        del self.chunks[i]
+
+
+def _analyse_all(tasks: Iterator[tuple], workers: int, bar: _Bar) -> list[dict]:
     """:func:`_analyse_chunk` over ``tasks`` in order: here (one worker, or one chunk), else by up to
     ``workers`` spawned processes with at most one chunk more than them in flight, so that a streamed
     corpus is read no further ahead than that (``Pool.imap`` would read every task ahead in a thread)."""
@@ -91,38 +140,59 @@ def _analyse_all(tasks: Iterator[tuple], workers: int, advance: Callable[[int], 
     chunks = []
     if procs <= 1:
         for t in tasks:
-            chunks.append(_analyse_chunk(t))
-            advance(t[2] - t[1])
+            chunks.append(_analyse_chunk(t, bar.tick))
+            bar.done(t[-1])
         return chunks
     import multiprocessing
 
     # spawn: the CLI process holds torch's threads, which fork would copy mid-state
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    ticks = ctx.SimpleQueue()  # workers' (chunk, passages analysed) as they go
+
+    def result(res) -> dict:
+        while not res.ready():
+            res.wait(0.2)
+            while not ticks.empty():
+                bar.tick(*ticks.get())
+        chunk = res.get()
+        bar.done(chunk["chunk"])
+        return chunk
+
+    with ctx.Pool(procs, initializer=_init_worker, initargs=(ticks,)) as pool:
         pending: deque = deque()
         for t in tasks:
             pending.append(pool.apply_async(_analyse_chunk, (t,)))
             del t  # the chunk's texts are the pool's now (sent to a worker, then dropped)
             while len(pending) > procs:
-                chunks.append(pending.popleft().get())
-                advance(chunks[-1]["passages"])
+                chunks.append(result(pending.popleft()))
         while pending:
-            chunks.append(pending.popleft().get())
-            advance(chunks[-1]["passages"])
+            chunks.append(result(pending.popleft()))
     return chunks
+
+
+_WORKER_TICKS = None  # a worker's queue for its progress (set by _init_worker)
+
+
+def _init_worker(ticks) -> None:
+    global _WORKER_TICKS
+    _WORKER_TICKS = ticks
 
 
 _WORKER_ANALYZERS: dict = {}
 
 
-def _analyse_chunk(task: tuple) -> dict:
+def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) -> dict:
     """Analyse rows ``[lo, hi)`` and write their postings (sorted by local term, then passage):
     local term ids (int32), passages (int32, chunk-local), term frequencies (uint16, or uint32
     if any exceeds it), per-term document frequencies, passage lengths, and the chunk's
-    vocabulary in order of first occurrence (JSON)."""
+    vocabulary in order of first occurrence (JSON). ``tick(chunk, passages analysed)`` every :data:`TICK_ROWS`
+    (in a worker: sent to the analyse bar through its queue)."""
     source, lo, hi, stemmer, tmp, i = task
     if stemmer not in _WORKER_ANALYZERS:
         _WORKER_ANALYZERS[stemmer] = LuceneAnalyzer(stemmer)
     analyzer = _WORKER_ANALYZERS[stemmer]
+    if tick is None and _WORKER_TICKS is not None:
+        tick = lambda chunk, done: _WORKER_TICKS.put((chunk, done))  # noqa: E731
     if source[0] == "store":
         # opened per chunk (~15 ms): the mapping, and with it the pages read, goes when the chunk's texts are
         # copied out, so a worker's RSS stays one chunk's (kept open, it grew by every text read: 7 GB at 21M)
@@ -145,6 +215,8 @@ def _analyse_chunk(task: tuple) -> dict:
                     got[j] = ids[w] = vocab.setdefault(term, len(vocab)) if term else -1
         words_in[d] = len(got)
         occ.extend(got)
+        if tick is not None and d % TICK_ROWS == TICK_ROWS - 1:
+            tick(i, d + 1)
     tids = np.frombuffer(occ, dtype=np.int64)
     kept = tids >= 0
     docs = np.repeat(np.arange(hi - lo, dtype=np.int64), words_in)[kept]
@@ -159,7 +231,7 @@ def _analyse_chunk(task: tuple) -> dict:
     np.save(f"{base}.dl.npy", dl)
     with open(f"{base}.vocab.json", "w", encoding="utf-8") as f:
         json.dump(list(vocab), f, ensure_ascii=False)
-    return {"base": str(base), "start": lo, "passages": hi - lo}
+    return {"base": str(base), "start": lo, "passages": hi - lo, "chunk": i}
 
 
 def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: str, tmp: Path, progress: bool) -> tuple[dict, dict]:
@@ -244,12 +316,20 @@ def build_model(
         raise DenseprError(f"workers ({workers}) and chunk_passages ({chunk_passages}) must be at least 1")
     analyzer = LuceneAnalyzer(stemmer)
     model = LuceneBM25(k1=k1, b=b, method="lucene", lengths=lengths)
-    total = None if isinstance(corpus, StreamedCorpus) else len(corpus)  # a streamed file's count is known once read
+    total, unit = analyse_total(corpus)
     # a full disk while the postings are written names the build directory (removed on the way out)
     with tempfile.TemporaryDirectory(prefix=".bm25-build-", dir=workdir) as tmp, no_space_names(tmp):
-        tasks = ((src, lo, hi, stemmer, tmp, i) for i, (src, lo, hi) in enumerate(_chunk_sources(corpus, chunk_passages)))
-        with progress_bar(total, "BM25 analyse", enabled=progress, unit="passages") as advance:
-            chunks = _analyse_all(tasks, workers, advance)
+        with progress_bar(total, "BM25 analyse", enabled=progress, unit=unit) as advance:
+            bar = _Bar(advance)
+
+            def tasks() -> Iterator[tuple]:
+                for i, (src, lo, hi, units) in enumerate(_chunk_sources(corpus, chunk_passages, unit)):
+                    bar.add(i, hi - lo, units)
+                    yield src, lo, hi, stemmer, tmp, i
+
+            chunks = _analyse_all(tasks(), workers, bar)
+            if total > bar.shown:  # a file's blank lines after its last passage
+                advance(total - bar.shown)
         n = sum(c["passages"] for c in chunks)
         fingerprint = corpus.fingerprint()  # a streamed file's: computed while read (a repeated id refused then)
         model.scores, model.vocab_dict = _merge_chunks(chunks, n, model, lengths, Path(tmp), progress)
