@@ -144,6 +144,20 @@ def parse_tevatron(obj: dict, path: Path, line: int) -> TrainRecord:
     return TrainRecord(q, list(answers), lists[0], hard_negative_ctxs=lists[1], dataset="tevatron")
 
 
+def _kept(items: Iterable[tuple[object, int]], parse, path: Path, skip_bad: bool, stats: dict) -> Iterator[TrainRecord]:
+    """``parse(obj, path, n)`` of each ``(obj, n)``; an invalid one raises, or with ``skip_bad`` is counted and skipped."""
+    for obj, n in items:
+        try:
+            record = parse(obj, path, n)
+        except InputError:
+            if not skip_bad:
+                raise
+            stats["skipped"] += 1
+            continue
+        stats["read"] += 1
+        yield record
+
+
 def iter_train_records(
     path: str | os.PathLike[str], skip_bad: bool = False, stats: dict | None = None
 ) -> Iterator[TrainRecord]:
@@ -170,34 +184,21 @@ def iter_train_records(
         if not head:
             raise InputError(path, "empty file, expected a JSON array of records")
         if head.startswith(b"{"):  # JSON lines (Tevatron's layout)
-            for line, obj in iter_jsonl(path):
-                try:
-                    record = parse_tevatron(obj, path, line)
-                except InputError:
-                    if not skip_bad:
-                        raise
-                    stats["skipped"] += 1
-                    continue
-                stats["read"] += 1
-                yield record
+            yield from _kept(((obj, line) for line, obj in iter_jsonl(path)), parse_tevatron, path, skip_bad, stats)
             return
         if not head.startswith(b"["):
             raise InputError(path, "expected a JSON array of records (first character '[') or JSON lines (first character '{')")
         fh.seek(3 if bom else 0)
         source = RecordReader(fh, path)  # one record at a time, each at most MAX_RECORD_BYTES
-        try:
+        def numbered():
+            nonlocal rec
             for obj in ijson.items(source, "item", use_float=True):
                 rec += 1
                 source.next_record()
-                try:
-                    record = parse_record(obj, path, rec)
-                except InputError:
-                    if not skip_bad:
-                        raise
-                    stats["skipped"] += 1
-                    continue
-                stats["read"] += 1
-                yield record
+                yield obj, rec
+
+        try:
+            yield from _kept(numbered(), parse_record, path, skip_bad, stats)
         except ijson.JSONError as e:
             raise InputError(path, f"invalid JSON after record {rec}: {str(e).splitlines()[0]}", line=rec + 1, unit="record") from None
         except UnicodeDecodeError as e:
