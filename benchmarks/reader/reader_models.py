@@ -1,0 +1,116 @@
+"""Is the reader's exact match given the answer passage a capacity limit of the 6-layer MiniLM? Readers from
+different starting encoders (e.g. MiniLM-L6 and the 12-layer all-mpnet-base-v2) trained on the same data with the
+same recipe and the same number of steps, then read on the same held-out questions.
+
+Training data: the top ``--depth`` passages ``--index`` retrieves (``--mode``) for NQ-dev and TriviaQA-dev, minus
+each set's last ``--heldout`` questions, which are held out (``train-reader --holdout``). The recipe is
+``reproduce --profile dpr``'s reader (ReaderPlan: 32 questions x M = 2 passages, 192-token windows, shared
+normalisation, heads at lr 1e-3), ``--epochs`` epochs, in ``--precision``. Read: the best-ranked answer-bearing
+passage of the first ``--eval`` held-out questions that have one (as benchmarks/reader/reader_data.py).
+
+    python benchmarks/reader/reader_models.py --index runs/mpnet-zs --model minilm=DIR --model mpnet=DIR \\
+        [--epochs 1] [--precision bf16] [--heldout 1000] [--eval 500] [--workdir runs/reader-models]
+
+A reader already trained with the same configuration is read again, not retrained (the benchmark resumes).
+Prints a table and writes benchmarks/reader/results/reader-models.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, shared by every group
+from common import given_passage_scores, gold_passages, machine_info, train_reader_once
+
+from densepr.data import EmbeddedData
+from densepr.data.runs import write_dpr_results
+from densepr.fileio.atomic import atomic_write, read_json, write_json
+from densepr.reproduce.profiles import ReaderPlan
+from densepr.train.config import ReaderTrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETS = ("nq-dev", "trivia-dev")
+
+
+def reader_data(index: Path, mode: str, depth: int, heldout: int, out: Path, device: str) -> tuple[list[Path], Path, Path]:
+    """Retrieval results for the training sets, the held-out questions' results, and their QA TSV (written once)."""
+    files = [out / f"{s}.json" for s in SETS]
+    held_json, held_tsv = out / "heldout.json", out / "heldout.qa.tsv"
+    if all(p.is_file() for p in (*files, held_json, held_tsv)):
+        return files, held_json, held_tsv
+    from densepr.evaluate.answers import AnswerMatcher
+    from densepr.retrieve.retriever import Retriever
+
+    retriever = Retriever.load(index, device=device)
+    data = EmbeddedData()
+    out.mkdir(parents=True, exist_ok=True)
+    held_q, held_a = [], []
+    for name, path in zip(SETS, files):
+        qas = data.load_qa(name)
+        res = retriever.retrieve(qas.questions, depth, mode, True)
+        hits = AnswerMatcher(retriever.corpus.texts).hits(res.rows, qas)
+        write_dpr_results(path, qas.questions, [q.answers for q in qas.items], res, retriever.corpus, hits)
+        held_q += qas.questions[-heldout:]
+        held_a += [q.answers for q in qas.items[-heldout:]]
+    # the held-out questions' own results file (validation reads their answer passages)
+    import json
+
+    rows = [r for p in files for r in json.loads(p.read_text(encoding="utf-8"))]
+    keep = set(held_q)
+    held_rows = [r for r in rows if r["question"] in keep]
+    with atomic_write(held_json) as fh:
+        json.dump(held_rows, fh)
+    with atomic_write(held_tsv) as fh:
+        for q, a in zip(held_q, held_a):
+            fh.write(f"{q}\t{json.dumps(list(a))}\n")
+    return files, held_json, held_tsv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--index", type=Path, required=True, help="an index directory (passages.tsv, bm25/, dense/)")
+    ap.add_argument("--mode", default="dense")
+    ap.add_argument("--model", action="append", required=True, help="NAME=DIR of a starting encoder (repeat)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--heldout", type=int, default=1000, help="last questions of each dev set held out")
+    ap.add_argument("--eval", type=int, default=500)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/reader-models"))
+    ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader-models.json")
+    args = ap.parse_args()
+
+    plan = ReaderPlan()
+    files, held_json, held_tsv = reader_data(args.index, args.mode, plan.depth, args.heldout, args.workdir / "data", args.device)
+    gold = gold_passages(held_json, args.eval)
+    recipe = {k: v for k, v in asdict(plan).items() if k in ReaderTrainConfig.__dataclass_fields__
+              and k not in ("epochs", "max_steps", "save_every", "dev_limit", "model")}  # fmt: skip
+    rows, t_start = [], time.perf_counter()
+    for name, path in (m.split("=", 1) for m in args.model):
+        run_dir = args.workdir / f"{name}-{args.precision}-e{args.epochs}"
+        cfg = ReaderTrainConfig(train_files=[str(f) for f in files], output_dir=str(run_dir / "reader"), init=path, epochs=args.epochs,
+                                save_every=10**9, holdout=[str(held_tsv)], precision=args.precision, **recipe)  # fmt: skip
+        record = train_reader_once(cfg, run_dir, args.device, name)
+        scores = given_passage_scores(run_dir / "reader" / "final", gold, args.device)
+        kept = read_json(run_dir / "reader" / "data.json")["kept"]
+        rows.append({"model": name, "path": path, "questions": kept, "epochs": args.epochs, "precision": args.precision,
+                     "steps": record["steps"], "train_seconds": record["seconds"], **scores})  # fmt: skip
+        print(f"{name}: {kept} questions, {record['steps']} steps in {record['seconds']} s; EM {scores['em']}, F1 {scores['f1']}", flush=True)
+    print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions (retrieval: {args.index}, {args.mode})")
+    print("| reader from | training questions | steps | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['questions']:,} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
+    write_json(args.json, {"command": "python benchmarks/reader/reader_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+                           "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1), "held_out_questions": len(gold),
+                           "recipe": recipe, "results": rows})  # fmt: skip
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
