@@ -411,9 +411,9 @@ def test_cli_encode_reads_the_passages_part_by_part(tmp_path, capsys, monkeypatc
     read, encoded, ahead = [0], [0], []
     real_iter, real_encode = store.iter_passages, Encoder.encode_passages
 
-    def counting(path):
+    def counting(path, bytes_read=None):
         read[0] = 0  # this pass's passages
-        for p in real_iter(path):
+        for p in real_iter(path, bytes_read):
             read[0] += 1
             yield p
 
