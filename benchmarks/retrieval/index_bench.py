@@ -57,8 +57,14 @@ def matmul_gflops(n: int = 4096, reps: int = 3) -> float:
     return best
 
 
-def write_synthetic(directory: Path, n: int, dim: int, n_queries: int, seed: int = 0, part: int = 100_000, clusters: int = 0) -> np.ndarray:
+def write_synthetic(directory: Path, n: int, dim: int, n_queries: int, seed: int = 0, part: int = 100_000, clusters: int = 0,
+                    dtype: str = "float32", first_id: int = 0, manifest: dict | None = None) -> np.ndarray:
     """An embeddings directory of ``n`` synthetic vectors; returns ``n_queries`` query vectors.
+
+    ``dtype``: how the parts are stored (``float16`` halves the disk: 21M x 768 is 30 GiB);
+    ids are ``first_id``, ``first_id + 1``, ...; ``manifest``: keys that replace the synthetic
+    ``encoder``/``question_encoder`` (e.g. ``corpus`` and a real question encoder, so that the
+    vectors stand in for an index directory's, as ``benchmarks/scale/scale.py`` does).
 
     Vectors live near a 64-d subspace (a Gaussian latent mixed into ``dim`` dims, plus small
     isotropic noise). With ``clusters`` > 0 the latent is a mixture of that many Gaussians (centres
@@ -83,13 +89,13 @@ def write_synthetic(directory: Path, n: int, dim: int, n_queries: int, seed: int
     parts, files = [], []
     for i, start in enumerate(range(0, n, part)):
         m = min(part, n - start)
-        save_npy(directory / f"part-{i:05d}.npy", draw(m))
-        write_ids(directory / f"part-{i:05d}.ids", [str(j) for j in range(start, start + m)])
+        save_npy(directory / f"part-{i:05d}.npy", draw(m).astype(dtype))
+        write_ids(directory / f"part-{i:05d}.ids", [str(j) for j in range(first_id + start, first_id + start + m)])
         parts.append({"vectors": f"part-{i:05d}.npy", "ids": f"part-{i:05d}.ids", "count": m})
         files += [parts[-1]["vectors"], parts[-1]["ids"]]
     write_json(directory / "encoding.json", {"synthetic": True, "seed": seed, "clusters": clusters})
-    write_manifest(directory, "embeddings", files, dim=dim, count=n, dtype="float32",
-                   encoder={"path": "synthetic", "weights_id": f"synthetic-{seed}"}, question_encoder="synthetic", parts=parts)  # fmt: skip
+    meta = {"encoder": {"path": "synthetic", "weights_id": f"synthetic-{seed}"}, "question_encoder": "synthetic", **(manifest or {})}
+    write_manifest(directory, "embeddings", files, dim=dim, count=n, dtype=dtype, parts=parts, **meta)
     return draw(n_queries)
 
 

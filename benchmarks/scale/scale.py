@@ -20,15 +20,19 @@ cannot take back, and the largest single process):
   0.12 jar, as ``benchmarks/retrieval/bm25_lucene.py``) over the same passages on the same W threads,
   and its one-thread search of the same questions (``IndexSearcher.search``: block-max WAND),
   with top-k agreement with densepr's lists;
-* ``dense`` (N <= ``--dense-max``): N x 768 synthetic vectors (``benchmarks/retrieval/index_bench.py``'s
-  generator) as ``densepr index dense --type ivf-pq --rerank 10``: build wall and peak RSS, then
-  load RSS and one-query latency.
+* ``dense`` (N <= ``--dense-max``): N x 768 synthetic float16 vectors (``benchmarks/retrieval/index_bench.py``'s
+  generator, 1,000 clusters) with the corpus's ids, built as ``<d>/dense`` by ``densepr index dense
+  --type ivf-pq --pq-m 96 --rerank 10`` (``--dense-args``): build wall and peak RSS, disk; then load
+  RSS, top-100 latency, and recall@10/@100 against exact search, with and without re-ranking;
+* ``dense-serve`` (N <= ``--dense-max``): ``densepr serve --index <d>`` over the store, BM25 and the
+  dense index (MPNet as the question encoder when fetched): /search p50/p95 and server RSS in the
+  dense, hybrid and bm25 modes.
 
 Resumable: each step's result is ``<d>/scale-<step>.json``, skipped when present (``--redo
 STEP`` reruns it). The table and ``benchmarks/scale/results/scale.json`` gather every size measured.
 
     python benchmarks/scale/scale.py --sizes 1000000 5000000 21015324 --work-dir /data/scale [--workers 2]
-        [--steps corpus store bm25 load queries serve lucene dense] [--lucene-max 1000000] [--dense-max 1000000]
+        [--steps corpus store bm25 load queries serve lucene dense dense-serve] [--lucene-max 1000000] [--dense-max 1000000]
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent  # benchmarks/scale/
 BENCH = HERE.parent  # benchmarks/: common.py; retrieval/ holds bm25_lucene.py and index_bench.py
 RESULTS = HERE / "results" / "scale.json"
-STEPS = ("corpus", "store", "bm25", "load", "queries", "serve", "lucene", "dense")
+STEPS = ("corpus", "store", "bm25", "load", "queries", "serve", "lucene", "dense", "dense-serve")
 QUESTIONS = 1000  # NQ test questions searched (batched); one at a time: the first ONE_AT_A_TIME
 ONE_AT_A_TIME = 200
 HITS = 100
@@ -180,33 +184,20 @@ def child(step: str, d: Path, args: list[str]) -> dict:
         out.update(one_at_a_time_qps=round(len(lat) / lat.sum(), 2), top100_p50_ms=round(1000 * float(np.median(lat)), 2),
                    top100_p95_ms=round(1000 * float(np.percentile(lat, 95)), 2), after_queries=rss_now())  # fmt: skip
         return out
-    if step == "dense-search":  # d: the dense index alone (its synthetic ids are no corpus's)
-        import numpy as np
-
-        from densepr.index.dense import DenseIndex
-
-        base, t0 = rss_now(), time.perf_counter()
-        ix = DenseIndex.load(d)
-        load_s, after = time.perf_counter() - t0, rss_now()
-        q = np.random.default_rng(1).standard_normal((200, 768)).astype(np.float32) / 8
-        ix.search(q[:5], HITS)
-        lat = []
-        for v in q:
-            t0 = time.perf_counter()
-            ix.search(v[None], HITS)
-            lat.append(time.perf_counter() - t0)
-        return {"load_s": round(load_s, 3), "interpreter": base, "after_load": after, "after_queries": rss_now(),
-                "top100_p50_ms": round(1000 * float(np.median(lat)), 2), "top100_p95_ms": round(1000 * float(np.percentile(lat, 95)), 2)}  # fmt: skip
+    if step == "dense-search":
+        return dense_search(d)
     raise SystemExit(f"unknown child step {step}")
 
 
-def step_serve(d: Path) -> dict:
+def step_serve(d: Path, mode: str | None = None, requests: int = 100) -> dict:
+    """``densepr serve --index <d>``: seconds until /health answers, then ``requests`` sequential /search
+    (k=100, ``mode``: the server's default when None): p50/p95 latency and the server's RSS after them."""
     import numpy as np
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(d / "scale-serve.log", "w")
+    log = open(d / f"scale-serve{'-' + mode if mode else ''}.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "densepr", "serve", "--index", str(d), "--port", str(port)], stdout=log, stderr=log)
     try:
@@ -221,8 +212,8 @@ def step_serve(d: Path) -> dict:
                 time.sleep(0.5)
         ready = time.perf_counter() - t0
         lat = []
-        for q in questions(100):
-            body = json.dumps({"question": q, "k": HITS}).encode()
+        for q in questions(requests):
+            body = json.dumps({"question": q, "k": HITS, **({"mode": mode} if mode else {})}).encode()
             req = urllib.request.Request(url + "/search", body, {"Content-Type": "application/json"})
             t1 = time.perf_counter()
             json.loads(urllib.request.urlopen(req, timeout=60).read())
@@ -230,7 +221,7 @@ def step_serve(d: Path) -> dict:
         st = _status(proc.pid)
         return {"ready_s": round(ready, 2), "requests": len(lat), "search_p50_ms": round(1000 * float(np.median(lat)), 2),
                 "search_p95_ms": round(1000 * float(np.percentile(lat, 95)), 2), "server_rss_bytes": st.get("VmRSS", 0),
-                "server_anon_bytes": st.get("RssAnon", 0), "command": f"densepr serve --index {d}"}  # fmt: skip
+                "server_anon_bytes": st.get("RssAnon", 0), "command": f"densepr serve --index {d}" + (f" (/search mode {mode})" if mode else "")}  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(30)
@@ -280,23 +271,111 @@ def step_lucene(d: Path, workers: int) -> dict:
             "command": f"IndexCollection -threads {workers} -storeRaw; TimeSearch (1 thread, {len(qs)} questions)"}  # fmt: skip
 
 
-def step_dense(d: Path, n: int) -> dict:
+DENSE_ARGS = "--type ivf-pq --pq-m 96 --rerank 10"  # 96 bytes a vector (8 dims a code): 1.9 GiB of codes at 21M
+DENSE_QUERIES = 200
+
+
+def dense_binding(d: Path) -> dict:
+    """What makes synthetic vectors stand in for ``<d>``'s: the store's corpus fingerprint (the vectors'
+    ids are the synthetic corpus's, 1..N in order) and a real 768-d question encoder (MPNet, when
+    fetched: ``densepr data fetch --model mpnet``), so ``densepr serve --index <d>`` answers dense
+    and hybrid /search end to end. The vectors are random, so the hits mean nothing; the costs are real."""
+    from densepr.fileio.manifest import read_manifest
+
+    out = {"corpus": read_manifest(d / "store", "passage-store", "none")["corpus"]}
+    try:
+        from densepr.data.pretrained import pretrained_dir
+        from densepr.index.embeddings import encoder_info
+        from densepr.models.encoder import Encoder
+
+        path = pretrained_dir("mpnet")
+    except Exception as e:  # noqa: BLE001 - serving dense needs it; building does not
+        print(f"  no question encoder recorded ({e}); dense-serve will be skipped", flush=True)
+        return out
+    return {**out, "encoder": encoder_info(Encoder.load(path)), "question_encoder": str(path)}
+
+
+def step_dense(d: Path, n: int, dense_args: str) -> dict:
+    """N x 768 float16 synthetic vectors bound to ``<d>``'s corpus, built as ``<d>/dense``: build wall
+    and peak RSS, then (in a fresh process) load, latency, and recall against exact search."""
     sys.path.insert(0, str(BENCH / "retrieval"))
+    import numpy as np
     from index_bench import write_synthetic
 
-    emb, idx = d / "emb768", d / "dense-ivfpq"
+    emb, idx = d / "emb768", d / "dense"
+    gen_s = None
     if not (emb / "manifest.json").is_file():
+        shutil.rmtree(emb, ignore_errors=True)
         t0 = time.perf_counter()
-        write_synthetic(emb, n, 768, 0, clusters=1000)
-        print(f"  vectors written in {time.perf_counter() - t0:.0f} s", flush=True)
+        q = write_synthetic(emb, n, 768, DENSE_QUERIES, clusters=1000, dtype="float16", first_id=1, manifest=dense_binding(d))
+        np.save(d / "dense-queries.npy", q)
+        gen_s = round(time.perf_counter() - t0, 1)
+        print(f"  vectors written in {gen_s} s", flush=True)
     shutil.rmtree(idx, ignore_errors=True)
-    build = measured(
-        [sys.executable, "-m", "densepr", "index", "dense", str(emb), str(idx), "--type", "ivf-pq", "--rerank", "10"],
-        d / "scale-dense-build.log",
-    )
-    search = measured([*me(), "child", "dense-search", str(idx)], d / "scale-dense-search.log")
-    return {"vectors": n, "dim": 768, "type": "ivf-pq", "rerank": 10, "embeddings_bytes": du(emb), "index_bytes": du(idx),
-            "build": build, "search": search}  # fmt: skip
+    cmd = ["index", "dense", str(emb), str(idx), *dense_args.split()]
+    # one save of the trained quantiser, no mid-add checkpoints: each would write another copy of the codes
+    build = measured([sys.executable, "-m", "densepr", *cmd, "--checkpoint-seconds", "1e9"], d / "scale-dense-build.log")
+    search = measured([*me(), "child", "dense-search", str(d)], d / "scale-dense-search.log")
+    return {"vectors": n, "dim": 768, "dtype": "float16", "command": "densepr " + " ".join(cmd).replace(str(d), "DIR"),
+            "generate_s": gen_s, "embeddings_bytes": du(emb), "index_bytes": du(idx), "build": build, "search": search}  # fmt: skip
+
+
+def dense_search(d: Path) -> dict:
+    """Load ``<d>/dense`` alone; latency one query at a time and batched (top-100); recall@10 and
+    @100 against exact search over the float16 vectors (streamed part by part), with and
+    without re-ranking. Latency is measured first, with whatever of the vectors the page cache holds."""
+    import numpy as np
+
+    from densepr.index.dense import DenseIndex
+    from densepr.index.embeddings import Embeddings
+
+    base, t0 = rss_now(), time.perf_counter()
+    ix = DenseIndex.load(d / "dense")
+    load_s, after = time.perf_counter() - t0, rss_now()
+    q = np.load(d / "dense-queries.npy")
+    ix.search(q[:5], HITS)
+    lat = []
+    for v in q:
+        t0 = time.perf_counter()
+        ix.search(v[None], HITS)
+        lat.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    approx = ix.search(q, HITS)
+    batch_qps = len(q) / (time.perf_counter() - t0)
+    params = dict(ix.params.__dict__) if hasattr(ix.params, "__dict__") else {}
+    ix.set_search(rerank=0)
+    plain = ix.search(q, HITS)
+    out = {"load_s": round(load_s, 3), "interpreter": base, "after_load": after, "after_queries": rss_now(),
+           "params": {k: params.get(k) for k in ("nlist", "nprobe", "pq_m", "rerank")}, "queries": len(q),
+           "top100_p50_ms": round(1000 * float(np.median(lat)), 2), "top100_p95_ms": round(1000 * float(np.percentile(lat, 95)), 2),
+           "batched_top100_qps": round(batch_qps, 2)}  # fmt: skip
+    t0 = time.perf_counter()
+    best_s = np.full((len(q), HITS), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), HITS), dtype=np.int64)
+    row = 0
+    for _, vecs in Embeddings.open(d / "emb768").parts():
+        s = q @ np.asarray(vecs, dtype=np.float32).T
+        top = np.argpartition(-s, HITS - 1, axis=1)[:, :HITS] if s.shape[1] > HITS else np.tile(np.arange(s.shape[1]), (len(q), 1))
+        cs, ci = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1), np.concatenate([best_i, top + row], 1)
+        keep = np.argsort(-cs, axis=1, kind="stable")[:, :HITS]
+        best_s, best_i = np.take_along_axis(cs, keep, 1), np.take_along_axis(ci, keep, 1)
+        row += s.shape[1]
+    out["exact_s"] = round(time.perf_counter() - t0, 1)
+
+    def recall(res, k: int) -> float:
+        rows = np.asarray(res.rows)
+        return round(float(np.mean([len(set(rows[i, :k].tolist()) & set(best_i[i, :k].tolist())) / k for i in range(len(q))])), 4)
+
+    out["recall"] = {f"rerank{params.get('rerank')}": {"at10": recall(approx, 10), "at100": recall(approx, 100)},
+                     "rerank0": {"at10": recall(plain, 10), "at100": recall(plain, 100)}}  # fmt: skip
+    return out
+
+
+def step_dense_serve(d: Path) -> dict | None:
+    """``densepr serve --index <d>`` with BM25 and the dense index: /search in each mode."""
+    if "question_encoder" not in json.loads((d / "emb768" / "manifest.json").read_text()):
+        return {"skipped": "no question encoder recorded (densepr data fetch --model mpnet)"}
+    return {m: step_serve(d, m, 50) for m in ("dense", "hybrid", "bm25")}
 
 
 def step_corpus(d: Path, n: int, work: Path) -> dict:
@@ -348,7 +427,9 @@ def run_step(step: str, n: int, d: Path, args: argparse.Namespace) -> dict:
     if step == "lucene":
         return step_lucene(d, args.workers)
     if step == "dense":
-        return step_dense(d, n)
+        return step_dense(d, n, args.dense_args)
+    if step == "dense-serve":
+        return step_dense_serve(d)
     raise SystemExit(step)
 
 
@@ -421,6 +502,7 @@ def main() -> None:
     ap.add_argument("--chunk-passages", type=int, default=50_000)
     ap.add_argument("--lucene-max", type=int, default=1_000_000)
     ap.add_argument("--dense-max", type=int, default=1_000_000)
+    ap.add_argument("--dense-args", default=DENSE_ARGS, help="densepr index dense options for the dense step")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     all_results = json.loads(args.results.read_text()) if args.results.is_file() else {"sizes": {}}
@@ -428,7 +510,7 @@ def main() -> None:
         d = args.work_dir / f"n{n}"
         d.mkdir(parents=True, exist_ok=True)
         for step in args.steps:
-            if (step == "lucene" and n > args.lucene_max) or (step == "dense" and n > args.dense_max):
+            if (step == "lucene" and n > args.lucene_max) or (step.startswith("dense") and n > args.dense_max):
                 continue
             f = d / f"scale-{step}.json"
             if f.is_file() and step not in args.redo:

@@ -467,3 +467,29 @@ def test_each_torchrun_process_encodes_its_own_shard(monkeypatch):
         assert process_share(0, 4, "cpu") == (0, 4, "cpu", False)  # shards given: those
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["ivf-pq", "opq-pq"])
+def test_pq_types_skip_polysemous_training_and_rank_the_same(name):
+    """Polysemous training only permutes PQ centroids (for Hamming filtering, never used here): without
+    it the inner products, hence the top-k, are those of the same index trained with it."""
+    import faiss
+
+    from densepr.index.types import IndexParams, get
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    q = rng.standard_normal((20, 32)).astype(np.float32)
+    p = IndexParams(nlist=8, pq_m=8).resolved(len(x), 32)
+    made = get(name).make(32, p)
+    assert not faiss.downcast_index(faiss.extract_index_ivf(made)).do_polysemous_training
+    other = get(name).make(32, p)
+    faiss.downcast_index(faiss.extract_index_ivf(other)).do_polysemous_training = True
+    results = []
+    for index in (made, other):
+        index.train(x)
+        index.add(x)
+        faiss.extract_index_ivf(index).nprobe = 8
+        results.append(index.search(q, 10))
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
