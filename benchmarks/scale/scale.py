@@ -448,6 +448,23 @@ def table(results: dict) -> None:
               f"{gib(s.get('server_rss_bytes')):>9} {s.get('search_p50_ms', '-'):>9} | {lu.get('index_s', '-'):>12} {lu.get('one_thread_qps', '-'):>10}")  # fmt: skip
 
 
+def dense_table(results: dict) -> None:
+    rows = [(n, r["dense"], r.get("dense-serve", {})) for n, r in sorted(results.items(), key=lambda x: int(x[0])) if "dense" in r]
+    if not rows:
+        return
+    print(f"\n{'N':>11} {'dense build s':>13} {'peak GiB':>8} {'vectors GiB':>11} {'index GiB':>9} {'load s':>6} {'RSS GiB':>7} "
+          f"{'p50 ms':>6} {'q/s batch':>9} {'R@10 rerank':>11} {'R@10 codes':>10} | {'serve GiB':>9} {'dense p50':>9} {'hybrid p50':>10}")  # fmt: skip
+    for n, d, sv in rows:
+        b, se = d.get("build", {}), d.get("search", {})
+        rec = se.get("recall", {})
+        r_rerank = next((v["at10"] for k, v in rec.items() if k != "rerank0"), "-")
+        srv = max((v.get("server_rss_bytes", 0) for v in sv.values() if isinstance(v, dict)), default=None)
+        print(f"{int(n):>11,} {b.get('wall_s', '-'):>13} {gib(b.get('peak_rss_bytes')):>8} {gib(d.get('embeddings_bytes')):>11} "
+              f"{gib(d.get('index_bytes')):>9} {se.get('load_s', '-'):>6} {gib(se.get('after_load', {}).get('rss_bytes')):>7} "
+              f"{se.get('top100_p50_ms', '-'):>6} {se.get('batched_top100_qps', '-'):>9} {r_rerank:>11} {rec.get('rerank0', {}).get('at10', '-'):>10} | "
+              f"{gib(srv or None):>9} {sv.get('dense', {}).get('search_p50_ms', '-'):>9} {sv.get('hybrid', {}).get('search_p50_ms', '-'):>10}")  # fmt: skip
+
+
 COSTS = BENCH.parent / "src" / "densepr" / "resources" / "corpus-costs.json"
 
 
@@ -483,8 +500,18 @@ def write_costs(results: dict) -> None:
          "lucene_one_thread_qps": r.get("lucene", {}).get("one_thread_qps")}
         for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0])) if "queries" in r
     ]  # fmt: skip
+    dense = [
+        {"passages": int(n), "args": r["dense"]["command"].split(" DIR/dense ", 1)[-1], "build_s": r["dense"]["build"]["wall_s"],
+         "build_peak_bytes": r["dense"]["build"]["peak_rss_bytes"], "vectors_bytes": r["dense"]["embeddings_bytes"],
+         "index_bytes": r["dense"]["index_bytes"], "top100_p50_ms": r["dense"]["search"]["top100_p50_ms"],
+         "recall_at_10": next((v["at10"] for k, v in r["dense"]["search"]["recall"].items() if k != "rerank0"), None),
+         "serve_rss_bytes": max((v.get("server_rss_bytes", 0) for v in r.get("dense-serve", {}).values() if isinstance(v, dict)), default=None),
+         "serve_dense_p50_ms": r.get("dense-serve", {}).get("dense", {}).get("search_p50_ms"),
+         "serve_hybrid_p50_ms": r.get("dense-serve", {}).get("hybrid", {}).get("search_p50_ms")}
+        for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0])) if "search" in r.get("dense", {})
+    ]  # fmt: skip
     m = results.get("machine", {})
-    COSTS.write_text(json.dumps({"sizes": sorted(sizes), "fits": fits, "queries": queries,
+    COSTS.write_text(json.dumps({"sizes": sorted(sizes), "fits": fits, "queries": queries, "dense": dense,
                                  "source": f"benchmarks/scale/scale.py, synthetic 100-word passages, {m.get('cores', '?')} cores, "
                                            f"{time.strftime('%Y-%m-%d')} (benchmarks/scale/results/scale.json)"}, indent=1) + "\n")  # fmt: skip
 
@@ -530,6 +557,7 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(all_results, indent=1))
     table(all_results["sizes"])
+    dense_table(all_results["sizes"])
     print(f"\nwritten to {args.results}")
 
 

@@ -144,6 +144,17 @@ def _print_corpus_plan(num_passages: int) -> None:
             q.add_row(f"{r['passages']:,}", f"{r['batched_top100_qps']:,.0f}", f"{r['one_at_a_time_qps']:,.0f}", f"{r['top100_p50_ms']:.1f}",
                       "-" if r.get("lucene_one_thread_qps") is None else f"{r['lucene_one_thread_qps']:,.0f}")  # fmt: skip
         out.print(q)
+    if costs.get("dense"):
+        d = Table(title="a dense index beside them (synthetic 768-d float16 vectors, re-ranked from disk), as measured")
+        for col in ("passages", "index dense", "build", "peak RSS", "vectors + index on disk", "top-100 p50", "recall@10",
+                    "serve RSS (BM25 + dense)", "/search p50 dense, hybrid"):  # fmt: skip
+            d.add_column(col, justify="left" if col == "index dense" else "right")
+        for r in costs["dense"]:
+            d.add_row(f"{r['passages']:,}", r["args"], f"{r['build_s'] / 60:,.1f} min", _gib(r["build_peak_bytes"]),
+                      f"{_gib(r['vectors_bytes'])} + {_gib(r['index_bytes'])}", f"{r['top100_p50_ms']:.1f} ms", _fmt(r.get("recall_at_10")),
+                      "-" if not r.get("serve_rss_bytes") else _gib(r["serve_rss_bytes"]),
+                      f"{r.get('serve_dense_p50_ms') or '-'} / {r.get('serve_hybrid_p50_ms') or '-'} ms")  # fmt: skip
+        out.print(d)
     out.print(f"[dim]{costs['source']}[/dim]")
 
 
