@@ -22,8 +22,10 @@ cannot take back, and the largest single process):
   with top-k agreement with densepr's lists;
 * ``dense`` (N <= ``--dense-max``): N x 768 synthetic float16 vectors (``benchmarks/retrieval/index_bench.py``'s
   generator, 1,000 clusters) with the corpus's ids, built as ``<d>/dense`` by ``densepr index dense
-  --type ivf-pq --pq-m 96 --rerank 10`` (``--dense-args``): build wall and peak RSS, disk; then load
-  RSS, top-100 latency, and recall@10/@100 against exact search, with and without re-ranking;
+  --type ivf-pq --pq-m 96 --rerank 10`` (``--dense-args``): build wall and peak RSS, disk;
+* ``dense-search``: in a fresh process, the dense index alone: load, top-100 latency one query at a
+  time and batched, recall@10/@100 against exact search (the vectors streamed), with and without
+  re-ranking;
 * ``dense-serve`` (N <= ``--dense-max``): ``densepr serve --index <d>`` over the store, BM25 and the
   dense index (MPNet as the question encoder when fetched): /search p50/p95 and server RSS in the
   dense, hybrid and bm25 modes.
@@ -32,7 +34,7 @@ Resumable: each step's result is ``<d>/scale-<step>.json``, skipped when present
 STEP`` reruns it). The table and ``benchmarks/scale/results/scale.json`` gather every size measured.
 
     python benchmarks/scale/scale.py --sizes 1000000 5000000 21015324 --work-dir /data/scale [--workers 2]
-        [--steps corpus store bm25 load queries serve lucene dense dense-serve] [--lucene-max 1000000] [--dense-max 1000000]
+        [--steps corpus store bm25 load queries serve lucene dense dense-search dense-serve] [--lucene-max 1000000] [--dense-max 1000000]
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent  # benchmarks/scale/
 BENCH = HERE.parent  # benchmarks/: common.py; retrieval/ holds bm25_lucene.py and index_bench.py
 RESULTS = HERE / "results" / "scale.json"
-STEPS = ("corpus", "store", "bm25", "load", "queries", "serve", "lucene", "dense", "dense-serve")
+STEPS = ("corpus", "store", "bm25", "load", "queries", "serve", "lucene", "dense", "dense-search", "dense-serve")
 QUESTIONS = 1000  # NQ test questions searched (batched); one at a time: the first ONE_AT_A_TIME
 ONE_AT_A_TIME = 200
 HITS = 100
@@ -297,7 +299,7 @@ def dense_binding(d: Path) -> dict:
 
 def step_dense(d: Path, n: int, dense_args: str) -> dict:
     """N x 768 float16 synthetic vectors bound to ``<d>``'s corpus, built as ``<d>/dense``: build wall
-    and peak RSS, then (in a fresh process) load, latency, and recall against exact search."""
+    and peak RSS, disk."""
     sys.path.insert(0, str(BENCH / "retrieval"))
     import numpy as np
     from index_bench import write_synthetic
@@ -315,9 +317,8 @@ def step_dense(d: Path, n: int, dense_args: str) -> dict:
     cmd = ["index", "dense", str(emb), str(idx), *dense_args.split()]
     # one save of the trained quantiser, no mid-add checkpoints: each would write another copy of the codes
     build = measured([sys.executable, "-m", "densepr", *cmd, "--checkpoint-seconds", "1e9"], d / "scale-dense-build.log")
-    search = measured([*me(), "child", "dense-search", str(d)], d / "scale-dense-search.log")
     return {"vectors": n, "dim": 768, "dtype": "float16", "command": "densepr " + " ".join(cmd).replace(str(d), "DIR"),
-            "generate_s": gen_s, "embeddings_bytes": du(emb), "index_bytes": du(idx), "build": build, "search": search}  # fmt: skip
+            "generate_s": gen_s, "embeddings_bytes": du(emb), "index_bytes": du(idx), "build": build}  # fmt: skip
 
 
 def dense_search(d: Path) -> dict:
@@ -428,6 +429,8 @@ def run_step(step: str, n: int, d: Path, args: argparse.Namespace) -> dict:
         return step_lucene(d, args.workers)
     if step == "dense":
         return step_dense(d, n, args.dense_args)
+    if step == "dense-search":
+        return measured([*me(), "child", "dense-search", str(d)], d / "scale-dense-search.log")
     if step == "dense-serve":
         return step_dense_serve(d)
     raise SystemExit(step)
@@ -449,13 +452,13 @@ def table(results: dict) -> None:
 
 
 def dense_table(results: dict) -> None:
-    rows = [(n, r["dense"], r.get("dense-serve", {})) for n, r in sorted(results.items(), key=lambda x: int(x[0])) if "dense" in r]
+    rows = [(n, r["dense"], r.get("dense-search", {}), r.get("dense-serve", {})) for n, r in sorted(results.items(), key=lambda x: int(x[0])) if "dense" in r]
     if not rows:
         return
     print(f"\n{'N':>11} {'dense build s':>13} {'peak GiB':>8} {'vectors GiB':>11} {'index GiB':>9} {'load s':>6} {'RSS GiB':>7} "
           f"{'p50 ms':>6} {'q/s batch':>9} {'R@10 rerank':>11} {'R@10 codes':>10} | {'serve GiB':>9} {'dense p50':>9} {'hybrid p50':>10}")  # fmt: skip
-    for n, d, sv in rows:
-        b, se = d.get("build", {}), d.get("search", {})
+    for n, d, se, sv in rows:
+        b = d.get("build", {})
         rec = se.get("recall", {})
         r_rerank = next((v["at10"] for k, v in rec.items() if k != "rerank0"), "-")
         srv = max((v.get("server_rss_bytes", 0) for v in sv.values() if isinstance(v, dict)), default=None)
@@ -503,12 +506,12 @@ def write_costs(results: dict) -> None:
     dense = [
         {"passages": int(n), "args": r["dense"]["command"].split(" DIR/dense ", 1)[-1], "build_s": r["dense"]["build"]["wall_s"],
          "build_peak_bytes": r["dense"]["build"]["peak_rss_bytes"], "vectors_bytes": r["dense"]["embeddings_bytes"],
-         "index_bytes": r["dense"]["index_bytes"], "top100_p50_ms": r["dense"]["search"]["top100_p50_ms"],
-         "recall_at_10": next((v["at10"] for k, v in r["dense"]["search"]["recall"].items() if k != "rerank0"), None),
+         "index_bytes": r["dense"]["index_bytes"], "top100_p50_ms": r["dense-search"]["top100_p50_ms"],
+         "recall_at_10": next((v["at10"] for k, v in r["dense-search"]["recall"].items() if k != "rerank0"), None),
          "serve_rss_bytes": max((v.get("server_rss_bytes", 0) for v in r.get("dense-serve", {}).values() if isinstance(v, dict)), default=None),
          "serve_dense_p50_ms": r.get("dense-serve", {}).get("dense", {}).get("search_p50_ms"),
          "serve_hybrid_p50_ms": r.get("dense-serve", {}).get("hybrid", {}).get("search_p50_ms")}
-        for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0])) if "search" in r.get("dense", {})
+        for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0])) if "dense" in r and "dense-search" in r
     ]  # fmt: skip
     m = results.get("machine", {})
     COSTS.write_text(json.dumps({"sizes": sorted(sizes), "fits": fits, "queries": queries, "dense": dense,

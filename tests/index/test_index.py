@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -314,6 +316,7 @@ def test_compressed_index_reranks_from_the_vectors_on_disk(tmp_path):
         DenseIndex.load(tmp_path / "pq", rerank=4, vectors=other)
 
 
+
 def test_combining_index_directories_checks_they_belong_together(tmp_path, corpus, encoder):
     encode_corpus(encoder, corpus, tmp_path / "emb")
     whole = DenseIndex.build(tmp_path / "emb")
@@ -493,3 +496,27 @@ def test_pq_types_skip_polysemous_training_and_rank_the_same(name):
         results.append(index.search(q, 10))
     np.testing.assert_array_equal(results[0][1], results[1][1])
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_row_reader_reads_the_rows_the_memory_map_holds(tmp_path, dtype):
+    """Re-ranking's reads (pread of each row, several threads) give exactly the mapped values, across
+    part boundaries, for parts in memory and slices of maps (indexed directly) too."""
+    from densepr.index.rows import RowReader
+
+    rng = np.random.default_rng(5)
+    parts = []
+    for i, n in enumerate((7, 1, 300, 50)):
+        np.save(tmp_path / f"p{i}.npy", rng.standard_normal((n, 12)).astype(dtype))
+        parts.append(np.load(tmp_path / f"p{i}.npy", mmap_mode="r"))
+    whole = np.concatenate(parts).astype(np.float32)
+    reader = RowReader(parts)
+    for rows in ([0], [6, 7, 8], list(range(358)), sorted(rng.choice(358, 40, replace=False).tolist()), []):
+        np.testing.assert_array_equal(reader.take(np.array(rows, dtype=np.int64)), whole[rows])
+    assert reader._fds  # read through the files
+    mixed = RowReader([parts[0], np.asarray(parts[1]), parts[2][:100], parts[3]])  # in memory / a slice: indexed
+    rows = np.array([1, 7, 8, 107, 120], dtype=np.int64)
+    expect = np.concatenate([parts[0], parts[1], parts[2][:100], parts[3]]).astype(np.float32)[rows]
+    np.testing.assert_array_equal(mixed.take(rows), expect)
+    assert sorted(mixed._fds) == [0, 3]
+    reader.close()

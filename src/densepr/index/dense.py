@@ -37,10 +37,11 @@ from densepr.errors import DenseprError, MismatchError
 from densepr.fileio.dirs import atomic_dir, check_target
 from densepr.fileio.ids import IdLines, open_ids, write_ids
 from densepr.fileio.manifest import MANIFEST, read_manifest, write_manifest
-from densepr.index.dense_build import Shard, build_shards, take_rows
+from densepr.index.dense_build import Shard, build_shards
 from densepr.index.dense_search import TORCH_CPU_MAX, torch_topk
 from densepr.index.embeddings import Embeddings
 from densepr.index.encoder_ref import with_relative_path
+from densepr.index.rows import RowReader
 from densepr.index.types import IndexParams, IndexType, get
 from densepr.ranking import SearchResult
 
@@ -66,7 +67,7 @@ class DenseIndex:
     _rows: np.ndarray | None = field(default=None, repr=False)
     _torch: object | None = field(default=None, repr=False)  # torch tensor of vectors (GPU path)
     _gpu_res: object | None = field(default=None, repr=False)  # FAISS GPU resources, kept alive
-    _exact: list | None = field(default=None, repr=False)  # memory-mapped embedding parts, for re-ranking
+    _exact: RowReader | None = field(default=None, repr=False)  # the embedding parts, for re-ranking
     _offset: int = field(default=0, repr=False)  # a shard view's first row in the whole index (rows of _exact)
 
     def __post_init__(self) -> None:
@@ -239,13 +240,13 @@ class DenseIndex:
         if len(emb) != len(self) or emb.dim != self.dim or mine != theirs:
             raise MismatchError(f"{embeddings}: {len(emb)} x {emb.dim} vectors (encoder {theirs}) do not match the index's "
                                 f"{len(self)} x {self.dim} (encoder {mine})")  # fmt: skip
-        self._exact = [vecs for _, vecs in emb.parts()]
+        self._exact = RowReader([vecs for _, vecs in emb.parts()])
 
     def _rescore(self, q: np.ndarray, ix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of each query with its candidate rows, top ``k`` of them."""
         valid = ix >= 0
         flat = np.unique(ix[valid])
-        vecs = take_rows(self._exact, flat + self._offset)
+        vecs = self._exact.take(flat + self._offset)
         pos = np.searchsorted(flat, np.where(valid, ix, flat[0] if len(flat) else 0))
         sc = np.empty(ix.shape, dtype=np.float32)
         for a in range(0, len(q), 32):  # [32, candidates, dim] at a time

@@ -1,0 +1,111 @@
+"""Rows of an embeddings directory read at scattered places: what re-ranking a compressed index reads.
+
+Re-ranking (``--rerank R``) re-scores each query's k x R candidates with their exact vectors, rows
+a few KB long scattered over files that, at DPR's 21M passages, are larger than RAM (30 GiB as
+float16). Read through the memory map, each missing row is a page fault served one at a time, with
+the kernel's read-around of up to 128 KiB: 1,000 cold rows took 1.2-1.5 s on this machine's disk.
+Read with ``pread``, each row alone, by :data:`READ_THREADS` threads at once, they took 28 ms
+(``benchmarks/scale/scale.py``'s 21M index, the page cache dropped before each; docs/speed-and-scale.md).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+READ_THREADS = 8  # reads in flight at once: 8 gave most of the gain (1 thread: 81 ms, 8: 25 ms, 32: 23 ms)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="densepr-rows")
+        return _pool
+
+
+class RowReader:
+    """Rows by global row number over ``parts`` (``[rows, dim]`` arrays in row order, e.g. the
+    memory-mapped parts of an embeddings directory), as float32.
+
+    Parts that are C-ordered ``.npy`` memory maps are read with ``os.preadv`` (one read per row,
+    several threads); any other part (in memory, or a platform without ``preadv``) is indexed directly.
+    The values are the same either way.
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        self.dim = parts[0].shape[1] if parts else 0
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _file(self, p: int) -> int | None:
+        """An open descriptor of part ``p``'s file, or None when the part is not a whole ``.npy`` map
+        (a slice of one, an array in memory) or has another dtype than the first part."""
+        a = self.parts[p]
+        whole_map = isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.flags.c_contiguous and a.filename
+        if not (hasattr(os, "preadv") and whole_map and a.dtype == self.parts[0].dtype):
+            return None
+        with self._lock:
+            if p not in self._fds:
+                self._fds[p] = os.open(a.filename, os.O_RDONLY)
+            return self._fds[p]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 ``[len(rows), dim]``: the vectors of the sorted global ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        if not len(rows):
+            return out
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(which)) + 1
+        jobs: list[tuple[int, int, int]] = []  # (part, first, end) of rows read from files
+        for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(rows)].tolist()):
+            p = int(which[lo])
+            if self._file(p) is None:
+                out[lo:hi] = self.parts[p][rows[lo:hi] - self.starts[p]]
+            else:
+                jobs.append((p, lo, hi))
+        if jobs:
+            self._read(rows, jobs, out)
+        return out
+
+    def _read(self, rows: np.ndarray, spans: list[tuple[int, int, int]], out: np.ndarray) -> None:
+        buf = np.empty((len(rows), self.dim), dtype=self.parts[0].dtype)
+        row_bytes = buf.strides[0]
+        view = memoryview(buf).cast("B")
+        reads = [(p, j) for p, lo, hi in spans for j in range(lo, hi)]
+
+        def work(chunk: list[tuple[int, int]]) -> None:
+            for p, j in chunk:
+                at = self.parts[p].offset + int(rows[j] - self.starts[p]) * row_bytes
+                if os.preadv(self._fds[p], [view[j * row_bytes : (j + 1) * row_bytes]], at) != row_bytes:
+                    raise OSError(f"{self.parts[p].filename}: short read at byte {at} (file truncated since it was opened?)")
+
+        step = -(-len(reads) // READ_THREADS)
+        list(_threads().map(work, [reads[i : i + step] for i in range(0, len(reads), step)]))
+        for _, lo, hi in spans:
+            out[lo:hi] = buf[lo:hi]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
