@@ -153,7 +153,7 @@ def _print_corpus_plan(num_passages: int) -> None:
             d.add_row(f"{r['passages']:,}", r["args"], f"{r['build_s'] / 60:,.1f} min", _gib(r["build_peak_bytes"]),
                       f"{_gib(r['vectors_bytes'])} + {_gib(r['index_bytes'])}", f"{r['top100_p50_ms']:.1f} ms", _fmt(r.get("recall_at_10")),
                       "-" if not r.get("serve_rss_bytes") else _gib(r["serve_rss_bytes"]),
-                      f"{r.get('serve_dense_p50_ms') or '-'} / {r.get('serve_hybrid_p50_ms') or '-'} ms")  # fmt: skip
+                      " / ".join("-" if r.get(k) is None else f"{r[k]:,.0f}" for k in ("serve_dense_p50_ms", "serve_hybrid_p50_ms")) + " ms")  # fmt: skip
         out.print(d)
     out.print(f"[dim]{costs['source']}[/dim]")
 

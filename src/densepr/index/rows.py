@@ -2,12 +2,13 @@
 
 Re-ranking (``--rerank R``) re-scores each query's k x R candidates with their exact vectors, rows
 a few KB long scattered over files that, at DPR's 21M passages, are larger than RAM (30 GiB as
-float16). Read through the memory map, each missing row is a page fault served one at a time, with
-the kernel's read-around of up to 128 KiB: 1,000 cold rows took 1.2-1.5 s on this machine's disk.
-Read with ``pread``, each row alone, by :data:`READ_THREADS` threads at once, they took 28 ms
-(``benchmarks/scale/scale.py``'s 21M index, the page cache dropped before each; docs/speed-and-scale.md).
+float16). Read through the memory map, each missing row is a page fault served one at a time, with the
+kernel's read-around; read with ``pread``, each row alone, :data:`READ_THREADS` at a time, a cold
+top-100 query re-scoring 1,000 rows took 64 ms instead of 1.2 s (p50; top-1000: 0.35 s instead of
+1.37 s) on this machine's disk (``benchmarks/scale/rerank_reads.py``, the page cache dropped before each).
 Files that fit in memory stay in the page cache once read, and there the map's gather is faster
-(1M vectors, 1.5 GB: top-100 with re-ranking 3.6 ms a query through the map, 7.4 ms with ``pread``),
+(1M vectors, 1.5 GB: top-100 with re-ranking 4.0 ms a query through the map, 7.4 ms with ``pread``
+in the same ``scale.py --steps dense-search`` run before this rule),
 so ``pread`` is used only for vectors larger than half of the machine's memory.
 """
 
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-READ_THREADS = 8  # reads in flight at once: 8 gave most of the gain (1 thread: 81 ms, 8: 25 ms, 32: 23 ms)
+READ_THREADS = 8  # reads in flight at once (more threads gained little on this disk)
 PREAD_ABOVE = 0.5  # read with pread when the mapped vectors exceed this fraction of physical memory
 
 
