@@ -333,7 +333,7 @@ def dense_search(d: Path) -> dict:
     base, t0 = rss_now(), time.perf_counter()
     ix = DenseIndex.load(d / "dense")
     load_s, after = time.perf_counter() - t0, rss_now()
-    q = np.load(d / "dense-queries.npy")
+    q = np.load(d / "dense-queries.npy", allow_pickle=False)
     ix.search(q[:5], HITS)
     lat = []
     for v in q:
