@@ -5,7 +5,7 @@ vectors from the embeddings on disk. At DPR's 21M passages those are 30 GiB (768
 than RAM, so most candidate rows are read from disk. This times, on an index ``scale.py`` built
 (``<d>/dense``, ``ivf-pq`` with re-ranking), side by side and alternating:
 
-* ``mmap``: the rows gathered from the memory-mapped parts (``dense_build.take_rows``; before);
+* ``mmap``: the rows gathered from the memory-mapped parts (``RowReader(..., pread=False)``, what re-ranking did before);
 * ``pread``: :class:`~densepr.index.rows.RowReader` (one ``pread`` a row, several threads; now).
 
 Each arm gets fresh queries (rows of the corpus plus noise, a new seed per repetition, so no arm
@@ -48,22 +48,20 @@ def main() -> None:
     from common import machine_info
 
     from densepr.index.dense import DenseIndex
-    from densepr.index.dense_build import take_rows
+    from densepr.index.rows import RowReader
 
     index = DenseIndex.load(args.index_dir / "dense")
     reader = index._exact
     if reader is None:
         raise SystemExit(f"{args.index_dir / 'dense'}: not built with --rerank; nothing is read from disk")
+    readers = {"mmap": RowReader(reader.parts, pread=False), "pread": RowReader(reader.parts, pread=True)}
     arms: dict[str, list[dict]] = {"mmap": [], "pread": []}
     for rep in range(args.reps):
         for arm in arms:
             rng = np.random.default_rng(10_000 + 2 * rep + (arm == "pread"))
             rows = np.sort(rng.choice(len(reader), args.queries, replace=False))
             q = reader.take(rows) + 0.05 * rng.standard_normal((args.queries, index.dim)).astype(np.float32)
-            if arm == "mmap":
-                reader.take = lambda r: take_rows(reader.parts, r)  # noqa: B023 - the same reader each time
-            else:
-                reader.__dict__.pop("take", None)
+            index._exact = readers[arm]
             drop_caches()
             lat = []
             for v in q:

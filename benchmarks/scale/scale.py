@@ -326,8 +326,10 @@ def dense_search(d: Path) -> dict:
     @100 against exact search over the float16 vectors (streamed part by part), with and
     without re-ranking. Latency is measured first, with whatever of the vectors the page cache holds."""
     import numpy as np
+    import torch
 
     from densepr.index.dense import DenseIndex
+    from densepr.index.dense_search import torch_topk
     from densepr.index.embeddings import Embeddings
 
     base, t0 = rss_now(), time.perf_counter()
@@ -343,31 +345,23 @@ def dense_search(d: Path) -> dict:
     t0 = time.perf_counter()
     approx = ix.search(q, HITS)
     batch_qps = len(q) / (time.perf_counter() - t0)
-    params = dict(ix.params.__dict__) if hasattr(ix.params, "__dict__") else {}
+    params = {k: getattr(ix.params, k) for k in ("nlist", "nprobe", "pq_m", "rerank")}
     ix.set_search(rerank=0)
     plain = ix.search(q, HITS)
     out = {"load_s": round(load_s, 3), "interpreter": base, "after_load": after, "after_queries": rss_now(),
-           "params": {k: params.get(k) for k in ("nlist", "nprobe", "pq_m", "rerank")}, "queries": len(q),
+           "params": params, "queries": len(q),
            "top100_p50_ms": round(1000 * float(np.median(lat)), 2), "top100_p95_ms": round(1000 * float(np.percentile(lat, 95)), 2),
            "batched_top100_qps": round(batch_qps, 2)}  # fmt: skip
     t0 = time.perf_counter()
-    best_s = np.full((len(q), HITS), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(q), HITS), dtype=np.int64)
-    row = 0
-    for _, vecs in Embeddings.open(d / "emb768").parts():
-        s = q @ np.asarray(vecs, dtype=np.float32).T
-        top = np.argpartition(-s, HITS - 1, axis=1)[:, :HITS] if s.shape[1] > HITS else np.tile(np.arange(s.shape[1]), (len(q), 1))
-        cs, ci = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1), np.concatenate([best_i, top + row], 1)
-        keep = np.argsort(-cs, axis=1, kind="stable")[:, :HITS]
-        best_s, best_i = np.take_along_axis(cs, keep, 1), np.take_along_axis(ci, keep, 1)
-        row += s.shape[1]
+    parts = (torch.from_numpy(np.asarray(vecs, dtype=np.float32)) for _, vecs in Embeddings.open(d / "emb768").parts())
+    best_i = torch_topk(q, HITS, parts)[1]  # one part in memory at a time
     out["exact_s"] = round(time.perf_counter() - t0, 1)
 
     def recall(res, k: int) -> float:
         rows = np.asarray(res.rows)
         return round(float(np.mean([len(set(rows[i, :k].tolist()) & set(best_i[i, :k].tolist())) / k for i in range(len(q))])), 4)
 
-    out["recall"] = {f"rerank{params.get('rerank')}": {"at10": recall(approx, 10), "at100": recall(approx, 100)},
+    out["recall"] = {f"rerank{params['rerank']}": {"at10": recall(approx, 10), "at100": recall(approx, 100)},
                      "rerank0": {"at10": recall(plain, 10), "at100": recall(plain, 100)}}  # fmt: skip
     return out
 
@@ -451,21 +445,33 @@ def table(results: dict) -> None:
               f"{gib(s.get('server_rss_bytes')):>9} {s.get('search_p50_ms', '-'):>9} | {lu.get('index_s', '-'):>12} {lu.get('one_thread_qps', '-'):>10}")  # fmt: skip
 
 
+def dense_summary(n: str, r: dict) -> dict:
+    """One size's dense figures (its ``dense``, ``dense-search`` and ``dense-serve`` steps), as the table
+    prints them and ``corpus-costs.json`` (``densepr index plan``) keeps them."""
+    d, se, sv = r["dense"], r.get("dense-search", {}), r.get("dense-serve", {})
+    rec = se.get("recall", {})
+    return {"passages": int(n), "args": d["command"].split(" DIR/dense ", 1)[-1], "build_s": d["build"]["wall_s"],
+            "build_peak_bytes": d["build"]["peak_rss_bytes"], "vectors_bytes": d["embeddings_bytes"], "index_bytes": d["index_bytes"],
+            "load_s": se.get("load_s"), "load_rss_bytes": se.get("after_load", {}).get("rss_bytes"),
+            "top100_p50_ms": se.get("top100_p50_ms"), "batched_top100_qps": se.get("batched_top100_qps"),
+            "recall_at_10": next((v["at10"] for k, v in rec.items() if k != "rerank0"), None),
+            "codes_recall_at_10": rec.get("rerank0", {}).get("at10"),
+            "serve_rss_bytes": max((v.get("server_rss_bytes", 0) for v in sv.values() if isinstance(v, dict)), default=None),
+            "serve_dense_p50_ms": sv.get("dense", {}).get("search_p50_ms"), "serve_hybrid_p50_ms": sv.get("hybrid", {}).get("search_p50_ms")}  # fmt: skip
+
+
 def dense_table(results: dict) -> None:
-    rows = [(n, r["dense"], r.get("dense-search", {}), r.get("dense-serve", {})) for n, r in sorted(results.items(), key=lambda x: int(x[0])) if "dense" in r]
+    rows = [dense_summary(n, r) for n, r in sorted(results.items(), key=lambda x: int(x[0])) if "dense" in r]
     if not rows:
         return
     print(f"\n{'N':>11} {'dense build s':>13} {'peak GiB':>8} {'vectors GiB':>11} {'index GiB':>9} {'load s':>6} {'RSS GiB':>7} "
           f"{'p50 ms':>6} {'q/s batch':>9} {'R@10 rerank':>11} {'R@10 codes':>10} | {'serve GiB':>9} {'dense p50':>9} {'hybrid p50':>10}")  # fmt: skip
-    for n, d, se, sv in rows:
-        b = d.get("build", {})
-        rec = se.get("recall", {})
-        r_rerank = next((v["at10"] for k, v in rec.items() if k != "rerank0"), "-")
-        srv = max((v.get("server_rss_bytes", 0) for v in sv.values() if isinstance(v, dict)), default=None)
-        print(f"{int(n):>11,} {b.get('wall_s', '-'):>13} {gib(b.get('peak_rss_bytes')):>8} {gib(d.get('embeddings_bytes')):>11} "
-              f"{gib(d.get('index_bytes')):>9} {se.get('load_s', '-'):>6} {gib(se.get('after_load', {}).get('rss_bytes')):>7} "
-              f"{se.get('top100_p50_ms', '-'):>6} {se.get('batched_top100_qps', '-'):>9} {r_rerank:>11} {rec.get('rerank0', {}).get('at10', '-'):>10} | "
-              f"{gib(srv or None):>9} {sv.get('dense', {}).get('search_p50_ms', '-'):>9} {sv.get('hybrid', {}).get('search_p50_ms', '-'):>10}")  # fmt: skip
+    for x in rows:
+        v = {k: "-" if val is None else val for k, val in x.items()}
+        print(f"{x['passages']:>11,} {v['build_s']:>13} {gib(x['build_peak_bytes']):>8} {gib(x['vectors_bytes']):>11} "
+              f"{gib(x['index_bytes']):>9} {v['load_s']:>6} {gib(x['load_rss_bytes']):>7} {v['top100_p50_ms']:>6} "
+              f"{v['batched_top100_qps']:>9} {v['recall_at_10']:>11} {v['codes_recall_at_10']:>10} | "
+              f"{gib(x['serve_rss_bytes'] or None):>9} {v['serve_dense_p50_ms']:>9} {v['serve_hybrid_p50_ms']:>10}")  # fmt: skip
 
 
 COSTS = BENCH.parent / "src" / "densepr" / "resources" / "corpus-costs.json"
@@ -503,16 +509,10 @@ def write_costs(results: dict) -> None:
          "lucene_one_thread_qps": r.get("lucene", {}).get("one_thread_qps")}
         for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0])) if "queries" in r
     ]  # fmt: skip
-    dense = [
-        {"passages": int(n), "args": r["dense"]["command"].split(" DIR/dense ", 1)[-1], "build_s": r["dense"]["build"]["wall_s"],
-         "build_peak_bytes": r["dense"]["build"]["peak_rss_bytes"], "vectors_bytes": r["dense"]["embeddings_bytes"],
-         "index_bytes": r["dense"]["index_bytes"], "top100_p50_ms": r["dense-search"]["top100_p50_ms"],
-         "recall_at_10": next((v["at10"] for k, v in r["dense-search"]["recall"].items() if k != "rerank0"), None),
-         "serve_rss_bytes": max((v.get("server_rss_bytes", 0) for v in r.get("dense-serve", {}).values() if isinstance(v, dict)), default=None),
-         "serve_dense_p50_ms": r.get("dense-serve", {}).get("dense", {}).get("search_p50_ms"),
-         "serve_hybrid_p50_ms": r.get("dense-serve", {}).get("hybrid", {}).get("search_p50_ms")}
-        for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0])) if "dense" in r and "dense-search" in r
-    ]  # fmt: skip
+    keep = ("passages", "args", "build_s", "build_peak_bytes", "vectors_bytes", "index_bytes", "top100_p50_ms", "recall_at_10",
+            "serve_rss_bytes", "serve_dense_p50_ms", "serve_hybrid_p50_ms")  # what `index plan` shows
+    dense = [{k: x[k] for k in keep} for x in (dense_summary(n, r) for n, r in sorted(results["sizes"].items(), key=lambda x: int(x[0]))
+                                              if "dense" in r and "dense-search" in r)]  # fmt: skip
     m = results.get("machine", {})
     COSTS.write_text(json.dumps({"sizes": sorted(sizes), "fits": fits, "queries": queries, "dense": dense,
                                  "source": f"benchmarks/scale/scale.py, synthetic 100-word passages, {m.get('cores', '?')} cores, "

@@ -17,6 +17,7 @@ from densepr.fileio.atomic import atomic_path, read_json, write_json
 from densepr.fileio.dirs import remove_tree, writable_dir
 from densepr.fileio.ids import IdLines, open_ids, write_ids
 from densepr.index.embeddings import Embeddings
+from densepr.index.rows import RowReader
 from densepr.index.types import IndexParams, get
 from densepr.progress import progress_bar
 
@@ -28,22 +29,11 @@ def hnsw_augment(x: np.ndarray, phi: float) -> np.ndarray:
     return np.hstack([x, extra[:, None]])
 
 
-def take_rows(parts, rows: np.ndarray) -> np.ndarray:
-    """float32 vectors of the sorted global ``rows``, from ``parts`` (arrays in row order, e.g.
-    memory-mapped files): one forward pass, reading only those rows."""
-    out, start = [], 0
-    for vecs in parts:
-        local = rows[(rows >= start) & (rows < start + len(vecs))] - start
-        out.append(np.asarray(vecs[local], dtype=np.float32))
-        start += len(vecs)
-    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
-
-
 def train_sample(emb: Embeddings, size: int, seed: int) -> np.ndarray:
-    """A uniform sample of up to ``size`` vectors, read shard by shard (memory-mapped)."""
+    """A uniform sample of up to ``size`` vectors, read in one forward pass through the parts' memory maps."""
     n = len(emb)
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    return take_rows((vecs for _, vecs in emb.parts()), pick)
+    return RowReader([vecs for _, vecs in emb.parts()], pread=False).take(pick)
 
 
 @dataclass
