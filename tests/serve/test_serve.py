@@ -404,6 +404,37 @@ def test_health_shows_no_local_paths(client, service, tiny_bert):
         assert "/" not in s and "\\" not in s, s
 
 
+def test_a_dropped_app_releases_its_service_and_the_index_files(index_dir):
+    """An app that has answered and is then dropped frees its service, and with it the index's memory maps
+    (one open file each). FastAPI caches the endpoint functions of every app it routes, module-wide; before
+    the fix they closed over the service, so each app created in a process (tests, a notebook reloading an
+    index) kept ~17 files open until the process ran out of descriptors (CI saw fd 1334)."""
+    import gc
+    import os
+    import weakref
+
+    def open_files() -> int:  # this test's index files open in this process (other tests' garbage aside)
+        def target(fd: str) -> str:
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                return ""
+
+        return sum(target(fd).startswith(str(index_dir)) for fd in os.listdir("/proc/self/fd"))
+
+    before = open_files()
+    svc = Service(Retriever.load(index_dir, device="cpu"), None, Limits())
+    ref, app = weakref.ref(svc), create_app(svc)
+    with TestClient(app) as c:
+        assert c.post("/search", json={"question": "who created python", "mode": "bm25"}).status_code == 200
+        assert c.get("/health").status_code == 200
+    assert open_files() > before  # the index is open while the app lives
+    del svc, app, c
+    gc.collect()
+    assert ref() is None, gc.get_referrers(ref())
+    assert open_files() == before == 0
+
+
 class _Refs(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -807,16 +838,22 @@ def _pour(s: socket.socket) -> threading.Thread:
     (or its end of the connection) is readable."""
 
     def pour() -> None:
+        # poll, not select.select: a long pytest run holds fds past select's FD_SETSIZE (1024), where
+        # select raises ValueError (CI saw fd 1334); the socket goes back to blocking whatever happens.
+        readable, writable = select.POLLIN | select.POLLERR | select.POLLHUP, select.POLLOUT
+        poller = select.poll()
+        poller.register(s, readable | writable)
         s.setblocking(False)
         try:
-            while not select.select([s], [], [], 0)[0]:
+            while not any(ev & readable for _, ev in poller.poll(0)):
                 try:
                     s.send(b"x" * 65536)
                 except BlockingIOError:
-                    select.select([s], [s], [], 0.05)
+                    poller.poll(50)
         except OSError:
             pass
-        s.setblocking(True)
+        finally:
+            s.setblocking(True)
 
     t = threading.Thread(target=pour, daemon=True)
     t.start()

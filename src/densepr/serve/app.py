@@ -208,10 +208,14 @@ def create_app(service: Service):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     lim = service.limits
+    # The endpoints find the service on the app (request.app.state), never in a closure: FastAPI keeps the
+    # endpoint functions of every app ever routed in module-level caches (4,096 entries), so a closure over
+    # the service would keep its index (memory maps, one open file each) alive after the app is dropped.
     # FastAPI's own /docs and /redoc load their scripts from a CDN: replaced by a page served here.
     app = FastAPI(title="densepr", summary="Dense Passage Retrieval: search and answer", version="1",
                   docs_url=None, redoc_url=None)  # fmt: skip
     app.state.service = service
+    del service
 
     def error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
         return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
@@ -263,6 +267,7 @@ def create_app(service: Service):
     @app.post("/search", summary="Top-k passages for one or more questions", response_class=JSONResponse)
     async def search(req: SearchRequest, request: Request):
         t0 = time.perf_counter()
+        service: Service = request.app.state.service
         questions = [req.question] if isinstance(req.question, str) else req.question
         if not questions:
             raise LimitError(422, "question", "no question given")
@@ -283,6 +288,7 @@ def create_app(service: Service):
     @app.post("/answer", summary="Retrieve, read, and return the answer span")
     async def answer(req: AnswerRequest, request: Request) -> dict:
         t0 = time.perf_counter()
+        service: Service = request.app.state.service
         if service.reader is None:
             raise LimitError(409, "reader", "no reader loaded; start the server with --reader DIR")
         service.check_question(req.question)
@@ -295,8 +301,8 @@ def create_app(service: Service):
                 "took_ms": round(1000 * (time.perf_counter() - t0), 1)}  # fmt: skip
 
     @app.get("/health", summary="What is loaded")
-    async def health() -> dict:
-        return service.health()
+    async def health(request: Request) -> dict:
+        return request.app.state.service.health()
 
     def page(name: str) -> HTMLResponse:
         html = resources.files("densepr").joinpath("resources", name).read_text(encoding="utf-8")
