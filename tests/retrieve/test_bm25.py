@@ -27,6 +27,45 @@ def test_analyzer_mimics_lucene_english():
     assert LuceneAnalyzer(stemmer=None)("Running dogs") == ["running", "dogs"]
 
 
+def english_like_words(n: int, seed: int = 0) -> list[str]:
+    """Random words built to reach every Porter rule: consonant-vowel stems (doubled consonants, y after
+    vowels and consonants, digits, an accent now and then) with one or two of Porter's suffixes."""
+    import random
+
+    rnd = random.Random(seed)
+    cons, vows = "bcdfghjklmnpqrstvwxyz", "aeiouy"
+    suffixes = ("", "s", "es", "ies", "sses", "ss", "ed", "ing", "eed", "y", "ly", "ate", "ational", "tional", "enci", "anci",
+                "izer", "bli", "abli", "alli", "entli", "eli", "ousli", "ization", "ation", "ator", "alism", "iveness",
+                "fulness", "ousness", "aliti", "iviti", "biliti", "logi", "logy", "bly", "icate", "ative", "alize", "iciti",
+                "ical", "ful", "ness", "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent",
+                "ion", "sion", "tion", "ou", "ism", "iti", "ous", "ive", "ize", "e", "le", "ll", "at", "bl", "iz")  # fmt: skip
+    out = []
+    for _ in range(n):
+        stem = ""
+        for _ in range(rnd.randint(1, 4)):
+            c = rnd.choice(cons)
+            stem += c * rnd.choice((1, 1, 1, 2)) + rnd.choice(vows) * rnd.choice((0, 1, 1, 2))
+        if rnd.random() < 0.02:
+            stem += rnd.choice(("é", "ö", "1", "9"))
+        out.append(stem + rnd.choice(suffixes) + rnd.choice(("",) * 6 + suffixes))
+    return out
+
+
+def test_the_fast_stemmer_is_martin_porters_on_every_kind_of_word():
+    """BM25 stems with Snowball's C "porter" and sends the words where Martin Porter's C version (Lucene's)
+    departs from it to NLTK's port of that version: every stem equals NLTK's alone, on the departures
+    (-logi, -bli, any undoubled consonant, 1-2 letters) and on 200,000 random English-like words."""
+    from nltk.stem.porter import PorterStemmer
+
+    ref = PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS).stem
+    stem = LuceneAnalyzer()._load_stemmer()
+    departures = ["analogy", "archaeology", "assembly", "possibly", "nobly", "meshhed", "bucked", "yakked", "revved",
+                  "fizzed", "hopping", "falling", "hissing", "as", "is", "us", "a", "ed", "sky", "generalization"]  # fmt: skip
+    words = departures + english_like_words(200_000)
+    differ = [(w, ref(w), stem(w)) for w in words if ref(w) != stem(w)]
+    assert not differ, differ[:20]
+
+
 def unicode_words(text: str) -> list[str]:
     """The analyzer's words by the Unicode (UAX#29) split alone: what words() must equal."""
     from densepr.retrieve.bm25_analyzer import _SEGMENT, _TOKEN
@@ -58,7 +97,7 @@ def test_analyzer_terms_are_the_same_whether_remembered_or_not():
     a = LuceneAnalyzer()
     first = a(text)
     assert a(text) == first  # second time from the remembered words
-    assert first == [a._analyse(w) for w in unicode_words(text) if a._analyse(w)]
+    assert first == [a.analyse(w) for w in unicode_words(text) if a.analyse(w)]
 
 
 def smallfloat_length(n: int) -> int:

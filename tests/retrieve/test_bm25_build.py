@@ -265,3 +265,40 @@ def test_a_worker_keeps_no_mapping_of_the_store_after_its_chunk(tmp_path):
     with open(f"/proc/{os.getpid()}/maps") as fh:
         maps = fh.read()
     assert str(tmp_path / "store") not in maps
+
+
+def _as_terms(known, ids) -> list[str]:
+    return [known.terms[i] if i >= 0 else "" for i in ids]
+
+
+@pytest.mark.parametrize("alphabet", ["ascii", "mixed"])
+def test_block_analysis_equals_passage_by_passage(alphabet, monkeypatch):
+    """The numpy block split (bm25_blocks.block_term_ids) gives every text's words, in order, as the
+    per-passage reference does, on random texts full of the split's edge cases: joiners between
+    letters and digits, underscores, apostrophes, non-ASCII runs (accents, CJK, emoji, NBSP, ZWJ),
+    empty texts; and again when every hash collides (the block falls back to the reference)."""
+    import random
+
+    import densepr.retrieve.bm25_blocks as blocks
+    from densepr.retrieve.bm25_build import _Words
+
+    pieces = ["a", "Z", "0", "9", "_", " ", ".", ",", ";", ":", "'", "-", "\n", "U.S.", "3,000", "don't", "cat's",
+              "the", "running", "x1.5y", "a:b", "1;2", "__"]  # fmt: skip
+    if alphabet == "mixed":
+        pieces += ["é", "\u0301", "\u00a0", "\u3000", "\u200d", "\U0001f600", "中", "ก", "\u2019", "İ", "ß", "½", "Röntgen's"]
+    rng = random.Random(11)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    texts[5] = texts[6] = ""
+
+    def both() -> None:
+        ref, got = _Words("porter"), _Words("porter")
+        for lo in range(0, len(texts), 700):
+            want_ids, want_counts = blocks.passage_term_ids(texts[lo : lo + 700], ref.ids, ref.add)
+            got_ids, got_counts = blocks.block_term_ids(texts[lo : lo + 700], got.ids, got.add)
+            assert list(got_counts) == want_counts
+            assert _as_terms(got, got_ids) == _as_terms(ref, want_ids)
+
+    both()
+    real = blocks._hashes
+    monkeypatch.setattr(blocks, "_hashes", lambda b, s, e, p: real(b, s, e, p) * 0 if p == blocks._P1 else real(b, s, e, p))
+    both()

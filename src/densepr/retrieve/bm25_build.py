@@ -7,9 +7,8 @@ import itertools
 import json
 import os
 import tempfile
-from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import bm25s
@@ -22,7 +21,8 @@ from densepr.errors import DenseprError
 from densepr.fileio.atomic import no_space_names
 from densepr.fileio.pages import MappedPages
 from densepr.progress import progress_bar
-from densepr.retrieve.bm25_analyzer import LuceneAnalyzer, words
+from densepr.retrieve.bm25_analyzer import LuceneAnalyzer
+from densepr.retrieve.bm25_blocks import block_term_ids
 
 MERGE_RSS = 1 << 30  # mapped pages a BM25 build's merge keeps resident at most (see _merge_chunks)
 TICK_ROWS = 2_000  # passages analysed between two moves of the analyse bar (a chunk is 50,000 by default)
@@ -178,7 +178,32 @@ def _init_worker(ticks) -> None:
     _WORKER_TICKS = ticks
 
 
-_WORKER_ANALYZERS: dict = {}
+class _Words:
+    """A worker's raw word -> term id map, kept from chunk to chunk (a new chunk's words are mostly known:
+    analysed once per worker, not once per chunk), and its terms by id. Forgotten between two chunks once it
+    holds :data:`WORDS_KEPT` words, which bounds a worker's memory whatever the corpus's vocabulary."""
+
+    def __init__(self, stemmer: str | None) -> None:
+        self.analyzer = LuceneAnalyzer(stemmer)
+        self.ids: dict[str, int] = {}  # raw word -> term id, -1 if dropped
+        self.term_ids: dict[str, int] = {}
+        self.terms: list[str] = []
+
+    def add(self, new: Iterable[str]) -> None:
+        for w in new:
+            term = self.analyzer.analyse(w)  # not .term: remembered here
+            if not term:
+                self.ids[w] = -1
+                continue
+            t = self.term_ids.get(term)
+            if t is None:
+                t = self.term_ids[term] = len(self.terms)
+                self.terms.append(term)
+            self.ids[w] = t
+
+
+WORDS_KEPT = 1 << 21  # raw words a worker remembers (~300 MB with their terms) before it starts over
+_WORKER_WORDS: dict = {}
 
 
 def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) -> dict:
@@ -188,9 +213,9 @@ def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) 
     vocabulary in order of first occurrence (JSON). ``tick(chunk, passages analysed)`` every :data:`TICK_ROWS`
     (in a worker: sent to the analyse bar through its queue)."""
     source, lo, hi, stemmer, tmp, i = task
-    if stemmer not in _WORKER_ANALYZERS:
-        _WORKER_ANALYZERS[stemmer] = LuceneAnalyzer(stemmer)
-    analyzer = _WORKER_ANALYZERS[stemmer]
+    known = _WORKER_WORDS.get(stemmer)
+    if known is None or len(known.ids) > WORDS_KEPT:
+        known = _WORKER_WORDS[stemmer] = _Words(stemmer)
     if tick is None and _WORKER_TICKS is not None:
         tick = lambda chunk, done: _WORKER_TICKS.put((chunk, done))  # noqa: E731
     if source[0] == "store":
@@ -201,27 +226,26 @@ def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) 
         del store
     else:
         titles, texts = source[1], source[2]
-    vocab: dict[str, int] = {}  # term -> local id, in order of first occurrence
-    ids: dict[str, int] = {}  # raw word -> its term's local id, -1 if dropped: one lookup per word
-    occ = array("q")  # every word's id (8 B each, not a Python int), dropped ones included
+    occ = []  # every word's worker term id, dropped ones (-1) included, a block of passages at a time
     words_in = np.zeros(hi - lo, dtype=np.int64)
-    for d, (t, x) in enumerate(zip(titles, texts)):
-        ws = words(f"{t} {x}")
-        got = list(map(ids.get, ws))
-        if None in got:  # a word new to this chunk (rarer as the chunk goes on)
-            for j, w in enumerate(ws):
-                if got[j] is None:
-                    term = analyzer.term(w)
-                    got[j] = ids[w] = vocab.setdefault(term, len(vocab)) if term else -1
-        words_in[d] = len(got)
-        occ.extend(got)
-        if tick is not None and d % TICK_ROWS == TICK_ROWS - 1:
-            tick(i, d + 1)
-    tids = np.frombuffer(occ, dtype=np.int64)
-    kept = tids >= 0
+    for at in range(0, hi - lo, TICK_ROWS):
+        block = [f"{t} {x}" for t, x in zip(titles[at : at + TICK_ROWS], texts[at : at + TICK_ROWS])]
+        term, counts = block_term_ids(block, known.ids, known.add)
+        occ.append(term)
+        words_in[at : at + len(block)] = counts
+        if tick is not None and at + len(block) < hi - lo:  # the chunk's end is told by its result
+            tick(i, at + len(block))
+    occ = np.concatenate(occ) if occ else np.zeros(0, dtype=np.int64)
+    # worker term ids -> the chunk's own, numbered in order of first occurrence (as one process numbers them)
+    seen = np.fromiter(dict.fromkeys(occ.tolist()), dtype=np.int64)
+    seen = seen[seen >= 0]
+    local = np.full(len(known.terms), -1, dtype=np.int64)
+    local[seen] = np.arange(len(seen), dtype=np.int64)
+    vocab = [known.terms[t] for t in seen.tolist()]
+    kept = occ >= 0
     docs = np.repeat(np.arange(hi - lo, dtype=np.int64), words_in)[kept]
     dl = np.bincount(docs, minlength=hi - lo).astype(np.int32)
-    key, tf = np.unique(tids[kept] * max(hi - lo, 1) + docs, return_counts=True)
+    key, tf = np.unique(local[occ[kept]] * max(hi - lo, 1) + docs, return_counts=True)
     tid, doc = np.divmod(key, max(hi - lo, 1))
     base = Path(tmp) / f"chunk{i:06d}"
     np.save(f"{base}.tid.npy", tid.astype(np.int32))
@@ -297,7 +321,8 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     step = 1 << 20  # entries scored at a time: ~50 B each in temporaries
     for lo in range(0, nnz, step):
         hi = min(lo + step, nnz)
-        term_of = np.searchsorted(indptr, np.arange(lo, hi), side="right") - 1
+        first, last = np.searchsorted(indptr, [lo, hi - 1], side="right") - 1
+        term_of = np.repeat(np.arange(first, last + 1), np.diff(np.clip(indptr[first : last + 2], lo, hi)))
         tf = tfs[lo:hi].astype(np.float64)
         data[lo:hi] = idf[term_of] * tf / (tf + norm[indices[lo:hi]])
         pages.check()
