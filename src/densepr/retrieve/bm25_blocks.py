@@ -51,7 +51,9 @@ def _hashes(b: np.ndarray, starts: np.ndarray, ends: np.ndarray, p: np.uint64) -
     """Each word's sum of byte * p**(position in the word), modulo 2**64."""
     have = _POWERS.get(p)
     if have is None or len(have[0]) < len(b) + 1:
-        have = _POWERS[p] = _powers(p, max(len(b) + 1, 1 << 20))
+        have = _powers(p, max(len(b) + 1, 1 << 20))
+        if len(have[0]) <= 1 << 23:  # kept for the next blocks unless a huge one asked (16 B a byte of text)
+            _POWERS[p] = have
     fwd, bwd = have
     with np.errstate(over="ignore"):
         prefix = np.zeros(len(b) + 1, dtype=np.uint64)
