@@ -489,8 +489,11 @@ def open_passages(path: str | os.PathLike[str], output: str | os.PathLike[str] |
     A ``passages.tsv`` counts as an index directory's when a store is already beside it, or when
     ``output`` (what the caller writes) goes into the same directory (``densepr index bm25
     idx/passages.tsv idx/bm25``); a store (about the file's size) is never built unasked beside a
-    file elsewhere."""
+    file elsewhere. An index directory whose ``passages.tsv`` was removed after its store was built is read
+    from the store."""
     path = Path(path)
+    if path.name == PASSAGES_FILE and not path.exists() and (path.parent / STORE_DIR / MANIFEST).is_file():
+        return open_store(path.parent / STORE_DIR)  # the file removed once its store was built: the store alone
     if path.name == PASSAGES_FILE and path.is_file():
         building = output is not None and Path(output).resolve().parent == path.resolve().parent
         if building or (path.parent / STORE_DIR / MANIFEST).is_file():

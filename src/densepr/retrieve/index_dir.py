@@ -1,7 +1,7 @@
 """The index directory: the one home of its layout (what ``densepr reproduce`` and the stage commands write)::
 
-    passages.tsv      # the corpus, DPR TSV layout
-    store/            # optional: passages.tsv as a memory-mapped store (densepr.data.store), made on load
+    passages.tsv      # the corpus, DPR TSV layout (may be removed once store/ is built: it is then read alone)
+    store/            # passages.tsv as a memory-mapped store (densepr.data.store), made on load
     bm25/             # BM25 index (densepr.retrieve.bm25)
     dense/            # FAISS index (densepr.index.dense); its manifest names the question encoder
     hybrid.json       # optional: the lambda tuned on a dev set (`densepr tune-hybrid`)
@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from densepr.data.passages import PASSAGES_FILE
+from densepr.data.passages import PASSAGES_FILE, Corpus, load_corpus
+from densepr.data.store import STORE_DIR, open_store, store_beside
 from densepr.errors import DenseprError
 from densepr.fileio.atomic import read_json, write_json
 from densepr.fileio.manifest import MANIFEST
@@ -50,6 +51,7 @@ class IndexDir:
 
     # -- the layout: one line a path ------------------------------------------------------------
     passages = _Path(PASSAGES_FILE)
+    store = _Path(STORE_DIR)
     bm25 = _Path("bm25")
     dense = _Path("dense")
     dense_manifest_path = _Path("dense", MANIFEST)
@@ -61,10 +63,14 @@ class IndexDir:
         """The indexes present: ``"bm25"``, ``"dense"``."""
         return {n for n, p in (("bm25", self.bm25), ("dense", self.dense)) if p.is_dir()}
 
+    def holds_passages(self) -> bool:
+        """Whether the passages are here: ``passages.tsv``, or a built ``store/`` alone (the file removed since)."""
+        return self.passages.is_file() or (not self.passages.exists() and (self.store / MANIFEST).is_file())
+
     def check(self) -> IndexDir:
         """This directory, or a clear error when it is not a searchable index directory."""
-        if not self.passages.is_file():
-            raise DenseprError(f"{self.path}: not an index directory (no {PASSAGES_FILE}); build one with `densepr reproduce` or the stage commands")
+        if not self.holds_passages():
+            raise DenseprError(f"{self.path}: not an index directory (no {PASSAGES_FILE}, no {STORE_DIR}/); build one with `densepr reproduce` or the stage commands")
         if not self.engines():
             raise DenseprError(f"{self.path}: holds neither bm25/ nor dense/; nothing to search")
         return self
@@ -98,6 +104,16 @@ class IndexDir:
         return self.reader_dir if (self.reader_dir / CONFIG_NAME).is_file() else None
 
 
+def open_corpus(d: str | os.PathLike[str] | IndexDir) -> Corpus:
+    """An index directory's passages: its ``store/`` when it can be used (:func:`~densepr.data.store.store_beside`:
+    built there first when missing or stale and the directory is writable); else ``passages.tsv`` parsed into memory;
+    the store alone when ``passages.tsv`` was removed after it was built (13 GB saved at DPR's 21M passages)."""
+    d = d if isinstance(d, IndexDir) else IndexDir(d)
+    if d.holds_passages() and not d.passages.exists():
+        return open_store(d.store)
+    return store_beside(d.passages) or load_corpus(d.passages)
+
+
 def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> list[tuple[Path, str, str | None]]:
     """Check every artefact under ``directory`` (``densepr verify``): ``[(directory, kind, None or the problem), ...]``.
 
@@ -105,7 +121,7 @@ def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> 
     and sampled sha256), BM25 arrays' ranges, dense index shards, passage stores, and each index's corpus
     against the ``passages.tsv`` of the index directory it is in.
     """
-    from densepr.data.passages import check_corpus, load_corpus
+    from densepr.data.passages import check_corpus
     from densepr.data.store import KIND as STORE_KIND
     from densepr.data.store import check_store
     from densepr.fileio.manifest import verify_tree
@@ -117,11 +133,11 @@ def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> 
     corpora: dict[Path, object] = {}
 
     def corpus_beside(d: Path, manifest: dict) -> None:  # an index directory: passages.tsv, bm25/, dense/
-        tsv = IndexDir(d.parent).passages
-        if manifest.get("corpus") and tsv.is_file():
-            if tsv not in corpora:
-                corpora[tsv] = load_corpus(tsv)
-            check_corpus(manifest, corpora[tsv], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
+        index = IndexDir(d.parent)
+        if manifest.get("corpus") and index.holds_passages():
+            if index.path not in corpora:
+                corpora[index.path] = open_corpus(index)  # its store (passages.tsv alone if none can be made)
+            check_corpus(manifest, corpora[index.path], f"{manifest['kind']} {d}")  # type: ignore[arg-type]
 
     def structure(d: Path, manifest: dict) -> None:
         if manifest["kind"] == BM25_KIND:

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from densepr.data.passages import Corpus, load_corpus
-from densepr.data.store import store_beside
+from densepr.data.passages import Corpus
 from densepr.errors import DenseprError
 from densepr.index.dense import DenseIndex
 from densepr.index.encoder_ref import load_recorded
@@ -24,7 +23,7 @@ from densepr.models.encoder import Encoder, check_question_encoder
 from densepr.ranking import Hit, SearchResult
 from densepr.retrieve.bm25 import BM25Index
 from densepr.retrieve.fusion import PAPER_LAMBDA, HybridCandidates, fuse_hybrid, fuse_rrf
-from densepr.retrieve.index_dir import IndexDir
+from densepr.retrieve.index_dir import IndexDir, open_corpus  # noqa: F401  (open_corpus: imported from here too)
 from densepr.retrieve.modes import Mode, available_modes, default_mode
 
 FUSION_DEPTH = 1000  # passages each engine contributes to a fusion (hybrid, RRF)
@@ -48,13 +47,6 @@ def rank_modes(wanted: Sequence[Mode], dense: SearchResult | None, sparse: Searc
         cands = HybridCandidates(dense, sparse)
         out.update({f"hybrid-{lam_}": cands.rank(lam_, k) for lam_ in also_lambdas})
     return out
-
-
-def open_corpus(d: str | os.PathLike[str] | IndexDir) -> Corpus:
-    """An index directory's passages: its ``store/`` when it can be used (:func:`~densepr.data.store.store_beside`:
-    built there first when missing or stale and the directory is writable); else ``passages.tsv`` parsed into memory."""
-    tsv = (d if isinstance(d, IndexDir) else IndexDir(d)).passages
-    return store_beside(tsv) or load_corpus(tsv)
 
 
 class Retriever:

@@ -111,7 +111,7 @@ def index_cloze_records(index: str | os.PathLike[str], n: int, seed: int = CLOZE
     """:func:`cloze_records` over an index directory's ``passages.tsv`` and ``bm25/``; also returns the
     number of passages they were made from."""
     index = IndexDir(index)
-    if not index.passages.is_file() or not index.bm25.is_dir():
+    if not index.holds_passages() or not index.bm25.is_dir():
         raise DenseprError(f"{index.path}: cloze questions need passages.tsv and bm25/ (an index directory from `densepr reproduce` or the stage commands)")
     if depth < 2:
         raise DenseprError(f"cloze questions: depth must be at least 2 (the positive and a negative), not {depth}")
