@@ -302,3 +302,26 @@ def test_block_analysis_equals_passage_by_passage(alphabet, monkeypatch):
     real = blocks._hashes
     monkeypatch.setattr(blocks, "_hashes", lambda b, s, e, p: real(b, s, e, p) * 0 if p == blocks._P1 else real(b, s, e, p))
     both()
+
+
+def test_a_streamed_chunk_goes_to_a_worker_as_a_file_and_is_analysed_alike(tmp_path):
+    """A task sent to the pool names a file holding the chunk's texts (a chunk's MB through the pool's pipe
+    could block its task thread when an error stops the build, and Pool.terminate wait on it); the worker
+    reads it, removes it, and writes the same postings as from the texts in memory."""
+    import json
+
+    from densepr.retrieve.bm25_build import _analyse_chunk, _spilled
+
+    corpus = _mixed_corpus()
+    titles, texts = list(corpus.titles), list(corpus.texts)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    task = (("rows", titles, texts), 0, len(texts), "porter", str(tmp_path / "a"), 0)
+    sent = _spilled(task)
+    assert sent[0][0] == "file" and len(repr(sent)) < 300
+    a = _analyse_chunk(sent)
+    assert not (tmp_path / "a" / "chunk000000.rows.json").exists()
+    b = _analyse_chunk((("rows", titles, texts), 0, len(texts), "porter", str(tmp_path / "b"), 0))
+    for what in ("tid", "doc", "tf", "df", "dl"):
+        assert np.array_equal(np.load(f"{a['base']}.{what}.npy"), np.load(f"{b['base']}.{what}.npy")), what
+    assert json.loads(open(f"{a['base']}.vocab.json").read()) == json.loads(open(f"{b['base']}.vocab.json").read())

@@ -161,13 +161,27 @@ def _analyse_all(tasks: Iterator[tuple], workers: int, bar: _Bar) -> list[dict]:
     with ctx.Pool(procs, initializer=_init_worker, initargs=(ticks,)) as pool:
         pending: deque = deque()
         for t in tasks:
-            pending.append(pool.apply_async(_analyse_chunk, (t,)))
-            del t  # the chunk's texts are the pool's now (sent to a worker, then dropped)
+            pending.append(pool.apply_async(_analyse_chunk, (_spilled(t),)))
+            del t  # the chunk's texts are on disk now, for a worker to read
             while len(pending) > procs:
                 chunks.append(result(pending.popleft()))
         while pending:
             chunks.append(result(pending.popleft()))
     return chunks
+
+
+def _spilled(task: tuple) -> tuple:
+    """``task`` with a streamed chunk's titles and texts written to a file in the build directory, for the
+    worker to read: a task sent to a pool stays a few bytes. (A chunk's tens of MB through the pool's pipe
+    could leave its task thread blocked mid-write when an error stops the build, and ``Pool.terminate``
+    then waited on that thread: seen once, ten minutes.)"""
+    source, lo, hi, stemmer, tmp, i = task
+    if source[0] != "rows":
+        return task
+    path = Path(tmp) / f"chunk{i:06d}.rows.json"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump([list(source[1]), list(source[2])], f, ensure_ascii=False)
+    return ("file", str(path)), lo, hi, stemmer, tmp, i
 
 
 _WORKER_TICKS = None  # a worker's queue for its progress (set by _init_worker)
@@ -224,6 +238,10 @@ def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) 
         store = open_store(source[1], verify="none")
         titles, texts = store.titles[lo:hi], store.texts[lo:hi]
         del store
+    elif source[0] == "file":  # written by _spilled
+        with open(source[1], encoding="utf-8") as f:
+            titles, texts = json.load(f)
+        os.unlink(source[1])
     else:
         titles, texts = source[1], source[2]
     occ = []  # every word's worker term id, dropped ones (-1) included, a block of passages at a time
