@@ -98,3 +98,23 @@ def test_ray_encode_survives_a_lost_node(cluster, data):  # noqa: F811
     assert sum(1 for n in ray.nodes() if n["Alive"]) == 2
     workers[:] = [w for w in workers if w.node_id != removed[0]] + [c.add_node(num_cpus=1, object_store_memory=100 * 2**20)]
     c.wait_for_nodes()  # leave the shared cluster at three nodes
+
+
+def test_an_encoder_actor_reads_an_index_directorys_passages_through_its_store(tmp_path, corpus, tiny_bert):
+    """Each Ray encoder actor opens the store of an index directory's passages.tsv (memory-mapped: at 21M
+    passages a parsed corpus is ~17 GB per actor) and encodes the same rows; another corpus is refused."""
+    from densepr.data import write_passages_tsv
+    from densepr.data.store import StoreCorpus, build_store
+    from densepr.errors import DenseprError
+    from densepr.index.ray_encode import PartEncoder
+
+    write_passages_tsv(corpus, tmp_path / "idx" / "passages.tsv")
+    build_store(tmp_path / "idx" / "passages.tsv", tmp_path / "idx" / "store")
+    args = dict(encoder=str(tiny_bert), fingerprint=corpus.fingerprint(), part_size=5, batch_size=4, device="cpu")
+    actor = PartEncoder(passages=str(tmp_path / "idx" / "passages.tsv"), **args)
+    assert isinstance(actor.corpus, StoreCorpus)
+    assert list(actor.corpus.texts[0:5]) == list(corpus.texts[0:5])
+    write_passages_tsv(corpus, tmp_path / "elsewhere.tsv")  # no store: parsed, as before
+    assert list(PartEncoder(passages=str(tmp_path / "elsewhere.tsv"), **args).corpus.ids) == list(corpus.ids)
+    with pytest.raises(DenseprError, match="is not the driver's corpus"):
+        PartEncoder(passages=str(tmp_path / "idx" / "passages.tsv"), **{**args, "fingerprint": {"other": 1}})

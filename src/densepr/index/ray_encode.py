@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from densepr.data.passages import load_corpus
-from densepr.data.store import open_passages
+from densepr.data.store import StoreCorpus, open_passages
 from densepr.errors import DenseprError
 from densepr.index.embeddings import complete, encoding_plan, missing_parts, prepare, write_part
 from densepr.progress import progress_bar
@@ -120,14 +120,17 @@ def start_local() -> Path:
 
 
 class PartEncoder:
-    """A Ray Data actor: loads the passage encoder and the corpus once, then encodes whole parts
-    (returning each part's vectors and ids: the driver does not hold the corpus)."""
+    """A Ray Data actor: loads the passage encoder and opens the corpus once, then encodes whole parts
+    (returning each part's vectors and ids: the driver does not hold the corpus). The corpus is the
+    passage store when the file has one (an index directory's ``passages.tsv``: memory-mapped, nothing
+    held per passage, as on the driver); any other file is parsed whole (build a store for large ones)."""
 
     def __init__(self, encoder: str, passages: str, fingerprint: dict, part_size: int, batch_size: int, device: str | None,
                  throttle_s: float = 0.0) -> None:  # fmt: skip
         from densepr.models.encoder import load_biencoder
 
-        self.corpus = load_corpus(passages)
+        corpus = open_passages(passages)  # the store beside an index directory's passages.tsv, if any
+        self.corpus = corpus if isinstance(corpus, StoreCorpus) else load_corpus(passages)  # rows by number: in memory
         if self.corpus.fingerprint() != fingerprint:  # another file at that path on this node
             raise DenseprError(f"{passages} on node {os.uname().nodename} is not the driver's corpus")
         _, self.encoder = load_biencoder(encoder, device=device)
