@@ -375,3 +375,34 @@ def test_evaluate_answerable_subset_flag_size_limit_and_cache(tmp_path, capsys, 
         code, out, err = run(capsys, *args, *extra)
         assert code == 0, err
         assert "1 answerable" in out and len(list((idx / "answerable").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_data_passages_converts_a_file_streamed_and_refuses_a_repeated_id_writing_nothing(tmp_path, capsys, monkeypatch, suffix):
+    """`densepr data passages --source F` streams F block by block (at 21M a parsed corpus is ~17 GB): the same
+    TSV as from the whole corpus; a repeated id, found once F is read through, leaves no output file."""
+    import json
+
+    from densepr.data import Corpus, Passage, load_corpus, write_passages_tsv
+
+    rows = [Passage(f"p{i}", f"Title {i % 7}", f"text {i} about things") for i in range(120)]
+    src = tmp_path / f"src{suffix}"
+    if suffix == ".tsv":
+        write_passages_tsv(rows, src)
+    else:
+        src.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in rows))
+    write_passages_tsv(rows, tmp_path / "want.tsv")
+    monkeypatch.setattr(Corpus, "from_passages", classmethod(lambda *a, **k: pytest.fail("the corpus was parsed whole")))
+    code, _, err = run(capsys, "data", "passages", str(tmp_path / "out.tsv"), "--source", str(src))
+    assert code == 0, err
+    assert (tmp_path / "out.tsv").read_bytes() == (tmp_path / "want.tsv").read_bytes()
+    monkeypatch.undo()
+    assert [p.id for p in load_corpus(tmp_path / "out.tsv")] == [p.id for p in rows]
+    bad = rows + [Passage("p3", "again", "a repeated id")]
+    if suffix == ".tsv":
+        write_passages_tsv(bad, src)
+    else:
+        src.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in bad))
+    code, _, err = run(capsys, "data", "passages", str(tmp_path / "again.tsv"), "--source", str(src))
+    assert code == 1 and "p3" in err and "Traceback" not in err
+    assert not (tmp_path / "again.tsv").exists()

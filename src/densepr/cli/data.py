@@ -48,10 +48,15 @@ def data_passages(
 ) -> None:
     """Write passages in DPR's TSV layout (id, text, title), from the embedded corpus or another file."""
     _check_output(output, "file", "passages TSV")
-    from densepr.data import EmbeddedData, load_corpus, load_wiki_summaries, write_passages_tsv
+    from densepr.data import EmbeddedData, Passage, load_wiki_summaries, write_passages_tsv
+    from densepr.data.store import StreamedCorpus
 
-    corpus = load_corpus(source) if source else load_wiki_summaries(EmbeddedData(cache_dir).summaries)
-    n = write_passages_tsv(corpus, output)
+    if source:  # streamed, a block at a time (checked as load_corpus checks; a repeated id refused at the end, nothing written)
+        blocks = StreamedCorpus(source).blocks(50_000)
+        passages = (Passage(i, t, x) for _, ids, titles, texts in blocks for i, t, x in zip(ids, titles, texts))
+    else:
+        passages = load_wiki_summaries(EmbeddedData(cache_dir).summaries)
+    n = write_passages_tsv(passages, output)
     out.print(f"wrote {n} passages to {output}")
 
 
