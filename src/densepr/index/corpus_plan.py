@@ -17,7 +17,7 @@ COSTS_RESOURCE = "corpus-costs.json"
 
 # (key in the resource, what it is, unit): the rows `densepr index plan` prints
 ROWS = (
-    ("store_bytes", "passage store on disk (besides passages.tsv)", "bytes"),
+    ("store_bytes", "passage store on disk (passages.tsv may go once it is built)", "bytes"),
     ("bm25_index_bytes", "BM25 index on disk", "bytes"),
     ("bm25_build_peak_bytes", "BM25 build: peak RSS, all processes", "bytes"),
     ("bm25_build_anon_bytes", "BM25 build: peak anonymous memory (not page cache)", "bytes"),
