@@ -471,9 +471,12 @@ def store_beside(tsv: str | os.PathLike[str]) -> StoreCorpus | None:
     built first when missing or stale (``passages.tsv`` edited since) and the directory is writable.
     None when it cannot be used: a read-only or full directory, or a ``store/`` that is something
     else (or a killed build's leftovers we may not own: not ours to replace). A damaged store is
-    refused (its files are named), not silently rebuilt."""
+    refused (its files are named), not silently rebuilt. A ``passages.tsv`` removed once its store was built
+    leaves the store to be read alone."""
     tsv = Path(tsv)
     store = tsv.parent / STORE_DIR
+    if not tsv.exists() and (store / MANIFEST).is_file():
+        return open_store(store)
     if not (store / MANIFEST).is_file() and store.exists():
         return None
     try:
@@ -490,13 +493,12 @@ def open_passages(path: str | os.PathLike[str], output: str | os.PathLike[str] |
     ``output`` (what the caller writes) goes into the same directory (``densepr index bm25
     idx/passages.tsv idx/bm25``); a store (about the file's size) is never built unasked beside a
     file elsewhere. An index directory whose ``passages.tsv`` was removed after its store was built is read
-    from the store."""
+    from the store (:func:`store_beside`)."""
     path = Path(path)
-    if path.name == PASSAGES_FILE and not path.exists() and (path.parent / STORE_DIR / MANIFEST).is_file():
-        return open_store(path.parent / STORE_DIR)  # the file removed once its store was built: the store alone
-    if path.name == PASSAGES_FILE and path.is_file():
+    has_store = (path.parent / STORE_DIR / MANIFEST).is_file()
+    if path.name == PASSAGES_FILE and (path.is_file() or has_store):
         building = output is not None and Path(output).resolve().parent == path.resolve().parent
-        if building or (path.parent / STORE_DIR / MANIFEST).is_file():
+        if building or has_store:
             store = store_beside(path)
             if store is not None:
                 return store

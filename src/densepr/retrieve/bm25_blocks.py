@@ -10,7 +10,8 @@ WB11/12), found with vectorised masks. Whitespace-delimited runs holding a non-A
 out first (as :func:`words` does) and split by the Unicode rules in Python; a passage has few. Equal
 words are grouped by a polynomial hash over the bytes, checked by a second one and by length (a block
 whose hashes collide is analysed the reference way), so a Python string is made once per distinct word
-of the block, not once per word: ~4x faster on ASCII text.
+of the block, not once per word. Measured on 30,000 passages of the 1M synthetic corpus (about 27% hold a
+non-ASCII run), blocks of 2,000, the words already known: 39 us a passage against the reference's 45.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from densepr.data.passages import PASSAGES_FILE, Corpus, load_corpus
-from densepr.data.store import STORE_DIR, open_store, store_beside
+from densepr.data.store import STORE_DIR, store_beside
 from densepr.errors import DenseprError
 from densepr.fileio.atomic import read_json, write_json
 from densepr.fileio.manifest import MANIFEST
@@ -106,12 +106,10 @@ class IndexDir:
 
 def open_corpus(d: str | os.PathLike[str] | IndexDir) -> Corpus:
     """An index directory's passages: its ``store/`` when it can be used (:func:`~densepr.data.store.store_beside`:
-    built there first when missing or stale and the directory is writable); else ``passages.tsv`` parsed into memory;
-    the store alone when ``passages.tsv`` was removed after it was built (13 GB saved at DPR's 21M passages)."""
-    d = d if isinstance(d, IndexDir) else IndexDir(d)
-    if d.holds_passages() and not d.passages.exists():
-        return open_store(d.store)
-    return store_beside(d.passages) or load_corpus(d.passages)
+    built there first when missing or stale and the directory is writable, read alone when ``passages.tsv`` was
+    removed after it was built: 13 GB saved at DPR's 21M passages); else ``passages.tsv`` parsed into memory."""
+    tsv = (d if isinstance(d, IndexDir) else IndexDir(d)).passages
+    return store_beside(tsv) or load_corpus(tsv)
 
 
 def verify_artefacts(directory: str | os.PathLike[str], quick: bool = False) -> list[tuple[Path, str, str | None]]:
