@@ -167,6 +167,12 @@ def test_train_precision_reaches_both_trainers_and_only_a_non_default_one_enters
         stages[p] = rp.training.train(job, "round1", "mine", 1, 1)
         assert stages[p].settings["precision"] == p and rp.reading.train_reader(job).settings["precision"] == p
     assert "precision" not in stages["fp32"].fingerprinted and stages["bf16"].fingerprinted["precision"] == "bf16"
+    reader_only = ReproduceConfig(profile="dpr", reader_train_precision="bf16")
+    assert reader_only.plan.precision == "fp32" and reader_only.reader.train_precision == "bf16" and not uses_defaults(reader_only)
+    for bad, message in (({"profile": "full", "reader_train_precision": "bf16"}, "profiles with a reader"),
+                         ({"profile": "dpr", "reader_train_precision": "fp16"}, "fp32, bf16, auto")):  # fmt: skip
+        with pytest.raises(DenseprError, match=message):
+            ReproduceConfig(**bad)
 
 
 def test_gradient_caching_is_a_training_setting_still_checked_against_the_committed_figures():

@@ -115,6 +115,11 @@ def test_the_reader_model_changes_the_reader_stages_only_and_the_retriever_model
     # bf16 (--train-precision) reaches the MPNet reader's training too
     half = _job(config(tmp_path / "out", reader_model=mpnet, train_precision="bf16"))
     assert train_reader(half).fingerprinted["precision"] == "bf16"
+    # --reader-train-precision: the reader alone, so the fp32 retrievers of a finished run stay current
+    reader_half = stages(reader_model=mpnet, reader_train_precision="bf16")
+    assert [n for n in default if default[n] != reader_half[n]] == ["train-reader", "reader-cloze"]
+    assert reader_half["train-reader"][0]["precision"] == reader_half["reader-cloze"][0]["precision"] == "bf16"
+    assert "precision" not in reader_half["train-round1"][0]
 
 
 def test_a_run_with_another_reader_model_reruns_the_reader_stages_only(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):

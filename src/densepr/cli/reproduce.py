@@ -53,13 +53,16 @@ def reproduce(
     train_precision: Annotated[Optional[str], typer.Option(help="Profile dpr: fp32 (default), bf16 or auto: bf16 autocast when training the retrievers and "
                                                                "the reader (1.4x a step on CPUs with native bf16; weights stay float32; such a run is not "
                                                                "compared with the committed figures).")] = None,
+    reader_train_precision: Annotated[Optional[str], typer.Option(help="Profiles with a reader: fp32, bf16 or auto for the reader's training alone "
+                                                                      "(default: --train-precision's). Retrains the reader and what follows, not the retrievers: "
+                                                                      "e.g. --reader-model mpnet --reader-train-precision bf16 on a finished fp32 run.")] = None,
     reader_cloze: Annotated[Optional[int], typer.Option(help="Profile dpr: pre-train the reader one epoch on this many cloze questions made from the corpus "
                                                             "(no QA set used; stage reader-cloze) before the labelled ones; 0: off, the default "
                                                             "(8,000 measured: +1.4 EM given the answer passage over the default reader, within noise, for ~21 min more; docs/reader.md).")] = None,
     reader_model: Annotated[Optional[str], typer.Option(help="Profiles with a reader: the encoder the reader starts from (new heads): 'embedded' (all-MiniLM-L6-v2, "
                                                             "profile dpr's default), 'mpnet' (all-mpnet-base-v2, 12 layers x 768; the job fetches it, as `densepr data fetch "
                                                             "--model mpnet`) or a model directory. Changing it reruns the reader's training and what follows only; "
-                                                            "with --train-precision bf16 it trains in bf16. MPNet on 2 CPU cores: profile dpr ~6 h "
+                                                            "with --reader-train-precision bf16 it trains in bf16. MPNet on 2 CPU cores: profile dpr ~6 h "
                                                             "instead of 95 min (estimated: 8x the MiniLM reader stages' measured time).")] = None,
     retriever_model: Annotated[Optional[str], typer.Option(help="Training profiles: the model both retriever towers start from, as --reader-model "
                                                                "(the zero-shot row encodes with it too; every training stage and what follows reruns).")] = None,
@@ -76,7 +79,7 @@ def reproduce(
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
                           epochs=epochs, round2_epochs=round2_epochs, qa_limit=parse_qa_limit(qa_limit), read_precision=read_precision,
-                          train_precision=train_precision, reader_cloze=reader_cloze, reader_model=reader_model,
+                          train_precision=train_precision, reader_train_precision=reader_train_precision, reader_cloze=reader_cloze, reader_model=reader_model,
                           retriever_model=retriever_model)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)

@@ -129,6 +129,9 @@ class ReaderPlan:
     tune_limit: int | None = 150  # held-out questions the selection and k are tuned on
     qa_limit: int | None = 100  # test questions read end to end per set (~1.5 min each on 2 cores); None: all
     read_precision: str = "fp32"  # the reader's weights in the qa stages (models.hf.inference_dtype; bf16: 1.64x on bf16 CPUs)
+    # the reader's training precision; None: the retrievers' (TrainPlan.precision), so --train-precision sets both, and
+    # --reader-train-precision retrains the reader alone in bf16 (an MPNet reader on a run whose retrievers trained in fp32)
+    train_precision: str | None = None
     modes: tuple[str, ...] = ("dense", "bm25")  # the trained retriever and the paper's baseline
     ks: tuple[int, ...] = (1, 5, 10, 20)
     # >0: pre-train the reader one epoch on this many cloze questions made from the corpus (train.cloze; no QA
@@ -213,6 +216,7 @@ class ReproduceConfig:
     qa_limit: int | None = -1  # profile dpr: override ReaderPlan.qa_limit (None: every test question; -1: the profile's)
     read_precision: str | None = None  # profile dpr: override ReaderPlan.read_precision
     train_precision: str | None = None  # profile dpr: override TrainPlan.precision (retrievers' and reader's training)
+    reader_train_precision: str | None = None  # profiles with a reader: override ReaderPlan.train_precision (the reader's alone)
     reader_cloze: int | None = None  # profile dpr: override ReaderPlan.cloze (cloze questions to pre-train the reader on; 0: off)
     # the training profiles: override ReaderPlan.model / TrainPlan.model (both towers): "embedded", "mpnet" or a model directory.
     # Profile dpr with an MPNet reader on 2 CPU cores, estimated (not measured): its reader stages measured 2,388 s with MiniLM
@@ -261,6 +265,10 @@ class ReproduceConfig:
             if self.plan is None:
                 raise DenseprError(f"--train-precision applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
             self.plan = replace(self.plan, precision=check_precision(self.train_precision, "--train-precision"))
+        if self.reader_train_precision is not None:
+            if self.reader is None:
+                raise DenseprError(f"--reader-train-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            self.reader = replace(self.reader, train_precision=check_precision(self.reader_train_precision, "--reader-train-precision"))
         if self.read_precision is not None:
             if self.reader is None:
                 raise DenseprError(f"--read-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")

@@ -59,7 +59,7 @@ def _reader_config(job: Job, train_files: Sequence[Path], run_dir: Path, init: s
     return ReaderTrainConfig(train_files=[str(f) for f in train_files], output_dir=str(run_dir), init=init,
                              passages=rp.passages, depth=rp.depth, batch_size=rp.batch_size, max_length=rp.max_length, lr=rp.lr,
                              warmup_steps=rp.warmup_steps, max_steps=rp.max_steps, save_every=rp.save_every, dropout=rp.dropout,
-                             span_loss=rp.span_loss, head_lr=rp.head_lr, precision=job.plan.precision, **kw)  # fmt: skip
+                             span_loss=rp.span_loss, head_lr=rp.head_lr, precision=rp.train_precision or job.plan.precision, **kw)  # fmt: skip
 
 
 def _train_reader_run(job: Job, cfg, timer: str) -> None:

@@ -65,7 +65,8 @@ def check_against(summary: dict, expected: dict, profile: str) -> list[str]:
 
 
 # What a committed config without these ReaderPlan fields trained: the recipe before each field was added.
-READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "positive", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0, "model": "embedded"}
+READER_PLAN_BEFORE = {"head_lr": None, "span_loss": "positive", "epochs": 1, "dropout": 0.0, "read_precision": "fp32", "cloze": 0, "model": "embedded",
+                      "train_precision": None}
 
 
 def reader_recipe_changed(summary: dict, expected: dict, profile: str) -> bool:
