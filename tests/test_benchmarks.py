@@ -55,6 +55,46 @@ def test_reader_rules_script_reports_every_rule(tmp_path):
     assert 0 <= row["given_passage_em"] <= 100 and row["with_answer_in_depth"] == sum(any(c["has_answer"] for c in r["ctxs"]) for r in recs)
 
 
+def test_reader_errors_sorts_each_span_into_one_kind_and_compares_two_readers(tmp_path):
+    sys.path.insert(0, str(BENCH / "reader"))
+    try:
+        from reader_errors import error_kind
+    finally:
+        sys.path.remove(str(BENCH / "reader"))
+    answers = ["Barack Obama", "Obama"]
+    assert error_kind("the Obama", answers) == "exact"  # SQuAD normalisation drops the article
+    assert error_kind("President Barack Obama of", answers) == "too long"
+    assert error_kind("Barack", ["Barack Obama"]) == "too short"
+    assert error_kind("Barack Hussein", ["Barack Obama"]) == "overlap"
+    assert error_kind("George Bush", answers) == "wrong span" and error_kind("", answers) == "wrong span"
+
+    from densepr.evaluate.answers import has_answer
+    from densepr.models.reader import Reader, ReaderConfig
+    from tests.support.tiny import PASSAGES, QUESTIONS, make_tiny_bert
+
+    readers = []
+    for seed in (3, 4):
+        readers.append(tmp_path / f"reader{seed}")
+        Reader.load(make_tiny_bert(tmp_path / f"init{seed}", seed=seed, dropout=0.0), "cpu", ReaderConfig(max_length=64)).save(readers[-1])
+    recs = [{"question": q, "answers": a, "ctxs": [{"id": str(j), "title": t, "text": x, "has_answer": has_answer(a, x)}
+                                                    for j, (t, x) in enumerate(PASSAGES)]} for q, a in QUESTIONS]  # fmt: skip
+    (tmp_path / "run" / "reader-data").mkdir(parents=True)
+    (tmp_path / "run" / "reader-data" / "heldout.json").write_text(json.dumps(recs), encoding="utf-8")
+    out = tmp_path / "errors.json"
+    proc = subprocess.run([sys.executable, "reader_errors.py", "--run", str(tmp_path / "run"), "--reader", f"a={readers[0]}",
+                           "--reader", f"b={readers[1]}", "--device", "cpu", "-o", str(out)],
+                          cwd=BENCH / "reader", capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    n = sum(any(c["has_answer"] for c in r["ctxs"]) for r in recs)
+    assert res["held_out_questions"] == n > 0
+    for row in res["results"]:
+        assert sum(row["counts"].values()) == n and row["em"] == round(100 * row["counts"]["exact"] / n, 2)
+    agree = res["agreement"]
+    assert agree["both"] + agree["only a"] + agree["only b"] + agree["neither"] == n
+    assert agree["both"] + agree["only a"] == res["results"][0]["counts"]["exact"]
+
+
 def test_qa_sets_collects_only_the_finished_sets_of_the_asked_limit(tmp_path):
     run = tmp_path / "run"
     (run / "stages" / "qa-b.partial").mkdir(parents=True)
