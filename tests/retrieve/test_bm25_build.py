@@ -47,6 +47,16 @@ def test_chunked_build_equals_single_process(chunk, workers, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing left in the build directory
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_the_build_without_numba_equals_single_process(chunk, tmp_path, monkeypatch):
+    """Where numba is not installed the chunks are analysed by the numpy paths: the same arrays."""
+    from densepr.retrieve import bm25_kernels
+
+    monkeypatch.setattr(bm25_kernels, "compiled", lambda: None)
+    corpus = _mixed_corpus()
+    assert_identical(BM25Index.build(corpus, workers=1, chunk_passages=chunk, workdir=tmp_path), reference(corpus))
+
+
 def test_exact_lengths_and_store_corpus(tmp_path, corpus):
     from densepr.data import write_passages_tsv
     from densepr.data.store import build_store, open_store
@@ -271,8 +281,14 @@ def _as_terms(known, ids) -> list[str]:
     return [known.terms[i] if i >= 0 else "" for i in ids]
 
 
+def _numba_or_skip(compiled: bool) -> None:
+    if compiled:
+        pytest.importorskip("numba", reason="numba is not installed (pip install 'densepr[fast]')")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
 @pytest.mark.parametrize("alphabet", ["ascii", "mixed"])
-def test_block_analysis_equals_passage_by_passage(alphabet, monkeypatch):
+def test_block_analysis_equals_passage_by_passage(alphabet, compiled, monkeypatch):
     """The numpy block split (bm25_blocks.block_term_ids) gives every text's words, in order, as the
     per-passage reference does, on random texts full of the split's edge cases: joiners between
     letters and digits, underscores, apostrophes, non-ASCII runs (accents, CJK, emoji, NBSP, ZWJ),
@@ -289,16 +305,19 @@ def test_block_analysis_equals_passage_by_passage(alphabet, monkeypatch):
     rng = random.Random(11)
     texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
     texts[5] = texts[6] = ""
+    _numba_or_skip(compiled)
 
     def both() -> None:
         ref, got = _Words("porter"), _Words("porter")
         for lo in range(0, len(texts), 700):
             want_ids, want_counts = blocks.passage_term_ids(texts[lo : lo + 700], ref.ids, ref.add)
-            got_ids, got_counts = blocks.block_term_ids(texts[lo : lo + 700], got.ids, got.add)
+            got_ids, got_counts = blocks.block_term_ids(texts[lo : lo + 700], got.ids, got.add, compiled=compiled)
             assert list(got_counts) == want_counts
             assert _as_terms(got, got_ids) == _as_terms(ref, want_ids)
 
     both()
+    if compiled:  # the compiled split compares words' bytes: no hash collision to fall back from
+        return
     real = blocks._hashes
     monkeypatch.setattr(blocks, "_hashes", lambda b, s, e, p: real(b, s, e, p) * 0 if p == blocks._P1 else real(b, s, e, p))
     both()
@@ -322,6 +341,8 @@ def test_a_streamed_chunk_goes_to_a_worker_as_a_file_and_is_analysed_alike(tmp_p
     a = _analyse_chunk(sent)
     assert not (tmp_path / "a" / "chunk000000.rows.json").exists()
     b = _analyse_chunk((("rows", titles, texts), 0, len(texts), "porter", str(tmp_path / "b"), 0))
-    for what in ("tid", "doc", "tf", "df", "dl"):
+    for what in ("tid", "doc", "tf", "df", "dl", "seen"):
         assert np.array_equal(np.load(f"{a['base']}.{what}.npy"), np.load(f"{b['base']}.{what}.npy")), what
-    assert json.loads(open(f"{a['base']}.vocab.json").read()) == json.loads(open(f"{b['base']}.vocab.json").read())
+    # each build directory is sent every term of the worker's numbering once
+    assert a["terms"] == b["terms"] and a["first_new"] == b["first_new"] == 0
+    assert json.loads(open(f"{a['base']}.new.json").read()) == json.loads(open(f"{b['base']}.new.json").read())

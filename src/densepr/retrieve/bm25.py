@@ -61,6 +61,7 @@ from densepr.retrieve.bm25_files import (
     check_arrays,
     term_max_of,
 )
+from densepr.retrieve.bm25_kernels import use_densepr_cache
 from densepr.retrieve.bm25_vocab import CompactVocab, write_vocab
 
 BACKENDS = ("numpy", "numba", "pruned")
@@ -96,10 +97,7 @@ def numba_installed() -> bool:
         from bm25s.numba import retrieve_utils
     except ImportError:
         return False
-    if not os.environ.get("NUMBA_CACHE_DIR"):
-        from densepr.data.fetch import default_cache_dir
-
-        numba.config.CACHE_DIR = str(default_cache_dir() / "numba")
+    use_densepr_cache(numba)
     retrieve_utils._retrieve_internal_jitted_serial.enable_caching()  # bm25s compiles it uncached
     return True
 

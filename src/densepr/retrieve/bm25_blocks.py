@@ -12,6 +12,7 @@ words are grouped by a polynomial hash over the bytes, checked by a second one a
 whose hashes collide is analysed the reference way), so a Python string is made once per distinct word
 of the block, not once per word. Measured on 30,000 passages of the 1M synthetic corpus (about 27% hold a
 non-ASCII run), blocks of 2,000, the words already known: 39 us a passage against the reference's 45.
+With numba the split and grouping are one compiled pass (:func:`densepr.retrieve.bm25_kernels.ascii_words`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from densepr.retrieve import bm25_kernels
 from densepr.retrieve.bm25_analyzer import _NON_ASCII_RUN, _SEGMENT, _TOKEN, words
 
 _CLASS = np.zeros(256, dtype=np.uint8)  # 1 letter, 2 digit, 3 underscore, 0 anything else
@@ -80,8 +82,30 @@ def passage_term_ids(texts: Iterable[str], ids: dict[str, int], add: Callable[[I
     return out, counts
 
 
-def block_term_ids(texts: Sequence[str], ids: dict[str, int], add: Callable[[Iterable[str]], None]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`passage_term_ids` of ``texts`` (as int64 arrays), computed a block at a time."""
+def numpy_words(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`densepr.retrieve.bm25_kernels.ascii_words` with numpy (distinct words numbered in hash order, not
+    by first occurrence; any number serves); None when two distinct words share a hash."""
+    cls = _CLASS[b]
+    letter, digit = cls == 1, cls == 2
+    inside = cls > 0
+    mid = b[1:-1]
+    inside[1:-1] |= (_JOINS_LETTERS[mid] & letter[:-2] & letter[2:]) | (_JOINS_DIGITS[mid] & digit[:-2] & digit[2:])
+    edge = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, stops = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    uniq, inverse = np.unique(_hashes(b, starts, stops, _P1), return_inverse=True)
+    first = np.empty(len(uniq), dtype=np.int64)
+    first[inverse] = np.arange(len(inverse), dtype=np.int64)  # one occurrence of each (which one: any)
+    h2, length = _hashes(b, starts, stops, _P2), stops - starts
+    if not (np.array_equal(h2[first][inverse], h2) and np.array_equal(length[first][inverse], length)):
+        return None
+    return starts, stops, inverse, first
+
+
+def block_term_ids(texts: Sequence[str], ids: dict[str, int], add: Callable[[Iterable[str]], None],
+                   compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """:func:`passage_term_ids` of ``texts`` (as int64 arrays), computed a block at a time: with the
+    compiled split (:mod:`densepr.retrieve.bm25_kernels`) where numba is installed (``compiled`` None),
+    or as ``compiled`` says (True needs numba: the numpy split otherwise)."""
     parts: list[str] = []
     run_words: list[str] = []
     run_keys: list[int] = []
@@ -111,19 +135,11 @@ def block_term_ids(texts: Sequence[str], ids: dict[str, int], add: Callable[[Ite
     # what is left outside the cut-out runs is ASCII but for Unicode spaces (a run is a whitespace-delimited
     # token holding a non-ASCII character): each becomes "?", one byte, like them no word character
     b = np.frombuffer(joined.encode("ascii", "replace"), dtype=np.uint8)
-    cls = _CLASS[b]
-    letter, digit = cls == 1, cls == 2
-    inside = cls > 0
-    mid = b[1:-1]
-    inside[1:-1] |= (_JOINS_LETTERS[mid] & letter[:-2] & letter[2:]) | (_JOINS_DIGITS[mid] & digit[:-2] & digit[2:])
-    edge = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts, stops = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
-    uniq, inverse = np.unique(_hashes(b, starts, stops, _P1), return_inverse=True)
-    first = np.empty(len(uniq), dtype=np.int64)
-    first[inverse] = np.arange(len(inverse), dtype=np.int64)  # one occurrence of each (which one: any)
-    h2, length = _hashes(b, starts, stops, _P2), stops - starts
-    if not (np.array_equal(h2[first][inverse], h2) and np.array_equal(length[first][inverse], length)):
+    kernels = bm25_kernels.compiled() if compiled is None else (bm25_kernels.compiled() if compiled else None)
+    split = kernels[0](b, _CLASS, _JOINS_LETTERS, _JOINS_DIGITS) if kernels is not None else numpy_words(b)
+    if split is None:
         return tuple(map(np.asarray, passage_term_ids(texts, ids, add)))  # two words, one hash: never seen, but exact
+    starts, stops, inverse, first = split
     distinct = [joined[s:e] for s, e in zip(starts[first].tolist(), stops[first].tolist())]
     for group in (distinct, run_words):
         missing = [w for w in group if w not in ids]

@@ -21,6 +21,7 @@ from densepr.errors import DenseprError
 from densepr.fileio.atomic import no_space_names
 from densepr.fileio.pages import MappedPages
 from densepr.progress import progress_bar
+from densepr.retrieve import bm25_kernels
 from densepr.retrieve.bm25_analyzer import LuceneAnalyzer
 from densepr.retrieve.bm25_blocks import block_term_ids
 
@@ -202,6 +203,15 @@ class _Words:
         self.ids: dict[str, int] = {}  # raw word -> term id, -1 if dropped
         self.term_ids: dict[str, int] = {}
         self.terms: list[str] = []
+        self.key = f"{os.getpid()}.{next(_GENERATIONS)}"  # names this numbering of terms in the chunks it analyses
+        self.written: dict[str, int] = {}  # build directory -> terms already written there (each chunk writes the rest)
+
+    def new_terms(self, build: str) -> tuple[int, list[str]]:
+        """The terms not yet written to ``build``'s chunks, and the id of the first: a chunk of that build
+        writes them, so that the merge learns every term of this numbering once, not once per chunk."""
+        first = self.written.get(build, 0)
+        self.written[build] = len(self.terms)
+        return first, self.terms[first:]
 
     def add(self, new: Iterable[str]) -> None:
         for w in new:
@@ -218,14 +228,32 @@ class _Words:
 
 WORDS_KEPT = 1 << 21  # raw words a worker remembers (~300 MB with their terms) before it starts over
 _WORKER_WORDS: dict = {}
+_GENERATIONS = itertools.count()
+
+
+def chunk_postings_numpy(occ: np.ndarray, words_in: np.ndarray, n_known: int) -> tuple[np.ndarray, ...]:
+    """:func:`densepr.retrieve.bm25_kernels.chunk_postings` with numpy and a dict (the path without numba)."""
+    n_docs = len(words_in)
+    # worker term ids -> the chunk's own, numbered in order of first occurrence (as one process numbers them)
+    seen = np.fromiter(dict.fromkeys(occ.tolist()), dtype=np.int64)
+    seen = seen[seen >= 0]
+    local = np.full(n_known, -1, dtype=np.int64)
+    local[seen] = np.arange(len(seen), dtype=np.int64)
+    kept = occ >= 0
+    docs = np.repeat(np.arange(n_docs, dtype=np.int64), words_in)[kept]
+    dl = np.bincount(docs, minlength=n_docs).astype(np.int32)
+    key, tf = np.unique(local[occ[kept]] * max(n_docs, 1) + docs, return_counts=True)
+    tid, doc = np.divmod(key, max(n_docs, 1))
+    return seen, tid.astype(np.int32), doc.astype(np.int32), tf, np.bincount(tid, minlength=len(seen)).astype(np.int64), dl
 
 
 def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) -> dict:
     """Analyse rows ``[lo, hi)`` and write their postings (sorted by local term, then passage):
     local term ids (int32), passages (int32, chunk-local), term frequencies (uint16, or uint32
-    if any exceeds it), per-term document frequencies, passage lengths, and the chunk's
-    vocabulary in order of first occurrence (JSON). ``tick(chunk, passages analysed)`` every :data:`TICK_ROWS`
-    (in a worker: sent to the analyse bar through its queue)."""
+    if any exceeds it), per-term document frequencies, passage lengths; the chunk's terms in order of
+    first occurrence as the worker numbers them (``seen``), and the worker's terms this build has not had
+    yet (JSON; the result names the numbering and its first new id). ``tick(chunk, passages analysed)``
+    every :data:`TICK_ROWS` (in a worker: sent to the analyse bar through its queue)."""
     source, lo, hi, stemmer, tmp, i = task
     known = _WORKER_WORDS.get(stemmer)
     if known is None or len(known.ids) > WORDS_KEPT:
@@ -254,26 +282,20 @@ def _analyse_chunk(task: tuple, tick: Callable[[int, int], None] | None = None) 
         if tick is not None and at + len(block) < hi - lo:  # the chunk's end is told by its result
             tick(i, at + len(block))
     occ = np.concatenate(occ) if occ else np.zeros(0, dtype=np.int64)
-    # worker term ids -> the chunk's own, numbered in order of first occurrence (as one process numbers them)
-    seen = np.fromiter(dict.fromkeys(occ.tolist()), dtype=np.int64)
-    seen = seen[seen >= 0]
-    local = np.full(len(known.terms), -1, dtype=np.int64)
-    local[seen] = np.arange(len(seen), dtype=np.int64)
-    vocab = [known.terms[t] for t in seen.tolist()]
-    kept = occ >= 0
-    docs = np.repeat(np.arange(hi - lo, dtype=np.int64), words_in)[kept]
-    dl = np.bincount(docs, minlength=hi - lo).astype(np.int32)
-    key, tf = np.unique(local[occ[kept]] * max(hi - lo, 1) + docs, return_counts=True)
-    tid, doc = np.divmod(key, max(hi - lo, 1))
+    kernels = bm25_kernels.compiled()
+    postings = chunk_postings_numpy if kernels is None else kernels[1]
+    seen, tid, doc, tf, df, dl = postings(occ, words_in, len(known.terms))
+    first_new, new = known.new_terms(str(tmp))
     base = Path(tmp) / f"chunk{i:06d}"
-    np.save(f"{base}.tid.npy", tid.astype(np.int32))
-    np.save(f"{base}.doc.npy", doc.astype(np.int32))
+    np.save(f"{base}.seen.npy", seen)
+    np.save(f"{base}.tid.npy", tid)
+    np.save(f"{base}.doc.npy", doc)
     np.save(f"{base}.tf.npy", tf.astype(np.uint16 if len(tf) == 0 or tf.max() <= np.iinfo(np.uint16).max else np.uint32))
-    np.save(f"{base}.df.npy", np.bincount(tid, minlength=len(vocab)).astype(np.int64))
+    np.save(f"{base}.df.npy", df)
     np.save(f"{base}.dl.npy", dl)
-    with open(f"{base}.vocab.json", "w", encoding="utf-8") as f:
-        json.dump(list(vocab), f, ensure_ascii=False)
-    return {"base": str(base), "start": lo, "passages": hi - lo, "chunk": i}
+    with open(f"{base}.new.json", "w", encoding="utf-8") as f:
+        json.dump(new, f, ensure_ascii=False)
+    return {"base": str(base), "start": lo, "passages": hi - lo, "chunk": i, "terms": known.key, "first_new": first_new}
 
 
 def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: str, tmp: Path, progress: bool) -> tuple[dict, dict]:
@@ -283,23 +305,60 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     def load(c: dict, what: str) -> np.ndarray:
         return np.load(f"{c['base']}.{what}.npy", allow_pickle=False)
 
-    def terms(c: dict) -> list[str]:
-        with open(f"{c['base']}.vocab.json", encoding="utf-8") as f:
+    def new_terms(c: dict) -> list[str]:
+        with open(f"{c['base']}.new.json", encoding="utf-8") as f:
             return json.load(f)
 
-    unique: set[str] = set()  # bm25s's vocabulary: a set filled in order of first occurrence
+    # Each term gets an id in order of first occurrence in the corpus (``first``), learnt once per worker
+    # numbering (a worker writes each of its terms once, in the first chunk that has it): a chunk's terms
+    # map through their numbering's array, and only terms new to a numbering are looked up by string.
+    first: dict[str, int] = {}
+    # worker numbering -> (its term ids -> first-occurrence ids, -1: not yet; how many it has), grown by doubling
+    numberings: dict[str, tuple[np.ndarray, int]] = {}
+    pending: dict[str, dict[int, str]] = {}  # worker numbering -> its terms not yet met in a chunk, by id
+    df_first = np.zeros(1024, dtype=np.int64)
+    dl = np.zeros(n_docs, dtype=np.int64)
     for c in chunks:
-        unique.update(terms(c))
+        new, seen = new_terms(c), load(c, "seen")
+        held, n = numberings.get(c["terms"], (np.zeros(0, dtype=np.int64), 0))
+        if c["first_new"] != n:
+            raise DenseprError(f"BM25 build: chunk {c['chunk']} starts its new terms at {c['first_new']}, after {n}")
+        if n + len(new) > len(held):
+            held = np.concatenate([held[:n], np.zeros(max(n + len(new), 2 * len(held)) - n, dtype=np.int64)])
+        held[n : n + len(new)] = np.fromiter((first.get(t, -1) for t in new), dtype=np.int64, count=len(new))
+        numberings[c["terms"]] = held, n + len(new)
+        to_first = held[: n + len(new)]
+        wait = pending.setdefault(c["terms"], {})
+        missing = seen[to_first[seen] < 0]  # new to the corpus: numbered in the chunk's order of first occurrence
+        if not wait:  # every one is among the chunk's new terms, none in ``first`` (looked up just above)
+            to_first[missing] = np.arange(len(first), len(first) + len(missing), dtype=np.int64)
+            first.update(zip([new[w] for w in (missing - c["first_new"]).tolist()], range(len(first), len(first) + len(missing))))
+        for w in missing.tolist() if wait else ():
+            t = new[w - c["first_new"]] if w >= c["first_new"] else wait.pop(w)
+            g = first.get(t)
+            to_first[w] = g if g is not None else first.setdefault(t, len(first))
+        # terms a worker knew before this build (a build in this process before it) wait until a chunk has them
+        wait.update((c["first_new"] + j, new[j]) for j in np.flatnonzero(to_first[c["first_new"] :] < 0).tolist())
+        gmap = to_first[seen]
+        np.save(f"{c['base']}.gmap.npy", gmap)
+        if len(first) > len(df_first):
+            df_first = np.concatenate([df_first, np.zeros(max(len(first), 2 * len(df_first)) - len(df_first), dtype=np.int64)])
+        df_first[gmap] += load(c, "df")
+        dl[c["start"] : c["start"] + c["passages"]] = load(c, "dl")
+    del numberings, pending
+    # bm25s's vocabulary: a set filled term by term in order of first occurrence (an iterator, not the dict
+    # itself, which a set would presize: another table, another order), numbered in the set's order
+    unique: set[str] = set()
+    unique.update(iter(first))
+    at_first = np.fromiter(map(first.__getitem__, unique), dtype=np.int64, count=len(unique))
+    del first
+    final = np.empty(len(at_first), dtype=np.int64)
+    final[at_first] = np.arange(len(at_first), dtype=np.int64)
     vocab = {t: i for i, t in enumerate(unique)}
     del unique
     n_vocab = len(vocab)
     df = np.zeros(n_vocab, dtype=np.int64)
-    dl = np.zeros(n_docs, dtype=np.int64)
-    for c in chunks:  # each chunk's local term ids -> global ones, kept beside its postings (read once more below)
-        gmap = np.fromiter(map(vocab.__getitem__, terms(c)), dtype=np.int64)
-        np.save(f"{c['base']}.gmap.npy", gmap)
-        df[gmap] += load(c, "df")
-        dl[c["start"] : c["start"] + c["passages"]] = load(c, "dl")
+    df[final] = df_first[:n_vocab]
     indptr = np.zeros(n_vocab + 1, dtype=np.int64)
     np.cumsum(df, out=indptr[1:])
     nnz = int(indptr[-1])
@@ -319,16 +378,16 @@ def _merge_chunks(chunks: list[dict], n_docs: int, model: bm25s.BM25, lengths: s
     cursor = indptr[:-1].copy()
     with progress_bar(len(chunks), "BM25 merge", enabled=progress, unit="chunks") as advance:
         for c in chunks:
-            gmap, tid, ldf = load(c, "gmap"), load(c, "tid"), load(c, "df")
+            gmap, tid, ldf = final[load(c, "gmap")], load(c, "tid"), load(c, "df")
             lstart = np.zeros(len(ldf), dtype=np.int64)
             np.cumsum(ldf[:-1], out=lstart[1:])
             pos = cursor[gmap][tid] + np.arange(len(tid), dtype=np.int64) - lstart[tid]
             indices[pos] = load(c, "doc") + c["start"]
             tfs[pos] = load(c, "tf")
             cursor[gmap] += ldf
-            for what in ("tid", "doc", "tf", "df", "dl", "gmap"):
+            for what in ("tid", "doc", "tf", "df", "dl", "seen", "gmap"):
                 os.unlink(f"{c['base']}.{what}.npy")
-            os.unlink(f"{c['base']}.vocab.json")
+            os.unlink(f"{c['base']}.new.json")
             pages.check()
             advance(1)
     doc_count = max(int((dl > 0).sum()), 1)  # Lucene's docCount: documents with the field
