@@ -167,6 +167,10 @@ def test_train_precision_reaches_both_trainers_and_only_a_non_default_one_enters
         stages[p] = rp.training.train(job, "round1", "mine", 1, 1)
         assert stages[p].settings["precision"] == p and rp.reading.train_reader(job).settings["precision"] == p
     assert "precision" not in stages["fp32"].fingerprinted and stages["bf16"].fingerprinted["precision"] == "bf16"
+    assert ReproduceConfig(profile="dpr", reader_epochs=2).reader.epochs == 2 and ReproduceConfig(profile="dpr").reader.epochs == 3
+    for bad, message in (({"profile": "full", "reader_epochs": 2}, "profiles with a reader"), ({"profile": "dpr", "reader_epochs": 0}, "positive")):
+        with pytest.raises(DenseprError, match=message):
+            ReproduceConfig(**bad)
     reader_only = ReproduceConfig(profile="dpr", reader_train_precision="bf16")
     assert reader_only.plan.precision == "fp32" and reader_only.reader.train_precision == "bf16" and not uses_defaults(reader_only)
     for bad, message in (({"profile": "full", "reader_train_precision": "bf16"}, "profiles with a reader"),

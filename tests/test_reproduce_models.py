@@ -120,6 +120,8 @@ def test_the_reader_model_changes_the_reader_stages_only_and_the_retriever_model
     assert [n for n in default if default[n] != reader_half[n]] == ["train-reader", "reader-cloze"]
     assert reader_half["train-reader"][0]["precision"] == reader_half["reader-cloze"][0]["precision"] == "bf16"
     assert "precision" not in reader_half["train-round1"][0]
+    fewer = stages(reader_epochs=1)  # a reader of other epochs: its training alone reruns
+    assert [n for n in default if default[n] != fewer[n]] == ["train-reader"] and fewer["train-reader"][0]["epochs"] == 1
 
 
 def test_a_run_with_another_reader_model_reruns_the_reader_stages_only(monkeypatch, tmp_path, corpus, qa_tsv, tiny_bert):

@@ -56,6 +56,8 @@ def reproduce(
     reader_train_precision: Annotated[Optional[str], typer.Option(help="Profiles with a reader: fp32, bf16 or auto for the reader's training alone "
                                                                       "(default: --train-precision's). Retrains the reader and what follows, not the retrievers: "
                                                                       "e.g. --reader-model mpnet --reader-train-precision bf16 on a finished fp32 run.")] = None,
+    reader_epochs: Annotated[Optional[int], typer.Option(help="Profiles with a reader: epochs of the reader's training (default: the profile's, 3 for dpr; "
+                                                             "the checkpoint with the best held-out EM is kept). Retrains the reader and what follows.")] = None,
     reader_cloze: Annotated[Optional[int], typer.Option(help="Profile dpr: pre-train the reader one epoch on this many cloze questions made from the corpus "
                                                             "(no QA set used; stage reader-cloze) before the labelled ones; 0: off, the default "
                                                             "(8,000 measured: +1.4 EM given the answer passage over the default reader, within noise, for ~21 min more; docs/reader.md).")] = None,
@@ -79,7 +81,7 @@ def reproduce(
     cfg = ReproduceConfig(out_dir=output, cache_dir=cache_dir, encoder=str(encoder) if encoder else None, profile=profile,
                           save_dpr_json=save_dpr_json, device=device, force_from=from_stage, round2_init=round2_init, grad_cache_chunk=grad_cache_chunk,
                           epochs=epochs, round2_epochs=round2_epochs, qa_limit=parse_qa_limit(qa_limit), read_precision=read_precision,
-                          train_precision=train_precision, reader_train_precision=reader_train_precision, reader_cloze=reader_cloze, reader_model=reader_model,
+                          train_precision=train_precision, reader_train_precision=reader_train_precision, reader_epochs=reader_epochs, reader_cloze=reader_cloze, reader_model=reader_model,
                           retriever_model=retriever_model)  # fmt: skip
     if tune_on:
         cfg.tune_sets = tuple(tune_on)

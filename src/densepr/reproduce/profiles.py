@@ -217,6 +217,7 @@ class ReproduceConfig:
     read_precision: str | None = None  # profile dpr: override ReaderPlan.read_precision
     train_precision: str | None = None  # profile dpr: override TrainPlan.precision (retrievers' and reader's training)
     reader_train_precision: str | None = None  # profiles with a reader: override ReaderPlan.train_precision (the reader's alone)
+    reader_epochs: int | None = None  # profiles with a reader: override ReaderPlan.epochs
     reader_cloze: int | None = None  # profile dpr: override ReaderPlan.cloze (cloze questions to pre-train the reader on; 0: off)
     # the training profiles: override ReaderPlan.model / TrainPlan.model (both towers): "embedded", "mpnet" or a model directory.
     # Profile dpr with an MPNet reader on 2 CPU cores, estimated (not measured): its reader stages measured 2,388 s with MiniLM
@@ -265,6 +266,12 @@ class ReproduceConfig:
             if self.plan is None:
                 raise DenseprError(f"--train-precision applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
             self.plan = replace(self.plan, precision=check_precision(self.train_precision, "--train-precision"))
+        if self.reader_epochs is not None:
+            if self.reader is None:
+                raise DenseprError(f"--reader-epochs applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            if self.reader_epochs < 1:
+                raise DenseprError(f"--reader-epochs must be a positive number of epochs, not {self.reader_epochs}")
+            self.reader = replace(self.reader, epochs=self.reader_epochs)
         if self.reader_train_precision is not None:
             if self.reader is None:
                 raise DenseprError(f"--reader-train-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
