@@ -16,6 +16,9 @@ def test_fit_recovers_a_line_and_one_size_goes_through_zero():
     f = cp.fit([1_000_000, 5_000_000], [3e9 + 500 * 1e6, 3e9 + 500 * 5e6])
     assert f["fixed"] == pytest.approx(3e9) and f["per_passage"] == pytest.approx(500)
     assert cp.fit([2_000], [1_000.0]) == {"fixed": 0.0, "per_passage": 0.5}
+    # a line crossing zero above N = 0 (build seconds: 27 s at 1M, 610 s at 21M) is fitted through zero instead
+    f = cp.fit([1_000_000, 5_000_000, 21_000_000], [27.0, 136.0, 610.0])
+    assert f["fixed"] == 0.0 and 28e-6 < f["per_passage"] < 30e-6
 
 
 def test_plan_scales_every_row_and_marks_extrapolations():

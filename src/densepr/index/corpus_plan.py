@@ -36,13 +36,15 @@ def measured_costs() -> dict | None:
 
 
 def fit(sizes: list[int], values: list[float]) -> dict:
-    """Least-squares ``fixed + per_passage * N`` over the measured sizes (one size: through zero)."""
-    if len(sizes) == 1:
-        return {"fixed": 0.0, "per_passage": values[0] / sizes[0]}
+    """Least-squares ``fixed + per_passage * N`` over the measured sizes; through zero for one size, or
+    where the line would cross zero above N = 0 (a negative fixed cost: small corpora would cost nothing)."""
     n = len(sizes)
-    mx, my = sum(sizes) / n, sum(values) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, values)) / sum((x - mx) ** 2 for x in sizes)
-    return {"fixed": my - slope * mx, "per_passage": slope}
+    if n > 1:
+        mx, my = sum(sizes) / n, sum(values) / n
+        slope = sum((x - mx) * (y - my) for x, y in zip(sizes, values)) / sum((x - mx) ** 2 for x in sizes)
+        if my - slope * mx >= 0:
+            return {"fixed": my - slope * mx, "per_passage": slope}
+    return {"fixed": 0.0, "per_passage": sum(x * y for x, y in zip(sizes, values)) / sum(x * x for x in sizes)}
 
 
 def corpus_plan(num_passages: int, costs: dict | None = None) -> list[dict]:
