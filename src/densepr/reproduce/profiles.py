@@ -231,6 +231,11 @@ class ReproduceConfig:
     plan: TrainPlan | None = field(default=None, init=False)
     reader: ReaderPlan | None = field(default=None, init=False)
 
+    def _needs_reader(self, flag: str) -> None:
+        """Refuse ``flag`` (a ReaderPlan override) on a profile without a reader."""
+        if self.reader is None:
+            raise DenseprError(f"{flag} applies to the profiles with a reader (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
+
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise DenseprError(f"unknown profile {self.profile!r}; choose from {', '.join(PROFILES)}")
@@ -251,14 +256,12 @@ class ReproduceConfig:
             self.plan = replace(self.plan, **{name: value})
         self.reader = prof.reader if self.plan is not None else None
         if self.qa_limit != -1:
-            if self.reader is None:
-                raise DenseprError(f"--qa-limit applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_reader("--qa-limit")
             if self.qa_limit is not None and self.qa_limit < 1:
                 raise DenseprError(f"--qa-limit must be a positive number of questions (or 'all'), not {self.qa_limit}")
             self.reader = replace(self.reader, qa_limit=self.qa_limit)
         if self.reader_cloze is not None:
-            if self.reader is None:
-                raise DenseprError(f"--reader-cloze applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_reader("--reader-cloze")
             if self.reader_cloze < 0:
                 raise DenseprError(f"--reader-cloze must be 0 (off) or a number of cloze questions, not {self.reader_cloze}")
             self.reader = replace(self.reader, cloze=self.reader_cloze)
@@ -267,18 +270,15 @@ class ReproduceConfig:
                 raise DenseprError(f"--train-precision applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
             self.plan = replace(self.plan, precision=check_precision(self.train_precision, "--train-precision"))
         if self.reader_epochs is not None:
-            if self.reader is None:
-                raise DenseprError(f"--reader-epochs applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_reader("--reader-epochs")
             if self.reader_epochs < 1:
                 raise DenseprError(f"--reader-epochs must be a positive number of epochs, not {self.reader_epochs}")
             self.reader = replace(self.reader, epochs=self.reader_epochs)
         if self.reader_train_precision is not None:
-            if self.reader is None:
-                raise DenseprError(f"--reader-train-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_reader("--reader-train-precision")
             self.reader = replace(self.reader, train_precision=check_precision(self.reader_train_precision, "--reader-train-precision"))
         if self.read_precision is not None:
-            if self.reader is None:
-                raise DenseprError(f"--read-precision applies to the profiles with a reader (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_reader("--read-precision")
             # a bad value: one clear error before any stage runs
             self.reader = replace(self.reader, read_precision=check_precision(self.read_precision, "--read-precision"))
         if self.retriever_model is not None:
@@ -286,8 +286,7 @@ class ReproduceConfig:
                 raise DenseprError(f"--retriever-model applies to the training profiles (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
             self.plan = replace(self.plan, model=check_model(self.retriever_model, "--retriever-model"))
         if self.reader_model is not None:
-            if self.reader is None:
-                raise DenseprError(f"--reader-model applies to the profiles with a reader (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
+            self._needs_reader("--reader-model")
             self.reader = replace(self.reader, model=check_model(self.reader_model, "--reader-model"))
         if self.plan is not None and self.encoder is not None:
             raise DenseprError("the training profiles train from TrainPlan.model (--retriever-model); --encoder applies to the zero-shot profiles")

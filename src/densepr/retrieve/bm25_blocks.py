@@ -135,7 +135,7 @@ def block_term_ids(texts: Sequence[str], ids: dict[str, int], add: Callable[[Ite
     # what is left outside the cut-out runs is ASCII but for Unicode spaces (a run is a whitespace-delimited
     # token holding a non-ASCII character): each becomes "?", one byte, like them no word character
     b = np.frombuffer(joined.encode("ascii", "replace"), dtype=np.uint8)
-    kernels = bm25_kernels.compiled() if compiled is None else (bm25_kernels.compiled() if compiled else None)
+    kernels = bm25_kernels.compiled() if compiled is not False else None
     split = kernels[0](b, _CLASS, _JOINS_LETTERS, _JOINS_DIGITS) if kernels is not None else numpy_words(b)
     if split is None:
         return tuple(map(np.asarray, passage_term_ids(texts, ids, add)))  # two words, one hash: never seen, but exact
