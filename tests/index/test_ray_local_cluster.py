@@ -63,7 +63,7 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_p
     log = tmp_path / "serve.log"
     child = subprocess.Popen([sys.executable, "-m", "densepr", "serve", "--index", str(index_dir), "--ray", "local", "--port", str(port),
                               "--ray-replicas", "cpus=0.25"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
-    token = None
+    token, procs = None, []
     try:
         for _ in range(600):  # up once the proxy answers /health (Ray and Serve start in 20-60 s on 2 busy cores)
             assert child.poll() is None, log.read_text()[-3000:]
@@ -97,11 +97,18 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_p
     finally:
         child.send_signal(signal.SIGINT)  # as Ctrl-C: the command stops the cluster and removes the token at exit
         try:
-            child.wait(120)
+            child.wait(180)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+    import psutil
+
+    left = psutil.wait_procs(procs[1:], timeout=60)[1]  # Ray's processes go with the command
+    for p in left:
+        p.kill()
     assert token is None or not token.parent.exists()
+    assert child.returncode != -signal.SIGKILL, f"not stopped within 180 s of Ctrl-C: {log.read_text()[-3000:]}"
+    assert not left, f"Ray processes outlived the command: {[p.pid for p in left]}"
 
 
 @pytest.mark.parametrize("version", ["2.40.0", "2.51.9", "1.13.0", "dev"])

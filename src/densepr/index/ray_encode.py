@@ -105,9 +105,11 @@ def start_local() -> Path:
     Config.initialize("")  # Ray's config read RAY_AUTH_MODE at import, too; Ray's own token set-up reloads it so
     AuthenticationTokenLoader.instance().reset_cache()
 
-    def stop() -> None:  # the cluster first (its processes hold the token's path), then the token
-        ray.shutdown()
+    def stop() -> None:
+        # The token first: Ray's processes read it when they start and none starts now, while a shutdown that
+        # hangs on a loaded machine (then killed, or a second Ctrl-C) must not leave the secret behind.
         shutil.rmtree(private, ignore_errors=True)
+        ray.shutdown()
 
     atexit.register(stop)
     ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK,
