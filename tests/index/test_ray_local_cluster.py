@@ -48,8 +48,15 @@ def _listening(procs) -> list[tuple[str, str, int]]:
     return out
 
 
+def _default_sigint() -> None:
+    # A background job of a non-interactive shell (CI scripts, `cmd &`) starts with SIGINT ignored, and Python
+    # then keeps it ignored: the child gets Ctrl-C's default, as in a terminal, however pytest was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.ray
-def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_path, stop):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'densepr[ray]')")
     pytest.importorskip("psutil")
     import httpx
@@ -62,7 +69,7 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_p
         env.pop(k, None)
     log = tmp_path / "serve.log"
     child = subprocess.Popen([sys.executable, "-m", "densepr", "serve", "--index", str(index_dir), "--ray", "local", "--port", str(port),
-                              "--ray-replicas", "cpus=0.25"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+                              "--ray-replicas", "cpus=0.25"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
     token, procs = None, []
     try:
         for _ in range(600):  # up once the proxy answers /health (Ray and Serve start in 20-60 s on 2 busy cores)
@@ -95,7 +102,7 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_p
                 pass
         assert any(a == 401 and b != 401 for a, b in codes.values()), codes
     finally:
-        child.send_signal(signal.SIGINT)  # as Ctrl-C: the command stops the cluster and removes the token at exit
+        child.send_signal(stop)  # Ctrl-C, or a service manager's stop: the command stops the cluster and removes the token
         try:
             child.wait(180)
         except subprocess.TimeoutExpired:
@@ -107,7 +114,7 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_p
     for p in left:
         p.kill()
     assert token is None or not token.parent.exists()
-    assert child.returncode != -signal.SIGKILL, f"not stopped within 180 s of Ctrl-C: {log.read_text()[-3000:]}"
+    assert child.returncode != -signal.SIGKILL, f"not stopped within 180 s of {stop.name}: {log.read_text()[-3000:]}"
     assert not left, f"Ray processes outlived the command: {[p.pid for p in left]}"
 
 

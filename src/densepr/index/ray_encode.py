@@ -73,7 +73,8 @@ def start_local() -> Path:
     """Start a one-machine Ray cluster in this process that only this machine can reach, for
     ``--ray local``: every Ray process (GCS, raylet, object manager, agents, workers, metrics)
     listens on 127.0.0.1 only, and token authentication is on, with a fresh random token in a file
-    only this user can read (a private directory, removed at exit). Returns the token file.
+    only this user can read (a private directory, removed at exit: Ctrl-C, or SIGTERM, which ``ray.init``
+    turns into an exit). Returns the token file.
 
     Ray replaces 127.0.0.1 by the machine's address unless its "no cluster" switch is off (the
     default on macOS and Windows), so that switch is turned off here, and the node's address is
