@@ -113,8 +113,8 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth(index_dir, tmp_p
     left = psutil.wait_procs(procs[1:], timeout=60)[1]  # Ray's processes go with the command
     for p in left:
         p.kill()
-    assert token is None or not token.parent.exists()
     assert child.returncode != -signal.SIGKILL, f"not stopped within 180 s of {stop.name}: {log.read_text()[-3000:]}"
+    assert token is None or not token.parent.exists()
     assert not left, f"Ray processes outlived the command: {[p.pid for p in left]}"
 
 
