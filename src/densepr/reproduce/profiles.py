@@ -231,6 +231,11 @@ class ReproduceConfig:
     plan: TrainPlan | None = field(default=None, init=False)
     reader: ReaderPlan | None = field(default=None, init=False)
 
+    def _needs_training(self, flag: str) -> None:
+        """Refuse ``flag`` (a TrainPlan override) on a profile that trains nothing."""
+        if self.plan is None:
+            raise DenseprError(f"{flag} applies to the training profiles (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
+
     def _needs_reader(self, flag: str) -> None:
         """Refuse ``flag`` (a ReaderPlan override) on a profile without a reader."""
         if self.reader is None:
@@ -247,8 +252,7 @@ class ReproduceConfig:
             if value is None:
                 continue
             flag = "--" + name.replace("_", "-")
-            if self.plan is None:
-                raise DenseprError(f"{flag} applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_training(flag)
             if name == "grad_cache_chunk" and value < 0:
                 raise DenseprError(f"{flag} must be 0 (off) or a positive number of sequences, not {value}")
             if name in ("epochs", "round2_epochs") and value < 1:
@@ -266,8 +270,7 @@ class ReproduceConfig:
                 raise DenseprError(f"--reader-cloze must be 0 (off) or a number of cloze questions, not {self.reader_cloze}")
             self.reader = replace(self.reader, cloze=self.reader_cloze)
         if self.train_precision is not None:
-            if self.plan is None:
-                raise DenseprError(f"--train-precision applies to the training profiles (dpr, dpr-smoke), not {self.profile!r}")
+            self._needs_training("--train-precision")
             self.plan = replace(self.plan, precision=check_precision(self.train_precision, "--train-precision"))
         if self.reader_epochs is not None:
             self._needs_reader("--reader-epochs")
@@ -282,8 +285,7 @@ class ReproduceConfig:
             # a bad value: one clear error before any stage runs
             self.reader = replace(self.reader, read_precision=check_precision(self.read_precision, "--read-precision"))
         if self.retriever_model is not None:
-            if self.plan is None:
-                raise DenseprError(f"--retriever-model applies to the training profiles (dpr, dpr-smoke, dpr-gpu), not {self.profile!r}")
+            self._needs_training("--retriever-model")
             self.plan = replace(self.plan, model=check_model(self.retriever_model, "--retriever-model"))
         if self.reader_model is not None:
             self._needs_reader("--reader-model")
