@@ -9,7 +9,12 @@ normalisation, heads at lr 1e-3), ``--epochs`` epochs, in ``--precision``. Read:
 passage of the first ``--eval`` held-out questions that have one (as benchmarks/reader/reader_data.py).
 
     python benchmarks/reader/reader_models.py --index runs/mpnet-zs --model minilm=DIR --model mpnet=DIR \\
-        [--epochs 1] [--precision bf16] [--heldout 1000] [--eval 500] [--workdir runs/reader-models]
+        [--epochs 1] [--precision bf16] [--heldout 1000] [--eval 500] [--workdir runs/reader-models] \\
+        [--recipe NAME:lr=3e-5,head_lr=1e-3 ...]
+
+``--recipe NAME:KEY=VALUE,...`` changes the recipe of the model named NAME only (any ReaderTrainConfig field:
+lr, head_lr, span_loss, passages, batch_size, max_length, warmup_steps, ...), so the same starting model can be
+trained several ways on the same data and batches: ``--model mpnet=DIR --model mpnet-3e-5=DIR --recipe mpnet-3e-5:lr=3e-5``.
 
 A reader already trained with the same configuration is read again, not retrained (the benchmark resumes).
 Prints a table and writes benchmarks/reader/results/reader-models.json.
@@ -72,11 +77,39 @@ def reader_data(index: Path, mode: str, depth: int, heldout: int, out: Path, dev
     return files, held_json, held_tsv
 
 
+def parse_recipes(specs: list[str], names: list[str]) -> dict[str, dict]:
+    """``NAME:KEY=VALUE,...`` -> {NAME: {KEY: value}}, each value cast to its ReaderTrainConfig field's type."""
+    fields = ReaderTrainConfig.__dataclass_fields__
+    out: dict[str, dict] = {}
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        if name not in names or not body:
+            raise SystemExit(f"--recipe {spec!r}: expected NAME:KEY=VALUE,... with NAME one of --model's ({', '.join(names)})")
+        for item in body.split(","):
+            key, _, value = item.partition("=")
+            if key not in fields or key in ("train_files", "output_dir", "init", "holdout", "epochs", "precision"):
+                raise SystemExit(f"--recipe {spec!r}: {key!r} is not a recipe field")
+            default = fields[key].default
+            if value.lower() == "none":
+                cast = None
+            elif isinstance(default, bool):
+                cast = value.lower() in ("1", "true", "yes")
+            elif isinstance(default, int) and not isinstance(default, bool):
+                cast = int(value)
+            elif isinstance(default, float) or key in ("lr", "head_lr", "weight_decay"):
+                cast = float(value)
+            else:
+                cast = value
+            out.setdefault(name, {})[key] = cast
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--index", type=Path, required=True, help="an index directory (passages.tsv, bm25/, dense/)")
     ap.add_argument("--mode", default="dense")
     ap.add_argument("--model", action="append", required=True, help="NAME=DIR of a starting encoder (repeat)")
+    ap.add_argument("--recipe", action="append", default=[], help="NAME:KEY=VALUE,... recipe changes for model NAME (repeat)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--heldout", type=int, default=1000, help="last questions of each dev set held out")
@@ -91,21 +124,25 @@ def main() -> None:
     gold = gold_passages(held_json, args.eval)
     recipe = {k: v for k, v in asdict(plan).items() if k in ReaderTrainConfig.__dataclass_fields__
               and k not in ("epochs", "max_steps", "save_every", "dev_limit", "model")}  # fmt: skip
+    models = [m.split("=", 1) for m in args.model]
+    changes = parse_recipes(args.recipe, [n for n, _ in models])
     rows, t_start = [], time.perf_counter()
-    for name, path in (m.split("=", 1) for m in args.model):
+    for name, path in models:
         run_dir = args.workdir / f"{name}-{args.precision}-e{args.epochs}"
         cfg = ReaderTrainConfig(train_files=[str(f) for f in files], output_dir=str(run_dir / "reader"), init=path, epochs=args.epochs,
-                                save_every=10**9, holdout=[str(held_tsv)], precision=args.precision, **recipe)  # fmt: skip
+                                save_every=10**9, holdout=[str(held_tsv)], precision=args.precision,
+                                **{**recipe, **changes.get(name, {})})  # fmt: skip
         record = train_reader_once(cfg, run_dir, args.device, name)
         scores = given_passage_scores(run_dir / "reader" / "final", gold, args.device)
         kept = read_json(run_dir / "reader" / "data.json")["kept"]
-        rows.append({"model": name, "path": path, "questions": kept, "epochs": args.epochs, "precision": args.precision,
+        rows.append({"model": name, "path": path, "recipe_changes": changes.get(name, {}), "questions": kept, "epochs": args.epochs, "precision": args.precision,
                      "steps": record["steps"], "train_seconds": record["seconds"], **scores})  # fmt: skip
         print(f"{name}: {kept} questions, {record['steps']} steps in {record['seconds']} s; EM {scores['em']}, F1 {scores['f1']}", flush=True)
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions (retrieval: {args.index}, {args.mode})")
-    print("| reader from | training questions | steps | train s | EM | F1 |\n|---|---:|---:|---:|---:|---:|")
+    print("| reader from | recipe changes | training questions | steps | train s | EM | F1 |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['questions']:,} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
+        diff = ", ".join(f"{k}={v}" for k, v in r["recipe_changes"].items()) or "-"
+        print(f"| {r['model']} | {diff} | {r['questions']:,} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
     write_json(args.json, {"command": "python benchmarks/reader/reader_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                            "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1), "held_out_questions": len(gold),
                            "recipe": recipe, "results": rows})  # fmt: skip
