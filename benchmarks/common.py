@@ -29,14 +29,14 @@ def reader_recipe(run: Path) -> dict:
     return {k: v for k, v in settings.items() if k in fields and k not in _NOT_RECIPE}
 
 
-def gold_passages(path: Path, limit: int) -> list[tuple[str, list[str], str, str]]:
+def gold_passages(path: Path, limit: int, depth: int | None = None) -> list[tuple[str, list[str], str, str]]:
     """(question, answers, title, text) of the best-ranked answer-bearing passage, for the first ``limit``
-    questions of a DPR result file that have one."""
+    questions of a DPR result file that have one in their first ``depth`` passages (None: any)."""
     from densepr.data.runs import iter_dpr_results
 
     out = []
     for r in iter_dpr_results(path):
-        for c in r.ctxs:
+        for c in r.ctxs[:depth]:
             if c.get("has_answer"):
                 out.append((r.question, list(r.answers), str(c.get("title") or ""), c["text"]))
                 break

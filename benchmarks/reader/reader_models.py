@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--recipe", action="append", default=[], help="NAME:KEY=VALUE,... recipe changes for model NAME (repeat)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--retrieve-depth", type=int, default=None,
+                    help="passages retrieved per question (default: the recipe's depth, 20); deeper lists let --recipe NAME:depth=100 "
+                         "find positives further down, while the held-out questions read stay those with an answer in the top 20")
     ap.add_argument("--heldout", type=int, default=1000, help="last questions of each dev set held out")
     ap.add_argument("--eval", type=int, default=500)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,8 +123,10 @@ def main() -> None:
     args = ap.parse_args()
 
     plan = ReaderPlan()
-    files, held_json, held_tsv = reader_data(args.index, args.mode, plan.depth, args.heldout, args.workdir / "data", args.device)
-    gold = gold_passages(held_json, args.eval)
+    depth = args.retrieve_depth or plan.depth
+    data_dir = args.workdir / ("data" if depth == plan.depth else f"data-top{depth}")
+    files, held_json, held_tsv = reader_data(args.index, args.mode, depth, args.heldout, data_dir, args.device)
+    gold = gold_passages(held_json, args.eval, plan.depth)
     recipe = {k: v for k, v in asdict(plan).items() if k in ReaderTrainConfig.__dataclass_fields__
               and k not in ("epochs", "max_steps", "save_every", "dev_limit", "model")}  # fmt: skip
     models = [m.split("=", 1) for m in args.model]
@@ -144,7 +149,7 @@ def main() -> None:
         diff = ", ".join(f"{k}={v}" for k, v in r["recipe_changes"].items()) or "-"
         print(f"| {r['model']} | {diff} | {r['questions']:,} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
     write_json(args.json, {"command": "python benchmarks/reader/reader_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-                           "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1), "held_out_questions": len(gold),
+                           "retrieve_depth": depth, "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1), "held_out_questions": len(gold),
                            "recipe": recipe, "results": rows})  # fmt: skip
     print(f"wrote {args.json}")
 
