@@ -48,7 +48,9 @@ def test_an_mpnet_encoder_reads_saves_and_loads_back(tmp_path, mpnet_dir):
     assert not [n for n in names if n.endswith((".bin", ".pt"))]
     again = Reader.load(tmp_path / "r", "cpu")
     for a, b in zip(_logits(reader), _logits(again)):
-        assert torch.equal(a, b)  # the trained heads come back (not new random ones)
+        # the trained heads come back (not new random ones); bitwise equality is not promised: a reloaded
+        # tensor may sit at another alignment and take another SIMD path (seen once in CI: last-bit differences)
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
     assert again.fingerprint() == reader.fingerprint()
 
 
@@ -95,7 +97,7 @@ def test_bert_and_minilm_readers_keep_the_dpr_reader_layout(tmp_path):
     assert all(k.startswith("span_predictor.") for k in keys) and "span_predictor.qa_classifier.weight" in keys
     assert not (tmp_path / "r" / HEADS_FILE).exists()
     for a, b in zip(_logits(reader), _logits(Reader.load(tmp_path / "r", "cpu"))):
-        assert torch.equal(a, b)
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)  # the same weights (to the last bits: see above)
 
 
 def test_a_dpr_reader_checkpoint_loads_as_transformers_reads_it(tmp_path):
