@@ -90,16 +90,19 @@ def parse_recipes(specs: list[str], names: list[str]) -> dict[str, dict]:
             if key not in fields or key in ("train_files", "output_dir", "init", "holdout", "epochs", "precision"):
                 raise SystemExit(f"--recipe {spec!r}: {key!r} is not a recipe field")
             default = fields[key].default
-            if value.lower() == "none":
-                cast = None
-            elif isinstance(default, bool):
-                cast = value.lower() in ("1", "true", "yes")
-            elif isinstance(default, int) and not isinstance(default, bool):
-                cast = int(value)
-            elif isinstance(default, float) or key in ("lr", "head_lr", "weight_decay"):
-                cast = float(value)
-            else:
-                cast = value
+            try:
+                if value.lower() == "none":
+                    cast = None
+                elif isinstance(default, bool):
+                    cast = value.lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    cast = int(value)
+                elif isinstance(default, float) or key in ("lr", "head_lr", "weight_decay"):
+                    cast = float(value)
+                else:
+                    cast = value
+            except ValueError:
+                raise SystemExit(f"--recipe {spec!r}: {key}={value!r} is not a {type(default).__name__}") from None
             out.setdefault(name, {})[key] = cast
     return out
 
