@@ -606,7 +606,19 @@ def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv,
                          "--ks", "1,3", "--device", "cpu")  # fmt: skip
     assert code == 0, err
     stored = json.loads((tmp_path / "run/best/densepr_reader.json").read_text())["selection"]["bm25"]
-    assert stored["k"] in (1, 3) and stored["em"] >= stored["paper_em"] and "DPR's rule" in out
+    assert stored["k"] in (1, 3) and stored["em"] >= stored["paper_em"] and "DPR's rule" in out and stored["precision"] == "fp32"
+    # tuned on bf16 weights (as `evaluate-qa --precision bf16` reads): the choice says so, the saved weights stay float32
+    from safetensors import safe_open
+
+    code, out, err = run(capsys, "tune-reader", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
+                         "--ks", "1,3", "--device", "cpu", "--precision", "bf16")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "run/best/densepr_reader.json").read_text())["selection"]["bm25"]["precision"] == "bf16"
+    with safe_open(tmp_path / "run/best/model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    code, out, err = run(capsys, "tune-reader", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
+                         "--ks", "1,3", "--device", "cpu")  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "run/best/densepr_reader.json").read_text())["selection"]["bm25"] == stored, err
     code, _, err = run(capsys, "evaluate-qa", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
                        "--ks", "1,3", "-o", str(tmp_path / "qa2"), "--device", "cpu")  # fmt: skip
     assert code == 0, err  # the reader directory still verifies against its manifest after tuning

@@ -171,6 +171,7 @@ def tune_reader_cmd(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     regex: RegexOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = "fp32",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Tune how the answer's passage is chosen (reader selection logit, span score, retriever score; BERTserini's fusion)
@@ -182,15 +183,22 @@ def tune_reader_cmd(
     k_list = _int_list(ks, "--ks")
     r, mode_list = _retriever_for(index, modes, device)
     path = _default_reader(reader, index)
-    rd = Reader.load(path, device)
+    rd = Reader.load(path, device, precision=precision)
     qas = _load_qa(qa, limit, regex, cache_dir)
     for m in mode_list:
         best = tune_selection(r, rd, qas, m, k_list, show_progress=True)
-        rd.config.selection[m] = {**best, "tuned_on": str(qa)}
+        rd.config.selection[m] = {**best, "tuned_on": str(qa), "precision": precision}
         out.print(f"{m}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span x{best['span']:g} "
                   f"+ retriever x{best['retriever']:g}, aggregation {best['aggregate']:g} "
                   f"(DPR's rule: EM {best['paper_em']:.1f} at k={best['paper_k']}; {best['questions']} questions)")  # fmt: skip
-    rd.save(path)
+    from densepr.fileio.dirs import atomic_dir
+    from densepr.models.hf import MODEL_FILES
+
+    # tuned on the weights read in `precision` (as evaluate-qa --precision reads them); saved as trained, float32
+    keep = rd if precision == "fp32" else Reader.load(path, device)
+    keep.config.selection = rd.config.selection
+    with atomic_dir(path, "reader", MODEL_FILES) as tmp:  # built beside, swapped in: a killed save leaves the reader as it was
+        keep.save(tmp)
     out.print(f"stored in {path / 'densepr_reader.json'}; `densepr answer`, `serve` and `evaluate-qa` use it")
 
 
