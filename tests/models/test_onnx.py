@@ -68,7 +68,7 @@ def _queries(tmp_path):
     return path
 
 
-def test_reader_export_reads_as_pytorch_and_is_inference_only(tmp_path, capsys, index_dir):
+def test_reader_export_reads_as_pytorch_and_is_inference_only(tmp_path, capsys, index_dir, qa_tsv):
     """An exported reader gives the same readings (selection logits, spans) as the PyTorch reader it came from."""
     from densepr.models.reader import Reader, ReaderConfig, export_reader
     from tests.support.cli import run
@@ -98,3 +98,7 @@ def test_reader_export_reads_as_pytorch_and_is_inference_only(tmp_path, capsys, 
         assert code == 0 and out.strip(), err
     code, _, err = run(capsys, "train-reader", "--train", str(tmp_path / "none.json"), "-o", str(tmp_path / "run"), "--init", str(tmp_path / "cli"))
     assert code == 1 and "error" in err
+    before = (tmp_path / "cli" / "densepr_reader.json").read_bytes()
+    code, _, err = run(capsys, "tune-reader", "--qa", str(qa_tsv), "--index", str(index_dir), "--reader", str(tmp_path / "cli"), "--modes", "bm25")
+    assert code == 1 and "tune the reader it was exported from" in err and "Traceback" not in err, err
+    assert (tmp_path / "cli" / "densepr_reader.json").read_bytes() == before

@@ -177,6 +177,7 @@ def tune_reader_cmd(
     """Tune how the answer's passage is chosen (reader selection logit, span score, retriever score; BERTserini's fusion)
     and how many passages to read, per retrieval mode, on held-out questions; stored with the reader."""
     index = _index(index)
+    from densepr.models.onnx import OnnxReaderModel
     from densepr.models.reader import Reader
     from densepr.pipeline import tune_selection
 
@@ -184,6 +185,8 @@ def tune_reader_cmd(
     r, mode_list = _retriever_for(index, modes, device)
     path = _default_reader(reader, index)
     rd = Reader.load(path, device, precision=precision)
+    if isinstance(rd.model, OnnxReaderModel):  # refused before the reading, not after it
+        raise DenseprError(f"{path}: an ONNX reader is not tuned in place; tune the reader it was exported from, then export it again")
     qas = _load_qa(qa, limit, regex, cache_dir)
     for m in mode_list:
         best = tune_selection(r, rd, qas, m, k_list, show_progress=True)
