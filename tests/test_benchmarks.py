@@ -194,6 +194,37 @@ def test_train_reader_once_reuses_a_finished_run_even_one_recorded_before_a_fiel
     assert len(calls) == 2
 
 
+def test_reader_models_reads_a_reader_trained_elsewhere_on_its_held_out_passages(tmp_path):
+    """`reader_models.py --trained NAME=DIR` scores a finished reader on the benchmark's held-out answer passages
+    (the best-ranked one in each question's top 20) without training anything."""
+    from densepr.evaluate.answers import has_answer
+    from densepr.models.reader import Reader, ReaderConfig
+    from tests.support.tiny import PASSAGES, QUESTIONS, make_tiny_bert
+
+    reader = tmp_path / "reader"
+    Reader.load(make_tiny_bert(tmp_path / "init", seed=3, dropout=0.0), "cpu", ReaderConfig(max_length=64)).save(reader)
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    recs = [{"question": q, "answers": a, "ctxs": [{"id": str(j), "title": t, "text": x, "has_answer": has_answer(a, x)}
+                                                    for j, (t, x) in enumerate(PASSAGES[:6])]} for q, a in QUESTIONS[:4]]  # fmt: skip
+    for name in ("nq-dev.json", "trivia-dev.json", "heldout.json"):  # the data step's files, already written: not retrieved again
+        (data / name).write_text(json.dumps(recs), encoding="utf-8")
+    (data / "heldout.qa.tsv").write_text("".join(f"{q}\t{json.dumps(a)}\n" for q, a in QUESTIONS[:4]), encoding="utf-8")
+    out = tmp_path / "models.json"
+    cmd = [sys.executable, "reader_models.py", "--index", str(tmp_path / "unused"), "--trained", f"tiny={reader}", "--workdir",
+           str(tmp_path / "work"), "--device", "cpu", "-o", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=BENCH / "reader", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    gold = sum(any(c["has_answer"] for c in r["ctxs"]) for r in recs)
+    assert res["held_out_questions"] == gold > 0 and not (tmp_path / "work" / "tiny-bf16-e1").exists()  # nothing trained
+    [row] = res["results"]
+    assert row["model"] == "tiny" and row["trained_elsewhere"] and row["steps"] is None and 0 <= row["em"] <= row["f1"] <= 100
+    assert "trained elsewhere" in proc.stdout
+    proc = subprocess.run(cmd[:4] + ["--device", "cpu"], cwd=BENCH / "reader", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "--model NAME=DIR" in proc.stderr  # neither a model to train nor a reader to read
+
+
 def _synthetic_corpus_module():
     import pytest
 

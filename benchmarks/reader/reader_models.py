@@ -10,13 +10,14 @@ passage of the first ``--eval`` held-out questions that have one (as benchmarks/
 
     python benchmarks/reader/reader_models.py --index runs/mpnet-zs --model minilm=DIR --model mpnet=DIR \\
         [--epochs 1] [--precision bf16] [--heldout 1000] [--eval 500] [--workdir runs/reader-models] \\
-        [--recipe NAME:lr=3e-5,head_lr=1e-3 ...]
+        [--recipe NAME:lr=3e-5,head_lr=1e-3 ...] [--trained NAME=READER_DIR ...]
 
 ``--recipe NAME:KEY=VALUE,...`` changes the recipe of the model named NAME only (any ReaderTrainConfig field:
 lr, head_lr, span_loss, passages, batch_size, max_length, warmup_steps, ...), so the same starting model can be
 trained several ways on the same data and batches: ``--model mpnet=DIR --model mpnet-3e-5=DIR --recipe mpnet-3e-5:lr=3e-5``.
 
-A reader already trained with the same configuration is read again, not retrained (the benchmark resumes).
+``--trained NAME=DIR`` reads a reader trained elsewhere (another run, another data depth) on the same held-out
+passages, without training it. A reader already trained with the same configuration is read again, not retrained (the benchmark resumes).
 Prints a table and writes benchmarks/reader/results/reader-models.json.
 """
 
@@ -111,7 +112,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--index", type=Path, required=True, help="an index directory (passages.tsv, bm25/, dense/)")
     ap.add_argument("--mode", default="dense")
-    ap.add_argument("--model", action="append", required=True, help="NAME=DIR of a starting encoder (repeat)")
+    ap.add_argument("--model", action="append", default=[], help="NAME=DIR of a starting encoder (repeat)")
+    ap.add_argument("--trained", action="append", default=[],
+                    help="NAME=DIR of a reader trained elsewhere (repeat): read on the same held-out passages, not trained")
     ap.add_argument("--recipe", action="append", default=[], help="NAME:KEY=VALUE,... recipe changes for model NAME (repeat)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--precision", default="bf16")
@@ -124,6 +127,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("runs/reader-models"))
     ap.add_argument("-o", "--json", type=Path, default=RESULTS / "reader-models.json")
     args = ap.parse_args()
+    if not args.model and not args.trained:
+        ap.error("give at least one --model NAME=DIR (trained here) or --trained NAME=DIR (read only)")
+    if bad := [m for m in args.model + args.trained if "=" not in m]:
+        ap.error(f"expected NAME=DIR, got {bad[0]!r}")
 
     plan = ReaderPlan()
     depth = args.retrieve_depth or plan.depth
@@ -146,11 +153,19 @@ def main() -> None:
         rows.append({"model": name, "path": path, "recipe_changes": changes.get(name, {}), "questions": kept, "epochs": args.epochs, "precision": args.precision,
                      "steps": record["steps"], "train_seconds": record["seconds"], **scores})  # fmt: skip
         print(f"{name}: {kept} questions, {record['steps']} steps in {record['seconds']} s; EM {scores['em']}, F1 {scores['f1']}", flush=True)
+    for name, path in (m.split("=", 1) for m in args.trained):
+        scores = given_passage_scores(path, gold, args.device)
+        rows.append({"model": name, "path": path, "recipe_changes": {}, "questions": None, "epochs": None, "precision": None,
+                     "steps": None, "train_seconds": None, "trained_elsewhere": True, **scores})  # fmt: skip
+        print(f"{name} (trained elsewhere): EM {scores['em']}, F1 {scores['f1']}", flush=True)
     print(f"\nEM / F1 given the answer-bearing passage, {len(gold)} held-out questions (retrieval: {args.index}, {args.mode})")
     print("| reader from | recipe changes | training questions | steps | train s | EM | F1 |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         diff = ", ".join(f"{k}={v}" for k, v in r["recipe_changes"].items()) or "-"
-        print(f"| {r['model']} | {diff} | {r['questions']:,} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
+        if r.get("trained_elsewhere"):
+            print(f"| {r['model']} | trained elsewhere ({r['path']}) | - | - | - | {r['em']} | {r['f1']} |")
+        else:
+            print(f"| {r['model']} | {diff} | {r['questions']:,} | {r['steps']} | {r['train_seconds']} | {r['em']} | {r['f1']} |")
     write_json(args.json, {"command": "python benchmarks/reader/reader_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                            "retrieve_depth": depth, "machine": machine_info(), "seconds": round(time.perf_counter() - t_start, 1), "held_out_questions": len(gold),
                            "recipe": recipe, "results": rows})  # fmt: skip
