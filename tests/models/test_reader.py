@@ -602,9 +602,11 @@ def test_cli_train_reader_answer_and_evaluate_qa(tmp_path, capsys, passages_tsv,
     assert set(entry["modes"]["bm25"]["k"]) == {"1", "3"} and entry["n_all"] == 6 and "gold" in entry
     assert "EM@1" in (tmp_path / "qa/qa-results.md").read_text() and (tmp_path / "qa/qa-em.png").stat().st_size > 1000
     # tune the passage selection on (here: the same) questions; it is stored with the reader and reported by evaluate-qa
+    validation = (tmp_path / "run/best/validation.json").read_bytes()
     code, out, err = run(capsys, "tune-reader", "--qa", str(qa_tsv), "--index", str(idx), "--reader", reader, "--modes", "bm25",
                          "--ks", "1,3", "--device", "cpu")  # fmt: skip
     assert code == 0, err
+    assert (tmp_path / "run/best/validation.json").read_bytes() == validation  # the run's record of its best checkpoint stays
     stored = json.loads((tmp_path / "run/best/densepr_reader.json").read_text())["selection"]["bm25"]
     assert stored["k"] in (1, 3) and stored["em"] >= stored["paper_em"] and "DPR's rule" in out and stored["precision"] == "fp32"
     # tuned on bf16 weights (as `evaluate-qa --precision bf16` reads): the choice says so, the saved weights stay float32

@@ -194,6 +194,8 @@ def tune_reader_cmd(
         out.print(f"{m}: EM {best['em']:.1f} at k={best['k']} with selection x{best['relevance']:g} + span x{best['span']:g} "
                   f"+ retriever x{best['retriever']:g}, aggregation {best['aggregate']:g} "
                   f"(DPR's rule: EM {best['paper_em']:.1f} at k={best['paper_k']}; {best['questions']} questions)")  # fmt: skip
+    import shutil
+
     from densepr.fileio.dirs import atomic_dir
     from densepr.models.hf import MODEL_FILES
 
@@ -202,6 +204,9 @@ def tune_reader_cmd(
     keep.config.selection = rd.config.selection
     with atomic_dir(path, "reader", MODEL_FILES) as tmp:  # built beside, swapped in: a killed save leaves the reader as it was
         keep.save(tmp)
+        for f in path.iterdir():  # what the save does not write (a run's best/validation.json) stays, as an in-place save kept it
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
     out.print(f"stored in {path / 'densepr_reader.json'}; `densepr answer`, `serve` and `evaluate-qa` use it")
 
 
