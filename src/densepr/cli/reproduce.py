@@ -64,8 +64,8 @@ def reproduce(
     reader_model: Annotated[Optional[str], typer.Option(help="Profiles with a reader: the encoder the reader starts from (new heads): 'embedded' (all-MiniLM-L6-v2, "
                                                             "profile dpr's default), 'mpnet' (all-mpnet-base-v2, 12 layers x 768; the job fetches it, as `densepr data fetch "
                                                             "--model mpnet`) or a model directory. Changing it reruns the reader's training and what follows only; "
-                                                            "with --reader-train-precision bf16 it trains in bf16. MPNet on 2 CPU cores: profile dpr ~6 h "
-                                                            "instead of 95 min (estimated: 8x the MiniLM reader stages' measured time).")] = None,
+                                                            "with --reader-train-precision bf16 it trains in bf16. MPNet on 2 CPU cores, measured with --reader-train-precision bf16 "
+                                                            "--reader-epochs 2: 45 min of reader training (MiniLM's 3 float32 epochs: ~31), ~10 GiB RAM (MiniLM: ~2.5), tuning and reading ~3x slower (docs/mpnet.md).")] = None,
     retriever_model: Annotated[Optional[str], typer.Option(help="Training profiles: the model both retriever towers start from, as --reader-model "
                                                                "(the zero-shot row encodes with it too; every training stage and what follows reruns).")] = None,
     device: DeviceOpt = None,
